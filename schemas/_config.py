@@ -1,0 +1,197 @@
+"""Configuration types, loaded from TOML. Unknown keys are errors that name the key and the file."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import msgspec
+
+from ._errors import ConfigError
+
+_LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|localhost|::1|\[::1\])$")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ``localhost`` and ``::1``."""
+    return bool(_LOOPBACK.match(host))
+
+
+class _Conf(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
+    pass
+
+
+class CurveConfig(_Conf):
+    """CurveZMQ keys. Any key file set turns encryption on; a non-loopback bind requires it."""
+
+    #: the broker's secret key file (``flowbus keys`` writes one); clients need the public half
+    server_secret_key_file: str = ""
+    #: the broker's public key file, for clients
+    server_public_key_file: str = ""
+    #: this client's secret key file
+    client_secret_key_file: str = ""
+    #: a directory of ``*.key`` public key files; only these clients are admitted
+    authorized_keys_dir: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.server_secret_key_file or self.server_public_key_file)
+
+
+class BusConfig(_Conf):
+    """Where the broker listens and how much it keeps."""
+
+    host: str = "127.0.0.1"
+    #: request socket (replay, snapshot, info); clients connect here and learn the rest
+    request_port: int = 7750
+    #: fan-out to subscribers
+    publish_port: int = 7751
+    #: publishers send here
+    ingest_port: int = 7752
+    #: on-disk journal directory ("" keeps the journal in memory only)
+    journal_dir: str = ""
+    #: events kept in memory for replay
+    journal_events: int = 200_000
+    #: largest frame accepted, in bytes
+    max_frame_bytes: int = 4 * 1024 * 1024
+    #: seconds between heartbeats and ticks
+    heartbeat_interval: float = 0.2
+    #: a publisher silent this many seconds is reported lost
+    publisher_timeout: float = 3.0
+    curve: CurveConfig = CurveConfig()
+
+    def request_address(self) -> str:
+        return f"tcp://{self.host}:{self.request_port}"
+
+
+class RayConfig(_Conf):
+    """Where sessions run. ``local`` starts a private loopback-only Ray."""
+
+    address: str = "local"
+    namespace: str = "flowbus"
+    num_cpus: int = 2
+    object_store_mb: int = 100
+    #: sessions per BackendActor before the supervisor opens another actor
+    sessions_per_actor: int = 64
+    #: Ray restarts of a dead BackendActor
+    max_restarts: int = -1
+
+
+class QcgSessionConfig(_Conf, tag="qcg", tag_field="backend"):
+    """A QCG-PilotJob session: a LocalManager we start, or an existing manager by address."""
+
+    name: str
+    #: ``local`` starts a LocalManager bound to 127.0.0.1; ``connect`` uses ``address``
+    mode: Literal["local", "connect"] = "local"
+    address: str = ""
+    #: LocalManager resources, QCG's ``--nodes`` syntax (``n1:2,n2:2``)
+    nodes: str = "n1:2"
+    #: working directory of the LocalManager ("" = a fresh temporary directory)
+    wd: str = ""
+    #: seconds per request before the manager is declared unresponsive
+    request_timeout: float = 2.0
+    #: seconds between status() reconciliations
+    reconcile_interval: float = 2.0
+    #: what to do when the manager dies: report only, start a new one, or also resubmit
+    recovery: Literal["none", "restart", "resubmit"] = "resubmit"
+    #: attempts before giving up, and the first backoff in seconds (doubling)
+    recovery_attempts: int = 5
+    recovery_backoff: float = 0.5
+    #: actor that hosts the session (sessions with the same value share one actor)
+    actor: str = ""
+
+
+SessionConfig = Union[QcgSessionConfig]
+
+
+class LogConfig(_Conf):
+    level: str = "info"
+    json: bool = False
+
+
+class FlowbusConfig(_Conf):
+    """The whole configuration file."""
+
+    bus: BusConfig = BusConfig()
+    ray: RayConfig = RayConfig()
+    log: LogConfig = LogConfig()
+    sessions: list[SessionConfig] = []
+    #: where runtime files (addresses, journals, QCG working dirs) go
+    state_dir: str = ""
+
+    def state_path(self) -> Path:
+        """The state directory, created on demand."""
+        raw = self.state_dir or os.environ.get("FLOWBUS_STATE_DIR") or "~/.local/state/flowbus"
+        path = Path(raw).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def embedded_default() -> FlowbusConfig:
+    """``flowbus up`` with no file: local Ray, broker on 127.0.0.1, a local QCG manager."""
+    return FlowbusConfig(sessions=[QcgSessionConfig(name="local")])
+
+
+def _where(path: str) -> str:
+    # msgspec paths look like `$.sessions[0].nodes`; show them as sessions[0].nodes
+    return path.removeprefix("$").removeprefix(".") or "(top level)"
+
+
+def parse_config(data: dict[str, Any], origin: str = "<config>") -> FlowbusConfig:
+    """Validate a mapping; errors name the key and ``origin``."""
+    try:
+        cfg = msgspec.convert(data, FlowbusConfig)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = re.match(r"Object contains unknown field `([^`]+)`(?: - at `([^`]+)`)?", text)
+        if m:
+            parent = _where(m.group(2) or "$")
+            key = m.group(1) if parent == "(top level)" else f"{parent}.{m.group(1)}"
+            raise ConfigError(f"{origin}: unknown key {key!r}") from None
+        m = re.match(r"(.*) - at `([^`]+)`", text)
+        if m:
+            raise ConfigError(f"{origin}: {_where(m.group(2))}: {m.group(1)}") from None
+        raise ConfigError(f"{origin}: {text}") from None
+    _check(cfg, origin)
+    return cfg
+
+
+def _check(cfg: FlowbusConfig, origin: str) -> None:
+    names = [s.name for s in cfg.sessions]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"{origin}: sessions: duplicate session name {sorted(dup)[0]!r}")
+    for i, s in enumerate(cfg.sessions):
+        if not s.name or "/" in s.name:
+            raise ConfigError(f"{origin}: sessions[{i}].name: must be non-empty and contain no '/'")
+        if s.mode == "connect" and not s.address:
+            raise ConfigError(f"{origin}: sessions[{i}].address: required when mode = 'connect'")
+    bus = cfg.bus
+    if not is_loopback(bus.host) and not bus.curve.server_secret_key_file:
+        raise ConfigError(
+            f"{origin}: bus.host: {bus.host!r} is not loopback; set bus.curve.server-secret-key-file"
+            " (CurveZMQ is required for any non-loopback bind)"
+        )
+    for key in ("request_port", "publish_port", "ingest_port"):
+        port = getattr(bus, key)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{origin}: bus.{key.replace('_', '-')}: port {port} out of range")
+    if bus.heartbeat_interval <= 0:
+        raise ConfigError(f"{origin}: bus.heartbeat-interval: must be > 0")
+
+
+def load_config(path: str | os.PathLike[str] | None) -> FlowbusConfig:
+    """Load a TOML file, or the embedded default when ``path`` is None."""
+    if path is None:
+        return embedded_default()
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(raw, str(p))
