@@ -1,0 +1,433 @@
+"""The bus broker: one process, one loop, three bound sockets (see ``_framing``).
+
+Publishers are acknowledged only after their events are in the journal (and on disk when a
+journal directory is configured), so with the publishers' retransmit buffers nothing acked is
+lost across a broker restart. Gaps from a publisher are NACKed; stale incarnations are fenced.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+
+from flowbus.schemas import (
+    SCHEMA_VERSION,
+    AnyEvent,
+    BusConfig,
+    ErrorEvent,
+    Event,
+    PublisherBack,
+    PublisherLost,
+    classify,
+    encode,
+)
+
+from . import _framing as fr
+from ._curve import server_setup
+from ._journal import Journal, SourceLog
+
+log = structlog.get_logger("flowbus.broker")
+
+BROKER_SOURCE = "broker"
+_DRAIN = 2000  # messages per socket per loop turn, so one busy socket cannot starve the others
+_NACK_EVERY = 0.2  # seconds between NACKs for the same source
+
+
+class Broker:
+    """Fan-out with topic-prefix filtering, a journal with replay and snapshot, heartbeats."""
+
+    def __init__(self, config: BusConfig, journal_dir: str | None = None) -> None:
+        self.config = config
+        self.broker_id = uuid.uuid4().hex[:12]
+        self.journal = Journal(config.journal_events, journal_dir if journal_dir is not None else config.journal_dir or None)
+        self.stats: Counter[str] = Counter()
+        self.endpoints: dict[str, str] = {}
+        self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyEvent)
+        self._subs: set[str] = set()
+        self._heard: dict[str, float] = {}
+        self._lost: set[str] = set()
+        self._gone: set[str] = set()
+        self._last_nack: dict[str, float] = {}
+        self._logged: set[str] = set()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._auth: Any = None
+        self._running = False
+        self._own: SourceLog | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def bind(self) -> dict[str, str]:
+        """Bind the three sockets; returns their endpoints (ports resolved when 0)."""
+        cfg = self.config
+        self._ctx = zmq.Context()
+        self._auth = server_setup(self._ctx, cfg.curve)
+        self.ingest = self._ctx.socket(zmq.ROUTER)
+        self.xpub = self._ctx.socket(zmq.XPUB)
+        self.req = self._ctx.socket(zmq.ROUTER)
+        for sock in (self.ingest, self.xpub, self.req):
+            sock.linger = 0
+            sock.rcvhwm = 0
+            sock.sndhwm = 0 if sock is not self.xpub else 200_000
+            if self._auth is not None:
+                self._auth.apply_server(sock)
+        host = cfg.host
+        for name, sock, port in (("request", self.req, cfg.request_port), ("publish", self.xpub, cfg.publish_port),
+                                 ("ingest", self.ingest, cfg.ingest_port)):
+            try:
+                sock.bind(f"tcp://{host}:{port or '*'}")
+            except zmq.ZMQError as exc:
+                self.close()
+                raise OSError(f"broker: cannot bind {name} socket on {host}:{port}: {exc}") from exc
+            self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._own = self.journal.source(BROKER_SOURCE)
+        self._own = self.journal.register(BROKER_SOURCE, "flowbus", (self._own.epoch if self._own else 0) + 1,
+                                          self._own.last_seq if self._own else 0)
+        self.journal.flush()
+        now = time.monotonic()
+        for name in self.journal.sources:
+            if name != BROKER_SOURCE:
+                self._heard[name] = now  # grace period after a restart
+        log.info("broker.bound", broker_id=self.broker_id, **self.endpoints,
+                 journal=len(self.journal), sources=len(self.journal.sources))
+        return dict(self.endpoints)
+
+    def run(self, should_stop: Any = None) -> None:
+        """Serve until :meth:`stop` (or ``should_stop()`` returns True)."""
+        assert self._ctx is not None, "bind() first"
+        poller = zmq.Poller()
+        for sock in (self.ingest, self.xpub, self.req):
+            poller.register(sock, zmq.POLLIN)
+        hb = self.config.heartbeat_interval
+        next_tick = time.monotonic()
+        self._running = True
+        while self._running:
+            wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+            ready = dict(poller.poll(wait_ms))
+            if self.xpub in ready:
+                self._drain_subscriptions()
+            if self.ingest in ready:
+                self._drain_ingest()
+            if self.req in ready:
+                self._drain_requests()
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = now + hb
+                if should_stop is not None and should_stop():
+                    break
+        self.close()
+
+    def stop(self) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        self.journal.close()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+    # -- ingest --------------------------------------------------------------------------------------
+
+    def _drain_ingest(self) -> None:
+        sock = self.ingest
+        acks: dict[bytes, dict[str, list[int]]] = {}
+        out: list[tuple[str, bytes]] = []
+        for _ in range(_DRAIN):
+            try:
+                ident = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            frames = [sock.recv()]
+            while sock.rcvmore:
+                frames.append(sock.recv())
+            if len(frames) != 2:
+                self._refuse("bad_frames", f"ingest message with {len(frames)} frames after the identity")
+                continue
+            kind, body = frames
+            if len(body) > self.config.max_frame_bytes:
+                self._refuse("too_large", f"ingest frame of {len(body)} bytes > max-frame-bytes")
+                continue
+            try:
+                if kind == fr.DATA:
+                    self._on_data(ident, body, acks, out)
+                elif kind == fr.HEARTBEAT:
+                    self._on_heartbeat(ident, body, acks)
+                elif kind == fr.REGISTER:
+                    self._on_register(ident, body)
+                elif kind == fr.UNREGISTER:
+                    src, _epoch = fr.unpack(body)
+                    self._gone.add(str(src))
+                    self._heard.pop(str(src), None)
+                else:
+                    self._refuse("unknown_kind", f"ingest message kind {kind[:8]!r}")
+            except (msgspec.DecodeError, ValueError, TypeError) as exc:
+                self._refuse(classify(body), f"ingest {kind[:1]!r} frame: {exc}")
+        if out:
+            self._fanout(out)
+        self.journal.flush()
+        for ident, per_source in acks.items():
+            body = fr.pack([self.broker_id, [[s, e, last] for s, (e, last) in per_source.items()]])
+            sock.send_multipart([ident, fr.ACK, body])
+
+    def _on_register(self, ident: bytes, body: bytes) -> None:
+        source, backend, claimed, last_acked, _last_sent = fr.unpack(body)
+        source, backend, claimed, last_acked = str(source), str(backend), int(claimed), int(last_acked)
+        st = self.journal.source(source)
+        if source == BROKER_SOURCE:
+            raise ValueError(f"source name {BROKER_SOURCE!r} is reserved")
+        if st is None:
+            # new source, or a broker that lost its journal: adopt the publisher's view
+            epoch = claimed or 1
+            st = self.journal.register(source, backend, epoch, last_acked if claimed else 0)
+            resume = st.last_seq + 1
+        elif claimed == 0:
+            st = self.journal.register(source, backend, st.epoch + 1, st.last_seq)  # a new incarnation
+            resume = st.last_seq + 1
+        elif claimed == st.epoch:
+            # same incarnation after a broker restart: it resends what the journal lacks
+            if last_acked > st.last_seq:  # acked by a broker that lost it: that history is gone
+                log.warning("broker.source.history_lost", source=source, first=st.last_seq + 1, last=last_acked)
+                st = self.journal.register(source, backend, st.epoch, last_acked)
+            resume = st.last_seq + 1
+        elif claimed < st.epoch:
+            self.stats["fenced"] += 1
+            self.ingest.send_multipart([ident, fr.FENCED, fr.pack([source, claimed, st.epoch])])
+            return
+        else:
+            st = self.journal.register(source, backend, claimed, max(st.last_seq, last_acked))
+            resume = st.last_seq + 1
+        self.journal.flush()
+        self._gone.discard(source)
+        self._heard[source] = time.monotonic()
+        self.stats["registrations"] += 1
+        log.info("broker.source.registered", source=source, epoch=st.epoch, resume_from=resume)
+        self.ingest.send_multipart([ident, fr.WELCOME, fr.pack([source, st.epoch, resume, self.broker_id])])
+
+    def _check_epoch(self, ident: bytes, source: str, epoch: int) -> SourceLog | None:
+        st = self.journal.source(source)
+        if st is not None and epoch == st.epoch:
+            return st
+        if st is not None and epoch < st.epoch:
+            self.stats["fenced"] += 1
+            self.ingest.send_multipart([ident, fr.FENCED, fr.pack([source, epoch, st.epoch])])
+            return None
+        self._nack(ident, source, epoch, -1)  # unknown to this broker: register again
+        return None
+
+    def _nack(self, ident: bytes, source: str, epoch: int, expected: int) -> None:
+        now = time.monotonic()
+        if now - self._last_nack.get(source, 0.0) < _NACK_EVERY:
+            return
+        self._last_nack[source] = now
+        self.stats["nacks"] += 1
+        self.ingest.send_multipart([ident, fr.NACK, fr.pack([source, epoch, expected])])
+
+    def _on_data(self, ident: bytes, body: bytes, acks: dict[bytes, dict[str, list[int]]],
+                 out: list[tuple[str, bytes]]) -> None:
+        frame = fr.unpack_data(body)
+        st = self._check_epoch(ident, frame.source, frame.epoch)
+        if st is None:
+            return
+        self._heard[frame.source] = time.monotonic()
+        if frame.source in self._lost:
+            self._lost.discard(frame.source)
+            self._emit_own(PublisherBack(source=BROKER_SOURCE, backend="flowbus", key=frame.source), out)
+        expected = st.last_seq + 1
+        if frame.first_seq > expected:
+            self.stats["gaps"] += 1
+            self._nack(ident, frame.source, frame.epoch, expected)
+            return
+        decode = self._decoder.decode
+        seq = frame.first_seq - 1
+        for payload in frame.payloads:
+            seq += 1
+            if seq < expected:
+                self.stats["duplicates"] += 1
+                continue
+            try:
+                ev = decode(payload)
+                if ev.seq != seq or ev.source != frame.source:
+                    raise ValueError(f"event says source {ev.source!r} seq {ev.seq}, frame says {frame.source!r} seq {seq}")
+                topic = ev.topic()
+            except (msgspec.DecodeError, ValueError) as exc:
+                reason = classify(payload) if isinstance(exc, msgspec.DecodeError) else "invalid"
+                self._refuse(reason, f"event {frame.source}#{seq}: {exc}")
+                # keep the sequence gapless: the slot carries a typed error instead of the garbage
+                ev = ErrorEvent(source=frame.source, backend=st.backend, seq=seq, incarnation=frame.epoch,
+                                time=time.time_ns(), error_type="flowbus.bus.InvalidEvent",
+                                message=f"{reason}: {exc}", operation="publish")
+                payload, topic = encode(ev), ev.topic()
+            self.journal.append(st, seq, topic, ev.STATEFUL, payload)
+            out.append((topic, payload))
+        self.stats["received"] += len(frame.payloads)
+        acks.setdefault(ident, {})[frame.source] = [frame.epoch, st.last_seq]
+
+    def _on_heartbeat(self, ident: bytes, body: bytes, acks: dict[bytes, dict[str, list[int]]]) -> None:
+        out: list[tuple[str, bytes]] = []
+        for source, epoch, last_sent in fr.unpack(body):
+            st = self._check_epoch(ident, str(source), int(epoch))
+            if st is None:
+                continue
+            self._heard[st.source] = time.monotonic()
+            if st.source in self._lost:
+                self._lost.discard(st.source)
+                self._emit_own(PublisherBack(source=BROKER_SOURCE, backend="flowbus", key=st.source), out)
+            if int(last_sent) > st.last_seq:
+                self._nack(ident, st.source, int(epoch), st.last_seq + 1)  # the tail got lost
+            acks.setdefault(ident, {})[st.source] = [int(epoch), st.last_seq]
+        if out:
+            self._fanout(out)
+
+    # -- fan-out -------------------------------------------------------------------------------------
+
+    def _fanout(self, items: list[tuple[str, bytes]]) -> None:
+        send = self.xpub.send
+        if len(items) > 1:
+            lcp = os.path.commonprefix([t for t, _ in items])
+            if not any(len(p) > len(lcp) and p.startswith(lcp) for p in self._subs):
+                send(lcp.encode(), zmq.SNDMORE)
+                send(fr.array_header(len(items)) + b"".join(p for _, p in items))
+                self.stats["published"] += len(items)
+                return
+        for topic, payload in items:
+            send(topic.encode(), zmq.SNDMORE)
+            send(payload)
+        self.stats["published"] += len(items)
+
+    def _emit_own(self, ev: Event, out: list[tuple[str, bytes]]) -> None:
+        own = self._own
+        assert own is not None
+        ev = msgspec.structs.replace(ev, seq=own.last_seq + 1, incarnation=own.epoch, time=time.time_ns())
+        payload = encode(ev)
+        self.journal.append(own, ev.seq, ev.topic(), ev.STATEFUL, payload)
+        out.append((ev.topic(), payload))
+
+    def _drain_subscriptions(self) -> None:
+        for _ in range(_DRAIN):
+            try:
+                msg = self.xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if not msg:
+                continue
+            topic = msg[1:]
+            if msg[0] == 1:
+                if topic.startswith(fr.HELLO):
+                    self.xpub.send_multipart([topic, fr.pack([self.broker_id])])
+                elif not topic.startswith(fr.CONTROL):
+                    self._subs.add(topic.decode("utf-8", "replace"))
+                self.stats["subscriptions"] += 1
+            elif msg[0] == 0:
+                self._subs.discard(topic.decode("utf-8", "replace"))
+
+    def _marks(self) -> dict[str, list[Any]]:
+        return {s.source: [s.backend, s.epoch, s.last_seq, s.oldest] for s in self.journal.sources.values()}
+
+    def _tick(self, now: float) -> None:
+        out: list[tuple[str, bytes]] = []
+        limit = self.config.publisher_timeout
+        for source, heard in list(self._heard.items()):
+            if source not in self._lost and source not in self._gone and now - heard > limit:
+                self._lost.add(source)
+                log.warning("broker.publisher.lost", source=source, silent_s=round(now - heard, 2))
+                self._emit_own(PublisherLost(source=BROKER_SOURCE, backend="flowbus", key=source,
+                                             silent_s=round(now - heard, 3)), out)
+        if out:
+            self._fanout(out)
+            self.journal.flush()
+        self.xpub.send_multipart([fr.TICK, fr.pack([self.broker_id, self._marks()])])
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def _drain_requests(self) -> None:
+        sock = self.req
+        for _ in range(_DRAIN):
+            try:
+                frames = [sock.recv(zmq.NOBLOCK)]
+            except zmq.Again:
+                break
+            while sock.rcvmore:
+                frames.append(sock.recv())
+            envelope, body = frames[:-1], frames[-1]
+            rid: Any = None
+            try:
+                if len(body) > self.config.max_frame_bytes:
+                    raise _Refused("too_large", f"request of {len(body)} bytes")
+                req = fr.unpack(body)
+                if not isinstance(req, dict):
+                    raise _Refused("bad_request", "a request is a msgpack map")
+                rid = req.get("id")
+                reply = self._answer(req)
+                reply.update(ok=True)
+            except _Refused as exc:
+                reply = {"ok": False, "code": exc.code, "error": exc.message}
+            except msgspec.DecodeError:
+                reply = {"ok": False, "code": "not_msgpack", "error": "request is not msgpack"}
+                self._refuse("not_msgpack", "request socket frame")
+            reply["id"] = rid
+            self.stats["requests"] += 1
+            sock.send_multipart([*envelope, fr.pack(reply)])
+
+    def _answer(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "info":
+            return {"broker_id": self.broker_id, "schema_version": SCHEMA_VERSION, **self.endpoints,
+                    "curve_server_key": self._auth.public_key.decode() if self._auth is not None else None,
+                    "journal_events": len(self.journal), "heartbeat_interval": self.config.heartbeat_interval}
+        if op == "marks":
+            return {"sources": self._marks(), "broker_id": self.broker_id}
+        if op == "stats":
+            return {"stats": dict(self.stats), "subscriptions": sorted(self._subs),
+                    "sources": len(self.journal.sources), "journal_events": len(self.journal),
+                    "lost": sorted(self._lost), "broker_id": self.broker_id}
+        if op == "snapshot":
+            prefixes = tuple(str(p) for p in req.get("prefixes") or ("",))
+            events = [payload for topic, (_s, _q, payload) in self.journal.snapshot.items() if topic.startswith(prefixes)]
+            return {"events": events, "sources": self._marks(), "broker_id": self.broker_id}
+        if op == "replay":
+            return self._replay(req)
+        raise _Refused("unknown_op", f"unknown request op {op!r}")
+
+    def _replay(self, req: dict[str, Any]) -> dict[str, Any]:
+        source = req.get("source")
+        st = self.journal.source(str(source))
+        if st is None:
+            raise _Refused("unknown_source", f"unknown source {source!r}")
+        try:
+            first, last = int(req["from"]), int(req.get("to", st.last_seq))
+            limit = max(1, min(int(req.get("limit", 10_000)), 100_000))
+        except (KeyError, TypeError, ValueError):
+            raise _Refused("bad_request", "replay needs integer 'from' (and optional 'to', 'limit')") from None
+        if first < 1 or last < first - 1 or last > st.last_seq:
+            raise _Refused("bad_range", f"impossible range {first}..{last} for source {source!r} (last seq {st.last_seq})")
+        if first < st.oldest:
+            raise _Refused("evicted", f"source {source!r} keeps seq {st.oldest}..{st.last_seq}; {first}..{st.oldest - 1} were evicted")
+        through = min(last, first + limit - 1)
+        prefixes = tuple(str(p) for p in req.get("prefixes") or ("",))
+        events = [p for _seq, topic, p in self.journal.replay(st, first, through) if topic.startswith(prefixes)]
+        self.stats["replayed"] += len(events)
+        return {"events": events, "through": through, "last": st.last_seq, "oldest": st.oldest}
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self.stats[f"malformed.{reason}"] += 1
+        if reason not in self._logged:  # one line per reason, not per frame
+            self._logged.add(reason)
+            log.warning("broker.frame.dropped", reason=reason, detail=detail[:300])
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+

@@ -1,0 +1,200 @@
+"""The user's handle on the bus: ``flowbus.connect(address)``."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+import zmq
+
+from flowbus.schemas import CurveConfig, Event, WaitTimeout, decode
+
+from ._curve import ClientCurve
+from ._match import Match, as_match
+from ._request import Requester
+from ._subscriber import Start, Subscriber
+
+log = structlog.get_logger("flowbus.client")
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:7750"
+
+
+class Client:
+    """Subscriptions, callbacks, waits and state queries against one broker."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, curve: ClientCurve | CurveConfig | None = None,
+                 timeout: float = 5.0) -> None:
+        self.address = address
+        self.curve = ClientCurve.from_config(curve) if isinstance(curve, CurveConfig) else curve
+        self.timeout = timeout
+        self._req = Requester(zmq.Context.instance(), address, self.curve, timeout)
+        self._lock = threading.Lock()
+        self._callbacks: list[Callback] = []
+        self.info = self._call("info")
+
+    def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        with self._lock:
+            return self._req.call(op, **args)
+
+    # -- streams -------------------------------------------------------------------------------------
+
+    def subscribe(self, prefix: str | Sequence[str] = "", *, start: Start = "live") -> Subscriber:
+        """Typed events whose topic starts with ``prefix`` (iterate it; close it when done)."""
+        return Subscriber(self.address, prefix, start=start, curve=self.curve, timeout=self.timeout)
+
+    def on(self, match: str | Match, callback: Callable[[Event], Any], *, start: Start = "live") -> Callback:
+        """Call ``callback(event)`` in a background thread for every matching event."""
+        cb = Callback(self, as_match(match), callback, start)
+        self._callbacks.append(cb)
+        return cb
+
+    def expect(self, match: str | Match, timeout: float = 30.0) -> Expectation:
+        """Arm a wait *before* acting: ``with client.expect(m) as w: act()``; ``w.event`` after."""
+        return Expectation(self, as_match(match), timeout)
+
+    def wait(self, match: str | Match, timeout: float = 30.0) -> Event:
+        """Block until a matching event arrives or the current state matches; raise ``WaitTimeout``."""
+        with self.expect(match, timeout) as w:
+            pass
+        assert w.event is not None
+        return w.event
+
+    # -- queries ---------------------------------------------------------------------------------------
+
+    def status(self, prefix: str = "") -> list[Event]:
+        """The latest state of every resource whose topic starts with ``prefix``."""
+        events = [decode(p) for p in self._call("snapshot", prefixes=[prefix])["events"]]
+        return sorted(events, key=lambda e: (e.backend, e.source, e.key, e.seq))
+
+    def marks(self) -> dict[str, list[Any]]:
+        """Per source: [backend, epoch, last seq, oldest seq held]."""
+        return self._call("marks")["sources"]  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("stats")
+
+    def close(self) -> None:
+        for cb in self._callbacks:
+            cb.cancel()
+        self._callbacks.clear()
+        with self._lock:
+            self._req.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Expectation:
+    """A wait armed before the caller acts.
+
+    Arming subscribes and then reads the snapshot. On exit (after the caller acted) it catches
+    up with the broker, applies every event seen since arming, and is satisfied by a matching
+    *event* seen since arming or by a matching *current* state — a state that a newer event has
+    replaced does not count, so a resubmitted job's old final state cannot satisfy it.
+    """
+
+    def __init__(self, client: Client, match: Match, timeout: float) -> None:
+        self.client, self.match, self.timeout = client, match, timeout
+        self.event: Event | None = None
+        self._sub: Subscriber | None = None
+        self._state: dict[str, Event] = {}
+
+    def __enter__(self) -> Expectation:
+        self._deadline = time.monotonic() + self.timeout
+        self._sub = self.client.subscribe(self.match.prefix)
+        try:
+            for ev in self.client.status(self.match.prefix):
+                self._state[ev.topic()] = ev
+        except BaseException:
+            self._sub.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        sub = self._sub
+        assert sub is not None
+        try:
+            if exc_type is None:
+                self.event = self._resolve(sub)
+        finally:
+            sub.close()
+
+    def _apply(self, ev: Event) -> bool:
+        held = self._state.get(ev.topic())
+        if ev.STATEFUL and (held is None or (held.source, held.seq) <= (ev.source, ev.seq) or held.source != ev.source):
+            self._state[ev.topic()] = ev
+        return self.match(ev)
+
+    def _resolve(self, sub: Subscriber) -> Event:
+        sub.sync()  # everything the broker had when the caller finished acting
+        while True:
+            ev = sub.recv(0)
+            if ev is None:
+                break
+            if self._apply(ev):
+                return ev
+        for ev in self._state.values():
+            if self.match(ev):
+                return ev
+        while True:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(str(self.match), self.timeout)
+            ev = sub.recv(left)
+            if ev is not None and self._apply(ev):
+                return ev
+
+
+class Callback:
+    """A running ``client.on(...)``: events are handled in a background thread until ``cancel()``."""
+
+    def __init__(self, client: Client, match: Match, func: Callable[[Event], Any], start: Start) -> None:
+        self.match, self.func = match, func
+        self.calls = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(client, start), daemon=True,
+                                        name=f"flowbus-on:{match}")
+        self._thread.start()
+        self._ready.wait(client.timeout + 1)
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self, client: Client, start: Start) -> None:
+        try:
+            sub = client.subscribe(self.match.prefix, start=start)
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor's caller
+            self._failure = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        with sub:
+            while not self._stop.is_set():
+                ev = sub.recv(0.1)
+                if ev is None or not self.match(ev):
+                    continue
+                self.calls += 1
+                try:
+                    self.func(ev)
+                except Exception as exc:  # noqa: BLE001 - a failing callback must not stop the stream
+                    self.errors.append("".join(traceback.format_exception_only(exc)).strip())
+                    log.error("callback.failed", match=str(self.match), error=self.errors[-1])
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def __enter__(self) -> Callback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()

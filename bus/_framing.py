@@ -1,0 +1,85 @@
+"""The bus wire format, in one place. No other module builds or parses frames.
+
+Three sockets on the broker, all bound, everyone else connects:
+
+* ingest (ROUTER; publishers connect a DEALER). A message is ``[kind, body]``, body msgpack:
+  - ``R`` register ``[source, backend, claimed_epoch, last_acked, last_sent]``
+  - ``D`` data ``[source, epoch, first_seq, [payload, ...]]`` (payloads are encoded events)
+  - ``H`` heartbeat ``[[source, epoch, last_sent], ...]``
+  - ``U`` unregister ``[source, epoch]``
+  and back from the broker:
+  - ``W`` welcome ``[source, epoch, resume_from, broker_id]``
+  - ``A`` ack ``[broker_id, [[source, epoch, acked_seq], ...]]``
+  - ``N`` nack ``[source, epoch, expected_seq]`` (resend from there; -1: register again)
+  - ``F`` fenced ``[source, epoch, current_epoch]``
+* publish (XPUB; subscribers connect a SUB). ``[topic, body]``: body is one encoded event (a
+  msgpack map) or a batch (a msgpack array of encoded events). Control topics start with NUL:
+  ``\\0tick`` carries ``[broker_id, {source: [backend, epoch, last_seq, oldest_seq]}]`` and
+  ``\\0hello/<id>`` answers a subscriber's readiness probe with ``[broker_id]``.
+* request (ROUTER; clients connect a DEALER). ``[body]`` both ways, body a msgpack map with
+  ``op`` and ``id``; replies carry ``id``, ``ok`` and either results or ``error``/``code``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+REGISTER = b"R"
+DATA = b"D"
+HEARTBEAT = b"H"
+UNREGISTER = b"U"
+WELCOME = b"W"
+ACK = b"A"
+NACK = b"N"
+FENCED = b"F"
+
+TICK = b"\x00tick"
+HELLO = b"\x00hello/"
+CONTROL = b"\x00"
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder()
+
+pack = _enc.encode
+
+
+def unpack(data: bytes) -> Any:
+    """Decode a control body (raises ``msgspec.DecodeError``)."""
+    return _dec.decode(data)
+
+
+class DataFrame(msgspec.Struct, array_like=True, frozen=True):
+    source: str
+    epoch: int
+    first_seq: int
+    payloads: list[bytes]
+
+
+_data_dec = msgspec.msgpack.Decoder(DataFrame)
+
+
+def pack_data(source: str, epoch: int, first_seq: int, payloads: list[bytes]) -> bytes:
+    return _enc.encode(DataFrame(source, epoch, first_seq, payloads))
+
+
+def unpack_data(body: bytes) -> DataFrame:
+    return _data_dec.decode(body)
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` items (a batch is this + the encoded events)."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def is_batch(body: bytes) -> bool:
+    """True when a publish-socket body is an array (a batch) rather than one event (a map)."""
+    if not body:
+        return False
+    b = body[0]
+    return 0x90 <= b <= 0x9F or b in (0xDC, 0xDD)

@@ -1,0 +1,97 @@
+"""Running the broker as its own process: the entry point, and a handle that starts, waits for
+readiness, kills and restarts it (used by ``flowbus up`` and by the tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from flowbus.schemas import BusBroken, BusConfig
+
+from ._broker import Broker
+
+READY = "FLOWBUS-BROKER-READY "
+
+
+def serve(config: BusConfig, journal_dir: str | None = None) -> None:
+    """Bind, print one readiness line with the endpoints, then serve until SIGTERM/SIGINT."""
+    broker = Broker(config, journal_dir)
+    endpoints = broker.bind()
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+    signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    print(READY + json.dumps({**endpoints, "pid": os.getpid(), "broker_id": broker.broker_id}), flush=True)
+    broker.run()
+
+
+class BrokerProcess:
+    """A broker in a child process. ``start()`` returns once it listens; ``kill()`` is SIGKILL."""
+
+    def __init__(self, config: BusConfig, journal_dir: str | None = None, log_path: str | None = None) -> None:
+        self.config = config
+        self.journal_dir = journal_dir
+        self.log_path = log_path
+        self.proc: subprocess.Popen[str] | None = None
+        self.endpoints: dict[str, Any] = {}
+
+    @property
+    def address(self) -> str:
+        return str(self.endpoints["request"])
+
+    def start(self, timeout: float = 20.0) -> dict[str, Any]:
+        cfg = self.config
+        if self.endpoints:  # a restart binds the same ports, so clients reconnect by themselves
+            cfg = msgspec.structs.replace(cfg, **{f"{k}_port": int(str(self.endpoints[k]).rsplit(":", 1)[1])
+                                                  for k in ("request", "publish", "ingest")})
+        args = [sys.executable, "-m", "flowbus", "broker", "--config-json", msgspec.json.encode(cfg).decode()]
+        if self.journal_dir:
+            args += ["--journal-dir", self.journal_dir]
+        stderr = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        if self.log_path:
+            stderr.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith(READY):
+                self.endpoints = json.loads(line[len(READY):])
+                return self.endpoints
+            if not line and self.proc.poll() is not None:
+                break
+        code = self.proc.poll()
+        self.kill()
+        where = f" (see {self.log_path})" if self.log_path else ""
+        raise BusBroken(f"broker did not start within {timeout:g} s (exit code {code}){where}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def write_runfile(self, path: str | os.PathLike[str], **extra: Any) -> None:
+        Path(path).write_text(json.dumps({**self.endpoints, **extra}, indent=2))

@@ -1,0 +1,312 @@
+"""Publishers: typed events to the broker, gapless per source, retransmitted until acknowledged.
+
+``publish()`` is thread-safe and never blocks: it stamps the envelope, encodes, appends to the
+source's unacked buffer and wakes the I/O thread, which alone owns the socket. The broker acks
+what it journaled; gaps are NACKed and resent; after a broker restart every source registers
+again and resends what the broker does not have.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+
+from flowbus.schemas import BusBroken, BusClosed, Event, Fenced
+
+from . import _framing as fr
+from ._curve import ClientCurve
+from ._request import broker_info, same_host
+
+log = structlog.get_logger("flowbus.publisher")
+
+
+@dataclass
+class _Source:
+    name: str
+    backend: str
+    epoch: int = 0
+    next_seq: int = 1
+    acked: int = 0
+    sent_upto: int = 0
+    unacked: deque[tuple[int, bytes]] = field(default_factory=deque)
+    welcome: threading.Event = field(default_factory=threading.Event)
+    fenced: bool = False
+    last_progress: float = 0.0
+
+
+class Publisher:
+    """One connection to the broker's ingest socket, shared by many sources (sessions)."""
+
+    def __init__(self, address: str, *, curve: ClientCurve | None = None, batch_max: int = 100,
+                 max_unacked: int = 1_000_000, heartbeat_interval: float = 0.2, timeout: float = 5.0,
+                 retransmit_after: float = 1.0) -> None:
+        self.address = address
+        self.curve = curve
+        self.batch_max = max(1, batch_max)
+        self.max_unacked = max_unacked
+        self.heartbeat_interval = heartbeat_interval
+        self.timeout = timeout
+        self.retransmit_after = retransmit_after
+        self.stats: dict[str, int] = {"published": 0, "sent": 0, "resent": 0, "acked": 0, "dropped": 0}
+        self.broker_id = ""
+        self.last_ack = 0.0
+        self._sources: dict[str, _Source] = {}
+        self._lock = threading.Lock()
+        self._acked_cv = threading.Condition(self._lock)
+        self._control: deque[list[bytes]] = deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self._closed = False
+        self._encoder = msgspec.msgpack.Encoder()
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        info = broker_info(self._ctx, address, curve, timeout)
+        self.ingest_endpoint = same_host(info["ingest"], address)
+        self._thread = threading.Thread(target=self._io_loop, name="flowbus-publisher", daemon=True)
+        self._thread.start()
+
+    # -- API ----------------------------------------------------------------------------------------
+
+    def open_source(self, name: str, backend: str, timeout: float | None = None) -> tuple[int, int]:
+        """Register a source; blocks until the broker grants an epoch. Returns (epoch, next seq).
+
+        A source opened again in a new process (an actor restart) gets a higher epoch and
+        continues the sequence the journal holds. Raises ``BusBroken`` when no broker answers.
+        """
+        with self._lock:
+            src = self._sources.get(name)
+            if src is None:
+                src = self._sources[name] = _Source(name, backend)
+            src.welcome.clear()
+            self._control.append([fr.REGISTER, fr.pack([name, backend, src.epoch, src.acked, src.next_seq - 1])])
+        self._wake()
+        if not src.welcome.wait(self.timeout if timeout is None else timeout):
+            raise BusBroken(f"no welcome from the broker at {self.address} for source {name!r}")
+        if src.fenced:
+            raise Fenced(f"source {name!r}: a newer incarnation owns it")
+        return src.epoch, src.next_seq
+
+    def publish(self, event: Event) -> int:
+        """Stamp ``seq``/``incarnation``/``time`` and queue the event; returns its seq."""
+        with self._lock:
+            src = self._sources.get(event.source)
+            if src is None or src.epoch == 0:
+                raise BusClosed(f"source {event.source!r} is not open on this publisher")
+            if src.fenced:
+                raise Fenced(f"source {event.source!r} was fenced by a newer incarnation")
+            seq = src.next_seq
+            src.next_seq += 1
+            ev = msgspec.structs.replace(event, seq=seq, incarnation=src.epoch, time=event.time or time.time_ns())
+            src.unacked.append((seq, self._encoder.encode(ev)))
+            if len(src.unacked) > self.max_unacked:
+                src.unacked.popleft()  # the broker will report this gap; we say so too
+                self.stats["dropped"] += 1
+            self.stats["published"] += 1
+        self._wake()
+        return seq
+
+    def flush(self, timeout: float | None = None, source: str | None = None) -> None:
+        """Block until the broker has journaled everything published so far (read-your-writes)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        with self._acked_cv:
+            while True:
+                pending = [s for s in self._sources.values()
+                           if (source is None or s.name == source) and s.acked < s.next_seq - 1 and not s.fenced]
+                if not pending:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    s = pending[0]
+                    raise BusBroken(f"broker did not acknowledge source {s.name!r} up to seq {s.next_seq - 1}"
+                                    f" (acked {s.acked}) in time")
+                self._acked_cv.wait(left)
+
+    def close_source(self, name: str) -> None:
+        with self._lock:
+            src = self._sources.pop(name, None)
+            if src is not None:
+                self._control.append([fr.UNREGISTER, fr.pack([name, src.epoch])])
+        self._wake()
+
+    def connected(self) -> bool:
+        return time.monotonic() - self.last_ack < max(3 * self.heartbeat_interval, 1.0)
+
+    def close(self, flush_timeout: float = 0.0) -> None:
+        if self._closed:
+            return
+        if flush_timeout > 0:
+            try:
+                self.flush(flush_timeout)
+            except BusBroken:
+                log.warning("publisher.close.unflushed", pending={s.name: s.next_seq - 1 - s.acked for s in self._sources.values()})
+        self._closed = True
+        self._wake()
+        self._thread.join(5)
+        os.close(self._wake_fd)
+        self._ctx.destroy(linger=0)
+
+    # -- I/O thread -----------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except (OSError, ValueError):
+            pass
+
+    def _io_loop(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.sndhwm = 0
+        sock.rcvhwm = 0
+        sock.reconnect_ivl = 20
+        sock.reconnect_ivl_max = 500
+        if self.curve is not None:
+            self.curve.apply(sock)
+        sock.connect(self.ingest_endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_fd, zmq.POLLIN)
+        next_hb = 0.0
+        try:
+            while not self._closed:
+                ready = dict(poller.poll(max(1, int(self.heartbeat_interval * 1000 / 2))))
+                if self._wake_fd in ready:
+                    try:
+                        os.eventfd_read(self._wake_fd)
+                    except BlockingIOError:
+                        pass
+                if sock in ready:
+                    self._read_replies(sock)
+                self._send_pending(sock)
+                now = time.monotonic()
+                if now >= next_hb:
+                    self._heartbeat(sock, now)
+                    next_hb = now + self.heartbeat_interval
+        except zmq.ZMQError as exc:  # context destroyed under us at close
+            if not self._closed:
+                log.error("publisher.io.failed", error=str(exc))
+        finally:
+            sock.close(0)
+
+    def _send_pending(self, sock: zmq.Socket[Any]) -> None:
+        while self._control:
+            with self._lock:
+                msg = self._control.popleft()
+            sock.send_multipart(msg)
+        with self._lock:
+            work = []
+            for src in self._sources.values():
+                if src.epoch == 0 or src.fenced or src.sent_upto >= src.next_seq - 1:
+                    continue
+                first = src.unacked[0][0] if src.unacked else src.next_seq
+                start = max(src.sent_upto + 1, first)
+                items = list(islice(src.unacked, start - first, None))
+                if items:
+                    work.append((src.name, src.epoch, items))
+                    src.sent_upto = items[-1][0]
+        for name, epoch, items in work:
+            for i in range(0, len(items), self.batch_max):
+                chunk = items[i:i + self.batch_max]
+                sock.send(fr.DATA, zmq.SNDMORE)
+                sock.send(fr.pack_data(name, epoch, chunk[0][0], [p for _, p in chunk]))
+            self.stats["sent"] += len(items)
+
+    def _heartbeat(self, sock: zmq.Socket[Any], now: float) -> None:
+        with self._lock:
+            live = [s for s in self._sources.values() if s.epoch and not s.fenced]
+            beats = [[s.name, s.epoch, s.next_seq - 1] for s in live]
+            for s in live:
+                # nothing acknowledged for a while although we sent: resend from the ack point
+                if s.acked < s.sent_upto and now - s.last_progress > self.retransmit_after:
+                    self.stats["resent"] += s.sent_upto - s.acked
+                    s.sent_upto = s.acked
+                    s.last_progress = now
+        if beats:
+            sock.send_multipart([fr.HEARTBEAT, fr.pack(beats)])
+
+    def _read_replies(self, sock: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                kind = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            body = sock.recv() if sock.rcvmore else b""
+            while sock.rcvmore:
+                sock.recv()
+            try:
+                self._on_reply(kind, fr.unpack(body))
+            except (msgspec.DecodeError, ValueError, TypeError) as exc:
+                log.warning("publisher.reply.malformed", kind=kind[:4], error=str(exc))
+
+    def _on_reply(self, kind: bytes, body: Any) -> None:
+        now = time.monotonic()
+        with self._acked_cv:
+            if kind == fr.ACK:
+                broker_id, acks = body
+                self.last_ack = now
+                if self.broker_id and broker_id != self.broker_id:
+                    self._reregister_all(now)
+                self.broker_id = broker_id
+                for name, epoch, acked in acks:
+                    src = self._sources.get(name)
+                    if src is None or epoch != src.epoch:
+                        continue
+                    if acked > src.acked:
+                        src.last_progress = now
+                    src.acked = max(src.acked, acked)
+                    while src.unacked and src.unacked[0][0] <= src.acked:
+                        src.unacked.popleft()
+                        self.stats["acked"] += 1
+                    if src.sent_upto < src.acked:
+                        src.sent_upto = src.acked
+                self._acked_cv.notify_all()
+            elif kind == fr.WELCOME:
+                name, epoch, resume_from, broker_id = body
+                src = self._sources.get(name)
+                if src is None:
+                    return
+                self.broker_id, self.last_ack = broker_id, now
+                if src.epoch != epoch:  # a new incarnation: continue the journal's sequence
+                    src.epoch, src.next_seq, src.unacked = epoch, resume_from, deque()
+                src.acked = resume_from - 1
+                while src.unacked and src.unacked[0][0] <= src.acked:
+                    src.unacked.popleft()
+                src.sent_upto = src.acked
+                src.last_progress = now
+                src.welcome.set()
+                self._acked_cv.notify_all()
+            elif kind == fr.NACK:
+                name, epoch, expected = body
+                src = self._sources.get(name)
+                if src is None or epoch != src.epoch:
+                    return
+                held = src.unacked[0][0] if src.unacked else src.next_seq
+                if expected < 0 or expected < held:  # unknown to the broker, or a range we no longer hold
+                    self._reregister(src)
+                else:
+                    self.stats["resent"] += max(0, src.sent_upto - expected + 1)
+                    src.sent_upto = min(src.sent_upto, expected - 1)
+            elif kind == fr.FENCED:
+                name, epoch, current = body
+                src = self._sources.get(name)
+                if src is not None and epoch == src.epoch:
+                    src.fenced = True
+                    src.welcome.set()
+                    log.error("publisher.source.fenced", source=name, epoch=epoch, current_epoch=current)
+                    self._acked_cv.notify_all()
+
+    def _reregister(self, src: _Source) -> None:
+        self._control.append([fr.REGISTER, fr.pack([src.name, src.backend, src.epoch, src.acked, src.next_seq - 1])])
+
+    def _reregister_all(self, now: float) -> None:
+        log.info("publisher.broker.restarted", address=self.address)
+        for src in self._sources.values():
+            if src.epoch and not src.fenced:
+                self._reregister(src)

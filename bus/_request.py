@@ -1,0 +1,77 @@
+"""Request/reply with the broker over a DEALER: ids, timeouts, and a fresh socket after a timeout."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import zmq
+
+from flowbus.schemas import BusBroken, BusClosed, BusRequestError
+
+from . import _framing as fr
+from ._curve import ClientCurve
+
+
+class Requester:
+    """One request at a time (not thread-safe: one per thread)."""
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, curve: ClientCurve | None = None,
+                 timeout: float = 5.0) -> None:
+        self.ctx, self.address, self.curve, self.timeout = ctx, address, curve, timeout
+        self._ids = itertools.count(1)
+        self._sock: zmq.Socket[Any] | None = None
+        self._closed = False
+
+    def _socket(self) -> zmq.Socket[Any]:
+        if self._closed:
+            raise BusClosed("request channel is closed")
+        if self._sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.reconnect_ivl = 20
+            if self.curve is not None:
+                self.curve.apply(sock)
+            sock.connect(self.address)
+            self._sock = sock
+        return self._sock
+
+    def call(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        """Send one request; return the reply map or raise ``BusBroken``/``BusRequestError``."""
+        sock = self._socket()
+        rid = next(self._ids)
+        sock.send(fr.pack({"op": op, "id": rid, **args}))
+        deadline_ms = int(1000 * (self.timeout if timeout is None else timeout))
+        while True:
+            if not sock.poll(deadline_ms, zmq.POLLIN):
+                self._sock = None
+                sock.close(0)  # drop anything in flight; the next call starts clean
+                raise BusBroken(f"no reply from the broker at {self.address} to {op!r} within {deadline_ms / 1000:g} s")
+            reply = fr.unpack(sock.recv())
+            if reply.get("id") != rid:
+                continue  # a late answer to an earlier, timed-out request
+            if not reply.get("ok"):
+                raise BusRequestError(f"{op}: {reply.get('error')} [{reply.get('code')}]")
+            return reply  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._closed = True
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+
+def broker_info(ctx: zmq.Context[Any], address: str, curve: ClientCurve | None, timeout: float) -> dict[str, Any]:
+    """Ask the broker at ``address`` (its request endpoint) for its other endpoints."""
+    req = Requester(ctx, address, curve, timeout)
+    try:
+        return req.call("info")
+    finally:
+        req.close()
+
+
+def same_host(endpoint: str, address: str) -> str:
+    """Endpoints the broker reports may name a wildcard host; keep the host the client used."""
+    host = address.rsplit(":", 1)[0]
+    port = endpoint.rsplit(":", 1)[1]
+    return f"{host}:{port}"

@@ -1,0 +1,340 @@
+"""Subscribers: typed events from the broker, gap-free per source, without duplicates.
+
+Per source the subscriber keeps ``confirmed`` (every matching event up to this seq has been
+delivered) and the seqs delivered above it. A jump in seq on a source the subscription covers
+whole is a gap: it is replayed from the journal at once. Where the prefixes cover a source only
+in part, seq jumps are normal, so each broker tick (which names every source's last seq) is
+checked instead: anything matching between ``confirmed`` and the tick is asked for, filtered by
+the same prefixes, at the broker. Events the journal no longer holds are reported (statistics
+and a ``SubscriberLagged`` event), then the source's latest state is fetched from the snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import structlog
+import zmq
+
+from flowbus.schemas import (
+    BusBroken,
+    BusClosed,
+    BusRequestError,
+    Event,
+    SchemaError,
+    SubscriberLagged,
+    decode,
+    decode_many,
+    reason_of,
+)
+
+from . import _framing as fr
+from ._curve import ClientCurve
+from ._request import Requester, broker_info, same_host
+
+log = structlog.get_logger("flowbus.subscriber")
+
+Start = Literal["live", "snapshot", "journal"]
+
+
+class Subscriber:
+    """Events whose topic starts with one of ``prefixes``; iterate, or call :meth:`recv`.
+
+    ``start``: ``live`` (only what happens from now on), ``snapshot`` (first the latest state of
+    every matching resource, then live), ``journal`` (everything the journal still holds, then
+    live). Not thread-safe: use one subscriber per thread.
+    """
+
+    def __init__(self, address: str, prefixes: str | Sequence[str] = "", *, start: Start = "live",
+                 curve: ClientCurve | None = None, timeout: float = 5.0, rcvhwm: int = 100_000,
+                 replay_limit: int = 10_000) -> None:
+        self.address = address
+        self.prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(prefixes) or ("",)
+        self.timeout = timeout
+        self.replay_limit = replay_limit
+        self.stats: Counter[str] = Counter()
+        self.broker_id = ""
+        self.last_tick = 0.0
+        self.heartbeat_interval = 0.2
+        self._out: deque[Event] = deque()
+        self._confirmed: dict[str, int] = {}
+        self._seen: dict[str, set[int]] = {}
+        self._backend: dict[str, str] = {}
+        self._full: dict[str, bool] = {}
+        self._logged: set[str] = set()
+        self._closed = False
+        self._ctx = zmq.Context.instance()
+        info = broker_info(self._ctx, address, curve, timeout)
+        self.heartbeat_interval = float(info.get("heartbeat_interval", 0.2))
+        self._req = Requester(self._ctx, address, curve, timeout)
+        sock = self._sock = self._ctx.socket(zmq.SUB)
+        sock.linger = 0
+        sock.rcvhwm = rcvhwm
+        sock.reconnect_ivl = 20
+        sock.reconnect_ivl_max = 500
+        if curve is not None:
+            curve.apply(sock)
+        for p in self.prefixes:
+            sock.setsockopt(zmq.SUBSCRIBE, p.encode())
+        sock.setsockopt(zmq.SUBSCRIBE, fr.TICK)
+        hello = fr.HELLO + uuid.uuid4().hex.encode()
+        sock.setsockopt(zmq.SUBSCRIBE, hello)
+        sock.connect(same_host(info["publish"], address))
+        try:
+            self._await_hello(hello)
+            self._begin(start)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start -----------------------------------------------------------------------------------------
+
+    def _await_hello(self, hello: bytes) -> None:
+        """Readiness: the broker answers our probe topic only once our subscriptions are live."""
+        deadline = time.monotonic() + self.timeout
+        early: list[tuple[bytes, bytes]] = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                raise BusBroken(f"subscription to the broker at {self.address} not confirmed within {self.timeout:g} s")
+            topic, body = self._recv_pair()
+            if topic == hello:
+                self.broker_id = fr.unpack(body)[0]
+                break
+            if topic != fr.TICK:
+                early.append((topic, body))
+        self._early = early
+
+    def _begin(self, start: Start) -> None:
+        if start == "snapshot":
+            reply = self._req.call("snapshot", prefixes=list(self.prefixes))
+            marks = reply["sources"]
+            self._set_marks(marks, use_oldest=False)
+            events = [self._decode_one(p) for p in reply["events"]]
+            for ev in sorted((e for e in events if e is not None), key=lambda e: (e.source, e.seq)):
+                self._out.append(ev)
+                self.stats["snapshot"] += 1
+        else:
+            marks = self._req.call("marks")["sources"]
+            self._set_marks(marks, use_oldest=start == "journal")
+            if start == "journal":
+                self._on_marks(marks)
+        for topic, body in self._early:
+            self._handle(topic, body)
+        self._early = []
+
+    def _set_marks(self, marks: dict[str, list[Any]], use_oldest: bool) -> None:
+        for source, (backend, _epoch, last, oldest) in marks.items():
+            self._backend[source] = backend
+            self._confirmed[source] = oldest - 1 if use_oldest else last
+
+    # -- receiving -------------------------------------------------------------------------------------
+
+    def recv(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None when ``timeout`` seconds pass without one (None: wait forever)."""
+        if self._closed:
+            raise BusClosed("subscriber is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._out:
+            if deadline is None:
+                wait_ms = -1
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                wait_ms = int(left * 1000) + 1
+            if not self._sock.poll(wait_ms):
+                continue
+            for _ in range(1000):  # drain what is there without blocking
+                try:
+                    topic = self._sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                body = self._sock.recv() if self._sock.rcvmore else b""
+                while self._sock.rcvmore:
+                    self._sock.recv()
+                self._handle(topic, body)
+        return self._out.popleft()
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            ev = self.recv()
+            if ev is not None:
+                yield ev
+
+    def pending(self) -> int:
+        return len(self._out)
+
+    def sync(self) -> None:
+        """Catch up with the broker as of now: ask for every source's last seq and fill gaps."""
+        self._on_marks(self._req.call("marks")["sources"])
+
+    def _recv_pair(self) -> tuple[bytes, bytes]:
+        topic = self._sock.recv()
+        body = self._sock.recv() if self._sock.rcvmore else b""
+        while self._sock.rcvmore:
+            self._sock.recv()
+        return topic, body
+
+    def _handle(self, topic: bytes, body: bytes) -> None:
+        if topic[:1] == fr.CONTROL:
+            if topic == fr.TICK:
+                try:
+                    broker_id, marks = fr.unpack(body)
+                except Exception:  # noqa: BLE001 - garbage on a control topic is counted, not fatal
+                    self._malformed("invalid", "tick")
+                    return
+                self.last_tick = time.monotonic()
+                self.stats["ticks"] += 1
+                if broker_id != self.broker_id:
+                    self.stats["broker_restarts"] += 1
+                    log.info("subscriber.broker.changed", old=self.broker_id, new=broker_id)
+                    self.broker_id = broker_id
+                self._on_marks(marks)
+            return
+        self.stats["received"] += 1
+        try:
+            events = decode_many(body, topic.decode("utf-8", "replace")) if fr.is_batch(body) else [
+                decode(body, topic.decode("utf-8", "replace"))]
+        except SchemaError as exc:
+            self._malformed(reason_of(exc), str(exc))
+            return
+        for ev in events:
+            self._accept(ev, replayed=False)
+
+    def _decode_one(self, payload: bytes) -> Event | None:
+        try:
+            return decode(payload)
+        except SchemaError as exc:
+            self._malformed(reason_of(exc), str(exc))
+            return None
+
+    def _malformed(self, reason: str, detail: str) -> None:
+        self.stats[f"malformed.{reason}"] += 1
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("subscriber.frame.dropped", reason=reason, detail=detail[:300])
+
+    # -- ordering, gaps, duplicates --------------------------------------------------------------------
+
+    def _covers_whole(self, source: str, backend: str) -> bool:
+        full = self._full.get(source)
+        if full is None:
+            base = f"{backend}/{source}/"
+            full = self._full[source] = any(base.startswith(p) for p in self.prefixes)
+        return full
+
+    def _relevant(self, source: str, backend: str) -> bool:
+        base = f"{backend}/{source}/"
+        return any(base.startswith(p) or p.startswith(base) for p in self.prefixes)
+
+    def _accept(self, ev: Event, replayed: bool) -> None:
+        src, seq = ev.source, ev.seq
+        self._backend.setdefault(src, ev.backend)
+        confirmed = self._confirmed.setdefault(src, 0)
+        seen = self._seen.setdefault(src, set())
+        if seq <= confirmed or seq in seen:
+            self.stats["duplicates"] += 1
+            return
+        if not replayed and seq > confirmed + 1 and self._covers_whole(src, ev.backend) and not seen:
+            self.stats["gaps"] += 1
+            self._fill(src, confirmed + 1, seq - 1)
+            confirmed = self._confirmed[src]
+            if seq <= confirmed or seq in seen:
+                self.stats["duplicates"] += 1
+                return
+        self._out.append(ev)
+        self.stats["replayed" if replayed else "delivered"] += 1
+        seen.add(seq)
+        while confirmed + 1 in seen:
+            confirmed += 1
+            seen.discard(confirmed)
+        self._confirmed[src] = confirmed
+
+    def _on_marks(self, marks: dict[str, list[Any]]) -> None:
+        for source, (backend, _epoch, last, _oldest) in marks.items():
+            self._backend.setdefault(source, backend)
+            if not self._relevant(source, backend):
+                continue
+            if last > self._confirmed.setdefault(source, 0):
+                self._fill(source, self._confirmed[source] + 1, last)
+
+    def _fill(self, source: str, first: int, last: int) -> None:
+        """Ask the journal for ``first..last`` of a source (filtered by our prefixes)."""
+        start = first
+        try:
+            while start <= last:
+                reply = self._req.call("replay", source=source, limit=self.replay_limit,
+                                       prefixes=list(self.prefixes), to=last, **{"from": start})
+                for payload in reply["events"]:
+                    ev = self._decode_one(payload)
+                    if ev is not None:
+                        self._accept(ev, replayed=True)
+                start = int(reply["through"]) + 1
+        except BusRequestError as exc:
+            if "[evicted]" not in str(exc) and "[bad_range]" not in str(exc):
+                raise
+            self._lagged(source, start, last, str(exc))
+            start = last + 1
+        except BusBroken as exc:
+            self.stats["replay_failures"] += 1
+            log.warning("subscriber.replay.failed", source=source, first=start, last=last, error=str(exc))
+        self._advance(source, start - 1)
+
+    def _advance(self, source: str, through: int) -> None:
+        if through <= self._confirmed.get(source, 0):
+            return
+        self._confirmed[source] = through
+        seen = self._seen.get(source)
+        if seen:
+            seen.difference_update([s for s in seen if s <= through])
+            while through + 1 in seen:
+                through += 1
+                seen.discard(through)
+            self._confirmed[source] = through
+
+    def _lagged(self, source: str, first: int, last: int, detail: str) -> None:
+        """The journal no longer holds what we missed: say so, then take the latest state."""
+        lost = last - first + 1
+        self.stats["dropped"] += lost
+        log.warning("subscriber.lagged", source=source, first=first, last=last, detail=detail)
+        self._out.append(SubscriberLagged(source=source, backend=self._backend.get(source, ""), key=source,
+                                          lost=lost, first_seq=first, last_seq=last, detail=detail,
+                                          time=time.time_ns()))
+        try:
+            reply = self._req.call("snapshot", prefixes=list(self.prefixes))
+        except (BusBroken, BusRequestError):
+            return
+        events = [self._decode_one(p) for p in reply["events"]]
+        for ev in sorted((e for e in events if e is not None and e.source == source), key=lambda e: e.seq):
+            if first <= ev.seq <= last:
+                self._accept(ev, replayed=True)
+
+    # -- misc ----------------------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters (received, delivered, replayed, duplicates, gaps, dropped, malformed.*) and state."""
+        out: dict[str, Any] = dict(self.stats)
+        out.update(pending=len(self._out), sources=len(self._confirmed), broker_id=self.broker_id,
+                   broker_alive=time.monotonic() - self.last_tick < 5 * self.heartbeat_interval + 0.5)
+        return out
+
+    def confirmed(self) -> dict[str, int]:
+        return dict(self._confirmed)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close(0)
+        self._req.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
