@@ -1,0 +1,6 @@
+"""Backend adapters (plain Python, no Ray): one module per backend behind one interface."""
+
+from ._base import BackendSession, Backoff, Emit, dispatch, map_errors
+from ._registry import session_for
+
+__all__ = ["BackendSession", "Backoff", "Emit", "dispatch", "map_errors", "session_for"]

@@ -1,0 +1,16 @@
+"""Which adapter serves which session config (imported lazily: backend libraries are heavy)."""
+
+from __future__ import annotations
+
+from flowbus.schemas import ConfigError, QcgSessionConfig, SessionConfig
+
+from ._base import BackendSession
+
+
+def session_for(config: SessionConfig) -> BackendSession:
+    """A new, not yet started, session for ``config``."""
+    if isinstance(config, QcgSessionConfig):
+        from .qcg import QcgSession
+
+        return QcgSession(config)
+    raise ConfigError(f"session {getattr(config, 'name', '?')!r}: no adapter for {type(config).__name__}")
