@@ -1,0 +1,20 @@
+"""Ray actors: BackendActor (hosts adapter sessions) and Supervisor (places and watches them)."""
+
+from ._ray import join_ray, start_ray, stop_ray  # first: sets the loopback fences before ray
+from ._backend_actor import BackendActor, BackendActorImpl  # noqa: I001
+from ._supervisor import ACTOR_PREFIX, SUPERVISOR_NAME, Supervisor, SupervisorImpl, actor_pid, plan, wait_started
+
+__all__ = [
+    "ACTOR_PREFIX",
+    "SUPERVISOR_NAME",
+    "BackendActor",
+    "BackendActorImpl",
+    "Supervisor",
+    "SupervisorImpl",
+    "actor_pid",
+    "join_ray",
+    "plan",
+    "start_ray",
+    "stop_ray",
+    "wait_started",
+]

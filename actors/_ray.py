@@ -1,0 +1,57 @@
+"""Starting or joining Ray, loopback-only by default (see notes/ray-deploy.md §1.1, §1.9).
+
+This module sets the fences before Ray is imported anywhere in the process: without
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` a local Ray listens on every interface.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import tempfile  # noqa: E402
+
+import ray  # noqa: E402
+
+from flowbus.schemas import BusBroken, RayConfig  # noqa: E402
+
+FAST_HEALTH = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 3,
+}
+
+
+def start_ray(cfg: RayConfig) -> str:
+    """``address = "local"``: a private Ray on 127.0.0.1; otherwise join ``cfg.address``.
+    Returns the GCS address other drivers (the CLI) can join."""
+    if ray.is_initialized():
+        return str(ray.get_runtime_context().gcs_address)
+    common = {"namespace": cfg.namespace, "logging_level": "ERROR", "log_to_driver": False,
+              "include_dashboard": False}
+    try:
+        if cfg.address == "local":
+            ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_mb * 2**20,
+                     _temp_dir=tempfile.mkdtemp(prefix="fbray-", dir="/tmp"), _system_config=FAST_HEALTH,
+                     **common)
+        else:
+            ray.init(address=cfg.address, **common)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise BusBroken(f"ray: cannot start or join a cluster at {cfg.address!r}: {exc}") from exc
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def join_ray(address: str, namespace: str) -> None:
+    """Join a running cluster as a driver (the CLI joining ``flowbus up``)."""
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+
+
+def stop_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
