@@ -1,0 +1,3 @@
+from flowbus._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""The ``flowbus`` command: up, broker, watch, status, wait, submit, call, keys, stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from flowbus._logging import configure
+from flowbus._runfile import read_runfile, resolve_address
+from flowbus.schemas import FlowbusConfig, FlowbusError, WaitTimeout, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowbus", description="One typed, replayable event stream over workflow managers.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def with_address(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--address", help="broker request endpoint (default: $FLOWBUS_ADDRESS, the running "
+                        "`flowbus up`, or tcp://127.0.0.1:7750)")
+        sp.add_argument("--timeout-connect", type=float, default=5.0, metavar="S", help=argparse.SUPPRESS)
+        return sp
+
+    up = sub.add_parser("up", help="run broker, Ray and the configured sessions; show events live")
+    up.add_argument("--config", help="TOML config file (default: the embedded default, a local QCG manager)")
+    up.add_argument("--fresh", action="store_true", help="start with an empty journal")
+    up.add_argument("--demo", action="store_true", help="submit a small QCG job set once everything runs")
+    up.add_argument("--duration", type=float, metavar="S", help="stop by itself after S seconds")
+    up.add_argument("--json", action="store_true", help="events as JSON lines")
+
+    br = sub.add_parser("broker", help="run only the bus broker (foreground)")
+    br.add_argument("--config", help="TOML config file (its [bus] table)")
+    br.add_argument("--config-json", help=argparse.SUPPRESS)
+    br.add_argument("--journal-dir", help="on-disk journal directory (overrides the config)")
+
+    w = with_address(sub.add_parser("watch", help="stream live events"))
+    w.add_argument("prefix", nargs="*", default=[""], help="topic prefixes, e.g. qcg/ or qcg/local/state/")
+    w.add_argument("--json", action="store_true", help="JSON lines for scripts")
+    w.add_argument("--snapshot", action="store_true", help="first print the current state")
+    w.add_argument("--replay", action="store_true", help="first print everything the journal holds")
+    w.add_argument("--count", type=int, help="exit after N events")
+    w.add_argument("--for", dest="duration", type=float, metavar="S", help="exit after S seconds")
+
+    st = with_address(sub.add_parser("status", help="current state of every known resource"))
+    st.add_argument("prefix", nargs="?", default="", help="topic prefix")
+    st.add_argument("--json", action="store_true")
+
+    wt = with_address(sub.add_parser("wait", help="block until an event or state matches"))
+    wt.add_argument("match", help="e.g. 'qcg/local/state/job1 state=complete|aborted'")
+    wt.add_argument("--timeout", type=float, default=30.0)
+    wt.add_argument("--json", action="store_true")
+
+    sm = sub.add_parser("submit", help="submit work to a backend session")
+    sm_sub = sm.add_subparsers(dest="backend", required=True, metavar="BACKEND")
+    q = sm_sub.add_parser("qcg", help="submit QCG-PilotJob jobs")
+    q.add_argument("--session", default="local")
+    q.add_argument("--name", help="job name (default: job-<n>)")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--exec", dest="exec_", metavar="PATH", help="executable")
+    g.add_argument("--script", help="shell script text (run by bash -l -c)")
+    g.add_argument("--jobs-file", help="JSON list of job dicts (QCG Jobs.add keywords)")
+    q.add_argument("--arg", action="append", default=[], dest="args", help="argument (repeatable)")
+    q.add_argument("--cores", type=int, default=1)
+    q.add_argument("--after", action="append", default=[], help="dependency (repeatable)")
+    q.add_argument("--iterations", type=int, help="run N iterations (${it} in args)")
+    q.add_argument("--stdout")
+    q.add_argument("--stderr")
+
+    c = sub.add_parser("call", help="run any operation of a session, e.g. `flowbus call local list`")
+    c.add_argument("session")
+    c.add_argument("operation")
+    c.add_argument("args", nargs="?", default="[]", help="JSON list of positional arguments")
+    c.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
+
+    k = sub.add_parser("keys", help="make a CurveZMQ key pair")
+    k.add_argument("--dir", default=".", help="where to write NAME.key and NAME.key_secret")
+    k.add_argument("--name", default="flowbus")
+
+    s = with_address(sub.add_parser("stats", help="broker statistics"))
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure("warning" if args.cmd in ("watch", "status", "wait", "stats", "submit", "call") else "info")
+    try:
+        return int(_COMMANDS[args.cmd](args) or 0)
+    except WaitTimeout as exc:
+        print(f"flowbus: {exc}", file=sys.stderr)
+        return 1
+    except FlowbusError as exc:
+        print(f"flowbus: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from flowbus.bus import Client
+
+    return Client(resolve_address(args.address), timeout=args.timeout_connect)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from flowbus.bus import serve
+    from flowbus.schemas import BusConfig
+
+    if args.config_json:
+        bus = msgspec.json.decode(args.config_json, type=BusConfig)
+    else:
+        bus = load_config(args.config).bus if args.config else BusConfig()
+    serve(bus, args.journal_dir)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import time
+
+    from flowbus._render import print_event
+
+    start = "replay" if args.replay else "snapshot" if args.snapshot else "live"
+    with _client(args) as client, client.subscribe(args.prefix, start="journal" if start == "replay" else start) as sub:
+        n, end = 0, (time.monotonic() + args.duration) if args.duration else None
+        while args.count is None or n < args.count:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            ev = sub.recv(left if left is not None else 1.0)
+            if ev is not None:
+                print_event(ev, args.json)
+                n += 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flowbus._render import event_json, print_table
+
+    with _client(args) as client:
+        events = client.status(args.prefix)
+    if args.json:
+        print("[" + ",\n".join(event_json(e) for e in events) + "]")
+    else:
+        print_table(events)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from flowbus._render import print_event
+
+    with _client(args) as client:
+        ev = client.wait(args.match, timeout=args.timeout)
+    print_event(ev, args.json)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stats = client.stats()
+    print(json.dumps(stats, indent=None if args.json else 2, sort_keys=True))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from flowbus.bus import make_keypair
+
+    public, secret = make_keypair(args.dir, args.name)
+    print(f"public key: {public}\nsecret key: {secret}  (keep it private)")
+    return 0
+
+
+def _session_call(session: str, operation: str, call_args: list[Any], kwargs: dict[str, Any]) -> Any:
+    run = read_runfile()
+    if not run:
+        raise FlowbusError("no running `flowbus up` found (start it first, or set FLOWBUS_STATE_DIR)")
+    from flowbus.actors import join_ray
+    import ray
+
+    join_ray(run["ray_address"], run["namespace"])
+    actor = run["placement"].get(session)
+    if actor is None:
+        raise FlowbusError(f"unknown session {session!r}; running sessions: {', '.join(sorted(run['placement']))}")
+    handle = ray.get_actor(actor)
+    try:
+        return ray.get(handle.call.remote(session, operation, *call_args, **kwargs), timeout=300)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, FlowbusError) else None
+        if cause is not None:
+            raise cause from None
+        raise FlowbusError(f"{operation} on {session!r} failed: {str(exc).splitlines()[-1]}") from None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if args.jobs_file:
+        try:
+            jobs = json.loads(Path(args.jobs_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise FlowbusError(f"--jobs-file {args.jobs_file}: {exc}") from None
+        if not isinstance(jobs, list):
+            raise FlowbusError(f"--jobs-file {args.jobs_file}: expected a JSON list of job objects")
+    else:
+        import uuid
+
+        job: dict[str, Any] = {"name": args.name or f"job-{uuid.uuid4().hex[:6]}", "numCores": args.cores}
+        if args.exec_:
+            job.update(exec=args.exec_, args=args.args)
+        else:
+            job["script"] = args.script
+        for key in ("after", "stdout", "stderr"):
+            if getattr(args, key):
+                job[key] = getattr(args, key)
+        if args.iterations:
+            job["iteration"] = args.iterations
+        jobs = [job]
+    names = _session_call(args.session, "submit", [jobs], {})
+    print("\n".join(names))
+    return 0
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    try:
+        call_args, kwargs = json.loads(args.args), json.loads(args.kwargs)
+    except ValueError as exc:
+        raise FlowbusError(f"arguments must be JSON: {exc}") from None
+    if not isinstance(call_args, list) or not isinstance(kwargs, dict):
+        raise FlowbusError("args must be a JSON list and --kwargs a JSON object")
+    result = _session_call(args.session, args.operation, call_args, kwargs)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from flowbus._up import run_up
+
+    config: FlowbusConfig = load_config(args.config)
+    configure(config.log.level, config.log.json)
+    return run_up(config, fresh=args.fresh, demo=args.demo, duration=args.duration, as_json=args.json)
+
+
+_COMMANDS = {
+    "up": cmd_up, "broker": cmd_broker, "watch": cmd_watch, "status": cmd_status, "wait": cmd_wait,
+    "submit": cmd_submit, "call": cmd_call, "keys": cmd_keys, "stats": cmd_stats,
+}

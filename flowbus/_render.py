@@ -1,0 +1,92 @@
+"""How events look in a terminal (``watch``, ``status``, ``up``) and as JSON lines."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from typing import Any, TextIO
+
+import msgspec
+
+from flowbus.schemas import (
+    AttributeChanged,
+    Connected,
+    Disconnected,
+    ErrorEvent,
+    Event,
+    LogLine,
+    RecoveryAttempted,
+    RecoveryGaveUp,
+    StateChanged,
+    SubscriberLagged,
+    tag_of,
+)
+
+_COLOURS = {
+    "complete": "32", "active": "36", "submitted": "34", "queued": "34", "aborted": "31",
+    "cancelled": "33", "suspended": "35", "unknown": "37",
+}
+_json = msgspec.json.Encoder()
+
+
+def _c(text: str, code: str, on: bool) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m" if on else text
+
+
+def event_json(ev: Event) -> str:
+    data: dict[str, Any] = {"type": tag_of(ev), **msgspec.to_builtins(ev), "topic": ev.topic()}
+    return _json.encode(data).decode()
+
+
+def describe(ev: Event) -> tuple[str, str]:
+    """(short text, colour code) for one event."""
+    if isinstance(ev, StateChanged):
+        prev = f"{ev.previous.value} -> " if ev.previous else ""
+        extra = f" try={ev.try_no}" if ev.try_no else ""
+        detail = f"  {ev.detail}" if ev.detail else ""
+        return f"{prev}{ev.state.value} ({ev.native}){extra}{detail}", _COLOURS.get(ev.state.value, "0")
+    if isinstance(ev, AttributeChanged):
+        return f"{ev.kind} {ev.name} = {ev.value!r}", "0"
+    if isinstance(ev, LogLine):
+        return f"[{ev.level}] {ev.message}", "31" if ev.level in ("error", "alert") else "0"
+    if isinstance(ev, Connected):
+        return f"connected {ev.address} {ev.detail}".rstrip(), "32"
+    if isinstance(ev, Disconnected):
+        return f"disconnected: {ev.reason}", "31"
+    if isinstance(ev, RecoveryAttempted):
+        return f"recovery {ev.action} attempt {ev.attempt} {'ok' if ev.ok else 'failed'} {ev.detail}".rstrip(), "33"
+    if isinstance(ev, RecoveryGaveUp):
+        return f"recovery gave up after {ev.attempts}: {ev.reason}", "31"
+    if isinstance(ev, ErrorEvent):
+        return f"error {ev.error_type}: {ev.message}", "31"
+    if isinstance(ev, SubscriberLagged):
+        return f"LAGGED: {ev.lost} events lost ({ev.first_seq}..{ev.last_seq}) {ev.detail}", "31;1"
+    return tag_of(ev), "2"
+
+
+def print_event(ev: Event, as_json: bool = False, out: TextIO = sys.stdout, colour: bool | None = None) -> None:
+    if as_json:
+        out.write(event_json(ev) + "\n")
+    else:
+        on = out.isatty() if colour is None else colour
+        ts = datetime.fromtimestamp(ev.time / 1e9).strftime("%H:%M:%S.%f")[:-3] if ev.time else "--:--:--"
+        text, code = describe(ev)
+        head = f"{ts} {ev.backend}/{ev.source} #{ev.seq}"
+        obs = "" if ev.observed.value == "push" else f" [{ev.observed.value}]"
+        out.write(f"{_c(head, '2', on)} {_c(ev.key or '-', '1', on)} {_c(text, code, on)}{_c(obs, '2', on)}\n")
+    out.flush()
+
+
+def print_table(events: list[Event], out: TextIO = sys.stdout) -> None:
+    rows = [("BACKEND", "SOURCE", "KEY", "KIND", "STATE", "NATIVE", "SEQ", "OBSERVED")]
+    for ev in events:
+        if isinstance(ev, StateChanged):
+            kind, state, native = "state", ev.state.value, ev.native
+        elif isinstance(ev, AttributeChanged):
+            kind, state, native = f"{ev.kind}:{ev.name}", str(ev.value), ""
+        else:
+            kind, state, native = tag_of(ev), describe(ev)[0], ""
+        rows.append((ev.backend, ev.source, ev.key or "-", kind, state, native, str(ev.seq), ev.observed.value))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")

@@ -1,0 +1,123 @@
+"""``flowbus up``: broker, Ray, Supervisor and sessions on one machine, with a live event view.
+
+Everything is ended on exit (Ctrl-C, SIGTERM, ``--duration``): sessions stop their backends,
+Ray shuts down, the broker is terminated, the run file is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Any
+
+import msgspec
+import structlog
+
+from flowbus._render import print_event
+from flowbus._runfile import runfile_path
+from flowbus.schemas import FlowbusConfig, FlowbusError
+
+log = structlog.get_logger("flowbus.up")
+
+DEMO_JOBS: list[dict[str, Any]] = [
+    {"name": "demo-prepare", "exec": "/bin/sleep", "args": ["1"]},
+    {"name": "demo-ensemble", "exec": "/bin/echo", "args": ["member ${it}"], "iteration": 3, "after": ["demo-prepare"]},
+    {"name": "demo-broken", "exec": "/bin/false"},
+    {"name": "demo-cleanup", "exec": "/bin/true", "after": ["demo-ensemble"]},
+]
+
+
+def _step(msg: str) -> None:
+    print(f"flowbus up: {msg}", file=sys.stderr, flush=True)
+
+
+def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, duration: float | None = None,
+           as_json: bool = False) -> int:
+    from flowbus.bus import BrokerProcess, Client
+
+    state = config.state_path()
+    runfile = runfile_path(state)
+    journal_dir = config.bus.journal_dir or str(state / "journal")
+    if fresh:
+        shutil.rmtree(journal_dir, ignore_errors=True)
+    stopping = {"flag": False}
+
+    def on_signal(*_: Any) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    broker = BrokerProcess(config.bus, journal_dir, log_path=str(state / "broker.log"))
+    supervisor: Any = None
+    ray_started = False
+    try:
+        t0 = time.monotonic()
+        _step(f"starting the broker on {config.bus.host} (journal {journal_dir}) ...")
+        endpoints = broker.start()
+        _step(f"broker ready at {endpoints['request']} ({time.monotonic() - t0:.1f} s); starting Ray (loopback only) ...")
+        from flowbus.actors import SUPERVISOR_NAME, Supervisor, start_ray
+
+        ray_address = start_ray(config.ray)
+        ray_started = True
+        _step(f"Ray ready at {ray_address} ({time.monotonic() - t0:.1f} s); starting {len(config.sessions)} session(s) ...")
+        client = Client(endpoints["request"])
+        view = client.subscribe("", start="snapshot")
+        import ray
+
+        supervisor = Supervisor.options(name=SUPERVISOR_NAME).remote(
+            msgspec.json.encode(config), endpoints["request"])
+        placement: dict[str, str] = ray.get(supervisor.start.remote(), timeout=300)
+        from flowbus.actors import ACTOR_PREFIX
+
+        runfile.write_text(json.dumps({**endpoints, "ray_address": ray_address, "namespace": config.ray.namespace,
+                                       "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},
+                                       "pid": os.getpid()}, indent=2))
+        _step(f"ready in {time.monotonic() - t0:.1f} s: sessions {', '.join(sorted(placement)) or '(none)'}; "
+              f"address {endpoints['request']}. Try `flowbus watch`, `flowbus status`, "
+              f"`flowbus submit qcg --exec /bin/date`. Ctrl-C stops everything.")
+        if demo:
+            _run_demo(supervisor, placement)
+        end = time.monotonic() + duration if duration else None
+        while not stopping["flag"] and (end is None or time.monotonic() < end):
+            ev = view.recv(0.5)
+            if ev is not None:
+                print_event(ev, as_json)
+        view.close()
+        client.close()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _step("stopping ...")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
+        try:
+            if supervisor is not None:
+                import ray
+
+                try:
+                    ray.get(supervisor.stop.remote(), timeout=90)
+                except Exception as exc:  # noqa: BLE001 - keep shutting down
+                    log.error("up.stop.sessions_failed", error=str(exc)[:300])
+                ray.kill(supervisor)
+        finally:
+            if ray_started:
+                from flowbus.actors import stop_ray
+
+                stop_ray()
+            broker.stop()
+            runfile.unlink(missing_ok=True)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _step("stopped")
+
+
+def _run_demo(supervisor: Any, placement: dict[str, str]) -> None:
+    import ray
+
+    qcg = next((s for s in placement if s == "local"), None) or next(iter(placement), None)
+    if qcg is None:
+        raise FlowbusError("--demo needs at least one QCG session")
+    names = ray.get(supervisor.call.remote(qcg, "submit", [DEMO_JOBS], {}), timeout=60)
+    _step(f"demo: submitted {', '.join(names)} to session {qcg!r}")
