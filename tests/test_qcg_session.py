@@ -1,0 +1,565 @@
+"""QcgSession against a real QCG-PilotJob LocalManager (no Ray, no bus).
+
+Every test is bounded (pytest-timeout) and its fixture proves that no process is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from flowbus.schemas import (
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+    Connected,
+    Disconnected,
+    Event,
+    Observed,
+    QcgSessionConfig,
+    RecoveryAttempted,
+    RecoveryGaveUp,
+    Resynced,
+    State,
+    StateChanged,
+    UnknownOperation,
+)
+from flowbus.services import BackendSession
+from flowbus.services._qcg_jobs import JobBook, Obs, Snapshot
+from flowbus.services.qcg import QcgSession
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """The ``emit`` callable: keeps every event (with its arrival time) and wakes waiters."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.times: list[float] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, event: Event) -> None:
+        with self.cond:
+            self.events.append(event)
+            self.times.append(time.monotonic())
+            self.cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[Event]], Any], timeout: float, what: str = "") -> Any:
+        """Wait on the condition until ``predicate(events)`` is truthy; return its value."""
+        with self.cond:
+            result = self.cond.wait_for(lambda: predicate(self.events), timeout)
+            if not result:
+                seen = [_show(e) for e in self.events[-25:]]
+                raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}; "
+                                     f"last events: {seen}")
+            return result
+
+    def states(self, key: str) -> list[StateChanged]:
+        with self.cond:
+            return [e for e in self.events if isinstance(e, StateChanged) and e.key == key]
+
+    def of(self, cls: type[Any]) -> list[Any]:
+        with self.cond:
+            return [e for e in self.events if isinstance(e, cls)]
+
+    def index(self, event: Event) -> int:
+        with self.cond:
+            return next(i for i, e in enumerate(self.events) if e is event)
+
+
+def _show(e: Event) -> str:
+    if isinstance(e, StateChanged):
+        return f"{e.key}:{e.native}/{e.observed.value}"
+    return type(e).__name__
+
+
+def first(cls: type[Any]) -> Callable[[list[Event]], Any]:
+    return lambda evs: next((e for e in evs if isinstance(e, cls)), None)
+
+
+def reached(key: str, state: State) -> Callable[[list[Event]], StateChanged | None]:
+    return lambda evs: next((e for e in evs if isinstance(e, StateChanged) and e.key == key and e.state is state), None)
+
+
+def pid_gone(pid: int) -> bool:
+    """Gone or a zombie (the container's PID 1 may never reap reparented orphans)."""
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_pid_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pid_gone(pid):  # bounded polling of a process that is not ours to wait on
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def poll_until(predicate: Callable[[], bool], timeout: float) -> None:
+    """Bounded polling of a condition no event tells us about (the manager's own state)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s"
+        time.sleep(0.02)
+
+
+def job_pids(service_pid: int, name: str) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(service_pid).children(recursive=True) if p.name() == name]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@dataclass
+class Running:
+    session: QcgSession
+    rec: Recorder
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[BaseException] = field(default_factory=list)
+    thread: threading.Thread | None = None
+
+    def call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
+        return self.session.call(operation, *args, **kwargs)
+
+    def start_polling(self) -> None:
+        self.thread = threading.Thread(target=self.poll_forever, name=f"poll-{self.session.name}", daemon=True)
+        self.thread.start()
+
+    def poll_forever(self) -> None:
+        delay = 0.0
+        while not self.stop.wait(delay):
+            try:
+                delay = self.session.poll()
+            except BaseException as exc:  # surfaced at teardown
+                self.errors.append(exc)
+                delay = 0.2
+
+
+@pytest.fixture
+def qcg(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    """Factory: a started QcgSession with a recorder and a poll thread; stopped at teardown,
+    which then proves that no child process of ours was left behind."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    handlers = list(logging.getLogger("qcg.pilotjob.api").handlers)
+    made: list[Running] = []
+
+    def make(known: dict[str, Event] | None = None, start: bool = True, previous_address: str | None = None,
+             poll: bool = True, **overrides: Any) -> Running:
+        cfg = {"name": f"q{len(made)}", "wd": str(tmp_path / f"wd{len(made)}"), "nodes": "n1:2",
+               "reconcile_interval": 0.5, "request_timeout": 1.0, "recovery_backoff": 0.1, **overrides}
+        run = Running(QcgSession(QcgSessionConfig(**cfg)), Recorder())
+        made.append(run)
+        if start:
+            run.session.start(run.rec, known or {}, previous_address=previous_address)
+        if poll:
+            run.start_polling()
+        return run
+
+    yield make
+    failures: list[BaseException] = []
+    for run in made:
+        run.stop.set()
+        if run.thread is not None:
+            run.thread.join(5)
+        try:
+            run.session.stop()
+        except Exception as exc:  # stop the others anyway, then fail
+            failures.append(exc)
+        finally:
+            run.session.kill()
+    deadline = time.monotonic() + 10
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    _, alive = psutil.wait_procs(left, timeout=max(0.0, deadline - time.monotonic()))
+    assert not alive, f"processes left behind: {[(p.pid, p.name()) for p in alive]}"
+    assert not failures, f"stop() raised: {failures!r}"
+    for run in made:
+        assert not run.errors, f"poll() raised: {run.errors!r}"
+    assert logging.getLogger("qcg.pilotjob.api").handlers == handlers, "QCG client log handlers leaked"
+
+
+# -- tests ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.qcg
+@pytest.mark.timeout(60)
+class TestJobs:
+    def test_dependencies_and_iterations_complete(self, qcg: Callable[..., Running]) -> None:
+        """Jobs with after= and an iterated job reach complete under the right keys."""
+        run = qcg()
+        names = run.call("submit", [
+            {"name": "a", "exec": "/bin/sleep", "args": ["0.3"]},
+            {"name": "b", "exec": "/bin/true", "after": "a"},
+            {"name": "it", "exec": "/bin/echo", "args": ["${it}"], "iteration": 3, "stdout": "it_${it}.out"},
+        ])
+        assert names == ["a", "b", "it"]
+        for key in ("a", "b", "it", "it:0", "it:1", "it:2"):
+            run.rec.wait_for(reached(key, State.COMPLETE), 15, f"{key} complete")
+        for it in range(3):
+            final = run.rec.states(f"it:{it}")[-1]
+            assert final.attrs["parent"] == "it" and final.attrs["iteration"] == it and final.native == "SUCCEED"
+        a_done = run.rec.index(run.rec.states("a")[-1])
+        b_started = run.rec.index(run.rec.states("b")[1])
+        assert a_done < b_started, "b was scheduled before a finished"
+        assert [e.state for e in run.rec.states("a")] == [State.QUEUED, State.SUBMITTED, State.ACTIVE, State.COMPLETE]
+
+    def test_failure_aborts_and_omits_dependant(self, qcg: Callable[..., Running]) -> None:
+        """/bin/false ends aborted (native FAILED, exit code 1); its dependant is cancelled (OMITTED)."""
+        run = qcg()
+        run.call("submit", [{"name": "bad", "exec": "/bin/false"},
+                            {"name": "dep", "exec": "/bin/true", "after": "bad"}])
+        bad = run.rec.wait_for(reached("bad", State.ABORTED), 15, "bad aborted")
+        assert bad.native == "FAILED" and bad.attrs.get("exit_code") == 1
+        dep = run.rec.wait_for(reached("dep", State.CANCELLED), 15, "dep cancelled")
+        assert dep.native == "OMITTED"
+
+    def test_cancel_running_job(self, qcg: Callable[..., Running]) -> None:
+        """Cancelling a running sleep 30 ends it cancelled (native CANCELED) and kills its process."""
+        run = qcg()
+        run.call("submit", [{"name": "long", "exec": "/bin/sleep", "args": ["30"]}])
+        run.rec.wait_for(reached("long", State.ACTIVE), 15, "long active")
+        pids = job_pids(run.session.service_pid or 0, "sleep")
+        reply = run.call("cancel", "long")
+        assert reply["canceled"] == 1
+        ev = run.rec.wait_for(reached("long", State.CANCELLED), 15, "long cancelled")
+        assert ev.native == "CANCELED"
+        assert all(wait_pid_gone(p, 5) for p in pids)
+
+    def test_remove_and_resubmit_same_name(self, qcg: Callable[..., Running]) -> None:
+        """After remove + resubmit the first event for the name is queued, and the old job's
+        final events, still unread in the SUB socket, do not end the new job."""
+        run = qcg(poll=False)  # nobody reads the publisher yet: the old job's events stay queued
+        run.call("submit", [{"name": "x", "exec": "/bin/true"}])
+        poll_until(lambda: run.call("status", "x")["jobs"]["x"]["data"]["status"] == "SUCCEED", 10)
+        assert run.call("remove", ["x"]) == {"removed": 1}
+        mark = len(run.rec.states("x"))
+        run.call("submit", [{"name": "x", "exec": "/bin/sleep", "args": ["1"]}])
+        assert run.rec.states("x")[mark].state is State.QUEUED, "queued is published before submit returns"
+        run.start_polling()
+        done = run.rec.wait_for(reached("x", State.COMPLETE), 15, "x complete")
+        assert run.call("status", "x")["jobs"]["x"]["data"]["status"] == "SUCCEED", "a stale final was believed"
+        assert run.rec.index(done) > run.rec.index(run.rec.states("x")[mark])
+        again = [e.state for e in run.rec.states("x")[mark:]]
+        assert again[0] is State.QUEUED and again[-1] is State.COMPLETE and again.count(State.COMPLETE) == 1, again
+
+    def test_remove_refuses_unfinished_job(self, qcg: Callable[..., Running]) -> None:
+        """remove() of a running job reports the manager's refusal and keeps tracking the job."""
+        run = qcg()
+        run.call("submit", [{"name": "long", "exec": "/bin/sleep", "args": ["30"]}])
+        run.rec.wait_for(reached("long", State.ACTIVE), 15, "long active")
+        reply = run.call("remove", "long")
+        assert reply["removed"] == 0 and "not finished" in reply["errors"]["long"]
+        run.call("cancel", ["long"])
+        run.rec.wait_for(reached("long", State.CANCELLED), 15, "long cancelled")
+
+    def test_results_are_plain_data(self, qcg: Callable[..., Running]) -> None:
+        """list/status/info_parsed/resources answer with plain dicts (JobInfo converted)."""
+        run = qcg()
+        run.call("submit", [{"name": "it", "exec": "/bin/true", "iteration": 2}])
+        run.call("wait4", "it", timeout=15)
+        assert run.call("list")["it"]["status"] == "SUCCEED"
+        assert run.call("status", ["it"])["jobs"]["it"]["data"]["status"] == "SUCCEED"
+        parsed = run.call("info_parsed", "it", withChilds=True)["it"]
+        assert parsed["status"] == "SUCCEED" and [c["name"] for c in parsed["childs"]] == ["it:0", "it:1"]
+        assert run.call("resources")["total_cores"] == 2
+        assert run.call("system_status")["System"]["InstanceId"] == run.session.instance_id
+        assert set(run.session.operations()) >= {"submit", "list", "status", "info", "info_parsed", "remove",
+                                                  "cancel", "finish", "resources", "system_status"}
+
+
+@pytest.mark.qcg
+@pytest.mark.timeout(60)
+class TestErrors:
+    def test_unknown_operation(self, qcg: Callable[..., Running]) -> None:
+        """An operation name the session does not know raises UnknownOperation."""
+        run = qcg()
+        with pytest.raises(UnknownOperation, match="frobnicate"):
+            run.call("frobnicate")
+
+    def test_too_many_cores_is_rejected_with_manager_message(self, qcg: Callable[..., Running]) -> None:
+        """numCores beyond the resources is refused with the manager's own message."""
+        run = qcg()
+        with pytest.raises(BackendRejected, match="Not enough resources for job big"):
+            run.call("submit", [{"name": "big", "exec": "/bin/true", "numCores": 64}])
+        assert run.rec.states("big") == []
+
+    def test_invalid_description_is_rejected(self, qcg: Callable[..., Running]) -> None:
+        """A job with neither exec nor script, or a bad argument shape, is BackendRejected."""
+        run = qcg()
+        with pytest.raises(BackendRejected):
+            run.call("submit", [{"name": "nothing"}])
+        with pytest.raises(BackendRejected):
+            run.call("submit", {"name": "not-a-list", "exec": "/bin/true"})
+        with pytest.raises(BackendRejected, match="doesn't exist"):
+            run.call("status", ["ghost"])
+
+    def test_dead_manager_without_recovery_fails_fast(self, qcg: Callable[..., Running]) -> None:
+        """With recovery none, kill -9 gives Disconnected(will_retry=False); calls fail within ~3 s."""
+        run = qcg(recovery="none")
+        run.call("submit", [{"name": "long", "exec": "/bin/sleep", "args": ["30"]}])
+        run.rec.wait_for(reached("long", State.ACTIVE), 15, "long active")
+        orphan = job_pids(run.session.service_pid or 0, "sleep")
+        os.kill(run.session.service_pid or 0, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises((BackendTimeout, BackendUnavailable)):
+            run.call("list")
+        assert time.monotonic() - t0 < 3.0
+        dis = run.rec.wait_for(first(Disconnected), 3, "disconnected")
+        assert dis.will_retry is False
+        lost = run.rec.wait_for(reached("long", State.UNKNOWN), 5, "long lost")
+        assert lost.native == "LOST" and lost.observed is Observed.RESYNC
+        assert all(wait_pid_gone(p, 3) for p in orphan)
+        with pytest.raises(BackendUnavailable):
+            run.call("submit", [{"name": "later", "exec": "/bin/true"}])
+
+    def test_connect_to_nothing_times_out(self, qcg: Callable[..., Running]) -> None:
+        """Connect mode against a dead address raises BackendTimeout within the request timeout."""
+        run = qcg(start=False, mode="connect", address="tcp://127.0.0.1:9", request_timeout=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(BackendTimeout):
+            run.session.start(run.rec, {})
+        assert time.monotonic() - t0 < 3.0
+        assert run.rec.events == []
+
+
+@pytest.mark.qcg
+@pytest.mark.timeout(60)
+class TestRecovery:
+    def test_kill9_restarts_manager_and_resubmits(self, qcg: Callable[..., Running]) -> None:
+        """kill -9 of the manager: Disconnected in < 3 s, orphan killed, restart, unfinished jobs
+        resubmitted (after= on a succeeded job dropped) and complete."""
+        run = qcg(recovery="resubmit")
+        run.call("submit", [{"name": "done", "exec": "/bin/true"}])
+        run.rec.wait_for(reached("done", State.COMPLETE), 15, "done complete")
+        run.call("submit", [{"name": "long", "exec": "/bin/sleep", "args": ["2"]},
+                            {"name": "dep", "exec": "/bin/true", "after": ["done", "long"]}])
+        run.rec.wait_for(reached("long", State.ACTIVE), 15, "long active")
+        first_id = run.session.instance_id
+        orphan = job_pids(run.session.service_pid or 0, "sleep")
+        assert orphan, "the sleep job process was not found"
+        os.kill(run.session.service_pid or 0, signal.SIGKILL)
+        t0 = time.monotonic()
+        dis = run.rec.wait_for(first(Disconnected), 3, "disconnected")
+        assert run.rec.times[run.rec.index(dis)] - t0 < 3.0 and dis.will_retry is True
+        assert all(wait_pid_gone(p, 1.5) for p in orphan), "orphaned job survived the manager"
+        restart = run.rec.wait_for(lambda evs: next((e for e in evs if isinstance(e, RecoveryAttempted)
+                                                     and e.action == "restart-manager" and e.ok), None), 10, "restart")
+        conn = run.rec.wait_for(lambda evs: [e for e in evs if isinstance(e, Connected)][1:], 10, "reconnected")[0]
+        assert conn.detail != first_id
+        lost = run.rec.wait_for(reached("long", State.UNKNOWN), 5, "long lost")
+        assert lost.native == "LOST" and lost.observed is Observed.RESYNC
+        resub = run.rec.wait_for(lambda evs: {e.key for e in evs if isinstance(e, RecoveryAttempted)
+                                              and e.action == "resubmit"} >= {"long", "dep"} or None, 10, "resubmit")
+        assert resub
+        order = [run.rec.index(e) for e in (dis, restart, conn, lost)]
+        assert order == sorted(order), "expected Disconnected < RecoveryAttempted < Connected < LOST"
+        for key in ("long", "dep"):
+            run.rec.wait_for(reached(key, State.COMPLETE), 20, f"{key} complete after resubmit")
+        assert [e.native for e in run.rec.states("done")][-1] == "SUCCEED", "a finished job is not rerun"
+        assert len([e for e in run.rec.states("done") if e.state is State.QUEUED]) == 1
+
+
+    def test_gives_up_after_failed_restarts(self, qcg: Callable[..., Running],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """When no new manager can be started, each attempt is reported, then RecoveryGaveUp and LOST."""
+        run = qcg(recovery="restart", recovery_attempts=2)
+        run.call("submit", [{"name": "long", "exec": "/bin/sleep", "args": ["30"]}])
+        run.rec.wait_for(reached("long", State.ACTIVE), 15, "long active")
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise BackendUnavailable("start-manager: refused by the test")
+
+        monkeypatch.setattr("flowbus.services.qcg.open_local", refuse)
+        os.kill(run.session.service_pid or 0, signal.SIGKILL)
+        gave_up = run.rec.wait_for(first(RecoveryGaveUp), 10, "gave up")
+        assert gave_up.attempts == 2
+        tries = [e for e in run.rec.of(RecoveryAttempted) if e.action == "restart-manager"]
+        assert [(e.attempt, e.ok) for e in tries] == [(1, False), (2, False)]
+        assert run.rec.states("long")[-1].native == "LOST"
+        with pytest.raises(BackendUnavailable):
+            run.call("list")
+
+
+@pytest.mark.qcg
+@pytest.mark.timeout(60)
+class TestConnectMode:
+    def test_observes_foreign_manager_and_detects_its_death(self, qcg: Callable[..., Running]) -> None:
+        """A connect-mode session sees jobs, leaves the manager running at stop, and reports its
+        death (found by a timed-out ping) without restarting it."""
+        owner = qcg(recovery="none")
+        viewer = qcg(mode="connect", address=owner.session.address, recovery="resubmit", recovery_attempts=1)
+        assert viewer.rec.of(Connected)[0].detail == owner.session.instance_id
+        viewer.call("submit", [{"name": "v", "exec": "/bin/true"}])
+        viewer.rec.wait_for(reached("v", State.COMPLETE), 15, "v complete (viewer)")
+        owner.rec.wait_for(reached("v", State.COMPLETE), 15, "v complete (owner, via its publisher)")
+        os.kill(owner.session.service_pid or 0, signal.SIGKILL)
+        dis = viewer.rec.wait_for(first(Disconnected), 5, "viewer disconnected")
+        assert dis.will_retry is True
+        viewer.rec.wait_for(first(RecoveryGaveUp), 10, "gave up")
+        reconnects = [e for e in viewer.rec.of(RecoveryAttempted)]
+        assert [e.action for e in reconnects] == ["reconnect"] and not reconnects[0].ok
+
+    def test_stop_leaves_foreign_manager_running(self, qcg: Callable[..., Running]) -> None:
+        """stop() of a connect-mode session disconnects without finishing the manager."""
+        owner = qcg()
+        viewer = qcg(mode="connect", address=owner.session.address)
+        viewer.session.stop()
+        assert viewer.rec.events[-1] == Disconnected(source=viewer.session.name, backend="qcg", reason="stopped",
+                                                     will_retry=False)
+        assert owner.call("system_status")["System"]["InstanceId"] == owner.session.instance_id
+
+
+@pytest.mark.qcg
+@pytest.mark.timeout(60)
+class TestResyncAndAdoption:
+    def test_known_job_missing_from_manager_is_lost(self, qcg: Callable[..., Running]) -> None:
+        """A job the bus knew as running but the new manager lacks is resynced as LOST; finals stay."""
+        known: dict[str, Event] = {
+            "ghost": StateChanged(source="q0", backend="qcg", key="ghost", state=State.ACTIVE, native="EXECUTING"),
+            "old": StateChanged(source="q0", backend="qcg", key="old", state=State.COMPLETE, native="SUCCEED"),
+        }
+        run = qcg(known=known)
+        ghost = run.rec.states("ghost")
+        assert len(ghost) == 1 and ghost[0].observed is Observed.RESYNC
+        assert ghost[0].state is State.UNKNOWN and ghost[0].native == "LOST" and ghost[0].previous is State.ACTIVE
+        assert run.rec.states("old") == []
+        assert isinstance(run.rec.events[0], Connected)
+        assert run.rec.of(Resynced)[0].changed == 1
+
+    def test_adopts_manager_of_killed_incarnation(self, qcg: Callable[..., Running], tmp_path: Path) -> None:
+        """A manager left by a SIGKILLed owner is adopted by address with its running job, then
+        finished at stop with nothing left running."""
+        script = textwrap.dedent(f"""
+            import json, os, signal, sys
+            from flowbus.schemas import QcgSessionConfig
+            from flowbus.services.qcg import QcgSession
+            s = QcgSession(QcgSessionConfig(name="prev", wd={str(tmp_path / 'prev')!r}))
+            s.start(lambda ev: None, {{}})
+            s.call("submit", [{{"name": "long", "exec": "/bin/sleep", "args": ["30"]}}])
+            print(json.dumps({{"address": s.address, "pid": s.service_pid, "id": s.instance_id}}), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)
+        out, err = tmp_path / "prev.out", tmp_path / "prev.err"
+        with out.open("w") as fout, err.open("w") as ferr:  # not pipes: the orphaned manager inherits them
+            code = subprocess.run([sys.executable, "-c", script], stdout=fout, stderr=ferr, timeout=30).returncode
+        assert code == -signal.SIGKILL, err.read_text()[-2000:]
+        prev = json.loads(out.read_text().strip().splitlines()[-1])
+        service = psutil.Process(prev["pid"])
+        try:
+            hint = Connected(source="q0", backend="qcg", address=prev["address"], detail=prev["id"])
+            queued = StateChanged(source="q0", backend="qcg", key="long", state=State.QUEUED, native="QUEUED")
+            run = qcg(known={"": hint, "long": queued})
+            assert run.session.address == prev["address"] and run.session.instance_id == prev["id"]
+            assert run.session.service_pid == prev["pid"]
+            resynced = [e for e in run.rec.states("long") if e.observed is Observed.RESYNC]
+            assert resynced and resynced[-1].state in (State.SUBMITTED, State.ACTIVE)
+            sleeper = job_pids(prev["pid"], "sleep")
+            assert sleeper, "the previous incarnation's job is not running"
+            run.session.stop()
+            assert wait_pid_gone(prev["pid"], 5), "adopted manager still running after stop()"
+            assert all(wait_pid_gone(p, 3) for p in sleeper)
+            assert run.rec.states("long")[-1].state is State.CANCELLED
+        finally:
+            if not pid_gone(service.pid):
+                service.kill()
+
+
+@pytest.mark.qcg
+@pytest.mark.timeout(60)
+class TestIsolation:
+    def test_service_listens_on_loopback_only(self, qcg: Callable[..., Running]) -> None:
+        """The QCG service process binds its REP and PUB sockets on 127.0.0.1 only."""
+        run = qcg()
+        assert run.session.address.startswith("tcp://127.0.0.1:")
+        pid = run.session.service_pid
+        assert pid is not None
+        listening = [c for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert len(listening) >= 2, listening
+        assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+
+    def test_is_a_backend_session(self, qcg: Callable[..., Running]) -> None:
+        """QcgSession satisfies the BackendSession protocol and stop() is idempotent."""
+        run = qcg()
+        assert isinstance(run.session, BackendSession)
+        assert run.session.name == "q0" and run.session.backend == "qcg"
+        run.stop.set()
+        run.session.stop()
+        run.session.stop()
+        assert isinstance(run.rec.events[-1], Disconnected) and run.rec.events[-1].reason == "stopped"
+        with pytest.raises(BackendUnavailable):
+            run.call("list")
+
+
+    def test_exit_without_stop_does_not_hang(self, tmp_path: Path) -> None:
+        """A process that exits without stop() still exits, and takes its manager and jobs along."""
+        script = textwrap.dedent(f"""
+            import json, time
+            import psutil
+            from flowbus.schemas import QcgSessionConfig
+            from flowbus.services.qcg import QcgSession
+            s = QcgSession(QcgSessionConfig(name="careless", wd={str(tmp_path / 'careless')!r}))
+            s.start(lambda ev: None, {{}})
+            s.call("submit", [{{"name": "long", "exec": "/bin/sleep", "args": ["30"]}}])
+            while s.call("status", "long")["jobs"]["long"]["data"]["status"] != "EXECUTING":
+                time.sleep(0.02)
+            jobs = [p.pid for p in psutil.Process(s.service_pid).children(recursive=True)]
+            print(json.dumps({{"pid": s.service_pid, "jobs": jobs}}), flush=True)
+        """)
+        out = tmp_path / "careless.out"
+        with out.open("w") as fout:  # not a pipe: a surviving manager would hold it open
+            code = subprocess.run([sys.executable, "-c", script], stdout=fout, stderr=subprocess.STDOUT,
+                                  timeout=30).returncode
+        assert code == 0, out.read_text()[-2000:]
+        prev = next(json.loads(line) for line in out.read_text().splitlines() if line.startswith("{"))
+        assert prev["jobs"], "the job was not running"
+        assert all(wait_pid_gone(p, 5) for p in [prev["pid"], *prev["jobs"]])
+
+
+class TestJobBook:
+    def test_push_never_goes_back_but_poll_does(self) -> None:
+        """Publisher events cannot move a key backwards or out of a final state; polls can."""
+        book = JobBook("s")
+        assert book.change("j", Obs("EXECUTING"), Observed.PUSH) is not None
+        assert book.change("j", Obs("SCHEDULED"), Observed.PUSH) is None
+        assert book.change("j", Obs("SUCCEED"), Observed.PUSH) is not None
+        assert book.change("j", Obs("FAILED"), Observed.PUSH) is None
+        assert book.change("j", Obs("SUCCEED"), Observed.POLL) is None
+        ev = book.change("j", Obs("QUEUED"), Observed.POLL)
+        assert ev is not None and ev.previous is State.COMPLETE
+
+    def test_resubmission_drops_succeeded_dependencies(self) -> None:
+        """Unfinished specs are resubmitted in order; after= on succeeded jobs is dropped."""
+        book = JobBook("s")
+        book.record([{"name": "a", "exec": "x"}, {"name": "b", "exec": "x", "after": "a"},
+                     {"name": "c", "exec": "x", "after": ["a", "b"]}])
+        book.submitted(["a", "b", "c"])
+        book.change("a", Obs("SUCCEED"), Observed.PUSH)
+        plan = book.resubmission()
+        assert [s["name"] for s in plan] == ["b", "c"]
+        assert "after" not in plan[0] and plan[1]["after"] == ["b"]
+
+    def test_diff_marks_missing_unfinished_as_lost(self) -> None:
+        """A complete snapshot without an unfinished key yields LOST; iterations follow their parent."""
+        book = JobBook("s")
+        book.change("p:0", Obs("EXECUTING"), Observed.PUSH)
+        book.change("q", Obs("SUCCEED"), Observed.PUSH)
+        events = book.diff(Snapshot(parents=set(), obs={}), Observed.RESYNC, "gone")
+        assert [(e.key, e.native, e.attrs.get("parent")) for e in events] == [("p:0", "LOST", "p")]
