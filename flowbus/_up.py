@@ -62,6 +62,9 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
 
         ray_address = start_ray(config.ray)
         ray_started = True
+        # Ray's own failure-signal handler aborts the process on SIGTERM, before anything we
+        # started is stopped; ours (installed after it) stops everything first
+        signal.signal(signal.SIGTERM, on_signal)
         _step(f"Ray ready at {ray_address} ({time.monotonic() - t0:.1f} s); starting {len(config.sessions)} session(s) ...")
         client = Client(endpoints["request"])
         view = client.subscribe("", start="snapshot")

@@ -1,0 +1,130 @@
+"""The CLI as a user runs it: `flowbus up` in one process, the other commands from another."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+FLOWBUS = [sys.executable, "-m", "flowbus"]
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(FLOWBUS + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`flowbus up --demo` with its own state dir and random loopback ports; stopped by SIGTERM."""
+    cfg = tmp_path / "flowbus.toml"
+    cfg.write_text(f"""
+state-dir = "{tmp_path / 'state'}"
+[bus]
+request-port = 0
+publish-port = 0
+ingest-port = 0
+[ray]
+namespace = "flowbus-cli-test"
+[[sessions]]
+backend = "qcg"
+name = "local"
+wd = "{tmp_path / 'qcg'}"
+""")
+    env = {**os.environ, "FLOWBUS_STATE_DIR": str(tmp_path / "state")}
+    env.pop("FLOWBUS_ADDRESS", None)
+    proc = subprocess.Popen(FLOWBUS + ["up", "--config", str(cfg), "--demo", "--json", "--duration", "240"],
+                            env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "up.err", "w"), text=True)
+    runfile = tmp_path / "state" / "run.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not runfile.exists() and proc.poll() is None:
+        time.sleep(0.2)  # waiting for another process to reach a state; no event to arm here
+    assert runfile.exists(), f"flowbus up did not start: {(tmp_path / 'up.err').read_text()[-2000:]}"
+    env["UP_PID"] = str(proc.pid)
+    env["UP_ERR"] = str(tmp_path / "up.err")
+    try:
+        yield env
+    finally:
+        descendants = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(10)
+        out = proc.stdout.read() if proc.stdout else ""
+        env["UP_OUT"] = out
+        assert code == 0, f"flowbus up exited {code}: {Path(env['UP_ERR']).read_text()[-2000:]}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in descendants):
+            time.sleep(0.2)
+        left = [p for p in descendants if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"flowbus up left processes behind: {left}"
+        assert not runfile.exists(), "the run file must be removed at exit"
+
+
+class TestCliAgainstUp:
+    @pytest.mark.timeout(420)
+    def test_up_watch_status_wait_submit_call(self, up: dict[str, str]) -> None:
+        """The demo runs; status, wait, submit, call and watch work from another process."""
+        r = run(["wait", "qcg/local/state/demo-cleanup state=complete", "--timeout", "90", "--json"], up, 120)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["native"] == "SUCCEED"
+        r = run(["status", "qcg/local/state/", "--json"], up)
+        assert r.returncode == 0, r.stderr
+        states = {e["key"]: e["state"] for e in json.loads(r.stdout)}
+        assert states["demo-broken"] == "aborted" and states["demo-ensemble:2"] == "complete"
+        r = run(["submit", "qcg", "--exec", "/bin/echo", "--arg", "hi", "--name", "cli-job"], up)
+        assert r.returncode == 0 and r.stdout.strip() == "cli-job", r.stderr
+        r = run(["wait", "qcg/local/state/cli-job final=true", "--timeout", "60"], up, 90)
+        assert r.returncode == 0 and "cli-job" in r.stdout, r.stderr
+        r = run(["call", "local", "status", '[["cli-job"]]'], up)
+        assert r.returncode == 0 and "SUCCEED" in r.stdout, r.stderr
+        r = run(["watch", "qcg/local/state/cli-job", "--snapshot", "--json", "--count", "1"], up)
+        assert r.returncode == 0 and json.loads(r.stdout)["key"] == "cli-job", r.stderr
+        r = run(["wait", "qcg/local/state/cli-job state=aborted", "--timeout", "1"], up)
+        assert r.returncode == 1 and "timed out after 1 s waiting for qcg/local/state/cli-job state=aborted" in r.stderr
+        r = run(["call", "local", "no-such-op"], up)
+        assert r.returncode == 1 and r.stderr.startswith("flowbus: error: unknown operation 'no-such-op'")
+        r = run(["stats", "--json"], up)
+        assert r.returncode == 0 and json.loads(r.stdout)["stats"]["received"] > 0
+
+
+class TestCliErrors:
+    @pytest.mark.timeout(60)
+    def test_usage_errors_exit_2(self) -> None:
+        """Missing or unknown arguments are usage errors (exit 2)."""
+        assert run(["wait"], dict(os.environ)).returncode == 2
+        assert run(["frobnicate"], dict(os.environ)).returncode == 2
+
+    @pytest.mark.timeout(60)
+    def test_bad_config_is_one_line_naming_key_and_file(self, tmp_path: Path) -> None:
+        """An unknown config key fails `up` at once with one line naming the key and the file."""
+        cfg = tmp_path / "bad.toml"
+        cfg.write_text("[bus]\nhots = '127.0.0.1'\n")
+        r = run(["up", "--config", str(cfg)], dict(os.environ))
+        assert r.returncode == 1
+        assert r.stderr.strip() == f"flowbus: error: {cfg}: unknown key 'bus.hots'"
+
+    @pytest.mark.timeout(60)
+    def test_no_broker_is_a_clear_error(self) -> None:
+        """Commands against an address where nobody listens fail within their timeout, clearly."""
+        r = run(["status", "--address", "tcp://127.0.0.1:9", "--timeout-connect", "1"], dict(os.environ))
+        assert r.returncode == 1
+        assert "no reply from the broker at tcp://127.0.0.1:9" in r.stderr
+
+    @pytest.mark.timeout(60)
+    def test_keys_writes_a_keypair(self, tmp_path: Path) -> None:
+        """`flowbus keys` writes a public and a private CurveZMQ key file."""
+        r = run(["keys", "--dir", str(tmp_path), "--name", "broker"], dict(os.environ))
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "broker.key").exists() and (tmp_path / "broker.key_secret").exists()
+        assert oct((tmp_path / "broker.key_secret").stat().st_mode & 0o777) == "0o600"
