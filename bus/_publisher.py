@@ -48,7 +48,7 @@ class Publisher:
 
     def __init__(self, address: str, *, curve: ClientCurve | None = None, batch_max: int = 100,
                  max_unacked: int = 1_000_000, heartbeat_interval: float = 0.2, timeout: float = 5.0,
-                 retransmit_after: float = 1.0) -> None:
+                 retransmit_after: float = 1.0, window: int = 20_000) -> None:
         self.address = address
         self.curve = curve
         self.batch_max = max(1, batch_max)
@@ -56,6 +56,8 @@ class Publisher:
         self.heartbeat_interval = heartbeat_interval
         self.timeout = timeout
         self.retransmit_after = retransmit_after
+        #: events sent but not yet acknowledged, per source: more waits for acks (flow control)
+        self.window = max(1, window)
         self.stats: dict[str, int] = {"published": 0, "sent": 0, "resent": 0, "acked": 0, "dropped": 0}
         self.broker_id = ""
         self.last_ack = 0.0
@@ -64,6 +66,7 @@ class Publisher:
         self._acked_cv = threading.Condition(self._lock)
         self._control: deque[list[bytes]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self._woken = False  # a wake-up is pending: publish() need not write the eventfd again
         self._closed = False
         self._encoder = msgspec.msgpack.Encoder()
         self._ctx: zmq.Context[Any] = zmq.Context()
@@ -155,6 +158,9 @@ class Publisher:
     # -- I/O thread -----------------------------------------------------------------------------------
 
     def _wake(self) -> None:
+        if self._woken:
+            return
+        self._woken = True
         try:
             os.eventfd_write(self._wake_fd, 1)
         except (OSError, ValueError):
@@ -178,6 +184,7 @@ class Publisher:
             while not self._closed:
                 ready = dict(poller.poll(max(1, int(self.heartbeat_interval * 1000 / 2))))
                 if self._wake_fd in ready:
+                    self._woken = False  # cleared before draining: a publish() after this wakes us again
                     try:
                         os.eventfd_read(self._wake_fd)
                     except BlockingIOError:
@@ -205,9 +212,12 @@ class Publisher:
             for src in self._sources.values():
                 if src.epoch == 0 or src.fenced or src.sent_upto >= src.next_seq - 1:
                     continue
+                room = self.window - (src.sent_upto - src.acked)
+                if room <= 0:
+                    continue  # flow control: the next ack wakes us
                 first = src.unacked[0][0] if src.unacked else src.next_seq
                 start = max(src.sent_upto + 1, first)
-                items = list(islice(src.unacked, start - first, None))
+                items = list(islice(src.unacked, start - first, start - first + room))
                 if items:
                     work.append((src.name, src.epoch, items))
                     src.sent_upto = items[-1][0]
@@ -221,10 +231,13 @@ class Publisher:
     def _heartbeat(self, sock: zmq.Socket[Any], now: float) -> None:
         with self._lock:
             live = [s for s in self._sources.values() if s.epoch and not s.fenced]
-            beats = [[s.name, s.epoch, s.next_seq - 1] for s in live]
+            # report what was *sent*: events still queued here are not lost on the way
+            beats = [[s.name, s.epoch, s.sent_upto] for s in live]
+            silent = now - self.last_ack > self.retransmit_after
             for s in live:
-                # nothing acknowledged for a while although we sent: resend from the ack point
-                if s.acked < s.sent_upto and now - s.last_progress > self.retransmit_after:
+                # the broker acknowledged nothing at all for a while although we sent: resend
+                # from the ack point (a broker that is merely behind still acks something)
+                if s.acked < s.sent_upto and silent and now - s.last_progress > self.retransmit_after:
                     self.stats["resent"] += s.sent_upto - s.acked
                     s.sent_upto = s.acked
                     s.last_progress = now
@@ -234,12 +247,10 @@ class Publisher:
     def _read_replies(self, sock: zmq.Socket[Any]) -> None:
         while True:
             try:
-                kind = sock.recv(zmq.NOBLOCK)
+                kind, *rest = fr.recv_message(sock, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            body = sock.recv() if sock.rcvmore else b""
-            while sock.rcvmore:
-                sock.recv()
+            body = rest[0] if rest else b""
             try:
                 self._on_reply(kind, fr.unpack(body))
             except (msgspec.DecodeError, ValueError, TypeError) as exc:
