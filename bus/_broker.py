@@ -37,6 +37,8 @@ log = structlog.get_logger("flowbus.broker")
 
 BROKER_SOURCE = "broker"
 _DRAIN = 2000  # messages per socket per loop turn, so one busy socket cannot starve the others
+_DRAIN_EVENTS = 20_000  # events per ingest turn: acks go out at least this often
+_FANOUT_BATCH = 100  # events per frame to subscribers: large lists decode slower per event
 _NACK_EVERY = 0.2  # seconds between NACKs for the same source
 
 
@@ -90,10 +92,8 @@ class Broker:
         self._own = self.journal.register(BROKER_SOURCE, "flowbus", (self._own.epoch if self._own else 0) + 1,
                                           self._own.last_seq if self._own else 0)
         self.journal.flush()
-        now = time.monotonic()
-        for name in self.journal.sources:
-            if name != BROKER_SOURCE:
-                self._heard[name] = now  # grace period after a restart
+        # liveness is tracked only for sources heard by this broker: live publishers re-register
+        # within one heartbeat after a broker restart, sessions of an earlier run never will
         log.info("broker.bound", broker_id=self.broker_id, **self.endpoints,
                  journal=len(self.journal), sources=len(self.journal.sources))
         return dict(self.endpoints)
@@ -142,14 +142,14 @@ class Broker:
         sock = self.ingest
         acks: dict[bytes, dict[str, list[int]]] = {}
         out: list[tuple[str, bytes]] = []
+        budget = _DRAIN_EVENTS
         for _ in range(_DRAIN):
+            if budget <= 0:
+                break
             try:
-                ident = sock.recv(zmq.NOBLOCK)
+                ident, *frames = fr.recv_message(sock, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            frames = [sock.recv()]
-            while sock.rcvmore:
-                frames.append(sock.recv())
             if len(frames) != 2:
                 self._refuse("bad_frames", f"ingest message with {len(frames)} frames after the identity")
                 continue
@@ -159,7 +159,7 @@ class Broker:
                 continue
             try:
                 if kind == fr.DATA:
-                    self._on_data(ident, body, acks, out)
+                    budget -= self._on_data(ident, body, acks, out)
                 elif kind == fr.HEARTBEAT:
                     self._on_heartbeat(ident, body, acks)
                 elif kind == fr.REGISTER:
@@ -170,7 +170,7 @@ class Broker:
                     self._heard.pop(str(src), None)
                 else:
                     self._refuse("unknown_kind", f"ingest message kind {kind[:8]!r}")
-            except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            except (msgspec.DecodeError, ValueError, TypeError, OverflowError) as exc:  # e.g. int(inf)
                 self._refuse(classify(body), f"ingest {kind[:1]!r} frame: {exc}")
         if out:
             self._fanout(out)
@@ -233,11 +233,12 @@ class Broker:
         self.ingest.send_multipart([ident, fr.NACK, fr.pack([source, epoch, expected])])
 
     def _on_data(self, ident: bytes, body: bytes, acks: dict[bytes, dict[str, list[int]]],
-                 out: list[tuple[str, bytes]]) -> None:
+                 out: list[tuple[str, bytes]]) -> int:
+        """Journal a data frame's new events; returns how many events it carried."""
         frame = fr.unpack_data(body)
         st = self._check_epoch(ident, frame.source, frame.epoch)
         if st is None:
-            return
+            return len(frame.payloads)
         self._heard[frame.source] = time.monotonic()
         if frame.source in self._lost:
             self._lost.discard(frame.source)
@@ -246,7 +247,7 @@ class Broker:
         if frame.first_seq > expected:
             self.stats["gaps"] += 1
             self._nack(ident, frame.source, frame.epoch, expected)
-            return
+            return len(frame.payloads)
         decode = self._decoder.decode
         seq = frame.first_seq - 1
         for payload in frame.payloads:
@@ -259,8 +260,8 @@ class Broker:
                 if ev.seq != seq or ev.source != frame.source:
                     raise ValueError(f"event says source {ev.source!r} seq {ev.seq}, frame says {frame.source!r} seq {seq}")
                 topic = ev.topic()
-            except (msgspec.DecodeError, ValueError) as exc:
-                reason = classify(payload) if isinstance(exc, msgspec.DecodeError) else "invalid"
+            except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+                reason = classify(payload) if isinstance(exc, (msgspec.DecodeError, RecursionError)) else "invalid"
                 self._refuse(reason, f"event {frame.source}#{seq}: {exc}")
                 # keep the sequence gapless: the slot carries a typed error instead of the garbage
                 ev = ErrorEvent(source=frame.source, backend=st.backend, seq=seq, incarnation=frame.epoch,
@@ -271,6 +272,7 @@ class Broker:
             out.append((topic, payload))
         self.stats["received"] += len(frame.payloads)
         acks.setdefault(ident, {})[frame.source] = [frame.epoch, st.last_seq]
+        return len(frame.payloads)
 
     def _on_heartbeat(self, ident: bytes, body: bytes, acks: dict[bytes, dict[str, list[int]]]) -> None:
         out: list[tuple[str, bytes]] = []
@@ -291,6 +293,10 @@ class Broker:
     # -- fan-out -------------------------------------------------------------------------------------
 
     def _fanout(self, items: list[tuple[str, bytes]]) -> None:
+        for i in range(0, len(items), _FANOUT_BATCH):
+            self._fanout_frame(items[i:i + _FANOUT_BATCH])
+
+    def _fanout_frame(self, items: list[tuple[str, bytes]]) -> None:
         send = self.xpub.send
         if len(items) > 1:
             lcp = os.path.commonprefix([t for t, _ in items])
@@ -353,11 +359,9 @@ class Broker:
         sock = self.req
         for _ in range(_DRAIN):
             try:
-                frames = [sock.recv(zmq.NOBLOCK)]
+                frames = fr.recv_message(sock, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            while sock.rcvmore:
-                frames.append(sock.recv())
             envelope, body = frames[:-1], frames[-1]
             rid: Any = None
             try:
@@ -374,6 +378,9 @@ class Broker:
             except msgspec.DecodeError:
                 reply = {"ok": False, "code": "not_msgpack", "error": "request is not msgpack"}
                 self._refuse("not_msgpack", "request socket frame")
+            except (TypeError, ValueError, LookupError, AttributeError, OverflowError) as exc:
+                # a map with fields of the wrong type (prefixes=5, limit=inf): refuse it, keep serving
+                reply = {"ok": False, "code": "bad_request", "error": f"bad request: {exc}"}
             reply["id"] = rid
             self.stats["requests"] += 1
             sock.send_multipart([*envelope, fr.pack(reply)])

@@ -151,13 +151,10 @@ class Subscriber:
                 continue
             for _ in range(1000):  # drain what is there without blocking
                 try:
-                    topic = self._sock.recv(zmq.NOBLOCK)
+                    frames = fr.recv_message(self._sock, zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                body = self._sock.recv() if self._sock.rcvmore else b""
-                while self._sock.rcvmore:
-                    self._sock.recv()
-                self._handle(topic, body)
+                self._handle(frames[0], frames[1] if len(frames) > 1 else b"")
         return self._out.popleft()
 
     def __iter__(self) -> Iterator[Event]:
@@ -174,17 +171,15 @@ class Subscriber:
         self._on_marks(self._req.call("marks")["sources"])
 
     def _recv_pair(self) -> tuple[bytes, bytes]:
-        topic = self._sock.recv()
-        body = self._sock.recv() if self._sock.rcvmore else b""
-        while self._sock.rcvmore:
-            self._sock.recv()
-        return topic, body
+        frames = fr.recv_message(self._sock)
+        return frames[0], frames[1] if len(frames) > 1 else b""
 
     def _handle(self, topic: bytes, body: bytes) -> None:
         if topic[:1] == fr.CONTROL:
             if topic == fr.TICK:
                 try:
                     broker_id, marks = fr.unpack(body)
+                    marks = {str(s): (str(b), int(e), int(last), int(o)) for s, (b, e, last, o) in marks.items()}
                 except Exception:  # noqa: BLE001 - garbage on a control topic is counted, not fatal
                     self._malformed("invalid", "tick")
                     return
@@ -234,9 +229,19 @@ class Subscriber:
 
     def _accept(self, ev: Event, replayed: bool) -> None:
         src, seq = ev.source, ev.seq
-        self._backend.setdefault(src, ev.backend)
-        confirmed = self._confirmed.setdefault(src, 0)
-        seen = self._seen.setdefault(src, set())
+        confirmed = self._confirmed.get(src)
+        if confirmed is not None and seq == confirmed + 1 and not self._seen.get(src):
+            # the common case: the next event of a source, nothing held above it
+            self._confirmed[src] = seq
+            self._out.append(ev)
+            self.stats["replayed" if replayed else "delivered"] += 1
+            return
+        if confirmed is None:
+            self._backend.setdefault(src, ev.backend)
+            confirmed = self._confirmed[src] = 0
+        seen = self._seen.get(src)
+        if seen is None:
+            seen = self._seen[src] = set()
         if seq <= confirmed or seq in seen:
             self.stats["duplicates"] += 1
             return
@@ -268,22 +273,32 @@ class Subscriber:
         start = first
         try:
             while start <= last:
-                reply = self._req.call("replay", source=source, limit=self.replay_limit,
-                                       prefixes=list(self.prefixes), to=last, **{"from": start})
+                try:
+                    reply = self._req.call("replay", source=source, limit=self.replay_limit,
+                                           prefixes=list(self.prefixes), to=last, **{"from": start})
+                except BusRequestError as exc:
+                    if "[evicted]" not in str(exc) and "[bad_range]" not in str(exc):
+                        raise
+                    # only what the journal no longer holds is lost; replay the rest as usual
+                    held = self._oldest(source) if "[evicted]" in str(exc) else None
+                    upto = held - 1 if held is not None and start < held <= last else last
+                    self._lagged(source, start, upto, str(exc))
+                    start = upto + 1
+                    continue
                 for payload in reply["events"]:
                     ev = self._decode_one(payload)
                     if ev is not None:
                         self._accept(ev, replayed=True)
                 start = int(reply["through"]) + 1
-        except BusRequestError as exc:
-            if "[evicted]" not in str(exc) and "[bad_range]" not in str(exc):
-                raise
-            self._lagged(source, start, last, str(exc))
-            start = last + 1
         except BusBroken as exc:
             self.stats["replay_failures"] += 1
             log.warning("subscriber.replay.failed", source=source, first=start, last=last, error=str(exc))
         self._advance(source, start - 1)
+
+    def _oldest(self, source: str) -> int | None:
+        """The oldest seq of ``source`` the broker's journal still holds (None if unknown)."""
+        mark = self._req.call("marks")["sources"].get(source)
+        return int(mark[3]) if mark else None
 
     def _advance(self, source: str, through: int) -> None:
         if through <= self._confirmed.get(source, 0):

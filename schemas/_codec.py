@@ -32,7 +32,7 @@ def decode(data: bytes | memoryview, topic: str = "") -> Event:
     """Decode one event; raise :class:`SchemaError` whose ``args[1]`` is the topic."""
     try:
         return _DECODER.decode(data)  # type: ignore[no-any-return]
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise SchemaError(f"{classify(data)}: {exc}", topic) from exc
 
 
@@ -40,7 +40,7 @@ def decode_many(data: bytes | memoryview, topic: str = "") -> list[Event]:
     """Decode a msgpack array of events."""
     try:
         return _LIST_DECODER.decode(data)  # type: ignore[no-any-return]
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise SchemaError(f"{classify(data, many=True)}: {exc}", topic) from exc
 
 
@@ -50,6 +50,8 @@ def classify(data: bytes | memoryview, many: bool = False) -> str:
         raw = _RAW.decode(data)
     except msgspec.DecodeError:
         return "not_msgpack"
+    except RecursionError:  # valid msgpack nested deeper than msgspec decodes: fits no event
+        return "invalid"
     items = raw if many and isinstance(raw, list) else [raw]
     for item in items:
         if isinstance(item, dict) and isinstance(item.get("type"), str) and item["type"] not in TAGS:
