@@ -17,6 +17,7 @@ from . import _ray  # noqa: F401  (loopback fences before ray)
 import ray  # noqa: E402, I001
 from ray.exceptions import GetTimeoutError, RayActorError  # noqa: E402
 
+from flowbus.bus import ClientCurve  # noqa: E402
 from flowbus.schemas import FlowbusConfig, UnknownSession  # noqa: E402
 
 from ._backend_actor import BackendActor  # noqa: E402
@@ -45,7 +46,8 @@ class SupervisorImpl:
     def __init__(self, config_json: bytes, broker_address: str, curve: Any = None) -> None:
         self.config = msgspec.json.decode(config_json, type=FlowbusConfig)
         self.broker_address = broker_address
-        self.curve = curve
+        # the actors' client keys for a CURVE broker come from the same [bus.curve] table
+        self.curve = curve if curve is not None else ClientCurve.from_config(self.config.bus.curve)
         self.actors: dict[str, Any] = {}
         self.placement: dict[str, str] = {}
         self.restarts: dict[str, int] = {}

@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     def with_address(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--address", help="broker request endpoint (default: $FLOWBUS_ADDRESS, the running "
                         "`flowbus up`, or tcp://127.0.0.1:7750)")
+        sp.add_argument("--config", help="TOML config whose [bus.curve] keys to use (default: the running "
+                        "`flowbus up`'s)")
         sp.add_argument("--timeout-connect", type=float, default=5.0, metavar="S", help=argparse.SUPPRESS)
         return sp
 
@@ -103,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from flowbus.bus import Client
 
-    return Client(resolve_address(args.address), timeout=args.timeout_connect)
+    path = args.config
+    if path is None and not args.address:
+        run = read_runfile()
+        path = run.get("config") if run else None
+    curve = load_config(path).bus.curve if path else None
+    return Client(resolve_address(args.address), curve=curve, timeout=args.timeout_connect)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -238,7 +245,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     config: FlowbusConfig = load_config(args.config)
     configure(config.log.level, config.log.json)
-    return run_up(config, fresh=args.fresh, demo=args.demo, duration=args.duration, as_json=args.json)
+    return run_up(config, fresh=args.fresh, demo=args.demo, duration=args.duration, as_json=args.json,
+                  config_path=str(Path(args.config).resolve()) if args.config else None)
 
 
 _COMMANDS = {

@@ -36,7 +36,7 @@ def _step(msg: str) -> None:
 
 
 def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, duration: float | None = None,
-           as_json: bool = False) -> int:
+           as_json: bool = False, config_path: str | None = None) -> int:
     from flowbus.bus import BrokerProcess, Client
 
     state = config.state_path()
@@ -66,7 +66,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         # started is stopped; ours (installed after it) stops everything first
         signal.signal(signal.SIGTERM, on_signal)
         _step(f"Ray ready at {ray_address} ({time.monotonic() - t0:.1f} s); starting {len(config.sessions)} session(s) ...")
-        client = Client(endpoints["request"])
+        client = Client(endpoints["request"], curve=config.bus.curve)
         view = client.subscribe("", start="snapshot")
         import ray
 
@@ -77,7 +77,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
 
         runfile.write_text(json.dumps({**endpoints, "ray_address": ray_address, "namespace": config.ray.namespace,
                                        "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},
-                                       "pid": os.getpid()}, indent=2))
+                                       "config": config_path, "pid": os.getpid()}, indent=2))
         _step(f"ready in {time.monotonic() - t0:.1f} s: sessions {', '.join(sorted(placement)) or '(none)'}; "
               f"address {endpoints['request']}. Try `flowbus watch`, `flowbus status`, "
               f"`flowbus submit qcg --exec /bin/date`. Ctrl-C stops everything.")
