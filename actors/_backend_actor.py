@@ -103,7 +103,7 @@ class BackendActorImpl:
         return await self.ping()
 
     async def _open(self, raw: dict[str, Any]) -> None:
-        spec: SessionConfig = msgspec.convert(raw, SessionConfig)  # type: ignore[arg-type]
+        spec: SessionConfig = msgspec.convert(raw, SessionConfig)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._pool, self._open_sync, spec)
 
@@ -114,7 +114,7 @@ class BackendActorImpl:
         known, previous_address = self._known(spec.name, session.backend)
         hosted = _Hosted(spec, session, self._publisher)
         log.info("session.opening", session_id=spec.name, epoch=epoch, next_seq=next_seq, known=len(known))
-        session.start(hosted.emit, known, previous_address=previous_address)  # type: ignore[call-arg]
+        session.start(hosted.emit, known, previous_address=previous_address)
         self._publisher.flush()
         hosted.thread = threading.Thread(target=hosted.run_polls, name=f"poll-{spec.name}", daemon=True)
         hosted.thread.start()
@@ -163,7 +163,7 @@ class BackendActorImpl:
         hosted = self._hosted.get(session)
         if hosted is None:
             raise UnknownSession(session)
-        return hosted.session.operations()
+        return list(hosted.session.operations())
 
     async def ping(self) -> dict[str, Any]:
         pub = self._publisher
@@ -215,4 +215,5 @@ class BackendActorImpl:
         self._hosted.clear()
 
 
-BackendActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1000)(BackendActorImpl)
+BackendActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1000)(  # type: ignore[call-overload]  # Ray's stubs lack actor options
+    BackendActorImpl)

@@ -13,7 +13,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+import logging  # noqa: E402
 import tempfile  # noqa: E402
+from typing import Any  # noqa: E402
 
 import ray  # noqa: E402
 
@@ -32,7 +34,7 @@ def start_ray(cfg: RayConfig) -> str:
     Returns the GCS address other drivers (the CLI) can join."""
     if ray.is_initialized():
         return str(ray.get_runtime_context().gcs_address)
-    common = {"namespace": cfg.namespace, "logging_level": "ERROR", "log_to_driver": False,
+    common: dict[str, Any] = {"namespace": cfg.namespace, "logging_level": logging.ERROR, "log_to_driver": False,
               "include_dashboard": False}
     try:
         if cfg.address == "local":
@@ -49,7 +51,7 @@ def start_ray(cfg: RayConfig) -> str:
 def join_ray(address: str, namespace: str) -> None:
     """Join a running cluster as a driver (the CLI joining ``flowbus up``)."""
     if not ray.is_initialized():
-        ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, namespace=namespace, logging_level=logging.ERROR, log_to_driver=False)
 
 
 def stop_ray() -> None:

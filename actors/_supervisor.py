@@ -124,7 +124,7 @@ class SupervisorImpl:
         self.actors.clear()
 
 
-Supervisor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)(SupervisorImpl)
+Supervisor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)(SupervisorImpl)  # type: ignore[call-overload]  # Ray stubs lack actor options
 
 
 def actor_pid(handle: Any, timeout: float = 10.0) -> int:

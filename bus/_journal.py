@@ -151,7 +151,7 @@ class Journal:
             _, name, epoch, seq, topic, stateful, payload = rec
             log_ = self.sources.get(str(name)) or self.sources.setdefault(str(name), SourceLog(str(name)))
             seq_i = int(seq)  # type: ignore[call-overload]
-            topic_s, data = str(topic), bytes(payload)  # type: ignore[arg-type]
+            topic_s, data = str(topic), bytes(payload)  # type: ignore[call-overload]
             if seq_i <= log_.last_seq:
                 # older than the ring (a snapshot entry kept by compaction) or a duplicate
                 held = self.snapshot.get(topic_s)

@@ -67,7 +67,7 @@ class Subscriber:
         self._full: dict[str, bool] = {}
         self._logged: set[str] = set()
         self._closed = False
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         info = broker_info(self._ctx, address, curve, timeout)
         self.heartbeat_interval = float(info.get("heartbeat_interval", 0.2))
         self._req = Requester(self._ctx, address, curve, timeout)

@@ -24,7 +24,7 @@ class _Conf(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     pass
 
 
-class CurveConfig(_Conf):
+class CurveConfig(_Conf, frozen=True):
     """CurveZMQ keys. Any key file set turns encryption on; a non-loopback bind requires it."""
 
     #: the broker's secret key file (``flowbus keys`` writes one); clients need the public half
@@ -41,7 +41,7 @@ class CurveConfig(_Conf):
         return bool(self.server_secret_key_file or self.server_public_key_file)
 
 
-class BusConfig(_Conf):
+class BusConfig(_Conf, frozen=True):
     """Where the broker listens and how much it keeps."""
 
     host: str = "127.0.0.1"
@@ -67,7 +67,7 @@ class BusConfig(_Conf):
         return f"tcp://{self.host}:{self.request_port}"
 
 
-class RayConfig(_Conf):
+class RayConfig(_Conf, frozen=True):
     """Where sessions run. ``local`` starts a private loopback-only Ray."""
 
     address: str = "local"
@@ -80,7 +80,7 @@ class RayConfig(_Conf):
     max_restarts: int = -1
 
 
-class QcgSessionConfig(_Conf, tag="qcg", tag_field="backend"):
+class QcgSessionConfig(_Conf, frozen=True, tag="qcg", tag_field="backend"):
     """A QCG-PilotJob session: a LocalManager we start, or an existing manager by address."""
 
     name: str
@@ -107,12 +107,12 @@ class QcgSessionConfig(_Conf, tag="qcg", tag_field="backend"):
 SessionConfig = Union[QcgSessionConfig]
 
 
-class LogConfig(_Conf):
+class LogConfig(_Conf, frozen=True):
     level: str = "info"
     json: bool = False
 
 
-class FlowbusConfig(_Conf):
+class FlowbusConfig(_Conf, frozen=True):
     """The whole configuration file."""
 
     bus: BusConfig = BusConfig()

@@ -56,7 +56,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid_
 # -- state ---------------------------------------------------------------------------------------
 
 
-class StateChanged(Event, tag="state", kw_only=True):
+class StateChanged(Event, tag="state", frozen=True, kw_only=True):
     """A resource (job, task, node, workflow, iteration) moved to a new state."""
 
     state: State
@@ -71,7 +71,7 @@ class StateChanged(Event, tag="state", kw_only=True):
     STATEFUL: ClassVar[bool] = True
 
 
-class AttributeChanged(Event, tag="attr", kw_only=True):
+class AttributeChanged(Event, tag="attr", frozen=True, kw_only=True):
     """An attribute of a resource changed: ecFlow event/meter/label, DiFX progress, QCG iteration."""
 
     kind: str
@@ -86,7 +86,7 @@ class AttributeChanged(Event, tag="attr", kw_only=True):
         return f"{self.key}/{self.kind}/{self.name}"
 
 
-class LogLine(Event, tag="log", kw_only=True):
+class LogLine(Event, tag="log", frozen=True, kw_only=True):
     """A line of text from a backend: DiFX message/warning/error/alert, job or server stderr."""
 
     level: str = "info"
@@ -99,7 +99,7 @@ class LogLine(Event, tag="log", kw_only=True):
 # -- session -------------------------------------------------------------------------------------
 
 
-class Connected(Event, tag="connected", kw_only=True):
+class Connected(Event, tag="connected", frozen=True, kw_only=True):
     """The session reached its backend (first time or after a reconnect)."""
 
     address: str = ""
@@ -109,7 +109,7 @@ class Connected(Event, tag="connected", kw_only=True):
     STATEFUL: ClassVar[bool] = True
 
 
-class Disconnected(Event, tag="disconnected", kw_only=True):
+class Disconnected(Event, tag="disconnected", frozen=True, kw_only=True):
     """The session lost its backend; ``reason`` says why."""
 
     reason: str = ""
@@ -119,7 +119,7 @@ class Disconnected(Event, tag="disconnected", kw_only=True):
     STATEFUL: ClassVar[bool] = True
 
 
-class Resynced(Event, tag="resynced", kw_only=True):
+class Resynced(Event, tag="resynced", frozen=True, kw_only=True):
     """A full comparison with the backend finished; ``changed`` differences were published."""
 
     changed: int = 0
@@ -128,7 +128,7 @@ class Resynced(Event, tag="resynced", kw_only=True):
     FAMILY: ClassVar[str] = "resync"
 
 
-class Heartbeat(Event, tag="heartbeat", kw_only=True):
+class Heartbeat(Event, tag="heartbeat", frozen=True, kw_only=True):
     """The session is alive."""
 
     FAMILY: ClassVar[str] = "heartbeat"
@@ -137,7 +137,7 @@ class Heartbeat(Event, tag="heartbeat", kw_only=True):
 # -- recovery and orchestration -----------------------------------------------------------------
 
 
-class RecoveryAttempted(Event, tag="recovery.attempted", kw_only=True):
+class RecoveryAttempted(Event, tag="recovery.attempted", frozen=True, kw_only=True):
     """A recovery action was started for ``key`` (a resource or the whole session)."""
 
     action: str
@@ -149,7 +149,7 @@ class RecoveryAttempted(Event, tag="recovery.attempted", kw_only=True):
     FAMILY: ClassVar[str] = "recovery"
 
 
-class RecoveryGaveUp(Event, tag="recovery.gave_up", kw_only=True):
+class RecoveryGaveUp(Event, tag="recovery.gave_up", frozen=True, kw_only=True):
     """Recovery of ``key`` stopped after ``attempts`` attempts."""
 
     attempts: int = 0
@@ -158,7 +158,7 @@ class RecoveryGaveUp(Event, tag="recovery.gave_up", kw_only=True):
     FAMILY: ClassVar[str] = "recovery"
 
 
-class RuleFired(Event, tag="rule.fired", kw_only=True):
+class RuleFired(Event, tag="rule.fired", frozen=True, kw_only=True):
     """An orchestration rule fired."""
 
     rule: str
@@ -168,7 +168,7 @@ class RuleFired(Event, tag="rule.fired", kw_only=True):
     FAMILY: ClassVar[str] = "rule"
 
 
-class WaitSatisfied(Event, tag="wait.satisfied", kw_only=True):
+class WaitSatisfied(Event, tag="wait.satisfied", frozen=True, kw_only=True):
     """A published wait was satisfied."""
 
     match: str
@@ -177,7 +177,7 @@ class WaitSatisfied(Event, tag="wait.satisfied", kw_only=True):
     FAMILY: ClassVar[str] = "wait"
 
 
-class ErrorEvent(Event, tag="error", kw_only=True):
+class ErrorEvent(Event, tag="error", frozen=True, kw_only=True):
     """A failure made visible on the bus: exception type path, message and string args."""
 
     error_type: str
@@ -191,7 +191,7 @@ class ErrorEvent(Event, tag="error", kw_only=True):
 # -- the bus itself ------------------------------------------------------------------------------
 
 
-class PublisherLost(Event, tag="bus.publisher_lost", kw_only=True):
+class PublisherLost(Event, tag="bus.publisher_lost", frozen=True, kw_only=True):
     """The broker heard nothing from source ``key`` for ``silent_s`` seconds."""
 
     silent_s: float = 0.0
@@ -203,7 +203,7 @@ class PublisherLost(Event, tag="bus.publisher_lost", kw_only=True):
         return f"liveness/{self.key}"
 
 
-class PublisherBack(Event, tag="bus.publisher_back", kw_only=True):
+class PublisherBack(Event, tag="bus.publisher_back", frozen=True, kw_only=True):
     """Source ``key`` is heard from again after a ``PublisherLost``."""
 
     FAMILY: ClassVar[str] = "bus"
@@ -213,7 +213,7 @@ class PublisherBack(Event, tag="bus.publisher_back", kw_only=True):
         return f"liveness/{self.key}"
 
 
-class SubscriberLagged(Event, tag="bus.lagged", kw_only=True):
+class SubscriberLagged(Event, tag="bus.lagged", frozen=True, kw_only=True):
     """Made locally by a subscriber: events it could not recover (evicted from the journal)."""
 
     lost: int = 0

@@ -42,10 +42,12 @@ class BackendSession(Protocol):
     name: str
     backend: str
 
-    def start(self, emit: Emit, known: Mapping[str, StateChanged]) -> None:
+    def start(self, emit: Emit, known: Mapping[str, Event], *, previous_address: str | None = None) -> None:
         """Connect (or start) the backend, publish ``Connected``, then compare the backend's
         state with ``known`` (the last states the bus journal holds for this source) and emit
-        every difference with ``observed=resync``."""
+        every difference with ``observed=resync``. ``previous_address`` is where the last
+        incarnation's backend was (from its ``Connected`` event): a session that started its
+        own server tries to adopt it first, so work that outlived a crash is not lost."""
         ...
 
     def poll(self) -> float:
@@ -108,7 +110,7 @@ class Backoff:
         self.not_before = 0.0
 
     def next(self) -> float:
-        delay = min(self.cap, self.first * (2**self.attempt))
+        delay = min(self.cap, self.first * 2.0**self.attempt)
         self.attempt += 1
         self.not_before = time.monotonic() + delay
         return delay

@@ -19,7 +19,6 @@ import structlog
 import zmq
 from qcg.pilotjob.api import errors as qcg_errors
 from qcg.pilotjob.api.manager import Manager
-from qcg.pilotjob.config import Config
 from qcg.pilotjob.publisher import StatusPublisher
 
 from flowbus.schemas import BackendError, BackendProtocolError, BackendRejected, BackendTimeout, BackendUnavailable
