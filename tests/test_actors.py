@@ -138,3 +138,41 @@ class TestBackendActor:
                 break
             time.sleep(0.2)
         assert not left and not sleepers, f"left behind: {left} {sleepers}"
+
+    @pytest.mark.timeout(240)
+    def test_a_hung_backend_does_not_stall_the_other_sessions(self, ray_local: str, broker_factory: Any,
+                                                             tmp_path: Path) -> None:
+        """Two sessions in one actor: while one manager is frozen (SIGSTOP), the other session's
+        commands and events go on without waiting for it."""
+        import msgspec
+
+        broker = broker_factory()
+        cfg = FlowbusConfig(ray=RayConfig(namespace="flowbus-test"), sessions=[
+            QcgSessionConfig(name="frozen", wd=str(tmp_path / "a"), actor="shared", recovery="none", request_timeout=5.0),
+            QcgSessionConfig(name="lively", wd=str(tmp_path / "b"), actor="shared")])
+        sup = Supervisor.remote(msgspec.json.encode(cfg), broker.address)
+        stopped: int | None = None
+        try:
+            placement = ray.get(sup.start.remote(), timeout=120)
+            assert placement == {"frozen": "shared", "lively": "shared"}
+            actor = ray.get_actor(ACTOR_PREFIX + "shared")
+            client = Client(broker.address)
+            services = [p for p in _qcg_processes() if str(tmp_path / "a") in " ".join(p.cmdline())
+                        and "_qcg_service" in " ".join(p.cmdline())]
+            assert len(services) == 1, services
+            stopped = services[0].pid
+            os.kill(stopped, signal.SIGSTOP)
+            hung = actor.call.remote("frozen", "list")  # blocks in the frozen session for its timeout
+            t0 = time.monotonic()
+            with client.expect("qcg/lively/state/quick state=complete", timeout=30):
+                ray.get(actor.call.remote("lively", "submit", [{"name": "quick", "exec": "/bin/true"}]), timeout=30)
+            assert time.monotonic() - t0 < 4.0, "the lively session waited for the frozen one"
+            with pytest.raises(ray.exceptions.RayTaskError):
+                ray.get(hung, timeout=60)
+            client.close()
+        finally:
+            if stopped is not None:
+                os.kill(stopped, signal.SIGCONT)
+            ray.get(sup.stop.remote(), timeout=90)
+            ray.kill(sup)
+
