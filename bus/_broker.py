@@ -390,7 +390,8 @@ class Broker:
         if op == "info":
             return {"broker_id": self.broker_id, "schema_version": SCHEMA_VERSION, **self.endpoints,
                     "curve_server_key": self._auth.public_key.decode() if self._auth is not None else None,
-                    "journal_events": len(self.journal), "heartbeat_interval": self.config.heartbeat_interval}
+                    "journal_events": len(self.journal), "heartbeat_interval": self.config.heartbeat_interval,
+                    "max_frame_bytes": self.config.max_frame_bytes, "fanout_batch": _FANOUT_BATCH}
         if op == "marks":
             return {"sources": self._marks(), "broker_id": self.broker_id}
         if op == "stats":

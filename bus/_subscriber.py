@@ -70,6 +70,8 @@ class Subscriber:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         info = broker_info(self._ctx, address, curve, timeout)
         self.heartbeat_interval = float(info.get("heartbeat_interval", 0.2))
+        #: a frame from the broker holds at most ``fanout_batch`` events of at most the broker's limit
+        self.max_frame_bytes = int(info.get("max_frame_bytes", 4 << 20)) * int(info.get("fanout_batch", 100))
         self._req = Requester(self._ctx, address, curve, timeout)
         sock = self._sock = self._ctx.socket(zmq.SUB)
         sock.linger = 0
@@ -192,6 +194,9 @@ class Subscriber:
                 self._on_marks(marks)
             return
         self.stats["received"] += 1
+        if len(body) > self.max_frame_bytes:
+            self._malformed("too_large", f"frame of {len(body)} bytes on {topic[:80]!r}")
+            return
         try:
             events = decode_many(body, topic.decode("utf-8", "replace")) if fr.is_batch(body) else [
                 decode(body, topic.decode("utf-8", "replace"))]
