@@ -422,7 +422,15 @@ class Broker:
             raise _Refused("evicted", f"source {source!r} keeps seq {st.oldest}..{st.last_seq}; {first}..{st.oldest - 1} were evicted")
         through = min(last, first + limit - 1)
         prefixes = tuple(str(p) for p in req.get("prefixes") or ("",))
-        events = [p for _seq, topic, p in self.journal.replay(st, first, through) if topic.startswith(prefixes)]
+        if req.get("seqs_only"):
+            events: list[bytes] = []
+        else:
+            events = [p for _seq, topic, p in self.journal.replay(st, first, through) if topic.startswith(prefixes)]
+        if req.get("seqs_only"):
+            # a probe: which seqs in the range match (a subscriber that has some of them live
+            # then fetches only the ones it misses)
+            seqs = [q for q, topic, _p in self.journal.replay(st, first, through) if topic.startswith(prefixes)]
+            return {"seqs": seqs, "through": through, "last": st.last_seq, "oldest": st.oldest}
         self.stats["replayed"] += len(events)
         return {"events": events, "through": through, "last": st.last_seq, "oldest": st.oldest}
 

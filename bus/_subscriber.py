@@ -279,8 +279,7 @@ class Subscriber:
         try:
             while start <= last:
                 try:
-                    reply = self._req.call("replay", source=source, limit=self.replay_limit,
-                                           prefixes=list(self.prefixes), to=last, **{"from": start})
+                    reply = self._replay_missing(source, start, last)
                 except BusRequestError as exc:
                     if "[evicted]" not in str(exc) and "[bad_range]" not in str(exc):
                         raise
@@ -299,6 +298,23 @@ class Subscriber:
             self.stats["replay_failures"] += 1
             log.warning("subscriber.replay.failed", source=source, first=start, last=last, error=str(exc))
         self._advance(source, start - 1)
+
+    def _replay_missing(self, source: str, start: int, last: int) -> dict[str, Any]:
+        """One replay step. Where the subscription covers the source only in part and events of
+        the range already came live, first ask which seqs match, then fetch only the missing."""
+        seen = self._seen.get(source)
+        args: dict[str, Any] = {"source": source, "limit": self.replay_limit, "prefixes": list(self.prefixes),
+                                "to": last, "from": start}
+        if not seen or self._covers_whole(source, self._backend.get(source, "")):
+            return self._req.call("replay", **args)
+        probe = self._req.call("replay", seqs_only=True, **args)
+        through = int(probe["through"])
+        missing = [q for q in probe["seqs"] if q not in seen]
+        if not missing:
+            return {"events": [], "through": through}
+        reply = self._req.call("replay", **{**args, "from": missing[0], "to": missing[-1]})
+        fetched = int(reply["through"])  # the limit may have cut the fetch short: go on from there
+        return {"events": reply["events"], "through": through if fetched >= missing[-1] else fetched}
 
     def _oldest(self, source: str) -> int | None:
         """The oldest seq of ``source`` the broker's journal still holds (None if unknown)."""
