@@ -189,6 +189,11 @@ def fb_pub(conn: Connection, address: str, n: int, batch_max: int, rate: float) 
             for i in range(n):
                 _pace(i, t0, period)
                 publish(make(i, 0, tns()))
+        elif batch_max > 1:  # batched: build a list and hand it over at once, as raw batched does
+            many = pub.publish_many
+            for i0 in range(0, n, batch_max):
+                t = tns()
+                many([make(i, 0, t) for i in range(i0, min(n, i0 + batch_max))])
         else:
             for i in range(n):
                 publish(make(i, 0, tns()))
@@ -210,28 +215,28 @@ def fb_sub(conn: Connection, address: str, n: int, latency: bool) -> None:
         conn.send(("ready",))
         tally = _Tally(n, latency)
         seen, lat = tally.seen, tally.lat
-        recv = sub.recv
+        recv_many = sub.recv_many
         tns = time.time_ns
         c0 = cpu_s()
-        t_last = time.monotonic()
-        ev = recv(START_TIMEOUT)
+        evs = recv_many(START_TIMEOUT)
         distinct = dups = foreign = 0
-        while ev is not None:
-            if ev.source == SRC:
-                s = ev.seq
-                if lat is not None:
-                    lat.append(tns() - ev.time)
-                if seen[s]:
-                    dups += 1
+        while evs:
+            for ev in evs:
+                if ev.source == SRC:
+                    s = ev.seq
+                    if lat is not None:
+                        lat.append(tns() - ev.time)
+                    if seen[s]:
+                        dups += 1
+                    else:
+                        seen[s] = 1
+                        distinct += 1
                 else:
-                    seen[s] = 1
-                    distinct += 1
-                    if distinct >= n:
-                        break
-            else:
-                foreign += 1
-            ev = recv(IDLE_TIMEOUT)
-        t_last = time.monotonic() if ev is not None else time.monotonic() - IDLE_TIMEOUT
+                    foreign += 1
+            if distinct >= n:
+                break
+            evs = recv_many(IDLE_TIMEOUT)
+        t_last = time.monotonic() if evs else time.monotonic() - IDLE_TIMEOUT
         tally.distinct, tally.dups, tally.foreign = distinct, dups, foreign
         st = sub.statistics()
         extra = {"stats": {k: st.get(k, 0) for k in ("received", "delivered", "replayed", "duplicates", "gaps",
