@@ -68,6 +68,31 @@ class TestPublishSubscribe:
         stats = sub.statistics()
         assert stats.get("duplicates", 0) == 0 and stats.get("replayed", 0) == 0, stats
 
+    def test_publish_many_and_recv_many(self, bus: BusFactory) -> None:
+        """publish_many stamps consecutive seqs; recv_many hands out every ready event, in order,
+        and an empty list on timeout."""
+        broker = bus.broker()
+        sub = bus.subscriber(broker.address, "qcg/s1/")
+        pub = bus.source(broker.address, "s1", batch_max=100)
+        assert pub.publish_many([state("s1", f"j{i}") for i in range(250)]) == list(range(1, 251))
+        pub.flush(5)
+        got: list[Event] = []
+        while len(got) < 250:
+            batch = sub.recv_many(5)
+            assert batch, f"stalled after {len(got)} events"
+            got.extend(batch)
+        assert [e.seq for e in got] == list(range(1, 251))
+        assert sub.recv_many(0.2) == []
+        assert sub.statistics().get("duplicates", 0) == 0
+
+    def test_source_names_without_slash(self, bus: BusFactory) -> None:
+        """A source name with '/' would make topics ambiguous: the publisher refuses it."""
+        broker = bus.broker()
+        pub = bus.publisher(broker.address)
+        for bad in ("a/b", "", "\x00x"):
+            with pytest.raises(ValueError, match="source name"):
+                pub.open_source(bad, "qcg")
+
     def test_prefix_filtering(self, bus: BusFactory) -> None:
         """Subscribers get exactly the events whose topic starts with one of their prefixes."""
         broker = bus.broker()
