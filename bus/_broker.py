@@ -87,7 +87,7 @@ class Broker:
                 sock.bind(f"tcp://{host}:{port or '*'}")
             except zmq.ZMQError as exc:
                 self.close()
-                raise OSError(f"broker: cannot bind {name} socket on {host}:{port}: {exc}") from exc
+                raise OSError(f"cannot bind the {name} socket on {host}:{port}: {exc.strerror or exc} (another broker or `flowbus up` running?)") from exc
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._own = self.journal.source(BROKER_SOURCE)
         self._own = self.journal.register(BROKER_SOURCE, "flowbus", (self._own.epoch if self._own else 0) + 1,

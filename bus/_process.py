@@ -24,7 +24,11 @@ READY = "FLOWBUS-BROKER-READY "
 def serve(config: BusConfig, journal_dir: str | None = None) -> None:
     """Bind, print one readiness line with the endpoints, then serve until SIGTERM/SIGINT."""
     broker = Broker(config, journal_dir)
-    endpoints = broker.bind()
+    try:
+        endpoints = broker.bind()
+    except OSError as exc:
+        print(f"flowbus broker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     print(READY + json.dumps({**endpoints, "pid": os.getpid(), "broker_id": broker.broker_id}), flush=True)
@@ -68,8 +72,20 @@ class BrokerProcess:
                 break
         code = self.proc.poll()
         self.kill()
-        where = f" (see {self.log_path})" if self.log_path else ""
-        raise BusBroken(f"broker did not start within {timeout:g} s (exit code {code}){where}")
+        why = self._last_log_line()
+        where = f" (log: {self.log_path})" if self.log_path else ""
+        if code is not None:
+            raise BusBroken(f"broker exited with code {code} before it was ready: {why or 'no message'}{where}")
+        raise BusBroken(f"broker not ready within {timeout:g} s{where}")
+
+    def _last_log_line(self) -> str:
+        if not self.log_path:
+            return ""
+        try:
+            lines = [ln.strip() for ln in Path(self.log_path).read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:300] if lines else ""
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -18,7 +18,7 @@ import msgspec
 import structlog
 
 from flowbus._render import print_event
-from flowbus._runfile import runfile_path
+from flowbus._runfile import read_runfile, runfile_path
 from flowbus.schemas import FlowbusConfig, FlowbusError
 
 log = structlog.get_logger("flowbus.up")
@@ -41,6 +41,10 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
 
     state = config.state_path()
     runfile = runfile_path(state)
+    running = read_runfile(state)
+    if running:
+        raise FlowbusError(f"flowbus up is already running here (pid {running.get('pid')}, address "
+                           f"{running.get('request')}); stop it first, or use another state-dir")
     journal_dir = config.bus.journal_dir or str(state / "journal")
     if fresh:
         shutil.rmtree(journal_dir, ignore_errors=True)

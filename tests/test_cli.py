@@ -115,6 +115,21 @@ class TestCliErrors:
         assert r.stderr.strip() == f"flowbus: error: {cfg}: unknown key 'bus.hots'"
 
     @pytest.mark.timeout(60)
+    def test_port_in_use_is_a_clear_error(self, tmp_path: Path) -> None:
+        """`up` on a port something else holds fails at once, naming the socket and the port."""
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            cfg = tmp_path / "f.toml"
+            cfg.write_text(f'state-dir = "{tmp_path}"\n[bus]\nrequest-port = {port}\npublish-port = 0\ningest-port = 0\n')
+            r = run(["up", "--config", str(cfg)], dict(os.environ))
+        assert r.returncode == 1
+        assert f"cannot bind the request socket on 127.0.0.1:{port}" in r.stderr.strip().splitlines()[-1]
+
+    @pytest.mark.timeout(60)
     def test_no_broker_is_a_clear_error(self) -> None:
         """Commands against an address where nobody listens fail within their timeout, clearly."""
         r = run(["status", "--address", "tcp://127.0.0.1:9", "--timeout-connect", "1"], dict(os.environ))
