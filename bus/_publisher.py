@@ -101,18 +101,7 @@ class Publisher:
     def publish(self, event: Event) -> int:
         """Stamp ``seq``/``incarnation``/``time`` and queue the event; returns its seq."""
         with self._lock:
-            src = self._sources.get(event.source)
-            if src is None or src.epoch == 0:
-                raise BusClosed(f"source {event.source!r} is not open on this publisher")
-            if src.fenced:
-                raise Fenced(f"source {event.source!r} was fenced by a newer incarnation")
-            seq = src.next_seq
-            src.next_seq += 1
-            ev = msgspec.structs.replace(event, seq=seq, incarnation=src.epoch, time=event.time or time.time_ns())
-            src.unacked.append((seq, self._encoder.encode(ev)))
-            if len(src.unacked) > self.max_unacked:
-                src.unacked.popleft()  # the broker will report this gap; we say so too
-                self.stats["dropped"] += 1
+            seq = self._queue_locked(event, time.time_ns())
             self.stats["published"] += 1
         self._wake()
         return seq
@@ -120,25 +109,26 @@ class Publisher:
     def publish_many(self, events: list[Event]) -> list[int]:
         """:meth:`publish` for a list, under one lock and one wake-up; returns the seqs."""
         now = time.time_ns()
-        seqs: list[int] = []
         with self._lock:
-            for event in events:
-                src = self._sources.get(event.source)
-                if src is None or src.epoch == 0:
-                    raise BusClosed(f"source {event.source!r} is not open on this publisher")
-                if src.fenced:
-                    raise Fenced(f"source {event.source!r} was fenced by a newer incarnation")
-                seq = src.next_seq
-                src.next_seq += 1
-                ev = msgspec.structs.replace(event, seq=seq, incarnation=src.epoch, time=event.time or now)
-                src.unacked.append((seq, self._encoder.encode(ev)))
-                if len(src.unacked) > self.max_unacked:
-                    src.unacked.popleft()
-                    self.stats["dropped"] += 1
-                seqs.append(seq)
+            seqs = [self._queue_locked(event, now) for event in events]
             self.stats["published"] += len(seqs)
         self._wake()
         return seqs
+
+    def _queue_locked(self, event: Event, now: int) -> int:
+        src = self._sources.get(event.source)
+        if src is None or src.epoch == 0:
+            raise BusClosed(f"source {event.source!r} is not open on this publisher")
+        if src.fenced:
+            raise Fenced(f"source {event.source!r} was fenced by a newer incarnation")
+        seq = src.next_seq
+        src.next_seq += 1
+        ev = msgspec.structs.replace(event, seq=seq, incarnation=src.epoch, time=event.time or now)
+        src.unacked.append((seq, self._encoder.encode(ev)))
+        if len(src.unacked) > self.max_unacked:
+            src.unacked.popleft()  # the broker will report this gap; we say so too
+            self.stats["dropped"] += 1
+        return seq
 
     def flush(self, timeout: float | None = None, source: str | None = None) -> None:
         """Block until the broker has journaled everything published so far (read-your-writes)."""
