@@ -81,6 +81,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
 
         runfile.write_text(json.dumps({**endpoints, "ray_address": ray_address, "namespace": config.ray.namespace,
                                        "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},
+                                       "broker_pid": broker.proc.pid if broker.proc else None,
                                        "config": config_path, "pid": os.getpid()}, indent=2))
         _step(f"ready in {time.monotonic() - t0:.1f} s: sessions {', '.join(sorted(placement)) or '(none)'}; "
               f"address {endpoints['request']}. Try `flowbus watch`, `flowbus status`, "
@@ -89,6 +90,15 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
             _run_demo(supervisor, placement)
         end = time.monotonic() + duration if duration else None
         while not stopping["flag"] and (end is None or time.monotonic() < end):
+            if not broker.alive():
+                # same ports, journal from disk: publishers re-register and resend, subscribers
+                # reconnect and replay what they missed
+                _step(f"the broker died (exit code {broker.proc.poll() if broker.proc else '?'}); starting it again ...")
+                broker.start()
+                run = json.loads(runfile.read_text())
+                run["broker_pid"] = broker.proc.pid if broker.proc else None
+                runfile.write_text(json.dumps(run, indent=2))
+                _step("broker back")
             ev = view.recv(0.5)
             if ev is not None:
                 print_event(ev, as_json)

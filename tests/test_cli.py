@@ -97,6 +97,26 @@ class TestCliAgainstUp:
         r = run(["stats", "--json"], up)
         assert r.returncode == 0 and json.loads(r.stdout)["stats"]["received"] > 0
 
+    @pytest.mark.timeout(420)
+    def test_up_restarts_a_dead_broker(self, up: dict[str, str]) -> None:
+        """SIGKILL of the broker under `up`: it is started again, the journal is kept, and
+        commands and waits work afterwards."""
+        runfile = Path(up["FLOWBUS_STATE_DIR"]) / "run.json"
+        r = run(["wait", "qcg/local/state/demo-cleanup state=complete", "--timeout", "90"], up, 120)
+        assert r.returncode == 0, r.stderr
+        old = json.loads(runfile.read_text())["broker_pid"]
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and json.loads(runfile.read_text()).get("broker_pid") == old:
+            time.sleep(0.2)  # `up` notices within its 0.5 s loop; no event to arm across processes
+        assert json.loads(runfile.read_text())["broker_pid"] != old, "up did not restart the broker"
+        r = run(["status", "qcg/local/state/demo-cleanup", "--json"], up)
+        assert r.returncode == 0 and json.loads(r.stdout)[0]["state"] == "complete", "journal lost"
+        r = run(["submit", "qcg", "--exec", "/bin/true", "--name", "after-restart"], up)
+        assert r.returncode == 0, r.stderr
+        r = run(["wait", "qcg/local/state/after-restart state=complete", "--timeout", "60"], up, 90)
+        assert r.returncode == 0, r.stderr
+
 
 class TestCliErrors:
     @pytest.mark.timeout(60)
