@@ -167,7 +167,7 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
     for i, s in enumerate(cfg.sessions):
         if not s.name or "/" in s.name:
             raise ConfigError(f"{origin}: sessions[{i}].name: must be non-empty and contain no '/'")
-        if s.mode == "connect" and not s.address:
+        if isinstance(s, QcgSessionConfig) and s.mode == "connect" and not s.address:
             raise ConfigError(f"{origin}: sessions[{i}].address: required when mode = 'connect'")
     bus = cfg.bus
     if not is_loopback(bus.host) and not bus.curve.server_secret_key_file:
