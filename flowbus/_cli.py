@@ -1,4 +1,4 @@
-"""The ``flowbus`` command: up, broker, watch, status, wait, submit, call, keys, stats."""
+"""The ``flowbus`` command: up, broker, watch, status, wait, submit, call, emulate, keys, stats."""
 
 from __future__ import annotations
 
@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("operation")
     c.add_argument("args", nargs="?", default="[]", help="JSON list of positional arguments")
     c.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
+
+    em = sub.add_parser("emulate", help="run a backend emulator in the foreground (for demos and tests)")
+    em_sub = em.add_subparsers(dest="backend", required=True, metavar="BACKEND")
+    gs = em_sub.add_parser("guiserver", help="a protocol-faithful DiFX guiServer on 127.0.0.1 that runs nothing")
+    gs.add_argument("--port", type=int, default=50200, help="TCP port (0: any free port; default 50200)")
+    gs.add_argument("--sandbox", default=None, help="directory that stands in for the server's file system")
+    gs.add_argument("--crash-after-job", action="store_true", help="reproduce the real server's crash after a job")
 
     k = sub.add_parser("keys", help="make a CurveZMQ key pair")
     k.add_argument("--dir", default=".", help="where to write NAME.key and NAME.key_secret")
@@ -172,6 +179,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_emulate(args: argparse.Namespace) -> int:
+    import signal
+    import tempfile
+    import threading
+
+    from flowbus.services.guiserver_emulator import GuiserverEmulator
+
+    sandbox = args.sandbox or tempfile.mkdtemp(prefix="flowbus-guiserver-")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with GuiserverEmulator(sandbox, port=args.port, crash_after_job=args.crash_after_job) as emu:
+        print(f"guiServer emulator on {emu.address} (sandbox {sandbox}); Ctrl-C stops it", flush=True)
+        try:
+            # a signal may land on another thread; waking up now and then lets the main thread
+            # run the handler (an untimed wait would never return)
+            while not done.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from flowbus.bus import make_keypair
 
@@ -251,5 +280,5 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "up": cmd_up, "broker": cmd_broker, "watch": cmd_watch, "status": cmd_status, "wait": cmd_wait,
-    "submit": cmd_submit, "call": cmd_call, "keys": cmd_keys, "stats": cmd_stats,
+    "submit": cmd_submit, "call": cmd_call, "keys": cmd_keys, "stats": cmd_stats, "emulate": cmd_emulate,
 }

@@ -104,7 +104,59 @@ class QcgSessionConfig(_Conf, frozen=True, tag="qcg", tag_field="backend"):
     actor: str = ""
 
 
-SessionConfig = Union[QcgSessionConfig]
+def _localhost() -> list[str]:
+    return ["localhost"]
+
+
+class GuiserverSessionConfig(_Conf, frozen=True, tag="guiserver", tag_field="backend"):
+    """A DiFX guiServer link: one TCP connection, channelled mode, version handshake first.
+
+    Command fields that guiServer runs in a shell (setup path, mpi wrapper, difx program) come
+    only from here, never from an operation's arguments.
+    """
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 50200
+    #: ``DIFX_SETUP_PATH`` sent after every handshake; "" = ``<difx base>/bin/rungeneric.<difx-version>``
+    setup_path: str = ""
+    difx_version: str = "DIFX-DEVEL"
+    #: directories every path must lie under ([] = any absolute path)
+    allowed_dirs: list[str] = []
+    #: relay DiFX multicast messages, and the MESSAGE_SELECTION tokens ([] = ALL_MESSAGES)
+    relay: bool = True
+    message_selection: list[str] = []
+    #: sub-streams over the main connection (19); False = direct mode (20), guiServer connects back
+    #: to a listener of ours on 127.0.0.1 (only useful when guiServer runs on this host)
+    channelled: bool = True
+    #: fixed command fields of DifxStart/DifxStop ("" = the server's defaults)
+    mpi_wrapper: str = ""
+    difx_program: str = ""
+    #: the calc command of vex2difx runs (DifxVex2DifxRun ``calcCommand``)
+    calc_command: str = "calcif2"
+    #: DifxStart defaults: manager node, datastream nodes, process nodes and threads per node
+    manager_node: str = "localhost"
+    datastream_nodes: list[str] = msgspec.field(default_factory=_localhost)
+    process_nodes: list[str] = msgspec.field(default_factory=_localhost)
+    process_threads: int = 1
+    #: seconds for the version handshake and for operations that return data
+    request_timeout: float = 5.0
+    #: seconds without a job sub-packet before its status is read from the .difxlog (0 = never);
+    #: guiServer ends some streams without a terminal id (statvfs failure). Keep it well above the
+    #: longest quiet phase: a job with no .difxlog yet is then taken as never started (aborted)
+    job_silence_timeout: float = 0.0
+    #: largest accepted payload; anything bigger is a protocol error
+    max_packet: int = 4 * 1024 * 1024
+    #: reconnection: first backoff (doubling, capped at 30 s) and attempts before giving up (0 = forever)
+    reconnect_backoff: float = 0.5
+    reconnect_attempts: int = 0
+    #: allow a non-loopback host (guiServer is a remote shell: use an SSH tunnel instead)
+    allow_remote: bool = False
+    #: actor that hosts the session (sessions with the same value share one actor)
+    actor: str = ""
+
+
+SessionConfig = Union[QcgSessionConfig, GuiserverSessionConfig]
 
 
 class LogConfig(_Conf, frozen=True):
@@ -142,6 +194,12 @@ def _where(path: str) -> str:
 
 def parse_config(data: dict[str, Any], origin: str = "<config>") -> FlowbusConfig:
     """Validate a mapping; errors name the key and ``origin``."""
+    sessions = data.get("sessions") if isinstance(data, dict) else None
+    if isinstance(sessions, list):
+        kinds = ", ".join(str(t.__struct_config__.tag) for t in SessionConfig.__args__)  # type: ignore[attr-defined]
+        for i, sess in enumerate(sessions):
+            if isinstance(sess, dict) and "backend" not in sess:
+                raise ConfigError(f"{origin}: sessions[{i}]: missing key 'backend' (one of: {kinds})")
     try:
         cfg = msgspec.convert(data, FlowbusConfig)
     except msgspec.ValidationError as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flowbus.schemas import ConfigError, QcgSessionConfig, SessionConfig
+from flowbus.schemas import ConfigError, GuiserverSessionConfig, QcgSessionConfig, SessionConfig
 
 from ._base import BackendSession
 
@@ -13,4 +13,8 @@ def session_for(config: SessionConfig) -> BackendSession:
         from .qcg import QcgSession
 
         return QcgSession(config)
+    if isinstance(config, GuiserverSessionConfig):
+        from .guiserver import GuiserverSession
+
+        return GuiserverSession(config)
     raise ConfigError(f"session {getattr(config, 'name', '?')!r}: no adapter for {type(config).__name__}")

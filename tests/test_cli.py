@@ -163,3 +163,23 @@ class TestCliErrors:
         assert r.returncode == 0, r.stderr
         assert (tmp_path / "broker.key").exists() and (tmp_path / "broker.key_secret").exists()
         assert oct((tmp_path / "broker.key_secret").stat().st_mode & 0o777) == "0o600"
+
+    @pytest.mark.timeout(60)
+    def test_emulate_guiserver_serves_until_sigterm(self, tmp_path: Path) -> None:
+        """`flowbus emulate guiserver` listens on 127.0.0.1, answers a connection, stops on SIGTERM."""
+        import socket
+
+        proc = subprocess.Popen(FLOWBUS + ["emulate", "guiserver", "--port", "0", "--sandbox", str(tmp_path)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith("guiServer emulator on 127.0.0.1:"), line
+            port = int(line.split()[3].rsplit(":", 1)[1])
+            assert port > 0
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+

@@ -54,16 +54,19 @@ class TestParseConfig:
         assert cfg.sessions == [QcgSessionConfig(name="hpc", mode="connect", address="tcp://h:1",
                                                  recovery_attempts=2)]
 
-    def test_session_backend_tag_defaults_to_qcg(self) -> None:
-        """A session without ``backend`` is a QCG session (the only kind so far)."""
-        assert parse_config({"sessions": [{"name": "a"}]}, ORIGIN).sessions == [QcgSessionConfig(name="a")]
+    def test_session_needs_a_backend(self) -> None:
+        """A session without ``backend`` is refused with the kinds there are."""
+        assert refused({"sessions": [{"name": "a"}]}) == (
+            f"{ORIGIN}: sessions[0]: missing key 'backend' (one of: qcg, guiserver)")
+        assert parse_config({"sessions": [{"backend": "qcg", "name": "a"}]}, ORIGIN).sessions == [
+            QcgSessionConfig(name="a")]
 
     @pytest.mark.parametrize(("data", "names"), [
         ({"bogus": 1}, ["unknown key", "'bogus'"]),
         ({"bus": {"hots": "x"}}, ["unknown key", "'bus.hots'"]),
         ({"bus": {"request_port": 5}}, ["unknown key", "'bus.request_port'"]),
         ({"bus": {"curve": {"nope": 1}}}, ["unknown key", "'bus.curve.nope'"]),
-        ({"sessions": [{"name": "a", "nodez": "n1:2"}]}, ["unknown key", "'sessions[0].nodez'"]),
+        ({"sessions": [{"backend": "qcg", "name": "a", "nodez": "n1:2"}]}, ["unknown key", "'sessions[0].nodez'"]),
     ], ids=["top", "bus", "snake-case", "curve", "session"])
     def test_unknown_key(self, data: dict[str, Any], names: list[str]) -> None:
         """An unknown key is an error naming the key's full path and the file."""
@@ -77,7 +80,7 @@ class TestParseConfig:
         ({"log": {"json": "yes"}}, "log.json", "Expected `bool`"),
         ({"bus": 5}, "bus", "Expected `object`"),
         ({"sessions": {"a": 1}}, "sessions", "Expected `array`"),
-        ({"sessions": [{"name": "a", "mode": "remote"}]}, "sessions[0].mode", "remote"),
+        ({"sessions": [{"backend": "qcg", "name": "a", "mode": "remote"}]}, "sessions[0].mode", "remote"),
         ({"sessions": [{"backend": "slurm", "name": "a"}]}, "sessions[0].backend", "slurm"),
         ({"sessions": [{"backend": "qcg"}]}, "sessions[0]", "`name`"),
     ], ids=["port-str", "interval-str", "bool", "table", "array", "enum", "backend", "missing"])
@@ -89,17 +92,17 @@ class TestParseConfig:
 
     def test_duplicate_session_names(self) -> None:
         """Two sessions with one name are refused, naming the name."""
-        message = refused({"sessions": [{"name": "a"}, {"name": "b"}, {"name": "a"}]})
+        message = refused({"sessions": [{"backend": "qcg", "name": "a"}, {"backend": "qcg", "name": "b"}, {"backend": "qcg", "name": "a"}]})
         assert "sessions" in message and "duplicate session name 'a'" in message
 
     @pytest.mark.parametrize("name", ["", "a/b"])
     def test_bad_session_name(self, name: str) -> None:
         """A session name must be non-empty and free of '/', since it is a topic segment."""
-        assert "sessions[0].name" in refused({"sessions": [{"name": name}]})
+        assert "sessions[0].name" in refused({"sessions": [{"backend": "qcg", "name": name}]})
 
     def test_connect_needs_address(self) -> None:
         """A ``connect`` session without an address is refused, naming the key."""
-        assert "sessions[0].address" in refused({"sessions": [{"name": "a", "mode": "connect"}]})
+        assert "sessions[0].address" in refused({"sessions": [{"backend": "qcg", "name": "a", "mode": "connect"}]})
 
     @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "example.org", "*", "127.0.0.1.nip.io"])
     def test_non_loopback_needs_curve(self, host: str) -> None:
@@ -154,7 +157,7 @@ class TestLoadConfig:
     @pytest.mark.parametrize(("text", "key"), [
         ("[bus]\nhots = 'x'\n", "'bus.hots'"),
         ("[bus]\nrequest-port = 'x'\n", "bus.request-port"),
-        ("[[sessions]]\nname = 'a'\n[[sessions]]\nname = 'a'\n", "duplicate session name 'a'"),
+        ("[[sessions]]\nbackend = 'qcg'\nname = 'a'\n[[sessions]]\nbackend = 'qcg'\nname = 'a'\n", "duplicate session name 'a'"),
         ("[bus]\nhost = '0.0.0.0'\n", "bus.host"),
     ], ids=["unknown-key", "wrong-type", "duplicate", "non-loopback"])
     def test_errors_name_the_file(self, tmp_path: Path, text: str, key: str) -> None:
