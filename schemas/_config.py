@@ -156,7 +156,44 @@ class GuiserverSessionConfig(_Conf, frozen=True, tag="guiserver", tag_field="bac
     actor: str = ""
 
 
-SessionConfig = Union[QcgSessionConfig, GuiserverSessionConfig]
+
+class EcflowSessionConfig(_Conf, frozen=True, tag="ecflow", tag_field="backend"):
+    """An ecFlow session: one running ``ecflow_server`` reached at ``host:port``.
+
+    Every poll is one ``news_local`` request (plus a ``sync_local`` when there is news), and the
+    server writes each request to its log (about 380 B/s at the default interval): run the
+    server with ``ECF_LOG=/dev/null`` or set ``clear-log-interval`` when that growth matters.
+    """
+
+    name: str
+    host: str = "localhost"
+    port: int = 3141
+    #: user name sent with requests ("" = the client's default, the login name)
+    user: str = ""
+    #: ecFlow custom password file (``ECF_CUSTOM_PASSWD``) for a server that checks passwords
+    password_file: str = ""
+    #: talk TLS to a server started with ``--ssl``
+    ssl: bool = False
+    #: seconds between polls (news_local, then sync_local when there is news)
+    poll_interval: float = 0.2
+    #: seconds start() keeps trying to reach the server before it raises BackendUnavailable
+    timeout: float = 2.0
+    #: whole seconds one request may take (ecFlow's ECF_CONNECT_TIMEOUT, at least 1); a server
+    #: that accepts but never answers holds the calling thread, and the GIL, this long
+    request_timeout: int = 1
+    #: on every (re)connect, restart a server found HALTED (it always comes back HALTED from a checkpoint)
+    restart_halted: bool = False
+    #: after the server is lost: seconds before the first reconnect attempt (doubling, capped at 30 s)
+    reconnect_backoff: float = 0.2
+    #: reconnect attempts before giving up (0 = never give up)
+    reconnect_attempts: int = 0
+    #: seconds between ``clear_log`` requests to the server (0 = never; the log is the server's own)
+    clear_log_interval: float = 0.0
+    #: actor that hosts the session (sessions with the same value share one actor)
+    actor: str = ""
+
+
+SessionConfig = Union[QcgSessionConfig, GuiserverSessionConfig, EcflowSessionConfig]
 
 
 class LogConfig(_Conf, frozen=True):

@@ -24,6 +24,42 @@ setup() {
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
   fi
+  setup_ecflow
+}
+
+# ecFlow 5.9.2 from Debian (server, CLI client, and the Python module, which is cp311 only):
+# apt packages when missing (needs root, no prompts), then only the `ecflow` package dir is
+# symlinked into .venv (no other Debian module leaks in), and the loopback bind shim the test
+# fixtures preload into ecflow_server (it always binds 0.0.0.0) is built into .venv/lib.
+ECFLOW_DEBS="ecflow-server ecflow-client python3-ecflow"
+setup_ecflow() {
+  local missing="" pkg
+  for pkg in $ECFLOW_DEBS; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+  done
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "dev.sh: installing Debian packages:$missing" >&2
+      DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+      # shellcheck disable=SC2086  # word splitting of the package list is intended
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >&2
+    else
+      echo "dev.sh: ecFlow packages missing ($missing ); install them as root (apt-get), ecFlow tests will be skipped" >&2
+    fi
+  fi
+  local site
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if [ -d /usr/lib/python3/dist-packages/ecflow ] && [ ! -e "$site/ecflow" ]; then
+    ln -sfn /usr/lib/python3/dist-packages/ecflow "$site/ecflow"
+  fi
+  local shim=.venv/lib/libloopback_bind.so
+  if [ ! -f "$shim" ] || [ scripts/loopback_bind.c -nt "$shim" ]; then
+    if command -v gcc >/dev/null; then
+      gcc -O2 -shared -fPIC -o "$shim" scripts/loopback_bind.c -ldl
+    else
+      echo "dev.sh: no gcc; ecFlow test servers cannot be kept on loopback (tests will skip)" >&2
+    fi
+  fi
 }
 
 # Tests run inside a fresh network namespace that has only loopback, when this machine allows

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flowbus.schemas import ConfigError, GuiserverSessionConfig, QcgSessionConfig, SessionConfig
+from flowbus.schemas import ConfigError, EcflowSessionConfig, GuiserverSessionConfig, QcgSessionConfig, SessionConfig
 
 from ._base import BackendSession
 
@@ -13,6 +13,10 @@ def session_for(config: SessionConfig) -> BackendSession:
         from .qcg import QcgSession
 
         return QcgSession(config)
+    if isinstance(config, EcflowSessionConfig):
+        from .ecflow import EcflowSession
+
+        return EcflowSession(config)
     if isinstance(config, GuiserverSessionConfig):
         from .guiserver import GuiserverSession
 

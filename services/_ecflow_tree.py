@@ -1,0 +1,203 @@
+"""What an :class:`~flowbus.services.ecflow.EcflowSession` knows of one server's tree, and the
+diff that turns a client-side ``Defs`` (after ``sync_local``) into flowbus events.
+
+Keys are absolute node paths (``/suite/family/task``). The server itself is the key ``/``: its
+state (``RUNNING``/``HALTED``/``SHUTDOWN``) is a ``StateChanged`` with ``state`` ACTIVE for
+RUNNING and SUSPENDED for HALTED and SHUTDOWN, and its suites are ``AttributeChanged`` with
+``kind="suite"`` (``value`` True while the suite is loaded, False once deleted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import ecflow
+from flowbus.schemas import AttributeChanged, Event, Observed, State, StateChanged
+
+#: the key of the server itself
+SERVER_KEY = "/"
+
+_NATIVE = {
+    "unknown": State.UNKNOWN,
+    "queued": State.QUEUED,
+    "submitted": State.SUBMITTED,
+    "active": State.ACTIVE,
+    "complete": State.COMPLETE,
+    "aborted": State.ABORTED,
+    "suspended": State.SUSPENDED,
+}
+_SERVER = {"RUNNING": State.ACTIVE, "HALTED": State.SUSPENDED, "SHUTDOWN": State.SUSPENDED}
+
+Scalar = str | int | float | bool | None
+AttrKey = tuple[str, str, str]  # (node path, kind, name)
+
+
+@dataclass(frozen=True)
+class NodeObs:
+    """One node as last seen: ecFlow's display state, try number and aborted reason."""
+
+    native: str
+    try_no: int = 0
+    reason: str = ""
+
+
+@dataclass
+class Snapshot:
+    """What one read of the client's defs saw (all of it, or only the changed paths)."""
+
+    full: bool
+    nodes: dict[str, NodeObs] = field(default_factory=dict)
+    attrs: dict[AttrKey, Scalar] = field(default_factory=dict)
+    #: the paths read (partial reads) that no longer exist
+    gone: list[str] = field(default_factory=list)
+    server: str = ""
+    suites: list[str] = field(default_factory=list)
+
+
+def state_of(native: str) -> State:
+    return _NATIVE.get(native, State.UNKNOWN)
+
+
+def _read_node(node: Any, snap: Snapshot) -> None:
+    path = node.get_abs_node_path()
+    native = str(node.get_dstate())
+    try_no, reason = 0, ""
+    if isinstance(node, ecflow.Submittable):
+        try_no = int(node.get_int_try_no())
+        if native == "aborted":
+            reason = node.get_aborted_reason()
+    snap.nodes[path] = NodeObs(native, try_no, reason)
+    for ev in node.events:
+        snap.attrs[(path, "event", ev.name_or_number())] = bool(ev.value())
+    for meter in node.meters:
+        snap.attrs[(path, "meter", meter.name())] = int(meter.value())
+    for label in node.labels:
+        snap.attrs[(path, "label", label.name())] = label.new_value() or label.value()
+
+
+def _read_server(defs: Any, snap: Snapshot) -> None:
+    snap.server = str(defs.get_server_state())
+    snap.suites = [s.name() for s in defs.suites]
+
+
+def read_full(defs: Any) -> Snapshot:
+    """Every node of ``defs`` (the client's copy after a full sync)."""
+    snap = Snapshot(full=True)
+    if defs is None:
+        return snap
+    _read_server(defs, snap)
+    for node in defs.get_all_nodes():
+        _read_node(node, snap)
+    return snap
+
+
+def read_paths(defs: Any, paths: Iterable[str]) -> Snapshot:
+    """Only ``paths`` (``changed_node_paths`` after an incremental sync), plus the server."""
+    snap = Snapshot(full=False)
+    if defs is None:
+        return read_full(defs)
+    _read_server(defs, snap)
+    for path in dict.fromkeys(paths):
+        if path == SERVER_KEY:
+            continue
+        node = defs.find_abs_node(path)
+        if node is None:  # careful: bool(task) is False
+            snap.gone.append(path)
+        else:
+            _read_node(node, snap)
+    return snap
+
+
+def server_pid(defs: Any) -> str:
+    """The server's ECF_PID: it changes when the server restarts ("" when unknown)."""
+    if defs is None:
+        return ""
+    for var in defs.server_variables:
+        if var.name() == "ECF_PID":
+            return str(var.value())
+    return ""
+
+
+class Tree:
+    """The last published state of every node, attribute, suite and of the server."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.nodes: dict[str, NodeObs] = {}
+        self.attrs: dict[AttrKey, Scalar] = {}
+        self.suites: set[str] = set()
+        self.server = ""
+
+    def seed(self, known: Mapping[str, Event]) -> None:
+        """Start from the bus journal's latest events for this source."""
+        for ev in known.values():
+            if isinstance(ev, StateChanged) and ev.key == SERVER_KEY:
+                self.server = ev.native
+            elif isinstance(ev, StateChanged) and ev.key.startswith("/") and ev.native:
+                self.nodes[ev.key] = NodeObs(ev.native, ev.try_no, ev.detail if ev.native == "aborted" else "")
+            elif isinstance(ev, AttributeChanged) and ev.key == SERVER_KEY and ev.kind == "suite":
+                if ev.value:
+                    self.suites.add(ev.name)
+            elif isinstance(ev, AttributeChanged) and ev.key.startswith("/"):
+                self.attrs[(ev.key, ev.kind, ev.name)] = ev.value
+
+    def diff(self, snap: Snapshot, observed: Observed, gone_reason: str = "removed from the ecFlow server") -> list[Event]:
+        """Record ``snap`` and return the events that differ from what was known, in tree order:
+        server state, suites added, each node's state then its attributes, then removals."""
+        out: list[Event] = []
+        if snap.server and snap.server != self.server:
+            out.append(StateChanged(source=self.source, backend="ecflow", key=SERVER_KEY, observed=observed,
+                                    state=_SERVER.get(snap.server, State.UNKNOWN), native=snap.server,
+                                    previous=_SERVER.get(self.server) if self.server else None,
+                                    native_previous=self.server))
+            self.server = snap.server
+        suites = set(snap.suites)
+        for name in snap.suites:
+            if name not in self.suites:
+                out.append(self._attr(SERVER_KEY, "suite", name, True, None, observed))
+        for name in sorted(self.suites - suites):
+            out.append(self._attr(SERVER_KEY, "suite", name, False, True, observed))
+        self.suites = suites
+        by_node: dict[str, list[tuple[AttrKey, Scalar]]] = {}
+        for akey, value in snap.attrs.items():
+            by_node.setdefault(akey[0], []).append((akey, value))
+        for path, obs in snap.nodes.items():
+            old = self.nodes.get(path)
+            if old != obs:
+                out.append(StateChanged(source=self.source, backend="ecflow", key=path, observed=observed,
+                                        state=state_of(obs.native), native=obs.native,
+                                        previous=state_of(old.native) if old else None,
+                                        native_previous=old.native if old else "",
+                                        try_no=obs.try_no, detail=obs.reason))
+                self.nodes[path] = obs
+            seen = set()
+            for akey, value in by_node.get(path, ()):
+                seen.add(akey)
+                if akey not in self.attrs or self.attrs[akey] != value:
+                    out.append(self._attr(path, akey[1], akey[2], value, self.attrs.get(akey), observed))
+                    self.attrs[akey] = value
+            for akey in [k for k in self.attrs if k[0] == path and k not in seen]:
+                del self.attrs[akey]  # attribute deleted by alter: nothing to publish
+        if snap.full:
+            gone = [p for p in self.nodes if p not in snap.nodes]
+        else:
+            gone = [p for p in self.nodes if any(p == g or p.startswith(g + "/") for g in snap.gone)]
+        for path in gone:
+            old = self.nodes.pop(path)
+            out.append(StateChanged(source=self.source, backend="ecflow", key=path, observed=observed,
+                                    state=State.UNKNOWN, previous=state_of(old.native), native_previous=old.native,
+                                    try_no=old.try_no, detail=gone_reason))
+        if gone:
+            dead = set(gone)
+            for akey in [k for k in self.attrs if k[0] in dead]:
+                del self.attrs[akey]
+        return out
+
+    def _attr(self, key: str, kind: str, name: str, value: Scalar, previous: Scalar, observed: Observed) -> AttributeChanged:
+        return AttributeChanged(source=self.source, backend="ecflow", key=key, observed=observed, kind=kind,
+                                name=name, value=value, previous=previous)
+
+
+__all__ = ["SERVER_KEY", "NodeObs", "Snapshot", "Tree", "read_full", "read_paths", "server_pid", "state_of"]
