@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import msgspec
 
+from ._env import guiserver_env_defaults
 from ._errors import ConfigError
 
 _LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|localhost|::1|\[::1\])$")
@@ -229,9 +231,19 @@ def _where(path: str) -> str:
     return path.removeprefix("$").removeprefix(".") or "(top level)"
 
 
-def parse_config(data: dict[str, Any], origin: str = "<config>") -> FlowbusConfig:
-    """Validate a mapping; errors name the key and ``origin``."""
+def parse_config(data: dict[str, Any], origin: str = "<config>", env: Mapping[str, str] | None = None) -> FlowbusConfig:
+    """Validate a mapping; errors name the key and ``origin``.
+
+    With ``env``, guiServer sessions take their host and port from ``DIFX_CONTROL_HOST`` /
+    ``DIFX_CONTROL_PORT`` / ``DIFX_MESSAGE_PORT`` as the DiFX interface does; keys written in
+    the file win."""
     sessions = data.get("sessions") if isinstance(data, dict) else None
+    if env is not None and isinstance(sessions, list):
+        extra = guiserver_env_defaults(env)  # raises ConfigError naming a bad variable
+        if extra:
+            sessions = [{**extra, **s} if isinstance(s, dict) and s.get("backend") == "guiserver" else s
+                        for s in sessions]
+            data = {**data, "sessions": sessions}
     if isinstance(sessions, list):
         kinds = ", ".join(str(t.__struct_config__.tag) for t in SessionConfig.__args__)  # type: ignore[attr-defined]
         for i, sess in enumerate(sessions):
@@ -289,4 +301,4 @@ def load_config(path: str | os.PathLike[str] | None) -> FlowbusConfig:
         raise ConfigError(f"{p}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-    return parse_config(raw, str(p))
+    return parse_config(raw, str(p), env=os.environ)
