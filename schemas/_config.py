@@ -177,7 +177,7 @@ class EcflowSessionConfig(_Conf, frozen=True, tag="ecflow", tag_field="backend")
     #: talk TLS to a server started with ``--ssl``
     ssl: bool = False
     #: seconds between polls (news_local, then sync_local when there is news)
-    poll_interval: float = 0.2
+    poll_interval: float = 0.1
     #: seconds start() keeps trying to reach the server before it raises BackendUnavailable
     timeout: float = 2.0
     #: whole seconds one request may take (ecFlow's ECF_CONNECT_TIMEOUT, at least 1); a server

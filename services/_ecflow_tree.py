@@ -163,6 +163,10 @@ class Tree:
         by_node: dict[str, list[tuple[AttrKey, Scalar]]] = {}
         for akey, value in snap.attrs.items():
             by_node.setdefault(akey[0], []).append((akey, value))
+        known_by_node: dict[str, list[AttrKey]] = {}  # one pass: a scan of self.attrs per node is quadratic
+        for akey in self.attrs:
+            if akey[0] in snap.nodes:
+                known_by_node.setdefault(akey[0], []).append(akey)
         for path, obs in snap.nodes.items():
             old = self.nodes.get(path)
             if old != obs:
@@ -178,7 +182,7 @@ class Tree:
                 if akey not in self.attrs or self.attrs[akey] != value:
                     out.append(self._attr(path, akey[1], akey[2], value, self.attrs.get(akey), observed))
                     self.attrs[akey] = value
-            for akey in [k for k in self.attrs if k[0] == path and k not in seen]:
+            for akey in [k for k in known_by_node.get(path, ()) if k not in seen]:
                 del self.attrs[akey]  # attribute deleted by alter: nothing to publish
         if snap.full:
             gone = [p for p in self.nodes if p not in snap.nodes]
