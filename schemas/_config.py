@@ -83,15 +83,15 @@ class RayConfig(_Conf, frozen=True):
 
 
 class QcgSessionConfig(_Conf, frozen=True, tag="qcg", tag_field="backend"):
-    """A QCG-PilotJob session: a LocalManager we start, or an existing manager by address."""
+    """A QCG-PilotJob session: a manager we start (its own process, on 127.0.0.1), or an existing one by address."""
 
     name: str
-    #: ``local`` starts a LocalManager bound to 127.0.0.1; ``connect`` uses ``address``
+    #: ``local`` starts a manager bound to 127.0.0.1; ``connect`` uses ``address``
     mode: Literal["local", "connect"] = "local"
     address: str = ""
-    #: LocalManager resources, QCG's ``--nodes`` syntax (``n1:2,n2:2``)
+    #: the started manager's resources, QCG's ``--nodes`` syntax (``n1:2,n2:2``)
     nodes: str = "n1:2"
-    #: working directory of the LocalManager ("" = a fresh temporary directory)
+    #: working directory of the started manager ("" = a fresh temporary directory)
     wd: str = ""
     #: seconds per request before the manager is declared unresponsive
     request_timeout: float = 2.0

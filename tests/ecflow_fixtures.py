@@ -23,9 +23,10 @@ import pytest
 
 ecflow = pytest.importorskip("ecflow", reason="python3-ecflow is not installed (bash scripts/dev.sh setup)")
 
-from flowbus.schemas import AttributeChanged, Event, State, StateChanged
+from flowbus.schemas import Event, State, StateChanged
 from flowbus.schemas import EcflowSessionConfig
 from flowbus.services.ecflow import EcflowSession
+from recorder import Recorder, show  # noqa: F401 - shared with the other adapters' tests
 
 SERVER_BIN = shutil.which("ecflow_server") or shutil.which("ecflow_server", path="/usr/sbin:/usr/bin")
 CLIENT_BIN = shutil.which("ecflow_client") or "/usr/bin/ecflow_client"
@@ -217,42 +218,6 @@ def ecf_server(tmp_path: Path) -> Iterator[Callable[..., EcfServer]]:
 
 
 # -- sessions ---------------------------------------------------------------------------------------
-
-
-class Recorder:
-    """The ``emit`` callable: keeps every event and wakes waiters."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.times: list[float] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, event: Event) -> None:
-        with self.cond:
-            self.events.append(event)
-            self.times.append(time.monotonic())
-            self.cond.notify_all()
-
-    def wait_for(self, predicate: Callable[[list[Event]], Any], timeout: float, what: str = "") -> Any:
-        with self.cond:
-            result = self.cond.wait_for(lambda: predicate(self.events), timeout)
-            if not result:
-                seen = [show(e) for e in self.events[-30:]]
-                raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}; last: {seen}")
-            return result
-
-    def of(self, cls: type[Any], key: str | None = None) -> list[Any]:
-        with self.cond:
-            return [e for e in self.events if isinstance(e, cls) and (key is None or e.key == key)]
-
-
-def show(e: Event) -> str:
-    extra = ""
-    if isinstance(e, StateChanged):
-        extra = f" {e.native} try={e.try_no} {e.detail}"
-    elif isinstance(e, AttributeChanged):
-        extra = f" {e.kind}:{e.name}={e.value!r}"
-    return f"{type(e).__name__}[{e.observed.value}] {e.key}{extra}"
 
 
 def reached(key: str, *states: State, try_no: int = 0) -> Callable[[list[Event]], StateChanged | None]:

@@ -14,47 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flowbus.schemas import Event, State, StateChanged
 from flowbus.schemas import GuiserverSessionConfig
 from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.guiserver_emulator import GuiserverEmulator
+from recorder import Recorder, show  # noqa: F401 - shared with the other adapters' tests
 
 REAL = os.environ.get("FLOWBUS_GUISERVER", "")
 REAL_DIR = os.environ.get("FLOWBUS_GUISERVER_DIR", "/tmp/flowbus-guiserver-test")
-
-
-class Recorder:
-    """The ``emit`` callable: keeps every event and wakes waiters."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, event: Event) -> None:
-        with self.cond:
-            self.events.append(event)
-            self.cond.notify_all()
-
-    def wait_for(self, predicate: Callable[[list[Event]], Any], timeout: float = 10.0) -> Any:
-        with self.cond:
-            result = self.cond.wait_for(lambda: predicate(self.events), timeout)
-            assert result, f"timed out; last events: {[_show(e) for e in self.events[-20:]]}"
-            return result
-
-    def of(self, cls: type[Any], key: str | None = None) -> list[Any]:
-        with self.cond:
-            return [e for e in self.events if isinstance(e, cls) and (key is None or e.key == key)]
-
-    def states(self, key: str) -> list[State]:
-        return [e.state for e in self.of(StateChanged, key)]
-
-    def final(self, key: str, timeout: float = 10.0) -> StateChanged:
-        return self.wait_for(lambda ev: next((e for e in ev if isinstance(e, StateChanged) and e.key == key
-                                              and e.state.final), None), timeout)
-
-
-def _show(e: Event) -> str:
-    return f"{type(e).__name__}({e.key}:{getattr(e, 'state', '') or getattr(e, 'message', '')})"
 
 
 class Host:

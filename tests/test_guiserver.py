@@ -249,7 +249,7 @@ class TestRelay:
         emu.inject(gx.status_message("other", "Running", "r", vis_mjd=60000.5, start_mjd=60000.0, stop_mjd=60001.0))
         ev = h.rec.wait_for(lambda e: next((x for x in e if isinstance(x, AttributeChanged)), None))
         assert (ev.key, ev.kind, ev.name, ev.value) == ("other", "progress", "percent", 50.0)
-        assert h.rec.states("other") == [State.ACTIVE]
+        assert [e.state for e in h.rec.states("other")] == [State.ACTIVE]
 
     def test_weights_load_diagnostic(self, emulator: Callable[..., GuiserverEmulator],
                                      host: Callable[..., Host]) -> None:

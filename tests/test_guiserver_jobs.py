@@ -145,7 +145,7 @@ class TestJobs:
         _emu, h, inp = job_host(emulator, host, outcomes={"job_1": outcome})
         result = h.session.call("start_job", inp, function=function, wait=True, timeout=10)
         assert (result["state"], result["native"]) == (state.value, native)
-        states = h.rec.states("job_1")
+        states = [e.state for e in h.rec.states("job_1")]
         assert states[0] is State.QUEUED and states[-1] is state
         assert (State.ACTIVE in states) == (native not in ("STOPPED_AFTER_CONFIG",))
         assert all(e.observed is Observed.PUSH and e.attrs["input"] == inp for e in h.rec.of(StateChanged, "job_1"))

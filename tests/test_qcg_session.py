@@ -41,52 +41,10 @@ from flowbus.schemas import (
 from flowbus.services import BackendSession
 from flowbus.services._qcg_jobs import JobBook, Obs, Snapshot
 from flowbus.services.qcg import QcgSession
+from recorder import Recorder, show  # noqa: F401 - shared with the other adapters' tests
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-class Recorder:
-    """The ``emit`` callable: keeps every event (with its arrival time) and wakes waiters."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.times: list[float] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, event: Event) -> None:
-        with self.cond:
-            self.events.append(event)
-            self.times.append(time.monotonic())
-            self.cond.notify_all()
-
-    def wait_for(self, predicate: Callable[[list[Event]], Any], timeout: float, what: str = "") -> Any:
-        """Wait on the condition until ``predicate(events)`` is truthy; return its value."""
-        with self.cond:
-            result = self.cond.wait_for(lambda: predicate(self.events), timeout)
-            if not result:
-                seen = [_show(e) for e in self.events[-25:]]
-                raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}; "
-                                     f"last events: {seen}")
-            return result
-
-    def states(self, key: str) -> list[StateChanged]:
-        with self.cond:
-            return [e for e in self.events if isinstance(e, StateChanged) and e.key == key]
-
-    def of(self, cls: type[Any]) -> list[Any]:
-        with self.cond:
-            return [e for e in self.events if isinstance(e, cls)]
-
-    def index(self, event: Event) -> int:
-        with self.cond:
-            return next(i for i, e in enumerate(self.events) if e is event)
-
-
-def _show(e: Event) -> str:
-    if isinstance(e, StateChanged):
-        return f"{e.key}:{e.native}/{e.observed.value}"
-    return type(e).__name__
 
 
 def first(cls: type[Any]) -> Callable[[list[Event]], Any]:
