@@ -246,6 +246,7 @@ class TestRelay:
         """DifxStatusMessage -> StateChanged and AttributeChanged(kind=progress) keyed by job."""
         emu = emulator()
         h = host(emu.port)
+        roundtrip(h)  # the server has handled our relay-on: what we inject now is relayed
         emu.inject(gx.status_message("other", "Running", "r", vis_mjd=60000.5, start_mjd=60000.0, stop_mjd=60001.0))
         ev = h.rec.wait_for(lambda e: next((x for x in e if isinstance(x, AttributeChanged)), None))
         assert (ev.key, ev.kind, ev.name, ev.value) == ("other", "progress", "percent", 50.0)
@@ -256,6 +257,7 @@ class TestRelay:
         """Weights, DifxLoadMessage and DifxDiagnosticMessage become AttributeChanged events."""
         emu = emulator()
         h = host(emu.port)
+        roundtrip(h)  # the server has handled our relay-on: what we inject now is relayed
         emu.inject(gx.status_message("w", "Running", weights=[0.9, 0.25]))
         emu.inject(b"<difxMessage><header><from>n1</from><type>DifxLoadMessage</type></header><body><difxLoad>"
                    b"<cpuLoad>0.5</cpuLoad><nCore>8</nCore></difxLoad></body></difxMessage>")
@@ -271,6 +273,7 @@ class TestRelay:
         """DifxAlertMessage -> LogLine with the severity's level."""
         emu = emulator()
         h = host(emu.port)
+        roundtrip(h)  # the server has handled our relay-on: what we inject now is relayed
         emu.inject(gx.alert_message("j", "weak fringes", 3))
         line = h.rec.wait_for(lambda e: next((x for x in e if isinstance(x, LogLine) and x.stream == "alert"), None))
         assert (line.key, line.level, line.message) == ("j", "warning", "weak fringes")
@@ -300,6 +303,7 @@ class TestRelay:
         """A non-XML relay is an ErrorEvent; the connection stays up."""
         emu = emulator()
         h = host(emu.port)
+        roundtrip(h)  # the server has handled our relay-on: what we inject now is relayed
         emu.inject(b"this is not xml at all")
         err = h.rec.wait_for(lambda e: next((x for x in e if isinstance(x, ErrorEvent)), None))
         assert err.operation == "relay"
@@ -310,6 +314,7 @@ class TestRelay:
         """A message type without its own event is still delivered, raw, as a debug LogLine."""
         emu = emulator()
         h = host(emu.port)
+        roundtrip(h)  # the server has handled our relay-on: what we inject now is relayed
         doc = b"<difxMessage><header><type>DifxSmartMessage</type></header><body><vsn>X</vsn></body></difxMessage>"
         emu.inject(doc)
         line = h.rec.wait_for(lambda e: next((x for x in e if isinstance(x, LogLine)
