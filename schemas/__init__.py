@@ -11,6 +11,8 @@ from ._config import (
     QcgSessionConfig,
     RayConfig,
     SessionConfig,
+    SomaSessionConfig,
+    WmsSessionConfig,
     embedded_default,
     is_loopback,
     load_config,
@@ -61,6 +63,7 @@ from ._events import (
     tag_of,
 )
 from ._states import Backend, Observed, State
+from ._workflow import JobSpec, WorkflowSpec, parse_workflow
 
 __all__ = [
     "EVENT_TYPES",
@@ -92,6 +95,7 @@ __all__ = [
     "FlowbusError",
     "GuiserverSessionConfig",
     "Heartbeat",
+    "JobSpec",
     "LogConfig",
     "LogLine",
     "MatchSyntaxError",
@@ -106,6 +110,7 @@ __all__ = [
     "RuleFired",
     "SchemaError",
     "SessionConfig",
+    "SomaSessionConfig",
     "State",
     "StateChanged",
     "SubscriberLagged",
@@ -113,6 +118,8 @@ __all__ = [
     "UnknownSession",
     "WaitSatisfied",
     "WaitTimeout",
+    "WmsSessionConfig",
+    "WorkflowSpec",
     "all_error_types",
     "classify",
     "decode",
@@ -123,6 +130,7 @@ __all__ = [
     "is_loopback",
     "load_config",
     "parse_config",
+    "parse_workflow",
     "reason_of",
     "stamp",
     "tag_of",

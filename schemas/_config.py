@@ -195,7 +195,24 @@ class EcflowSessionConfig(_Conf, frozen=True, tag="ecflow", tag_field="backend")
     actor: str = ""
 
 
-SessionConfig = Union[QcgSessionConfig, GuiserverSessionConfig, EcflowSessionConfig]
+class SomaSessionConfig(_Conf, frozen=True, tag="soma", tag_field="backend"):
+    """A soma-workflow session: one WorkflowController (isolated light mode in a per-session
+    directory by default, or a configured resource)."""
+
+    name: str
+    #: actor that hosts the session (sessions with the same value share one actor)
+    actor: str = ""
+
+
+class WmsSessionConfig(_Conf, frozen=True, tag="wms", tag_field="backend"):
+    """An LSST ctrl_bps WMS service session: any ``BaseWmsService`` chosen by class path."""
+
+    name: str
+    #: actor that hosts the session (sessions with the same value share one actor)
+    actor: str = ""
+
+
+SessionConfig = Union[QcgSessionConfig, GuiserverSessionConfig, EcflowSessionConfig, SomaSessionConfig, WmsSessionConfig]
 
 
 class LogConfig(_Conf, frozen=True):

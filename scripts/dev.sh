@@ -21,7 +21,7 @@ setup() {
   local stamp=.venv/.flowbus-installed
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "dev.sh: installing flowbus and its dependencies (first time: ~1 min, Ray is large) ..." >&2
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -e '.[test,soma,wms]'
     touch "$stamp"
   fi
   setup_ecflow

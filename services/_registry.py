@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from flowbus.schemas import ConfigError, EcflowSessionConfig, GuiserverSessionConfig, QcgSessionConfig, SessionConfig
+from flowbus.schemas import (
+    ConfigError,
+    EcflowSessionConfig,
+    GuiserverSessionConfig,
+    QcgSessionConfig,
+    SessionConfig,
+    SomaSessionConfig,
+    WmsSessionConfig,
+)
 
 from ._base import BackendSession
 
@@ -21,4 +29,12 @@ def session_for(config: SessionConfig) -> BackendSession:
         from .guiserver import GuiserverSession
 
         return GuiserverSession(config)
+    if isinstance(config, SomaSessionConfig):
+        from .soma import SomaSession
+
+        return SomaSession(config)
+    if isinstance(config, WmsSessionConfig):
+        from .wms import WmsSession
+
+        return WmsSession(config)
     raise ConfigError(f"session {getattr(config, 'name', '?')!r}: no adapter for {type(config).__name__}")
