@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # flowbus set-up and the two things people run:
 #   bash scripts/dev.sh up [flowbus up options]   install, then run the embedded default (Ctrl-C stops it)
+#   bash scripts/dev.sh demo [options]            install, then run the cross-backend demo pipeline once
 #   bash scripts/dev.sh test [pytest options]     install, then run the whole test suite
 # Installs everything the project needs into ./.venv (Python 3.11 + the package with its test extra).
 set -euo pipefail
@@ -79,6 +80,10 @@ case "$cmd" in
     setup
     exec .venv/bin/flowbus up "$@"
     ;;
+  demo)
+    setup
+    exec .venv/bin/flowbus demo "$@"
+    ;;
   test)
     setup
     in_loopback_netns .venv/bin/python -m pytest -q "$@"
@@ -87,7 +92,7 @@ case "$cmd" in
     setup
     ;;
   *)
-    echo "usage: bash scripts/dev.sh {up|test|setup} [options]" >&2
+    echo "usage: bash scripts/dev.sh {up|demo|test|setup} [options]" >&2
     exit 2
     ;;
 esac
