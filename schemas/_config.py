@@ -208,6 +208,26 @@ class WmsSessionConfig(_Conf, frozen=True, tag="wms", tag_field="backend"):
     """An LSST ctrl_bps WMS service session: any ``BaseWmsService`` chosen by class path."""
 
     name: str
+    #: the ``BaseWmsService`` implementation, as BPS's ``wmsServiceClass``
+    service_class: str = "lsst.ctrl.bps.parsl.ParslService"
+    #: a table merged into the BpsConfig of every workflow (and given to the service); it wins
+    #: over the keys below, e.g. ``{site = {local = {cores = 4}}}`` or a whole HTCondor config
+    bps_config: dict[str, Any] = {}
+    #: where each workflow gets its submit directory ("" = ``<tmp>/flowbus-wms/<session name>``)
+    submit_dir: str = ""
+    #: BPS ``computeSite``
+    compute_site: str = "local"
+    #: Parsl site class of ``site.<compute-site>.class`` (the default opens no socket)
+    site_class: str = "flowbus.services.wms.LocalThreads"
+    #: job threads of the default site, and Parsl retries of a failed job (``site.<compute-site>``)
+    cores: int = 2
+    retries: int = 0
+    #: seconds between observations of running Parsl jobs (their futures; cheap, in process)
+    poll_interval: float = 0.1
+    #: seconds between ``report()`` calls for workflows of services that implement it
+    report_interval: float = 1.0
+    #: BPS ``operator`` ("" = the login name)
+    operator: str = ""
     #: actor that hosts the session (sessions with the same value share one actor)
     actor: str = ""
 
@@ -293,6 +313,8 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
             raise ConfigError(f"{origin}: sessions[{i}].name: must be non-empty and contain no '/'")
         if isinstance(s, QcgSessionConfig) and s.mode == "connect" and not s.address:
             raise ConfigError(f"{origin}: sessions[{i}].address: required when mode = 'connect'")
+        if isinstance(s, WmsSessionConfig):
+            _check_wms(s, f"{origin}: sessions[{i}]")
     bus = cfg.bus
     if not is_loopback(bus.host) and not bus.curve.server_secret_key_file:
         raise ConfigError(
@@ -305,6 +327,20 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
             raise ConfigError(f"{origin}: bus.{key.replace('_', '-')}: port {port} out of range")
     if bus.heartbeat_interval <= 0:
         raise ConfigError(f"{origin}: bus.heartbeat-interval: must be > 0")
+
+
+_CLASS_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def _check_wms(s: WmsSessionConfig, where: str) -> None:
+    for key in ("service_class", "site_class"):
+        value = getattr(s, key)
+        if not _CLASS_PATH.match(value):
+            raise ConfigError(f"{where}.{key.replace('_', '-')}: {value!r} is not a class path (package.module.Class)")
+    if s.poll_interval <= 0 or s.report_interval <= 0:
+        raise ConfigError(f"{where}: poll-interval and report-interval must be > 0")
+    if s.cores < 1 or s.retries < 0:
+        raise ConfigError(f"{where}: cores must be >= 1 and retries >= 0")
 
 
 def load_config(path: str | os.PathLike[str] | None) -> FlowbusConfig:
