@@ -62,6 +62,7 @@ from ._events import (
     stamp,
     tag_of,
 )
+from ._rules import CallAction, PolicyConfig, RuleConfig, ThenAction, When, WhenTable
 from ._states import Backend, Observed, State
 from ._workflow import JobSpec, WorkflowSpec, parse_workflow
 
@@ -83,6 +84,7 @@ __all__ = [
     "BusConfig",
     "BusError",
     "BusRequestError",
+    "CallAction",
     "ConfigError",
     "Connected",
     "CurveConfig",
@@ -100,6 +102,7 @@ __all__ = [
     "LogLine",
     "MatchSyntaxError",
     "Observed",
+    "PolicyConfig",
     "PublisherBack",
     "PublisherLost",
     "QcgSessionConfig",
@@ -107,6 +110,7 @@ __all__ = [
     "RecoveryAttempted",
     "RecoveryGaveUp",
     "Resynced",
+    "RuleConfig",
     "RuleFired",
     "SchemaError",
     "SessionConfig",
@@ -114,10 +118,13 @@ __all__ = [
     "State",
     "StateChanged",
     "SubscriberLagged",
+    "ThenAction",
     "UnknownOperation",
     "UnknownSession",
     "WaitSatisfied",
     "WaitTimeout",
+    "When",
+    "WhenTable",
     "WmsSessionConfig",
     "WorkflowSpec",
     "all_error_types",

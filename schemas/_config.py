@@ -13,6 +13,7 @@ import msgspec
 
 from ._env import guiserver_env_defaults
 from ._errors import ConfigError
+from ._rules import PolicyConfig, RuleConfig, check_rules
 
 _LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|localhost|::1|\[::1\])$")
 
@@ -249,6 +250,9 @@ class FlowbusConfig(_Conf, frozen=True):
     sessions: list[SessionConfig] = []
     #: where runtime files (addresses, journals, QCG working dirs) go
     state_dir: str = ""
+    #: orchestration: "when <condition> then <actions>" rules and recovery policies (schemas/_rules.py)
+    rules: list[RuleConfig] = []
+    policies: list[PolicyConfig] = []
 
     def state_path(self) -> Path:
         """The state directory, created on demand."""
@@ -327,6 +331,9 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
             raise ConfigError(f"{origin}: bus.{key.replace('_', '-')}: port {port} out of range")
     if bus.heartbeat_interval <= 0:
         raise ConfigError(f"{origin}: bus.heartbeat-interval: must be > 0")
+    problem = check_rules(cfg.rules, cfg.policies)
+    if problem:
+        raise ConfigError(f"{origin}: {problem}")
 
 
 _CLASS_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
