@@ -201,6 +201,33 @@ class SomaSessionConfig(_Conf, frozen=True, tag="soma", tag_field="backend"):
     directory by default, or a configured resource)."""
 
     name: str
+    #: ``light``: ``WorkflowController(isolated_light_mode=directory)``, the engine runs in the
+    #: session's process; ``resource``: ``WorkflowController(resource-id, login, password, config)``
+    mode: Literal["light", "resource"] = "light"
+    #: light mode: the soma directory (database, job stdout/stderr); "" = the previous
+    #: incarnation's directory, else a fresh temporary one (removed by a graceful stop)
+    directory: str = ""
+    #: resource mode: the resource id of the soma-workflow configuration ("" = soma's default)
+    resource_id: str = ""
+    #: resource mode: login and password for a remote resource ("" = none / the file's)
+    login: str = ""
+    password: str = ""
+    #: resource mode: a soma-workflow configuration file ("" = soma's search: $SOMA_WORKFLOW_CONFIG, ~/.soma-workflow.cfg)
+    config_file: str = ""
+    #: seconds between polls (workflow_elements_status diffs)
+    poll_interval: float = 0.2
+    #: the engine loop period (soma's ``engine.refreshment_interval``, 1 s by default in soma)
+    engine_refresh: float = 0.1
+    #: jobs run at once by the local scheduler (0 = soma's default, the CPU count)
+    proc_nb: int = 0
+    #: when the controller dies: ``reattach`` (new controller, kill orphaned jobs, force-stop and
+    #: restart the workflows), ``resubmit`` (delete them and submit them again), ``none`` (report)
+    recovery: Literal["reattach", "resubmit", "none"] = "reattach"
+    #: recovery attempts before giving up, and the first backoff in seconds (doubling)
+    recovery_attempts: int = 5
+    recovery_backoff: float = 0.5
+    #: seconds a graceful stop waits for soma's stop_workflow on each running workflow
+    stop_timeout: float = 10.0
     #: actor that hosts the session (sessions with the same value share one actor)
     actor: str = ""
 
@@ -319,6 +346,13 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
             raise ConfigError(f"{origin}: sessions[{i}].address: required when mode = 'connect'")
         if isinstance(s, WmsSessionConfig):
             _check_wms(s, f"{origin}: sessions[{i}]")
+        if isinstance(s, SomaSessionConfig):
+            if s.poll_interval <= 0 or s.engine_refresh <= 0:
+                raise ConfigError(f"{origin}: sessions[{i}]: poll-interval and engine-refresh must be > 0")
+            if s.mode == "light" and (s.resource_id or s.login or s.password or s.config_file):
+                raise ConfigError(f"{origin}: sessions[{i}]: resource-id/login/password/config-file need mode = 'resource'")
+            if s.mode == "resource" and s.directory:
+                raise ConfigError(f"{origin}: sessions[{i}].directory: only for mode = 'light'")
     bus = cfg.bus
     if not is_loopback(bus.host) and not bus.curve.server_secret_key_file:
         raise ConfigError(

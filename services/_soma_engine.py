@@ -1,0 +1,231 @@
+"""The soma-workflow controller as a :class:`~flowbus.services.soma.SomaSession` holds it:
+building one (the process-global knobs soma reads are set under one lock and restored), telling
+whether it is still alive, finding its job processes, and ending every thread it started.
+
+soma keeps three threads per light-mode controller in the calling process (``poll_thread``,
+``scheduler_loop`` and the engine loop) plus one ``Popen`` per running job, and records no job
+PIDs anywhere: the session harvests them from the local scheduler at each poll (:func:`job_pids`)
+so orphaned jobs can be killed by PID after a controller death.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import threading
+import time
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import soma_workflow.engine as soma_engine
+import soma_workflow.schedulers.local_scheduler as soma_local
+import structlog
+from soma_workflow import configuration as soma_configuration
+from soma_workflow.client import WorkflowController
+
+from flowbus.schemas import BackendUnavailable, SomaSessionConfig
+
+_log = structlog.get_logger("flowbus.soma")
+
+#: soma reads ``engine.refreshment_interval`` and writes ``SOMA_WORKFLOW_CONFIG`` while a
+#: controller is built: one construction at a time in the process
+_BUILD_LOCK = threading.Lock()
+PID_FILE = "flowbus-soma-pids.json"
+
+
+class _QuietController(WorkflowController):
+    """soma's controller without the ``print`` in ``__del__`` (the session stops it itself)."""
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop_engine()
+
+
+def _popen_new_session(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+    """Job processes in their own session (no signal from the host's terminal or process group)."""
+    kwargs.setdefault("close_fds", True)
+    kwargs.setdefault("start_new_session", True)
+    return subprocess.Popen(*args, **kwargs)
+
+
+def _install_popen_shim() -> None:
+    """soma's LocalScheduler starts jobs with ``subprocess.Popen`` from its own module alias;
+    give it one that starts them in a new session (the rule for processes started in an actor)."""
+    current = getattr(soma_local, "subprocess", None)
+    if getattr(current, "_flowbus_shim", False):
+        return
+    shim = types.SimpleNamespace(Popen=_popen_new_session, PIPE=subprocess.PIPE, _flowbus_shim=True)
+    soma_local.subprocess = shim  # type: ignore[assignment]
+
+
+@dataclass
+class Built:
+    """A controller, where it lives, and the engine parts it started (kept apart from the
+    controller: ``stop_engine`` drops the controller's references, not the threads)."""
+
+    controller: Any
+    address: str
+    output: str = ""
+    engine: Any = None
+    scheduler: Any = None
+    threads: tuple[threading.Thread, ...] = ()
+
+    def dead_reason(self) -> str:
+        """Why the controller cannot work any more ("" while it is alive)."""
+        if getattr(self.controller, "_engine_proxy", None) is None:
+            return "the controller's engine is gone (stop_engine was called)"
+        if self.engine is None:
+            return ""
+        if not getattr(self.engine.engine_loop, "_running", True):
+            return "the soma engine loop was stopped"
+        for t in self.threads:
+            if not t.is_alive():
+                return f"the soma thread {t.name!r} is dead"
+        return ""
+
+    def job_procs(self) -> dict[int, Any]:
+        """soma job id -> ``Popen`` of each job the local scheduler runs now."""
+        sched = self.scheduler
+        if sched is None:
+            return {}
+        with sched._lock:
+            procs = dict(sched._processes)
+        out: dict[int, Any] = {}
+        for drmaa_id, proc in procs.items():
+            with contextlib.suppress(ValueError, TypeError):
+                out[int(drmaa_id)] = proc
+        return out
+
+    def shutdown(self, timeout: float = 5.0) -> list[str]:
+        """End the engine and scheduler threads and kill the remaining job processes.
+
+        Returns the names of threads still alive afterwards (empty when all ended)."""
+        eng, sched = self.engine, self.scheduler
+        if eng is not None:
+            eng.engine_loop.stop_loop()
+            with contextlib.suppress(Exception):
+                sched.jobs_finished_event.set()  # wake the loop now
+        for proc in self.job_procs().values():
+            kill_tree(proc.pid)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=3.0)
+        if sched is not None:
+            with sched._lock:
+                sched.stop_thread_loop = True
+                sched._stop_process_loop = True
+            sched._poll_event.set()
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+            self.controller.stop_engine()
+        return [t.name for t in self.threads if t.is_alive()]
+
+
+def build(cfg: SomaSessionConfig, directory: str) -> Built:
+    """A new ``WorkflowController`` for ``cfg`` (``directory`` for light mode).
+
+    Raises ``BackendUnavailable`` when soma cannot start (with soma's message)."""
+    _install_popen_shim()
+    out = io.StringIO()
+    with _BUILD_LOCK:
+        saved_interval = soma_engine.refreshment_interval
+        saved_env = os.environ.get("SOMA_WORKFLOW_CONFIG")
+        soma_engine.refreshment_interval = float(cfg.engine_refresh)
+        try:
+            with contextlib.redirect_stdout(out):
+                if cfg.mode == "light":
+                    os.makedirs(directory, exist_ok=True)
+                    wc = _QuietController(isolated_light_mode=directory)
+                    address = directory
+                else:
+                    config = None
+                    if cfg.config_file:
+                        config = soma_configuration.Configuration.load_from_file(
+                            cfg.resource_id or None, cfg.config_file)
+                    wc = _QuietController(resource_id=cfg.resource_id or None, login=cfg.login or None,
+                                          password=cfg.password or None, config=config)
+                    address = f"resource:{cfg.resource_id or 'default'}"
+        except Exception as exc:
+            raise BackendUnavailable(f"soma: cannot start a WorkflowController ({cfg.mode} mode, "
+                                     f"{directory or cfg.resource_id!r}): {type(exc).__name__}: {exc}") from exc
+        finally:
+            soma_engine.refreshment_interval = saved_interval
+            if saved_env is None:
+                os.environ.pop("SOMA_WORKFLOW_CONFIG", None)
+            else:
+                os.environ["SOMA_WORKFLOW_CONFIG"] = saved_env
+    proxy = getattr(wc, "_engine_proxy", None)
+    eng = proxy if proxy is not None and hasattr(proxy, "engine_loop") else None
+    sched = None if eng is None else getattr(eng.engine_loop, "_scheduler", None)
+    threads: list[threading.Thread] = []
+    if eng is not None:
+        threads.append(eng.engine_loop_thread)
+        for attr in ("_loop", "_poll_thread"):
+            t = getattr(sched, attr, None)
+            if isinstance(t, threading.Thread):
+                threads.append(t)
+    if sched is not None and cfg.proc_nb > 0:
+        sched.change_proc_nb(int(cfg.proc_nb))  # not scheduler_config: its observer writes ~/ files
+    return Built(wc, address, out.getvalue().strip(), eng, sched, tuple(threads))
+
+
+def kill_tree(pid: int, create_time: float | None = None) -> bool:
+    """SIGKILL ``pid`` and its descendants; with ``create_time``, only if it is still that process."""
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
+            return False
+        victims = [*proc.children(recursive=True), proc]
+    except psutil.Error:
+        return False
+    for p in victims:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(victims, timeout=3.0)
+    return True
+
+
+# -- the PID record (survives the process: a later incarnation kills what this one left) ----------
+
+
+def save_pids(directory: str, pids: Mapping[int, tuple[int, float]]) -> None:
+    """Write soma job id -> (pid, create time) atomically next to soma's database."""
+    path = os.path.join(directory, PID_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({str(k): list(v) for k, v in pids.items()}, f)
+    os.replace(tmp, path)
+
+
+def load_pids(directory: str) -> dict[int, tuple[int, float]]:
+    try:
+        with open(os.path.join(directory, PID_FILE)) as f:
+            raw = json.load(f)
+        return {int(k): (int(v[0]), float(v[1])) for k, v in raw.items()}
+    except (OSError, ValueError, TypeError, IndexError):
+        return {}
+
+
+def create_time(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """soma prints to stdout from some calls (restart_jobs, restart_workflow...)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+__all__ = ["Built", "build", "create_time", "kill_tree", "load_pids", "quiet", "save_pids"]

@@ -1,0 +1,379 @@
+"""The operations a :class:`~flowbus.services.soma.SomaSession` runs through ``call()``: every
+``WorkflowController`` method and the ``Helper`` functions, with arguments checked first and
+soma's exceptions turned into flowbus ones here. Results are plain data (see :func:`plain`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import soma_workflow.errors as soma_errors
+from soma_workflow.client import FileTransfer, Helper
+
+from flowbus.schemas import BackendError, BackendRejected, BackendUnavailable
+
+from ._base import map_errors
+from ._soma_engine import quiet
+from ._soma_wf import plain, serialize, to_workflow
+
+#: operation name -> method (see :func:`flowbus.services.dispatch`)
+OPERATIONS: Mapping[str, str] = {
+    "submit_workflow": "_op_submit_workflow",
+    "register_transfer": "_op_register_transfer",
+    "workflow": "_op_workflow",
+    "workflows": "_op_workflows",
+    "jobs": "_op_jobs",
+    "transfers": "_op_transfers",
+    "workflow_status": "_op_workflow_status",
+    "workflow_elements_status": "_op_workflow_elements_status",
+    "job_status": "_op_job_status",
+    "job_termination_status": "_op_job_termination_status",
+    "transfer_status": "_op_transfer_status",
+    "stop_workflow": "_op_stop_workflow",
+    "restart_workflow": "_op_restart_workflow",
+    "delete_workflow": "_op_delete_workflow",
+    "stop_jobs": "_op_stop_jobs",
+    "restart_jobs": "_op_restart_jobs",
+    "change_workflow_expiration_date": "_op_change_workflow_expiration_date",
+    "wait_workflow": "_op_wait_workflow",
+    "wait_job": "_op_wait_job",
+    "transfer_files": "_op_transfer_files",
+    "delete_transfer": "_op_delete_transfer",
+    "retrieve_job_stdouterr": "_op_retrieve_job_stdouterr",
+    "list_failed_jobs": "_op_list_failed_jobs",
+    "delete_all_workflows": "_op_delete_all_workflows",
+    "transfer_input_files": "_op_transfer_input_files",
+    "transfer_output_files": "_op_transfer_output_files",
+    "serialize": "_op_serialize",
+    "job_ids": "_op_job_ids",
+}
+
+#: longest wait_workflow / wait_job a call may ask for (a call holds a thread of the host)
+MAX_WAIT_S = 3600.0
+
+_ERRORS: Mapping[type[BaseException], type[BackendError]] = {
+    soma_errors.UnknownObjectError: BackendRejected,
+    soma_errors.WorkflowError: BackendRejected,
+    soma_errors.JobError: BackendRejected,
+    soma_errors.TransferError: BackendRejected,
+    soma_errors.SerializationError: BackendRejected,
+    soma_errors.EngineError: BackendUnavailable,
+    soma_errors.DatabaseError: BackendUnavailable,
+    soma_errors.ConnectionError: BackendUnavailable,
+    soma_errors.DRMError: BackendUnavailable,
+    TypeError: BackendRejected,
+    ValueError: BackendRejected,
+    KeyError: BackendRejected,
+    OSError: BackendUnavailable,
+}
+
+
+@contextlib.contextmanager
+def soma_errors_to_flowbus(operation: str) -> Iterator[None]:
+    """soma's exceptions as flowbus ones (original chained), soma's stdout chatter swallowed."""
+    with map_errors(_ERRORS, operation), quiet():
+        yield
+
+
+def _id(value: Any, what: str, operation: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        raise BackendRejected(f"{operation}: {what} must be an integer id, got {value!r}")
+    return value
+
+
+def _ids(values: Any, what: str, operation: str) -> list[int]:
+    if isinstance(values, (int, str)) and not isinstance(values, bool):
+        return [_id(values, what, operation)]
+    if not isinstance(values, (list, tuple)):
+        raise BackendRejected(f"{operation}: {what} must be a list of integer ids, got {values!r}")
+    return [_id(v, what, operation) for v in values]
+
+
+def _timeout(value: Any, operation: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_WAIT_S:
+        raise BackendRejected(f"{operation}: timeout must be a number of seconds in [0, {MAX_WAIT_S:g}], got {value!r}"
+                              " (soma's 'wait forever' would hold a host thread)")
+    return float(value)
+
+
+class SomaOperations:
+    """Mixin: the ``call()`` operations. The session provides the controller and bookkeeping."""
+
+    name: str
+    _lock: threading.RLock
+    _log: Any
+
+    def _controller(self, operation: str) -> Any:
+        raise NotImplementedError
+
+    def _submitted(self, wf_id: int, soma_dict: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _deleted(self, wf_id: int) -> None:
+        raise NotImplementedError
+
+    def _watch(self, wf_id: int) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _using(self, operation: str) -> Iterator[Any]:
+        wc = self._controller(operation)
+        self._log.debug("soma.call.started", operation=operation)
+        try:
+            with soma_errors_to_flowbus(operation):
+                yield wc
+        except BackendError as exc:
+            self._log.info("soma.call.failed", operation=operation, error=str(exc))
+            raise
+        self._log.debug("soma.call.complete", operation=operation)
+
+    def _wf(self, workflow_id: Any, operation: str) -> tuple[int, Any]:
+        """A workflow id checked against the controller (unknown ids: ``BackendRejected``)."""
+        wf_id = _id(workflow_id, "workflow_id", operation)
+        with self._using(operation) as wc:
+            wc.workflow_status(wf_id)  # raises UnknownObjectError naming the id
+        return wf_id, wc
+
+    # -- submission --------------------------------------------------------------------------------
+
+    def _op_submit_workflow(self, workflow: Any, expiration_date: str | None = None, name: str | None = None,
+                            queue: str | None = None) -> int:
+        """Submit a flowbus ``WorkflowSpec`` dict/JSON or soma's JSON form; returns the workflow id."""
+        wf = to_workflow(workflow, "submit_workflow")
+        expires = _date(expiration_date, "submit_workflow") if expiration_date is not None else None
+        if name is not None and not isinstance(name, str):
+            raise BackendRejected(f"submit_workflow: name must be a str, got {name!r}")
+        record = serialize(wf)
+        with self._using("submit_workflow") as wc:
+            wf_id = int(wc.submit_workflow(wf, expiration_date=expires, name=name, queue=queue))
+        self._submitted(wf_id, record)
+        return wf_id
+
+    def _op_register_transfer(self, is_input: bool, client_path: str | None = None, disposal_timeout: int = 168,
+                              name: str | None = None, client_paths: list[str] | None = None) -> dict[str, Any]:
+        """Register a ``FileTransfer``; returns its id and paths."""
+        if not isinstance(is_input, bool) or (client_path is None and not client_paths):
+            raise BackendRejected("register_transfer: needs is_input (bool) and client_path or client_paths")
+        with self._using("register_transfer") as wc:
+            et = wc.register_transfer(FileTransfer(is_input, client_path, int(disposal_timeout), name, client_paths))
+            return {"transfer_id": plain(getattr(et, "transfer_id", None)), "engine_path": plain(et.engine_path),
+                    "client_path": plain(et.client_path), "client_paths": plain(et.client_paths),
+                    "status": plain(getattr(et, "status", None))}
+
+    # -- retrieval ---------------------------------------------------------------------------------
+
+    def _op_workflow(self, workflow_id: int) -> dict[str, Any]:
+        """The workflow: id, name, status, jobs (id, name, command), dependencies (by job id),
+        and soma's JSON form."""
+        wf_id = _id(workflow_id, "workflow_id", "workflow")
+        with self._using("workflow") as wc:
+            ewf = wc.workflow(wf_id)
+            status = wc.workflow_status(wf_id)
+        ids = {id(cj): int(ej.job_id) for cj, ej in ewf.job_mapping.items()}
+        jobs = [{"job_id": int(ej.job_id), "name": str(ej.name), "command": plain(getattr(cj, "command", None))}
+                for cj, ej in ewf.job_mapping.items()]
+        deps = [[ids.get(id(a)), ids.get(id(b))] for a, b in (ewf.dependencies or [])]
+        try:
+            soma_form = serialize(ewf)
+        except Exception:  # noqa: BLE001  (the engine form does not always serialise)
+            soma_form = {}
+        return {"workflow_id": wf_id, "name": plain(ewf.name), "status": plain(status), "jobs": jobs,
+                "dependencies": deps, "soma": soma_form}
+
+    def _op_job_ids(self, workflow_id: int) -> dict[str, int]:
+        """Job name -> soma job id for one workflow (a repeated name gets ``name#id``)."""
+        from ._soma_wf import job_names
+
+        wf_id = _id(workflow_id, "workflow_id", "job_ids")
+        with self._using("job_ids") as wc:
+            return {n: jid for jid, n in job_names(wc, wf_id).items()}
+
+    def _op_workflows(self, workflow_ids: list[int] | None = None) -> dict[str, Any]:
+        ids = None if workflow_ids is None else _ids(workflow_ids, "workflow_ids", "workflows")
+        with self._using("workflows") as wc:
+            return plain(wc.workflows(ids))  # type: ignore[no-any-return]
+
+    def _op_jobs(self, job_ids: list[int] | None = None) -> dict[str, Any]:
+        ids = None if job_ids is None else _ids(job_ids, "job_ids", "jobs")
+        with self._using("jobs") as wc:
+            return plain(wc.jobs(ids))  # type: ignore[no-any-return]
+
+    def _op_transfers(self, transfer_ids: list[str] | None = None) -> dict[str, Any]:
+        with self._using("transfers") as wc:
+            return plain(wc.transfers(transfer_ids))  # type: ignore[no-any-return]
+
+    def _op_workflow_status(self, workflow_id: int) -> str:
+        wf_id = _id(workflow_id, "workflow_id", "workflow_status")
+        with self._using("workflow_status") as wc:
+            return str(wc.workflow_status(wf_id))
+
+    def _op_workflow_elements_status(self, workflow_id: int, with_drms_id: bool = True) -> list[Any]:
+        wf_id = _id(workflow_id, "workflow_id", "workflow_elements_status")
+        with self._using("workflow_elements_status") as wc:
+            return plain(wc.workflow_elements_status(wf_id, with_drms_id=bool(with_drms_id)))  # type: ignore[no-any-return]
+
+    def _op_job_status(self, job_id: int) -> str:
+        jid = _id(job_id, "job_id", "job_status")
+        with self._using("job_status") as wc:
+            return str(wc.job_status(jid))
+
+    def _op_job_termination_status(self, job_id: int) -> list[Any]:
+        jid = _id(job_id, "job_id", "job_termination_status")
+        with self._using("job_termination_status") as wc:
+            return plain(wc.job_termination_status(jid))  # type: ignore[no-any-return]
+
+    def _op_transfer_status(self, transfer_id: str) -> list[Any]:
+        with self._using("transfer_status") as wc:
+            return plain(wc.transfer_status(transfer_id))  # type: ignore[no-any-return]
+
+    def _op_retrieve_job_stdouterr(self, job_id: int, max_bytes: int = 1 << 20) -> dict[str, str]:
+        """The job's stdout and stderr as text (at most ``max_bytes`` of each, from the end)."""
+        jid = _id(job_id, "job_id", "retrieve_job_stdouterr")
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="flowbus-soma-out-") as tmp:
+            out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+            with self._using("retrieve_job_stdouterr") as wc:
+                wc.retrieve_job_stdouterr(jid, out, err)
+            return {"stdout": _tail(out, max_bytes), "stderr": _tail(err, max_bytes)}
+
+    # -- control -----------------------------------------------------------------------------------
+
+    def _op_stop_workflow(self, workflow_id: int) -> bool:
+        wf_id, _ = self._wf(workflow_id, "stop_workflow")
+        with self._using("stop_workflow") as wc:
+            return bool(wc.stop_workflow(wf_id))
+
+    def _op_restart_workflow(self, workflow_id: int, queue: str | None = None) -> bool:
+        wf_id, _ = self._wf(workflow_id, "restart_workflow")
+        with self._using("restart_workflow") as wc:
+            ok = bool(wc.restart_workflow(wf_id, queue))
+        self._watch(wf_id)
+        return ok
+
+    def _op_delete_workflow(self, workflow_id: int, force: bool = True) -> bool:
+        wf_id, _ = self._wf(workflow_id, "delete_workflow")
+        with self._using("delete_workflow") as wc:
+            ok = bool(wc.delete_workflow(wf_id, bool(force)))
+        self._deleted(wf_id)
+        return ok
+
+    def _op_stop_jobs(self, workflow_id: int, job_ids: list[int]) -> bool:
+        wf_id, _ = self._wf(workflow_id, "stop_jobs")
+        with self._using("stop_jobs") as wc:
+            return bool(wc.stop_jobs(wf_id, _ids(job_ids, "job_ids", "stop_jobs")))
+
+    def _op_restart_jobs(self, workflow_id: int, job_ids: list[int]) -> bool:
+        wf_id, _ = self._wf(workflow_id, "restart_jobs")
+        with self._using("restart_jobs") as wc:
+            ok = bool(wc.restart_jobs(wf_id, _ids(job_ids, "job_ids", "restart_jobs")))
+        self._watch(wf_id)
+        return ok
+
+    def _op_change_workflow_expiration_date(self, workflow_id: int, new_expiration_date: str) -> bool:
+        """``new_expiration_date`` as ISO 8601 text (``2030-01-01T00:00:00``)."""
+        wf_id, _ = self._wf(workflow_id, "change_workflow_expiration_date")
+        when = _date(new_expiration_date, "change_workflow_expiration_date")
+        with self._using("change_workflow_expiration_date") as wc:
+            return bool(wc.change_workflow_expiration_date(wf_id, when))
+
+    def _op_wait_workflow(self, workflow_id: int, timeout: float = 60.0) -> str:
+        """Soma's own wait (it polls every engine period); returns the workflow status after it."""
+        wf_id, _ = self._wf(workflow_id, "wait_workflow")
+        t = _timeout(timeout, "wait_workflow")
+        with self._using("wait_workflow") as wc:
+            wc.wait_workflow(wf_id, t)
+            return str(wc.workflow_status(wf_id))
+
+    def _op_wait_job(self, job_ids: list[int], timeout: float = 60.0) -> dict[str, str]:
+        """Soma's own wait on jobs; returns job id -> status after it."""
+        ids = _ids(job_ids, "job_ids", "wait_job")
+        t = _timeout(timeout, "wait_job")
+        with self._using("wait_job") as wc:
+            wc.wait_job(ids, t)
+            return {str(j): str(wc.job_status(j)) for j in ids}
+
+    # -- transfers ---------------------------------------------------------------------------------
+
+    def _op_transfer_files(self, transfer_ids: list[str] | str, buffer_size: int = 512**2) -> None:
+        with self._using("transfer_files") as wc:
+            wc.transfer_files(transfer_ids, int(buffer_size))
+
+    def _op_delete_transfer(self, transfer_id: str) -> None:
+        with self._using("delete_transfer") as wc:
+            wc.delete_transfer(transfer_id)
+
+    # -- Helper ------------------------------------------------------------------------------------
+
+    def _op_list_failed_jobs(self, workflow_id: int, include_aborted_jobs: bool = False,
+                             include_user_killed_jobs: bool = False,
+                             include_statuses: list[str] | None = None) -> list[int]:
+        wf_id, _ = self._wf(workflow_id, "list_failed_jobs")
+        with self._using("list_failed_jobs") as wc:
+            return plain(Helper.list_failed_jobs(wf_id, wc, bool(include_aborted_jobs),  # type: ignore[no-any-return]
+                                                 bool(include_user_killed_jobs), include_statuses))
+
+    def _op_delete_all_workflows(self, force: bool = True) -> bool:
+        with self._using("delete_all_workflows") as wc:
+            ids = list(wc.workflows())
+            ok = bool(Helper.delete_all_workflows(wc, bool(force)))
+        for wf_id in ids:
+            self._deleted(int(wf_id))
+        return ok
+
+    def _op_transfer_input_files(self, workflow_id: int, buffer_size: int = 512**2) -> None:
+        wf_id, _ = self._wf(workflow_id, "transfer_input_files")
+        with self._using("transfer_input_files") as wc:
+            Helper.transfer_input_files(wf_id, wc, int(buffer_size))
+
+    def _op_transfer_output_files(self, workflow_id: int, buffer_size: int = 512**2) -> None:
+        wf_id, _ = self._wf(workflow_id, "transfer_output_files")
+        with self._using("transfer_output_files") as wc:
+            Helper.transfer_output_files(wf_id, wc, int(buffer_size))
+
+    def _op_serialize(self, workflow: Any, file_path: str | None = None) -> dict[str, Any]:
+        """soma's JSON form of a workflow (flowbus description, soma dict, or a submitted
+        workflow's id); with ``file_path`` also written there by ``Helper.serialize``."""
+        if isinstance(workflow, int) and not isinstance(workflow, bool):
+            with self._using("serialize") as wc:
+                wf = wc.workflow(workflow)
+        else:
+            wf = to_workflow(workflow, "serialize")
+        if file_path is not None:
+            if not isinstance(file_path, str) or not file_path:
+                raise BackendRejected(f"serialize: file_path must be a non-empty str, got {file_path!r}")
+            with soma_errors_to_flowbus("serialize"):
+                Helper.serialize(file_path, wf)
+        return serialize(wf)
+
+
+def _date(value: Any, operation: str) -> datetime.datetime:
+    if isinstance(value, datetime.datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    raise BackendRejected(f"{operation}: expected an ISO 8601 date-time text, got {value!r}")
+
+
+def _tail(path: str, max_bytes: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - int(max_bytes)))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+__all__ = ["MAX_WAIT_S", "OPERATIONS", "SomaOperations", "soma_errors_to_flowbus"]
