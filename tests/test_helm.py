@@ -1,0 +1,460 @@
+"""The helm chart (helm/flowbus), offline: rendered and linted by real Helm code (helm-python-sdk,
+the Helm v4 Go SDK through ctypes), every built-in kind validated against Kubernetes' own schemas
+(strict: unknown fields are errors), the RayCluster against KubeRay's CRD schema made strict the
+same way, and what matters asserted on the rendered objects, for the default values and every
+value set in helm/flowbus/ci/. Invalid values must be rejected with the path of the bad value.
+
+What this cannot prove (no API server here): admission, KubeRay's defaulting and CEL rules,
+pods starting, Ray joining, the broker being reachable.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from flowbus.schemas import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "flowbus"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+#: Kubernetes versions the built-in kinds are validated for: the chart's minimum (kubeVersion
+#: >=1.27) and a current one
+KUBE_VERSIONS = ("1.27.0", "1.33.0")
+RELEASE, NAMESPACE = "fb", "science"
+CRD_FILE = Path("kuberay-v1.7.0") / "ray.io_rayclusters.yaml"
+#: KubeRay shortens a head Service name longer than this (utils.CheckName), so ours must fit
+KUBERAY_MAX_NAME = 50
+
+VALUE_SETS = ["default", *(p.name for p in CI_VALUES)]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def load_values(name: str) -> dict[str, Any]:
+    """A value set by name: "default" (the chart's values.yaml only) or a file in ci/."""
+    if name == "default":
+        return {}
+    return helm.values_from_yaml((CHART / "ci" / name).read_text())
+
+
+def render(values: dict[str, Any] | None = None, name: str = RELEASE, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+    """Render the chart as `helm template` does (NOTES.txt left out) and parse every document."""
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values or {}, name=name, namespace=namespace)
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def notes(values: dict[str, Any] | None = None) -> str:
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    return manifests["flowbus/templates/NOTES.txt"]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
+    found = [d for d in by_kind(docs, kind)
+             if component is None or d["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+    assert len(found) == 1, f"expected one {kind} {component or ''}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def ray_pod_specs(rc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Pod specs of the RayCluster by role: "head" and "worker/<group>"."""
+    specs = {"head": rc["spec"]["headGroupSpec"]["template"]["spec"]}
+    for g in rc["spec"]["workerGroupSpecs"]:
+        specs[f"worker/{g['groupName']}"] = g["template"]["spec"]
+    return specs
+
+
+def client_pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod spec that talks to the broker as a client: the Ray pods and the controller."""
+    specs = ray_pod_specs(one(docs, "RayCluster"))
+    ctl = [d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "controller"]
+    for d in ctl:
+        specs["controller"] = d["spec"]["template"]["spec"]
+    return specs
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def mounted_file(spec: dict[str, Any], container: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
+    """The volume and key that provide the file at ``path`` in the container (fails when none does)."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        mp = m["mountPath"]
+        if m.get("subPath") and mp == path:
+            return volumes[m["name"]], m["subPath"]
+        if not m.get("subPath") and path.startswith(mp.rstrip("/") + "/"):
+            rel = path[len(mp.rstrip("/")) + 1:]
+            vol = volumes[m["name"]]
+            src = vol.get("secret") or vol.get("configMap") or {}
+            items = src.get("items")
+            if items is None or any(i["path"] == rel for i in items):
+                return vol, rel
+    raise AssertionError(f"{path} is not mounted in container {container['name']}")
+
+
+def config_toml(docs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    return tomllib.loads(one(docs, "ConfigMap")["data"][key])
+
+
+def find_crd() -> Path | None:
+    """KubeRay's RayCluster CRD (third-party test data, never copied into the repository)."""
+    candidates = []
+    if os.environ.get("FLOWBUS_SHARED_DATA"):
+        candidates.append(Path(os.environ["FLOWBUS_SHARED_DATA"]))
+    candidates += [ROOT.parent / "shared" / "data", Path("/work/shared/data")]
+    for base in candidates:
+        if (base / CRD_FILE).is_file():
+            return base / CRD_FILE
+    return None
+
+
+def strict_schema(node: Any) -> Any:
+    """Close every object schema that lists properties and does not preserve unknown fields:
+    what the API server's strict field validation does with a CRD."""
+    if isinstance(node, dict):
+        out = {k: strict_schema(v) for k, v in node.items()}
+        if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(node, list):
+        return [strict_schema(v) for v in node]
+    return node
+
+
+@pytest.fixture(scope="module")
+def raycluster_validator() -> Iterator[jsonschema.Draft7Validator]:
+    path = find_crd()
+    if path is None:
+        pytest.skip(f"KubeRay CRD {CRD_FILE} not found (set FLOWBUS_SHARED_DATA, or place it in ../shared/data "
+                    "or /work/shared/data); only the CRD validation is skipped")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load(path.read_text(), Loader=loader)  # noqa: S506 - a safe loader
+    assert crd["spec"]["names"]["kind"] == "RayCluster"
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = strict_schema(v1["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    yield jsonschema.Draft7Validator(schema)
+
+
+def crd_errors(validator: jsonschema.Draft7Validator, doc: dict[str, Any]) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def render_error(values: dict[str, Any]) -> str:
+    with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)) as info:
+        render(values)
+    return str(info.value)
+
+
+def worker(name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "replicas": 1, "minReplicas": 1, "maxReplicas": 1, **extra}
+
+
+# -- lint and schema-level validation -----------------------------------------------------------
+
+
+class TestValidity:
+    @pytest.mark.parametrize("value_set", VALUE_SETS)
+    def test_lint_strict(self, value_set: str) -> None:
+        """`helm lint --strict` finds no warning or error for the value set."""
+        for kube in KUBE_VERSIONS:
+            report = helm.lint(CHART, load_values(value_set), strict=True, namespace=NAMESPACE, kube_version=f"v{kube}")
+            bad = [m for m in report["messages"] if m["severity"] >= 2]
+            assert report["total_charts_linted"] == 1
+            assert not bad and not report["errors"], (kube, bad, report["errors"])
+
+    def test_lint_reports_bad_values(self) -> None:
+        """The strict lint above can fail: values the schema forbids give a lint error."""
+        report = helm.lint(CHART, {"broker": {"replicas": 2}}, strict=True, kube_version=f"v{KUBE_VERSIONS[0]}")
+        text = " ".join(m["error"] for m in report["messages"] if m["severity"] >= 3) + " ".join(report["errors"])
+        assert "replicas" in text
+
+    @pytest.mark.parametrize("value_set", VALUE_SETS)
+    def test_builtin_kinds_validate_strictly(self, value_set: str) -> None:
+        """Every rendered object of a built-in kind passes Kubernetes' schema with unknown fields forbidden."""
+        docs = render(load_values(value_set))
+        builtin = [d for d in docs if d["kind"] != "RayCluster"]
+        assert {d["kind"] for d in builtin} >= {"ConfigMap", "Service", "Deployment"}
+        for kube in KUBE_VERSIONS:
+            for doc in builtin:
+                kubernetes_validate.validate(doc, kube, strict=True)
+
+    def test_strict_kubernetes_validation_can_fail(self) -> None:
+        """An unknown container field in a rendered Deployment is rejected (the check is not vacuous)."""
+        dep = copy.deepcopy(one(render(), "Deployment", "broker"))
+        dep["spec"]["template"]["spec"]["containers"][0]["bogusField"] = 1
+        with pytest.raises(kubernetes_validate.ValidationError, match="bogusField"):
+            kubernetes_validate.validate(dep, KUBE_VERSIONS[0], strict=True)
+
+    @pytest.mark.parametrize("value_set", VALUE_SETS)
+    def test_raycluster_matches_kuberay_crd(self, value_set: str, raycluster_validator: jsonschema.Draft7Validator) -> None:
+        """The RayCluster passes KubeRay v1.7.0's openAPIV3Schema with unknown fields forbidden."""
+        rc = one(render(load_values(value_set)), "RayCluster")
+        assert rc["apiVersion"] == "ray.io/v1"
+        assert crd_errors(raycluster_validator, rc) == []
+
+    def test_crd_validation_can_fail(self, raycluster_validator: jsonschema.Draft7Validator) -> None:
+        """A misspelt field, a number where the CRD wants a string, and a string count are all caught."""
+        rc = one(render(), "RayCluster")
+        rc["spec"]["headGroupSpec"]["rayStartParam"] = {}
+        rc["spec"]["workerGroupSpecs"][0]["resources"]["flowbus-sessions"] = 1000
+        rc["spec"]["workerGroupSpecs"][0]["replicas"] = "three"
+        errors = "\n".join(crd_errors(raycluster_validator, rc))
+        assert "rayStartParam" in errors
+        assert "workerGroupSpecs.0.resources.flowbus-sessions" in errors
+        assert "workerGroupSpecs.0.replicas" in errors
+
+
+# -- behaviour --------------------------------------------------------------------------------
+
+
+class TestBroker:
+    @pytest.mark.parametrize("value_set", VALUE_SETS)
+    def test_every_client_pod_gets_the_service_address(self, value_set: str) -> None:
+        """FLOWBUS_ADDRESS in the Ray head, every worker and the controller is the broker Service's DNS name and request port."""
+        docs = render(load_values(value_set))
+        svc = one(docs, "Service", "broker")
+        port = {p["name"]: p["port"] for p in svc["spec"]["ports"]}["request"]
+        expected = f"tcp://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc:{port}"
+        specs = client_pod_specs(docs)
+        assert {"head"} < set(specs)
+        for role, spec in specs.items():
+            (container,) = spec["containers"]
+            assert env_of(container)["FLOWBUS_ADDRESS"] == expected, role
+
+    def test_default_address(self) -> None:
+        """With the defaults the address is the one the README documents."""
+        docs = render()
+        (c,) = client_pod_specs(docs)["head"]["containers"]
+        assert env_of(c)["FLOWBUS_ADDRESS"] == f"tcp://{RELEASE}-flowbus-broker.{NAMESPACE}.svc:7750"
+
+    @pytest.mark.parametrize("value_set", VALUE_SETS)
+    def test_one_broker_behind_a_clusterip_service(self, value_set: str) -> None:
+        """Exactly one broker replica, never two during an upgrade, behind a ClusterIP Service whose ports are the container's and the config's."""
+        docs = render(load_values(value_set))
+        dep = one(docs, "Deployment", "broker")
+        assert dep["spec"]["replicas"] == 1
+        assert dep["spec"]["strategy"]["type"] == "Recreate"
+        svc = one(docs, "Service", "broker")
+        assert svc["spec"]["type"] == "ClusterIP"
+        pod = dep["spec"]["template"]
+        assert all(pod["metadata"]["labels"][k] == v for k, v in svc["spec"]["selector"].items())
+        (c,) = pod["spec"]["containers"]
+        container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        service_ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+        targets = {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}
+        assert set(service_ports) == {"request", "publish", "ingest"}
+        assert targets == {n: n for n in service_ports}
+        assert container_ports == service_ports  # clients learn publish/ingest ports from the broker
+        for key in ("flowbus.toml", "broker.toml"):
+            bus = config_toml(docs, key)["bus"]
+            assert {n: bus[f"{n}-port"] for n in service_ports} == service_ports, key
+        assert c["readinessProbe"]["tcpSocket"]["port"] in ("request", service_ports["request"])
+
+    def test_broker_runs_its_config_and_journals_on_the_volume(self) -> None:
+        """The broker is started on broker.toml, binds every interface, and its journal directory is the journal volume (emptyDir by default)."""
+        docs = render()
+        dep = one(docs, "Deployment", "broker")
+        spec = dep["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        assert c["command"][:2] == ["flowbus", "broker"]
+        cfg_path = c["command"][c["command"].index("--config") + 1]
+        vol, key = mounted_file(spec, c, cfg_path)
+        assert vol["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"] and key == "broker.toml"
+        bus = config_toml(docs, "broker.toml")["bus"]
+        assert bus["host"] == "0.0.0.0"
+        journal_vol, _ = mounted_file(spec, c, bus["journal-dir"] + "/x")
+        assert journal_vol["name"] == "journal" and "emptyDir" in journal_vol
+        assert not by_kind(docs, "PersistentVolumeClaim")
+
+    def test_pvc_journal(self) -> None:
+        """With persistence on, the chart creates a claim (kept on uninstall) and the journal volume uses it."""
+        docs = render(load_values("pvc-journal-values.yaml"))
+        (pvc,) = by_kind(docs, "PersistentVolumeClaim")
+        assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+        assert pvc["spec"]["storageClassName"] == "standard"
+        assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        vols = {v["name"]: v for v in one(docs, "Deployment", "broker")["spec"]["template"]["spec"]["volumes"]}
+        assert vols["journal"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+
+    def test_existing_claim(self) -> None:
+        """An existing claim is used as it is; no claim is created."""
+        docs = render(load_values("controller-off-values.yaml"))
+        assert not by_kind(docs, "PersistentVolumeClaim")
+        vols = {v["name"]: v for v in one(docs, "Deployment", "broker")["spec"]["template"]["spec"]["volumes"]}
+        assert vols["journal"]["persistentVolumeClaim"]["claimName"] == "flowbus-journal"
+
+
+class TestConfig:
+    @pytest.mark.parametrize("value_set", VALUE_SETS)
+    def test_config_parses_with_flowbus(self, value_set: str) -> None:
+        """Both files of the ConfigMap are valid flowbus configs (flowbus.schemas.parse_config), and the clients' [bus] is the Service."""
+        docs = render(load_values(value_set))
+        svc = one(docs, "Service", "broker")
+        for key in ("flowbus.toml", "broker.toml"):
+            cfg = parse_config(config_toml(docs, key), f"ConfigMap {key}")
+            assert cfg.bus.curve.server_secret_key_file  # flowbus requires CurveZMQ off loopback
+        client = parse_config(config_toml(docs, "flowbus.toml"), "flowbus.toml")
+        assert client.bus.host == f"{svc['metadata']['name']}.{NAMESPACE}.svc"
+
+    def test_user_config_is_kept(self) -> None:
+        """The sessions, [ray] and [log] the user wrote reach the pods' config."""
+        cfg = parse_config(config_toml(render(load_values("two-groups-values.yaml")), "flowbus.toml"), "flowbus.toml")
+        assert [s.name for s in cfg.sessions] == ["ops", "hpc"]
+        assert cfg.ray.sessions_per_actor == 128 and cfg.log.json is True
+        assert cfg.state_dir == "/var/lib/flowbus/state"
+
+    def test_bus_values_reach_the_config(self) -> None:
+        """bus.journalEvents and bus.heartbeatInterval become journal-events and heartbeat-interval."""
+        cfg = parse_config(config_toml(render(load_values("pvc-journal-values.yaml")), "broker.toml"), "broker.toml")
+        assert cfg.bus.journal_events == 500000 and cfg.bus.heartbeat_interval == 0.5
+
+    @pytest.mark.parametrize("value_set", VALUE_SETS)
+    def test_config_and_keys_are_mounted_where_the_config_says(self, value_set: str) -> None:
+        """Every client pod mounts flowbus.toml and the broker's public key at the paths the config names; only the broker pod gets the secret key."""
+        docs = render(load_values(value_set))
+        curve = config_toml(docs, "flowbus.toml")["bus"]["curve"]
+        for role, spec in client_pod_specs(docs).items():
+            (c,) = spec["containers"]
+            vol, key = mounted_file(spec, c, "/etc/flowbus/flowbus.toml")
+            assert "configMap" in vol and key == "flowbus.toml", role
+            vol, _ = mounted_file(spec, c, curve["server-public-key-file"])
+            assert "secret" in vol, role
+            with pytest.raises(AssertionError):
+                mounted_file(spec, c, curve["server-secret-key-file"])
+            if "client-secret-key-file" in curve:
+                vol, _ = mounted_file(spec, c, curve["client-secret-key-file"])
+                assert vol["secret"]["secretName"] == "flowbus-client-key", role
+        broker_spec = one(docs, "Deployment", "broker")["spec"]["template"]["spec"]
+        (bc,) = broker_spec["containers"]
+        bcurve = config_toml(docs, "broker.toml")["bus"]["curve"]
+        vol, _ = mounted_file(broker_spec, bc, bcurve["server-secret-key-file"])
+        assert "secret" in vol
+        if "authorized-keys-dir" in bcurve:
+            vol, _ = mounted_file(broker_spec, bc, bcurve["authorized-keys-dir"] + "/client.key")
+            assert [i["key"] for i in vol["secret"]["items"]] == ["client.key"]  # the public key only
+
+    def test_bus_table_in_user_config_is_rejected(self) -> None:
+        """A [bus] table in `config` is refused: the chart owns it so that pods reach the one broker."""
+        assert "config: must not set the [bus] table" in render_error({"config": "[bus]\nhost = \"x\"\n"})
+        assert "config: must not set the [bus] table" in render_error({"config": "[bus.curve]\nserver-secret-key-file = \"k\"\n"})
+
+
+class TestRayCluster:
+    def test_head_takes_no_sessions(self) -> None:
+        """The head starts with num-cpus "0" (sessions never land there) even if other start parameters are set."""
+        rc = one(render({"ray": {"head": {"rayStartParams": {"metrics-export-port": "8080"}}}}), "RayCluster")
+        params = rc["spec"]["headGroupSpec"]["rayStartParams"]
+        assert params["num-cpus"] == "0" and params["metrics-export-port"] == "8080"
+
+    def test_worker_groups_carry_ray_resources_and_labels(self) -> None:
+        """Each worker group gets its custom Ray resources (as the strings KubeRay wants), labels, replicas and container resources."""
+        values = load_values("two-groups-values.yaml")
+        rc = one(render(values), "RayCluster")
+        groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+        assert list(groups) == [g["name"] for g in values["ray"]["workerGroups"]]
+        for want in values["ray"]["workerGroups"]:
+            got = groups[want["name"]]
+            assert got["resources"] == {k: str(v) for k, v in want["rayResources"].items()}
+            assert got["labels"] == want["rayLabels"]
+            assert "resources" not in got["rayStartParams"] and "num-cpus" not in got["rayStartParams"]
+            assert (got["replicas"], got["minReplicas"], got["maxReplicas"]) == (want["replicas"], want["minReplicas"], want["maxReplicas"])
+            (c,) = got["template"]["spec"]["containers"]
+            assert c.get("resources") == want.get("resources")
+        assert groups["ecflow"]["resources"] == {"flowbus-ecflow": "1000"}
+        assert groups["qcg"]["rayStartParams"] == {"metrics-export-port": "8080"}
+        assert rc["spec"]["headGroupSpec"]["labels"] == {"flowbus.io/role": "head"}
+
+    def test_large_resource_counts_stay_integers(self) -> None:
+        """A resource count of a million renders as "1000000", not in float notation."""
+        rc = one(render({"ray": {"workerGroups": [worker("big", rayResources={"flowbus-x": 1000000})]}}), "RayCluster")
+        assert rc["spec"]["workerGroupSpecs"][0]["resources"] == {"flowbus-x": "1000000"}
+
+    def test_gcs_fault_tolerance_only_when_enabled(self) -> None:
+        """gcsFaultToleranceOptions appear only with ray.gcsFaultTolerance.enabled, with the Redis address and password secret."""
+        assert "gcsFaultToleranceOptions" not in one(render(), "RayCluster")["spec"]
+        assert "gcsFaultToleranceOptions" not in one(render({"ray": {"gcsFaultTolerance": {"enabled": False, "redisAddress": "r:6379"}}}), "RayCluster")["spec"]
+        gcs = one(render(load_values("gcs-ft-values.yaml")), "RayCluster")["spec"]["gcsFaultToleranceOptions"]
+        assert gcs["redisAddress"] == "redis.flowbus.svc:6379"
+        assert gcs["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "redis-password", "key": "password"}
+
+    @pytest.mark.parametrize("release", ["fb", "a-very-long-release-name-for-the-science-department-0123"])
+    def test_controller_targets_the_head_service_kuberay_creates(self, release: str) -> None:
+        """The controller runs `flowbus up --address ray://<RayCluster>-head-svc... --broker <FLOWBUS_ADDRESS>`, a name KubeRay keeps unshortened."""
+        docs = render(name=release)
+        rc = one(docs, "RayCluster")
+        head_svc = f"{rc['metadata']['name']}-head-svc"
+        assert len(head_svc) <= KUBERAY_MAX_NAME
+        (c,) = one(docs, "Deployment", "controller")["spec"]["template"]["spec"]["containers"]
+        cmd = c["command"]
+        assert cmd[:2] == ["flowbus", "up"]
+        assert cmd[cmd.index("--config") + 1] == "/etc/flowbus/flowbus.toml"
+        assert cmd[cmd.index("--address") + 1] == f"ray://{head_svc}.{NAMESPACE}.svc:10001"
+        assert cmd[cmd.index("--broker") + 1] == env_of(c)["FLOWBUS_ADDRESS"]
+        for d in docs:
+            assert len(d["metadata"]["name"]) <= 63
+
+    def test_controller_can_be_disabled(self) -> None:
+        """controller.enabled=false renders no controller; the rest stays."""
+        docs = render(load_values("controller-off-values.yaml"))
+        assert [d["metadata"]["labels"]["app.kubernetes.io/component"] for d in by_kind(docs, "Deployment")] == ["broker"]
+        assert one(docs, "RayCluster")
+        assert "flowbus watch" in notes(load_values("controller-off-values.yaml"))
+
+
+# -- invalid values ----------------------------------------------------------------------------
+
+
+class TestInvalidValues:
+    @pytest.mark.parametrize(("values", "path"), [
+        ({"ray": {"workerGroups": [worker("Bad_Name")]}}, "/ray/workerGroups/0/name"),
+        ({"ray": {"workerGroups": [worker("a", replicas="three")]}}, "/ray/workerGroups/0/replicas"),
+        ({"broker": {"replicas": 2}}, "/broker"),
+        ({"bogus": 1}, "bogus"),
+        ({"ray": {"gcsFaultTolerance": {"enabled": True}}}, "/ray/gcsFaultTolerance/redisAddress"),
+        ({"ray": {"workerGroups": [worker("a", rayResources={"flowbus-x": 1.5})]}}, "/ray/workerGroups/0/rayResources/flowbus-x"),
+        ({"ray": {"head": {"rayStartParams": {"num-cpus": "4"}}}}, "/ray/head/rayStartParams/num-cpus"),
+        ({"ray": {"workerGroups": []}}, "/ray/workerGroups"),
+        ({"bus": {"requestPort": 70000}}, "/bus/requestPort"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ], ids=["bad-name", "wrong-type", "unknown-key", "unknown-top-key", "gcs-without-redis", "fractional-resource",
+            "head-num-cpus", "no-worker-group", "port-range", "enum"])
+    def test_schema_rejects_with_path(self, values: dict[str, Any], path: str) -> None:
+        """values.schema.json rejects the value and the error names its path."""
+        with pytest.raises(helm.HelmValuesError) as info:
+            render(values)
+        assert path in str(info.value)
+
+    @pytest.mark.parametrize(("values", "message"), [
+        ({"ray": {"workerGroups": [worker("a"), worker("a")]}}, 'ray.workerGroups[1].name: "a" is already the name of ray.workerGroups[0]'),
+        ({"ray": {"workerGroups": [worker("a", minReplicas=3, maxReplicas=2, replicas=2)]}}, "ray.workerGroups[0].minReplicas: 3 is above maxReplicas 2"),
+        ({"ray": {"workerGroups": [worker("a", replicas=5)]}}, "ray.workerGroups[0].replicas: 5 is outside"),
+        ({"bus": {"publishPort": 7750}}, "bus: requestPort, publishPort and ingestPort must differ"),
+    ], ids=["duplicate-group", "min-above-max", "replicas-outside", "same-port"])
+    def test_template_checks_name_the_value(self, values: dict[str, Any], message: str) -> None:
+        """Checks the schema cannot express fail the render with the value's path."""
+        assert message in render_error(values)
