@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -458,3 +459,18 @@ class TestInvalidValues:
     def test_template_checks_name_the_value(self, values: dict[str, Any], message: str) -> None:
         """Checks the schema cannot express fail the render with the value's path."""
         assert message in render_error(values)
+
+
+class TestReadme:
+    def test_readme_example_renders_as_documented(self) -> None:
+        """The values example of the README's Kubernetes section renders, its config parses, and the controller command is the one the README shows."""
+        readme = (ROOT / "README.md").read_text()
+        section = readme[readme.index("## Kubernetes (helm)"):readme.index("## How it fits together")]
+        match = re.search(r"```yaml\n# my-values.yaml\n(.*?)```", section, re.S)
+        assert match, "the README's Kubernetes section has no my-values.yaml example"
+        docs = render(helm.values_from_yaml(match.group(1)), name="fb", namespace="ns")
+        cfg = parse_config(config_toml(docs, "flowbus.toml"), "README example")
+        assert [s.name for s in cfg.sessions] == ["ops"]
+        (c,) = one(docs, "Deployment", "controller")["spec"]["template"]["spec"]["containers"]
+        assert f"`{' '.join(c['command'])}`" in " ".join(section.split())
+        assert "gcsFaultToleranceOptions" in one(docs, "RayCluster")["spec"]
