@@ -1,18 +1,26 @@
 """BackendActor: a Ray actor that hosts many adapter sessions and publishes their events.
 
-Each session gets a poll thread of its own (one stalled backend never stalls the others) and
-commands run in a thread pool, so the actor's event loop stays free for pings. After a Ray
-restart the constructor runs again with the same session specs; ``start()`` (called by the
-Supervisor's watchdog, or lazily by the first command) reopens every session: the broker grants a
-new epoch and the journal's next seq, the journal's snapshot tells the session what the bus
-knew, and the session publishes what changed meanwhile with ``observed=resync``.
+Sessions are polled by a :class:`~._scheduler.PollScheduler`: a heap of next-poll times feeding a
+bounded pool of worker threads (``poll_workers``, default 16). A session whose poll blocks (a
+frozen backend) holds one worker and is not rescheduled while in flight; the others go on, and
+``ping()`` names it under ``stuck``. Each session still emits a ``Heartbeat`` every
+``HEARTBEAT_EVERY`` seconds (after a poll that is due for one; start times are spread).
+Commands run in a separate thread pool, so the actor's event loop stays free for pings.
+
+Opening many sessions is batched: one registration round for every source on the publisher,
+one journal snapshot for all of them, then ``session.start()`` for up to ``open_concurrency``
+sessions at a time, and one flush. After a Ray restart the constructor runs again with the same
+session specs; ``start()`` (called by the Supervisor's watchdog, or lazily by the first
+command) reopens every session: the broker grants a new epoch and the journal's next seq, the
+journal's snapshot tells the session what the bus knew, and the session publishes what changed
+meanwhile with ``observed=resync``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import threading
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,6 +37,7 @@ from flowbus.schemas import (  # noqa: E402
     Connected,
     ErrorEvent,
     Event,
+    Fenced,
     FlowbusError,
     Heartbeat,
     SessionConfig,
@@ -38,100 +47,159 @@ from flowbus.schemas import (  # noqa: E402
 )
 from flowbus.services import BackendSession, session_for  # noqa: E402
 
+from ._scheduler import PollScheduler  # noqa: E402
+
 log = structlog.get_logger("flowbus.actor")
 
 HEARTBEAT_EVERY = 10.0
+POLL_WORKERS = 16
+OPEN_CONCURRENCY = 8
+#: a poll in flight for longer than this is reported under ``stuck`` by ping()
+STUCK_AFTER = 5.0
 
 
 class _Hosted:
-    """One session inside the actor, with its poll thread."""
+    """One session inside the actor: what its scheduled poll needs."""
 
     def __init__(self, spec: SessionConfig, session: BackendSession, publisher: Publisher) -> None:
         self.spec, self.session, self.publisher = spec, session, publisher
-        self.stop_flag = threading.Event()
-        self.thread: threading.Thread | None = None
         self.poll_errors = 0
         self.started_at = time.time()
+        # spread the heartbeats of sessions opened together over one period
+        self.next_beat = time.monotonic() + HEARTBEAT_EVERY * (0.5 + random.random() / 2)
+        self._log = log.bind(session_id=spec.name, backend=session.backend)
 
     def emit(self, event: Event) -> None:
         self.publisher.publish(event)
 
-    def run_polls(self) -> None:
-        bound = log.bind(session_id=self.spec.name, backend=self.session.backend)
-        next_beat = time.monotonic() + HEARTBEAT_EVERY
-        while not self.stop_flag.is_set():
-            try:
-                delay = self.session.poll()
-            except Exception as exc:  # noqa: BLE001 - a failing poll is published, the loop goes on
-                self.poll_errors += 1
-                bound.error("session.poll.failed", error=str(exc))
-                self.emit(ErrorEvent(source=self.spec.name, backend=self.session.backend, operation="poll",
-                                     error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-                                     message=str(exc), args=[str(a) for a in exc.args]))
-                delay = 1.0
-            now = time.monotonic()
-            if now >= next_beat:
-                self.emit(Heartbeat(source=self.spec.name, backend=self.session.backend))
-                next_beat = now + HEARTBEAT_EVERY
-            self.stop_flag.wait(max(0.005, min(delay, 1.0)))
+    def poll_once(self) -> float:
+        """One scheduled turn: poll, publish a failure as ``ErrorEvent``, heartbeat when due;
+        returns the delay until the next turn."""
+        try:
+            delay = self.session.poll()
+        except Exception as exc:  # noqa: BLE001 - a failing poll is published, the schedule goes on
+            self.poll_errors += 1
+            self._log.error("session.poll.failed", error=str(exc))
+            self.emit(ErrorEvent(source=self.spec.name, backend=self.session.backend, operation="poll",
+                                 error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+                                 message=str(exc), args=[str(a) for a in exc.args]))
+            delay = 1.0
+        now = time.monotonic()
+        if now >= self.next_beat:
+            self.emit(Heartbeat(source=self.spec.name, backend=self.session.backend))
+            self.next_beat = now + HEARTBEAT_EVERY
+        return delay
 
 
 class BackendActorImpl:
     """The actor's body (plain class, so tests can also run it in-process)."""
 
-    def __init__(self, name: str, broker_address: str, specs: list[dict[str, Any]], curve: Any = None) -> None:
+    def __init__(self, name: str, broker_address: str, specs: list[dict[str, Any]], curve: Any = None, *,
+                 poll_workers: int = POLL_WORKERS, open_concurrency: int = OPEN_CONCURRENCY) -> None:
         # configuration only: no I/O here (a failing constructor surfaces as an opaque actor death)
         self.actor_name = name
         self.broker_address = broker_address
         self.specs = list(specs)
         self.curve = curve
+        self.poll_workers = max(1, int(poll_workers))
+        self.open_concurrency = max(1, int(open_concurrency))
         self._hosted: dict[str, _Hosted] = {}
         self._publisher: Publisher | None = None
+        self._scheduler: PollScheduler | None = None
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"flowbus-{name}")
         self._start_lock = asyncio.Lock()
         self._started = False
 
     async def start(self) -> dict[str, Any]:
-        """Open the publisher and every configured session (idempotent)."""
+        """Open the publisher and every configured session (idempotent). When sessions fail to
+        open, the others are opened anyway and the first failure is raised."""
         async with self._start_lock:
             if not self._started:
                 loop = asyncio.get_running_loop()
-                self._publisher = await loop.run_in_executor(self._pool, lambda: Publisher(self.broker_address, curve=self.curve))
-                for spec in self.specs:
-                    await self._open(spec)
+                if self._publisher is None:
+                    self._publisher = await loop.run_in_executor(
+                        self._pool, lambda: Publisher(self.broker_address, curve=self.curve))
+                if self._scheduler is None:
+                    self._scheduler = PollScheduler(self.poll_workers, name=f"flowbus-{self.actor_name}",
+                                                    stuck_after=STUCK_AFTER)
+                todo = [s for s in self.specs if s.get("name") not in self._hosted]
+                await self._open(todo)
                 self._started = True
         return await self.ping()
 
-    async def _open(self, raw: dict[str, Any]) -> None:
-        spec: SessionConfig = msgspec.convert(raw, SessionConfig)
+    async def _open(self, raws: list[dict[str, Any]]) -> None:
+        if not raws:
+            return
+        specs = [msgspec.convert(raw, SessionConfig) for raw in raws]
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self._open_sync, spec)
+        await loop.run_in_executor(self._pool, self._open_many_sync, specs)
 
-    def _open_sync(self, spec: SessionConfig) -> None:
-        assert self._publisher is not None
-        session = session_for(spec)
-        epoch, next_seq = self._publisher.open_source(spec.name, session.backend)
-        known, previous_address = self._known(spec.name, session.backend)
-        hosted = _Hosted(spec, session, self._publisher)
-        log.info("session.opening", session_id=spec.name, epoch=epoch, next_seq=next_seq, known=len(known))
-        session.start(hosted.emit, known, previous_address=previous_address)
+    def _open_many_sync(self, specs: list[SessionConfig]) -> None:
+        """Register every source in one round, read one snapshot, start sessions concurrently."""
+        assert self._publisher is not None and self._scheduler is not None
+        sessions = [session_for(spec) for spec in specs]
+        grants = self._publisher.open_sources([(spec.name, s.backend) for spec, s in zip(specs, sessions, strict=True)])
+        known = self._known_many([(spec.name, s.backend) for spec, s in zip(specs, sessions, strict=True)])
+        errors: list[tuple[str, BaseException]] = []
+
+        def open_one(spec: SessionConfig, session: BackendSession) -> None:
+            states, previous_address = known.get(spec.name, ({}, None))
+            hosted = _Hosted(spec, session, self._publisher)  # type: ignore[arg-type]
+            if spec.name not in grants:
+                errors.append((spec.name, Fenced(f"source {spec.name!r}: a newer incarnation owns it")))
+                return
+            epoch, next_seq = grants[spec.name]
+            log.info("session.opening", session_id=spec.name, epoch=epoch, next_seq=next_seq, known=len(states))
+            try:
+                session.start(hosted.emit, states, previous_address=previous_address)
+            except Exception as exc:  # noqa: BLE001 - reported after the others are open
+                errors.append((spec.name, exc))
+                self._publisher.close_source(spec.name)  # type: ignore[union-attr]
+                return
+            self._hosted[spec.name] = hosted
+            self._schedule(hosted)
+
+        width = min(self.open_concurrency, len(specs))
+        if width <= 1:
+            for spec, session in zip(specs, sessions, strict=True):
+                open_one(spec, session)
+        else:
+            with ThreadPoolExecutor(max_workers=width, thread_name_prefix=f"open-{self.actor_name}") as ex:
+                list(ex.map(open_one, specs, sessions))
         self._publisher.flush()
-        hosted.thread = threading.Thread(target=hosted.run_polls, name=f"poll-{spec.name}", daemon=True)
-        hosted.thread.start()
-        self._hosted[spec.name] = hosted
+        if errors:
+            name, exc = errors[0]
+            log.error("session.open.failed", failed=[n for n, _ in errors], first=name, error=str(exc))
+            raise exc
 
-    def _known(self, source: str, backend: str) -> tuple[dict[str, StateChanged], str | None]:
-        """What the journal's snapshot says about this source: states, and the last address."""
+    def _schedule(self, hosted: _Hosted) -> None:
+        assert self._scheduler is not None
+        self._scheduler.add(hosted.spec.name, hosted.poll_once)
+
+    def _known_many(self, sources: list[tuple[str, str]]) -> dict[str, tuple[dict[str, StateChanged], str | None]]:
+        """What the journal's snapshot says about each source (one request for all of them):
+        states, and the last address."""
         import zmq
 
-        req = Requester(zmq.Context.instance(), self.broker_address, self.curve)
+        req = Requester(zmq.Context.instance(), self.broker_address, self.curve, timeout=max(5.0, len(sources) / 50))
         try:
-            events = [decode(p) for p in req.call("snapshot", prefixes=[f"{backend}/{source}/"])["events"]]
+            payloads = req.call("snapshot", prefixes=[f"{backend}/{source}/" for source, backend in sources])["events"]
         finally:
             req.close()
-        known = {e.key: e for e in events if isinstance(e, StateChanged)}
-        conn = [e for e in events if isinstance(e, Connected)]
-        return known, (conn[0].address or None) if conn else None
+        out: dict[str, tuple[dict[str, StateChanged], str | None]] = {name: ({}, None) for name, _ in sources}
+        for ev in (decode(p) for p in payloads):
+            if ev.source not in out:
+                continue
+            states, address = out[ev.source]
+            if isinstance(ev, StateChanged):
+                states[ev.key] = ev
+            elif isinstance(ev, Connected) and address is None:
+                out[ev.source] = (states, ev.address or None)
+        return out
+
+    def _known(self, source: str, backend: str) -> tuple[dict[str, StateChanged], str | None]:
+        """What the journal's snapshot says about one source: states, and the last address."""
+        return self._known_many([(source, backend)])[source]
 
     async def add_session(self, spec: dict[str, Any]) -> dict[str, Any]:
         await self.start()
@@ -139,7 +207,7 @@ class BackendActorImpl:
         if name in self._hosted:
             raise FlowbusError(f"session {name!r} is already hosted by {self.actor_name}")
         self.specs.append(spec)
-        await self._open(spec)
+        await self._open([spec])
         return await self.ping()
 
     async def call(self, session: str, operation: str, *args: Any, **kwargs: Any) -> Any:
@@ -166,10 +234,12 @@ class BackendActorImpl:
         return list(hosted.session.operations())
 
     async def ping(self) -> dict[str, Any]:
-        pub = self._publisher
+        pub, sched = self._publisher, self._scheduler
         return {"actor": self.actor_name, "pid": os.getpid(), "started": self._started,
                 "sessions": sorted(self._hosted), "bus_connected": bool(pub and pub.connected()),
-                "publisher": dict(pub.stats) if pub else {}}
+                "publisher": dict(pub.stats) if pub else {},
+                "stuck": sched.stuck() if sched else {},
+                "scheduler": sched.info() if sched else {}}
 
     async def remove_session(self, session: str) -> None:
         hosted = self._hosted.pop(session, None)
@@ -179,9 +249,8 @@ class BackendActorImpl:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._stop_one, hosted)
 
     def _stop_one(self, hosted: _Hosted) -> None:
-        hosted.stop_flag.set()
-        if hosted.thread is not None:
-            hosted.thread.join(10)
+        if self._scheduler is not None and not self._scheduler.remove(hosted.spec.name, timeout=10):
+            log.warning("session.stop.poll_in_flight", session_id=hosted.spec.name)
         try:
             hosted.session.stop()
         except Exception as exc:  # noqa: BLE001 - stop the others anyway
@@ -199,6 +268,9 @@ class BackendActorImpl:
         hosted = list(self._hosted.values())
         self._hosted.clear()
         await asyncio.gather(*(loop.run_in_executor(self._pool, self._stop_one, h) for h in hosted))
+        if self._scheduler is not None:
+            await loop.run_in_executor(self._pool, self._scheduler.close)
+            self._scheduler = None
         if self._publisher is not None:
             await loop.run_in_executor(self._pool, self._publisher.close, 2.0)
             self._publisher = None
@@ -206,8 +278,14 @@ class BackendActorImpl:
 
     def kill(self) -> None:
         """Best effort, immediate; never raises."""
+        sched = self._scheduler
+        self._scheduler = None
+        if sched is not None:
+            try:
+                sched.close(timeout=0.5)
+            except Exception as exc:  # noqa: BLE001
+                log.error("scheduler.close.failed", error=str(exc))
         for hosted in list(self._hosted.values()):
-            hosted.stop_flag.set()
             try:
                 hosted.session.kill()
             except Exception as exc:  # noqa: BLE001

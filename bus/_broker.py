@@ -40,6 +40,10 @@ _DRAIN = 2000  # messages per socket per loop turn, so one busy socket cannot st
 _DRAIN_EVENTS = 20_000  # events per ingest turn: acks go out at least this often
 _FANOUT_BATCH = 100  # events per frame to subscribers: large lists decode slower per event
 _NACK_EVERY = 0.2  # seconds between NACKs for the same source
+#: every this many ticks a tick carries every source's marks; the others carry only the sources
+#: whose marks changed since the previous tick (a subscriber that misses a tick sees the jump in
+#: the tick number and asks for all marks)
+FULL_TICK_EVERY = 25
 
 
 class Broker:
@@ -63,6 +67,8 @@ class Broker:
         self._auth: Any = None
         self._running = False
         self._own: SourceLog | None = None
+        self._tick_no = 0
+        self._dirty: set[str] = set()  # sources whose marks changed since the last tick
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -210,6 +216,7 @@ class Broker:
             st = self.journal.register(source, backend, claimed, max(st.last_seq, last_acked))
             resume = st.last_seq + 1
         self.journal.flush()
+        self._dirty.add(source)
         self._gone.discard(source)
         self._heard[source] = time.monotonic()
         self.stats["registrations"] += 1
@@ -279,6 +286,8 @@ class Broker:
                 payload, topic = encode(ev), ev.topic()
             journal.append(st, seq, topic, ev.STATEFUL, payload)
             out.append((topic, payload))
+        if payloads:
+            self._dirty.add(source)
         self.stats["received"] += len(frame.payloads)
         acks.setdefault(ident, {})[frame.source] = [frame.epoch, st.last_seq]
         return len(frame.payloads)
@@ -325,6 +334,7 @@ class Broker:
         ev = msgspec.structs.replace(ev, seq=own.last_seq + 1, incarnation=own.epoch, time=time.time_ns())
         payload = encode(ev)
         self.journal.append(own, ev.seq, ev.topic(), ev.STATEFUL, payload)
+        self._dirty.add(own.source)
         out.append((ev.topic(), payload))
 
     def _drain_subscriptions(self) -> None:
@@ -360,7 +370,19 @@ class Broker:
         if out:
             self._fanout(out)
             self.journal.flush()
-        self.xpub.send_multipart([fr.TICK, fr.pack([self.broker_id, self._marks()])])
+        self._tick_no += 1
+        full = self._tick_no % FULL_TICK_EVERY == 1 or FULL_TICK_EVERY <= 1
+        if full:
+            marks = self._marks()
+        else:
+            sources = self.journal.sources
+            marks = {name: [st.backend, st.epoch, st.last_seq, st.oldest]
+                     for name in self._dirty if (st := sources.get(name)) is not None}
+        self._dirty.clear()
+        self.stats["ticks_full" if full else "ticks_delta"] += 1
+        # [broker id, marks, tick number, full]: a subscriber that sees a tick number jump (a tick
+        # dropped on the way) asks for every source's marks instead of trusting the delta
+        self.xpub.send_multipart([fr.TICK, fr.pack([self.broker_id, marks, self._tick_no, full])])
 
     # -- requests ------------------------------------------------------------------------------------
 

@@ -98,6 +98,31 @@ class Publisher:
             raise Fenced(f"source {name!r}: a newer incarnation owns it")
         return src.epoch, src.next_seq
 
+    def open_sources(self, sources: list[tuple[str, str]], timeout: float | None = None) -> dict[str, tuple[int, int]]:
+        """:meth:`open_source` for many sources in one round (one lock, one wake-up, all
+        registrations in flight together). Returns ``{name: (epoch, next seq)}``; a source fenced
+        by a newer incarnation is left out. Raises ``BusBroken`` when a welcome is missing."""
+        for name, _backend in sources:
+            if not name or "/" in name or name.startswith("\x00"):
+                raise ValueError(f"source name {name!r}: must be non-empty, without '/' and not start with NUL")
+        waiting: list[_Source] = []
+        with self._lock:
+            for name, backend in sources:
+                src = self._sources.get(name)
+                if src is None:
+                    src = self._sources[name] = _Source(name, backend)
+                src.welcome.clear()
+                self._control.append([fr.REGISTER, fr.pack([name, backend, src.epoch, src.acked, src.next_seq - 1])])
+                waiting.append(src)
+        self._wake()
+        # the broker answers in order, a little per source: allow for that beyond the usual timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout) + len(sources) * 0.002
+        for src in waiting:
+            if not src.welcome.wait(max(0.0, deadline - time.monotonic())):
+                raise BusBroken(f"no welcome from the broker at {self.address} for source {src.name!r}"
+                                f" ({len(sources)} sources registering)")
+        return {s.name: (s.epoch, s.next_seq) for s in waiting if not s.fenced}
+
     def publish(self, event: Event) -> int:
         """Stamp ``seq``/``incarnation``/``time`` and queue the event; returns its seq."""
         with self._lock:

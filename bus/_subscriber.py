@@ -59,6 +59,7 @@ class Subscriber:
         self.stats: Counter[str] = Counter()
         self.broker_id = ""
         self.last_tick = 0.0
+        self._tick_no: int | None = None  # the broker's last tick number we saw (None: no base yet)
         self.heartbeat_interval = 0.2
         self._out: deque[Event] = deque()
         self._confirmed: dict[str, int] = {}
@@ -198,17 +199,32 @@ class Subscriber:
         if topic[:1] == fr.CONTROL:
             if topic == fr.TICK:
                 try:
-                    broker_id, marks = fr.unpack(body)
+                    broker_id, marks, *rest = fr.unpack(body)
                     marks = {str(s): (str(b), int(e), int(last), int(o)) for s, (b, e, last, o) in marks.items()}
+                    # [id, marks, tick number, full]; a bare [id, marks] carries every source
+                    tick_no, full = (int(rest[0]), bool(rest[1])) if len(rest) >= 2 else (0, True)
                 except Exception:  # noqa: BLE001 - garbage on a control topic is counted, not fatal
                     self._malformed("invalid", "tick")
                     return
                 self.last_tick = time.monotonic()
                 self.stats["ticks"] += 1
-                if broker_id != self.broker_id:
+                changed = broker_id != self.broker_id
+                if changed:
                     self.stats["broker_restarts"] += 1
                     log.info("subscriber.broker.changed", old=self.broker_id, new=broker_id)
                     self.broker_id = broker_id
+                # a delta tick names only the sources that changed since the broker's previous
+                # tick: after a tick we did not get (or a new broker, or none seen yet) it is not enough
+                missed = not full and (changed or self._tick_no is None or tick_no != self._tick_no + 1)
+                self._tick_no = tick_no
+                if missed:
+                    self.stats["ticks_missed"] += 1
+                    try:
+                        marks = self._req.call("marks")["sources"]
+                    except BusBroken as exc:
+                        log.warning("subscriber.marks.failed", error=str(exc))
+                        self._tick_no = -1  # broker numbers ticks from 1: the next delta tick asks again
+                        return
                 self._on_marks(marks)
             return
         self.stats["received"] += 1
