@@ -252,6 +252,11 @@ class TestBroker:
         docs = render()
         (c,) = client_pod_specs(docs)["head"]["containers"]
         assert env_of(c)["FLOWBUS_ADDRESS"] == f"tcp://{RELEASE}-flowbus-broker.{NAMESPACE}.svc:7750"
+        text = notes()
+        assert f"tcp://{RELEASE}-flowbus-broker.{NAMESPACE}.svc:7750" in text
+        assert f"create secret generic {RELEASE}-flowbus-curve" in text  # the Secret the pods mount
+        vols = {v["name"]: v for v in client_pod_specs(docs)["head"]["volumes"]}
+        assert vols["flowbus-curve"]["secret"]["secretName"] == f"{RELEASE}-flowbus-curve"
 
     @pytest.mark.parametrize("value_set", VALUE_SETS)
     def test_one_broker_behind_a_clusterip_service(self, value_set: str) -> None:
@@ -387,6 +392,7 @@ class TestRayCluster:
             (c,) = got["template"]["spec"]["containers"]
             assert c.get("resources") == want.get("resources")
         assert groups["ecflow"]["resources"] == {"flowbus-ecflow": "1000"}
+        assert groups["ecflow"]["template"]["spec"]["securityContext"] == {"runAsNonRoot": True, "fsGroup": 100}
         assert groups["qcg"]["rayStartParams"] == {"metrics-export-port": "8080"}
         assert rc["spec"]["headGroupSpec"]["labels"] == {"flowbus.io/role": "head"}
 
