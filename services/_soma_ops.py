@@ -14,6 +14,7 @@ from typing import Any
 
 import soma_workflow.errors as soma_errors
 from soma_workflow.client import FileTransfer, Helper
+from soma_workflow.engine_types import EngineTransfer
 
 from flowbus.schemas import BackendError, BackendRejected, BackendUnavailable
 
@@ -152,7 +153,7 @@ class SomaOperations:
             raise BackendRejected(f"submit_workflow: name must be a str, got {name!r}")
         record = serialize(wf)
         with self._using("submit_workflow") as wc:
-            wf_id = int(wc.submit_workflow(wf, expiration_date=expires, name=name, queue=queue))
+            wf_id = int(wc.submit_workflow(wf, expiration_date=expires, name=name or wf.name, queue=queue))
         self._submitted(wf_id, record)
         return wf_id
 
@@ -162,7 +163,18 @@ class SomaOperations:
         if not isinstance(is_input, bool) or (client_path is None and not client_paths):
             raise BackendRejected("register_transfer: needs is_input (bool) and client_path or client_paths")
         with self._using("register_transfer") as wc:
-            et = wc.register_transfer(FileTransfer(is_input, client_path, int(disposal_timeout), name, client_paths))
+            ft = FileTransfer(is_input, client_path, int(disposal_timeout), name, client_paths)
+            eng = getattr(wc, "_engine_proxy", None)
+            if hasattr(eng, "_database_server"):
+                # soma 6.0.13's EngineTransfer reads ``disposal_timeout`` (always None) where
+                # FileTransfer stored ``_disposal_timeout``: do what WorkflowEngine.register_transfer
+                # does, with the expiration date given
+                expires = datetime.datetime.now() + datetime.timedelta(hours=int(disposal_timeout))
+                et = eng._database_server.add_transfer(EngineTransfer(ft), eng._user_id, expires)
+                if et.client_paths:
+                    os.mkdir(et.engine_path)
+            else:
+                et = wc.register_transfer(ft)
             return {"transfer_id": plain(getattr(et, "transfer_id", None)), "engine_path": plain(et.engine_path),
                     "client_path": plain(et.client_path), "client_paths": plain(et.client_paths),
                     "status": plain(getattr(et, "status", None))}
@@ -279,15 +291,15 @@ class SomaOperations:
 
     def _op_change_workflow_expiration_date(self, workflow_id: int, new_expiration_date: str) -> bool:
         """``new_expiration_date`` as ISO 8601 text (``2030-01-01T00:00:00``)."""
-        wf_id, _ = self._wf(workflow_id, "change_workflow_expiration_date")
         when = _date(new_expiration_date, "change_workflow_expiration_date")
+        wf_id, _ = self._wf(workflow_id, "change_workflow_expiration_date")
         with self._using("change_workflow_expiration_date") as wc:
             return bool(wc.change_workflow_expiration_date(wf_id, when))
 
     def _op_wait_workflow(self, workflow_id: int, timeout: float = 60.0) -> str:
         """Soma's own wait (it polls every engine period); returns the workflow status after it."""
-        wf_id, _ = self._wf(workflow_id, "wait_workflow")
         t = _timeout(timeout, "wait_workflow")
+        wf_id, _ = self._wf(workflow_id, "wait_workflow")
         with self._using("wait_workflow") as wc:
             wc.wait_workflow(wf_id, t)
             return str(wc.workflow_status(wf_id))

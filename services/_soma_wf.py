@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import soma_workflow.constants as C
+from soma_workflow import utils as soma_utils
 from soma_workflow.client import Job, Workflow
 
 from flowbus.schemas import BackendRejected, Event, Observed, State, StateChanged, WorkflowSpec, parse_workflow
@@ -81,7 +82,7 @@ def to_workflow(data: Any, where: str = "submit_workflow") -> Workflow:
         raise BackendRejected(f"{where}: workflow must be a mapping or JSON text, got {type(data).__name__}")
     if "serialized_jobs" in data or "root_group" in data:  # soma's own form
         try:
-            wf = Workflow.from_dict(dict(data))
+            wf = Workflow.from_dict(soma_utils.from_json(dict(data)))
         except Exception as exc:  # noqa: BLE001  (soma raises anything for a bad dict)
             raise BackendRejected(f"{where}: not a valid soma-workflow workflow dict: "
                                   f"{type(exc).__name__}: {exc}") from None
@@ -95,8 +96,8 @@ def to_workflow(data: Any, where: str = "submit_workflow") -> Workflow:
 
 
 def serialize(wf: Workflow) -> dict[str, Any]:
-    """soma's JSON form of a workflow, as plain data."""
-    return json.loads(json.dumps(wf.to_dict(), default=str))
+    """soma's JSON form of a workflow (what ``Helper.serialize`` writes), as plain data."""
+    return json.loads(json.dumps(soma_utils.to_json(wf.to_dict()), default=str))
 
 
 # -- plain results -------------------------------------------------------------------------------
@@ -259,4 +260,10 @@ class Tracker:
         return [k for k in self.last if k == str(wf_id) or k.startswith(prefix)]
 
 
-__all__ = ["Obs", "Tracker", "WfSnap", "job_names", "job_state", "plain", "read_workflow", "serialize", "to_workflow"]
+def from_record(record: Mapping[str, Any]) -> Workflow:
+    """The workflow a :func:`serialize` record describes."""
+    return Workflow.from_dict(soma_utils.from_json(dict(record)))
+
+
+__all__ = ["Obs", "Tracker", "WfSnap", "from_record", "job_names", "job_state", "plain", "read_workflow", "serialize",
+           "to_workflow"]

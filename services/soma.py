@@ -40,7 +40,6 @@ from typing import Any
 
 import soma_workflow.constants as C
 import structlog
-from soma_workflow.client import Workflow
 
 from flowbus.schemas import (
     BackendError,
@@ -59,7 +58,7 @@ from flowbus.schemas import (
 from ._base import Backoff, Emit, dispatch
 from ._soma_engine import Built, build, create_time, kill_tree, load_pids, quiet, save_pids
 from ._soma_ops import OPERATIONS, SomaOperations, soma_errors_to_flowbus
-from ._soma_wf import Tracker, WfSnap, job_names, read_workflow, serialize
+from ._soma_wf import Tracker, WfSnap, from_record, job_names, read_workflow, serialize
 
 _IDLE_S = 0.5
 _FAILS_BEFORE_LOST = 3
@@ -432,7 +431,7 @@ class SomaSession(SomaOperations):
                     else:
                         record = self._records.get(wf_id) or serialize(wc.workflow(wf_id))
                         eng._database_server.delete_workflow(wf_id)  # the new engine does not own it
-                        new_id = int(wc.submit_workflow(Workflow.from_dict(record), name=record.get("name")))
+                        new_id = int(wc.submit_workflow(from_record(record), name=record.get("name")))
                         self._records.pop(wf_id, None)
                         self._records[new_id] = record
                         self._seen[new_id] = None

@@ -1,0 +1,406 @@
+"""SomaSession against real soma-workflow 6.0.13 controllers (light mode, real job processes).
+
+Every test is bounded; the fixture stops each session and checks that no soma thread and no
+job process is left. The last class hosts a session in a real BackendActor on Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil
+import pytest
+import soma_fixtures as _fx
+from flowbus.schemas import (
+    BackendRejected,
+    BackendUnavailable,
+    ConfigError,
+    Connected,
+    Disconnected,
+    Observed,
+    RecoveryAttempted,
+    RecoveryGaveUp,
+    Resynced,
+    SomaSessionConfig,
+    State,
+    StateChanged,
+    UnknownOperation,
+    parse_config,
+)
+from flowbus.services import BackendSession
+from flowbus.services.soma import SomaSession
+from recorder import Recorder
+from soma_fixtures import Running, latest, live_children, soma_threads, wait_until
+
+soma_session = _fx.soma_session
+Session = Callable[..., Running]
+
+
+def chain(name: str = "chain", n: int = 3) -> dict[str, Any]:
+    jobs = [{"name": f"j{i}", "command": ["echo", f"step {i}"], "after": [f"j{i - 1}"] if i else []} for i in range(n)]
+    return {"name": name, "jobs": jobs}
+
+
+def plain_ok(value: Any) -> None:
+    """Results cross Ray and the CLI: msgpack must take them as they are."""
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(value)) is not None or value is None
+
+
+class TestObservation:
+    """Job and workflow states of real workflows reach emit as StateChanged events."""
+
+    @pytest.mark.timeout(90)
+    def test_chain_completes_in_order(self, soma_session: Session) -> None:
+        """A 3-job chain: every job goes to COMPLETE (native done, exit value 0) in dependency order, then the workflow."""
+        run = soma_session()
+        assert isinstance(run.session, BackendSession)
+        wf = run.call("submit_workflow", chain())
+        assert isinstance(wf, int)
+        done = run.final(str(wf))
+        assert done.state is State.COMPLETE and done.native == "workflow_done" and done.observed is Observed.POLL
+        last = latest(run.rec)
+        for i in range(3):
+            ev = last[f"{wf}/j{i}"]
+            assert (ev.state, ev.native) == (State.COMPLETE, "done")
+            assert ev.attrs["exit_status"] == "finished_regularly" and ev.attrs["exit_value"] == 0
+        finals = [e for e in run.rec.of(StateChanged) if e.state.final and "/" in e.key]
+        assert [e.key for e in finals] == [f"{wf}/j0", f"{wf}/j1", f"{wf}/j2"]
+        assert run.rec.index(finals[-1]) < run.rec.index(done)
+        # no final state is published before soma wrote the exit information
+        assert all(e.attrs.get("exit_status") is not None for e in finals)
+        first = run.rec.states(f"{wf}/j2")[0]
+        assert first.state is State.QUEUED and first.native == "not_submitted"
+        assert run.call("workflow_status", wf) == "workflow_done"
+        ids = run.call("job_ids", wf)
+        assert sorted(ids) == ["j0", "j1", "j2"]
+        assert run.call("job_status", ids["j1"]) == "done"
+        assert run.call("job_termination_status", ids["j1"])[:2] == ["finished_regularly", 0]
+        out = run.call("retrieve_job_stdouterr", ids["j2"])
+        assert out["stdout"] == "step 2\n"
+
+    @pytest.mark.timeout(90)
+    def test_nonzero_exit_is_aborted_with_exit_info(self, soma_session: Session) -> None:
+        """exit 1 is ABORTED (soma's native 'done' and the exit value beside it); the job after it never runs."""
+        run = soma_session()
+        wf = run.call("submit_workflow", {"name": "f", "jobs": [
+            {"name": "ok", "command": ["true"]},
+            {"name": "bad", "command": ["sh", "-c", "exit 1"], "after": ["ok"]},
+            {"name": "after", "command": ["true"], "after": ["bad"]}]})
+        assert run.final(str(wf)).state is State.ABORTED
+        last = latest(run.rec)
+        bad = last[f"{wf}/bad"]
+        assert (bad.state, bad.native, bad.detail) == (State.ABORTED, "done", "exit value 1")
+        assert bad.attrs["exit_status"] == "finished_regularly" and bad.attrs["exit_value"] == 1
+        assert bad.attrs["signal"] is None
+        after = last[f"{wf}/after"]
+        assert (after.state, after.native) == (State.CANCELLED, "failed")
+        assert after.attrs["exit_status"] == "aborted_before_running"
+        assert last[f"{wf}/ok"].state is State.COMPLETE
+        assert last[str(wf)].attrs["failed"] == 2
+        ids = run.call("job_ids", wf)
+        assert run.call("list_failed_jobs", wf) == [ids["bad"]]
+        assert sorted(run.call("list_failed_jobs", wf, include_aborted_jobs=True)) == sorted([ids["bad"], ids["after"]])
+
+    @pytest.mark.timeout(120)
+    def test_restart_after_failure(self, soma_session: Session, tmp_path: Path) -> None:
+        """restart_workflow re-runs the failed job and what depends on it; both then complete."""
+        flag = tmp_path / "flag"
+        run = soma_session()
+        wf = run.call("submit_workflow", {"name": "r", "jobs": [
+            {"name": "flaky", "command": ["test", "-e", str(flag)]},
+            {"name": "next", "command": ["true"], "after": ["flaky"]}]})
+        assert run.final(str(wf)).state is State.ABORTED
+        flag.touch()
+        n = len(run.rec.events)
+        assert run.call("restart_workflow", wf) is True
+        done = run.rec.wait_for(lambda ev: next((e for e in ev[n:] if isinstance(e, StateChanged) and e.key == str(wf)
+                                                 and e.state.final), None), 60, "the restarted workflow's end")
+        assert done.state is State.COMPLETE
+        assert latest(run.rec)[f"{wf}/flaky"].state is State.COMPLETE
+        assert latest(run.rec)[f"{wf}/next"].state is State.COMPLETE
+
+    @pytest.mark.timeout(120)
+    def test_stop_and_delete_workflow(self, soma_session: Session) -> None:
+        """stop_workflow kills a running job (CANCELLED, process gone); delete_workflow removes the keys."""
+        run = soma_session()
+        wf = run.call("submit_workflow", {"name": "s", "jobs": [{"name": "long", "command": ["sleep", "60"]},
+                                                               {"name": "later", "command": ["true"], "after": ["long"]}]})
+        run.state(f"{wf}/long", lambda e: e.state is State.ACTIVE, what="long running")
+        pid = wait_until(lambda: next(iter(run.session._pids.values()), None), 10, "the job's pid")[0]
+        assert psutil.Process(pid).cmdline()[:2] == ["sleep", "60"]
+        assert run.call("stop_workflow", wf) is True
+        long = run.final(f"{wf}/long")
+        assert long.state is State.CANCELLED and long.native == "failed"
+        assert run.final(str(wf)).state is State.CANCELLED
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert run.call("delete_workflow", wf) is True
+        gone = run.state(str(wf), lambda e: e.native == "", what="workflow gone")
+        assert gone.state is State.UNKNOWN and gone.detail == "workflow deleted"
+        assert run.state(f"{wf}/later", lambda e: e.native == "").state is State.UNKNOWN
+        with pytest.raises(BackendRejected, match=f"workflow id {wf} is not valid"):
+            run.call("workflow_status", wf)
+
+    @pytest.mark.timeout(90)
+    def test_soma_json_form_and_helpers(self, soma_session: Session, tmp_path: Path) -> None:
+        """soma's own JSON form (Helper.serialize) is accepted; retrieval results are plain msgpack data."""
+        run = soma_session()
+        path = tmp_path / "wf.json"
+        soma_form = run.call("serialize", chain("fromsoma", 2), str(path))
+        assert path.exists() and "serialized_jobs" in soma_form
+        wf = run.call("submit_workflow", path.read_text())
+        assert run.final(str(wf)).state is State.COMPLETE
+        assert run.call("wait_workflow", wf, timeout=5) == "workflow_done"
+        ids = run.call("job_ids", wf)
+        assert run.call("wait_job", list(ids.values()), timeout=5) == {str(i): "done" for i in ids.values()}
+        for op, args in [("workflows", ()), ("workflow", (wf,)), ("jobs", ()), ("transfers", ()),
+                         ("workflow_elements_status", (wf,)), ("serialize", (wf,))]:
+            plain_ok(run.call(op, *args))
+        assert str(wf) in run.call("workflows")
+        info = run.call("workflow", wf)
+        assert info["name"] == "fromsoma" and [j["name"] for j in info["jobs"]] == ["j0", "j1"]
+        assert info["dependencies"] == [[ids["j0"], ids["j1"]]]
+        assert run.call("change_workflow_expiration_date", wf, "2099-01-01T00:00:00") is True
+        assert run.call("workflows", [wf])[str(wf)][1].startswith("2099-01-01")
+        tr = run.call("register_transfer", True, str(path))
+        plain_ok(tr)
+        assert isinstance(run.call("transfer_status", tr["transfer_id"]), list)
+        run.call("delete_transfer", tr["transfer_id"])
+        assert run.call("delete_all_workflows") is True
+        assert run.call("workflows") == {}
+
+
+class TestResync:
+    """start() compares the controller with what the bus knew and publishes only the differences."""
+
+    @pytest.mark.timeout(120)
+    def test_known_states_resync(self, soma_session: Session, tmp_path: Path) -> None:
+        """A second session on the same directory: equal states are silent, differences and unknown keys are resync events."""
+        first = soma_session()
+        wf = first.call("submit_workflow", chain("k", 2))
+        first.final(str(wf))
+        known = latest(first.rec)
+        first.stop_polling()
+        first.session.stop()
+        stale = msgspec.structs.replace(known[f"{wf}/j1"], state=State.ACTIVE, native="running")
+        ghost = StateChanged(source="s1", backend="soma", key="999/x", state=State.ACTIVE, native="running")
+        again = soma_session(known={**known, f"{wf}/j1": stale, "999/x": ghost},
+                             directory=first.session.config.directory)
+        resynced = again.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, Resynced)), None), 10, "Resynced")
+        states = again.rec.of(StateChanged)
+        assert {e.key for e in states} == {f"{wf}/j1", "999/x"}
+        assert all(e.observed is Observed.RESYNC for e in states)
+        assert latest(again.rec)[f"{wf}/j1"].state is State.COMPLETE
+        assert latest(again.rec)["999/x"].state is State.UNKNOWN
+        assert resynced.changed == 2 and resynced.resources == 3
+        assert isinstance(again.rec.events[0], Connected) and again.rec.events[0].address == str(tmp_path / "soma0")
+
+
+def _break(run: Running) -> None:
+    """Stop the soma engine loop thread (the controller stops driving anything)."""
+    built = run.session._built
+    assert built is not None and built.engine is not None
+    built.engine.engine_loop.stop_loop()
+
+
+def _restartable(flag: Path) -> list[str]:
+    """First run: leave a flag and sleep; a re-run finds the flag and exits 0."""
+    return ["sh", "-c", f'if [ -e "{flag}" ]; then exit 0; fi; touch "{flag}"; exec sleep 60']
+
+
+class TestRecovery:
+    """A dead controller is replaced; orphaned jobs are killed by PID; workflows come back."""
+
+    @pytest.mark.timeout(150)
+    def test_reattach(self, soma_session: Session, tmp_path: Path) -> None:
+        """Default recovery: new controller on the same directory, the orphaned job killed, the workflow restarted to completion."""
+        flag = tmp_path / "flag"
+        run = soma_session()
+        assert run.session.config.recovery == "reattach"
+        wf = run.call("submit_workflow", {"name": "rec", "jobs": [{"name": "a", "command": _restartable(flag)},
+                                                                 {"name": "b", "command": ["true"], "after": ["a"]}]})
+        run.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
+        pid = wait_until(lambda: next(iter(run.session._pids.values()), None), 10, "a's pid")[0]
+        old_threads = run.session.engine_threads
+        _break(run)
+        lost = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, Disconnected)), None), 30, "Disconnected")
+        assert lost.will_retry and "engine loop" in lost.reason
+        att = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, RecoveryAttempted)
+                                                and e.key == str(wf)), None), 60, "workflow recovery")
+        assert att.action == "reattach" and att.ok
+        new = next(e for e in run.rec.of(RecoveryAttempted) if e.action == "new_controller")
+        assert new.ok and str(pid) in new.detail
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert len(run.rec.of(Connected)) == 2
+        assert all(not t.is_alive() for t in old_threads)
+        done = run.final(str(wf), 90)
+        assert done.state is State.COMPLETE
+        assert latest(run.rec)[f"{wf}/a"].state is State.COMPLETE
+        assert run.rec.of(Resynced)[-1].observed is Observed.PUSH or True
+        # the session works on: a new workflow runs on the new controller
+        wf2 = run.call("submit_workflow", chain("after", 1))
+        assert run.final(str(wf2)).state is State.COMPLETE
+
+    @pytest.mark.timeout(150)
+    def test_resubmit(self, soma_session: Session, tmp_path: Path) -> None:
+        """recovery = resubmit: the old workflow is deleted (keys UNKNOWN) and resubmitted under a new id that completes."""
+        flag = tmp_path / "flag"
+        run = soma_session(recovery="resubmit")
+        wf = run.call("submit_workflow", {"name": "rs", "jobs": [{"name": "a", "command": _restartable(flag)}]})
+        run.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
+        pid = wait_until(lambda: next(iter(run.session._pids.values()), None), 10, "a's pid")[0]
+        _break(run)
+        att = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, RecoveryAttempted)
+                                                and e.key == str(wf)), None), 60, "workflow recovery")
+        assert att.action == "resubmit" and att.ok
+        new_id = int(att.detail.rsplit(" ", 1)[1])
+        assert new_id != wf
+        assert run.state(str(wf), lambda e: e.native == "").state is State.UNKNOWN
+        assert run.final(str(new_id), 90).state is State.COMPLETE
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert sorted(run.call("workflows")) == [str(new_id)]
+
+    @pytest.mark.timeout(90)
+    def test_recovery_none_reports_and_refuses(self, soma_session: Session, tmp_path: Path) -> None:
+        """recovery = none: Disconnected (no retry) and RecoveryGaveUp; calls then fail as BackendUnavailable."""
+        run = soma_session(recovery="none")
+        wf = run.call("submit_workflow", {"name": "n", "jobs": [{"name": "a", "command": ["sleep", "60"]}]})
+        run.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
+        _break(run)
+        gave = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, RecoveryGaveUp)), None), 30, "gave up")
+        assert "recovery = none" in gave.reason
+        assert not run.rec.of(Disconnected)[0].will_retry
+        with pytest.raises(BackendUnavailable, match="has no controller"):
+            run.call("workflows")
+
+    @pytest.mark.timeout(150)
+    def test_next_incarnation_recovers_orphans(self, soma_session: Session, tmp_path: Path) -> None:
+        """A session that vanished (its engine stopped, no stop()) left a job running: the next session on the
+        directory kills it by its recorded PID and restarts the workflow."""
+        flag = tmp_path / "flag"
+        first = soma_session()
+        wf = first.call("submit_workflow", {"name": "inc", "jobs": [{"name": "a", "command": _restartable(flag)}]})
+        first.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
+        pid = wait_until(lambda: next(iter(first.session._pids.values()), None), 10, "a's pid")[0]
+        first.stop_polling()
+        built = first.session._built
+        assert built is not None
+        built.engine.engine_loop.stop_loop()  # the engine is gone; the job runs on, as after a crash
+        wait_until(lambda: not built.threads[0].is_alive(), 10, "the engine thread to end")
+        assert psutil.pid_exists(pid)
+        second = soma_session(directory=first.session.config.directory)
+        att = next(e for e in second.rec.of(RecoveryAttempted) if e.key == str(wf))
+        assert att.action == "reattach" and att.ok
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert second.final(str(wf), 90).state is State.COMPLETE
+        first.session.kill()
+
+
+class TestBadInput:
+    """Bad descriptions, ids and operations get errors naming the problem; the session goes on."""
+
+    @pytest.mark.timeout(90)
+    def test_errors_then_work_goes_on(self, soma_session: Session) -> None:
+        """Every bad call raises a clear error; afterwards a good workflow runs and polling still emits."""
+        run = soma_session()
+        bad: list[tuple[tuple[Any, ...], dict[str, Any], type[Exception], str]] = [
+            (("submit_workflow", {"name": "x", "jobs": []}), {}, BackendRejected, "has no jobs"),
+            (("submit_workflow", {"name": "x", "jobs": [{"name": "a", "command": []}]}), {}, BackendRejected,
+             "empty command"),
+            (("submit_workflow", {"name": "x", "jobs": [{"name": "a", "command": ["true"], "after": ["zz"]}]}), {},
+             BackendRejected, "unknown job 'zz'"),
+            (("submit_workflow", {"name": "x", "jobs": [{"name": "a", "command": ["true"], "after": ["b"]},
+                                                       {"name": "b", "command": ["true"], "after": ["a"]}]}), {},
+             BackendRejected, "cycle"),
+            (("submit_workflow", {"name": "x", "jobs": [{"name": "a", "command": ["true"], "bogus": 1}]}), {},
+             BackendRejected, "bogus"),
+            (("submit_workflow", "{not json"), {}, BackendRejected, "not valid JSON"),
+            (("submit_workflow", 42), {}, BackendRejected, "must be a mapping"),
+            (("submit_workflow", {"serialized_jobs": {"0": {}}, "jobs": [0]}), {}, BackendRejected,
+             "not a valid soma-workflow workflow"),
+            (("workflow_status", 12345), {}, BackendRejected, "workflow id 12345 is not valid"),
+            (("workflow_status", "abc"), {}, BackendRejected, "workflow_id must be an integer"),
+            (("job_status", 99999), {}, BackendRejected, "99999"),
+            (("stop_workflow", 777), {}, BackendRejected, "777"),
+            (("delete_workflow", 777), {}, BackendRejected, "777"),
+            (("restart_workflow", 777), {}, BackendRejected, "777"),
+            (("wait_workflow", 1), {"timeout": -1}, BackendRejected, "timeout"),
+            (("change_workflow_expiration_date", 1, "tomorrow"), {}, BackendRejected, "ISO 8601"),
+            (("no_such_op",), {}, UnknownOperation, "unknown operation 'no_such_op'"),
+            (("workflow_status",), {}, BackendRejected, "missing a required argument"),
+        ]
+        for args, kwargs, exc, text in bad:
+            with pytest.raises(exc) as info:
+                run.call(*args, **kwargs)
+            if text:
+                assert text in str(info.value), (args, str(info.value))
+        n = len(run.rec.events)
+        wf = run.call("submit_workflow", chain("good", 2))
+        done = run.rec.wait_for(lambda ev: next((e for e in ev[n:] if isinstance(e, StateChanged) and e.key == str(wf)
+                                                 and e.state.final), None), 60, "the good workflow's end")
+        assert done.state is State.COMPLETE
+        assert not run.errors
+
+
+class TestLifecycle:
+    """stop() leaves no thread and no process; configuration is checked."""
+
+    @pytest.mark.timeout(90)
+    def test_stop_kills_running_jobs_and_threads(self, tmp_path: Path) -> None:
+        """A graceful stop with a job running: the job is killed (final state published), soma's threads end, no child is left."""
+        threads_before = {t.ident for t in threading.enumerate()}
+        children_before = live_children()
+        rec = Recorder()
+        s = SomaSession(SomaSessionConfig(name="st", poll_interval=0.05, engine_refresh=0.05))
+        s.start(rec, {})
+        assert len(soma_threads()) == 3
+        directory = s.address
+        assert os.path.isdir(directory)
+        wf = s.call("submit_workflow", {"name": "st", "jobs": [{"name": "a", "command": ["sleep", "60"]}]})
+        wait_until(lambda: (s.poll(), s._pids)[1], 30, "the job to run")
+        (pid, _), = s._pids.values()
+        s.stop()
+        s.stop()  # idempotent
+        s.kill()
+        assert soma_threads() == []
+        assert {t.ident for t in threading.enumerate()} - threads_before == set()
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert live_children() - children_before == set()
+        last = latest(rec)
+        assert last[f"{wf}/a"].state.final and last[str(wf)].state.final
+        assert isinstance(rec.events[-1], Disconnected) and rec.events[-1].reason == "stopped"
+        assert not os.path.exists(directory)  # the session created it, the session removed it
+        with pytest.raises(BackendUnavailable):
+            s.call("workflows")
+
+    def test_start_twice_and_operations(self, soma_session: Session) -> None:
+        """A started session refuses a second start; operations() lists the controller and Helper calls."""
+        run = soma_session(poll=False)
+        with pytest.raises(BackendRejected, match="already started"):
+            run.session.start(run.rec, {})
+        ops = run.session.operations()
+        for op in ("submit_workflow", "register_transfer", "workflow", "workflows", "jobs", "transfers",
+                   "workflow_status", "workflow_elements_status", "job_status", "job_termination_status",
+                   "transfer_status", "stop_workflow", "restart_workflow", "delete_workflow",
+                   "change_workflow_expiration_date", "wait_workflow", "wait_job", "transfer_files",
+                   "delete_transfer", "list_failed_jobs", "delete_all_workflows", "transfer_input_files",
+                   "transfer_output_files", "serialize"):
+            assert op in ops
+
+    def test_config(self) -> None:
+        """Kebab-case keys load; impossible combinations are ConfigErrors naming the key."""
+        cfg = parse_config({"sessions": [{"backend": "soma", "name": "s", "directory": "/tmp/x",
+                                          "poll-interval": 0.1, "engine-refresh": 0.2, "recovery": "resubmit",
+                                          "recovery-attempts": 2}]})
+        s = cfg.sessions[0]
+        assert isinstance(s, SomaSessionConfig) and s.recovery == "resubmit" and s.engine_refresh == 0.2
+        with pytest.raises(ConfigError, match="need mode = 'resource'"):
+            parse_config({"sessions": [{"backend": "soma", "name": "s", "login": "me"}]})
+        with pytest.raises(ConfigError, match="directory"):
+            parse_config({"sessions": [{"backend": "soma", "name": "s", "mode": "resource", "directory": "/x"}]})
+        with pytest.raises(ConfigError, match="recovery"):
+            parse_config({"sessions": [{"backend": "soma", "name": "s", "recovery": "maybe"}]})
