@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--duration", type=float, metavar="S", help="stop by itself after S seconds")
     up.add_argument("--json", action="store_true", help="events as JSON lines")
 
+    dm = sub.add_parser("demo", help="run a cross-backend pipeline once on a private embedded stack, live")
+    dm.add_argument("--json", action="store_true", help="events and the final summary as JSON lines")
+    dm.add_argument("--keep-going", action="store_true", help="run the later stages even after one failed")
+    dm.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds (default 300)")
+
     br = sub.add_parser("broker", help="run only the bus broker (foreground)")
     br.add_argument("--config", help="TOML config file (its [bus] table)")
     br.add_argument("--config-json", help=argparse.SUPPRESS)
@@ -96,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure("warning" if args.cmd in ("watch", "status", "wait", "stats", "submit", "call") else "info")
+    configure("warning" if args.cmd in ("watch", "status", "wait", "stats", "submit", "call", "demo") else "info")
     try:
         return int(_COMMANDS[args.cmd](args) or 0)
     except WaitTimeout as exc:
@@ -269,6 +274,12 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flowbus._demo import run_demo
+
+    return run_demo(as_json=args.json, keep_going=args.keep_going, timeout=args.timeout)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from flowbus._up import run_up
 
@@ -281,4 +292,5 @@ def cmd_up(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "up": cmd_up, "broker": cmd_broker, "watch": cmd_watch, "status": cmd_status, "wait": cmd_wait,
     "submit": cmd_submit, "call": cmd_call, "keys": cmd_keys, "stats": cmd_stats, "emulate": cmd_emulate,
+    "demo": cmd_demo,
 }

@@ -1,0 +1,302 @@
+"""``flowbus demo``: one cross-backend pipeline, end to end, on a private embedded stack.
+
+It starts everything it needs in a private state directory (a broker on free loopback ports,
+a loopback Ray, the Supervisor, and its own servers: an ``ecflow_server`` on 127.0.0.1 when
+ecFlow is installed, and the guiServer emulator), shows every event live, and drives:
+
+    ecFlow suite (one task fails once; a recovery policy requeues it)
+      -> QCG-PilotJob ensemble of N iterations
+      -> a soma-workflow workflow and a WMS (Parsl) workflow, from WorkflowSpec descriptions
+      -> a DiFX job on the emulator, with progress
+
+It ends with a summary table (exit 0, or 1 when a stage failed) and stops every process it
+started, also on Ctrl-C, SIGTERM and errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from flowbus.schemas import (
+    BusConfig,
+    EcflowSessionConfig,
+    FlowbusConfig,
+    FlowbusError,
+    GuiserverSessionConfig,
+    QcgSessionConfig,
+    RayConfig,
+    SessionConfig,
+)
+
+from ._demo_servers import LoopbackEcflowServer, ecflow_missing
+from ._demo_stages import DIFX_JOB, DIFX_TICKS, ECF_FAILING, QCG_JOB, Ctx, difx_stage, ecflow_stage, qcg_stage, run_stage
+from ._demo_view import LiveView, StageResult, print_summary
+
+log = structlog.get_logger("flowbus.demo")
+
+
+class _Stopped(BaseException):
+    """SIGTERM arrived: unwind to the cleanup (like KeyboardInterrupt for SIGINT)."""
+
+
+def _raise_stopped(signum: int, _frame: Any) -> None:
+    raise _Stopped(signum)
+
+
+def _step(msg: str) -> None:
+    print(f"flowbus demo: {msg}", file=sys.stderr, flush=True)
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _stages(has_ecflow: bool, has_soma: bool, has_wms: bool) -> list[StageResult]:
+    out = [StageResult("ecflow-suite", "ecflow", sources=[("ecflow", "ops")], recovery_keys=[ECF_FAILING]),
+           StageResult("qcg-ensemble", "qcg", sources=[("qcg", "local")], recovery_keys=[QCG_JOB]),
+           StageResult("soma-workflow", "soma", sources=[("soma", "soma")]),
+           StageResult("wms-workflow", "wms", sources=[("wms", "wms")]),
+           StageResult("difx-job", "guiserver", sources=[("guiserver", "difx")], recovery_keys=[DIFX_JOB])]
+    why = {"ecflow-suite": "" if has_ecflow else ecflow_missing(),
+           "soma-workflow": "" if has_soma else "no soma-workflow backend in this flowbus (services/soma.py)",
+           "wms-workflow": "" if has_wms else "no WMS backend in this flowbus (services/wms.py)"}
+    for st in out:
+        if why.get(st.stage):
+            st.result, st.detail = "skipped", why[st.stage]
+    return out
+
+
+def _config(state: Path, ecf_port: int | None, difx_port: int, has_soma: bool, has_wms: bool) -> FlowbusConfig:
+    sessions: list[SessionConfig] = [QcgSessionConfig(name="local", wd=str(state / "qcg"), actor="demo")]
+    if ecf_port is not None:
+        sessions.append(EcflowSessionConfig(name="ops", host="127.0.0.1", port=ecf_port, restart_halted=True,
+                                            actor="demo"))
+    sessions.append(GuiserverSessionConfig(name="difx", host="127.0.0.1", port=difx_port, allowed_dirs=["/data"],
+                                           reconnect_backoff=0.1, actor="demo"))
+    raw: dict[str, Any] = {"state-dir": str(state), "bus": {"request-port": 0, "publish-port": 0, "ingest-port": 0,
+                                                           "journal-dir": str(state / "journal")},
+                           "ray": {"namespace": "flowbus-demo"},
+                           "sessions": [msgspec.to_builtins(s) for s in sessions]}
+    if has_soma:
+        raw["sessions"].append({"backend": "soma", "name": "soma", "actor": "workflows"})
+    if has_wms:
+        raw["sessions"].append({"backend": "wms", "name": "wms", "actor": "workflows",
+                                "submit-dir": str(state / "wms")})
+    from flowbus.schemas import parse_config
+
+    return parse_config(raw, "<flowbus demo>")
+
+
+def run_demo(*, as_json: bool = False, keep_going: bool = False, timeout: float = 300.0) -> int:
+    """Run the pipeline once; 0 when every stage that ran succeeded, 1 otherwise."""
+    from flowbus.bus import BrokerProcess, Client, Publisher
+    from flowbus.services.guiserver_emulator import GuiserverEmulator
+
+    t_start = time.monotonic()
+    deadline = t_start + timeout
+    state = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
+    has_ecflow = not ecflow_missing()
+    has_soma = _available("flowbus.services.soma") and _available("soma_workflow")
+    has_wms = _available("flowbus.services.wms") and _available("parsl")
+    stages = _stages(has_ecflow, has_soma, has_wms)
+    by_name = {s.stage: s for s in stages}
+    out = sys.stdout
+    old_term = signal.signal(signal.SIGTERM, _raise_stopped)
+    broker: BrokerProcess | None = None
+    ecf: LoopbackEcflowServer | None = None
+    emu: GuiserverEmulator | None = None
+    ray_started = False
+    supervisor: Any = None
+    client: Client | None = None
+    view: LiveView | None = None
+    policy: Any = None
+    publisher: Publisher | None = None
+    failed_setup = ""
+    code = 1
+    try:
+        _step(f"private state in {state}")
+        if has_ecflow:
+            ecf = LoopbackEcflowServer(state / "ecflow").start()
+            _step(f"ecflow_server on 127.0.0.1:{ecf.port} (pid {ecf.pid})")
+        else:
+            _step(f"skipping the ecFlow stage: {ecflow_missing()}")
+        emu = GuiserverEmulator(state / "difx-sandbox", port=0, outcomes={DIFX_JOB: "slow"},
+                                slow_ticks=DIFX_TICKS, step_delay=0.2).start()
+        _step(f"guiServer emulator on {emu.address}")
+        config = _config(state, ecf.port if ecf else None, emu.port, has_soma, has_wms)
+        broker = BrokerProcess(config.bus, config.bus.journal_dir, log_path=str(state / "broker.log"))
+        endpoints = broker.start()
+        _step(f"broker at {endpoints['request']} (pid {broker.proc.pid if broker.proc else '?'}); starting Ray ...")
+        client = Client(endpoints["request"])
+        view = LiveView(client.subscribe(""), as_json, out).start()
+
+        from flowbus.actors import SUPERVISOR_NAME, Supervisor, start_ray
+
+        start_ray(config.ray)
+        ray_started = True
+        # Ray installs its own SIGTERM handler, which would end the process before cleanup
+        signal.signal(signal.SIGTERM, _raise_stopped)
+        import ray
+
+        supervisor = Supervisor.options(name=SUPERVISOR_NAME).remote(msgspec.json.encode(config), endpoints["request"])
+        placement = ray.get(supervisor.start.remote(), timeout=max(30.0, deadline - time.monotonic()))
+        _step(f"sessions up in {time.monotonic() - t_start:.1f} s: {', '.join(sorted(placement))}")
+
+        def call_session(session: str, operation: str, *args: Any, **kwargs: Any) -> Any:
+            return _call(supervisor, session, operation, list(args), kwargs)
+
+        publisher = Publisher(endpoints["request"])
+        if ecf is not None:
+            from ._demo_policy import RequeuePolicy
+
+            policy = RequeuePolicy(client, publisher, call_session, f"ecflow/ops/state/{ECF_FAILING} state=aborted",
+                                   "ops").start()
+        ctx = Ctx(client=client, call_session=call_session, view=view, step=_step, deadline=deadline,
+                  work=state, sessions=set(placement), ecf=ecf, emu=emu)
+        code = _pipeline(ctx, by_name, keep_going)
+    except FlowbusError as exc:
+        failed_setup = str(exc)
+        _step(f"error: {exc}")
+    except KeyboardInterrupt:
+        failed_setup = "interrupted (Ctrl-C)"
+        code = 130
+    except _Stopped:
+        failed_setup = "stopped (SIGTERM)"
+        code = 143
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if view is not None:
+                view.drain()
+                for st in stages:
+                    if st.started_ns:
+                        view.count(st)
+            _cleanup(policy, publisher, view, client, supervisor, ray_started, ecf, emu, broker)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, old_term if callable(old_term) or old_term in (signal.SIG_DFL, signal.SIG_IGN)
+                          else signal.SIG_DFL)
+    if failed_setup and code == 1:
+        for st in stages:
+            if st.result == "pending":
+                st.result, st.detail = "failed", f"not run: {failed_setup}"[:200]
+    total = time.monotonic() - t_start
+    if as_json:
+        out.write(json.dumps({"type": "demo.summary", "ok": code == 0, "exit_code": code, "seconds": round(total, 1),
+                              "state_dir": str(state), "stages": [s.row() for s in stages]}) + "\n")
+        out.flush()
+    else:
+        print_summary(stages, out)
+        out.write(f"\n{'all stages passed' if code == 0 else 'FAILED' if code == 1 else 'stopped'} "
+                  f"in {total:.1f} s\n")
+        out.flush()
+    if code == 0:
+        shutil.rmtree(state, ignore_errors=True)
+    else:
+        _step(f"kept {state} for inspection (logs: broker.log, ecflow/, qcg/)")
+    return code
+
+
+def _call(supervisor: Any, session: str, operation: str, args: list[Any], kwargs: dict[str, Any],
+          timeout: float = 120.0) -> Any:
+    import ray
+
+    try:
+        return ray.get(supervisor.call.remote(session, operation, args, kwargs, timeout), timeout=timeout + 15)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), FlowbusError) else None
+        if cause is not None:
+            raise cause from None
+        raise FlowbusError(f"{operation} on {session!r} failed: {str(exc).strip().splitlines()[-1]}") from None
+    except ray.exceptions.GetTimeoutError:
+        raise FlowbusError(f"{operation} on {session!r}: no answer within {timeout + 15:g} s") from None
+
+
+def _pipeline(ctx: Ctx, by_name: dict[str, StageResult], keep_going: bool) -> int:
+    from ._demo_stages import workflow_stages
+
+    failed = False
+
+    def blocked(st: StageResult) -> bool:
+        if st.result == "skipped":
+            return True
+        if failed and not keep_going:
+            st.result, st.detail = "skipped", "an earlier stage failed (--keep-going runs it anyway)"
+            return True
+        return False
+
+    for name, body in (("ecflow-suite", ecflow_stage), ("qcg-ensemble", qcg_stage)):
+        st = by_name[name]
+        if not blocked(st):
+            run_stage(ctx, st, lambda st=st, body=body: body(ctx, st))  # type: ignore[misc]
+            failed = failed or st.result == "failed"
+    soma, wms = by_name["soma-workflow"], by_name["wms-workflow"]
+    todo = [st for st in (soma, wms) if not blocked(st)]
+    if todo:
+        workflow_stages(ctx, soma if soma in todo else None, wms if wms in todo else None)
+        failed = failed or any(st.result == "failed" for st in todo)
+    st = by_name["difx-job"]
+    if not blocked(st):
+        run_stage(ctx, st, lambda: difx_stage(ctx, st))
+        failed = failed or st.result == "failed"
+    return 1 if failed else 0
+
+
+def _cleanup(policy: Any, publisher: Any, view: LiveView | None, client: Any, supervisor: Any, ray_started: bool,
+             ecf: LoopbackEcflowServer | None, emu: Any, broker: Any) -> None:
+    """Stop everything, innermost first; every step runs even when an earlier one failed."""
+    _step("stopping everything it started ...")
+    steps: list[tuple[str, Any]] = [
+        ("policy", lambda: policy.stop() if policy is not None else None),
+        ("view", lambda: view.stop() if view is not None else None),
+        ("subscriber", lambda: view.sub.close() if view is not None else None),
+        ("publisher", lambda: publisher.close(flush_timeout=2.0) if publisher is not None else None),
+        ("client", lambda: client.close() if client is not None else None),
+        ("sessions", lambda: _stop_supervisor(supervisor) if supervisor is not None else None),
+        ("ray", lambda: _stop_ray() if ray_started else None),
+        ("ecflow_server", lambda: _stop_ecf(ecf) if ecf is not None else None),
+        ("guiserver emulator", lambda: emu.stop() if emu is not None else None),
+        ("broker", lambda: broker.stop() if broker is not None else None),
+    ]
+    for what, fn in steps:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+            _step(f"stopping {what} failed: {exc}")
+    _step("stopped")
+
+
+def _stop_supervisor(supervisor: Any) -> None:
+    import ray
+
+    try:
+        ray.get(supervisor.stop.remote(), timeout=90)
+    finally:
+        ray.kill(supervisor)
+
+
+def _stop_ray() -> None:
+    from flowbus.actors import stop_ray
+
+    stop_ray()
+
+
+def _stop_ecf(ecf: LoopbackEcflowServer) -> None:
+    left = ecf.stop()
+    if left:
+        raise FlowbusError(f"ecFlow processes still alive: {left}")
