@@ -57,7 +57,7 @@ def wms_errors(operation: str, class_path: str) -> Iterator[None]:
         raise
     except NotImplementedError:
         raise UnknownOperation(f"{operation} is not supported by {class_path}") from None
-    except (FileNotFoundError, NotADirectoryError, KeyError, ValueError, TypeError) as exc:
+    except (FileNotFoundError, NotADirectoryError, KeyError, ValueError, TypeError, ImportError) as exc:
         raise BackendRejected(f"{operation}: {type(exc).__name__}: {exc}") from exc
     except (ConnectionError, TimeoutError) as exc:
         raise BackendUnavailable(f"{operation}: {type(exc).__name__}: {exc}") from exc
@@ -256,6 +256,7 @@ class WmsOperations:
         """The session's own view (works for every service, Parsl included):
         ``{"wms_id", "name", "state", "detail", "jobs": {name: WmsStates name}}``, or a list of
         them for every workflow it knows when ``wms_id`` is omitted."""
+        self._require_up()
         with self._lock:
             if wms_id is None:
                 return [self._tracker.view(k) for k in sorted(self._tracker.workflows())]

@@ -52,10 +52,15 @@ def is_parsl_workflow(wf: Any) -> bool:
     return isinstance(wf, ParslWorkflow)
 
 
-def unload(wf: Any) -> None:
-    """Unload Parsl whatever state the workflow left it in (never raises)."""
+def unload(wf: Any, threads_before: set[threading.Thread] | frozenset[threading.Thread] = frozenset()) -> None:
+    """Unload Parsl whatever state the workflow left it in (never raises).
+
+    A DFK whose constructor raised (an executor that fails to start) is never registered, yet
+    its job-status poller thread already runs: Parsl timers started since ``threads_before``
+    are closed too."""
     import parsl
     from parsl.dataflow.dflow import DataFlowKernelLoader
+    from parsl.utils import Timer
 
     dfk = getattr(wf, "dfk", None) or DataFlowKernelLoader._dfk
     if dfk is not None:
@@ -66,6 +71,11 @@ def unload(wf: Any) -> None:
     if wf is not None:
         wf.dfk = None
     parsl.clear()
+    for thread in set(threading.enumerate()) - set(threads_before):
+        owner = getattr(getattr(thread, "_target", None), "__self__", None)
+        if isinstance(owner, Timer):
+            _log.warning("wms.parsl.orphan_timer_closed", thread=thread.name)
+            owner.close(timeout=2.0)
 
 
 class ParslRun:
@@ -101,11 +111,13 @@ class ParslRun:
     def _run(self) -> None:
         log = _log.bind(wms_id=self.wms_id, mode=self.mode)
         acquired = False
+        threads_before: set[threading.Thread] = set()
         try:
             while not PARSL_LOCK.acquire(timeout=0.05):
                 if self._abort.is_set():
                     return
             acquired = True
+            threads_before = set(threading.enumerate())
             if self._abort.is_set():
                 return
             self.phase = "running"
@@ -122,7 +134,7 @@ class ParslRun:
         finally:
             if acquired:
                 try:
-                    unload(self.wf)
+                    unload(self.wf, threads_before)
                 finally:
                     PARSL_LOCK.release()
             self.phase = "done"
