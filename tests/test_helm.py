@@ -11,8 +11,13 @@ pods starting, Ray joining, the broker being reachable.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
+import select
+import subprocess
+import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +26,12 @@ from typing import Any
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
+import msgspec
 import pytest
 import yaml
 
-from flowbus.schemas import parse_config
+from flowbus.bus import Client, ClientCurve, Publisher, make_keypair
+from flowbus.schemas import BusBroken, State, StateChanged, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "flowbus"
@@ -480,3 +487,140 @@ class TestReadme:
         (c,) = one(docs, "Deployment", "controller")["spec"]["template"]["spec"]["containers"]
         assert f"`{' '.join(c['command'])}`" in " ".join(section.split())
         assert "gcsFaultToleranceOptions" in one(docs, "RayCluster")["spec"]
+
+
+# -- the rendered pods' files against the real broker -------------------------------------------
+
+
+def materialise(docs: list[dict[str, Any]], spec: dict[str, Any], root: Path,
+                secrets: dict[str, dict[str, bytes]]) -> None:
+    """Lay out under ``root`` the files the pod's container sees: ConfigMap and Secret volumes
+    projected as the kubelet does (items, subPath), emptyDirs and claims as empty directories.
+    Absolute paths inside the config files are moved under ``root`` too."""
+    (container,) = spec["containers"]
+    maps = {d["metadata"]["name"]: d["data"] for d in by_kind(docs, "ConfigMap")}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for m in container["volumeMounts"]:
+        vol = volumes[m["name"]]
+        target = root / m["mountPath"].lstrip("/")
+        if "configMap" in vol or "secret" in vol:
+            if "configMap" in vol:
+                data = {k: v.replace('"/etc/flowbus/', f'"{root}/etc/flowbus/').replace('"/var/lib/flowbus/', f'"{root}/var/lib/flowbus/').encode()
+                        for k, v in maps[vol["configMap"]["name"]].items()}
+                src = vol["configMap"]
+            else:
+                data = secrets[vol["secret"]["secretName"]]  # a KeyError: the pod would not start
+                src = vol["secret"]
+            files = {i["path"]: data[i["key"]] for i in src.get("items") or [{"key": k, "path": k} for k in data]}
+            if m.get("subPath"):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(files[m["subPath"]])
+            else:
+                for name, content in files.items():
+                    (target / name).parent.mkdir(parents=True, exist_ok=True)
+                    (target / name).write_bytes(content)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+
+
+def on_loopback(path: Path, request_port: int | None = None) -> None:
+    """Keep a materialised config on 127.0.0.1 (tests never bind or dial anything else); the
+    broker takes free ports, a client the broker's actual request port."""
+    text = re.sub(r'(?m)^host = ".*"$', 'host = "127.0.0.1"', path.read_text())
+    if request_port is None:
+        text = re.sub(r"(?m)^(request|publish|ingest)-port = \d+$", r"\1-port = 0", text)
+    else:
+        text = re.sub(r"(?m)^request-port = \d+$", f"request-port = {request_port}", text)
+    path.write_text(text)
+
+
+class TestPodsTalk:
+    """The broker pod and a Ray worker pod, as rendered, run with flowbus's real broker and client:
+    the files each pod gets (config, keys) are enough, and CurveZMQ is really on."""
+
+    pytestmark = pytest.mark.timeout(90)
+
+    @pytest.mark.parametrize("value_set", ["default", "curve-clients-values.yaml"])
+    def test_worker_pod_reaches_broker_pod(self, value_set: str, tmp_path: Path) -> None:
+        """The broker started as its Deployment says serves a client built only from a worker pod's files; a client without the keys is refused."""
+        values = load_values(value_set)
+        docs = render(values)
+        curve_values = values.get("curve", {})
+        keys = tmp_path / "keys"
+        pub_key, sec_key = make_keypair(keys, "broker")
+        secrets = {curve_values.get("secretName") or f"{RELEASE}-flowbus-curve":
+                   {"broker.key": pub_key.read_bytes(), "broker.key_secret": sec_key.read_bytes()}}
+        if curve_values.get("clientSecretName"):
+            cpub, csec = make_keypair(keys, "client")
+            secrets[curve_values["clientSecretName"]] = {"client.key": cpub.read_bytes(), "client.key_secret": csec.read_bytes()}
+
+        broker_spec = one(docs, "Deployment", "broker")["spec"]["template"]["spec"]
+        broker_root = tmp_path / "broker-pod"
+        materialise(docs, broker_spec, broker_root, secrets)
+        cmd = list(broker_spec["containers"][0]["command"])
+        assert cmd[:2] == ["flowbus", "broker"]
+        cfg_at = cmd.index("--config") + 1
+        cmd[cfg_at] = str(broker_root / cmd[cfg_at].lstrip("/"))
+        on_loopback(Path(cmd[cfg_at]))
+        proc = subprocess.Popen([sys.executable, "-m", "flowbus", *cmd[1:]], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, close_fds=True, start_new_session=True)
+        try:
+            endpoints = self.wait_ready(proc)
+            request_port = int(endpoints["request"].rsplit(":", 1)[1])
+            specs = ray_pod_specs(one(docs, "RayCluster"))
+            worker_spec = specs[next(role for role in specs if role.startswith("worker/"))]
+            pod_root = tmp_path / "worker-pod"
+            materialise(docs, worker_spec, pod_root, secrets)
+            # the broker's secret key stays in its pod: the only secret key here is the client's own
+            own = ["client.key_secret"] if curve_values.get("clientSecretName") else []
+            assert [p.name for p in pod_root.rglob("*.key_secret")] == own
+            cfg_path = pod_root / "etc/flowbus/flowbus.toml"
+            on_loopback(cfg_path, request_port)
+            cfg = load_config(cfg_path)
+            address = cfg.bus.request_address()
+            with Client(address, curve=cfg.bus.curve, timeout=10) as client:
+                assert client.info["curve_server_key"] == ClientCurve.from_config(cfg.bus.curve).server_public.decode()  # type: ignore[union-attr]
+                with client.expect("qcg/pod/state/j1 state=complete", timeout=20) as exp:
+                    pub = Publisher(address, curve=ClientCurve.from_config(cfg.bus.curve), timeout=10)
+                    try:
+                        pub.open_source("pod", "qcg")
+                        pub.publish(StateChanged(source="pod", backend="qcg", key="j1", state=State.COMPLETE))
+                        pub.flush(10)
+                    finally:
+                        pub.close()
+                assert exp.event.seq == 1
+            with pytest.raises(BusBroken):  # no CURVE at all
+                Client(address, timeout=0.5)
+            if curve_values.get("clientSecretName"):
+                anonymous = ClientCurve.from_config(msgspec.structs.replace(cfg.bus.curve, client_secret_key_file=""))
+                with pytest.raises(BusBroken):  # the broker admits only the client key
+                    Client(address, curve=anonymous, timeout=0.5)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+            assert proc.stdout is not None and proc.stderr is not None
+            proc.stdout.close()
+            proc.stderr.close()
+
+    @staticmethod
+    def wait_ready(proc: subprocess.Popen[str], timeout: float = 30.0) -> dict[str, Any]:
+        """The endpoints from the broker's readiness line (fails with its stderr if it never comes)."""
+        assert proc.stdout is not None and proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            line = proc.stdout.readline()
+            if line.startswith("FLOWBUS-BROKER-READY "):
+                return dict(json.loads(line.split(" ", 1)[1]))
+            if not line:
+                break
+        proc.kill()
+        proc.wait(timeout=15)
+        raise AssertionError(f"the broker pod's command did not come up: {proc.stderr.read()[-2000:]}")
+
