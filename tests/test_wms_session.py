@@ -421,3 +421,52 @@ class TestBadInput:
             parse_config({"sessions": [{"backend": "wms", "name": "w", "colour": 1}]})
         cfg = parse_config({"sessions": [{"backend": "wms", "name": "w", "bps-config": {"site": {"local": {"cores": 3}}}}]})
         assert cfg.sessions[0].bps_config == {"site": {"local": {"cores": 3}}}
+
+
+@pytest.mark.ray
+class TestWmsInActor:
+    """A WMS session hosted by a real BackendActor on Ray, observed through the broker."""
+
+    @pytest.mark.timeout(300)
+    def test_submit_fail_restart_through_the_bus(self, ray_local: str, broker_factory: Any, tmp_path: Path) -> None:
+        """Through the actor: a workflow fails on the bus, restart completes it, unsupported ops are named."""
+        ray = pytest.importorskip("ray")
+        from flowbus.actors import ACTOR_PREFIX, Supervisor
+        from flowbus.bus import Client
+        from flowbus.schemas import FlowbusConfig, RayConfig
+        from netcheck import off_loopback_listeners
+
+        broker = broker_factory()
+        flag, ran = tmp_path / "fail", tmp_path / "ran.txt"
+        flag.touch()
+        cfg = FlowbusConfig(ray=RayConfig(namespace="flowbus-test"), sessions=[
+            WmsSessionConfig(name="w1", submit_dir=str(tmp_path / "submit"), actor="wmsactor")])
+        sup = Supervisor.remote(msgspec.json.encode(cfg), broker.address)
+        client: Client | None = None
+        try:
+            assert ray.get(sup.start.remote(), timeout=180) == {"w1": "wmsactor"}
+            client = Client(broker.address)
+            actor = ray.get_actor(ACTOR_PREFIX + "wmsactor")
+            desc = wf("bus", {"name": "a", "command": sh(f"echo a >> {ran}")},
+                      {"name": "b", "command": sh(f"echo b >> {ran}; test ! -e {flag}"), "after": ["a"]})
+            r = ray.get(actor.call.remote("w1", "submit_workflow", desc), timeout=120)
+            wid = r["wms_id"]
+            failed = client.wait(f"wms/w1/state/{wid} state=aborted", timeout=120)
+            assert isinstance(failed, StateChanged) and failed.native == "FAILED"
+            assert client.wait(f"wms/w1/state/{wid}/b state=aborted", timeout=10).native == "FAILED"
+            assert off_loopback_listeners() == []
+            flag.unlink()
+            with client.expect(f"wms/w1/state/{wid} state=complete", timeout=120) as w:
+                assert ray.get(actor.call.remote("w1", "restart", wid), timeout=60)["wms_id"] == wid
+            assert isinstance(w.event, StateChanged) and w.event.native == "SUCCEEDED"
+            assert sorted(ran.read_text().split()) == ["a", "b", "b"]
+            latest = {e.key: e for e in client.status("wms/w1/") if isinstance(e, StateChanged)}
+            assert latest[f"{wid}/b"].native == "SUCCEEDED" and latest[wid].attrs["kind"] == "workflow"
+            with pytest.raises(Exception, match="report is not supported by lsst.ctrl.bps.parsl.ParslService"):
+                ray.get(actor.call.remote("w1", "report", wid), timeout=60)
+            assert ray.get(actor.call.remote("w1", "status", wid), timeout=60)["state"] == "SUCCEEDED"
+        finally:
+            if client is not None:
+                client.close()
+            ray.get(sup.stop.remote(), timeout=90)
+            ray.kill(sup)
