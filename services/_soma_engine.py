@@ -15,6 +15,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import types
@@ -71,7 +72,6 @@ class Built:
 
     controller: Any
     address: str
-    output: str = ""
     engine: Any = None
     scheduler: Any = None
     threads: tuple[threading.Thread, ...] = ()
@@ -124,7 +124,7 @@ class Built:
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
-        with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.suppress(Exception):
             self.controller.stop_engine()
         return [t.name for t in self.threads if t.is_alive()]
 
@@ -134,13 +134,12 @@ def build(cfg: SomaSessionConfig, directory: str) -> Built:
 
     Raises ``BackendUnavailable`` when soma cannot start (with soma's message)."""
     _install_popen_shim()
-    out = io.StringIO()
     with _BUILD_LOCK:
         saved_interval = soma_engine.refreshment_interval
         saved_env = os.environ.get("SOMA_WORKFLOW_CONFIG")
         soma_engine.refreshment_interval = float(cfg.engine_refresh)
         try:
-            with contextlib.redirect_stdout(out):
+            with quiet():
                 if cfg.mode == "light":
                     os.makedirs(directory, exist_ok=True)
                     wc = _QuietController(isolated_light_mode=directory)
@@ -174,7 +173,7 @@ def build(cfg: SomaSessionConfig, directory: str) -> Built:
                 threads.append(t)
     if sched is not None and cfg.proc_nb > 0:
         sched.change_proc_nb(int(cfg.proc_nb))  # not scheduler_config: its observer writes ~/ files
-    return Built(wc, address, out.getvalue().strip(), eng, sched, tuple(threads))
+    return Built(wc, address, eng, sched, tuple(threads))
 
 
 def kill_tree(pid: int, create_time: float | None = None) -> bool:
@@ -221,11 +220,35 @@ def create_time(pid: int) -> float:
         return 0.0
 
 
+class _Discard(io.TextIOBase):
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_saved_stdout: Any = None
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """soma prints to stdout from some calls (restart_jobs, restart_workflow...)."""
-    with contextlib.redirect_stdout(io.StringIO()):
+    """Discard what soma prints on stdout (construction, restart_jobs). Safe across threads:
+    ``sys.stdout`` is swapped once while any thread is inside, and restored by the last one out
+    (``contextlib.redirect_stdout`` in two threads at once can leave it swapped for good)."""
+    global _quiet_depth, _saved_stdout
+    with _QUIET_LOCK:
+        if _quiet_depth == 0:
+            _saved_stdout = sys.stdout
+            sys.stdout = _Discard()
+        _quiet_depth += 1
+    try:
         yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                sys.stdout = _saved_stdout
+                _saved_stdout = None
 
 
 __all__ = ["Built", "build", "create_time", "kill_tree", "load_pids", "quiet", "save_pids"]

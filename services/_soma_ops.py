@@ -76,8 +76,8 @@ _ERRORS: Mapping[type[BaseException], type[BackendError]] = {
 
 @contextlib.contextmanager
 def soma_errors_to_flowbus(operation: str) -> Iterator[None]:
-    """soma's exceptions as flowbus ones (original chained), soma's stdout chatter swallowed."""
-    with map_errors(_ERRORS, operation), quiet():
+    """soma's exceptions as flowbus ones (original chained)."""
+    with map_errors(_ERRORS, operation):
         yield
 
 
@@ -284,7 +284,7 @@ class SomaOperations:
 
     def _op_restart_jobs(self, workflow_id: int, job_ids: list[int]) -> bool:
         wf_id, _ = self._wf(workflow_id, "restart_jobs")
-        with self._using("restart_jobs") as wc:
+        with self._using("restart_jobs") as wc, quiet():  # soma prints the job ids
             ok = bool(wc.restart_jobs(wf_id, _ids(job_ids, "job_ids", "restart_jobs")))
         self._watch(wf_id)
         return ok

@@ -56,7 +56,7 @@ from flowbus.schemas import (
 )
 
 from ._base import Backoff, Emit, dispatch
-from ._soma_engine import Built, build, create_time, kill_tree, load_pids, quiet, save_pids
+from ._soma_engine import Built, build, create_time, kill_tree, load_pids, save_pids
 from ._soma_ops import OPERATIONS, SomaOperations, soma_errors_to_flowbus
 from ._soma_wf import Tracker, WfSnap, from_record, job_names, read_workflow, serialize
 
@@ -422,7 +422,7 @@ class SomaSession(SomaOperations):
             try:
                 if eng is None:
                     raise BackendRejected("needs the engine in this process (light mode or a local resource)")
-                with soma_errors_to_flowbus(action), quiet():
+                with soma_errors_to_flowbus(action):
                     if action == "reattach":
                         eng.engine_loop.force_stop(wf_id)  # marks the unfinished jobs failed, at once
                         wc.restart_workflow(wf_id)  # runs them (and what depends on them) again

@@ -3,6 +3,7 @@ poll thread, stopped at teardown, with checks that no soma thread and no job pro
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -92,6 +93,7 @@ def soma_session(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     """Factory: a started SomaSession (light mode in tmp_path) with a recorder and a poll thread."""
     made: list[Running] = []
     before = live_children()
+    stdout = sys.stdout
 
     def make(known: dict[str, Event] | None = None, start: bool = True, poll: bool = True,
              **overrides: Any) -> Running:
@@ -113,4 +115,5 @@ def soma_session(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     for run in made:
         assert not run.errors, f"poll() raised: {run.errors!r}"
     assert soma_threads() == [], f"soma threads left: {soma_threads()}"
+    assert sys.stdout is stdout, "sys.stdout was left swapped"
     wait_until(lambda: not (live_children() - before), 10, f"job processes to end: {live_children() - before}")
