@@ -57,22 +57,20 @@ def load_values(name: str) -> dict[str, Any]:
     return helm.values_from_yaml((CHART / "ci" / name).read_text())
 
 
+def render_raw(values: dict[str, Any] | None = None, name: str = RELEASE, namespace: str = NAMESPACE) -> dict[str, str]:
+    with helm.Chart.load(CHART) as chart:
+        return chart.render(values or {}, name=name, namespace=namespace)
+
+
 def render(values: dict[str, Any] | None = None, name: str = RELEASE, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
     """Render the chart as `helm template` does (NOTES.txt left out) and parse every document."""
-    with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values or {}, name=name, namespace=namespace)
-    docs: list[dict[str, Any]] = []
-    for path, text in sorted(manifests.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
+    manifests = render_raw(values, name, namespace)
+    return [d for path, text in sorted(manifests.items()) if not path.endswith("NOTES.txt")
+            for d in yaml.safe_load_all(text) if d]
 
 
 def notes(values: dict[str, Any] | None = None) -> str:
-    with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
-    return manifests["flowbus/templates/NOTES.txt"]
+    return render_raw(values)["flowbus/templates/NOTES.txt"]
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -97,9 +95,9 @@ def ray_pod_specs(rc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def client_pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Every pod spec that talks to the broker as a client: the Ray pods and the controller."""
     specs = ray_pod_specs(one(docs, "RayCluster"))
-    ctl = [d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "controller"]
-    for d in ctl:
-        specs["controller"] = d["spec"]["template"]["spec"]
+    for d in by_kind(docs, "Deployment"):
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "controller":
+            specs["controller"] = d["spec"]["template"]["spec"]
     return specs
 
 
@@ -115,10 +113,8 @@ def mounted_file(spec: dict[str, Any], container: dict[str, Any], path: str) -> 
         if m.get("subPath") and mp == path:
             return volumes[m["name"]], m["subPath"]
         if not m.get("subPath") and path.startswith(mp.rstrip("/") + "/"):
-            rel = path[len(mp.rstrip("/")) + 1:]
-            vol = volumes[m["name"]]
-            src = vol.get("secret") or vol.get("configMap") or {}
-            items = src.get("items")
+            rel, vol = path[len(mp.rstrip("/")) + 1:], volumes[m["name"]]
+            items = (vol.get("secret") or vol.get("configMap") or {}).get("items")
             if items is None or any(i["path"] == rel for i in items):
                 return vol, rel
     raise AssertionError(f"{path} is not mounted in container {container['name']}")
@@ -130,14 +126,9 @@ def config_toml(docs: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 def find_crd() -> Path | None:
     """KubeRay's RayCluster CRD (third-party test data, never copied into the repository)."""
-    candidates = []
-    if os.environ.get("FLOWBUS_SHARED_DATA"):
-        candidates.append(Path(os.environ["FLOWBUS_SHARED_DATA"]))
-    candidates += [ROOT.parent / "shared" / "data", Path("/work/shared/data")]
-    for base in candidates:
-        if (base / CRD_FILE).is_file():
-            return base / CRD_FILE
-    return None
+    env = [Path(os.environ["FLOWBUS_SHARED_DATA"])] if os.environ.get("FLOWBUS_SHARED_DATA") else []
+    found = [b / CRD_FILE for b in [*env, ROOT.parent / "shared" / "data", Path("/work/shared/data")] if (b / CRD_FILE).is_file()]
+    return found[0] if found else None
 
 
 def strict_schema(node: Any) -> Any:
@@ -503,24 +494,21 @@ def materialise(docs: list[dict[str, Any]], spec: dict[str, Any], root: Path,
     for m in container["volumeMounts"]:
         vol = volumes[m["name"]]
         target = root / m["mountPath"].lstrip("/")
-        if "configMap" in vol or "secret" in vol:
-            if "configMap" in vol:
-                data = {k: v.replace('"/etc/flowbus/', f'"{root}/etc/flowbus/').replace('"/var/lib/flowbus/', f'"{root}/var/lib/flowbus/').encode()
-                        for k, v in maps[vol["configMap"]["name"]].items()}
-                src = vol["configMap"]
-            else:
-                data = secrets[vol["secret"]["secretName"]]  # a KeyError: the pod would not start
-                src = vol["secret"]
-            files = {i["path"]: data[i["key"]] for i in src.get("items") or [{"key": k, "path": k} for k in data]}
-            if m.get("subPath"):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(files[m["subPath"]])
-            else:
-                for name, content in files.items():
-                    (target / name).parent.mkdir(parents=True, exist_ok=True)
-                    (target / name).write_bytes(content)
-        else:
+        if "configMap" in vol:
+            src = vol["configMap"]
+            data = {k: re.sub(r'"/(etc|var/lib)/flowbus/', f'"{root}/\\1/flowbus/', v).encode() for k, v in maps[src["name"]].items()}
+        elif "secret" in vol:
+            src = vol["secret"]
+            data = secrets[src["secretName"]]  # a KeyError: the pod would not start
+        else:  # emptyDir or claim
             target.mkdir(parents=True, exist_ok=True)
+            continue
+        files = {i["path"]: data[i["key"]] for i in src.get("items") or [{"key": k, "path": k} for k in data]}
+        if m.get("subPath"):
+            files, target = {target.name: files[m["subPath"]]}, target.parent
+        for name, content in files.items():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(content)
 
 
 def on_loopback(path: Path, request_port: int | None = None) -> None:
@@ -546,12 +534,11 @@ class TestPodsTalk:
         values = load_values(value_set)
         docs = render(values)
         curve_values = values.get("curve", {})
-        keys = tmp_path / "keys"
-        pub_key, sec_key = make_keypair(keys, "broker")
+        pub_key, sec_key = make_keypair(tmp_path / "keys", "broker")
         secrets = {curve_values.get("secretName") or f"{RELEASE}-flowbus-curve":
                    {"broker.key": pub_key.read_bytes(), "broker.key_secret": sec_key.read_bytes()}}
         if curve_values.get("clientSecretName"):
-            cpub, csec = make_keypair(keys, "client")
+            cpub, csec = make_keypair(tmp_path / "keys", "client")
             secrets[curve_values["clientSecretName"]] = {"client.key": cpub.read_bytes(), "client.key_secret": csec.read_bytes()}
 
         broker_spec = one(docs, "Deployment", "broker")["spec"]["template"]["spec"]
@@ -562,10 +549,12 @@ class TestPodsTalk:
         cfg_at = cmd.index("--config") + 1
         cmd[cfg_at] = str(broker_root / cmd[cfg_at].lstrip("/"))
         on_loopback(Path(cmd[cfg_at]))
-        proc = subprocess.Popen([sys.executable, "-m", "flowbus", *cmd[1:]], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, close_fds=True, start_new_session=True)
+        log = tmp_path / "broker.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "flowbus", *cmd[1:]], stdout=subprocess.PIPE, stderr=err,
+                                    text=True, close_fds=True, start_new_session=True)
         try:
-            endpoints = self.wait_ready(proc)
+            endpoints = self.wait_ready(proc, log)
             request_port = int(endpoints["request"].rsplit(":", 1)[1])
             specs = ray_pod_specs(one(docs, "RayCluster"))
             worker_spec = specs[next(role for role in specs if role.startswith("worker/"))]
@@ -574,9 +563,8 @@ class TestPodsTalk:
             # the broker's secret key stays in its pod: the only secret key here is the client's own
             own = ["client.key_secret"] if curve_values.get("clientSecretName") else []
             assert [p.name for p in pod_root.rglob("*.key_secret")] == own
-            cfg_path = pod_root / "etc/flowbus/flowbus.toml"
-            on_loopback(cfg_path, request_port)
-            cfg = load_config(cfg_path)
+            on_loopback(pod_root / "etc/flowbus/flowbus.toml", request_port)
+            cfg = load_config(pod_root / "etc/flowbus/flowbus.toml")
             address = cfg.bus.request_address()
             with Client(address, curve=cfg.bus.curve, timeout=10) as client:
                 assert client.info["curve_server_key"] == ClientCurve.from_config(cfg.bus.curve).server_public.decode()  # type: ignore[union-attr]
@@ -598,18 +586,15 @@ class TestPodsTalk:
         finally:
             proc.terminate()
             try:
-                proc.wait(timeout=15)
+                proc.communicate(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(timeout=15)
-            assert proc.stdout is not None and proc.stderr is not None
-            proc.stdout.close()
-            proc.stderr.close()
+                proc.communicate(timeout=15)
 
     @staticmethod
-    def wait_ready(proc: subprocess.Popen[str], timeout: float = 30.0) -> dict[str, Any]:
-        """The endpoints from the broker's readiness line (fails with its stderr if it never comes)."""
-        assert proc.stdout is not None and proc.stderr is not None
+    def wait_ready(proc: subprocess.Popen[str], log: Path, timeout: float = 30.0) -> dict[str, Any]:
+        """The endpoints from the broker's readiness line (fails with its log if it never comes)."""
+        assert proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
@@ -620,7 +605,5 @@ class TestPodsTalk:
                 return dict(json.loads(line.split(" ", 1)[1]))
             if not line:
                 break
-        proc.kill()
-        proc.wait(timeout=15)
-        raise AssertionError(f"the broker pod's command did not come up: {proc.stderr.read()[-2000:]}")
+        raise AssertionError(f"the broker pod's command did not come up: {log.read_text()[-2000:]}")
 
