@@ -1,0 +1,205 @@
+"""``flowbus demo`` end to end with real backends: a loopback ecflow_server, a QCG-PilotJob
+manager, soma-workflow (light mode), the WMS (Parsl), and the guiServer emulator, on a private
+broker and Ray.
+
+The demo runs as ``flowbus demo --json`` under a small wrapper process that is a child
+subreaper (``PR_SET_CHILD_SUBREAPER``): anything the demo started and left behind, even a
+detached process, is re-parented to the wrapper, which reports it (and then ends it, by PID).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from flowbus._demo_servers import ecflow_missing
+
+pytestmark = [pytest.mark.ray, pytest.mark.qcg]
+
+#: the wrapper: run the demo, optionally SIGTERM it once a line appears on its stderr, then wait
+#: (bounded) for every process re-parented to us to end; print one JSON object
+WRAPPER = r"""
+import ctypes, json, os, signal, subprocess, sys, threading, time
+import psutil
+
+PR_SET_CHILD_SUBREAPER = 36
+if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    raise SystemExit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+argv, timeout, term_on = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+out_chunks, err_lines, termed = [], [], threading.Event()
+
+def read_out():
+    out_chunks.append(proc.stdout.read())
+
+def read_err():
+    for line in proc.stderr:
+        err_lines.append(line)
+        if term_on and term_on in line and not termed.is_set():
+            termed.set()
+            proc.send_signal(signal.SIGTERM)
+
+readers = [threading.Thread(target=f, daemon=True) for f in (read_out, read_err)]
+for r in readers:
+    r.start()
+timed_out = False
+try:
+    proc.wait(timeout)
+except subprocess.TimeoutExpired:
+    timed_out = True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+for r in readers:
+    r.join(10)
+out = "".join(out_chunks)
+
+def reap():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+def alive():
+    reap()
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+deadline = time.monotonic() + 30  # Ray's processes may take a moment to exit after shutdown
+left = alive()
+while left and time.monotonic() < deadline:
+    psutil.wait_procs(left, timeout=0.5)
+    left = alive()
+names = []
+for p in left:
+    try:
+        names.append(f"{p.pid}: {' '.join(p.cmdline())[:100]}")
+        p.kill()
+    except psutil.Error:
+        pass
+psutil.wait_procs(left, timeout=5)
+reap()
+print(json.dumps({"code": proc.returncode, "timed_out": timed_out, "termed": termed.is_set(),
+                  "stdout": out, "stderr": "".join(err_lines), "left": names}))
+"""
+
+
+def run_wrapped(args: list[str], timeout: float, term_on: str = "") -> dict[str, Any]:
+    argv = [sys.executable, "-m", "flowbus", "demo", *args]
+    done = subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(argv), str(timeout), term_on],
+                          capture_output=True, text=True, timeout=timeout + 240, env={**os.environ})
+    assert done.returncode == 0, f"wrapper failed: {done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def states(events: list[dict[str, Any]], backend: str, key: str | None = None) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == "state" and e["backend"] == backend and (key is None or e["key"] == key)]
+
+
+@pytest.fixture(scope="module")
+def demo_run() -> dict[str, Any]:
+    """One full run of ``flowbus demo --json`` (shared by the assertions below)."""
+    if ecflow_missing():
+        pytest.skip(f"the demo's recovery runs on ecFlow: {ecflow_missing()}")
+    run = run_wrapped(["--json", "--timeout", "400"], timeout=500)
+    run["events"] = json_lines(run["stdout"])
+    summaries = [e for e in run["events"] if e.get("type") == "demo.summary"]
+    run["summary"] = summaries[-1] if summaries else None
+    return run
+
+
+@pytest.mark.timeout(900)
+class TestDemo:
+    """The demo pipeline, its events, its recovery and its clean exit."""
+
+    def test_exit_and_summary(self, demo_run: dict[str, Any]) -> None:
+        """The demo exits 0 and its summary lists every stage as ok, in pipeline order."""
+        assert not demo_run["timed_out"], demo_run["stderr"][-3000:]
+        assert demo_run["code"] == 0, demo_run["stderr"][-3000:]
+        summary = demo_run["summary"]
+        assert summary is not None and summary["ok"] is True and summary["exit_code"] == 0
+        rows = {s["stage"]: s for s in summary["stages"]}
+        assert [s["stage"] for s in summary["stages"]] == [
+            "ecflow-suite", "qcg-ensemble", "soma-workflow", "wms-workflow", "difx-job"]
+        assert {name: r["result"] for name, r in rows.items()} == dict.fromkeys(rows, "ok"), summary
+        assert all(r["events"] > 0 for r in rows.values()), summary
+        assert rows["ecflow-suite"]["recoveries"] == 1
+        assert sum(r["recoveries"] for r in rows.values()) == 1
+        assert "all stages passed" not in demo_run["stdout"]  # --json: the table is JSON, not text
+        assert not os.path.exists(summary["state_dir"]), "the private state dir is removed after success"
+
+    def test_terminal_events(self, demo_run: dict[str, Any]) -> None:
+        """Each stage's terminal event is in the JSON event stream, in pipeline order."""
+        events = demo_run["events"]
+        ecf = states(events, "ecflow", "/demo/ingest")
+        assert ecf and ecf[-1]["state"] == "complete"
+        assert states(events, "ecflow", "/demo/prepare")[-1]["state"] == "complete"
+        qcg = states(events, "qcg", "ensemble")
+        assert qcg[-1]["state"] == "complete" and qcg[-1]["native"] == "SUCCEED"
+        iterations = {e["key"] for e in states(events, "qcg") if e["key"].startswith("ensemble:") and e["state"] == "complete"}
+        assert iterations == {f"ensemble:{i}" for i in range(4)}
+        soma_wf = [e for e in states(events, "soma") if "/" not in e["key"] and e["state"] == "complete"]
+        assert len(soma_wf) == 1 and soma_wf[0]["native"] == "workflow_done"
+        soma_jobs = {e["key"].split("/", 1)[1] for e in states(events, "soma") if "/" in e["key"] and e["state"] == "complete"}
+        assert soma_jobs == {"split", "work_a", "work_b", "merge"}
+        wms_wf = [e for e in states(events, "wms") if e["attrs"].get("kind") == "workflow" and e["state"] == "complete"]
+        assert len(wms_wf) == 1 and wms_wf[0]["native"] == "SUCCEEDED"
+        difx = states(events, "guiserver", "demo_1")
+        assert difx[-1]["state"] == "complete" and difx[-1]["native"] == "ENDED_GRACEFULLY"
+        progress = [e["value"] for e in events if e["type"] == "attr" and e["key"] == "demo_1" and e["kind"] == "progress"]
+        assert len(progress) >= 5 and progress[-1] == 100.0 and progress == sorted(progress)
+        # the chain: each stage starts after the previous one ended
+        t = [ecf[-1]["time"], qcg[0]["time"], min(soma_wf[0]["time"], wms_wf[0]["time"]), difx[0]["time"]]
+        assert t[0] <= t[1] and qcg[-1]["time"] <= t[2] <= difx[0]["time"], t
+
+    def test_recovery_exactly_once(self, demo_run: dict[str, Any]) -> None:
+        """/demo/ingest aborts once, one RecoveryAttempted (requeue) follows, then it completes."""
+        events = demo_run["events"]
+        rec = [e for e in events if e["type"] == "recovery.attempted"]
+        assert len(rec) == 1, rec
+        assert "/demo/ingest" in rec[0]["key"] and rec[0]["ok"] is True
+        assert not [e for e in events if e["type"] == "recovery.gave_up"]
+        ingest = states(events, "ecflow", "/demo/ingest")
+        aborts = [e for e in ingest if e["state"] == "aborted"]
+        assert len(aborts) == 1
+        assert aborts[0]["time"] <= rec[0]["time"] <= ingest[-1]["time"] and ingest[-1]["state"] == "complete"
+
+    def test_nothing_left_behind(self, demo_run: dict[str, Any]) -> None:
+        """No process the demo started outlives it (servers, managers, Ray, broker, jobs)."""
+        assert demo_run["left"] == []
+        assert "stopped" in demo_run["stderr"]
+
+
+@pytest.mark.timeout(600)
+class TestDemoStopped:
+    """SIGTERM in the middle of a run still ends everything the demo started."""
+
+    def test_sigterm(self) -> None:
+        """SIGTERM once the sessions are up: exit 143, a summary, and no process left."""
+        run = run_wrapped(["--json", "--timeout", "300"], timeout=360, term_on="sessions up")
+        assert run["termed"], run["stderr"][-3000:]
+        assert run["code"] == 143, run["stderr"][-3000:]
+        assert run["left"] == [], run["left"]
+        summary = [e for e in json_lines(run["stdout"]) if e.get("type") == "demo.summary"]
+        assert summary and summary[-1]["ok"] is False
