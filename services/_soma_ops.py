@@ -25,6 +25,7 @@ from ._soma_wf import plain, serialize, to_workflow
 #: operation name -> method (see :func:`flowbus.services.dispatch`)
 OPERATIONS: Mapping[str, str] = {
     "submit_workflow": "_op_submit_workflow",
+    "submit": "_op_submit",
     "register_transfer": "_op_register_transfer",
     "workflow": "_op_workflow",
     "workflows": "_op_workflows",
@@ -156,6 +157,17 @@ class SomaOperations:
             wf_id = int(wc.submit_workflow(wf, expiration_date=expires, name=name or wf.name, queue=queue))
         self._submitted(wf_id, record)
         return wf_id
+
+    def _op_submit(self, workflow: Any, name: str | None = None) -> int:
+        """``submit_workflow`` that also takes the path of a JSON file (a flowbus description or
+        soma's form, as ``Helper.serialize`` writes it); the rules' ``submit`` action."""
+        if isinstance(workflow, str) and not workflow.lstrip().startswith("{"):
+            try:
+                with open(os.path.expanduser(workflow)) as f:
+                    workflow = f.read()
+            except OSError as exc:
+                raise BackendRejected(f"submit: cannot read workflow file {workflow!r}: {exc.strerror}") from None
+        return self._op_submit_workflow(workflow, name=name)
 
     def _op_register_transfer(self, is_input: bool, client_path: str | None = None, disposal_timeout: int = 168,
                               name: str | None = None, client_paths: list[str] | None = None) -> dict[str, Any]:

@@ -152,7 +152,9 @@ class TestObservation:
         path = tmp_path / "wf.json"
         soma_form = run.call("serialize", chain("fromsoma", 2), str(path))
         assert path.exists() and "serialized_jobs" in soma_form
-        wf = run.call("submit_workflow", path.read_text())
+        wf = run.call("submit", str(path))
+        with pytest.raises(BackendRejected, match="cannot read workflow file '/no/such.json'"):
+            run.call("submit", "/no/such.json")
         assert run.final(str(wf)).state is State.COMPLETE
         assert run.call("wait_workflow", wf, timeout=5) == "workflow_done"
         ids = run.call("job_ids", wf)
