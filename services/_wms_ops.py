@@ -92,6 +92,9 @@ class WmsOperations:
     def _observe_run(self, run: ParslRun, observed: Observed) -> None:
         raise NotImplementedError
 
+    def _track(self, run: ParslRun) -> None:
+        raise NotImplementedError
+
     def _report_one(self, wms_id: str, observed: Observed) -> None:
         raise NotImplementedError
 
@@ -150,7 +153,7 @@ class WmsOperations:
         if self._parsl():
             run = ParslRun(self._service, wf, path)
             with self._lock:
-                self._runs[path] = run
+                self._track(run)
                 run.start()
                 self._observe_run(run, Observed.POLL)
             return {"wms_id": path, "name": run.name, "submit_path": path}
@@ -191,7 +194,7 @@ class WmsOperations:
         with self._lock:
             done = {s.name for s in self._tracker.jobs_of(wms_id).values() if s.native == "SUCCEEDED"}
             run = ParslRun(self._service, wf, wms_id, mode="restart", done_before=done)
-            self._runs[wms_id] = run
+            self._track(run)
             run.start()
             self._observe_run(run, Observed.POLL)
         return {"wms_id": wms_id, "name": run.name, "message": ""}

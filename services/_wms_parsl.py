@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -98,6 +99,9 @@ class ParslRun:
         self.cancelled = False
         self.started_at = 0.0
         self._abort = threading.Event()
+        #: called (from Parsl's threads) when a job's future resolves: the session observes at once
+        self.on_done: Callable[[], None] | None = None
+        self._hooked: set[str] = set()
         self.thread = threading.Thread(target=self._run, name=f"wms-parsl-{self.name}", daemon=True)
 
     # -- running -----------------------------------------------------------------------------------
@@ -166,6 +170,9 @@ class ParslRun:
                 else:
                     out[name] = ("UNREADY", "")
                 continue
+            if name not in self._hooked and self.on_done is not None:
+                self._hooked.add(name)
+                fut.add_done_callback(self._future_done)
             status = fut.task_status()
             if self.phase == "done" and status in ("unsched", "pending"):
                 out[name] = ("DELETED" if self.cancelled else "PRUNED", "never started")
@@ -181,6 +188,14 @@ class ParslRun:
                 detail = "a dependency failed"
             out[name] = (native, detail)
         return out
+
+    def _future_done(self, _future: Any) -> None:
+        callback = self.on_done
+        if callback is not None:
+            try:
+                callback()
+            except Exception as exc:  # noqa: BLE001 - never break Parsl's completion path
+                _log.warning("wms.parsl.callback_failed", error=repr(exc))
 
     def workflow_state(self, jobs: dict[str, tuple[str, str]]) -> tuple[str, str]:
         if self.phase == "queued":

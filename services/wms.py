@@ -94,6 +94,7 @@ class WmsSession(WmsOperations):
         self._has_report = False
         self._next_report = 0.0
         self._phase = "new"
+        self._observing = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -221,7 +222,27 @@ class WmsSession(WmsOperations):
         if self._phase != "up":
             raise BackendRejected(f"session {self.name!r} is {self._phase}, not started")
 
+    def _track(self, run: ParslRun) -> None:
+        """Register a Parsl run: observed by every poll, and at once when a job's future resolves."""
+        self._runs[run.wms_id] = run
+        run.on_done = lambda: self._future_done(run)
+
+    def _future_done(self, run: ParslRun) -> None:
+        # from a Parsl thread: Parsl itself says a job ended (observed=push); skipped when this
+        # thread is already observing (a future that resolved while being hooked)
+        with self._lock:
+            if self._observing or self._phase not in ("up", "closing") or self._runs.get(run.wms_id) is not run:
+                return
+            self._observe_run(run, Observed.PUSH)
+
     def _observe_run(self, run: ParslRun, observed: Observed) -> None:
+        self._observing = True
+        try:
+            self._observe_run_once(run, observed)
+        finally:
+            self._observing = False
+
+    def _observe_run_once(self, run: ParslRun, observed: Observed) -> None:
         finished = run.phase == "done"  # read first: once done, every future is final
         jobs = run.job_states()
         wf_native, wf_detail = run.workflow_state(jobs)
