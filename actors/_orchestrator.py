@@ -136,6 +136,9 @@ class OrchestratorCore:
                                      message=why, operation="load"))
         start = "journal" if raw is not None else "live"
         sub = self._sub = Subscriber(self.address, self.prefixes, start=start, curve=self.curve)
+        # what the journal held when we started counts as consumed for every rule and policy that
+        # has no progress of its own (new, changed, or a first start): they react to what comes next
+        self._baseline(sub.confirmed())
         if raw is not None:
             self._reset_restarted_sources()
             replay = sub.recv_many(0, limit=10**9)
@@ -143,6 +146,8 @@ class OrchestratorCore:
             self.log.info("orchestrator.resumed", replayed=len(replay), restored=self.restored)
             for ev in replay:
                 self._on_event(ev)
+        with self.lock:
+            self._write_checkpoint()  # from now on a restart resumes (replays) instead of starting live
         self._thread = threading.Thread(target=self._run, name="flowbus-orchestrator", daemon=True)
         self._thread.start()
 
@@ -342,6 +347,16 @@ class OrchestratorCore:
             pols = [n for n, st in data.get("policies", {}).items() if n in self.policies and self.policies[n].load(st)]
             self.specs = {s: dict(b) for s, b in data.get("specs", {}).items()}
             self.restored = {"rules": rules, "policies": pols}
+
+    def _baseline(self, confirmed: dict[str, int]) -> None:
+        restored = self.restored.get("rules", []), self.restored.get("policies", [])
+        with self.lock:
+            for r in self.engine.rules.values():
+                if r.name not in restored[0]:
+                    r.hw = dict(confirmed)
+            for p in self.policies.values():
+                if p.name not in restored[1]:
+                    p.hw = dict(confirmed)
 
     def _reset_restarted_sources(self) -> None:
         """A journal that started again from seq 1 (``--fresh``) must not be skipped as replayed."""

@@ -1,0 +1,271 @@
+"""The Orchestrator actor on a real broker, a real (loopback-only) Ray and real backends (an
+ecflow_server, a QCG-PilotJob manager): rules chaining backends, restarts in the middle of an
+all-of and of an absence timer, recovery policies, failing actions and rejected rules."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ecflow_fixtures as _fx
+import msgspec
+import pytest
+from ecflow_fixtures import EcfServer, write_suite
+
+pytestmark = [pytest.mark.ray, pytest.mark.qcg]
+
+ray = pytest.importorskip("ray")
+
+from flowbus.actors import Supervisor  # noqa: E402
+from flowbus.actors._orchestrator import Orchestrator  # noqa: E402
+from flowbus.bus import Client, Publisher  # noqa: E402
+from flowbus.schemas import (  # noqa: E402
+    EcflowSessionConfig,
+    ErrorEvent,
+    Event,
+    FlowbusConfig,
+    LogLine,
+    QcgSessionConfig,
+    RayConfig,
+    RecoveryAttempted,
+    RecoveryGaveUp,
+    RuleFired,
+    State,
+    StateChanged,
+    parse_config,
+)
+
+ecf_server = _fx.ecf_server
+
+QCG = {"backend": "qcg", "name": "q1", "reconcile-interval": 0.5}
+
+
+def journal(client: Client, prefix: str) -> list[Event]:
+    """Everything the broker's journal holds under ``prefix`` (after a catch-up)."""
+    with client.subscribe(prefix, start="journal") as sub:
+        sub.sync()
+        out: list[Event] = []
+        while (batch := sub.recv_many(0.2)):
+            out.extend(batch)
+        return out
+
+
+def poll(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Poll ``check()`` until it is truthy (a bounded loop for state that has no event)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+class System:
+    """Broker + Supervisor + Orchestrator (unique Ray names), stopped at teardown."""
+
+    def __init__(self, broker: Any, tmp_path: Path) -> None:
+        self.broker, self.tmp = broker, tmp_path
+        self.client = Client(broker.address)
+        self.sup: Any = None
+        self.orch: Any = None
+        self.feeder: Publisher | None = None
+
+    def start(self, raw: dict[str, Any]) -> System:
+        raw = {"ray": {"namespace": "flowbus-test"}, "state-dir": str(self.tmp / "state"), **raw}
+        for s in raw.get("sessions", []):
+            if s["backend"] == "qcg":
+                s.setdefault("wd", str(self.tmp / f"qcg-{s['name']}"))
+        self.config: FlowbusConfig = parse_config(raw, "test")
+        tag = uuid.uuid4().hex[:8]
+        self.sup = Supervisor.options(name=f"sup-{tag}").remote(msgspec.json.encode(self.config), self.broker.address)
+        ray.get(self.sup.start.remote(), timeout=120)
+        self.orch = Orchestrator.options(name=f"orch-{tag}").remote(
+            msgspec.json.encode(self.config), self.broker.address, supervisor=f"sup-{tag}",
+            checkpoint=str(self.tmp / "orch" / "checkpoint.msgpack"))
+        info = ray.get(self.orch.start.remote(), timeout=120)
+        assert info["started"], info
+        return self
+
+    def feed(self, key: str, state: str) -> None:
+        """Publish a StateChanged of source ``feeder`` (backend flowbus) and wait until journaled."""
+        if self.feeder is None:
+            self.feeder = Publisher(self.broker.address)
+            self.feeder.open_source("feeder", "flowbus")
+        self.feeder.publish(StateChanged(source="feeder", backend="flowbus", key=key, state=State(state)))
+        self.feeder.flush(10)
+
+    def status(self) -> dict[str, Any]:
+        return ray.get(self.orch.status.remote(), timeout=30)  # type: ignore[no-any-return]
+
+    def restart_orchestrator(self) -> None:
+        """Kill the actor's process; Ray restarts it and it resumes from its checkpoint by itself."""
+        old = ray.get(self.orch.ping.remote(), timeout=30)["pid"]
+        ray.kill(self.orch, no_restart=False)
+
+        def back() -> bool:
+            try:
+                info = ray.get(self.orch.ping.remote(), timeout=10)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return False
+            return bool(info["started"] and info["pid"] != old)
+
+        poll("the orchestrator restarted by Ray", back, timeout=120)
+
+    def close(self) -> None:
+        if self.feeder is not None:
+            self.feeder.close()
+        self.client.close()
+        if self.orch is not None:
+            try:
+                ray.get(self.orch.stop.remote(), timeout=30)
+            finally:
+                ray.kill(self.orch, no_restart=True)
+        if self.sup is not None:
+            ray.get(self.sup.stop.remote(), timeout=90)
+            ray.kill(self.sup)
+
+
+@pytest.fixture
+def system(ray_local: str, broker_factory: Any, tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], System]]:
+    made: list[System] = []
+
+    def make(raw: dict[str, Any]) -> System:
+        s = System(broker_factory(), tmp_path)
+        made.append(s)
+        return s.start(raw)
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def count(events: list[Event], cls: type[Any], **fields: Any) -> int:
+    return sum(1 for e in events if isinstance(e, cls) and all(getattr(e, k) == v for k, v in fields.items()))
+
+
+class TestRules:
+    @pytest.mark.timeout(300)
+    def test_ecflow_task_complete_starts_a_qcg_ensemble_then_a_publish(
+            self, system: Callable[[dict[str, Any]], System], ecf_server: Callable[..., EcfServer]) -> None:
+        """ecFlow /s/ingest complete -> QCG ensemble of 3 submitted; all 3 iterations done -> an event published."""
+        server = ecf_server()
+        sys_ = system({
+            "sessions": [{"backend": "ecflow", "name": "e1", "host": "127.0.0.1", "port": server.port}, dict(QCG)],
+            "rules": [
+                {"name": "ingest-done", "when": "ecflow/e1/state//s/ingest state=complete",
+                 "then": [{"call": {"session": "q1", "operation": "submit",
+                                    "args": [[{"name": "ens", "exec": "/bin/echo", "args": ["from {key}"],
+                                               "iteration": 3}]]}}]},
+                {"name": "ensemble-done", "when": {"count": "qcg/q1/state/ens:* state=complete", "n": 3},
+                 "then": [{"publish": {"type": "log", "key": "ens", "level": "info", "message": "ensemble {rule} done"}}]},
+            ]})
+        client = sys_.client
+        text = write_suite(server, "s", "task ingest\n", {"ingest": "true\n"})
+        with client.expect("flowbus/*/log/ens", timeout=120) as w:
+            sup = sys_.sup
+            ray.get(sup.call.remote("e1", "load", [text], {}), timeout=60)
+            ray.get(sup.call.remote("e1", "begin_suite", ["s"], {}), timeout=60)
+        assert isinstance(w.event, LogLine) and w.event.message == "ensemble ensemble-done done"
+        assert client.wait("qcg/q1/state/ens state=complete", timeout=60).key == "ens"
+        fired = journal(client, "flowbus/")
+        assert count(fired, RuleFired, rule="ingest-done") == 1
+        assert count(fired, RuleFired, rule="ensemble-done") == 1
+
+    @pytest.mark.timeout(300)
+    def test_restart_in_the_middle_of_an_all_of_fires_once(self, system: Callable[[dict[str, Any]], System]) -> None:
+        """Half of an all-of, an orchestrator restart, the other half: the rule fires exactly once."""
+        sys_ = system({"sessions": [dict(QCG)], "rules": [
+            {"name": "both", "when": {"all": ["flowbus/feeder/state/a state=complete", "flowbus/feeder/state/b state=complete"]},
+             "then": [{"publish": {"type": "log", "key": "both", "message": "a and b"}}]}]})
+        sys_.feed("a", "complete")
+        poll("a latched", lambda: sys_.status()["rules"]["both"]["progress"] == "1/2 satisfied")
+        sys_.restart_orchestrator()
+        assert sys_.status()["rules"]["both"]["progress"] == "1/2 satisfied"
+        with sys_.client.expect("flowbus/*/rule/both", timeout=60):
+            sys_.feed("b", "complete")
+        sys_.feed("b", "complete")  # b again without a: no second firing
+        poll("the second b consumed", lambda: sys_.status()["rules"]["both"]["progress"] == "1/2 satisfied")
+        sys_.restart_orchestrator()  # the journal is replayed again: a, b, b are skipped as consumed
+        assert sys_.status()["rules"]["both"] == {"fired": 1, "progress": "1/2 satisfied", "sources": 1}
+        fired = journal(sys_.client, "flowbus/")
+        assert count(fired, RuleFired, rule="both") == 1
+        assert count(fired, LogLine, key="both") == 1
+
+    @pytest.mark.timeout(300)
+    def test_restart_with_a_pending_absence_timer_fires_once(self, system: Callable[[dict[str, Any]], System]) -> None:
+        """An absence timer pending across an orchestrator restart fires once, not before its deadline."""
+        sys_ = system({"sessions": [dict(QCG)], "rules": [
+            {"name": "silent", "when": {"absent": "flowbus/feeder/state/x state=complete",
+                                        "after": "flowbus/feeder/state/x state=active", "within": 12},
+             "then": [{"publish": {"type": "log", "key": "{key}", "level": "alert", "message": "no progress"}}]}]})
+        sys_.feed("x", "active")
+        started = [e for e in journal(sys_.client, "flowbus/feeder/") if isinstance(e, StateChanged)][-1]
+        poll("timer armed", lambda: sys_.status()["rules"]["silent"]["progress"] == "1 timer(s) pending")
+        sys_.restart_orchestrator()
+        ev = sys_.client.wait("flowbus/*/rule/silent", timeout=90)
+        assert ev.time >= started.time + 12e9
+        poll("timer gone", lambda: sys_.status()["rules"]["silent"]["progress"] == "0 timer(s) pending")
+        sys_.restart_orchestrator()  # a replay after the firing does not fire again
+        fired = journal(sys_.client, "flowbus/")
+        assert count(fired, RuleFired, rule="silent") == 1
+        assert count(fired, LogLine, key="x", level="alert") == 1
+
+    @pytest.mark.timeout(240)
+    def test_failing_action_is_an_error_event_and_bad_rules_are_rejected(
+            self, system: Callable[[dict[str, Any]], System]) -> None:
+        """A call the backend refuses gives an ErrorEvent naming the rule; bad rules are named at load, good ones run."""
+        sys_ = system({"sessions": [dict(QCG)], "rules": [
+            {"name": "bad-op", "when": "flowbus/feeder/state/go", "then": [{"call": {"session": "q1", "operation": "explode"}}]},
+            {"name": "bad-session", "when": "qcg/nosuch/state/x"},
+            {"name": "refused", "when": "flowbus/feeder/state/go",
+             "then": [{"call": {"session": "q1", "operation": "submit", "args": [[{"exec": "/bin/true"}]]}},
+                      {"publish": {"type": "log", "key": "never", "message": "not reached"}}]}]})
+        info = ray.get(sys_.orch.ping.remote(), timeout=30)
+        assert info["rules"] == ["refused"]
+        assert "no operation 'explode'" in info["rejected"]["bad-op"]
+        assert "unknown qcg session 'nosuch'" in info["rejected"]["bad-session"]
+        with sys_.client.expect("flowbus/*/error/refused", timeout=60) as w:
+            sys_.feed("go", "active")
+        assert isinstance(w.event, ErrorEvent)
+        assert w.event.error_type.endswith("BackendRejected") and "name" in w.event.message
+        errors = journal(sys_.client, "flowbus/")
+        assert count(errors, ErrorEvent, key="bad-op", operation="load") == 1
+        assert count(errors, LogLine, key="never") == 0
+
+
+class TestPolicies:
+    @pytest.mark.timeout(300)
+    def test_job_that_always_fails_is_retried_then_given_up(self, system: Callable[[dict[str, Any]], System]) -> None:
+        """A QCG job that always fails: RecoveryAttempted twice, then RecoveryGaveUp, on the bus."""
+        sys_ = system({"sessions": [dict(QCG)], "policies": [
+            {"name": "retry-qcg", "match": "qcg/q1/state/*", "max-attempts": 2, "backoff": 0.2}]})
+        with sys_.client.expect("flowbus/*/recovery/q1/bad type=recovery.gave_up", timeout=180) as w:
+            ray.get(sys_.orch.call.remote("q1", "submit", [[{"name": "bad", "exec": "/bin/false"}]]), timeout=60)
+        assert isinstance(w.event, RecoveryGaveUp) and w.event.attempts == 2
+        events = journal(sys_.client, "flowbus/")
+        attempts = [e for e in events if isinstance(e, RecoveryAttempted) and e.key == "q1/bad"]
+        assert [(a.attempt, a.ok) for a in attempts] == [(1, True), (2, True)]
+        assert count(events, RecoveryGaveUp, key="q1/bad") == 1
+        aborted = [e for e in journal(sys_.client, "qcg/q1/state/bad") if isinstance(e, StateChanged)
+                   and e.key == "bad" and e.state is State.ABORTED]
+        assert len(aborted) == 3
+
+    @pytest.mark.timeout(300)
+    def test_job_that_fails_once_is_recovered(self, system: Callable[[dict[str, Any]], System], tmp_path: Path) -> None:
+        """A QCG job that fails the first time only: one RecoveryAttempted, then complete, no give-up."""
+        flag = tmp_path / "ran-once"
+        script = f"if [ -e {flag} ]; then exit 0; else touch {flag}; exit 1; fi"
+        sys_ = system({"sessions": [dict(QCG)], "policies": [
+            {"name": "retry-qcg", "match": "qcg/q1/state/*", "max-attempts": 3, "backoff": 0.2}]})
+        with sys_.client.expect("qcg/q1/state/flaky state=complete", timeout=180):
+            ray.get(sys_.orch.call.remote("q1", "submit", [[{"name": "flaky", "exec": "/bin/sh",
+                                                                "args": ["-c", script]}]]), timeout=60)
+        assert flag.exists()
+        events = journal(sys_.client, "flowbus/")
+        assert [(e.attempt, e.ok) for e in events if isinstance(e, RecoveryAttempted)] == [(1, True)]
+        assert count(events, RecoveryGaveUp) == 0
