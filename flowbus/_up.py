@@ -35,10 +35,37 @@ def _step(msg: str) -> None:
     print(f"flowbus up: {msg}", file=sys.stderr, flush=True)
 
 
+def _external_broker(address: str, config: FlowbusConfig) -> dict[str, Any]:
+    """The endpoints of a broker we did not start (``--broker``), or a FlowbusError saying why not."""
+    import zmq
+
+    from flowbus.bus import ClientCurve
+    from flowbus.bus._request import broker_info, same_host
+
+    if not address.startswith("tcp://") or address.rpartition(":")[2] in ("", "*") or not address.rpartition(":")[2].isdigit():
+        raise FlowbusError(f"--broker {address!r}: expected the broker's request endpoint, tcp://HOST:PORT")
+    try:
+        info = broker_info(zmq.Context.instance(), address, ClientCurve.from_config(config.bus.curve), 5.0)
+    except FlowbusError as exc:
+        raise FlowbusError(f"--broker {address}: no flowbus broker answers there ({exc})") from exc
+    return {"request": address, **{k: same_host(str(info[k]), address) for k in ("publish", "ingest") if k in info}}
+
+
+def _ray_error(exc: BaseException) -> BaseException:
+    """Our own error inside a RayTaskError (raised in the Supervisor), else ``exc``."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, FlowbusError) else exc
+
+
 def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, duration: float | None = None,
-           as_json: bool = False, config_path: str | None = None) -> int:
+           as_json: bool = False, config_path: str | None = None, ray_address: str | None = None,
+           broker_address: str | None = None) -> int:
+    """Run everything; ``ray_address`` joins an existing Ray cluster (overrides ``[ray] address``),
+    ``broker_address`` uses a running broker (its request endpoint) instead of starting one."""
     from flowbus.bus import BrokerProcess, Client
 
+    if ray_address:
+        config = msgspec.structs.replace(config, ray=msgspec.structs.replace(config.ray, address=ray_address))
     state = config.state_path()
     runfile = runfile_path(state)
     running = read_runfile(state)
@@ -54,15 +81,22 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         stopping["flag"] = True
 
     signal.signal(signal.SIGTERM, on_signal)
-    broker = BrokerProcess(config.bus, journal_dir, log_path=str(state / "broker.log"))
+    broker = None if broker_address else BrokerProcess(config.bus, journal_dir, log_path=str(state / "broker.log"))
     supervisor: Any = None
+    orchestrator: Any = None
     ray_started = False
     try:
         t0 = time.monotonic()
-        _step(f"starting the broker on {config.bus.host} (journal {journal_dir}) ...")
-        endpoints = broker.start()
-        _step(f"broker ready at {endpoints['request']} ({time.monotonic() - t0:.1f} s); starting Ray (loopback only) ...")
+        if broker is None:
+            assert broker_address is not None
+            endpoints = _external_broker(broker_address, config)
+        else:
+            _step(f"starting the broker on {config.bus.host} (journal {journal_dir}) ...")
+            endpoints = broker.start()
+        where = "loopback only" if config.ray.address == "local" else f"joining {config.ray.address}"
+        _step(f"broker ready at {endpoints['request']} ({time.monotonic() - t0:.1f} s); starting Ray ({where}) ...")
         from flowbus.actors import SUPERVISOR_NAME, Supervisor, start_ray
+        from flowbus.actors._placement import check_fit, make_plan
 
         ray_address = start_ray(config.ray)
         ray_started = True
@@ -74,14 +108,20 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         view = client.subscribe("", start="snapshot")
         import ray
 
+        check_fit(make_plan(config), ray.nodes())  # a clear error now, not actors pending forever
         supervisor = Supervisor.options(name=SUPERVISOR_NAME).remote(
             msgspec.json.encode(config), endpoints["request"])
-        placement: dict[str, str] = ray.get(supervisor.start.remote(), timeout=300)
+        try:
+            placement: dict[str, str] = ray.get(supervisor.start.remote(), timeout=config.ray.start_timeout + 60)
+        except ray.exceptions.RayTaskError as exc:
+            raise _ray_error(exc) from None
+        if config.rules or config.policies:
+            orchestrator = _start_orchestrator(config, endpoints["request"])
         from flowbus.actors import ACTOR_PREFIX
 
         runfile.write_text(json.dumps({**endpoints, "ray_address": ray_address, "namespace": config.ray.namespace,
                                        "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},
-                                       "broker_pid": broker.proc.pid if broker.proc else None,
+                                       "broker_pid": broker.proc.pid if broker and broker.proc else None,
                                        "config": config_path, "pid": os.getpid()}, indent=2))
         _step(f"ready in {time.monotonic() - t0:.1f} s: sessions {', '.join(sorted(placement)) or '(none)'}; "
               f"address {endpoints['request']}. Try `flowbus watch`, `flowbus status`, "
@@ -90,7 +130,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
             _run_demo(supervisor, placement)
         end = time.monotonic() + duration if duration else None
         while not stopping["flag"] and (end is None or time.monotonic() < end):
-            if not broker.alive():
+            if broker is not None and not broker.alive():
                 # same ports, journal from disk: publishers re-register and resend, subscribers
                 # reconnect and replay what they missed
                 _step(f"the broker died (exit code {broker.proc.poll() if broker.proc else '?'}); starting it again ...")
@@ -111,6 +151,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         _step("stopping ...")
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
         try:
+            if orchestrator is not None:
+                _stop_orchestrator(orchestrator)
             if supervisor is not None:
                 import ray
 
@@ -124,7 +166,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
                 from flowbus.actors import stop_ray
 
                 stop_ray()
-            broker.stop()
+            if broker is not None:
+                broker.stop()
             runfile.unlink(missing_ok=True)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             _step("stopped")
@@ -138,3 +181,27 @@ def _run_demo(supervisor: Any, placement: dict[str, str]) -> None:
         raise FlowbusError("--demo needs at least one QCG session")
     names = ray.get(supervisor.call.remote(qcg, "submit", [DEMO_JOBS], {}), timeout=60)
     _step(f"demo: submitted {', '.join(names)} to session {qcg!r}")
+
+
+def _start_orchestrator(config: FlowbusConfig, address: str) -> Any:
+    """The Orchestrator actor for the config's rules and policies; rejected rules are named."""
+    import ray
+
+    from flowbus.actors._orchestrator import ORCHESTRATOR_NAME, Orchestrator
+
+    orchestrator = Orchestrator.options(name=ORCHESTRATOR_NAME).remote(msgspec.json.encode(config), address)
+    info = ray.get(orchestrator.start.remote(), timeout=120)
+    _step(f"orchestrator: {len(info['rules'])} rule(s) running, {len(config.policies)} policy(ies)")
+    for why in sorted(info["rejected"].values()):
+        _step(f"rejected {why}")
+    return orchestrator
+
+
+def _stop_orchestrator(orchestrator: Any) -> None:
+    import ray
+
+    try:
+        ray.get(orchestrator.stop.remote(), timeout=30)
+    except Exception as exc:  # noqa: BLE001 - keep shutting down
+        log.error("up.stop.orchestrator_failed", error=str(exc)[:300])
+    ray.kill(orchestrator, no_restart=True)
