@@ -370,10 +370,12 @@ class TestConfig:
 
 class TestRayCluster:
     def test_head_takes_no_sessions(self) -> None:
-        """The head starts with num-cpus "0" (sessions never land there) even if other start parameters are set."""
-        rc = one(render({"ray": {"head": {"rayStartParams": {"metrics-export-port": "8080"}}}}), "RayCluster")
-        params = rc["spec"]["headGroupSpec"]["rayStartParams"]
-        assert params["num-cpus"] == "0" and params["metrics-export-port"] == "8080"
+        """The head starts with num-cpus "0" (sessions never land there); other start parameters are added, dashboard-host can be overridden."""
+        assert one(render(), "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0", "dashboard-host": "0.0.0.0"}
+        raw = render_raw({"ray": {"head": {"rayStartParams": {"metrics-export-port": "8080", "dashboard-host": "127.0.0.1"}}}})
+        assert raw["flowbus/templates/raycluster.yaml"].count("dashboard-host:") == 1  # no duplicate key
+        params = one(render({"ray": {"head": {"rayStartParams": {"metrics-export-port": "8080", "dashboard-host": "127.0.0.1"}}}}), "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"]
+        assert params == {"num-cpus": "0", "metrics-export-port": "8080", "dashboard-host": "127.0.0.1"}
 
     def test_worker_groups_carry_ray_resources_and_labels(self) -> None:
         """Each worker group gets its custom Ray resources (as the strings KubeRay wants), labels, replicas and container resources."""
@@ -385,13 +387,13 @@ class TestRayCluster:
             got = groups[want["name"]]
             assert got["resources"] == {k: str(v) for k, v in want["rayResources"].items()}
             assert got["labels"] == want["rayLabels"]
-            assert "resources" not in got["rayStartParams"] and "num-cpus" not in got["rayStartParams"]
+            assert "resources" not in got["rayStartParams"] and "labels" not in got["rayStartParams"]
             assert (got["replicas"], got["minReplicas"], got["maxReplicas"]) == (want["replicas"], want["minReplicas"], want["maxReplicas"])
             (c,) = got["template"]["spec"]["containers"]
             assert c.get("resources") == want.get("resources")
         assert groups["ecflow"]["resources"] == {"flowbus-ecflow": "1000"}
         assert groups["ecflow"]["template"]["spec"]["securityContext"] == {"runAsNonRoot": True, "fsGroup": 100}
-        assert groups["qcg"]["rayStartParams"] == {"metrics-export-port": "8080"}
+        assert groups["qcg"]["rayStartParams"] == {"metrics-export-port": "8080", "num-cpus": "4"}
         assert rc["spec"]["headGroupSpec"]["labels"] == {"flowbus.io/role": "head"}
 
     def test_large_resource_counts_stay_integers(self) -> None:
@@ -443,11 +445,12 @@ class TestInvalidValues:
         ({"ray": {"gcsFaultTolerance": {"enabled": True}}}, "/ray/gcsFaultTolerance/redisAddress"),
         ({"ray": {"workerGroups": [worker("a", rayResources={"flowbus-x": 1.5})]}}, "/ray/workerGroups/0/rayResources/flowbus-x"),
         ({"ray": {"head": {"rayStartParams": {"num-cpus": "4"}}}}, "/ray/head/rayStartParams/num-cpus"),
+        ({"ray": {"workerGroups": [worker("a", rayStartParams={"resources": "{}"})]}}, "/ray/workerGroups/0/rayStartParams/resources"),
         ({"ray": {"workerGroups": []}}, "/ray/workerGroups"),
         ({"bus": {"requestPort": 70000}}, "/bus/requestPort"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ], ids=["bad-name", "wrong-type", "unknown-key", "unknown-top-key", "gcs-without-redis", "fractional-resource",
-            "head-num-cpus", "no-worker-group", "port-range", "enum"])
+            "head-num-cpus", "resources-as-start-param", "no-worker-group", "port-range", "enum"])
     def test_schema_rejects_with_path(self, values: dict[str, Any], path: str) -> None:
         """values.schema.json rejects the value and the error names its path."""
         with pytest.raises(helm.HelmValuesError) as info:
