@@ -191,7 +191,8 @@ class TestRules:
         sys_.feed("b", "complete")  # b again without a: no second firing
         poll("the second b consumed", lambda: sys_.status()["rules"]["both"]["progress"] == "1/2 satisfied")
         sys_.restart_orchestrator()  # the journal is replayed again: a, b, b are skipped as consumed
-        assert sys_.status()["rules"]["both"] == {"fired": 1, "progress": "1/2 satisfied", "sources": 1}
+        both = sys_.status()["rules"]["both"]
+        assert (both["fired"], both["progress"]) == (1, "1/2 satisfied")
         fired = journal(sys_.client, "flowbus/")
         assert count(fired, RuleFired, rule="both") == 1
         assert count(fired, LogLine, key="both") == 1
