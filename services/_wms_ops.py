@@ -80,6 +80,7 @@ class WmsOperations:
     _runs: dict[str, ParslRun]
     _prepared: dict[str, Any]
     _watched: dict[str, bool]
+    _has_report: bool
 
     # -- helpers the session provides ------------------------------------------------------------------
 
@@ -95,7 +96,7 @@ class WmsOperations:
     def _track(self, run: ParslRun) -> None:
         raise NotImplementedError
 
-    def _report_one(self, wms_id: str, observed: Observed) -> None:
+    def _report_one(self, wms_id: str, observed: Observed) -> int:
         raise NotImplementedError
 
     @property
@@ -159,9 +160,7 @@ class WmsOperations:
             return {"wms_id": path, "name": run.name, "submit_path": path}
         self._svc_call(self._service, "submit", wf, **kwargs)
         new_id = str(getattr(wf, "run_id", None) or path)
-        with self._lock:
-            self._watched[new_id] = False
-            self._report_one(new_id, Observed.POLL)
+        self._follow(new_id, str(getattr(wf, "name", "")))
         return {"wms_id": new_id, "name": str(getattr(wf, "name", "")), "submit_path": path}
 
     def op_restart(self, wms_id: str) -> dict[str, Any]:
@@ -174,9 +173,7 @@ class WmsOperations:
         new_id, run_name, message = self._svc_call(self._query, "restart", wms_id)
         if not new_id:
             raise BackendRejected(f"restart {wms_id!r}: {message or 'refused by ' + self.class_path}")
-        with self._lock:
-            self._watched[str(new_id)] = False
-            self._report_one(str(new_id), Observed.POLL)
+        self._follow(str(new_id), str(run_name or ""))
         return {"wms_id": str(new_id), "name": str(run_name or ""), "message": str(message or "")}
 
     def _restart_parsl(self, wms_id: str) -> dict[str, Any]:
@@ -206,8 +203,7 @@ class WmsOperations:
         wms_id = str(wms_id)
         with self._lock:
             run = self._runs.get(wms_id)
-        if run is not None:
-            run.cancel()
+        if run is not None and run.cancel():
             with self._lock:
                 if self._runs.get(wms_id) is run:
                     self._observe_run(run, Observed.POLL)
@@ -218,10 +214,21 @@ class WmsOperations:
                 raise BackendRejected(f"cancel: unknown workflow {wms_id!r} in session {self.name!r}")
             return {"ok": False, "message": f"{wms_id} is not running (state {seen.native})"}
         ok, message = self._svc_call(self._query, "cancel", wms_id, pass_thru=pass_thru)
-        if ok:
+        if ok and self._has_report:
             with self._lock:
                 self._report_one(wms_id, Observed.POLL)
         return {"ok": bool(ok), "message": str(message or "")}
+
+    def _follow(self, wms_id: str, name: str) -> None:
+        """Watch a run through report(); a service without report() gets one SUBMITTED state."""
+        with self._lock:
+            if self._has_report:
+                self._watched[wms_id] = False
+                self._report_one(wms_id, Observed.POLL)
+            else:
+                self._publish([self._tracker.observe(
+                    wms_id, "PENDING", WORKFLOW, wms_id, name, Observed.POLL,
+                    f"submitted; {self.class_path} has no report(): no further states")])
 
     # -- queries ------------------------------------------------------------------------------------
 

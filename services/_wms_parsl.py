@@ -216,8 +216,12 @@ class ParslRun:
 
     # -- cancelling --------------------------------------------------------------------------------
 
-    def cancel(self, timeout: float = 10.0) -> None:
-        """Jobs not started yet never run; running jobs get SIGTERM (SIGKILL after a grace)."""
+    def cancel(self, timeout: float = 10.0) -> bool:
+        """Jobs not started yet never run; running jobs get SIGTERM, then SIGKILL after half of
+        ``timeout``; waits up to ``timeout`` for the runner (0: signal once, do not wait).
+        False when the run had already finished."""
+        if self.phase == "done":
+            return False
         self.cancelled = True
         self._abort.set()
         try:
@@ -225,10 +229,13 @@ class ParslRun:
                 fh.write("cancelled by flowbus\n")
         except OSError as exc:
             _log.warning("wms.parsl.cancel_flag_failed", error=str(exc))
-        deadline = time.monotonic() + timeout
-        while self.thread.is_alive() and time.monotonic() < deadline:
-            self._signal_jobs(signal.SIGTERM if time.monotonic() < deadline - timeout / 2 else signal.SIGKILL)
+        self._signal_jobs(signal.SIGTERM if timeout > 0 else signal.SIGKILL)
+        start = time.monotonic()
+        while self.thread.is_alive() and time.monotonic() - start < timeout:
             self.thread.join(0.1)
+            late = time.monotonic() - start > timeout / 2
+            self._signal_jobs(signal.SIGKILL if late else signal.SIGTERM)
+        return True
 
     def _signal_jobs(self, sig: int) -> None:
         pid_dir = os.path.join(self.wms_id, PID_DIR)

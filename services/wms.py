@@ -9,7 +9,8 @@ Observation, two paths:
 
 * Parsl (``lsst.ctrl.bps.parsl.ParslService``, whose ``submit`` blocks and which has no
   ``report``): the workflow runs on a runner thread, one Parsl workflow at a time per process
-  (see :mod:`._wms_parsl`), and each poll reads the job futures (``poll-interval``).
+  (see :mod:`._wms_parsl`), and each poll reads the job futures (``poll-interval``). A job's
+  end is also published from its future's done-callback, in Parsl's thread (``observed=push``).
 * Any service that implements ``report()`` (HTCondor, PanDA, ...): each watched run is
   reported every ``report-interval`` seconds and the states diffed.
 
@@ -150,7 +151,8 @@ class WmsSession(WmsOperations):
                 self._watched[wms_id] = False
                 count += self._report_one(wms_id, Observed.RESYNC)
                 continue
-            lost = "its runner ended with the previous session; restart(wms_id) re-runs the unfinished jobs"
+            lost = ("its runner ended with the previous session; restart(wms_id) re-runs the unfinished jobs"
+                    if is_parsl_service(self._cls) else f"{self.config.service_class} has no report(): state unknown")
             events = [self._tracker.observe(k, "UNKNOWN", JOB, wms_id, s.name, Observed.RESYNC, lost)
                       for k, s in self._tracker.jobs_of(wms_id).items() if s.native not in FINAL_NATIVE]
             events.append(self._tracker.observe(wms_id, "UNKNOWN", WORKFLOW, wms_id, seen.name, Observed.RESYNC, lost))

@@ -203,6 +203,34 @@ class TestParsl:
         assert not ran.exists()
         assert w.call("cancel", wid)["ok"] is False  # no longer running
 
+    def test_job_end_is_pushed_from_its_future(self, wms: Callable[..., Running]) -> None:
+        """A job seen running is published final from Parsl's completion callback (observed=push)."""
+        w = wms()
+        wid = w.call("submit_workflow", wf("push", {"name": "s", "command": ["sleep", "1"]}))["wms_id"]
+        w.rec.wait_for(lambda ev: "RUNNING" in w.natives(f"{wid}/s"), 60, "the job to run")
+        assert w.final(f"{wid}/s").observed is Observed.PUSH
+        assert w.final(wid).native == "SUCCEEDED"
+
+    def test_kill_ends_jobs_without_waiting(self, tmp_path: Path) -> None:
+        """kill() returns at once, never raises, and the running job's processes end."""
+        started = tmp_path / "started"
+        session = WmsSession(WmsSessionConfig(name="wk", submit_dir=str(tmp_path / "s")))
+        session.start(Recorder(), {})
+        wid = session.call("submit_workflow", wf("k", {"name": "s", "command": sh(f"touch {started}; sleep 60")}))["wms_id"]
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            session.poll()
+            time.sleep(0.05)
+        assert started.exists()
+        t0 = time.monotonic()
+        session.kill()
+        assert time.monotonic() - t0 < 5
+        deadline = time.monotonic() + 30
+        while PARSL_LOCK.locked() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not PARSL_LOCK.locked(), f"the runner of {wid} did not end"
+        assert not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
     def test_two_sessions_share_one_parsl(self, wms: Callable[..., Running], tmp_path: Path) -> None:
         """Workflows of two sessions in one process queue for Parsl (PENDING) and both complete."""
         gate = tmp_path / "gate"
