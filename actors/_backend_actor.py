@@ -23,6 +23,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -69,8 +70,18 @@ class _Hosted:
         self.next_beat = time.monotonic() + HEARTBEAT_EVERY * (0.5 + random.random() / 2)
         self._log = log.bind(session_id=spec.name, backend=session.backend)
 
+    #: set once the broker fenced this session (a newer incarnation owns it), and who to tell
+    fenced: bool = False
+    on_fenced: Callable[[_Hosted], None] | None = None
+
     def emit(self, event: Event) -> None:
-        self.publisher.publish(event)
+        try:
+            self.publisher.publish(event)
+        except Fenced:
+            # the supervisor moved this session while we were unreachable: the broker rejects us
+            first, self.fenced = not self.fenced, True
+            if first and self.on_fenced is not None:
+                self.on_fenced(self)
 
     def poll_once(self) -> float:
         """One scheduled turn: poll, publish a failure as ``ErrorEvent``, heartbeat when due;
@@ -95,7 +106,8 @@ class BackendActorImpl:
     """The actor's body (plain class, so tests can also run it in-process)."""
 
     def __init__(self, name: str, broker_address: str, specs: list[dict[str, Any]], curve: Any = None, *,
-                 poll_workers: int = POLL_WORKERS, open_concurrency: int = OPEN_CONCURRENCY) -> None:
+                 poll_workers: int = POLL_WORKERS, open_concurrency: int = OPEN_CONCURRENCY,
+                 stuck_after: float = STUCK_AFTER) -> None:
         # configuration only: no I/O here (a failing constructor surfaces as an opaque actor death)
         self.actor_name = name
         self.broker_address = broker_address
@@ -103,6 +115,7 @@ class BackendActorImpl:
         self.curve = curve
         self.poll_workers = max(1, int(poll_workers))
         self.open_concurrency = max(1, int(open_concurrency))
+        self.stuck_after = float(stuck_after)
         self._hosted: dict[str, _Hosted] = {}
         self._publisher: Publisher | None = None
         self._scheduler: PollScheduler | None = None
@@ -121,7 +134,7 @@ class BackendActorImpl:
                         self._pool, lambda: Publisher(self.broker_address, curve=self.curve))
                 if self._scheduler is None:
                     self._scheduler = PollScheduler(self.poll_workers, name=f"flowbus-{self.actor_name}",
-                                                    stuck_after=STUCK_AFTER)
+                                                    stuck_after=self.stuck_after)
                 todo = [s for s in self.specs if s.get("name") not in self._hosted]
                 await self._open(todo)
                 self._started = True
@@ -174,7 +187,32 @@ class BackendActorImpl:
 
     def _schedule(self, hosted: _Hosted) -> None:
         assert self._scheduler is not None
+        hosted.on_fenced = self._on_fenced
         self._scheduler.add(hosted.spec.name, hosted.poll_once)
+
+    def _on_fenced(self, hosted: _Hosted) -> None:
+        """A newer incarnation of this session runs elsewhere: drop ours. Its polls stop and its
+        backend connection is let go (the adapter's ``release()`` when it has one), but neither
+        ``stop()`` nor ``kill()`` runs: they would end backend work the new incarnation adopted."""
+        name = hosted.spec.name
+        if self._hosted.get(name) is hosted:
+            del self._hosted[name]
+            self.specs = [s for s in self.specs if s.get("name") != name]
+        log.warning("session.fenced", session_id=name, actor=self.actor_name)
+
+        def release() -> None:  # off the poll thread: remove() waits for the poll in flight
+            if self._scheduler is not None:
+                self._scheduler.remove(name, timeout=10)
+            release_fn = getattr(hosted.session, "release", None)
+            try:
+                if callable(release_fn):
+                    release_fn()
+            except Exception as exc:  # noqa: BLE001 - the session is gone either way
+                log.error("session.release.failed", session_id=name, error=str(exc))
+            # no close_source(): unregistering under the old epoch would tell the broker the
+            # source is gone while its new incarnation publishes
+
+        self._pool.submit(release)
 
     def _known_many(self, sources: list[tuple[str, str]]) -> dict[str, tuple[dict[str, StateChanged], str | None]]:
         """What the journal's snapshot says about each source (one request for all of them):

@@ -155,6 +155,56 @@ class TestManySessionsInOneActor:
         assert not [t for t in threading.enumerate() if t.name.startswith("flowbus-many")], "threads left"
 
 
+class TestStuckSessionInOneActor:
+    @pytest.mark.timeout(240)
+    def test_a_frozen_manager_holds_one_worker_and_is_reported_stuck(self, broker_factory: Any, tmp_path: Any) -> None:
+        """Two real QCG sessions on two poll workers: the frozen one's poll blocks (SIGSTOP), ping()
+        names it under ``stuck``, and the other session's events still flow on the other worker."""
+        import os
+        import signal
+
+        import psutil
+
+        from flowbus.actors import _backend_actor as ba
+        from flowbus.bus import Client
+        from flowbus.schemas import QcgSessionConfig
+
+        broker = broker_factory()
+        specs = [msgspec.to_builtins(QcgSessionConfig(name="frozen", wd=str(tmp_path / "a"), recovery="none",
+                                                      request_timeout=20.0, reconcile_interval=0.2)),
+                 msgspec.to_builtins(QcgSessionConfig(name="lively", wd=str(tmp_path / "b")))]
+        loop = asyncio.new_event_loop()
+        impl = ba.BackendActorImpl("stuckt", broker.address, specs, poll_workers=2, stuck_after=1.0)
+        stopped: int | None = None
+        client: Client | None = None
+        try:
+            info = loop.run_until_complete(asyncio.wait_for(impl.start(), 120))
+            assert info["sessions"] == ["frozen", "lively"] and info["stuck"] == {}
+            services = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "a") in " ".join(p.info["cmdline"] or [])
+                        and "_qcg_service" in " ".join(p.info["cmdline"] or [])]
+            assert len(services) == 1, services
+            stopped = services[0].pid
+            os.kill(stopped, signal.SIGSTOP)
+            deadline = time.monotonic() + 30
+            while "frozen" not in loop.run_until_complete(impl.ping())["stuck"]:
+                assert time.monotonic() < deadline, "ping() never reported the frozen session as stuck"
+                time.sleep(0.1)
+            client = Client(broker.address)
+            with client.expect("qcg/lively/state/quick state=complete", timeout=60):
+                loop.run_until_complete(asyncio.wait_for(
+                    impl.call("lively", "submit", [{"name": "quick", "exec": "/bin/true"}]), 60))
+        finally:
+            if client is not None:
+                client.close()
+            if stopped is not None:
+                os.kill(stopped, signal.SIGCONT)
+            try:
+                loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
+            finally:
+                impl._pool.shutdown(wait=True)
+                loop.close()
+
+
 class TestBatchedRegistration:
     @pytest.mark.timeout(60)
     def test_open_sources_registers_many_in_one_round(self, broker_factory: Any) -> None:
