@@ -202,11 +202,25 @@ class TestResync:
         assert isinstance(again.rec.events[0], Connected) and again.rec.events[0].address == str(tmp_path / "soma0")
 
 
-def _break(run: Running) -> None:
-    """Stop the soma engine loop thread (the controller stops driving anything)."""
+def _break(run: Running, how: str = "stop_loop") -> None:
+    """Break the controller: stop its engine loop, drop its engine (``stop_engine``), or crash the
+    engine thread the way soma does after a restart on an unknown scheduler id (a KeyError in
+    ``get_job_exit_info``)."""
     built = run.session._built
     assert built is not None and built.engine is not None
-    built.engine.engine_loop.stop_loop()
+    if how == "stop_loop":
+        built.engine.engine_loop.stop_loop()
+    elif how == "stop_engine":
+        built.controller.stop_engine()
+    else:
+        sched = built.scheduler
+
+        def crash(drmaa_id: str) -> Any:
+            raise KeyError(drmaa_id)
+
+        sched.get_job_exit_info = crash
+        for proc in built.job_procs().values():  # a job ends: the engine asks for its exit info
+            proc.kill()
 
 
 def _restartable(flag: Path) -> list[str]:
@@ -218,7 +232,11 @@ class TestRecovery:
     """A dead controller is replaced; orphaned jobs are killed by PID; workflows come back."""
 
     @pytest.mark.timeout(150)
-    def test_reattach(self, soma_session: Session, tmp_path: Path) -> None:
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+    @pytest.mark.parametrize(("how", "reason"), [("stop_loop", "engine loop was stopped"),
+                                                 ("stop_engine", "stop_engine was called"),
+                                                 ("crash", "is dead")])
+    def test_reattach(self, soma_session: Session, tmp_path: Path, how: str, reason: str) -> None:
         """Default recovery: new controller on the same directory, the orphaned job killed, the workflow restarted to completion."""
         flag = tmp_path / "flag"
         run = soma_session()
@@ -228,14 +246,14 @@ class TestRecovery:
         run.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
         pid = wait_until(lambda: next(iter(run.session._pids.values()), None), 10, "a's pid")[0]
         old_threads = run.session.engine_threads
-        _break(run)
+        _break(run, how)
         lost = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, Disconnected)), None), 30, "Disconnected")
-        assert lost.will_retry and "engine loop" in lost.reason
+        assert lost.will_retry and reason in lost.reason
         att = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, RecoveryAttempted)
                                                 and e.key == str(wf)), None), 60, "workflow recovery")
         assert att.action == "reattach" and att.ok
         new = next(e for e in run.rec.of(RecoveryAttempted) if e.action == "new_controller")
-        assert new.ok and str(pid) in new.detail
+        assert new.ok and (how == "crash" or str(pid) in new.detail)
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         assert len(run.rec.of(Connected)) == 2
         assert all(not t.is_alive() for t in old_threads)
@@ -377,6 +395,19 @@ class TestLifecycle:
         assert not os.path.exists(directory)  # the session created it, the session removed it
         with pytest.raises(BackendUnavailable):
             s.call("workflows")
+
+    @pytest.mark.timeout(90)
+    def test_resource_mode_with_config_file(self, soma_session: Session, tmp_path: Path) -> None:
+        """mode = resource: a soma configuration file naming a light-mode resource; workflows run the same."""
+        cfg_file = tmp_path / "soma.cfg"
+        swf_dir = tmp_path / "swf"
+        cfg_file.write_text(f"[myres]\nLIGHT_MODE = 1\nSOMA_WORKFLOW_DIR = {swf_dir}\n"
+                            f"DATABASE_FILE = {swf_dir / 'db.sqlite'}\nTRANSFERED_FILES_DIR = {swf_dir / 'tr'}\n")
+        run = soma_session(mode="resource", resource_id="myres", config_file=str(cfg_file), directory="")
+        assert run.rec.events[0].address == "resource:myres"
+        wf = run.call("submit_workflow", chain("res", 2))
+        assert run.final(str(wf)).state is State.COMPLETE
+        assert any(p.name.startswith("db") for p in swf_dir.iterdir())
 
     def test_start_twice_and_operations(self, soma_session: Session) -> None:
         """A started session refuses a second start; operations() lists the controller and Helper calls."""
