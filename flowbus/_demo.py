@@ -40,7 +40,18 @@ from flowbus.schemas import (
 )
 
 from ._demo_servers import LoopbackEcflowServer, ecflow_missing
-from ._demo_stages import DIFX_JOB, DIFX_TICKS, ECF_FAILING, QCG_JOB, Ctx, difx_stage, ecflow_stage, qcg_stage, run_stage
+from ._demo_stages import (
+    DIFX_JOB,
+    DIFX_TICKS,
+    ECF_FAILING,
+    QCG_JOB,
+    Ctx,
+    difx_stage,
+    ecflow_stage,
+    prepare_difx,
+    qcg_stage,
+    run_stage,
+)
 from ._demo_view import LiveView, StageResult, print_summary
 
 log = structlog.get_logger("flowbus.demo")
@@ -96,6 +107,9 @@ def _config(state: Path, ecf_port: int | None, difx_port: int, has_soma: bool, h
     if has_wms:
         raw["sessions"].append({"backend": "wms", "name": "wms", "actor": "workflows",
                                 "submit-dir": str(state / "wms")})
+    from ._demo_rules import rules_and_policies
+
+    raw["rules"], raw["policies"] = rules_and_policies(ecf_port is not None, has_soma, has_wms)
     from flowbus.schemas import parse_config
 
     return parse_config(raw, "<flowbus demo>")
@@ -103,7 +117,7 @@ def _config(state: Path, ecf_port: int | None, difx_port: int, has_soma: bool, h
 
 def run_demo(*, as_json: bool = False, keep_going: bool = False, timeout: float = 300.0) -> int:
     """Run the pipeline once; 0 when every stage that ran succeeded, 1 otherwise."""
-    from flowbus.bus import BrokerProcess, Client, Publisher
+    from flowbus.bus import BrokerProcess, Client
     from flowbus.services.guiserver_emulator import GuiserverEmulator
 
     t_start = time.monotonic()
@@ -123,8 +137,7 @@ def run_demo(*, as_json: bool = False, keep_going: bool = False, timeout: float 
     supervisor: Any = None
     client: Client | None = None
     view: LiveView | None = None
-    policy: Any = None
-    publisher: Publisher | None = None
+    orchestrator: Any = None
     failed_setup = ""
     code = 1
     try:
@@ -136,6 +149,7 @@ def run_demo(*, as_json: bool = False, keep_going: bool = False, timeout: float 
             _step(f"skipping the ecFlow stage: {ecflow_missing()}")
         emu = GuiserverEmulator(state / "difx-sandbox", port=0, outcomes={DIFX_JOB: "slow"},
                                 slow_ticks=DIFX_TICKS, step_delay=0.2).start()
+        prepare_difx(emu)
         _step(f"guiServer emulator on {emu.address}")
         config = _config(state, ecf.port if ecf else None, emu.port, has_soma, has_wms)
         broker = BrokerProcess(config.bus, config.bus.journal_dir, log_path=str(state / "broker.log"))
@@ -159,14 +173,9 @@ def run_demo(*, as_json: bool = False, keep_going: bool = False, timeout: float 
         def call_session(session: str, operation: str, *args: Any, **kwargs: Any) -> Any:
             return _call(supervisor, session, operation, list(args), kwargs)
 
-        publisher = Publisher(endpoints["request"])
-        if ecf is not None:
-            from ._demo_policy import RequeuePolicy
-
-            policy = RequeuePolicy(client, publisher, call_session, f"ecflow/ops/state/{ECF_FAILING} state=aborted",
-                                   "ops").start()
+        orchestrator = _start_orchestrator(config, endpoints["request"])
         ctx = Ctx(client=client, call_session=call_session, view=view, step=_step, deadline=deadline,
-                  work=state, sessions=set(placement), ecf=ecf, emu=emu)
+                  work=state, sessions=set(placement), ecf=ecf, emu=emu, rules=True)
         code = _pipeline(ctx, by_name, keep_going)
     except FlowbusError as exc:
         failed_setup = str(exc)
@@ -186,7 +195,7 @@ def run_demo(*, as_json: bool = False, keep_going: bool = False, timeout: float 
                 for st in stages:
                     if st.started_ns:
                         view.count(st)
-            _cleanup(policy, publisher, view, client, supervisor, ray_started, ecf, emu, broker)
+            _cleanup(orchestrator, view, client, supervisor, ray_started, ecf, emu, broker)
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, old_term if callable(old_term) or old_term in (signal.SIG_DFL, signal.SIG_IGN)
@@ -228,9 +237,12 @@ def _call(supervisor: Any, session: str, operation: str, args: list[Any], kwargs
 
 
 def _pipeline(ctx: Ctx, by_name: dict[str, StageResult], keep_going: bool) -> int:
+    """Kick off the first stage and watch each stage's terminal event; the Orchestrator's rules
+    start the next stage. After a failed stage (--keep-going) the demo starts the next one itself."""
     from ._demo_stages import workflow_stages
 
     failed = False
+    acted = False  # the first stage that runs is started by the demo, the rest by the rules
 
     def blocked(st: StageResult) -> bool:
         if st.result == "skipped":
@@ -240,32 +252,43 @@ def _pipeline(ctx: Ctx, by_name: dict[str, StageResult], keep_going: bool) -> in
             return True
         return False
 
-    for name, body in (("ecflow-suite", ecflow_stage), ("qcg-ensemble", qcg_stage)):
-        st = by_name[name]
-        if not blocked(st):
-            run_stage(ctx, st, lambda st=st, body=body: body(ctx, st))  # type: ignore[misc]
-            failed = failed or st.result == "failed"
+    def kick(st: StageResult, rule: str) -> bool:
+        k = not ctx.rules or not acted or failed
+        st.started_by = "demo" if k else f"rule {rule}"
+        return k
+
+    st = by_name["ecflow-suite"]
+    if not blocked(st):
+        st.started_by = "demo"
+        run_stage(ctx, st, lambda: ecflow_stage(ctx, st))
+        acted, failed = True, st.result == "failed"
+    st = by_name["qcg-ensemble"]
+    if not blocked(st):
+        k = kick(st, "suite-done-starts-ensemble")
+        run_stage(ctx, st, lambda: qcg_stage(ctx, st, k))
+        acted, failed = True, failed or st.result == "failed"
     soma, wms = by_name["soma-workflow"], by_name["wms-workflow"]
-    todo = [st for st in (soma, wms) if not blocked(st)]
+    todo = [s for s in (soma, wms) if not blocked(s)]
     if todo:
-        workflow_stages(ctx, soma if soma in todo else None, wms if wms in todo else None)
-        failed = failed or any(st.result == "failed" for st in todo)
+        k = all([kick(s, "ensemble-done-starts-workflows") for s in todo])
+        workflow_stages(ctx, soma if soma in todo else None, wms if wms in todo else None, k)
+        acted, failed = True, failed or any(s.result == "failed" for s in todo)
     st = by_name["difx-job"]
     if not blocked(st):
-        run_stage(ctx, st, lambda: difx_stage(ctx, st))
+        k = kick(st, "workflows-done-start-difx")
+        run_stage(ctx, st, lambda: difx_stage(ctx, st, k))
         failed = failed or st.result == "failed"
     return 1 if failed else 0
 
 
-def _cleanup(policy: Any, publisher: Any, view: LiveView | None, client: Any, supervisor: Any, ray_started: bool,
+def _cleanup(orchestrator: Any, view: LiveView | None, client: Any, supervisor: Any, ray_started: bool,
              ecf: LoopbackEcflowServer | None, emu: Any, broker: Any) -> None:
     """Stop everything, innermost first; every step runs even when an earlier one failed."""
     _step("stopping everything it started ...")
     steps: list[tuple[str, Any]] = [
-        ("policy", lambda: policy.stop() if policy is not None else None),
+        ("orchestrator", lambda: _stop_actor(orchestrator) if orchestrator is not None else None),
         ("view", lambda: view.stop() if view is not None else None),
         ("subscriber", lambda: view.sub.close() if view is not None else None),
-        ("publisher", lambda: publisher.close(flush_timeout=2.0) if publisher is not None else None),
         ("client", lambda: client.close() if client is not None else None),
         ("sessions", lambda: _stop_supervisor(supervisor) if supervisor is not None else None),
         ("ray", lambda: _stop_ray() if ray_started else None),
@@ -279,6 +302,30 @@ def _cleanup(policy: Any, publisher: Any, view: LiveView | None, client: Any, su
         except Exception as exc:  # noqa: BLE001 - keep stopping the rest
             _step(f"stopping {what} failed: {exc}")
     _step("stopped")
+
+
+def _start_orchestrator(config: FlowbusConfig, address: str) -> Any:
+    """The Orchestrator actor running the demo's rules and policy; a rejected rule is an error."""
+    import ray
+
+    from flowbus.actors._orchestrator import ORCHESTRATOR_NAME, Orchestrator
+
+    orchestrator = Orchestrator.options(name=ORCHESTRATOR_NAME, max_restarts=0).remote(
+        msgspec.json.encode(config), address)
+    info = ray.get(orchestrator.start.remote(), timeout=120)
+    if info.get("rejected"):
+        raise FlowbusError("the demo's rules were rejected: " + "; ".join(sorted(map(str, info["rejected"].values()))))
+    _step(f"orchestrator: rules {', '.join(info['rules'])}; policy requeue-aborted-demo-tasks")
+    return orchestrator
+
+
+def _stop_actor(handle: Any) -> None:
+    import ray
+
+    try:
+        ray.get(handle.stop.remote(), timeout=30)
+    finally:
+        ray.kill(handle, no_restart=True)
 
 
 def _stop_supervisor(supervisor: Any) -> None:

@@ -41,9 +41,12 @@ ECF_FAILING = f"/{ECF_SUITE}/ingest"
 
 QCG_JOB = "ensemble"
 QCG_ITERATIONS = 4
+QCG_JOB_SPEC: dict[str, Any] = {"name": QCG_JOB, "exec": "/bin/echo", "args": ["ensemble member ${it}"],
+                                "iteration": QCG_ITERATIONS}
 
 DIFX_DIR = "/data/demo"
 DIFX_JOB = "demo_1"
+DIFX_INPUT = f"{DIFX_DIR}/{DIFX_JOB}.input"
 DIFX_TICKS = 10
 
 
@@ -70,6 +73,8 @@ class Ctx:
     sessions: set[str]
     ecf: LoopbackEcflowServer | None = None
     emu: Any = None
+    #: the Orchestrator's rules chain the stages: a stage only acts when ``kick`` says so
+    rules: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
     def left(self, cap: float) -> float:
@@ -89,7 +94,7 @@ def _final_state(ev: Any) -> State | None:
 # -- ecFlow ------------------------------------------------------------------------------------------
 
 
-def ecflow_stage(ctx: Ctx, st: StageResult) -> None:
+def ecflow_stage(ctx: Ctx, st: StageResult, kick: bool = True) -> None:
     """Load and begin a two-task suite; done when its last task is complete (after one requeue)."""
     assert ctx.ecf is not None
     text = ctx.ecf.write_suite(ECF_SUITE, ECF_BODY, ECF_SCRIPTS)
@@ -108,12 +113,14 @@ def ecflow_stage(ctx: Ctx, st: StageResult) -> None:
 # -- QCG ---------------------------------------------------------------------------------------------
 
 
-def qcg_stage(ctx: Ctx, st: StageResult) -> None:
+def qcg_stage(ctx: Ctx, st: StageResult, kick: bool) -> None:
     """A QCG-PilotJob job of N iterations; done when the job (all iterations) succeeded."""
-    job = {"name": QCG_JOB, "exec": "/bin/echo", "args": ["ensemble member ${it}"], "iteration": QCG_ITERATIONS}
     with ctx.client.expect(f"qcg/local/state/{QCG_JOB} final=true", timeout=ctx.left(120)) as w:
-        ctx.call("local", "submit", [job])
-        ctx.step(f"QCG: submitted {QCG_JOB!r} with {QCG_ITERATIONS} iterations")
+        if kick:
+            ctx.call("local", "submit", [QCG_JOB_SPEC])
+            ctx.step(f"QCG: submitted {QCG_JOB!r} with {QCG_ITERATIONS} iterations")
+        else:
+            ctx.step(f"QCG: waiting for rule suite-done-starts-ensemble to submit {QCG_JOB!r}")
     ctx.view.wait_seen(w.event)
     done = [e for e in ctx.client.status(f"qcg/local/state/{QCG_JOB}:")
             if isinstance(e, StateChanged) and e.state is State.COMPLETE]
@@ -129,24 +136,30 @@ def qcg_stage(ctx: Ctx, st: StageResult) -> None:
 # -- soma-workflow and the WMS -------------------------------------------------------------------------
 
 
-def workflow_stages(ctx: Ctx, soma: StageResult | None, wms: StageResult | None) -> None:
+def workflow_stages(ctx: Ctx, soma: StageResult | None, wms: StageResult | None, kick: bool) -> None:
     """Submit one WorkflowSpec to soma-workflow and one to the WMS (Parsl), then wait for both."""
     from ._demo_workflows import submit_and_wait
 
-    submit_and_wait(ctx, soma, wms)
+    submit_and_wait(ctx, soma, wms, kick)
 
 
 # -- DiFX ----------------------------------------------------------------------------------------------
 
 
-def difx_stage(ctx: Ctx, st: StageResult) -> None:
+def prepare_difx(emu: Any) -> None:
+    """The job's .input in the emulator's sandbox (it must exist before a rule starts the job)."""
+    emu.real(DIFX_INPUT).parent.mkdir(parents=True, exist_ok=True)
+    emu.real(DIFX_INPUT).write_text("# demo job (the emulator runs nothing)\n")
+
+
+def difx_stage(ctx: Ctx, st: StageResult, kick: bool) -> None:
     """A DiFX job on the guiServer emulator, with progress; done when it ended gracefully."""
-    inp = f"{DIFX_DIR}/{DIFX_JOB}.input"
-    ctx.emu.real(inp).parent.mkdir(parents=True, exist_ok=True)
-    ctx.emu.real(inp).write_text("# demo job (the emulator runs nothing)\n")
     with ctx.client.expect(f"guiserver/difx/state/{DIFX_JOB} final=true", timeout=ctx.left(120)) as w:
-        ctx.call("difx", "start_job", inp)
-        ctx.step(f"DiFX: started {inp} on the guiServer emulator at {ctx.emu.address}")
+        if kick:
+            ctx.call("difx", "start_job", DIFX_INPUT)
+            ctx.step(f"DiFX: started {DIFX_INPUT} on the guiServer emulator at {ctx.emu.address}")
+        else:
+            ctx.step(f"DiFX: waiting for rule workflows-done-start-difx to start {DIFX_INPUT}")
     ctx.view.wait_seen(w.event)
     progress = [e.value for e in ctx.view.snapshot() if isinstance(e, AttributeChanged)
                 and e.source == "difx" and e.key == DIFX_JOB and e.kind == "progress"]

@@ -24,6 +24,8 @@ class StageResult:
     events: int = 0
     recoveries: int = 0
     detail: str = ""
+    #: what started the stage: "demo" (the demo itself) or "rule <name>" (the Orchestrator)
+    started_by: str = ""
     #: (backend, source) pairs whose events count for this stage
     sources: list[tuple[str, str]] = field(default_factory=list)
     #: resource keys whose RecoveryAttempted events count for this stage (substring of the key)
@@ -34,7 +36,7 @@ class StageResult:
     def row(self) -> dict[str, Any]:
         return {"stage": self.stage, "backend": self.backend, "result": self.result,
                 "duration": round(self.duration, 2), "events": self.events, "recoveries": self.recoveries,
-                "detail": self.detail}
+                "started_by": self.started_by, "detail": self.detail}
 
 
 class LiveView:
@@ -107,9 +109,10 @@ class LiveView:
 
 
 def print_summary(stages: list[StageResult], out: TextIO) -> None:
-    rows = [("STAGE", "BACKEND", "RESULT", "DURATION", "EVENTS", "RECOVERIES", "DETAIL")]
+    rows = [("STAGE", "BACKEND", "RESULT", "DURATION", "EVENTS", "RECOVERIES", "STARTED BY", "DETAIL")]
     for s in stages:
-        rows.append((s.stage, s.backend, s.result, f"{s.duration:.1f} s", str(s.events), str(s.recoveries), s.detail))
+        rows.append((s.stage, s.backend, s.result, f"{s.duration:.1f} s", str(s.events), str(s.recoveries),
+                     s.started_by or "-", s.detail))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out.write("\n")
     for r in rows:

@@ -169,16 +169,37 @@ class TestDemo:
         assert difx[-1]["state"] == "complete" and difx[-1]["native"] == "ENDED_GRACEFULLY"
         progress = [e["value"] for e in events if e["type"] == "attr" and e["key"] == "demo_1" and e["kind"] == "progress"]
         assert len(progress) >= 5 and progress[-1] == 100.0 and progress == sorted(progress)
-        # the chain: each stage starts after the previous one ended
-        t = [ecf[-1]["time"], qcg[0]["time"], min(soma_wf[0]["time"], wms_wf[0]["time"]), difx[0]["time"]]
-        assert t[0] <= t[1] and qcg[-1]["time"] <= t[2] <= difx[0]["time"], t
+
+    def test_rules_chain_the_stages(self, demo_run: dict[str, Any]) -> None:
+        """Each later stage is started by its rule, which fired once, after the previous stage ended."""
+        events = demo_run["events"]
+        fired = [e for e in events if e["type"] == "rule.fired"]
+        assert [e["rule"] for e in fired] == [
+            "suite-done-starts-ensemble", "ensemble-done-starts-workflows", "workflows-done-start-difx"]
+        t = {e["rule"]: e["time"] for e in fired}
+        ingest_done = states(events, "ecflow", "/demo/ingest")[-1]["time"]
+        qcg = states(events, "qcg")
+        soma, wms = states(events, "soma"), states(events, "wms")
+        soma_done = max(e["time"] for e in soma if e["state"] == "complete" and "/" not in e["key"])
+        wms_done = max(e["time"] for e in wms if e["state"] == "complete" and e["attrs"].get("kind") == "workflow")
+        difx = states(events, "guiserver", "demo_1")
+        assert ingest_done <= t["suite-done-starts-ensemble"] <= qcg[0]["time"]
+        assert states(events, "qcg", "ensemble")[-1]["time"] <= t["ensemble-done-starts-workflows"]
+        assert t["ensemble-done-starts-workflows"] <= min(soma[0]["time"], wms[0]["time"])
+        assert max(soma_done, wms_done) <= t["workflows-done-start-difx"] <= difx[0]["time"]
+        rows = {s["stage"]: s["started_by"] for s in demo_run["summary"]["stages"]}
+        assert rows == {"ecflow-suite": "demo", "qcg-ensemble": "rule suite-done-starts-ensemble",
+                        "soma-workflow": "rule ensemble-done-starts-workflows",
+                        "wms-workflow": "rule ensemble-done-starts-workflows",
+                        "difx-job": "rule workflows-done-start-difx"}
 
     def test_recovery_exactly_once(self, demo_run: dict[str, Any]) -> None:
-        """/demo/ingest aborts once, one RecoveryAttempted (requeue) follows, then it completes."""
+        """/demo/ingest aborts once, the policy's one RecoveryAttempted (requeue) follows, then it completes."""
         events = demo_run["events"]
         rec = [e for e in events if e["type"] == "recovery.attempted"]
         assert len(rec) == 1, rec
-        assert "/demo/ingest" in rec[0]["key"] and rec[0]["ok"] is True
+        assert rec[0]["key"] == "ops//demo/ingest" and rec[0]["ok"] is True and rec[0]["source"] == "orchestrator"
+        assert "requeue-aborted-demo-tasks" in rec[0]["detail"] and "requeue" in rec[0]["detail"]
         assert not [e for e in events if e["type"] == "recovery.gave_up"]
         ingest = states(events, "ecflow", "/demo/ingest")
         aborts = [e for e in ingest if e["state"] == "aborted"]
