@@ -132,12 +132,14 @@ class Policy:
         return self._next(corr, ev.source, ev.backend, ev.key, fields, now, f"{ev.key} {ev.state.value} ({ev.native})")
 
     def _retryable(self, ev: StateChanged) -> bool:
-        """Iterations (QCG ``job:n``) and jobs inside workflows (soma, wms ``wf/job``) are retried
-        through their job or workflow."""
+        """Iterations (QCG ``job:n``) and jobs inside workflows (soma ``wf/job``, wms events with
+        ``attrs.kind = "job"``) are retried through their job or workflow."""
         if ev.backend == Backend.QCG.value:
             return ":" not in ev.key
-        if ev.backend in (Backend.SOMA.value, Backend.WMS.value):
+        if ev.backend == Backend.SOMA.value:
             return "/" not in ev.key
+        if ev.backend == Backend.WMS.value:
+            return ev.attrs.get("kind", "workflow") == "workflow"
         return True
 
     def _next(self, corr: str, source: str, backend: str, key: str, fields: dict[str, Any], now: float,
@@ -287,7 +289,9 @@ def recovery_calls(rec: Recovery, spec_of: SpecLookup, operation: str = "") -> l
     if b == Backend.SOMA.value:
         return [*calls, CallSpec(session=s, operation="restart_workflow", args=[int(key.split("/")[0])])]
     if b == Backend.WMS.value:
-        return [*calls, CallSpec(session=s, operation="restart", args=[key.split("/")[0]])]
+        attrs = rec.fields.get("attrs") or {}
+        wms_id = attrs.get("wms_id") if isinstance(attrs, Mapping) else None
+        return [*calls, CallSpec(session=s, operation="restart", args=[str(wms_id or key)])]
     if b == Backend.GUISERVER.value:
         attrs = rec.fields.get("attrs") or {}
         inp = attrs.get("input") if isinstance(attrs, Mapping) else None
@@ -305,7 +309,7 @@ def _kill_arg(backend: str, key: str) -> Any:
         return [key]
     if backend == Backend.SOMA.value:
         return int(key.split("/")[0])
-    return key
+    return key  # wms: the workflow key is its id
 
 
 __all__ = ["KILL_OPERATION", "RETRY_OPERATION", "Policy", "Recovery", "compile_policies", "compile_policy",

@@ -303,6 +303,10 @@ class TestPolicies:
         p.feed(s.state("local", "j", "aborted", 2), T0 + 2)
         assert [r.kind for r in p.tick(T0 + 2)] == ["retry"]
         assert p.feed(s.state("local", "j:3", "aborted", 3), T0 + 3) == []
+        w = policy(match="wms/*/state/*", **{"backoff": 0})
+        w.feed(s.state("bps", "/s/w/j1", "aborted", 4, backend="wms", attrs={"kind": "job", "wms_id": "/s/w"}), T0 + 4)
+        w.feed(s.state("bps", "/s/w", "aborted", 5, backend="wms", attrs={"kind": "workflow", "wms_id": "/s/w"}), T0 + 5)
+        assert [r.key for r in w.tick(T0 + 5)] == ["/s/w"]
 
     def test_failed_attempt_schedules_next(self) -> None:
         """A retry whose calls failed schedules the next attempt, then gives up."""
@@ -353,7 +357,7 @@ class TestPolicies:
         ("ecflow", "/s/t", {}, [("requeue", ["/s/t"])]),
         ("qcg", "j", {}, [("remove", [["j"]]), ("submit", [[{"name": "j", "exec": "/bin/true"}]])]),
         ("soma", "12", {}, [("restart_workflow", [12])]),
-        ("wms", "w1", {}, [("restart", ["w1"])]),
+        ("wms", "/sub/w-1", {"attrs": {"kind": "workflow", "wms_id": "/sub/w-1"}}, [("restart", ["/sub/w-1"])]),
         ("guiserver", "e_1", {"state": "aborted", "attrs": {"input": "/d/e_1.input"}}, [("start_job", ["/d/e_1.input"])]),
         ("guiserver", "e_1", {"state": "active", "attrs": {"input": "/d/e_1.input"}},
          [("stop_job", ["e_1"]), ("start_job", ["/d/e_1.input"])]),
