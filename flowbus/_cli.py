@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("args", nargs="?", default="[]", help="JSON list of positional arguments")
     c.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
 
+    rl = sub.add_parser("rules", help="the orchestrator's rules and policies: progress, rejected ones")
+    rl.add_argument("--json", action="store_true")
+
     em = sub.add_parser("emulate", help="run a backend emulator in the foreground (for demos and tests)")
     em_sub = em.add_subparsers(dest="backend", required=True, metavar="BACKEND")
     gs = em_sub.add_parser("guiserver", help="a protocol-faithful DiFX guiServer on 127.0.0.1 that runs nothing")
@@ -101,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure("warning" if args.cmd in ("watch", "status", "wait", "stats", "submit", "call", "demo") else "info")
+    configure("warning" if args.cmd in ("watch", "status", "wait", "stats", "submit", "call", "demo", "rules") else "info")
     try:
         return int(_COMMANDS[args.cmd](args) or 0)
     except WaitTimeout as exc:
@@ -274,6 +277,33 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    run = read_runfile()
+    if not run:
+        raise FlowbusError("no running `flowbus up` found (start it first, or set FLOWBUS_STATE_DIR)")
+    from flowbus.actors import join_ray
+    import ray
+
+    from flowbus.actors._orchestrator import ORCHESTRATOR_NAME
+
+    join_ray(run["ray_address"], run["namespace"])
+    try:
+        handle = ray.get_actor(ORCHESTRATOR_NAME)
+    except ValueError:
+        raise FlowbusError("no orchestrator is running (the config has no [[rules]] or [[policies]])") from None
+    st = ray.get(handle.status.remote(), timeout=60)
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    for name, r in sorted(st.get("rules", {}).items()):
+        print(f"rule    {name:32} fired {r['fired']:<5} {r['progress']}")
+    for name, p in sorted(st.get("policies", {}).items()):
+        print(f"policy  {name:32} " + " ".join(f"{k}={v}" for k, v in p.items()))
+    for name, why in sorted(st.get("rejected", {}).items()):
+        print(f"REJECTED {why}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flowbus._demo import run_demo
 
@@ -292,5 +322,5 @@ def cmd_up(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "up": cmd_up, "broker": cmd_broker, "watch": cmd_watch, "status": cmd_status, "wait": cmd_wait,
     "submit": cmd_submit, "call": cmd_call, "keys": cmd_keys, "stats": cmd_stats, "emulate": cmd_emulate,
-    "demo": cmd_demo,
+    "demo": cmd_demo, "rules": cmd_rules,
 }
