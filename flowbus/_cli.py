@@ -299,7 +299,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
         print(f"rule    {name:32} fired {r['fired']:<5} {r['progress']}")
     for name, p in sorted(st.get("policies", {}).items()):
         print(f"policy  {name:32} " + " ".join(f"{k}={v}" for k, v in p.items()))
-    for name, why in sorted(st.get("rejected", {}).items()):
+    for why in sorted(st.get("rejected", {}).values()):
         print(f"REJECTED {why}")
     return 0
 
