@@ -57,7 +57,8 @@ def wms_errors(operation: str, class_path: str) -> Iterator[None]:
         raise
     except NotImplementedError:
         raise UnknownOperation(f"{operation} is not supported by {class_path}") from None
-    except (FileNotFoundError, NotADirectoryError, KeyError, ValueError, TypeError, ImportError) as exc:
+    except (FileNotFoundError, NotADirectoryError, PermissionError, KeyError, ValueError, TypeError,
+            ImportError) as exc:
         raise BackendRejected(f"{operation}: {type(exc).__name__}: {exc}") from exc
     except (ConnectionError, TimeoutError) as exc:
         raise BackendUnavailable(f"{operation}: {type(exc).__name__}: {exc}") from exc
@@ -130,8 +131,8 @@ class WmsOperations:
         spec = parse_workflow(description, "prepare")
         if bps_config is not None and not isinstance(bps_config, Mapping):
             raise BackendRejected(f"prepare: bps_config must be a table, not {type(bps_config).__name__}")
-        path = new_submit_path(self._root, spec.name)
         with wms_errors("prepare", self.class_path):
+            path = new_submit_path(self._root, spec.name)
             gw = generic_workflow(spec)
             config = base_config(self.config, path, bps_config, parsl_guard(path) if self._parsl() else "")
         wf = self._svc_call(self._service, "prepare", config, gw, out_prefix=path)

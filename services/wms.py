@@ -117,7 +117,10 @@ class WmsSession(WmsOperations):
             self._cls = cls
             self._has_report = not is_parsl_service(cls) and _implements(cls, "report")
             self._root = self.config.submit_dir or os.path.join(tempfile.gettempdir(), "flowbus-wms", self.name)
-            os.makedirs(self._root, exist_ok=True)
+            try:
+                os.makedirs(self._root, exist_ok=True)
+            except OSError as exc:
+                raise BackendRejected(f"start: submit-dir {self._root!r}: {exc.strerror or exc}") from exc
             self._emit = emit
             self._phase = "up"
             ping = self._try_ping()

@@ -439,6 +439,14 @@ class TestBadInput:
             session.call("status")
         session.stop()
 
+    def test_unusable_submit_dir(self, tmp_path: Path) -> None:
+        """A submit-dir that cannot be created fails start() naming it."""
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        session = WmsSession(WmsSessionConfig(name="bad", submit_dir=str(blocker / "sub")))
+        with pytest.raises(BackendRejected, match="submit-dir .*file/sub"):
+            session.start(Recorder(), {})
+
     def test_bad_config_values(self) -> None:
         """Config loading rejects a malformed class path and bad intervals, naming the key."""
         with pytest.raises(ConfigError, match=r"sessions\[0\]\.service-class: 'nodots'"):
