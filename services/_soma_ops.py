@@ -16,7 +16,7 @@ import soma_workflow.errors as soma_errors
 from soma_workflow.client import FileTransfer, Helper
 from soma_workflow.engine_types import EngineTransfer
 
-from flowbus.schemas import BackendError, BackendRejected, BackendUnavailable
+from flowbus.schemas import BackendError, BackendProtocolError, BackendRejected, BackendUnavailable, UnknownOperation
 
 from ._base import map_errors
 from ._soma_engine import quiet
@@ -83,9 +83,12 @@ def soma_errors_to_flowbus(operation: str) -> Iterator[None]:
 
 
 def _id(value: Any, what: str, operation: str) -> int:
+    """An integer id; a workflow id may also be an event key (``"7"`` or ``"7/<job>"``)."""
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, str) and value.strip().isdigit():
             return int(value)
+        if what == "workflow_id" and isinstance(value, str) and value.split("/", 1)[0].isdigit():
+            return int(value.split("/", 1)[0])
         raise BackendRejected(f"{operation}: {what} must be an integer id, got {value!r}")
     return value
 
@@ -124,13 +127,23 @@ class SomaOperations:
     def _watch(self, wf_id: int) -> None:
         raise NotImplementedError
 
+    def _is_current(self, wc: Any) -> bool:
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def _using(self, operation: str) -> Iterator[Any]:
+        """The controller, with soma's errors mapped; a call that fails because the controller
+        died or was replaced meanwhile is ``BackendUnavailable``."""
         wc = self._controller(operation)
         self._log.debug("soma.call.started", operation=operation)
         try:
-            with soma_errors_to_flowbus(operation):
-                yield wc
+            try:
+                with soma_errors_to_flowbus(operation):
+                    yield wc
+            except (BackendRejected, BackendProtocolError) as exc:
+                if not self._is_current(wc) and not isinstance(exc, UnknownOperation):
+                    raise BackendUnavailable(f"{operation}: the soma controller was lost during the call: {exc}") from exc
+                raise
         except BackendError as exc:
             self._log.info("soma.call.failed", operation=operation, error=str(exc))
             raise

@@ -161,6 +161,9 @@ class SomaSession(SomaOperations):
                     self._directory = os.path.abspath(os.path.expanduser(cfg.directory))
                 elif previous_address and os.path.isdir(previous_address):
                     self._directory = previous_address
+                    # a temporary directory an earlier incarnation created is still ours to remove
+                    self._created_dir = os.path.basename(previous_address).startswith(f"flowbus-soma-{self.name}-") \
+                        and os.path.dirname(previous_address) == tempfile.gettempdir()
                 else:
                     self._directory = tempfile.mkdtemp(prefix=f"flowbus-soma-{self.name}-")
                     self._created_dir = True
@@ -250,6 +253,10 @@ class SomaSession(SomaOperations):
             if self._phase is not Phase.UP or self._built is None:
                 raise BackendUnavailable(f"{operation}: soma session {self.name!r} has no controller ({self._phase.value})")
             return self._built.controller
+
+    def _is_current(self, wc: Any) -> bool:
+        built = self._built
+        return self._phase is Phase.UP and built is not None and built.controller is wc
 
     def _submitted(self, wf_id: int, soma_dict: dict[str, Any]) -> None:
         with self._lock:

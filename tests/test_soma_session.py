@@ -76,6 +76,7 @@ class TestObservation:
         first = run.rec.states(f"{wf}/j2")[0]
         assert first.state is State.QUEUED and first.native == "not_submitted"
         assert run.call("workflow_status", wf) == "workflow_done"
+        assert run.call("workflow_status", f"{wf}/j1") == "workflow_done"  # an event key names its workflow
         ids = run.call("job_ids", wf)
         assert sorted(ids) == ["j0", "j1", "j2"]
         assert run.call("job_status", ids["j1"]) == "done"
@@ -408,6 +409,17 @@ class TestLifecycle:
         wf = run.call("submit_workflow", chain("res", 2))
         assert run.final(str(wf)).state is State.COMPLETE
         assert any(p.name.startswith("db") for p in swf_dir.iterdir())
+
+    def test_start_failure_is_clear_and_leaves_nothing(self, tmp_path: Path) -> None:
+        """A directory that cannot be made: start() raises BackendUnavailable naming it; no soma thread is left."""
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        s = SomaSession(SomaSessionConfig(name="bad", directory=str(blocker / "sub")))
+        with pytest.raises(BackendUnavailable, match="cannot start a WorkflowController"):
+            s.start(Recorder(), {})
+        assert soma_threads() == []
+        s.stop()
+        s.kill()
 
     def test_start_twice_and_operations(self, soma_session: Session) -> None:
         """A started session refuses a second start; operations() lists the controller and Helper calls."""
