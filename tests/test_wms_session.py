@@ -249,6 +249,22 @@ class TestParsl:
         natives = w2.natives(id2)  # RUNNING may fall between two polls: the job is quick
         assert natives[:2] == ["READY", "PENDING"] and natives[-1] == "SUCCEEDED", natives
 
+    def test_cancel_a_queued_workflow(self, wms: Callable[..., Running], tmp_path: Path) -> None:
+        """A workflow waiting for Parsl is cancelled before it starts: its jobs never run."""
+        gate, marker = tmp_path / "gate", tmp_path / "ran"
+        w1, w2 = wms("w1"), wms("w2")
+        id1 = w1.call("submit_workflow", wf("first", {"name": "wait", "command": sh(
+            f"for i in $(seq 600); do test -e {gate} && exit 0; sleep 0.1; done; exit 1")}))["wms_id"]
+        w1.rec.wait_for(lambda ev: "RUNNING" in w1.natives(id1), 60, "the first workflow to run")
+        id2 = w2.call("submit_workflow", wf("second", {"name": "x", "command": sh(f"touch {marker}")}))["wms_id"]
+        w2.rec.wait_for(lambda ev: "PENDING" in w2.natives(id2), 30, "the second to queue")
+        assert w2.call("cancel", id2)["ok"] is True
+        assert w2.final(id2, timeout=30).native == "DELETED"
+        assert w2.call("status", id2)["jobs"] == {"x": "DELETED"}
+        gate.touch()
+        assert w1.final(id1).native == "SUCCEEDED"
+        assert not marker.exists()
+
     def test_failed_prepare_and_failed_submit_leave_parsl_usable(self, wms: Callable[..., Running],
                                                                  tmp_path: Path) -> None:
         """A prepare that raises and a submit that fails inside parsl.load are reported; the next one works."""
