@@ -177,6 +177,21 @@ class TestObservation:
         assert run.call("workflows") == {}
 
 
+    @pytest.mark.timeout(90)
+    def test_soma_form_with_barrier_job(self, soma_session: Session) -> None:
+        """A soma workflow built with soma's own classes (a BarrierJob between two jobs) runs from its JSON form."""
+        from soma_workflow.client import BarrierJob, Job, Workflow
+
+        from flowbus.services._soma_wf import serialize
+
+        a, bar, c = Job(command=["true"], name="a"), BarrierJob(name="bar"), Job(command=["true"], name="c")
+        run = soma_session()
+        wf = run.call("submit_workflow", serialize(Workflow([a, bar, c], dependencies=[(a, bar), (bar, c)], name="bw")))
+        assert run.final(str(wf)).state is State.COMPLETE
+        assert {k: e.state for k, e in latest(run.rec).items()} == {
+            str(wf): State.COMPLETE, f"{wf}/a": State.COMPLETE, f"{wf}/bar": State.COMPLETE, f"{wf}/c": State.COMPLETE}
+
+
 class TestResync:
     """start() compares the controller with what the bus knew and publishes only the differences."""
 
