@@ -187,11 +187,11 @@ class TestParsl:
 
     def test_cancel_kills_running_and_skips_pending(self, wms: Callable[..., Running], tmp_path: Path) -> None:
         """cancel ends a running job and its dependents never run; the workflow is DELETED."""
-        started, ran = tmp_path / "started", tmp_path / "ran-after"
+        started, ran, quick = tmp_path / "started", tmp_path / "ran-after", tmp_path / "quick"
         w = wms()
         wid = w.call("submit_workflow", wf(
             "slow",
-            {"name": "sleeper", "command": sh(f"touch {started}; sleep 60")},
+            {"name": "sleeper", "command": sh(f"test -e {quick} && exit 0; touch {started}; sleep 60")},
             {"name": "after", "command": sh(f"touch {ran}"), "after": ["sleeper"]}))["wms_id"]
         w.rec.wait_for(lambda ev: started.exists(), 60, "the sleeper to start")
         t0 = time.monotonic()
@@ -202,6 +202,12 @@ class TestParsl:
         assert w.call("status", wid)["jobs"] == {"sleeper": "DELETED", "after": "PRUNED"}
         assert not ran.exists()
         assert w.call("cancel", wid)["ok"] is False  # no longer running
+        # cancel then restart (a policy's kill-retry): the cancelled jobs run again
+        quick.touch()
+        mark = len(w.rec.events)
+        assert w.call("restart", wid)["wms_id"] == wid
+        assert w.final(wid, after=mark).native == "SUCCEEDED"
+        assert ran.exists()
 
     def test_job_end_is_pushed_from_its_future(self, wms: Callable[..., Running]) -> None:
         """A job seen running is published final from Parsl's completion callback (observed=push)."""
