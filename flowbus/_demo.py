@@ -315,7 +315,8 @@ def _start_orchestrator(config: FlowbusConfig, address: str) -> Any:
     info = ray.get(orchestrator.start.remote(), timeout=120)
     if info.get("rejected"):
         raise FlowbusError("the demo's rules were rejected: " + "; ".join(sorted(map(str, info["rejected"].values()))))
-    _step(f"orchestrator: rules {', '.join(info['rules'])}; policy requeue-aborted-demo-tasks")
+    policies = ", ".join(p.name for p in config.policies) or "(none)"
+    _step(f"orchestrator: rules {', '.join(info['rules'])}; policies {policies}")
     return orchestrator
 
 
@@ -338,9 +339,20 @@ def _stop_supervisor(supervisor: Any) -> None:
 
 
 def _stop_ray() -> None:
+    """Shut Ray down, then remove the temporary directory start_ray made for it (logs, sockets)."""
     from flowbus.actors import stop_ray
 
+    temp = ""
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        temp = str(node.get_temp_dir_path()) if node is not None else ""
+    except Exception:  # noqa: BLE001 - a private Ray API: without it the directory stays
+        temp = ""
     stop_ray()
+    if temp and Path(temp).name.startswith("fbray-"):
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _stop_ecf(ecf: LoopbackEcflowServer) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -30,7 +31,7 @@ import psutil
 PR_SET_CHILD_SUBREAPER = 36
 if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
     raise SystemExit("prctl(PR_SET_CHILD_SUBREAPER) failed")
-argv, timeout, term_on = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+argv, timeout, term_on, signum = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 out_chunks, err_lines, termed = [], [], threading.Event()
 
@@ -42,7 +43,7 @@ def read_err():
         err_lines.append(line)
         if term_on and term_on in line and not termed.is_set():
             termed.set()
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
 
 readers = [threading.Thread(target=f, daemon=True) for f in (read_out, read_err)]
 for r in readers:
@@ -101,9 +102,11 @@ print(json.dumps({"code": proc.returncode, "timed_out": timed_out, "termed": ter
 """
 
 
-def run_wrapped(args: list[str], timeout: float, term_on: str = "") -> dict[str, Any]:
+def run_wrapped(args: list[str], timeout: float, term_on: str = "", signum: int = signal.SIGTERM) -> dict[str, Any]:
+    """Run ``flowbus demo ARGS`` under the wrapper; with ``term_on``, send ``signum`` once that
+    text appears on the demo's stderr."""
     argv = [sys.executable, "-m", "flowbus", "demo", *args]
-    done = subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(argv), str(timeout), term_on],
+    done = subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(argv), str(timeout), term_on, str(int(signum))],
                           capture_output=True, text=True, timeout=timeout + 240, env={**os.environ})
     assert done.returncode == 0, f"wrapper failed: {done.stderr[-3000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -214,13 +217,14 @@ class TestDemo:
 
 @pytest.mark.timeout(600)
 class TestDemoStopped:
-    """SIGTERM in the middle of a run still ends everything the demo started."""
+    """SIGTERM or Ctrl-C in the middle of a run still ends everything the demo started."""
 
-    def test_sigterm(self) -> None:
-        """SIGTERM once the sessions are up: exit 143, a summary, and no process left."""
-        run = run_wrapped(["--json", "--timeout", "300"], timeout=360, term_on="sessions up")
+    @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+    def test_signal(self, signum: int, code: int) -> None:
+        """The signal once the sessions are up: its exit code, a summary, and no process left."""
+        run = run_wrapped(["--json", "--timeout", "300"], timeout=360, term_on="sessions up", signum=signum)
         assert run["termed"], run["stderr"][-3000:]
-        assert run["code"] == 143, run["stderr"][-3000:]
+        assert run["code"] == code, run["stderr"][-3000:]
         assert run["left"] == [], run["left"]
         summary = [e for e in json_lines(run["stdout"]) if e.get("type") == "demo.summary"]
         assert summary and summary[-1]["ok"] is False
