@@ -42,10 +42,32 @@ def start_ray(cfg: RayConfig) -> str:
                      _temp_dir=tempfile.mkdtemp(prefix="fbray-", dir="/tmp"), _system_config=FAST_HEALTH,
                      **common)
         else:
-            ray.init(address=cfg.address, **common)
+            _probe(cfg)
+            if cfg.address.startswith("ray://"):
+                ray.init(address=cfg.address, namespace=cfg.namespace, logging_level=logging.ERROR, log_to_driver=False)
+            else:
+                ray.init(address=cfg.address, **{k: v for k, v in common.items() if k != "include_dashboard"})
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise BusBroken(f"ray: cannot start or join a cluster at {cfg.address!r}: {exc}") from exc
+    if cfg.address.startswith("ray://"):
+        return cfg.address  # a Ray Client driver has no GCS address of its own
     return str(ray.get_runtime_context().gcs_address)
+
+
+def _probe(cfg: RayConfig) -> None:
+    """Fail within ``connect-timeout`` seconds for an unreachable cluster (``ray.init`` waits ~80 s)."""
+    from ._placement import probe_address
+
+    address = cfg.address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address("auto")
+        if resolved is None:
+            raise ConnectionError("address 'auto': no running Ray cluster found (RAY_ADDRESS is unset and none was "
+                                  "started on this machine)")
+        address = resolved
+    probe_address(address, cfg.connect_timeout)
 
 
 def join_ray(address: str, namespace: str) -> None:

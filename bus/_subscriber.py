@@ -66,6 +66,9 @@ class Subscriber:
         self._seen: dict[str, set[int]] = {}
         self._backend: dict[str, str] = {}
         self._full: dict[str, bool] = {}
+        #: per source, the highest incarnation seen: a live event of a lower one comes from a
+        #: fenced (moved, partitioned) session and is dropped, counted under ``fenced``
+        self._incarnation: dict[str, int] = {}
         self._logged: set[str] = set()
         self._closed = False
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -237,7 +240,10 @@ class Subscriber:
         except SchemaError as exc:
             self._malformed(reason_of(exc), str(exc))
             return
+        if self._incarnation and any(ev.incarnation < self._incarnation.get(ev.source, 0) for ev in events):
+            events = [ev for ev in events if not self._stale(ev)]
         if len(events) > 1 and self._take_run(topic, events):
+            self._seen_incarnation(events[-1])
             return
         for ev in events:
             self._accept(ev, replayed=False)
@@ -285,7 +291,23 @@ class Subscriber:
         base = f"{backend}/{source}/"
         return any(base.startswith(p) or p.startswith(base) for p in self.prefixes)
 
+    def _stale(self, ev: Event) -> bool:
+        """A live event older than the newest incarnation seen for its source. (The journal's
+        replays and snapshots are not checked: it holds only what the broker accepted, and an
+        old incarnation's accepted events stay valid history.)"""
+        if ev.incarnation >= self._incarnation.get(ev.source, 0):
+            return False
+        self.stats["fenced"] += 1
+        log.warning("subscriber.event.fenced", source=ev.source, seq=ev.seq, incarnation=ev.incarnation,
+                    newest=self._incarnation[ev.source])
+        return True
+
+    def _seen_incarnation(self, ev: Event) -> None:
+        if ev.incarnation > self._incarnation.get(ev.source, 0):
+            self._incarnation[ev.source] = ev.incarnation
+
     def _accept(self, ev: Event, replayed: bool) -> None:
+        self._seen_incarnation(ev)
         src, seq = ev.source, ev.seq
         confirmed = self._confirmed.get(src)
         if confirmed is not None and seq == confirmed + 1 and not self._seen.get(src):
@@ -406,7 +428,7 @@ class Subscriber:
     # -- misc ----------------------------------------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
-        """Counters (received, delivered, replayed, duplicates, gaps, dropped, malformed.*) and state."""
+        """Counters (received, delivered, replayed, duplicates, gaps, dropped, fenced, malformed.*) and state."""
         out: dict[str, Any] = dict(self.stats)
         out.update(pending=len(self._out), sources=len(self._confirmed), broker_id=self.broker_id,
                    broker_alive=time.monotonic() - self.last_tick < 5 * self.heartbeat_interval + 0.5)

@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true", help="submit a small QCG job set once everything runs")
     up.add_argument("--duration", type=float, metavar="S", help="stop by itself after S seconds")
     up.add_argument("--json", action="store_true", help="events as JSON lines")
+    up.add_argument("--address", metavar="ADDR", help="join this Ray cluster instead of the config's [ray] address: "
+                    "host:port (its GCS), auto, or ray://host:10001")
+    up.add_argument("--broker", metavar="tcp://HOST:PORT", help="use this running broker (its request endpoint) "
+                    "instead of starting one")
 
     dm = sub.add_parser("demo", help="run a cross-backend pipeline once on a private embedded stack, live")
     dm.add_argument("--json", action="store_true", help="events and the final summary as JSON lines")
@@ -316,7 +320,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     config: FlowbusConfig = load_config(args.config)
     configure(config.log.level, config.log.json)
     return run_up(config, fresh=args.fresh, demo=args.demo, duration=args.duration, as_json=args.json,
-                  config_path=str(Path(args.config).resolve()) if args.config else None)
+                  config_path=str(Path(args.config).resolve()) if args.config else None,
+                  ray_address=args.address, broker_address=args.broker)
 
 
 _COMMANDS = {

@@ -35,10 +35,37 @@ def _step(msg: str) -> None:
     print(f"flowbus up: {msg}", file=sys.stderr, flush=True)
 
 
+def _external_broker(address: str, config: FlowbusConfig) -> dict[str, Any]:
+    """The endpoints of a broker we did not start (``--broker``), or a FlowbusError saying why not."""
+    import zmq
+
+    from flowbus.bus import ClientCurve
+    from flowbus.bus._request import broker_info, same_host
+
+    if not address.startswith("tcp://") or address.rpartition(":")[2] in ("", "*") or not address.rpartition(":")[2].isdigit():
+        raise FlowbusError(f"--broker {address!r}: expected the broker's request endpoint, tcp://HOST:PORT")
+    try:
+        info = broker_info(zmq.Context.instance(), address, ClientCurve.from_config(config.bus.curve), 5.0)
+    except FlowbusError as exc:
+        raise FlowbusError(f"--broker {address}: no flowbus broker answers there ({exc})") from exc
+    return {"request": address, **{k: same_host(str(info[k]), address) for k in ("publish", "ingest") if k in info}}
+
+
+def _ray_error(exc: BaseException) -> BaseException:
+    """Our own error inside a RayTaskError (raised in the Supervisor), else ``exc``."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, FlowbusError) else exc
+
+
 def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, duration: float | None = None,
-           as_json: bool = False, config_path: str | None = None) -> int:
+           as_json: bool = False, config_path: str | None = None, ray_address: str | None = None,
+           broker_address: str | None = None) -> int:
+    """Run everything; ``ray_address`` joins an existing Ray cluster (overrides ``[ray] address``),
+    ``broker_address`` uses a running broker (its request endpoint) instead of starting one."""
     from flowbus.bus import BrokerProcess, Client
 
+    if ray_address:
+        config = msgspec.structs.replace(config, ray=msgspec.structs.replace(config.ray, address=ray_address))
     state = config.state_path()
     runfile = runfile_path(state)
     running = read_runfile(state)
@@ -54,16 +81,23 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         stopping["flag"] = True
 
     signal.signal(signal.SIGTERM, on_signal)
-    broker = BrokerProcess(config.bus, journal_dir, log_path=str(state / "broker.log"))
+    broker = None if broker_address else BrokerProcess(config.bus, journal_dir, log_path=str(state / "broker.log"))
     supervisor: Any = None
     orchestrator: Any = None
     ray_started = False
     try:
         t0 = time.monotonic()
-        _step(f"starting the broker on {config.bus.host} (journal {journal_dir}) ...")
-        endpoints = broker.start()
-        _step(f"broker ready at {endpoints['request']} ({time.monotonic() - t0:.1f} s); starting Ray (loopback only) ...")
+        if broker is None:
+            assert broker_address is not None
+            endpoints = _external_broker(broker_address, config)
+        else:
+            _step(f"starting the broker on {config.bus.host} (journal {journal_dir}) ...")
+            endpoints = broker.start()
+        where = "loopback only" if config.ray.address == "local" else f"joining {config.ray.address}"
+        _step(f"broker ready at {endpoints['request']} ({time.monotonic() - t0:.1f} s); starting Ray ({where}) ...")
         from flowbus.actors import SUPERVISOR_NAME, Supervisor, start_ray
+        from flowbus.actors._placement import check_fit, make_plan
+        from flowbus.actors._supervisor import supervisor_options
 
         ray_address = start_ray(config.ray)
         ray_started = True
@@ -75,16 +109,20 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         view = client.subscribe("", start="snapshot")
         import ray
 
-        supervisor = Supervisor.options(name=SUPERVISOR_NAME).remote(
+        check_fit(make_plan(config), ray.nodes())  # a clear error now, not actors pending forever
+        supervisor = Supervisor.options(**supervisor_options(SUPERVISOR_NAME)).remote(
             msgspec.json.encode(config), endpoints["request"])
-        placement: dict[str, str] = ray.get(supervisor.start.remote(), timeout=300)
+        try:
+            placement: dict[str, str] = ray.get(supervisor.start.remote(), timeout=config.ray.start_timeout + 60)
+        except ray.exceptions.RayTaskError as exc:
+            raise _ray_error(exc) from None
         if config.rules or config.policies:
             orchestrator = _start_orchestrator(config, endpoints["request"])
         from flowbus.actors import ACTOR_PREFIX
 
         runfile.write_text(json.dumps({**endpoints, "ray_address": ray_address, "namespace": config.ray.namespace,
                                        "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},
-                                       "broker_pid": broker.proc.pid if broker.proc else None,
+                                       "broker_pid": broker.proc.pid if broker and broker.proc else None,
                                        "config": config_path, "pid": os.getpid()}, indent=2))
         _step(f"ready in {time.monotonic() - t0:.1f} s: sessions {', '.join(sorted(placement)) or '(none)'}; "
               f"address {endpoints['request']}. Try `flowbus watch`, `flowbus status`, "
@@ -93,7 +131,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
             _run_demo(supervisor, placement)
         end = time.monotonic() + duration if duration else None
         while not stopping["flag"] and (end is None or time.monotonic() < end):
-            if not broker.alive():
+            if broker is not None and not broker.alive():
                 # same ports, journal from disk: publishers re-register and resend, subscribers
                 # reconnect and replay what they missed
                 _step(f"the broker died (exit code {broker.proc.poll() if broker.proc else '?'}); starting it again ...")
@@ -129,7 +167,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
                 from flowbus.actors import stop_ray
 
                 stop_ray()
-            broker.stop()
+            if broker is not None:
+                broker.stop()
             runfile.unlink(missing_ok=True)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             _step("stopped")

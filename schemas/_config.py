@@ -70,17 +70,51 @@ class BusConfig(_Conf, frozen=True):
         return f"tcp://{self.host}:{self.request_port}"
 
 
+class PlacementConfig(_Conf, frozen=True):
+    """One ``[[ray.placement]]`` group: which sessions, over how many BackendActors, on which nodes.
+
+    A session belongs to the first group whose ``sessions`` globs match its name or whose
+    ``backends`` list its backend; sessions no group takes go to the ``default`` group."""
+
+    #: group name; its actors are named ``flowbus-backend-<name>-<i>``
+    name: str
+    #: session-name globs (``fnmatch``: ``ecf-*``) this group takes
+    sessions: list[str] = []
+    #: backends this group takes (``ecflow``, ``qcg``, ``guiserver``, ``soma``, ``wms``)
+    backends: list[str] = []
+    #: BackendActors the group's sessions are spread over (round-robin, many sessions per actor)
+    actors: int = 1
+    #: Ray resources every actor of the group asks for, e.g. ``{"flowbus-ecflow" = 0.001}``
+    #: (nodes offer them with ``ray start --resources``); an actor only runs where they are
+    resources: dict[str, float] = {}
+    #: node labels the actor's node must carry (``ray start --labels``), e.g. ``{site = "ecmwf"}``
+    node_labels: dict[str, str] = {}
+
+
 class RayConfig(_Conf, frozen=True):
     """Where sessions run. ``local`` starts a private loopback-only Ray."""
 
+    #: ``local`` (a private loopback-only Ray), or an existing cluster: ``host:port`` (its GCS),
+    #: ``auto`` (``RAY_ADDRESS`` or the cluster last started on this machine), ``ray://host:10001``
     address: str = "local"
     namespace: str = "flowbus"
     num_cpus: int = 2
     object_store_mb: int = 100
-    #: sessions per BackendActor before the supervisor opens another actor
+    #: sessions per BackendActor before the supervisor opens another actor (default group, ``actors = 0``)
     sessions_per_actor: int = 64
+    #: BackendActors of the default group (sessions no placement group takes); 0 = one per ``sessions-per-actor`` sessions
+    actors: int = 0
     #: Ray restarts of a dead BackendActor
     max_restarts: int = -1
+    #: placement groups (``[[ray.placement]]``), see :class:`PlacementConfig`
+    placement: list[PlacementConfig] = []
+    #: seconds a BackendActor may stay unreachable (dead node, hung, partitioned) before its
+    #: sessions move to another actor of its group (they resync there under a new incarnation)
+    move_after: float = 30.0
+    #: seconds to reach an existing cluster (``address``) before a clear error instead of a hang
+    connect_timeout: float = 10.0
+    #: seconds the BackendActors may take to be placed and started before a clear error
+    start_timeout: float = 120.0
 
 
 class QcgSessionConfig(_Conf, frozen=True, tag="qcg", tag_field="backend"):
@@ -353,6 +387,7 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
                 raise ConfigError(f"{origin}: sessions[{i}]: resource-id/login/password/config-file need mode = 'resource'")
             if s.mode == "resource" and s.directory:
                 raise ConfigError(f"{origin}: sessions[{i}].directory: only for mode = 'light'")
+    _check_ray(cfg, origin)
     bus = cfg.bus
     if not is_loopback(bus.host) and not bus.curve.server_secret_key_file:
         raise ConfigError(
@@ -382,6 +417,39 @@ def _check_wms(s: WmsSessionConfig, where: str) -> None:
         raise ConfigError(f"{where}: poll-interval and report-interval must be > 0")
     if s.cores < 1 or s.retries < 0:
         raise ConfigError(f"{where}: cores must be >= 1 and retries >= 0")
+
+
+def _check_ray(cfg: FlowbusConfig, origin: str) -> None:
+    ray = cfg.ray
+    for key in ("move_after", "connect_timeout", "start_timeout"):
+        if getattr(ray, key) <= 0:
+            raise ConfigError(f"{origin}: ray.{key.replace('_', '-')}: must be > 0")
+    if ray.actors < 0:
+        raise ConfigError(f"{origin}: ray.actors: must be >= 0 (0 = one actor per sessions-per-actor sessions)")
+    if ray.sessions_per_actor < 1:
+        raise ConfigError(f"{origin}: ray.sessions-per-actor: must be >= 1")
+    if not ray.address.strip():
+        raise ConfigError(f"{origin}: ray.address: empty (use 'local', 'auto', host:port or ray://host:port)")
+    kinds = {str(t.__struct_config__.tag) for t in SessionConfig.__args__}  # type: ignore[attr-defined]
+    seen: set[str] = set()
+    for i, grp in enumerate(ray.placement):
+        where = f"{origin}: ray.placement[{i}]"
+        if not grp.name or "/" in grp.name or grp.name == "default" or grp.name in seen:
+            raise ConfigError(f"{where}.name: {grp.name!r} must be non-empty, unique, not 'default' and without '/'")
+        seen.add(grp.name)
+        if grp.actors < 1:
+            raise ConfigError(f"{where} ({grp.name}).actors: must be >= 1")
+        if not grp.sessions and not grp.backends:
+            raise ConfigError(f"{where} ({grp.name}): takes no session; set sessions (globs) or backends")
+        bad = sorted(set(grp.backends) - kinds)
+        if bad:
+            raise ConfigError(f"{where} ({grp.name}).backends: unknown backend {bad[0]!r} (one of: {', '.join(sorted(kinds))})")
+        for res, amount in grp.resources.items():
+            if not res or not amount > 0:
+                raise ConfigError(f"{where} ({grp.name}).resources.{res}: must be a name with an amount > 0")
+        for key, value in grp.node_labels.items():
+            if not key or not isinstance(value, str) or not value:
+                raise ConfigError(f"{where} ({grp.name}).node-labels.{key}: must be a non-empty string")
 
 
 def load_config(path: str | os.PathLike[str] | None) -> FlowbusConfig:

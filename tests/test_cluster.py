@@ -1,0 +1,249 @@
+"""flowbus over a 3-node Ray cluster on loopback: placement by custom resources and node labels,
+a node killed (sessions move and resync, no transition lost), a partitioned actor fenced, bad
+placement input refused at start. Plus the pure placement functions and the subscriber's
+incarnation check, which need no cluster.
+
+The cluster runs in a child process (``cluster_scenarios.py``): this pytest process may already be
+a Ray driver of the session-scoped ``ray_local``, and one process joins one cluster only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowbus.actors._placement import check_fit, make_plan, probe_address
+from flowbus.bus import Publisher, Subscriber
+from flowbus.schemas import (
+    ConfigError,
+    EcflowSessionConfig,
+    FlowbusConfig,
+    Heartbeat,
+    PlacementConfig,
+    QcgSessionConfig,
+    RayConfig,
+    encode,
+    parse_config,
+)
+
+HERE = Path(__file__).resolve().parent
+SCENARIO_TIMEOUT = 600
+
+
+def _node(alive: bool = True, labels: dict[str, str] | None = None, **res: float) -> dict[str, Any]:
+    return {"Alive": alive, "Resources": {"CPU": 1.0, **res}, "Labels": {"ray.io/node-id": "x", **(labels or {})}}
+
+
+class TestPlacementPlan:
+    """Sessions to actors and the cluster check, without Ray."""
+
+    def test_groups_take_sessions_by_backend_and_glob_and_spread_round_robin(self) -> None:
+        """A group takes its sessions by backend or name glob and spreads them over its actors; the rest go to default."""
+        cfg = FlowbusConfig(ray=RayConfig(placement=[
+            PlacementConfig(name="ecf", backends=["ecflow"], actors=2, resources={"flowbus-ecf": 0.001}),
+            PlacementConfig(name="site", sessions=["site-*"], node_labels={"site": "a"})]),
+            sessions=[EcflowSessionConfig(name=f"e{i}") for i in range(3)]
+            + [QcgSessionConfig(name="site-q"), QcgSessionConfig(name="q")])
+        plans = make_plan(cfg)
+        assert {n: [s["name"] for s in p.specs] for n, p in plans.items()} == {
+            "ecf-0": ["e0", "e2"], "ecf-1": ["e1"], "site-0": ["site-q"], "default-0": ["q"]}
+        assert plans["ecf-1"].resources == {"flowbus-ecf": 0.001} and plans["site-0"].node_labels == {"site": "a"}
+
+    def test_default_group_keeps_sessions_per_actor_and_named_actors(self) -> None:
+        """Without placement, sessions naming an actor share it and the rest fill default-N by sessions-per-actor."""
+        cfg = FlowbusConfig(ray=RayConfig(sessions_per_actor=2), sessions=[
+            QcgSessionConfig(name="a", actor="shared"), QcgSessionConfig(name="b"), QcgSessionConfig(name="c"),
+            QcgSessionConfig(name="d")])
+        assert {n: [s["name"] for s in p.specs] for n, p in make_plan(cfg).items()} == {
+            "shared": ["a"], "default-0": ["b", "c"], "default-1": ["d"]}
+
+    def test_check_fit_names_the_group_and_what_is_missing(self) -> None:
+        """Too much of a resource, a resource no node has, and an unknown label are ConfigErrors naming the group."""
+        nodes = [_node(labels={"site": "a"}, **{"flowbus-ecf": 1.0}), _node(**{"flowbus-ecf": 1.0}),
+                 _node(alive=False, **{"flowbus-ecf": 8.0})]
+
+        def fit(grp: PlacementConfig, n: int = 2) -> None:
+            cfg = FlowbusConfig(ray=RayConfig(placement=[grp]), sessions=[EcflowSessionConfig(name=f"e{i}") for i in range(n)])
+            check_fit(make_plan(cfg), nodes)
+
+        fit(PlacementConfig(name="ok", backends=["ecflow"], actors=2, resources={"flowbus-ecf": 1.0}))
+        with pytest.raises(ConfigError, match=r"group 'big'.*asks for flowbus-ecf=3, the cluster has 2 in all"):
+            fit(PlacementConfig(name="big", backends=["ecflow"], resources={"flowbus-ecf": 3.0}))
+        with pytest.raises(ConfigError, match=r"group 'many'.*do not fit"):
+            fit(PlacementConfig(name="many", backends=["ecflow"], actors=3, resources={"flowbus-ecf": 1.0}), n=3)
+        with pytest.raises(ConfigError, match=r"group 'gpu'.*offers the resource 'gpu'"):
+            fit(PlacementConfig(name="gpu", backends=["ecflow"], resources={"gpu": 1.0}))
+        with pytest.raises(ConfigError, match=r"group 'mars'.*labels \{'site': 'mars'\}.*site=a"):
+            fit(PlacementConfig(name="mars", backends=["ecflow"], node_labels={"site": "mars"}))
+
+    def test_placement_keys_are_validated_at_load(self) -> None:
+        """Bad [[ray.placement]] tables are ConfigErrors naming the key."""
+        bad = [({"name": "g"}, "takes no session"), ({"name": "g", "backends": ["ecfloww"]}, "unknown backend 'ecfloww'"),
+               ({"name": "g", "sessions": ["*"], "actors": 0}, r"\(g\)\.actors"),
+               ({"name": "g", "sessions": ["*"], "resources": {"x": -1}}, r"resources\.x"),
+               ({"name": "default", "sessions": ["*"]}, r"placement\[0\]\.name"),
+               ({"name": "g", "sessions": ["*"], "node_labels": {}}, "unknown key 'ray.placement\\[0\\].node_labels'")]
+        for table, msg in bad:
+            with pytest.raises(ConfigError, match=msg):
+                parse_config({"ray": {"placement": [table]}}, "f.toml")
+        with pytest.raises(ConfigError, match="ray.move-after"):
+            parse_config({"ray": {"move-after": 0}}, "f.toml")
+
+    def test_probe_address_fails_fast_for_nothing_listening(self) -> None:
+        """An address where nothing listens is a ConnectionError within the timeout, not Ray's 80 s wait."""
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError, match="nothing answers at 127.0.0.1:9"):
+            probe_address("ray://127.0.0.1:9", 2.0)
+        with pytest.raises(ConnectionError, match="expected host:port"):
+            probe_address("nowhere", 2.0)
+        assert time.monotonic() - t0 < 10
+
+
+class TestSubscriberFencing:
+    """The subscriber drops live events of an incarnation older than the newest it saw."""
+
+    def test_stale_incarnation_is_dropped_and_counted(self, broker_factory: Any) -> None:
+        """After a source re-registers (new incarnation), a live event of the old one is dropped; the journal's history is not."""
+        broker = broker_factory()
+        old = Publisher(broker.address)
+        new: Publisher | None = None
+        sub = Subscriber(broker.address, "flowbus-test/", start="journal")
+        try:
+            inc_old, _ = old.open_source("src", "flowbus-test")
+            old.publish(Heartbeat(source="src", backend="flowbus-test"))
+            old.flush()
+            new = Publisher(broker.address)
+            inc_new, seq = new.open_source("src", "flowbus-test")
+            assert inc_new > inc_old
+            new.publish(Heartbeat(source="src", backend="flowbus-test"))
+            new.flush()
+            got: list[Any] = []
+            deadline = time.monotonic() + 10
+            while len(got) < 2 and time.monotonic() < deadline:
+                got += sub.recv_many(0.2)
+            assert [(e.seq, e.incarnation) for e in got] == [(1, inc_old), (2, inc_new)]
+            # what a split-brain publisher could get past a broker that lost its journal
+            stale = Heartbeat(source="src", backend="flowbus-test", seq=seq + 1, incarnation=inc_old, time=1)
+            sub._handle(stale.topic().encode(), encode(stale))
+            assert sub.recv(0.5) is None
+            assert sub.statistics()["fenced"] == 1
+        finally:
+            sub.close()
+            old.close()
+            if new is not None:
+                new.close()
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Run cluster_scenarios.py once (bounded; its process group is killed afterwards)."""
+    pytest.importorskip("ecflow", reason="python3-ecflow is not installed")
+    work = tmp_path_factory.mktemp("cluster")
+    result = work / "result.json"
+    ray_tmp = tempfile.mkdtemp(prefix="fbc-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    with open(work / "scenarios.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(HERE / "cluster_scenarios.py"), str(result), str(work)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, env=env)
+        try:
+            proc.wait(SCENARIO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+    if not result.exists():
+        tail = (work / "scenarios.log").read_text(errors="replace")[-3000:]
+        pytest.fail(f"cluster scenarios wrote no result (exit {proc.returncode}):\n{tail}")
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    data = json.loads(result.read_text())
+    yield data
+
+
+def _events(data: dict[str, Any], source: str) -> list[dict[str, Any]]:
+    return [e for e in data["events"] if e["source"] == source]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 60)
+class TestCluster:
+    """One 3-node loopback cluster, real ecflow_servers and a broker, in a child process."""
+
+    def test_scenarios_ran_and_left_nothing_behind(self, scenarios: dict[str, Any]) -> None:
+        """Every scenario ran to the end; no Ray, broker or ecFlow process outlived it."""
+        assert "error" not in scenarios, scenarios.get("traceback", scenarios.get("error"))
+        assert scenarios["steps"] == ["bad_input", "node_death", "partition"]
+        assert scenarios["leaked"] == [] and scenarios["ecflow_left"] == []
+
+    def test_every_cluster_process_listens_on_loopback_only(self, scenarios: dict[str, Any]) -> None:
+        """GCS, raylets, workers, broker and ecflow_servers listen on 127.0.0.0/8 only, before, during and after."""
+        for key in ("off_loopback_start", "off_loopback_mid", "off_loopback_end"):
+            assert scenarios.get(key) == [], (key, scenarios.get(key))
+
+    def test_unreachable_address_is_a_clear_error_within_seconds(self, scenarios: dict[str, Any]) -> None:
+        """Joining a cluster where nothing listens fails within connect-timeout, naming the address, without Ray started."""
+        u = scenarios["unreachable"]
+        assert u["error"] == "BusBroken" and "127.0.0.1:9" in u["message"] and "nothing answers" in u["message"]
+        assert u["seconds"] < 10 and u["ray_initialized"] is False
+
+    def test_bad_placement_is_refused_at_start(self, scenarios: dict[str, Any]) -> None:
+        """Too much of a resource, too many actors, a missing resource and an unknown label: ConfigError naming the group, fast."""
+        bad = scenarios["bad_input"]
+        expect = {"too_much": "group 'big'", "too_many": "group 'many'", "no_resource": "'flowbus-gpu'",
+                  "bad_label": "'site': 'mars'"}
+        for case, needle in expect.items():
+            r = bad[case]
+            assert r["error"] == "ConfigError" and r["flowbus_error"], (case, r)
+            assert needle in r["message"] and needle in (r["driver_check"] or ""), (case, r)
+            assert r["seconds"] < 30, (case, r)  # generous: the machine is shared; a pending actor would hang
+
+    def test_node_death_moves_the_session_and_loses_no_transition(self, scenarios: dict[str, Any]) -> None:
+        """e1's node is killed: e1 moves to the surviving node, and t1, completed meanwhile, arrives as a resync."""
+        s = scenarios
+        assert s["nodes_before"]["e1"] != s["nodes_before"]["e2"]  # one actor per node (flowbus-ecf = 1 each)
+        assert s["placement_after"]["e1"] == s["placement_after"]["e2"] == s["placement_before"]["e2"]
+        assert s["nodes_after"]["e1"] == s["nodes_before"]["e2"] != s["victim"]
+        moves = s["report_a"]["moves"]
+        assert [(m["session"], m["from"], m["to"]) for m in moves] == [("e1", s["placement_before"]["e1"], s["placement_before"]["e2"])]
+        assert "error" not in moves[0]
+        t1 = [e for e in _events(s, "e1") if e["type"] == "StateChanged" and e["key"] == "/s/t1"]
+        final = [e for e in t1 if e["native"] == "complete"]
+        assert final and final[0]["observed"] == "resync" and final[0]["incarnation"] > s["first_inc_e1"], t1
+        t2 = [e for e in _events(s, "e2") if e["type"] == "StateChanged" and e["key"] == "/s/t2"]
+        assert any(e["native"] == "complete" for e in t2), t2
+        for src in ("e1", "e2"):  # gapless per source, incarnations never go back
+            evs = _events(s, src)
+            assert [e["seq"] for e in evs] == list(range(evs[0]["seq"], evs[0]["seq"] + len(evs))), src
+            incs = [e["incarnation"] for e in evs]
+            assert incs == sorted(incs), src
+
+    def test_partitioned_actor_is_fenced(self, scenarios: dict[str, Any]) -> None:
+        """A stopped (partitioned) actor's session moves; resumed, its old incarnation is rejected and lets go."""
+        s = scenarios
+        assert s["partition_nodes"]["e1"] != s["partition_nodes"]["e2"]
+        assert s["new_inc"] > s["old_inc"]
+        assert s["broker_fenced"] >= 1  # the resumed old incarnation tried to publish and was rejected
+        old_actor = s["placement_p"]["e2"]
+        retired = [r for r in s["report_p"]["retired"] if r["actor"] == old_actor]
+        assert retired and retired[0]["reason"] == "released its sessions (fenced)", s["report_p"]
+        assert s["report_p"]["placement"]["e2"] != old_actor
+        e2 = _events(s, "e2")
+        first_new = min(e["seq"] for e in e2 if e["incarnation"] == s["new_inc"])
+        assert all(e["incarnation"] == s["new_inc"] for e in e2 if e["seq"] >= first_new), e2
+        done = [e for e in e2 if e["type"] == "StateChanged" and e["key"] == "/s/t1" and e["native"] == "complete"]
+        assert done and done[-1]["incarnation"] == s["new_inc"]
+        assert s["sub_stats"].get("fenced", 0) == 0  # the broker stopped them: none reached a subscriber
