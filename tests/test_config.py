@@ -57,7 +57,7 @@ class TestParseConfig:
     def test_session_needs_a_backend(self) -> None:
         """A session without ``backend`` is refused with the kinds there are."""
         assert refused({"sessions": [{"name": "a"}]}) == (
-            f"{ORIGIN}: sessions[0]: missing key 'backend' (one of: qcg, guiserver, ecflow)")
+            f"{ORIGIN}: sessions[0]: missing key 'backend' (one of: qcg, guiserver, ecflow, soma, wms)")
         assert parse_config({"sessions": [{"backend": "qcg", "name": "a"}]}, ORIGIN).sessions == [
             QcgSessionConfig(name="a")]
 
