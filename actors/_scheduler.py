@@ -35,6 +35,7 @@ class _Entry:
     gen: int = 0  # bumped on every (re)schedule: heap items of an older generation are stale
     due: float = 0.0
     running_since: float | None = None
+    runner: int = 0  # thread ident of the worker running it
     removed: bool = False
     runs: int = 0
     done: threading.Condition | None = field(default=None, repr=False)
@@ -85,13 +86,17 @@ class PollScheduler:
 
     def remove(self, key: str, timeout: float = 10.0) -> bool:
         """Unschedule ``key``; waits up to ``timeout`` s for a poll in flight to return. True when
-        nothing of it runs any more (False: its poll is still blocked, it will not run again)."""
+        nothing of it runs any more (False: its poll is still blocked, it will not run again).
+        Called from inside the key's own job (e.g. a session that finds itself fenced), it
+        returns at once: the job is not run again after it returns."""
         deadline = time.monotonic() + timeout
         with self._lock:
             entry = self._entries.pop(key, None)
             if entry is None:
                 return True
             entry.removed = True
+            if entry.running_since is not None and entry.runner == threading.get_ident():
+                return True
             while entry.running_since is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -183,6 +188,7 @@ class PollScheduler:
                 if start - entry.due > self.max_delay:
                     self.stats["late"] += 1
                 entry.running_since = start
+                entry.runner = threading.get_ident()
                 self._busy += 1
             try:
                 delay = entry.job()

@@ -95,6 +95,21 @@ class TestPollScheduler:
         finally:
             sched.close()
 
+    @pytest.mark.timeout(60)
+    def test_a_job_can_remove_itself(self) -> None:
+        """remove() from inside the job's own run returns at once; the job never runs again."""
+        calls: list[bool] = []
+        sched = PollScheduler(2, name="r")
+        try:
+            sched.add("self", lambda: calls.append(sched.remove("self", timeout=30)) or 0.01)
+            _until(lambda: bool(calls), 10, "the job to run")
+            ran = sched.stats["runs"]
+            sched.add("other", lambda: 0.01)
+            _until(lambda: sched.stats["runs"] >= ran + 5, 10, "another job to run")
+            assert calls == [True], "remove() inside the job returned at once and the job ran once"
+        finally:
+            sched.close()
+
     def test_bad_worker_count_is_a_clear_error(self) -> None:
         with pytest.raises(ValueError, match="workers must be >= 1"):
             PollScheduler(0)
