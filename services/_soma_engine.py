@@ -177,19 +177,29 @@ def build(cfg: SomaSessionConfig, directory: str) -> Built:
 
 
 def kill_tree(pid: int, create_time: float | None = None) -> bool:
-    """SIGKILL ``pid`` and its descendants; with ``create_time``, only if it is still that process."""
+    """SIGKILL job ``pid``, its descendants and its process group (jobs start in a session of
+    their own, so the group outlives a leader that was killed alone, e.g. by Ray's cleanup of a
+    dead worker's direct children). With ``create_time``, only that process, and only group
+    members started after it (a reused PID is left alone). True when something was killed."""
+    victims: dict[int, psutil.Process] = {}
     try:
         proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
-            return False
-        victims = [*proc.children(recursive=True), proc]
+        if create_time is None or abs(proc.create_time() - create_time) <= 0.01:
+            victims[pid] = proc
+            for child in proc.children(recursive=True):
+                victims[child.pid] = child
     except psutil.Error:
-        return False
-    for p in victims:
+        pass
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if p.pid not in victims and os.getpgid(p.pid) == pid and \
+                    (create_time is None or p.create_time() >= create_time - 0.01):
+                victims[p.pid] = p
+    for p in victims.values():
         with contextlib.suppress(psutil.Error):
             p.kill()
-    psutil.wait_procs(victims, timeout=3.0)
-    return True
+    psutil.wait_procs(list(victims.values()), timeout=3.0)
+    return bool(victims)
 
 
 # -- the PID record (survives the process: a later incarnation kills what this one left) ----------

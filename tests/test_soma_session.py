@@ -241,7 +241,7 @@ def _break(run: Running, how: str = "stop_loop") -> None:
 
 def _restartable(flag: Path) -> list[str]:
     """First run: leave a flag and sleep; a re-run finds the flag and exits 0."""
-    return ["sh", "-c", f'if [ -e "{flag}" ]; then exit 0; fi; touch "{flag}"; exec sleep 60']
+    return ["sh", "-c", f'if [ -e "{flag}" ]; then exit 0; fi; touch "{flag}"; sleep 60']
 
 
 class TestRecovery:
@@ -520,6 +520,53 @@ class TestInActor:
             assert not psutil.pid_exists(probe["children"][0])
             last = {e.key: e for e in client.status("soma/sm/") if isinstance(e, StateChanged)}
             assert last[f"{wf2}/a"].state.final and last[str(wf2)].state.final
+        finally:
+            if client is not None:
+                client.close()
+            ray.get(sup.stop.remote(), timeout=90)
+            ray.kill(sup)
+
+    @pytest.mark.timeout(300)
+    def test_actor_sigkill_next_incarnation_recovers(self, ray_local: str, broker_factory: Any, tmp_path: Path) -> None:
+        """SIGKILL of the actor while a job runs: Ray restarts the actor, the new session opens the same
+        directory, no copy of the old job is left running, and the workflow is restarted to completion."""
+        import signal
+
+        ray = pytest.importorskip("ray")
+        from flowbus.actors import ACTOR_PREFIX, Supervisor, actor_pid, wait_started
+        from flowbus.bus import Client
+        from flowbus.schemas import FlowbusConfig, RayConfig
+
+        flag = tmp_path / "flag"
+        broker = broker_factory()
+        cfg = FlowbusConfig(ray=RayConfig(namespace="flowbus-test"), sessions=[
+            SomaSessionConfig(name="sk", actor="somak", directory=str(tmp_path / "soma"), poll_interval=0.05,
+                              engine_refresh=0.05)])
+        sup = Supervisor.remote(msgspec.json.encode(cfg), broker.address)
+        client: Client | None = None
+        try:
+            assert ray.get(sup.start.remote(), timeout=120) == {"sk": "somak"}
+            client = Client(broker.address)
+            actor = ray.get_actor(ACTOR_PREFIX + "somak")
+            wf = ray.get(actor.call.remote("sk", "submit_workflow", {"name": "k", "jobs": [
+                {"name": "a", "command": _restartable(flag)}, {"name": "b", "command": ["true"], "after": ["a"]}]}),
+                timeout=60)
+            client.wait(f"soma/sk/state/{wf}/a state=active", timeout=60)
+            shells = wait_until(lambda: [p for p in psutil.process_iter(["cmdline"])
+                                         if str(flag) in " ".join(p.info["cmdline"] or [])], 10, "the job process")
+            kids = wait_until(lambda: [c for p in shells for c in p.children(recursive=True)], 10, "the job's sleep")
+            jobs = shells + kids
+            assert len(jobs) == 2  # sh and its sleep: Ray only ends a dead worker's direct children
+            old_pid = actor_pid(actor)
+            with client.expect(f"soma/sk/recovery/{wf} type=recovery.attempted", timeout=150) as w:
+                os.kill(old_pid, signal.SIGKILL)
+                info = wait_started(actor, timeout=150)
+            assert info["pid"] != old_pid
+            assert w.event is not None and w.event.action == "reattach" and w.event.ok
+            done = client.wait(f"soma/sk/state/{wf} final=true", timeout=120)
+            assert isinstance(done, StateChanged) and done.state is State.COMPLETE, done
+            for p in jobs:
+                assert not psutil.pid_exists(p.pid) or p.status() == psutil.STATUS_ZOMBIE
         finally:
             if client is not None:
                 client.close()
