@@ -214,10 +214,10 @@ def run_demo(*, as_json: bool = False, keep_going: bool = False, timeout: float 
         out.write(f"\n{'all stages passed' if code == 0 else 'FAILED' if code == 1 else 'stopped'} "
                   f"in {total:.1f} s\n")
         out.flush()
-    if code == 0:
-        shutil.rmtree(state, ignore_errors=True)
-    else:
+    if code == 1:
         _step(f"kept {state} for inspection (logs: broker.log, ecflow/, qcg/)")
+    else:  # success, or stopped on purpose
+        shutil.rmtree(state, ignore_errors=True)
     return code
 
 

@@ -227,4 +227,5 @@ class TestDemoStopped:
         assert run["code"] == code, run["stderr"][-3000:]
         assert run["left"] == [], run["left"]
         summary = [e for e in json_lines(run["stdout"]) if e.get("type") == "demo.summary"]
-        assert summary and summary[-1]["ok"] is False
+        assert summary and summary[-1]["ok"] is False and summary[-1]["exit_code"] == code
+        assert not os.path.exists(summary[-1]["state_dir"]), "a run stopped on purpose leaves no state dir"
