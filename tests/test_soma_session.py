@@ -192,6 +192,28 @@ class TestObservation:
             str(wf): State.COMPLETE, f"{wf}/a": State.COMPLETE, f"{wf}/bar": State.COMPLETE, f"{wf}/c": State.COMPLETE}
 
 
+class TestStateMapping:
+    """soma's (status, exit info) pairs map onto normalised states; missing exit info is not final."""
+
+    @pytest.mark.parametrize(("status", "exit_info", "state"), [
+        ("not_submitted", None, State.QUEUED), ("undetermined", None, State.SUBMITTED),
+        ("queued_active", None, State.SUBMITTED), ("running", None, State.ACTIVE),
+        ("done", ("finished_regularly", 0, None, None), State.COMPLETE),
+        ("done", ("finished_regularly", 3, None, None), State.ABORTED),
+        ("done", ("finished_signal", None, "SIGKILL", None), State.ABORTED),
+        ("failed", ("killed_by_user", None, None, None), State.CANCELLED),
+        ("failed", ("aborted_before_running", None, None, None), State.CANCELLED),
+        ("failed", ("aborted", None, None, None), State.ABORTED),
+        ("done", (None, None, None, None), None), ("failed", None, None),
+        ("warning", None, State.UNKNOWN), ("user_on_hold", None, State.SUSPENDED),
+    ])
+    def test_job_state(self, status: str, exit_info: Any, state: State | None) -> None:
+        """Each pair gives its state; done/failed without exit information gives None (held back)."""
+        from flowbus.services._soma_wf import job_state
+
+        assert job_state(status, exit_info)[0] is state
+
+
 class TestResync:
     """start() compares the controller with what the bus knew and publishes only the differences."""
 
