@@ -20,6 +20,7 @@ consumed) resets that source.
 
 from __future__ import annotations
 
+import heapq
 import os
 import threading
 import time
@@ -79,6 +80,15 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
     text = "".join(traceback.format_exception_only(err)).strip()
     return {"error_type": f"{type(err).__module__}.{type(err).__qualname__}", "message": text[:2000],
             "args": [str(a)[:500] for a in getattr(err, "args", ())]}
+
+
+def merge_by_time(events: list[Event]) -> list[Event]:
+    """Interleave sources by event time, never reordering the events of one source (their seq
+    order is what idempotency relies on, whatever their clocks say)."""
+    per: dict[str, list[Event]] = {}
+    for ev in events:
+        per.setdefault(ev.source, []).append(ev)
+    return list(heapq.merge(*per.values(), key=lambda e: e.time))
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -141,8 +151,7 @@ class OrchestratorCore:
         self._baseline(sub.confirmed())
         if raw is not None:
             self._reset_restarted_sources()
-            replay = sub.recv_many(0, limit=10**9)
-            replay.sort(key=lambda e: e.time)
+            replay = merge_by_time(sub.recv_many(0, limit=10**9))
             self.log.info("orchestrator.resumed", replayed=len(replay), restored=self.restored)
             for ev in replay:
                 self._on_event(ev)

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from flowbus.actors._orchestrator import ORCHESTRATOR_NAME, OrchestratorCore
+from flowbus.actors._orchestrator import ORCHESTRATOR_NAME, OrchestratorCore, merge_by_time
 from flowbus.actors._policies import compile_policy
 from flowbus.actors._rules import (
     Callback,
@@ -151,9 +151,7 @@ class Rules:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WaitTimeout(_when_text(when), timeout)
-                batch = sub.recv_many(min(left, 0.2))
-                batch.sort(key=lambda e: e.time)
-                for ev in batch:
+                for ev in merge_by_time(sub.recv_many(min(left, 0.2))):
                     got = engine.feed(ev)
                     if got:
                         return self._satisfied(when, got[0])

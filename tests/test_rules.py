@@ -203,6 +203,19 @@ class TestIdempotencyAndCheckpoint:
         assert e2.load(loads(dumps(e1.dump()))) == []
 
 
+class TestReplayOrder:
+    def test_merge_by_time_keeps_each_source_in_seq_order(self) -> None:
+        """Replayed sources interleave by time, but a source whose clock stepped back keeps its seq order."""
+        from flowbus.actors._orchestrator import merge_by_time
+
+        s = Stream()
+        a1, a2 = s.state("local", "a", "active", 5), s.state("local", "a", "complete", 1)  # clock stepped back
+        b1 = s.state("ops", "/t", "active", 3, backend="ecflow")
+        out = merge_by_time([a1, a2, b1])
+        assert [(e.source, e.seq) for e in out if e.source == "local"] == [("local", 1), ("local", 2)]
+        assert out.index(b1) == 0
+
+
 class TestActions:
     def test_call_substitution_keeps_types(self) -> None:
         """{field} references are filled from the triggering event; a whole-string reference keeps its type."""
