@@ -14,6 +14,7 @@ import ecflow_fixtures as _fx
 import msgspec
 import pytest
 from ecflow_fixtures import EcfServer, write_suite
+from gsfixtures import emulator_fixture
 
 pytestmark = [pytest.mark.ray, pytest.mark.qcg]
 
@@ -38,6 +39,7 @@ from flowbus.schemas import (  # noqa: E402
 )
 
 ecf_server = _fx.ecf_server
+emulator = emulator_fixture
 
 QCG = {"backend": "qcg", "name": "q1", "reconcile-interval": 0.5}
 
@@ -174,6 +176,55 @@ class TestRules:
         fired = journal(client, "flowbus/")
         assert count(fired, RuleFired, rule="ingest-done") == 1
         assert count(fired, RuleFired, rule="ensemble-done") == 1
+
+    @pytest.mark.timeout(420)
+    def test_the_issue_example_ecflow_qcg_soma_difx(self, system: Callable[[dict[str, Any]], System],
+                                                    ecf_server: Callable[..., EcfServer], emulator: Any,
+                                                    tmp_path: Path) -> None:
+        """ecFlow ingest complete -> QCG ensemble of 3; all 3 succeeded -> a soma-workflow workflow;
+        a fatal alert of the DiFX job -> stop it, and once it stopped, start it again with force."""
+        from flowbus.services import _gs_xml as gx
+
+        server = ecf_server()
+        emu = emulator(outcomes={"obs_1": "slow"}, slow_ticks=100_000)
+        emu.real("/data/exp/obs_1.input").write_text("# fake\n")
+        fatal = "guiserver/difx/log/obs_1 stream=alert level=critical"
+        sys_ = system({
+            "sessions": [{"backend": "ecflow", "name": "e1", "host": "127.0.0.1", "port": server.port}, dict(QCG),
+                         {"backend": "soma", "name": "sm", "directory": str(tmp_path / "soma")},
+                         {"backend": "guiserver", "name": "difx", "port": emu.port, "allowed-dirs": ["/data"]}],
+            "rules": [
+                {"name": "ingest-done", "when": "ecflow/e1/state//s/ingest state=complete",
+                 "then": [{"call": {"session": "q1", "operation": "submit",
+                                    "args": [[{"name": "ens", "exec": "/bin/true", "iteration": 3}]]}}]},
+                {"name": "ensemble-done", "when": {"count": "qcg/q1/state/ens:* state=complete", "n": 3},
+                 "then": [{"call": {"session": "sm", "operation": "submit",
+                                    "args": [{"name": "post", "jobs": [{"name": "p", "command": ["/bin/true"]}]}]}}]},
+                {"name": "difx-fatal", "when": fatal,
+                 "then": [{"call": {"session": "difx", "operation": "stop_job", "args": ["{key}"]}}]},
+                {"name": "difx-restart", "when": {"sequence": [fatal, "guiserver/difx/state/obs_1 state=cancelled"]},
+                 "then": [{"call": {"session": "difx", "operation": "start_job", "args": ["/data/exp/obs_1.input"],
+                                    "kwargs": {"force": True}}}]},
+            ]})
+        client, sup = sys_.client, sys_.sup
+        text = write_suite(server, "s", "task ingest\n", {"ingest": "true\n"})
+        with client.expect("soma/sm/state/* native=workflow_done state=complete", timeout=180) as w:
+            ray.get(sup.call.remote("e1", "load", [text], {}), timeout=60)
+            ray.get(sup.call.remote("e1", "begin_suite", ["s"], {}), timeout=60)
+        assert isinstance(w.event, StateChanged)
+
+        with client.expect("guiserver/difx/state/obs_1 state=active", timeout=60):
+            ray.get(sup.call.remote("difx", "start_job", ["/data/exp/obs_1.input"], {}), timeout=60)
+        with client.expect("flowbus/*/rule/difx-restart", timeout=90):
+            emu.inject(gx.alert_message("obs_1", "datastream died", 0))
+        states = [e.state for e in journal(client, "guiserver/difx/state/obs_1") if isinstance(e, StateChanged)]
+        assert State.CANCELLED in states
+        client.wait("guiserver/difx/state/obs_1 state=active", timeout=60)  # running again
+        fired = journal(client, "flowbus/")
+        assert [count(fired, RuleFired, rule=r) for r in ("ingest-done", "ensemble-done", "difx-fatal", "difx-restart")] \
+            == [1, 1, 1, 1]
+        assert count(fired, ErrorEvent) == 0
+        ray.get(sup.call.remote("difx", "stop_job", ["obs_1"], {}), timeout=60)
 
     @pytest.mark.timeout(300)
     def test_restart_in_the_middle_of_an_all_of_fires_once(self, system: Callable[[dict[str, Any]], System]) -> None:
