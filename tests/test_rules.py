@@ -389,3 +389,27 @@ class TestPolicies:
         rec = Recovery(policy="p", kind="retry", source="local", backend="qcg", key="j", attempt=1)
         with pytest.raises(Exception, match="spec is unknown"):
             recovery_calls(rec, lambda _s, _j: None)
+
+
+class TestReadme:
+    def test_the_readme_example_loads_with_every_rule_accepted(self) -> None:
+        """The TOML of the README's orchestration section parses and every rule and policy compiles
+        against the real sessions' operations."""
+        import re
+        import tomllib
+        from pathlib import Path
+
+        from flowbus.actors._orchestrator import catalog_for
+
+        text = (Path(__file__).parent.parent / "README.md").read_text()
+        section = text[text.index("## Orchestration"):text.index("## Backends")]
+        block = re.search(r"```toml\n(.*?)```", section, re.S)
+        assert block is not None
+        sessions = [{"backend": "ecflow", "name": "ops"}, {"backend": "qcg", "name": "local"},
+                    {"backend": "soma", "name": "soma"}, {"backend": "guiserver", "name": "difx"}]
+        cfg = parse_config({**tomllib.loads(block.group(1)), "sessions": sessions})
+        catalog = catalog_for(cfg)
+        rules, rejected = compile_rules(cfg.rules, catalog)
+        policies, bad = compile_policies(cfg.policies, catalog)
+        assert (rejected, bad) == ({}, {})
+        assert len(rules) == len(cfg.rules) >= 4 and len(policies) == len(cfg.policies) >= 1
