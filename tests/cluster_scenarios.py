@@ -269,6 +269,36 @@ def scenario_bad_input(out: dict[str, Any], broker: str, servers: list[fx.EcfSer
     out["bad_input"] = results
 
 
+def scenario_cli(out: dict[str, Any], cluster: Cluster, broker: str, servers: list[fx.EcfServer], work: Path,
+                 events: Events) -> None:
+    """The helm controller's command line: ``flowbus up --config F --address <cluster> --broker <addr>``
+    joins the cluster, uses the running broker (does not start one), places its session by resource."""
+    import subprocess
+
+    cfg = work / "cli.toml"
+    cfg.write_text(f"""state-dir = "{work / 'cli-state'}"
+[ray]
+namespace = "fbcli"
+move-after = 5.0
+[[ray.placement]]
+name = "cli"
+backends = ["ecflow"]
+resources = {{ "{RES}" = 1.0 }}
+[[sessions]]
+backend = "ecflow"
+name = "e1"
+host = "127.0.0.1"
+port = {servers[0].port}
+""")
+    before = events.incarnation("e1")
+    proc = subprocess.run([sys.executable, "-m", "flowbus", "up", "--config", str(cfg), "--address", cluster.address,
+                           "--broker", broker, "--duration", "4"], capture_output=True, text=True, timeout=180,
+                          close_fds=True, start_new_session=True)
+    out["cli"] = {"code": proc.returncode, "stderr": proc.stderr[-3000:]}
+    events.pump(lambda evs: events.incarnation("e1") > before, 30, "e1 opened by `flowbus up`")
+    out["cli"]["inc_before"], out["cli"]["inc_after"] = before, events.incarnation("e1")
+
+
 def main() -> int:
     result_path, work = Path(sys.argv[1]), Path(sys.argv[2])
     out: dict[str, Any] = {"steps": []}
@@ -318,6 +348,8 @@ def main() -> int:
         cluster.wait_for_nodes()
         scenario_partition(out, nodes, address, servers, events)
         out["steps"].append("partition")
+        scenario_cli(out, cluster, address, servers, work, events)
+        out["steps"].append("cli")
         out["off_loopback_end"] = off_loopback_listeners()
     except BaseException as exc:  # noqa: BLE001 - reported to the test, which fails with it
         out["error"] = f"{type(exc).__name__}: {exc}"

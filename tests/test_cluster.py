@@ -145,6 +145,30 @@ class TestSubscriberFencing:
                 new.close()
 
 
+class TestUpFlags:
+    """`flowbus up --address/--broker` with nothing there: a clear error, fast, nothing left running."""
+
+    def _up(self, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "FLOWBUS_STATE_DIR": str(tmp_path / "state")}
+        return subprocess.run([sys.executable, "-m", "flowbus", "up", "--duration", "5", *flags], capture_output=True,
+                              text=True, timeout=60, env=env, close_fds=True)
+
+    def test_unreachable_ray_address(self, tmp_path: Path) -> None:
+        """--address where no Ray listens exits 1 naming the address (not Ray's 80 s wait)."""
+        t0 = time.monotonic()
+        proc = self._up(tmp_path, "--address", "127.0.0.1:9")
+        assert proc.returncode == 1, proc.stderr
+        assert "flowbus: error: ray: cannot start or join a cluster at '127.0.0.1:9'" in proc.stderr, proc.stderr
+        assert time.monotonic() - t0 < 45
+
+    def test_unreachable_broker(self, tmp_path: Path) -> None:
+        """--broker where no broker answers exits 1 naming it; a malformed one is refused before any connect."""
+        proc = self._up(tmp_path, "--broker", "tcp://127.0.0.1:9")
+        assert proc.returncode == 1 and "--broker tcp://127.0.0.1:9: no flowbus broker answers there" in proc.stderr, proc.stderr
+        proc = self._up(tmp_path, "--broker", "127.0.0.1:9")
+        assert proc.returncode == 1 and "expected the broker's request endpoint, tcp://HOST:PORT" in proc.stderr, proc.stderr
+
+
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Run cluster_scenarios.py once (bounded; its process group is killed afterwards)."""
@@ -186,7 +210,7 @@ class TestCluster:
     def test_scenarios_ran_and_left_nothing_behind(self, scenarios: dict[str, Any]) -> None:
         """Every scenario ran to the end; no Ray, broker or ecFlow process outlived it."""
         assert "error" not in scenarios, scenarios.get("traceback", scenarios.get("error"))
-        assert scenarios["steps"] == ["bad_input", "node_death", "partition"]
+        assert scenarios["steps"] == ["bad_input", "node_death", "partition", "cli"]
         assert scenarios["leaked"] == [] and scenarios["ecflow_left"] == []
 
     def test_every_cluster_process_listens_on_loopback_only(self, scenarios: dict[str, Any]) -> None:
@@ -230,6 +254,14 @@ class TestCluster:
             assert [e["seq"] for e in evs] == list(range(evs[0]["seq"], evs[0]["seq"] + len(evs))), src
             incs = [e["incarnation"] for e in evs]
             assert incs == sorted(incs), src
+
+    def test_up_joins_the_cluster_and_uses_a_running_broker(self, scenarios: dict[str, Any]) -> None:
+        """`flowbus up --config F --address <cluster> --broker <addr>` (the helm controller's line) runs its session there."""
+        cli = scenarios["cli"]
+        assert cli["code"] == 0, cli["stderr"]
+        assert "joining 127.0.0.1:" in cli["stderr"] and "starting the broker" not in cli["stderr"], cli["stderr"]
+        assert "sessions e1" in cli["stderr"], cli["stderr"]
+        assert cli["inc_after"] > cli["inc_before"]
 
     def test_partitioned_actor_is_fenced(self, scenarios: dict[str, Any]) -> None:
         """A stopped (partitioned) actor's session moves; resumed, its old incarnation is rejected and lets go."""
