@@ -13,7 +13,7 @@ import msgspec
 
 from ._env import guiserver_env_defaults
 from ._errors import ConfigError
-from ._rules import PolicyConfig, RuleConfig, check_rules
+from ._rules import PolicyConfig, RuleConfig, check_rules, raw_rule_problem
 
 _LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|localhost|::1|\[::1\])$")
 
@@ -351,6 +351,9 @@ def parse_config(data: dict[str, Any], origin: str = "<config>", env: Mapping[st
         for i, sess in enumerate(sessions):
             if isinstance(sess, dict) and "backend" not in sess:
                 raise ConfigError(f"{origin}: sessions[{i}]: missing key 'backend' (one of: {kinds})")
+    problem = raw_rule_problem(data)
+    if problem:
+        raise ConfigError(f"{origin}: {problem}")
     try:
         cfg = msgspec.convert(data, FlowbusConfig)
     except msgspec.ValidationError as exc:

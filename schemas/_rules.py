@@ -137,6 +137,34 @@ class PolicyConfig(_RConf, frozen=True):
     enabled: bool = True
 
 
+def raw_rule_problem(data: Any) -> str | None:
+    """The first shape error of a ``rules``/``policies`` entry, naming its index and name (the
+    whole file is refused, as for any unknown key); None if every entry has a valid shape."""
+    if not isinstance(data, dict):
+        return None
+    for kind, cls in (("rules", RuleConfig), ("policies", PolicyConfig)):
+        items = data.get(kind)
+        if not isinstance(items, list):
+            continue
+        for i, item in enumerate(items):
+            name = item.get("name") if isinstance(item, dict) else None
+            try:
+                msgspec.convert(item, cls)
+            except msgspec.ValidationError as exc:
+                text = str(exc)
+                where = ""
+                if " - at `" in text:
+                    text, _, path = text.partition(" - at `")
+                    where = path.rstrip("`").removeprefix("$").removeprefix(".")
+                label = f"{kind}[{i}]" + (f" ({name!r})" if isinstance(name, str) else "")
+                field = text.removeprefix("Object contains unknown field ")
+                if field != text:
+                    key = field.strip("`")
+                    return f"{label}: unknown key {(where + '.' if where else '') + key!r}"
+                return f"{label}{('.' + where) if where else ''}: {text}"
+    return None
+
+
 def check_rules(rules: list[RuleConfig], policies: list[PolicyConfig]) -> str | None:
     """Structural problems that make the whole file unusable (duplicate names); None if fine."""
     for kind, names in (("rules", [r.name for r in rules]), ("policies", [p.name for p in policies])):
@@ -150,4 +178,5 @@ def check_rules(rules: list[RuleConfig], policies: list[PolicyConfig]) -> str | 
     return None
 
 
-__all__ = ["CallAction", "PolicyConfig", "RuleConfig", "ThenAction", "When", "WhenTable", "check_rules"]
+__all__ = ["CallAction", "PolicyConfig", "RuleConfig", "ThenAction", "When", "WhenTable", "check_rules",
+           "raw_rule_problem"]

@@ -272,7 +272,7 @@ class TestBadRules:
         assert cfg.rules[0].name == "a" and cfg.policies[0].max_attempts == 2
         with pytest.raises(ConfigError, match="duplicate name 'a'"):
             parse_config({"rules": [{"name": "a", "when": "qcg/*"}, {"name": "a", "when": "qcg/*"}]})
-        with pytest.raises(ConfigError, match="unknown key 'rules\\[0\\].then\\[0\\].cal'"):
+        with pytest.raises(ConfigError, match=r"rules\[0\] \('a'\): unknown key 'then\[0\].cal'"):
             parse_config({"rules": [{"name": "a", "when": "qcg/*", "then": [{"cal": {}}]}]})
 
     def test_bad_policies_rejected(self) -> None:
