@@ -293,7 +293,7 @@ class OrchestratorCore:
             return self.specs.get(session, {}).get(job)
 
     def _recover(self, rec: Recovery) -> None:
-        key = f"{rec.source}/{rec.key}"
+        key = f"{rec.source}/{rec.key}" if rec.key else rec.source
         if rec.kind == "gave-up":
             self.stats["gave_up"] += 1
             self.log.warning("recovery.gave_up", policy=rec.policy, key=key, reason=rec.reason)

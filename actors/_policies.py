@@ -53,7 +53,8 @@ Kind = Literal["retry", "kill-retry", "alert", "gave-up"]
 
 
 class Recovery(msgspec.Struct, frozen=True):
-    """A decision: retry / kill-retry / alert for ``key`` of session ``source``, or give up."""
+    """A decision: retry / kill-retry / alert for ``key`` of session ``source``, or give up
+    (``key`` "" when the whole session is given up)."""
 
     policy: str
     kind: str
@@ -189,7 +190,7 @@ class Policy:
         for source, (at, backend) in sorted(self.down.items(), key=lambda kv: kv[1][0]):
             if at <= now:
                 del self.down[source]
-                out.append(Recovery(policy=self.name, kind="gave-up", source=source, backend=backend, key=source,
+                out.append(Recovery(policy=self.name, kind="gave-up", source=source, backend=backend, key="",
                                     reason=f"session {source} disconnected for {self.cfg.give_up_after:g} s without reconnecting"))
         return out
 

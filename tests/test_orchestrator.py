@@ -306,6 +306,20 @@ class TestPolicies:
                    and e.key == "bad" and e.state is State.ABORTED]
         assert len(aborted) == 3
 
+    @pytest.mark.timeout(240)
+    def test_a_backend_that_stays_down_is_given_up(self, system: Callable[[dict[str, Any]], System],
+                                                   ecf_server: Callable[..., EcfServer]) -> None:
+        """An ecflow_server killed for good: Disconnected, then RecoveryGaveUp for the session after give-up-after."""
+        server = ecf_server()
+        sys_ = system({"sessions": [{"backend": "ecflow", "name": "e1", "host": "127.0.0.1", "port": server.port}],
+                       "policies": [{"name": "ecf-down", "match": "ecflow/e1/state/*", "give-up-after": 2}]})
+        sys_.client.wait("ecflow/e1/session/ type=connected", timeout=60)
+        with sys_.client.expect("flowbus/*/recovery/e1 type=recovery.gave_up", timeout=90) as w:
+            server.kill9()
+        assert isinstance(w.event, RecoveryGaveUp) and "disconnected for 2 s" in w.event.reason
+        down = sys_.client.wait("ecflow/e1/session/ type=disconnected", timeout=10)
+        assert w.event.time >= down.time + 2e9
+
     @pytest.mark.timeout(300)
     def test_job_that_fails_once_is_recovered(self, system: Callable[[dict[str, Any]], System], tmp_path: Path) -> None:
         """A QCG job that fails the first time only: one RecoveryAttempted, then complete, no give-up."""

@@ -353,7 +353,7 @@ class TestPolicies:
         assert p.tick(T0 + 50) == []
         p.feed(Disconnected(source="local", backend="qcg", seq=next(s.seqs["local"])), T0 + 60)
         (g,) = p.tick(T0 + 90)
-        assert g.kind == "gave-up" and g.key == "local"
+        assert (g.kind, g.source, g.key) == ("gave-up", "local", "")
 
     def test_checkpoint_round_trip(self) -> None:
         """A due retry and the attempt count survive dump/load; replays are ignored after it."""
