@@ -59,6 +59,13 @@ def _probe(cfg: RayConfig) -> None:
     from ._placement import probe_address
 
     address = cfg.address
+    if address.startswith("ray://"):
+        from ray._private.utils import get_ray_client_dependency_error
+
+        missing = get_ray_client_dependency_error()
+        if missing is not None:
+            raise ConnectionError(f"a ray:// address needs the Ray Client (pip package ray[client]: {missing}); "
+                                  "or give the cluster's GCS address, host:6379")
     if address == "auto":
         from ray._private.services import canonicalize_bootstrap_address
 

@@ -161,6 +161,14 @@ class TestUpFlags:
         assert "flowbus: error: ray: cannot start or join a cluster at '127.0.0.1:9'" in proc.stderr, proc.stderr
         assert time.monotonic() - t0 < 45
 
+    def test_ray_client_address_is_checked(self, tmp_path: Path) -> None:
+        """--address ray://... fails fast with what is missing: the Ray Client package, or a server at that address."""
+        t0 = time.monotonic()
+        proc = self._up(tmp_path, "--address", "ray://127.0.0.1:9")
+        assert proc.returncode == 1, proc.stderr
+        assert "ray[client]" in proc.stderr or "nothing answers at 127.0.0.1:9" in proc.stderr, proc.stderr
+        assert time.monotonic() - t0 < 45
+
     def test_unreachable_broker(self, tmp_path: Path) -> None:
         """--broker where no broker answers exits 1 naming it; a malformed one is refused before any connect."""
         proc = self._up(tmp_path, "--broker", "tcp://127.0.0.1:9")
