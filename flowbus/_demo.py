@@ -29,13 +29,11 @@ import msgspec
 import structlog
 
 from flowbus.schemas import (
-    BusConfig,
     EcflowSessionConfig,
     FlowbusConfig,
     FlowbusError,
     GuiserverSessionConfig,
     QcgSessionConfig,
-    RayConfig,
     SessionConfig,
 )
 
@@ -236,48 +234,45 @@ def _call(supervisor: Any, session: str, operation: str, args: list[Any], kwargs
         raise FlowbusError(f"{operation} on {session!r}: no answer within {timeout + 15:g} s") from None
 
 
+#: stage groups in pipeline order, and the rule that starts each group after the previous one
+_GROUPS: list[tuple[tuple[str, ...], str]] = [
+    (("ecflow-suite",), ""),
+    (("qcg-ensemble",), "suite-done-starts-ensemble"),
+    (("soma-workflow", "wms-workflow"), "ensemble-done-starts-workflows"),
+    (("difx-job",), "workflows-done-start-difx"),
+]
+
+
 def _pipeline(ctx: Ctx, by_name: dict[str, StageResult], keep_going: bool) -> int:
-    """Kick off the first stage and watch each stage's terminal event; the Orchestrator's rules
-    start the next stage. After a failed stage (--keep-going) the demo starts the next one itself."""
+    """Start the first stage and watch each stage's terminal event; the Orchestrator's rules start
+    the next ones. When the group before did not succeed (so its rule cannot fire: --keep-going),
+    or for the first group that runs, the demo starts the stage itself."""
     from ._demo_stages import workflow_stages
 
     failed = False
-    acted = False  # the first stage that runs is started by the demo, the rest by the rules
-
-    def blocked(st: StageResult) -> bool:
-        if st.result == "skipped":
-            return True
+    rule_armed = False  # the last group that ran succeeded: its rule starts the next group
+    for names, rule in _GROUPS:
+        group = [by_name[n] for n in names if by_name[n].result != "skipped"]
+        if not group:
+            continue  # unavailable here: the rules chain around it
         if failed and not keep_going:
-            st.result, st.detail = "skipped", "an earlier stage failed (--keep-going runs it anyway)"
-            return True
-        return False
-
-    def kick(st: StageResult, rule: str) -> bool:
-        k = not ctx.rules or not acted or failed
-        st.started_by = "demo" if k else f"rule {rule}"
-        return k
-
-    st = by_name["ecflow-suite"]
-    if not blocked(st):
-        st.started_by = "demo"
-        run_stage(ctx, st, lambda: ecflow_stage(ctx, st))
-        acted, failed = True, st.result == "failed"
-    st = by_name["qcg-ensemble"]
-    if not blocked(st):
-        k = kick(st, "suite-done-starts-ensemble")
-        run_stage(ctx, st, lambda: qcg_stage(ctx, st, k))
-        acted, failed = True, failed or st.result == "failed"
-    soma, wms = by_name["soma-workflow"], by_name["wms-workflow"]
-    todo = [s for s in (soma, wms) if not blocked(s)]
-    if todo:
-        k = all([kick(s, "ensemble-done-starts-workflows") for s in todo])
-        workflow_stages(ctx, soma if soma in todo else None, wms if wms in todo else None, k)
-        acted, failed = True, failed or any(s.result == "failed" for s in todo)
-    st = by_name["difx-job"]
-    if not blocked(st):
-        k = kick(st, "workflows-done-start-difx")
-        run_stage(ctx, st, lambda: difx_stage(ctx, st, k))
-        failed = failed or st.result == "failed"
+            for st in group:
+                st.result, st.detail = "skipped", "an earlier stage failed (--keep-going runs it anyway)"
+            continue
+        kick = not (ctx.rules and rule_armed and rule)
+        for st in group:
+            st.started_by = "demo" if kick else f"rule {rule}"
+        if names[0] == "ecflow-suite":
+            run_stage(ctx, group[0], lambda: ecflow_stage(ctx, group[0]))
+        elif names[0] == "qcg-ensemble":
+            run_stage(ctx, group[0], lambda: qcg_stage(ctx, group[0], kick))
+        elif names[0] == "soma-workflow":
+            soma, wms = by_name["soma-workflow"], by_name["wms-workflow"]
+            workflow_stages(ctx, soma if soma in group else None, wms if wms in group else None, kick)
+        else:
+            run_stage(ctx, group[0], lambda: difx_stage(ctx, group[0], kick))
+        rule_armed = all(st.result == "ok" for st in group)
+        failed = failed or not rule_armed
     return 1 if failed else 0
 
 

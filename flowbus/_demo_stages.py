@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from flowbus.schemas import AttributeChanged, FlowbusError, State, StateChanged, WaitTimeout
+from flowbus.bus import Match
+from flowbus.schemas import AttributeChanged, FlowbusError, RecoveryGaveUp, State, StateChanged, WaitTimeout
 
 from ._demo_servers import LoopbackEcflowServer
 from ._demo_view import LiveView, StageResult
@@ -26,8 +27,9 @@ task ingest
   trigger prepare == complete
 """
 ECF_SCRIPTS = {
-    "prepare": "echo 'prepare: staging inputs'\n",
+    "prepare": "echo 'prepare: staging inputs'\nsleep 0.3\n",
     "ingest": """\
+        sleep 0.3  # a task that takes a moment (and each try is seen active)
         flag=%ECF_HOME%/ingest.failed-once
         if [ ! -e "$flag" ]; then
           touch "$flag"
@@ -75,7 +77,6 @@ class Ctx:
     emu: Any = None
     #: the Orchestrator's rules chain the stages: a stage only acts when ``kick`` says so
     rules: bool = False
-    notes: dict[str, Any] = field(default_factory=dict)
 
     def left(self, cap: float) -> float:
         left = self.deadline - time.monotonic()
@@ -94,16 +95,30 @@ def _final_state(ev: Any) -> State | None:
 # -- ecFlow ------------------------------------------------------------------------------------------
 
 
-def ecflow_stage(ctx: Ctx, st: StageResult, kick: bool = True) -> None:
+def _ingest_settled(ev: Any) -> bool:
+    """The failing task completed, or the policy gave up on it."""
+    if isinstance(ev, StateChanged):
+        return (ev.backend, ev.source, ev.key, ev.state) == ("ecflow", "ops", ECF_FAILING, State.COMPLETE)
+    return isinstance(ev, RecoveryGaveUp) and ev.key.endswith(ECF_FAILING)
+
+
+def ecflow_stage(ctx: Ctx, st: StageResult) -> None:
     """Load and begin a two-task suite; done when its last task is complete (after one requeue)."""
     assert ctx.ecf is not None
     text = ctx.ecf.write_suite(ECF_SUITE, ECF_BODY, ECF_SCRIPTS)
-    with ctx.client.expect(f"ecflow/ops/state/{ECF_FAILING} state=complete", timeout=ctx.left(120)) as w:
-        ctx.call("ops", "load", text)
-        ctx.call("ops", "begin_suite", ECF_SUITE)
-        ctx.step(f"ecFlow: suite /{ECF_SUITE} loaded and begun on 127.0.0.1:{ctx.ecf.port}; "
-                 f"{ECF_FAILING} fails on its first try")
+    limit = ctx.left(120)
+    try:
+        with ctx.client.expect(Match("*", _ingest_settled), timeout=limit) as w:
+            ctx.call("ops", "load", text)
+            ctx.call("ops", "begin_suite", ECF_SUITE)
+            ctx.step(f"ecFlow: suite /{ECF_SUITE} loaded and begun on 127.0.0.1:{ctx.ecf.port}; "
+                     f"{ECF_FAILING} fails on its first try")
+    except WaitTimeout:
+        raise WaitTimeout(f"{ECF_FAILING} complete (or the policy giving up)", limit) from None
     ctx.view.wait_seen(w.event)
+    if isinstance(w.event, RecoveryGaveUp):
+        st.result, st.detail = "failed", f"recovery gave up: {w.event.reason}"[:200]
+        return
     st.result = "ok"
     tasks = [e for e in ctx.client.status(f"ecflow/ops/state//{ECF_SUITE}/") if isinstance(e, StateChanged)]
     done = sum(1 for e in tasks if e.state is State.COMPLETE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,10 +103,11 @@ print(json.dumps({"code": proc.returncode, "timed_out": timed_out, "termed": ter
 """
 
 
-def run_wrapped(args: list[str], timeout: float, term_on: str = "", signum: int = signal.SIGTERM) -> dict[str, Any]:
-    """Run ``flowbus demo ARGS`` under the wrapper; with ``term_on``, send ``signum`` once that
-    text appears on the demo's stderr."""
-    argv = [sys.executable, "-m", "flowbus", "demo", *args]
+def run_wrapped(args: list[str], timeout: float, term_on: str = "", signum: int = signal.SIGTERM,
+                argv: list[str] | None = None) -> dict[str, Any]:
+    """Run ``flowbus demo ARGS`` (or ``argv``) under the wrapper; with ``term_on``, send ``signum``
+    once that text appears on the demo's stderr."""
+    argv = argv or [sys.executable, "-m", "flowbus", "demo", *args]
     done = subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(argv), str(timeout), term_on, str(int(signum))],
                           capture_output=True, text=True, timeout=timeout + 240, env={**os.environ})
     assert done.returncode == 0, f"wrapper failed: {done.stderr[-3000:]}"
@@ -229,3 +231,51 @@ class TestDemoStopped:
         summary = [e for e in json_lines(run["stdout"]) if e.get("type") == "demo.summary"]
         assert summary and summary[-1]["ok"] is False and summary[-1]["exit_code"] == code
         assert not os.path.exists(summary[-1]["state_dir"]), "a run stopped on purpose leaves no state dir"
+
+
+#: the demo with an ecFlow task that always fails: the policy gives up, --keep-going goes on
+ALWAYS_FAILING = r"""
+import sys
+import flowbus._demo as demo, flowbus._demo_stages as stages
+stages.ECF_SCRIPTS["ingest"] = "sleep 0.3\necho always failing\nexit 1\n"
+sys.exit(demo.run_demo(as_json=True, keep_going=True, timeout=300))
+"""
+
+
+@pytest.mark.timeout(600)
+class TestDemoFailure:
+    """A stage that cannot be recovered: the policy gives up, the exit code says so."""
+
+    def test_gave_up_keep_going(self) -> None:
+        """Two requeues then RecoveryGaveUp; exit 1; --keep-going starts the next stage itself and
+        the rules chain the rest, each once; the state dir is kept; no process is left."""
+        if ecflow_missing():
+            pytest.skip(ecflow_missing())
+        run = run_wrapped([], timeout=400, argv=[sys.executable, "-c", ALWAYS_FAILING])
+        events = json_lines(run["stdout"])
+        summary = [e for e in events if e.get("type") == "demo.summary"]
+        assert summary, run["stderr"][-3000:]
+        state_dir = summary[-1]["state_dir"]
+        try:
+            assert run["code"] == 1 and summary[-1]["exit_code"] == 1, run["stderr"][-3000:]
+            rows = {r["stage"]: r for r in summary[-1]["stages"]}
+            assert rows["ecflow-suite"]["result"] == "failed" and "gave up" in rows["ecflow-suite"]["detail"]
+            assert rows["ecflow-suite"]["recoveries"] == 2
+            assert {n: r["result"] for n, r in rows.items() if n != "ecflow-suite"} == dict.fromkeys(
+                ["qcg-ensemble", "soma-workflow", "wms-workflow", "difx-job"], "ok")
+            assert rows["qcg-ensemble"]["started_by"] == "demo"
+            assert rows["difx-job"]["started_by"] == "rule workflows-done-start-difx"
+            attempts = [e for e in events if e["type"] == "recovery.attempted"]
+            assert [e["attempt"] for e in attempts] == [1, 2]
+            gave_up = [e for e in events if e["type"] == "recovery.gave_up"]
+            assert len(gave_up) == 1 and gave_up[0]["key"] == "ops//demo/ingest"
+            aborts = [e for e in states(events, "ecflow", "/demo/ingest") if e["state"] == "aborted"]
+            assert len(aborts) == 3
+            fired = [e["rule"] for e in events if e["type"] == "rule.fired"]
+            assert fired == ["ensemble-done-starts-workflows", "workflows-done-start-difx"]
+            assert len([e for e in states(events, "qcg", "ensemble") if e["state"] == "queued"]) == 1
+            assert not [e for e in events if e["type"] == "error"], "nothing was started twice"
+            assert os.path.isdir(state_dir), "a failed run keeps its state dir for inspection"
+            assert run["left"] == []
+        finally:
+            shutil.rmtree(state_dir, ignore_errors=True)
