@@ -234,22 +234,31 @@ class SupervisorImpl:
             self._qhealth[name] = _Health(ref=h.ref, sent=h.sent)
             sessions = sorted(s for s, a in self.placement.items() if a == name)
         log.warning("supervisor.actor.quarantined", actor=name, reason=reason, sessions=sessions)
-        for s in sessions:
-            with self._lock:
-                load = {a: sum(1 for x in self.placement.values() if x == a) for a in targets}
+        with self._lock:
+            load = {a: sum(1 for x in self.placement.values() if x == a) for a in targets}
+        chosen: dict[str, str] = {}
+        for s in sessions:  # the least loaded sibling first
             target = min(targets, key=lambda a: (load[a], a))
-            move: dict[str, Any] = {"session": s, "from": name, "to": target, "time": time.time(), "reason": reason}
-            t0 = time.monotonic()
+            load[target] += 1
+            chosen[s] = target
+        t0 = time.monotonic()
+        # all at once: each opens under a new incarnation (fencing the old one) and resyncs
+        refs = {s: self.actors[t].add_session.remote(self.specs[s]) for s, t in chosen.items()}
+        ready = set(ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.start_timeout)[0]) if refs else set()
+        for s, ref in refs.items():
+            move: dict[str, Any] = {"session": s, "from": name, "to": chosen[s], "time": time.time(), "reason": reason}
             try:
-                ray.get(self.actors[target].add_session.remote(self.specs[s]), timeout=self.start_timeout)
+                if ref not in ready:
+                    raise GetTimeoutError(f"not opened within {self.start_timeout:g} s")
+                ray.get(ref, timeout=0)
             except Exception as exc:  # noqa: BLE001 - the session still belongs to the target; status shows it
                 move["error"] = str(exc)[:300]
-                log.error("supervisor.session.move_failed", session_id=s, to=target, error=move["error"])
+                log.error("supervisor.session.move_failed", session_id=s, to=chosen[s], error=move["error"])
             move["seconds"] = round(time.monotonic() - t0, 3)
             with self._lock:
-                self.placement[s] = target
+                self.placement[s] = chosen[s]
                 self.moves.append(move)
-            log.warning("supervisor.session.moved", session_id=s, frm=name, to=target, seconds=move["seconds"])
+            log.warning("supervisor.session.moved", session_id=s, frm=name, to=chosen[s], seconds=move["seconds"])
 
     def _check_quarantined(self, name: str, h: _Health, ready: set[Any], now: float) -> None:
         answered, info = self._answer(h, ready)

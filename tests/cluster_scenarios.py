@@ -123,8 +123,9 @@ def config(servers: list[fx.EcfServer], group: str, **ray_kw: Any) -> FlowbusCon
         ray=RayConfig(namespace="fbtest", move_after=8.0, start_timeout=90.0,
                       placement=[PlacementConfig(name=group, backends=["ecflow"], actors=2, resources={RES: 1.0})],
                       **ray_kw),
-        sessions=[EcflowSessionConfig(name=f"e{i + 1}", host="127.0.0.1", port=s.port, poll_interval=0.1)
-                  for i, s in enumerate(servers)])
+        # e1 and e3 watch the same server, and land on the same actor (round-robin over 2)
+        sessions=[EcflowSessionConfig(name=name, host="127.0.0.1", port=s.port, poll_interval=0.1)
+                  for name, s in (("e1", servers[0]), ("e2", servers[1]), ("e3", servers[0]))])
 
 
 def load_suites(sup: Any, servers: list[fx.EcfServer]) -> None:
@@ -149,13 +150,14 @@ def scenario_node_death(out: dict[str, Any], cluster: Cluster, nodes: dict[str, 
     try:
         out["placement_before"] = ray.get(sup.start.remote(), timeout=180)
         load_suites(sup, servers)
-        events.pump(lambda evs: all(any(isinstance(e, Connected) and e.source == s for e in evs) for s in ("e1", "e2")),
-                    60, "both sessions connected")
+        events.pump(lambda evs: all(any(isinstance(e, StateChanged) and e.source == s and e.key == "/s/t1" for e in evs)
+                                    for s in ("e1", "e2", "e3")), 60, "every session saw the suite")
         where = {s: node_of(actor_pid(a), nodes) for s, a in out["placement_before"].items()}
         out["supervisor_node"] = node_of(int(ray.get(sup.__ray_call__.remote(lambda self: os.getpid()), timeout=20)),
                                        {**nodes, "head": cluster.head_node})
         out["nodes_before"] = where
         first_inc = events.incarnation("e1")
+        out["first_inc_e3"] = events.incarnation("e3")
         victim = where["e1"]
         t0 = time.monotonic()
         old_pid = actor_pid(out["placement_before"]["e1"])
@@ -173,6 +175,8 @@ def scenario_node_death(out: dict[str, Any], cluster: Cluster, nodes: dict[str, 
         assert moved
         out["moved_after"] = round(time.monotonic() - t0, 1)
         events.pump(events.has_state("e1", "/s/t1", "complete", first_inc + 1), 90, "e1 t1 complete from a new incarnation")
+        events.pump(events.has_state("e3", "/s/t1", "complete", out["first_inc_e3"] + 1), 90,
+                    "e3 t1 complete from a new incarnation")
         out["placement_after"] = ray.get(sup.sessions.remote(), timeout=20)
         out["nodes_after"] = {s: node_of(actor_pid(a), nodes) for s, a in out["placement_after"].items()}
         out["report_a"] = ray.get(sup.placement_report.remote(), timeout=20)

@@ -246,18 +246,22 @@ class TestCluster:
     def test_node_death_moves_the_session_and_loses_no_transition(self, scenarios: dict[str, Any]) -> None:
         """e1's node is killed: e1 moves to the surviving node, and t1, completed meanwhile, arrives as a resync."""
         s = scenarios
+        before, after = s["placement_before"], s["placement_after"]
+        assert before["e1"] == before["e3"] != before["e2"]  # round-robin over the group's 2 actors
         assert s["nodes_before"]["e1"] != s["nodes_before"]["e2"]  # one actor per node (flowbus-ecf = 1 each)
-        assert s["placement_after"]["e1"] == s["placement_after"]["e2"] == s["placement_before"]["e2"]
-        assert s["nodes_after"]["e1"] == s["nodes_before"]["e2"] != s["victim"]
+        assert after["e1"] == after["e2"] == after["e3"] == before["e2"]
+        assert s["nodes_after"]["e1"] == s["nodes_after"]["e3"] == s["nodes_before"]["e2"] != s["victim"]
         moves = s["report_a"]["moves"]
-        assert [(m["session"], m["from"], m["to"]) for m in moves] == [("e1", s["placement_before"]["e1"], s["placement_before"]["e2"])]
-        assert "error" not in moves[0]
-        t1 = [e for e in _events(s, "e1") if e["type"] == "StateChanged" and e["key"] == "/s/t1"]
-        final = [e for e in t1 if e["native"] == "complete"]
-        assert final and final[0]["observed"] == "resync" and final[0]["incarnation"] > s["first_inc_e1"], t1
+        assert sorted((m["session"], m["from"], m["to"]) for m in moves) == [
+            ("e1", before["e1"], before["e2"]), ("e3", before["e1"], before["e2"])]
+        assert not [m for m in moves if "error" in m], moves
+        for src in ("e1", "e3"):  # t1 completed while nobody watched: it arrives as a resync, nothing lost
+            t1 = [e for e in _events(s, src) if e["type"] == "StateChanged" and e["key"] == "/s/t1"]
+            final = [e for e in t1 if e["native"] == "complete"]
+            assert final and final[0]["observed"] == "resync" and final[0]["incarnation"] > s[f"first_inc_{src}"], t1
         t2 = [e for e in _events(s, "e2") if e["type"] == "StateChanged" and e["key"] == "/s/t2"]
         assert any(e["native"] == "complete" for e in t2), t2
-        for src in ("e1", "e2"):  # gapless per source, incarnations never go back
+        for src in ("e1", "e2", "e3"):  # gapless per source, incarnations never go back
             evs = _events(s, src)
             assert [e["seq"] for e in evs] == list(range(evs[0]["seq"], evs[0]["seq"] + len(evs))), src
             incs = [e["incarnation"] for e in evs]
@@ -274,7 +278,7 @@ class TestCluster:
     def test_partitioned_actor_is_fenced(self, scenarios: dict[str, Any]) -> None:
         """A stopped (partitioned) actor's session moves; resumed, its old incarnation is rejected and lets go."""
         s = scenarios
-        assert s["partition_nodes"]["e1"] != s["partition_nodes"]["e2"]
+        assert s["partition_nodes"]["e1"] == s["partition_nodes"]["e3"] != s["partition_nodes"]["e2"]
         assert s["new_inc"] > s["old_inc"]
         assert s["broker_fenced"] >= 1  # the resumed old incarnation tried to publish and was rejected
         old_actor = s["placement_p"]["e2"]
