@@ -186,6 +186,16 @@ def scenario_node_death(out: dict[str, Any], cluster: Cluster, nodes: dict[str, 
         events.pump(events.has_state("e2", "/s/t2", "complete"), 90, "e2 t2 complete")
         out["status_a"] = {k: {kk: v[kk] for kk in ("state", "sessions") if kk in v}
                            for k, v in ray.get(sup.status.remote(), timeout=30).items()}
+        # the surviving actor crashes: Ray restarts it with its constructor's sessions (e2), and
+        # the supervisor adds back the two that moved to it (e1, e3)
+        incs = {src: events.incarnation(src) for src in ("e1", "e2", "e3")}
+        survivor = out["placement_after"]["e2"]
+        os.kill(actor_pid(survivor), signal.SIGKILL)
+        events.pump(lambda evs: all(any(isinstance(e, Connected) and e.source == src and e.incarnation > inc for e in evs)
+                                    for src, inc in incs.items()), 120, "all three reopened after the crash")
+        out["after_crash"] = {"placement": ray.get(sup.sessions.remote(), timeout=20),
+                              "restarts": ray.get(sup.placement_report.remote(), timeout=20)["restarts"],
+                              "hosted": ray.get(ray.get_actor(ACTOR_PREFIX + survivor).ping.remote(), timeout=20)["sessions"]}
     finally:
         stop_supervisor(sup)
 

@@ -267,6 +267,13 @@ class TestCluster:
             incs = [e["incarnation"] for e in evs]
             assert incs == sorted(incs), src
 
+    def test_restarted_actor_gets_back_the_sessions_moved_to_it(self, scenarios: dict[str, Any]) -> None:
+        """Ray restarts a crashed actor with its constructor's sessions; the supervisor adds the ones moved to it since."""
+        crash, survivor = scenarios["after_crash"], scenarios["placement_after"]["e2"]
+        assert crash["restarts"] == {survivor: 1}
+        assert crash["placement"] == scenarios["placement_after"]
+        assert crash["hosted"] == ["e1", "e2", "e3"]
+
     def test_up_joins_the_cluster_and_uses_a_running_broker(self, scenarios: dict[str, Any]) -> None:
         """`flowbus up --config F --address <cluster> --broker <addr>` (the helm controller's line) runs its session there."""
         cli = scenarios["cli"]
