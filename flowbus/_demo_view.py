@@ -100,10 +100,11 @@ class LiveView:
             return list(self.events)
 
     def count(self, stage: StageResult) -> None:
-        """Fill ``events`` and ``recoveries`` of ``stage`` from what was seen in its time window."""
-        end = stage.ended_ns or time.time_ns()
-        evs = [e for e in self.snapshot() if not isinstance(e, Heartbeat) and stage.started_ns <= e.time <= end]
-        stage.events = sum(1 for e in evs if (e.backend, e.source) in stage.sources)
+        """Fill ``events`` (what the stage's sessions published about its resources: not the
+        session's own connected/resynced/heartbeat events) and ``recoveries`` of ``stage``."""
+        evs = self.snapshot()
+        stage.events = sum(1 for e in evs if (e.backend, e.source) in stage.sources
+                           and e.FAMILY not in ("session", "heartbeat", "resync"))
         stage.recoveries = sum(1 for e in evs if isinstance(e, RecoveryAttempted)
                                and any(k in e.key for k in stage.recovery_keys))
 
