@@ -20,10 +20,9 @@ Scenarios:
 * many: N servers (small suite each), all watched by one in-process ``BackendActorImpl`` (the
   Ray actor's body, publishing to a real broker process; no Ray). Labels are changed on random
   servers; p99 latency; idle CPU of this process / N as % of one core (the broker process is
-  not counted). Opening the sessions is sequential and its cost is on the bus side
-  (``Publisher.open_source`` + ``flush`` grow with the number of sources: ~0.6 s for 100
-  sessions, 18-42 s for 300, ~63 s for 400), which is what bounds N here, not the watching. Then
-  the naive loop (one thread per server, ``get_server_defs()`` every
+  not counted). The actor body opens the sessions in one batch (one registration round, one
+  snapshot, a few ``start()`` at a time: about 3 ms per session at 300-1,000 sessions; see
+  ``bench/scale.py`` for hundreds of servers). Then the naive loop (one thread per server, ``get_server_defs()`` every
   interval) on the same servers for the same window.
 
 The last line is
