@@ -123,6 +123,9 @@ class OrchestratorCore:
         self.stats: dict[str, int] = {"events": 0, "fired": 0, "actions": 0, "errors": 0, "recoveries": 0,
                                       "gave_up": 0, "checkpoints": 0}
         self.restored: dict[str, Any] = {}
+        #: firings and recoveries whose actions are running (in the checkpoint, for a crash report)
+        self.in_flight: list[str] = []
+        self._interrupted: list[str] = []
         self.lock = threading.RLock()  # engine, policies and specs (the loop and API callers)
         self._pub: Publisher | None = None
         self._sub: Subscriber | None = None
@@ -140,6 +143,12 @@ class OrchestratorCore:
             self._restore(raw)
         pub = self._pub = Publisher(self.address, curve=self.curve)
         pub.open_source(self.source, Backend.FLOWBUS.value)
+        for what in self._interrupted:
+            self.log.error("orchestrator.interrupted", what=what)
+            self._publish(ErrorEvent(source=self.source, backend="flowbus", key="restart", operation="resume",
+                                     error_type="flowbus.Interrupted",
+                                     message=f"{what}: interrupted by a restart while its actions ran; not repeated"))
+        self._interrupted = []
         for name, why in sorted(self.rejected.items()):
             self.log.error("rule.rejected", rule=name, error=why)
             self._publish(ErrorEvent(source=self.source, backend="flowbus", key=name, error_type="flowbus.ConfigError",
@@ -216,18 +225,25 @@ class OrchestratorCore:
             recs = [r for p in self.policies.values() for r in p.tick(now)]
             recs += [r for p in self.policies.values() for r in p.feed(ev, now)]
             self._dirty = True
-            if firings or recs:
-                self._write_checkpoint()
+            self._before(firings, recs)
         self._execute(firings, recs)
 
     def _on_tick(self, now: float) -> None:
         with self.lock:
             firings = self.engine.tick(now)
             recs = [r for p in self.policies.values() for r in p.tick(now)]
-            if firings or recs:
-                self._dirty = True
-                self._write_checkpoint()
+            self._before(firings, recs)
         self._execute(firings, recs)
+
+    def _before(self, firings: list[Firing], recs: list[Recovery]) -> None:
+        """Checkpoint the progress that produced these firings and recoveries, with them listed as
+        in flight, before anything runs: a crash now neither repeats them nor loses them silently."""
+        if not firings and not recs:
+            return
+        self.in_flight = [f"rule {f.rule} ({f.idempotency_key})" for f in firings]
+        self.in_flight += [f"policy {r.policy} {r.kind} of {r.source}/{r.key} attempt {r.attempt}" for r in recs]
+        self._dirty = True
+        self._write_checkpoint()
 
     # -- actions --------------------------------------------------------------------------------------
 
@@ -236,6 +252,10 @@ class OrchestratorCore:
             self._fire(firing)
         for rec in recs:
             self._recover(rec)
+        if firings or recs:
+            with self.lock:
+                self.in_flight = []
+                self._dirty = True
 
     def _fire(self, firing: Firing) -> None:
         self.stats["fired"] += 1
@@ -355,6 +375,7 @@ class OrchestratorCore:
             rules = self.engine.load(data.get("engine", {}))
             pols = [n for n, st in data.get("policies", {}).items() if n in self.policies and self.policies[n].load(st)]
             self.specs = {s: dict(b) for s, b in data.get("specs", {}).items()}
+            self._interrupted = [str(x) for x in data.get("in_flight", [])]
             self.restored = {"rules": rules, "policies": pols}
 
     def _baseline(self, confirmed: dict[str, int]) -> None:
@@ -389,7 +410,7 @@ class OrchestratorCore:
             self._dirty = False
             return
         data = {"engine": self.engine.dump(), "policies": {n: p.dump() for n, p in self.policies.items()},
-                "specs": self.specs, "written": time.time()}
+                "specs": self.specs, "in_flight": self.in_flight, "written": time.time()}
         write_atomic(self.checkpoint_path, dumps(data))
         self.stats["checkpoints"] += 1
         self._dirty = False

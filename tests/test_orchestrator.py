@@ -397,6 +397,43 @@ class TestPythonAPI:
         assert [[t.fields["key"] for t in f.triggers] for f in got] == [["a", "b"]]
 
     @pytest.mark.timeout(120)
+    def test_a_crash_while_actions_run_is_reported_not_repeated(
+            self, bus: tuple[Client, Callable[[str, str], None]], tmp_path: Path) -> None:
+        """The checkpoint taken before the actions lists the firing in flight; resuming from it
+        publishes an ErrorEvent naming the firing and does not run its actions again."""
+        import shutil
+        import threading
+
+        from flowbus.rules import Rules
+
+        client, feed = bus
+        entered, release = threading.Event(), threading.Event()
+        calls: list[str] = []
+
+        def slow(firing: Any) -> None:
+            calls.append(firing.rule)
+            entered.set()
+            release.wait(30)
+
+        first = Rules(client, source="rules-crash", checkpoint=tmp_path / "a.ckpt")
+        first.add("slow", when="flowbus/feeder/state/go", then=slow)
+        first.start()
+        try:
+            feed("go", "active")
+            assert entered.wait(30)
+            shutil.copy(tmp_path / "a.ckpt", tmp_path / "crashed.ckpt")  # the disk as a crash would leave it
+        finally:
+            release.set()
+            first.stop()
+        second = Rules(client, source="rules-crash", checkpoint=tmp_path / "crashed.ckpt")
+        second.add("slow", when="flowbus/feeder/state/go", then=slow)
+        with client.expect("flowbus/rules-crash/error/restart", timeout=30) as w:
+            second.start()
+        second.stop()
+        assert isinstance(w.event, ErrorEvent) and "rule slow (slow|feeder:1)" in w.event.message
+        assert calls == ["slow"]
+
+    @pytest.mark.timeout(120)
     def test_composite_wait_counts_the_current_state(self, bus: tuple[Client, Callable[[str, str], None]]) -> None:
         """wait(all-of) is satisfied by one condition already true and one that happens after arming."""
         import threading
