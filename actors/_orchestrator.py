@@ -12,10 +12,12 @@ otherwise. A file rather than events in the journal: the journal is a bounded ri
 old events (and a snapshot keeps only stateful families), while the checkpoint must survive
 however long the stream runs; and it needs no new event type. On start with a checkpoint the
 subscription replays the whole journal, ordered by event time, and each rule skips what it
-consumed (per source, the last seq): no event fires a rule twice. A firing whose actions were
-running when the process died is not run again (at most once for actions, exactly once for
-``RuleFired``). A journal that restarted from scratch (a source's last seq below what we
-consumed) resets that source.
+consumed (per source, the last seq): no event fires a rule twice. The checkpoint written before
+actions run lists them as in flight; after a crash in that window they are not run again, and
+the resumed orchestrator publishes an ``ErrorEvent`` (key ``restart``) for each (at most once,
+never lost silently). A journal that restarted from scratch (a source's last seq below what we
+consumed) resets that source. Actions run one after the other in the loop thread: a slow call
+delays the events and timers behind it (never loses them).
 """
 
 from __future__ import annotations
