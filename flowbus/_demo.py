@@ -1,8 +1,9 @@
 """``flowbus demo``: one cross-backend pipeline, end to end, on a private embedded stack.
 
 It starts everything it needs in a private state directory (a broker on free loopback ports,
-a loopback Ray, the Supervisor, and its own servers: an ``ecflow_server`` on 127.0.0.1 when
-ecFlow is installed, and the guiServer emulator), shows every event live, and drives:
+a loopback Ray, the Supervisor and the Orchestrator, and its own servers: an ``ecflow_server``
+on 127.0.0.1 when ecFlow is installed, and the guiServer emulator), shows every event live,
+begins the first stage, and lets the Orchestrator's rules (``_demo_rules.py``) chain the rest:
 
     ecFlow suite (one task fails once; a recovery policy requeues it)
       -> QCG-PilotJob ensemble of N iterations
@@ -101,7 +102,8 @@ def _config(state: Path, ecf_port: int | None, difx_port: int, has_soma: bool, h
                            "ray": {"namespace": "flowbus-demo"},
                            "sessions": [msgspec.to_builtins(s) for s in sessions]}
     if has_soma:
-        raw["sessions"].append({"backend": "soma", "name": "soma", "actor": "workflows"})
+        raw["sessions"].append({"backend": "soma", "name": "soma", "actor": "workflows",
+                                "directory": str(state / "soma"), "poll-interval": 0.1})
     if has_wms:
         raw["sessions"].append({"backend": "wms", "name": "wms", "actor": "workflows",
                                 "submit-dir": str(state / "wms")})
