@@ -17,8 +17,10 @@ from flowbus.schemas import (
     LogLine,
     RecoveryAttempted,
     RecoveryGaveUp,
+    RuleFired,
     StateChanged,
     SubscriberLagged,
+    WaitSatisfied,
     tag_of,
 )
 
@@ -59,6 +61,10 @@ def describe(ev: Event) -> tuple[str, str]:
         return f"recovery gave up after {ev.attempts}: {ev.reason}", "31"
     if isinstance(ev, ErrorEvent):
         return f"error {ev.error_type}: {ev.message}", "31"
+    if isinstance(ev, RuleFired):
+        return f"rule {ev.rule} fired {ev.detail}".rstrip(), "36"
+    if isinstance(ev, WaitSatisfied):
+        return f"wait {ev.match} satisfied {ev.detail}".rstrip(), "36"
     if isinstance(ev, SubscriberLagged):
         return f"LAGGED: {ev.lost} events lost ({ev.first_seq}..{ev.last_seq}) {ev.detail}", "31;1"
     return tag_of(ev), "2"
