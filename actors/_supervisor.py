@@ -32,7 +32,7 @@ import ray  # noqa: E402, I001
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError  # noqa: E402
 
 from flowbus.bus import ClientCurve  # noqa: E402
-from flowbus.schemas import FlowbusConfig, FlowbusError, UnknownSession  # noqa: E402
+from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession  # noqa: E402
 
 from ._backend_actor import BackendActor  # noqa: E402
 from ._placement import ActorPlan, check_fit, make_plan  # noqa: E402
@@ -79,7 +79,12 @@ class SupervisorImpl:
         self.broker_address = broker_address
         # the actors' client keys for a CURVE broker come from the same [bus.curve] table
         self.curve = curve if curve is not None else ClientCurve.from_config(self.config.bus.curve)
-        self.plans = make_plan(self.config)
+        # configuration only here: a plan error is raised by start(), not as an opaque actor death
+        self._plan_error: ConfigError | None = None
+        try:
+            self.plans = make_plan(self.config)
+        except ConfigError as exc:
+            self.plans, self._plan_error = {}, exc
         self.move_after = float(self.config.ray.move_after)
         self.start_timeout = float(self.config.ray.start_timeout)
         self.actors: dict[str, Any] = {}
@@ -109,6 +114,8 @@ class SupervisorImpl:
         (idempotent). Raises ConfigError (nothing can place an actor) or FlowbusError (an actor
         was not placed and started within ``timeout``, default ``ray.start-timeout``)."""
         timeout = self.start_timeout if timeout is None else timeout
+        if self._plan_error is not None:
+            raise self._plan_error
         with self._lock:
             if not self.actors:
                 self.check_cluster()

@@ -68,6 +68,13 @@ class TestPlacementPlan:
         assert {n: [s["name"] for s in p.specs] for n, p in make_plan(cfg).items()} == {
             "shared": ["a"], "default-0": ["b", "c"], "default-1": ["d"]}
 
+    def test_an_actor_shared_across_groups_is_refused(self) -> None:
+        """Sessions of two placement groups naming the same actor are a ConfigError naming both groups."""
+        cfg = FlowbusConfig(ray=RayConfig(placement=[PlacementConfig(name="ecf", backends=["ecflow"])]), sessions=[
+            EcflowSessionConfig(name="e", actor="one"), QcgSessionConfig(name="q", actor="one")])
+        with pytest.raises(ConfigError, match="actor 'one' is shared by sessions of placement groups 'ecf' and 'default'"):
+            make_plan(cfg)
+
     def test_check_fit_names_the_group_and_what_is_missing(self) -> None:
         """Too much of a resource, a resource no node has, and an unknown label are ConfigErrors naming the group."""
         nodes = [_node(labels={"site": "a"}, **{"flowbus-ecf": 1.0}), _node(**{"flowbus-ecf": 1.0}),
