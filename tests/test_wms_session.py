@@ -71,10 +71,27 @@ class Running:
         return [e.native for e in self.rec.events[after:] if isinstance(e, StateChanged) and e.key == key]
 
 
+
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _processes_before() -> None:
+    """Processes that ran before the test (a session-wide Ray from other test files) are not ours."""
+    _BEFORE.clear()
+    _BEFORE.update(p.pid for p in psutil.Process().children(recursive=True))
+
+
+def _new_processes() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in _BEFORE and p.status() != psutil.STATUS_ZOMBIE]
+
 @pytest.fixture
 def wms(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     """Start WmsSessions (stopped at teardown); afterwards no thread or child process may remain."""
     threads_before = set(threading.enumerate())
+    # processes already running (a session-wide Ray from other test files) are not ours
+    kids_before = {p.pid for p in psutil.Process().children(recursive=True)}
     made: list[Running] = []
 
     def make(name: str = "w1", known: dict[str, Any] | None = None, **cfg: Any) -> Running:
@@ -98,7 +115,8 @@ def wms(tmp_path: Path) -> Iterator[Callable[..., Running]]:
             break
         time.sleep(0.05)
     assert not left, f"threads left behind: {left}"
-    kids = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    kids = [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in kids_before and p.status() != psutil.STATUS_ZOMBIE]
     assert not kids, f"processes left behind: {kids}"
     assert not PARSL_LOCK.locked()
 
@@ -235,7 +253,7 @@ class TestParsl:
         while PARSL_LOCK.locked() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not PARSL_LOCK.locked(), f"the runner of {wid} did not end"
-        assert not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        assert not _new_processes()
 
     def test_two_sessions_share_one_parsl(self, wms: Callable[..., Running], tmp_path: Path) -> None:
         """Workflows of two sessions in one process queue for Parsl (PENDING) and both complete."""
@@ -320,7 +338,7 @@ class TestParsl:
         assert isinstance(rec.events[-1], Disconnected) and rec.events[-1].will_retry is False
         left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
         assert not left, left
-        assert not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        assert not _new_processes()
         session.stop()  # idempotent
 
 
