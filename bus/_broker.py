@@ -27,6 +27,7 @@ from flowbus.schemas import (
     PublisherLost,
     classify,
     encode,
+    is_loopback,
 )
 
 from . import _framing as fr
@@ -76,6 +77,11 @@ class Broker:
         """Bind the three sockets; returns their endpoints (ports resolved when 0)."""
         cfg = self.config
         self._ctx = zmq.Context()
+        if not is_loopback(cfg.host) and not cfg.curve.server_secret_key_file:
+            self._ctx.term()
+            self._ctx = None
+            raise OSError(f"refusing to bind {cfg.host!r} (not loopback) without CurveZMQ: "
+                          "set bus.curve.server-secret-key-file")
         self._auth = server_setup(self._ctx, cfg.curve)
         self.ingest = self._ctx.socket(zmq.ROUTER)
         self.xpub = self._ctx.socket(zmq.XPUB)

@@ -392,10 +392,10 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
                 raise ConfigError(f"{origin}: sessions[{i}].directory: only for mode = 'light'")
     _check_ray(cfg, origin)
     bus = cfg.bus
-    if not is_loopback(bus.host) and not bus.curve.server_secret_key_file:
+    if not is_loopback(bus.host) and not (bus.curve.server_secret_key_file or bus.curve.server_public_key_file):
         raise ConfigError(
-            f"{origin}: bus.host: {bus.host!r} is not loopback; set bus.curve.server-secret-key-file"
-            " (CurveZMQ is required for any non-loopback bind)"
+            f"{origin}: bus.host: {bus.host!r} is not loopback; set bus.curve.server-secret-key-file (the broker)"
+            " or bus.curve.server-public-key-file (a client): CurveZMQ is required beyond loopback"
         )
     for key in ("request_port", "publish_port", "ingest_port"):
         port = getattr(bus, key)

@@ -109,8 +109,17 @@ class TestParseConfig:
         """Binding anywhere but loopback without a CURVE server key is refused, naming both keys."""
         message = refused({"bus": {"host": host}})
         assert "bus.host" in message and "bus.curve.server-secret-key-file" in message
-        # a public key alone is not enough: the broker needs its secret key
-        refused({"bus": {"host": host, "curve": {"server-public-key-file": "/srv.key"}}})
+
+    def test_non_loopback_client_with_public_key(self) -> None:
+        """A client's config (the broker's public key only) may name a remote broker host; the
+        broker itself refuses to bind such a host without its secret key."""
+        cfg = parse_config({"bus": {"host": "broker.ops.svc", "curve": {"server-public-key-file": "/srv.key"}}}, ORIGIN)
+        assert cfg.bus.host == "broker.ops.svc"
+        from flowbus.bus import Broker
+
+        broker = Broker(cfg.bus.__class__(host="0.0.0.0", request_port=0, publish_port=0, ingest_port=0))
+        with pytest.raises(OSError, match="not loopback.*server-secret-key-file"):
+            broker.bind()
 
     def test_non_loopback_with_curve(self) -> None:
         """With a CURVE server secret key a non-loopback host is accepted."""

@@ -75,9 +75,8 @@ app.kubernetes.io/part-of: flowbus
 {{/*
 The [bus] table. Argument: dict "root" $ "host" <bind or connect host> "broker" <bool>.
 The broker binds every interface of its pod, which flowbus allows only with CurveZMQ; clients
-read the broker's public key and (optionally) their own client key pair. The clients' file also
-names the broker's secret key (flowbus requires it for any non-loopback host) at the path it has
-in the broker pod; other pods never mount it and never read it (they use the public key file).
+read the broker's public key and (optionally) their own client key pair; only the broker pod's
+file names (and only that pod mounts) the broker's secret key.
 */}}
 {{- define "flowbus.busToml" -}}
 {{- $v := .root.Values -}}
@@ -98,8 +97,8 @@ journal-dir = "/var/lib/flowbus/journal"
 {{- end }}
 
 [bus.curve]
-server-secret-key-file = {{ printf "/etc/flowbus/curve/%s.key_secret" $key | toJson }}
 {{- if .broker }}
+server-secret-key-file = {{ printf "/etc/flowbus/curve/%s.key_secret" $key | toJson }}
 {{- if $v.curve.clientSecretName }}
 authorized-keys-dir = "/etc/flowbus/clients"
 {{- end }}
