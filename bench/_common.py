@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
@@ -177,6 +178,39 @@ def percentile(values: Sequence[float], q: float) -> float:
     s = sorted(values)
     k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
     return float(s[k])
+
+
+class Poller:
+    """Polls a backend session on its own thread (as the actor's scheduler does), timing each
+    poll with ``time.thread_time`` (``cpu``); errors are kept for the caller to report."""
+
+    def __init__(self, session: Any, name: str = "bench-poll") -> None:
+        self.session = session
+        self.stop = threading.Event()
+        self.cpu = 0.0
+        self.polls = 0
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        delay = 0.0
+        while not self.stop.wait(delay):
+            t0 = time.thread_time()
+            try:
+                delay = self.session.poll()
+            except BaseException as exc:  # noqa: BLE001  (reported by the caller)
+                self.errors.append(exc)
+                delay = 0.5
+            self.cpu += time.thread_time() - t0
+            self.polls += 1
+
+    def __enter__(self) -> Poller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(30)
 
 
 def median(values: Sequence[float]) -> float:

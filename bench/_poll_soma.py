@@ -23,7 +23,6 @@ Returns (all floats): ``soma_p50_ms``, ``soma_p99_ms``, ``soma_wait_p50_ms``,
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -31,48 +30,10 @@ import threading
 import time
 from typing import Any
 
+from _common import Poller, percentile
+
 from flowbus.schemas import SomaSessionConfig, StateChanged
 from flowbus.services.soma import SomaSession
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    k = max(0, min(len(xs) - 1, math.ceil(q / 100.0 * len(xs)) - 1))
-    return xs[k]
-
-
-class _Poller:
-    """Polls a session on its own thread (as the actor's scheduler does), timing each poll."""
-
-    def __init__(self, session: SomaSession) -> None:
-        self.session = session
-        self.stop = threading.Event()
-        self.cpu = 0.0
-        self.polls = 0
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, name="bench-soma-poll", daemon=True)
-
-    def _run(self) -> None:
-        delay = 0.0
-        while not self.stop.wait(delay):
-            t0 = time.thread_time()
-            try:
-                delay = self.session.poll()
-            except BaseException as exc:  # noqa: BLE001  (reported by measure)
-                self.errors.append(exc)
-                delay = 0.5
-            self.cpu += time.thread_time() - t0
-            self.polls += 1
-
-    def __enter__(self) -> _Poller:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join(30)
 
 
 def _latency(quick: bool, tmp: str) -> dict[str, float]:
@@ -94,7 +55,7 @@ def _latency(quick: bool, tmp: str) -> dict[str, float]:
         stamps = {f"j{i}": os.path.join(tmp, f"end{i}") for i in range(n)}
         jobs = [{"name": name, "command": ["sh", "-c", f"sleep {0.5 + 0.137 * i:.3f}; date +%s.%N >{path}"]}
                 for i, (name, path) in enumerate(stamps.items())]
-        with _Poller(session) as poller:
+        with Poller(session, "bench-soma-poll") as poller:
             wf = session.call("submit_workflow", {"name": "lat", "jobs": jobs})
             ids = session.call("job_ids", wf)
 
@@ -122,8 +83,8 @@ def _latency(quick: bool, tmp: str) -> dict[str, float]:
             raise RuntimeError(f"soma bench: {len(ours)}/{n} jobs seen by the session, {len(theirs)}/{n} by wait_job")
     finally:
         session.stop()
-    return {"soma_p50_ms": _pct(ours, 50), "soma_p99_ms": _pct(ours, 99), "soma_wait_p50_ms": _pct(theirs, 50),
-            "soma_wait_p99_ms": _pct(theirs, 99), "soma_jobs": float(n),
+    return {"soma_p50_ms": percentile(ours, 50), "soma_p99_ms": percentile(ours, 99), "soma_wait_p50_ms": percentile(theirs, 50),
+            "soma_wait_p99_ms": percentile(theirs, 99), "soma_jobs": float(n),
             "soma_poll_interval_s": float(cfg.poll_interval)}
 
 
@@ -138,7 +99,7 @@ def _cpu(quick: bool, tmp: str) -> dict[str, float]:
                 {"name": "long", "command": ["sleep", "600"]},
                 {"name": "b", "command": ["true"], "after": ["long"]},
                 {"name": "c", "command": ["true"], "after": ["b"]}]})
-        with _Poller(session) as poller:
+        with Poller(session, "bench-soma-poll") as poller:
             threading.Event().wait(1.0)  # let the engine pick the workflows up
             cpu0, proc0, polls0, t0 = poller.cpu, time.process_time(), poller.polls, time.monotonic()
             threading.Event().wait(window)

@@ -27,7 +27,6 @@ Returns (all floats): ``wms_p50_ms``, ``wms_p99_ms``, ``wms_future_p50_ms``,
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -35,48 +34,10 @@ import threading
 import time
 from typing import Any
 
+from _common import Poller, percentile
+
 from flowbus.schemas import StateChanged, WmsSessionConfig
 from flowbus.services.wms import WmsSession
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    k = max(0, min(len(xs) - 1, math.ceil(q / 100.0 * len(xs)) - 1))
-    return xs[k]
-
-
-class _Poller:
-    """Polls a session on its own thread (as the actor does), timing each poll."""
-
-    def __init__(self, session: WmsSession) -> None:
-        self.session = session
-        self.stop = threading.Event()
-        self.cpu = 0.0
-        self.polls = 0
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, name="bench-wms-poll", daemon=True)
-
-    def _run(self) -> None:
-        delay = 0.0
-        while not self.stop.wait(delay):
-            t0 = time.thread_time()
-            try:
-                delay = self.session.poll()
-            except BaseException as exc:  # noqa: BLE001  (reported by measure)
-                self.errors.append(exc)
-                delay = 0.5
-            self.cpu += time.thread_time() - t0
-            self.polls += 1
-
-    def __enter__(self) -> _Poller:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join(30)
 
 
 def _latency(quick: bool, tmp: str) -> dict[str, float]:
@@ -109,7 +70,7 @@ def _latency(quick: bool, tmp: str) -> dict[str, float]:
         stamps = {f"j{i}": os.path.join(tmp, f"end{i}") for i in range(n)}
         jobs = [{"name": name, "command": ["sh", "-c", f"sleep {0.5 + 0.137 * i:.3f}; date +%s.%N >{path}"]}
                 for i, (name, path) in enumerate(stamps.items())]
-        with _Poller(session) as poller:
+        with Poller(session, "bench-wms-poll") as poller:
             wid = session.call("submit_workflow", {"name": "lat", "jobs": jobs})["wms_id"]
             run = session._runs[wid]
             hooked: set[str] = set()
@@ -137,8 +98,8 @@ def _latency(quick: bool, tmp: str) -> dict[str, float]:
             raise RuntimeError(f"wms bench: {len(ours)}/{n} jobs seen by the session; submit returned: {bool(returned)}")
     finally:
         session.stop()
-    return {"wms_p50_ms": _pct(ours, 50), "wms_p99_ms": _pct(ours, 99), "wms_future_p50_ms": _pct(parsl, 50),
-            "wms_future_p99_ms": _pct(parsl, 99), "wms_submit_return_ms": 1000.0 * (returned[0] - max(ends.values())),
+    return {"wms_p50_ms": percentile(ours, 50), "wms_p99_ms": percentile(ours, 99), "wms_future_p50_ms": percentile(parsl, 50),
+            "wms_future_p99_ms": percentile(parsl, 99), "wms_submit_return_ms": 1000.0 * (returned[0] - max(ends.values())),
             "wms_jobs": float(n), "wms_poll_interval_s": float(cfg.poll_interval)}
 
 
@@ -151,7 +112,7 @@ def _cpu(quick: bool, tmp: str) -> dict[str, float]:
         for i in range(w):
             session.call("submit_workflow", {"name": f"w{i}", "jobs": [
                 {"name": f"s{j}", "command": ["sleep", "600"]} for j in range(10)]})
-        with _Poller(session) as poller:
+        with Poller(session, "bench-wms-poll") as poller:
             threading.Event().wait(1.0)  # let the first workflow start
             cpu0, proc0, polls0, t0 = poller.cpu, time.process_time(), poller.polls, time.monotonic()
             threading.Event().wait(window)
