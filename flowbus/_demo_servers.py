@@ -24,7 +24,8 @@ from flowbus.schemas import BackendUnavailable
 
 log = structlog.get_logger("flowbus.demo.servers")
 
-_HEAD_H = """\
+#: ecFlow job header/trailer for job scripts of a loopback server (tests use them too)
+HEAD_H = """\
 set -e -u
 export ECF_PORT=%ECF_PORT%
 export ECF_HOST=%ECF_CLIENT_HOST%
@@ -39,7 +40,7 @@ trap ERROR 0
 trap '{{ ERROR ; }}' 1 2 3 4 5 6 7 8 10 12 13 15
 ecflow_client --init=$$
 """
-_TAIL_H = "wait\necflow_client --complete\ntrap 0\nexit 0\n"
+TAIL_H = "wait\necflow_client --complete\ntrap 0\nexit 0\n"
 
 
 def ecflow_missing() -> str:
@@ -105,8 +106,8 @@ class LoopbackEcflowServer:
             raise BackendUnavailable(ecflow_missing())
         client_bin = shutil.which("ecflow_client", path=_PATH) or "/usr/bin/ecflow_client"
         (self.home / "include").mkdir(parents=True, exist_ok=True)
-        (self.home / "include" / "head.h").write_text(_HEAD_H.format(bindir=os.path.dirname(client_bin)))
-        (self.home / "include" / "tail.h").write_text(_TAIL_H)
+        (self.home / "include" / "head.h").write_text(HEAD_H.format(bindir=os.path.dirname(client_bin)))
+        (self.home / "include" / "tail.h").write_text(TAIL_H)
         self.port = free_port()
         env = {"PATH": _PATH, "LANG": "C.UTF-8", "HOME": str(self.home), "ECF_HOME": str(self.home),
                "ECF_PORT": str(self.port), "LD_PRELOAD": str(_shim()), "ECF_LOG": str(self.home / "ecf.log"),

@@ -5,9 +5,7 @@ killed at teardown, and the teardown proves that no server or job process is lef
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,29 +23,13 @@ ecflow = pytest.importorskip("ecflow", reason="python3-ecflow is not installed (
 
 from flowbus.schemas import Event, State, StateChanged
 from flowbus.schemas import EcflowSessionConfig
+from flowbus._demo_servers import HEAD_H, TAIL_H, free_port  # noqa: F401 - free_port is re-exported
 from flowbus.services.ecflow import EcflowSession
 from recorder import Recorder, show  # noqa: F401 - shared with the other adapters' tests
 
 SERVER_BIN = shutil.which("ecflow_server") or shutil.which("ecflow_server", path="/usr/sbin:/usr/bin")
 CLIENT_BIN = shutil.which("ecflow_client") or "/usr/bin/ecflow_client"
 REPO = Path(__file__).resolve().parents[1]
-
-HEAD_H = """\
-set -e -u
-export ECF_PORT=%ECF_PORT%
-export ECF_HOST=%ECF_CLIENT_HOST%
-export ECF_NAME=%ECF_NAME%
-export ECF_PASS=%ECF_PASS%
-export ECF_TRYNO=%ECF_TRYNO%
-export ECF_RID=$$
-export ECF_TIMEOUT=60
-export PATH={bindir}:$PATH
-ERROR() {{ set +e; wait; ecflow_client --abort=trap; trap 0; exit 0; }}
-trap ERROR 0
-trap '{{ ERROR ; }}' 1 2 3 4 5 6 7 8 10 12 13 15
-ecflow_client --init=$$
-"""
-TAIL_H = "wait\necflow_client --complete\ntrap 0\nexit 0\n"
 
 
 def _shim(tmp_root: Path) -> str:
@@ -63,19 +45,6 @@ def _shim(tmp_root: Path) -> str:
     if not out.exists():
         subprocess.run([gcc, "-O2", "-shared", "-fPIC", "-o", str(out), str(src), "-ldl"], check=True)
     return str(out)
-
-
-def free_port() -> int:
-    """A port in ecFlow's allowed range 1024-49151, below Linux's ephemeral range, free on loopback."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def quick_client(port: int) -> Any:
