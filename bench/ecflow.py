@@ -38,16 +38,12 @@ ratio is printed above it).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
 import math
 import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -61,103 +57,27 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.append(_HERE)  # last: the real ecflow module wins; _common is still found
 
 from _common import BenchError, Noise, cpu_s, log, median, percentile
+import _scale_servers
+from _scale_servers import quick_client, shim
 
-REPO = Path(__file__).resolve().parents[1]
-SERVER_BIN = shutil.which("ecflow_server") or shutil.which("ecflow_server", path="/usr/sbin:/usr/bin")
+SERVER_BIN = _scale_servers.SERVER_BIN
 
 
 # -- servers -------------------------------------------------------------------------------------------
 
 
-def shim(tmp: Path) -> str:
-    built = Path(sys.prefix) / "lib" / "libloopback_bind.so"
-    if built.exists():
-        return str(built)
-    src = REPO / "scripts" / "loopback_bind.c"
-    gcc = shutil.which("gcc")
-    if gcc is None or not src.exists():
-        raise BenchError("no loopback bind shim (run scripts/dev.sh setup); ecflow_server would bind 0.0.0.0")
-    out = tmp / "libloopback_bind.so"
-    subprocess.run([gcc, "-O2", "-shared", "-fPIC", "-o", str(out), str(src), "-ldl"], check=True)
-    return str(out)
-
-
-_taken: set[int] = set()
-_serial = itertools.count()
-
-
-def free_port() -> int:
-    for _ in range(500):
-        port = random.randint(20000, 32000)
-        if port in _taken:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _taken.add(port)
-        return port
-    raise BenchError("no free port")
-
-
-def quick_client(port: int) -> Any:
-    import ecflow
-
-    c = ecflow.Client("127.0.0.1", str(port))
-    c.set_connection_attempts(1)
-    c.set_retry_connection_period(0)
-    return c
-
-
-class Server:
-    """One ecflow_server process we started (stopped by its PID and process group)."""
+class Server(_scale_servers.Server):
+    """One ecflow_server process we started (``bench/_scale_servers.py``), with a bounded wait."""
 
     def __init__(self, root: Path, n: int, shim_path: str) -> None:
-        self.home = root / f"ecf{next(_serial)}"
-        self.home.mkdir(parents=True)
-        self.port = free_port()
-        env = {"PATH": "/usr/sbin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(self.home),
-               "ECF_HOME": str(self.home), "ECF_PORT": str(self.port), "LD_PRELOAD": shim_path,
-               "ECF_LOG": "/dev/null", "ECF_CHECK": str(self.home / "ecf.check"),
-               "ECF_CHECKOLD": str(self.home / "ecf.check.b")}
-        with open(self.home / "server.out", "ab") as out:
-            self.proc = subprocess.Popen([str(SERVER_BIN), "--port", str(self.port)], cwd=self.home, env=env,
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+        super().__init__(root, shim_path)
 
     def ready(self, deadline: float) -> None:
-        c = quick_client(self.port)
-        while True:
-            try:
-                c.ping()
-                break
-            except RuntimeError:
-                if self.proc.poll() is not None:
-                    raise BenchError(f"ecflow_server exited: {(self.home / 'server.out').read_text()[-300:]}") from None
-                if time.monotonic() > deadline:
-                    raise BenchError(f"ecflow_server on {self.port} did not come up") from None
-                time.sleep(0.01)
-        c.restart_server()
-
-    def load(self, text: str) -> None:
-        path = self.home / "suite.def"
-        path.write_text(text)
-        import ecflow
-
-        quick_client(self.port).load(ecflow.Defs(str(path)))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(RuntimeError):
-                quick_client(self.port).terminate_server()
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(3)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in its group (no jobs run here)
+        """Wait until it answers a ping (and is restarted from HALTED)."""
+        while not self.up():
+            if time.monotonic() > deadline:
+                raise BenchError(f"ecflow_server on {self.port} did not come up")
+            time.sleep(0.01)
 
 
 def start_servers(root: Path, n: int, shim_path: str, out: list[Server], budget: float) -> None:
