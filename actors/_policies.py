@@ -35,7 +35,7 @@ from ._rules import CallSpec, Catalog, check_match, event_time
 #: backend -> the operation a retry runs (see :func:`recovery_calls` for the arguments)
 RETRY_OPERATION: Mapping[str, str] = {
     Backend.ECFLOW.value: "requeue",
-    Backend.QCG.value: "submit",  # after "remove"; needs the job's spec
+    Backend.QCG.value: "resubmit",  # or remove + submit of the spec the orchestrator saw
     Backend.SOMA.value: "restart_workflow",
     Backend.WMS.value: "restart",
     Backend.GUISERVER.value: "start_job",  # with force=True, after "stop_job" when still running
@@ -267,8 +267,9 @@ SpecLookup = Callable[[str, str], "dict[str, Any] | None"]
 def recovery_calls(rec: Recovery, spec_of: SpecLookup, operation: str = "") -> list[CallSpec]:
     """The backend calls for a retry or kill-retry of ``rec.key`` on session ``rec.source``.
 
-    FlowbusError when the retry cannot be built (a QCG job whose spec is unknown, a DiFX job
-    without its input path)."""
+    A QCG job is removed and submitted again from the spec the orchestrator saw, else through
+    the session's ``resubmit`` (the specs of the jobs that session submitted). FlowbusError when
+    the retry cannot be built (a DiFX job without its input path)."""
     s, key, b = rec.source, rec.key, rec.backend
     calls: list[CallSpec] = []
     if rec.kind == "kill-retry":
@@ -282,9 +283,8 @@ def recovery_calls(rec: Recovery, spec_of: SpecLookup, operation: str = "") -> l
         return [*calls, CallSpec(session=s, operation="requeue", args=[key])]
     if b == Backend.QCG.value:
         spec = spec_of(s, key)
-        if spec is None:
-            raise FlowbusError(f"cannot resubmit QCG job {key!r} of session {s!r}: its spec is unknown "
-                               "(only jobs submitted by rules or through the orchestrator can be resubmitted)")
+        if spec is None:  # the session's own record (jobs it submitted); it names what it lacks
+            return [*calls, CallSpec(session=s, operation="resubmit", args=[key])]
         return [*calls, CallSpec(session=s, operation="remove", args=[[key]]),
                 CallSpec(session=s, operation="submit", args=[[spec]])]
     if b == Backend.SOMA.value:

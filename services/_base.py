@@ -37,6 +37,9 @@ class BackendSession(Protocol):
     ``BackendUnavailable``/``BackendTimeout`` (transient: the backend is down or slow),
     ``BackendRejected`` (our request was invalid), ``BackendProtocolError`` (garbage from the
     backend). :meth:`kill` never raises.
+
+    Optional: ``release()`` (see :class:`Releasable`), which the host calls instead of
+    :meth:`stop` when the broker fenced the session because a newer incarnation runs elsewhere.
     """
 
     name: str
@@ -69,6 +72,18 @@ class BackendSession(Protocol):
 
     def kill(self) -> None:
         """Best effort, immediate; logs failures and never raises."""
+        ...
+
+
+@runtime_checkable
+class Releasable(Protocol):
+    """A session that can be let go of (an optional part of :class:`BackendSession`)."""
+
+    def release(self) -> None:
+        """Let go of the backend without stopping it and without publishing anything: a newer
+        incarnation elsewhere owns it now. Connections and threads of this process end; backend
+        work (servers, managers, jobs, workflows) is left for the new incarnation to adopt.
+        Idempotent; afterwards the session is closed and ``stop``/``kill`` do nothing more."""
         ...
 
 
@@ -129,6 +144,7 @@ __all__ = [
     "BackendTimeout",
     "BackendUnavailable",
     "Emit",
+    "Releasable",
     "dispatch",
     "map_errors",
 ]

@@ -255,22 +255,22 @@ class JobBook:
         """Specs of recorded jobs that did not finish, in submission order, ready for a fresh
         manager: ``after`` entries naming jobs that had SUCCEEDED are dropped (the new manager
         does not know them and would omit the dependant)."""
-        succeeded = {n for n in self.specs if (s := self.last.get(n)) is not None and s.native == "SUCCEED"}
-        out: list[dict[str, Any]] = []
-        for name, spec in self.specs.items():
-            if self.is_final(name):
-                continue
-            spec = copy.deepcopy(spec)
-            after = spec.get("after")
-            if after is not None:
-                deps = [after] if isinstance(after, str) else list(after)
-                deps = [d for d in deps if d not in succeeded]
-                if deps:
-                    spec["after"] = deps
-                else:
-                    del spec["after"]
-            out.append(spec)
-        return out
+        return [self.respec(name) for name in self.specs if not self.is_final(name)]
+
+    def respec(self, name: str) -> dict[str, Any]:
+        """A copy of ``name``'s recorded spec to submit again: ``after`` entries naming jobs
+        that SUCCEEDED are dropped (a fresh manager does not know them; one that still holds
+        them would have nothing to wait for). KeyError when no spec is recorded."""
+        spec = copy.deepcopy(self.specs[name])
+        after = spec.get("after")
+        if after is not None:
+            deps = [after] if isinstance(after, str) else list(after)
+            deps = [d for d in deps if (s := self.last.get(d)) is None or s.native != "SUCCEED"]
+            if deps:
+                spec["after"] = deps
+            else:
+                del spec["after"]
+        return spec
 
 
 __all__ = ["FINAL_NATIVE", "LOST", "STATE_OF", "JobBook", "Obs", "Seen", "Snapshot", "key_of",

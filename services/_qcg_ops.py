@@ -32,6 +32,7 @@ OPERATIONS: Mapping[str, str] = {
     "list": "_op_list",
     "remove": "_op_remove",
     "resources": "_op_resources",
+    "resubmit": "_op_resubmit",
     "status": "_op_status",
     "submit": "_op_submit",
     "system_status": "_op_system_status",
@@ -131,6 +132,33 @@ class QcgOperations:
             refused = data.get("errors") or {}
             self._book.forget([n for n in job_names if n not in refused])
         return data
+
+    def _op_resubmit(self, name: str) -> list[str]:
+        """Remove the finished job ``name`` and submit it again from the spec this session
+        submitted it with (``after`` on jobs that succeeded dropped); ``queued`` is published
+        before it returns. Only jobs this session submitted since it started have a spec: any
+        other name (a job another client submitted, or one from before a restart) is
+        ``BackendRejected``, as is a job the manager refuses to remove (still running)."""
+        if not isinstance(name, str) or not name or ":" in name:
+            raise BackendRejected(f"resubmit: expects one job name (a str without ':'), not {name!r}")
+        with self._using("resubmit") as client:
+            if name not in self._book.specs:
+                raise BackendRejected(
+                    f"resubmit: the spec of job {name!r} is unknown to session {self.name!r}: only jobs "
+                    "this session submitted since it started can be resubmitted (not jobs another client "
+                    "submitted, nor jobs submitted before the session was restarted or moved)")
+            spec = self._book.respec(name)
+            reply = client.send_request({"request": "removeJob", "jobNames": [name]})
+            refused = (dict(reply.get("data") or {}).get("errors") or {}).get(name)
+            if refused:
+                raise BackendRejected(f"resubmit: the QCG manager refused to remove job {name!r}: {refused}")
+            kept = self._book.specs[name]
+            self._book.forget([name])
+            try:
+                return self._submit(client, [spec])
+            except BaseException:
+                self._book.specs[name] = kept  # removed but not submitted: resubmit can be tried again
+                raise
 
     def _op_cancel(self, names: str | list[str]) -> dict[str, Any]:
         """Cancel queued or running jobs (or one iteration, ``"job:3"``). Returns the manager's

@@ -71,8 +71,10 @@ class QcgSession(QcgOperations):
     Operations (:meth:`call`): ``submit(jobs: list[dict]) -> list[str]`` (each dict is the keyword
     set of ``qcg.pilotjob.api.job.Jobs.add``), ``list()``, ``status(names)``,
     ``info(names, **params)``, ``info_parsed(names, **params)``, ``remove(names) -> dict``,
-    ``cancel(names) -> dict``, ``resources()``, ``system_status()``, ``finish()``,
-    ``wait4(names, timeout=None)``, ``wait4all(timeout=None)``. ``names`` is a str or a list.
+    ``cancel(names) -> dict``, ``resubmit(name) -> list[str]`` (remove a finished job and submit
+    it again from the spec this session submitted it with), ``resources()``, ``system_status()``,
+    ``finish()``, ``wait4(names, timeout=None)``, ``wait4all(timeout=None)``. ``names`` is a str
+    or a list.
 
     Errors: ``BackendRejected`` (the manager refused; its message is in the text),
     ``BackendTimeout`` (no reply within ``request_timeout``), ``BackendUnavailable`` (no manager,
@@ -201,6 +203,25 @@ class QcgSession(QcgOperations):
             self._changed.notify_all()
         self._remove_dir()
         self._log.info("qcg.session.stopped")
+
+    def release(self) -> None:
+        """Let go of the manager for a newer incarnation, which adopts it by address: close our
+        sockets and QCG's client, publish nothing, and neither finish the manager nor touch its
+        jobs. A manager this process started is no longer ended at interpreter exit, and its
+        working directory stays (the manager still writes there)."""
+        with self._lock:
+            if self._phase is Phase.CLOSED:
+                return
+            _OWNERS.discard(self)
+            link, self._link, self._down_link = self._link, None, None
+            self._emit = None
+            self._phase = Phase.CLOSED
+            self._own_dir = False  # the manager's --wd: never removed by this session now
+            self._changed.notify_all()
+        if link is not None:
+            link.close()
+        self._log.info("qcg.session.released", address=link.address if link else "",
+                       instance=link.instance_id if link else "")
 
     def kill(self) -> None:
         """Immediate, best effort: SIGKILL the manager we own and its jobs; never raises."""

@@ -228,6 +228,37 @@ class TestJobs:
         run.call("cancel", ["long"])
         run.rec.wait_for(reached("long", State.CANCELLED), 15, "long cancelled")
 
+    def test_resubmit_from_the_sessions_own_spec(self, qcg: Callable[..., Running], tmp_path: Path) -> None:
+        """resubmit(name) removes a failed job and submits the spec this session recorded again
+        (queued first, then complete); a running job, a job another client submitted and a bad
+        name are refused, each naming why, and the refused jobs are left as they were."""
+        flag = tmp_path / "ran-once"
+        run = qcg()
+        run.call("submit", [{"name": "flaky", "exec": "/bin/sh",
+                             "args": ["-c", f"if [ -e {flag} ]; then exit 0; fi; touch {flag}; exit 1"]}])
+        run.rec.wait_for(reached("flaky", State.ABORTED), 15, "flaky failed")
+        mark = len(run.rec.states("flaky"))
+        assert run.call("resubmit", "flaky") == ["flaky"]
+        assert run.rec.states("flaky")[mark].state is State.QUEUED, "queued is published before resubmit returns"
+        run.rec.wait_for(lambda evs: next((e for e in run.rec.states("flaky")[mark:] if e.state is State.COMPLETE),
+                                          None), 15, "flaky complete after resubmit")
+        other = qcg(mode="connect", address=run.session.address)  # another client of the same manager
+        other.call("submit", [{"name": "theirs", "exec": "/bin/false"}])
+        run.rec.wait_for(reached("theirs", State.ABORTED), 15, "theirs failed (seen by run)")
+        with pytest.raises(BackendRejected, match="spec of job 'theirs' is unknown to session 'q0'"):
+            run.call("resubmit", "theirs")
+        assert run.call("status", "theirs")["jobs"]["theirs"]["data"]["status"] == "FAILED"
+        run.call("submit", [{"name": "long", "exec": "/bin/sleep", "args": ["30"]}])
+        run.rec.wait_for(reached("long", State.ACTIVE), 15, "long active")
+        with pytest.raises(BackendRejected, match="refused to remove job 'long'.*not finished"):
+            run.call("resubmit", "long")
+        run.call("cancel", "long")
+        run.rec.wait_for(reached("long", State.CANCELLED), 15, "long cancelled")
+        assert run.call("resubmit", "long") == ["long"], "the spec was kept after the refusal"
+        run.call("cancel", "long")
+        with pytest.raises(BackendRejected, match="expects one job name"):
+            run.call("resubmit", ["flaky"])
+
     def test_results_are_plain_data(self, qcg: Callable[..., Running]) -> None:
         """list/status/info_parsed/resources answer with plain dicts (JobInfo converted)."""
         run = qcg()
@@ -438,6 +469,39 @@ class TestResyncAndAdoption:
         finally:
             if not pid_gone(service.pid):
                 service.kill()
+
+
+    def test_release_leaves_manager_and_jobs_to_the_next_incarnation(self, qcg: Callable[..., Running]) -> None:
+        """release() publishes nothing and leaves the manager and its running job alone (stop and
+        kill afterwards do nothing more); a new session given the address adopts both."""
+        first = qcg()
+        first.call("submit", [{"name": "long", "exec": "/bin/sleep", "args": ["30"]}])
+        first.rec.wait_for(reached("long", State.ACTIVE), 15, "long active")
+        address, instance, pid = first.session.address, first.session.instance_id, first.session.service_pid
+        assert pid is not None
+        sleeper = job_pids(pid, "sleep")
+        assert sleeper, "the job is not running"
+        first.stop.set()  # the host stops polling a fenced session before it releases it
+        assert first.thread is not None
+        first.thread.join(5)
+        mark = len(first.rec.events)
+        first.session.release()
+        first.session.release()
+        first.session.stop()
+        first.session.kill()
+        assert len(first.rec.events) == mark, [show(e) for e in first.rec.events[mark:]]
+        assert not pid_gone(pid) and not any(pid_gone(p) for p in sleeper), "release ended the manager or its job"
+        with pytest.raises(BackendUnavailable):
+            first.call("list")
+        known = {e.key: e for e in first.rec.of(StateChanged)}
+        second = qcg(known=known, previous_address=address)
+        assert (second.session.address, second.session.instance_id) == (address, instance)
+        assert second.session.service_pid == pid
+        assert second.call("status", "long")["jobs"]["long"]["data"]["status"] == "EXECUTING"
+        assert second.rec.of(Resynced)[0].changed == 0, [show(e) for e in second.rec.events]
+        second.call("cancel", "long")
+        second.rec.wait_for(reached("long", State.CANCELLED), 15, "long cancelled through the adopting session")
+        assert all(wait_pid_gone(p, 5) for p in sleeper)
 
 
 @pytest.mark.qcg

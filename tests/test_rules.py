@@ -384,11 +384,15 @@ class TestPolicies:
         if backend == "guiserver":
             assert calls[-1].kwargs == {"force": True}
 
-    def test_qcg_retry_without_spec_fails_clearly(self) -> None:
-        """A QCG job whose spec is unknown cannot be resubmitted; the error says why."""
+    def test_qcg_retry_without_spec_uses_the_sessions_resubmit(self) -> None:
+        """A QCG job the orchestrator has no spec of is retried by the session's own resubmit
+        (after cancel for a kill-retry)."""
         rec = Recovery(policy="p", kind="retry", source="local", backend="qcg", key="j", attempt=1)
-        with pytest.raises(Exception, match="spec is unknown"):
-            recovery_calls(rec, lambda _s, _j: None)
+        calls = recovery_calls(rec, lambda _s, _j: None)
+        assert [(c.session, c.operation, c.args) for c in calls] == [("local", "resubmit", ["j"])]
+        kill = msgspec.structs.replace(rec, kind="kill-retry")
+        calls = recovery_calls(kill, lambda _s, _j: None)
+        assert [(c.operation, c.args) for c in calls] == [("cancel", [["j"]]), ("resubmit", ["j"])]
 
 
 class TestReadme:
