@@ -188,6 +188,19 @@ class EcflowSession(EcflowOperations):
                 self._publish([self._ev(Disconnected, reason="stopped", will_retry=False)])
         self._log.info("ecflow.session.stopped")
 
+    def release(self) -> None:
+        """Let go of the server for a newer incarnation: drop the client (and with it the change
+        handle, which is left registered: ``ch_drop`` would be a request to a server this process
+        may no longer reach) without publishing ``Disconnected`` and without any request to the
+        server. The server and its suites run on; the new session on ``host:port`` resyncs."""
+        with self._lock:
+            if self._phase is Phase.CLOSED:
+                return
+            self._client = None
+            self._emit = None
+            self._phase = Phase.CLOSED
+        self._log.info("ecflow.session.released", address=self.address)
+
     def kill(self) -> None:
         """Immediate: drop the client without telling the server; never raises."""
         got = self._lock.acquire(timeout=1.0)

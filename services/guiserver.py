@@ -187,6 +187,24 @@ class GuiserverSession(GuiserverOperations):
         if reader is not None and reader is not threading.current_thread():
             reader.join(5)
 
+    def release(self) -> None:
+        """Let go of guiServer for a newer incarnation: close the TCP connection without
+        stopping any job and without publishing anything (pending calls fail as
+        ``BackendUnavailable``). Jobs run on; the new session resyncs them from their
+        ``.difxlog``. Beware: a real guiServer crashes a few seconds after a client with a running
+        job disconnects (protocol notes §7, item 2); the new session then reconnects and resyncs
+        as after any crash."""
+        with self._lock:
+            if self._closed and self._emit is None:
+                return
+            self._closed = True
+            self._emit = None
+            self._drop()
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(5)
+        self._log.info("guiserver.session.released", address=self.address)
+
     def kill(self) -> None:
         """Immediate, best effort: close the socket (no Disconnected event); never raises."""
         got = self._lock.acquire(timeout=1.0)

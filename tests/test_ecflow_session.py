@@ -241,6 +241,44 @@ class TestResync:
         assert second.rec.of(Resynced)[0].changed == 2
 
 
+class TestRelease:
+    """release() lets go of the server for a newer incarnation without telling it anything."""
+
+    @pytest.mark.timeout(60)
+    def test_release_leaves_the_server_to_the_next_session(self, ecf_server: Server, ecflow_session: Session) -> None:
+        """Nothing is published and nothing is sent: the server runs on with its running task and
+        the change handle still registered; a new session on the same host:port resyncs without a
+        difference and sees the task complete."""
+        server = ecf_server()
+        gate = server.home / "gate"
+        first = ecflow_session(server.port)
+        first.call("load", write_suite(server, "rel", "task t\n", {"t": f"while [ ! -e {gate} ]; do sleep 0.1; done\n"}))
+        handle = first.call("ch_register", False, ["rel"])
+        first.call("begin_suite", "rel")
+        first.rec.wait_for(reached("/rel/t", State.ACTIVE), 20, "t active")
+        first.pause()  # the host stops polling a fenced session before it releases it
+        mark = len(first.rec.events)
+        first.session.release()
+        first.session.release()
+        first.session.stop()
+        first.session.kill()
+        assert len(first.rec.events) == mark, [show(e) for e in first.rec.events[mark:]]
+        with pytest.raises(BackendUnavailable):
+            first.call("ping")
+        assert server.proc is not None and server.proc.poll() is None
+        assert server_states(server)["/rel/t"] == "active"
+        server.client().ch_drop(handle)  # raises if the handle had been dropped by release
+        known = {e.topic(): msgspec.structs.replace(e, source="e1") for e in first.rec.events
+                 if isinstance(e, (StateChanged, AttributeChanged))}
+        second = ecflow_session(server.port, known=known)
+        assert second.rec.of(Connected)[0].address == first.session.address
+        assert second.rec.of(Resynced)[0].changed == 0, [show(e) for e in second.rec.events]
+        gate.touch()
+        done = second.rec.wait_for(reached("/rel/t", State.COMPLETE), 20, "t complete (second session)")
+        assert done.observed is Observed.POLL
+        assert len(first.rec.events) == mark
+
+
 class TestServerLog:
     """The server logs every poll; clear-log-interval keeps that log from growing."""
 

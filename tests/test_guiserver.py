@@ -9,6 +9,7 @@ Every test is bounded; waits are on a Condition fed by ``emit``, never sleeps.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from flowbus.schemas import (
     AttributeChanged,
     BackendRejected,
+    BackendUnavailable,
     Connected,
     Disconnected,
     ErrorEvent,
@@ -320,3 +322,56 @@ class TestRelay:
         line = h.rec.wait_for(lambda e: next((x for x in e if isinstance(x, LogLine)
                                               and x.stream == "relay.DifxSmartMessage"), None))
         assert "<vsn>X</vsn>" in line.message
+
+
+# -- release ---------------------------------------------------------------------------------------------
+
+
+class _AdoptingHost(Host):
+    """A host whose session starts from the journal's last events (a newer incarnation)."""
+
+    def __init__(self, session: GuiserverSession, rec: Recorder, known: dict[str, Any]) -> None:
+        super().__init__(session, rec)
+        self.known = known
+
+    def start(self) -> Host:
+        self.session.start(self.rec, self.known)
+        self._thread.start()
+        return self
+
+
+@pytest.mark.timeout(60)
+class TestRelease:
+    def test_release_leaves_the_job_to_the_next_session(self, emulator: Callable[..., GuiserverEmulator],
+                                                        host: Callable[..., Host]) -> None:
+        """release() closes the connection and publishes nothing; the job runs on in the server,
+        and a new session that knows it as active follows it to its end."""
+        from gsfixtures import job_host
+
+        emu, h, inp = job_host(emulator, host, outcomes={"job_1": "slow"})
+        h.session.call("start_job", inp)
+        h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 2" for x in e))
+        mark = len(h.rec.events)
+        h.session.release()
+        h.session.release()
+        h.session.stop()
+        deadline = time.monotonic() + 10
+        while emu._clients and time.monotonic() < deadline:  # the server notices the closed connection
+            time.sleep(0.02)
+        assert not emu._clients, "the connection is still open"
+        assert len(h.rec.events) == mark, h.rec.events[mark:]
+        assert inp in emu._jobs and not emu._jobs[inp].stopped.is_set(), "release stopped the job"
+        with pytest.raises(BackendUnavailable):
+            h.session.call("ls", "/data/exp")
+        known = {"job_1": h.rec.states("job_1")[-1]}
+        assert known["job_1"].state is State.ACTIVE
+        cfg = GuiserverSessionConfig(name="gs", port=emu.port, allowed_dirs=["/data"], reconnect_backoff=0.05)
+        second = _AdoptingHost(GuiserverSession(cfg), Recorder(), known).start()
+        try:
+            assert second.rec.of(Connected)
+            emu._jobs[inp].finish.set()  # the slow job ends by itself now
+            final = second.rec.final("job_1", 20)
+            assert (final.state, final.native) == (State.COMPLETE, "Done")  # relayed, or read from the .difxlog
+        finally:
+            second.close()
+        assert len(h.rec.events) == mark
