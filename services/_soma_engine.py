@@ -102,8 +102,9 @@ class Built:
                 out[int(drmaa_id)] = proc
         return out
 
-    def shutdown(self, timeout: float = 5.0) -> list[str]:
-        """End the engine and scheduler threads and kill the remaining job processes.
+    def shutdown(self, timeout: float = 5.0, kill_jobs: bool = True) -> list[str]:
+        """End the engine and scheduler threads and (unless ``kill_jobs`` is False: a release
+        leaves them to the next incarnation) kill the remaining job processes.
 
         Returns the names of threads still alive afterwards (empty when all ended)."""
         eng, sched = self.engine, self.scheduler
@@ -111,7 +112,7 @@ class Built:
             eng.engine_loop.stop_loop()
             with contextlib.suppress(Exception):
                 sched.jobs_finished_event.set()  # wake the loop now
-        for proc in self.job_procs().values():
+        for proc in self.job_procs().values() if kill_jobs else ():
             kill_tree(proc.pid)
             with contextlib.suppress(Exception):
                 proc.wait(timeout=3.0)

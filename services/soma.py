@@ -234,6 +234,23 @@ class SomaSession(SomaOperations):
                 shutil.rmtree(self._directory, ignore_errors=True)
         self._log.info("soma.session.stopped")
 
+    def release(self) -> None:
+        """Let go of the controller for a newer incarnation: end soma's engine and scheduler
+        threads in this process, publish nothing, and neither kill job processes nor delete or
+        stop workflows; the directory and its PID record stay. The next session on the same
+        directory kills the recorded job processes and brings the workflows back (``recovery``)."""
+        with self._lock:
+            if self._phase is Phase.CLOSED:
+                return
+            self._emit = None
+            self._phase = Phase.CLOSED
+            self._created_dir = False  # the next incarnation's directory now
+            built, self._built = self._built, None
+            left = built.shutdown(kill_jobs=False) if built is not None else []
+        if left:
+            self._log.warning("soma.threads.left", threads=left)
+        self._log.info("soma.session.released", address=self.address)
+
     def kill(self) -> None:
         """Immediate: end soma's threads and job processes; never raises."""
         got = self._lock.acquire(timeout=1.0)

@@ -23,6 +23,8 @@ carry ``kind`` (workflow/job), ``wms_id`` and ``name``.
 Threads: :meth:`WmsSession.poll` runs on one worker thread; :meth:`WmsSession.call` may come from
 any thread; one lock guards the bookkeeping. :meth:`WmsSession.stop` cancels the session's Parsl
 runs and joins their threads: nothing is left behind. No Python process is ever forked.
+Parsl runs cannot move to another process: :meth:`WmsSession.release` (a newer incarnation runs
+elsewhere) only stops observing, and they end here, unobserved.
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ class WmsSession(WmsOperations):
         """Cancel this session's Parsl runs (queued ones never start), join their threads,
         publish their final states and ``Disconnected``."""
         with self._lock:
-            if self._phase in ("closed", "new"):
+            if self._phase in ("closed", "new", "released"):
                 self._phase = "closed"
                 return
             self._phase = "closing"
@@ -211,6 +213,25 @@ class WmsSession(WmsOperations):
             self._phase = "closed"
             self._publish([Disconnected(source=self.name, backend=BACKEND, reason="stopped", will_retry=False)])
         self._log.info("wms.session.stopped")
+
+    def release(self) -> None:
+        """Let go for a newer incarnation: stop observing, publish nothing, cancel nothing.
+
+        Runs of a reporting service (HTCondor, PanDA, ...) live in the WMS: the new session
+        reports them again (``resync``). Parsl runs live in this process and cannot move: each
+        goes on here until it ends (its jobs' outputs are written as usual), unobserved; the new
+        incarnation marks it UNKNOWN, and ``restart(<wms id>)`` there re-runs its unfinished
+        jobs (best once it has ended here, or they run twice)."""
+        with self._lock:
+            if self._phase in ("closed", "released"):
+                return
+            self._phase = "released"
+            self._emit = None
+            for run in self._runs.values():
+                run.on_done = None
+            self._runs.clear()
+            self._watched.clear()
+        self._log.info("wms.session.released", submit_dir=self._root)
 
     def kill(self) -> None:
         """Immediate: running jobs are killed and queued runs dropped, without waiting; never raises."""

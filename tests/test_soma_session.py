@@ -357,6 +357,38 @@ class TestRecovery:
         first.session.kill()
 
 
+    @pytest.mark.timeout(150)
+    def test_release_leaves_jobs_and_workflows_to_the_next_incarnation(self, soma_session: Session,
+                                                                         tmp_path: Path) -> None:
+        """release() ends soma's threads in this process and publishes nothing, but the job
+        process runs on and the workflow stays; the next session on the directory adopts it
+        (kills the recorded job, restarts the workflow to completion)."""
+        flag = tmp_path / "flag"
+        first = soma_session()
+        wf = first.call("submit_workflow", {"name": "rel", "jobs": [{"name": "a", "command": _restartable(flag)}]})
+        first.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
+        pid = wait_until(lambda: next(iter(first.session._pids.values()), None), 10, "a's pid")[0]
+        threads = first.session.engine_threads
+        first.stop_polling()  # the host stops polling a fenced session before it releases it
+        mark = len(first.rec.events)
+        first.session.release()
+        first.session.release()
+        first.session.stop()
+        first.session.kill()
+        assert len(first.rec.events) == mark, first.rec.events[mark:]
+        assert threads and all(not t.is_alive() for t in threads), "soma threads still running"
+        assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE, "release killed the job"
+        with pytest.raises(BackendUnavailable):
+            first.call("workflows")
+        second = soma_session(directory=first.session.config.directory, known=latest(first.rec))
+        assert str(wf) in second.call("workflows")
+        att = next(e for e in second.rec.of(RecoveryAttempted) if e.key == str(wf))
+        assert att.action == "reattach" and att.ok
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert second.final(str(wf), 90).state is State.COMPLETE
+        assert len(first.rec.events) == mark
+
+
 class TestBadInput:
     """Bad descriptions, ids and operations get errors naming the problem; the session goes on."""
 

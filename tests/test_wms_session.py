@@ -320,6 +320,29 @@ class TestParsl:
         assert got[wid].native_previous == "RUNNING" and "restart" in got[wid].detail
         assert w.rec.of(Resynced)[0].changed == 2
 
+    def test_release_stops_observing_and_the_run_ends_here(self, wms: Callable[..., Running], tmp_path: Path) -> None:
+        """release() of a Parsl session publishes nothing and cancels nothing: the run cannot move,
+        it goes on in this process, unobserved, and its job finishes."""
+        gate, done = tmp_path / "gate", tmp_path / "done"
+        w = wms()
+        wid = w.call("submit_workflow", wf("rel", {"name": "wait", "command": sh(
+            f"for i in $(seq 600); do test -e {gate} && touch {done} && exit 0; sleep 0.1; done; exit 1")}))["wms_id"]
+        w.rec.wait_for(lambda ev: "RUNNING" in w.natives(f"{wid}/wait"), 60, "the job to run")
+        run = w.session._runs[wid]
+        w.halt()  # the host stops polling a fenced session before it releases it
+        mark = len(w.rec.events)
+        w.session.release()
+        w.session.release()
+        assert run.phase == "running", "release ended the run"
+        gate.touch()
+        assert run.join(60), "the run did not end"
+        assert done.exists(), "the job did not finish"
+        assert w.session.poll() > 0
+        w.session.stop()
+        assert len(w.rec.events) == mark, w.rec.events[mark:]
+        with pytest.raises(BackendRejected):
+            w.call("status", wid)
+
     def test_stop_cancels_running_workflow_and_leaves_nothing(self, tmp_path: Path) -> None:
         """stop() during a run publishes DELETED and Disconnected and leaves no thread or process."""
         before = set(threading.enumerate())
@@ -418,6 +441,27 @@ class TestReportPolling:
         assert resync and {e.key for e in resync} <= {wid, f"{wid}/a"}
         assert second.final(wid, timeout=30).native == "SUCCEEDED"
         assert all(e.native_previous for e in resync)
+
+    def test_release_leaves_the_run_to_the_next_session(self, wms: Callable[..., Running]) -> None:
+        """After release() the first session publishes nothing more; the run goes on in the WMS
+        and a new session that knows it follows it to the end."""
+        wms_services.reset()
+        first = wms("w1", service_class=STEPPING, report_interval=0.05)
+        wid = first.call("submit_workflow", wf("r", {"name": "a", "command": ["true"]},
+                                               {"name": "b", "command": ["true"], "after": ["a"]}))["wms_id"]
+        first.rec.wait_for(lambda ev: "RUNNING" in first.natives(wid), 30, "the run to move")
+        first.halt()
+        mark = len(first.rec.events)
+        first.session.release()
+        first.session.poll()
+        first.session.stop()
+        assert len(first.rec.events) == mark, first.rec.events[mark:]
+        known = {e.key: e for e in first.rec.of(StateChanged)}
+        assert known[wid].native == "RUNNING"
+        second = wms("w1", known=known, service_class=STEPPING, report_interval=0.05)
+        assert second.final(wid, timeout=30).native == "SUCCEEDED"
+        assert second.final(f"{wid}/b", timeout=30).native == "SUCCEEDED"
+        assert len(first.rec.events) == mark
 
     def test_watch_a_run_submitted_elsewhere(self, wms: Callable[..., Running]) -> None:
         """watch follows a run this session did not submit."""
