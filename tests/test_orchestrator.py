@@ -348,6 +348,29 @@ class TestPolicies:
         assert count(events, RecoveryGaveUp) == 0
 
 
+    @pytest.mark.timeout(300)
+    def test_job_submitted_straight_to_its_session_is_recovered_by_resubmit(
+            self, system: Callable[[dict[str, Any]], System], tmp_path: Path) -> None:
+        """A QCG job submitted with a plain call to its session (what `flowbus call` and `flowbus
+        submit qcg` do), so the orchestrator never saw its spec, fails once: the policy retries it
+        through the session's resubmit, and it completes."""
+        flag = tmp_path / "ran-once-direct"
+        script = f"if [ -e {flag} ]; then exit 0; else touch {flag}; exit 1; fi"
+        sys_ = system({"sessions": [dict(QCG)], "policies": [
+            {"name": "retry-qcg", "match": "qcg/q1/state/*", "max-attempts": 3, "backoff": 0.2}]})
+        with sys_.client.expect("qcg/q1/state/flaky state=complete", timeout=180):
+            ray.get(sys_.sup.call.remote("q1", "submit", [[{"name": "flaky", "exec": "/bin/sh",
+                                                             "args": ["-c", script]}]], {}), timeout=60)
+        assert flag.exists()
+        events = journal(sys_.client, "flowbus/")
+        attempts = [e for e in events if isinstance(e, RecoveryAttempted)]
+        assert [(e.attempt, e.ok) for e in attempts] == [(1, True)], attempts
+        assert attempts[0].detail == "policy retry-qcg: resubmit"
+        assert count(events, RecoveryGaveUp) == 0 and count(events, ErrorEvent) == 0
+        states = [e.state for e in journal(sys_.client, "qcg/q1/state/flaky") if isinstance(e, StateChanged)]
+        assert states.count(State.ABORTED) == 1 and states[-1] is State.COMPLETE, states
+
+
 class TestPythonAPI:
     """flowbus.rules.Rules: the same engine in-process, Python callables as actions (real broker, no Ray)."""
 
