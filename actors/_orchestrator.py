@@ -110,8 +110,13 @@ class OrchestratorCore:
                  rejected: dict[str, str] | None = None, caller: Caller | None = None,
                  checkpoint: str | os.PathLike[str] | None = None, source: str = ORCHESTRATOR_SOURCE,
                  curve: ClientCurve | None = None, sessions: dict[str, str] | None = None,
-                 checkpoint_every: float = 1.0, prefixes: tuple[str, ...] = ("",)) -> None:
+                 checkpoint_every: float = 1.0, prefixes: tuple[str, ...] = ("",),
+                 since: dict[str, int] | None = None) -> None:
         self.address, self.curve, self.source = address, curve, source
+        #: on a first start (no checkpoint): per source, the last seq that counts as already
+        #: consumed (``flowbus up`` takes the marks before it opens the sessions, so nothing they
+        #: publish while the orchestrator starts is missed); None = whatever the journal holds
+        self.since = dict(since) if since is not None else None
         self.engine = Engine(rules or [])
         self.policies = {p.name: p for p in policies or []}
         self.rejected = dict(rejected or {})
@@ -155,13 +160,16 @@ class OrchestratorCore:
             self.log.error("rule.rejected", rule=name, error=why)
             self._publish(ErrorEvent(source=self.source, backend="flowbus", key=name, error_type="flowbus.ConfigError",
                                      message=why, operation="load"))
-        start = "journal" if raw is not None else "live"
+        catch_up = raw is not None or self.since is not None
+        start = "journal" if catch_up else "live"
         sub = self._sub = Subscriber(self.address, self.prefixes, start=start, curve=self.curve)
-        # what the journal held when we started counts as consumed for every rule and policy that
-        # has no progress of its own (new, changed, or a first start): they react to what comes next
-        self._baseline(sub.confirmed())
-        if raw is not None:
-            self._reset_restarted_sources()
+        # what the journal held when we started (or the marks given as ``since``) counts as consumed
+        # for every rule and policy that has no progress of its own (new, changed, or a first
+        # start): they react to what comes next
+        self._baseline(self.since if raw is None and self.since is not None else sub.confirmed())
+        if catch_up:
+            if raw is not None:
+                self._reset_restarted_sources()
             replay = merge_by_time(sub.recv_many(0, limit=10**9))
             self.log.info("orchestrator.resumed", replayed=len(replay), restored=self.restored)
             for ev in replay:
@@ -454,8 +462,10 @@ class OrchestratorImpl:
     so an actor that Ray restarted resumes from its checkpoint without anyone calling it."""
 
     def __init__(self, config_json: bytes, broker_address: str, curve: Any = None, *,
-                 supervisor: str = "flowbus-supervisor", checkpoint: str = "", auto_start: bool = True) -> None:
+                 supervisor: str = "flowbus-supervisor", checkpoint: str = "", auto_start: bool = True,
+                 since: dict[str, int] | None = None) -> None:
         self.config = msgspec.json.decode(config_json, type=FlowbusConfig)
+        self.since = since
         self.broker_address = broker_address
         self.curve = curve if curve is not None else ClientCurve.from_config(self.config.bus.curve)
         self.supervisor_name = supervisor
@@ -489,7 +499,7 @@ class OrchestratorImpl:
                 policies, bad = compile_policies(self.config.policies, catalog)
                 core = OrchestratorCore(self.broker_address, rules=rules, policies=policies,
                                         rejected={**rejected, **bad}, caller=self._call, checkpoint=self.checkpoint,
-                                        curve=self.curve, sessions=dict(catalog.sessions or {}))
+                                        curve=self.curve, sessions=dict(catalog.sessions or {}), since=self.since)
                 core.start()
                 self.core = core
                 self.failure = ""

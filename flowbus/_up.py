@@ -110,6 +110,9 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         import ray
 
         check_fit(make_plan(config), ray.nodes())  # a clear error now, not actors pending forever
+        # rules see what the sessions publish from their first event on, though the orchestrator
+        # starts after them: on its first start it catches up from these marks
+        since = {src: int(m[2]) for src, m in client.marks().items()}
         supervisor = Supervisor.options(**supervisor_options(SUPERVISOR_NAME)).remote(
             msgspec.json.encode(config), endpoints["request"])
         try:
@@ -117,7 +120,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         except ray.exceptions.RayTaskError as exc:
             raise _ray_error(exc) from None
         if config.rules or config.policies:
-            orchestrator = _start_orchestrator(config, endpoints["request"])
+            orchestrator = _start_orchestrator(config, endpoints["request"], since)
         from flowbus.actors import ACTOR_PREFIX
 
         runfile.write_text(json.dumps({**endpoints, "ray_address": ray_address, "namespace": config.ray.namespace,
@@ -184,13 +187,13 @@ def _run_demo(supervisor: Any, placement: dict[str, str]) -> None:
     _step(f"demo: submitted {', '.join(names)} to session {qcg!r}")
 
 
-def _start_orchestrator(config: FlowbusConfig, address: str) -> Any:
+def _start_orchestrator(config: FlowbusConfig, address: str, since: dict[str, int] | None = None) -> Any:
     """The Orchestrator actor for the config's rules and policies; rejected rules are named."""
     import ray
 
     from flowbus.actors._orchestrator import ORCHESTRATOR_NAME, Orchestrator
 
-    orchestrator = Orchestrator.options(name=ORCHESTRATOR_NAME).remote(msgspec.json.encode(config), address)
+    orchestrator = Orchestrator.options(name=ORCHESTRATOR_NAME).remote(msgspec.json.encode(config), address, since=since)
     info = ray.get(orchestrator.start.remote(), timeout=120)
     _step(f"orchestrator: {len(info['rules'])} rule(s) running, {len(config.policies)} policy(ies)")
     for why in sorted(info["rejected"].values()):

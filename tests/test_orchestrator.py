@@ -420,6 +420,36 @@ class TestPythonAPI:
         assert [[t.fields["key"] for t in f.triggers] for f in got] == [["a", "b"]]
 
     @pytest.mark.timeout(120)
+    def test_first_start_catches_up_from_the_marks_it_is_given(
+            self, bus: tuple[Client, Callable[[str, str], None]], tmp_path: Path) -> None:
+        """``flowbus up`` takes the marks before it opens the sessions: an event published after
+        them but before the orchestrator subscribed fires its rule once; older ones do not."""
+        from flowbus.actors._orchestrator import OrchestratorCore
+        from flowbus.actors._rules import Catalog, compile_rules
+        from flowbus.schemas import RuleConfig
+
+        client, feed = bus
+        feed("old", "complete")
+        since = {src: int(m[2]) for src, m in client.marks().items()}
+        feed("early", "complete")  # between the marks and the orchestrator's start
+        rules, rejected = compile_rules([RuleConfig(name="done", when="flowbus/feeder/state/* state=complete")],
+                                        Catalog())
+        assert not rejected
+        core = OrchestratorCore(client.address, rules=rules, checkpoint=tmp_path / "c.ckpt", source="orch-since",
+                                since=since)
+        core.start()
+        try:
+            with client.expect("flowbus/orch-since/rule/done", timeout=30) as w:
+                feed("late", "complete")
+            fired = poll("two firings", lambda: (lambda evs: evs if len(evs) >= 2 else None)(
+                [e for e in journal(client, "flowbus/orch-since/rule/") if isinstance(e, RuleFired)]))
+        finally:
+            core.stop()
+        assert isinstance(w.event, RuleFired)
+        assert sorted(e.trigger_seq for e in fired) == [since["feeder"] + 1, since["feeder"] + 2]  # never "old"
+        assert ["(key early)" in fired[0].detail, "(key late)" in fired[1].detail] == [True, True]
+
+    @pytest.mark.timeout(120)
     def test_a_crash_while_actions_run_is_reported_not_repeated(
             self, bus: tuple[Client, Callable[[str, str], None]], tmp_path: Path) -> None:
         """The checkpoint taken before the actions lists the firing in flight; resuming from it
