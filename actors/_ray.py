@@ -18,8 +18,16 @@ import tempfile  # noqa: E402
 from typing import Any  # noqa: E402
 
 import ray  # noqa: E402
+import structlog  # noqa: E402
 
 from flowbus.schemas import BusBroken, RayConfig  # noqa: E402
+
+log = structlog.get_logger("flowbus.ray")
+
+# Ray Client's proxy starts one server per driver, and now and then loses it at birth (a fork
+# race in the proxy, ray-project/ray#63202): the driver gets "Initialization failure from
+# server" after ~30 s; a new connection usually works
+CLIENT_ATTEMPTS = 3
 
 FAST_HEALTH = {
     "health_check_initial_delay_ms": 0,
@@ -44,7 +52,7 @@ def start_ray(cfg: RayConfig) -> str:
         else:
             _probe(cfg)
             if cfg.address.startswith("ray://"):
-                ray.init(address=cfg.address, namespace=cfg.namespace, logging_level=logging.ERROR, log_to_driver=False)
+                _client_init(cfg.address, cfg.namespace)
             else:
                 ray.init(address=cfg.address, **{k: v for k, v in common.items() if k != "include_dashboard"})
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -77,10 +85,33 @@ def _probe(cfg: RayConfig) -> None:
     probe_address(address, cfg.connect_timeout)
 
 
+def _client_init(address: str, namespace: str) -> None:
+    """``ray.init`` through Ray Client, retried when the server failed to start this driver's server."""
+    for attempt in range(1, CLIENT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, namespace=namespace, logging_level=logging.ERROR, log_to_driver=False)
+            return
+        except ConnectionAbortedError as exc:
+            # the server's traceback ends with its reason, e.g. "Starting Ray client server failed. See ..."
+            why = next((ln.strip() for ln in reversed(str(exc).splitlines()) if ln.strip()), type(exc).__name__)
+            if attempt == CLIENT_ATTEMPTS:
+                raise ConnectionError(f"the Ray Client server could not start a server for this driver "
+                                      f"({attempt} attempts; last: {why}); see ray_client_server*.err in the "
+                                      f"head's Ray logs") from exc
+            log.warning("ray.client.init_failed", address=address, attempt=attempt, error=why[:300])
+
+
 def join_ray(address: str, namespace: str) -> None:
-    """Join a running cluster as a driver (the CLI joining ``flowbus up``)."""
-    if not ray.is_initialized():
-        ray.init(address=address, namespace=namespace, logging_level=logging.ERROR, log_to_driver=False)
+    """Join a running cluster as a driver (the CLI joining ``flowbus up``); BusBroken if it cannot."""
+    if ray.is_initialized():
+        return
+    try:
+        if address.startswith("ray://"):
+            _client_init(address, namespace)
+        else:
+            ray.init(address=address, namespace=namespace, logging_level=logging.ERROR, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise BusBroken(f"ray: cannot join the cluster of `flowbus up` at {address!r}: {exc}") from exc
 
 
 def stop_ray() -> None:

@@ -304,7 +304,7 @@ name = "e1"
 host = "127.0.0.1"
 port = {servers[0].port}
 """)
-    # (ray://: the venv lacks ray[client] (grpcio), so Ray Client cannot be run here)
+    # (ray://, through a Ray Client server on the head: client_scenarios.py)
     for key, address in (("cli", cluster.address),):
         before = events.incarnation("e1")
         proc = subprocess.run([sys.executable, "-m", "flowbus", "up", "--config", str(cfg), "--address", address,

@@ -305,3 +305,104 @@ class TestCluster:
         done = [e for e in e2 if e["type"] == "StateChanged" and e["key"] == "/s/t1" and e["native"] == "complete"]
         assert done and done[-1]["incarnation"] == s["new_inc"]
         assert s["sub_stats"].get("fenced", 0) == 0  # the broker stopped them: none reached a subscriber
+
+
+CLIENT_TIMEOUT = 900  # typically ~80 s; a Ray Client connection the proxy loses costs ~40 s more
+
+
+@pytest.fixture(scope="module")
+def client_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run client_scenarios.py once (bounded; its process group is killed afterwards)."""
+    pytest.importorskip("ecflow", reason="python3-ecflow is not installed")
+    work = tmp_path_factory.mktemp("client")
+    result = work / "result.json"
+    ray_tmp = tempfile.mkdtemp(prefix="fbr-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    with open(work / "scenarios.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(HERE / "client_scenarios.py"), str(result), str(work)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, env=env)
+        try:
+            proc.wait(CLIENT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+    if not result.exists():
+        tail = (work / "scenarios.log").read_text(errors="replace")[-3000:]
+        pytest.fail(f"client scenarios wrote no result (exit {proc.returncode}):\n{tail}")
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    data: dict[str, Any] = json.loads(result.read_text())
+    return data
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(CLIENT_TIMEOUT + 60)
+class TestRayClient:
+    """`flowbus up --address ray://...` (the helm controller's line) against a loopback cluster whose head
+    runs a Ray Client server, with a running broker; stopped once by SIGINT and once by SIGTERM."""
+
+    RUNS = ("sigint", "sigterm")
+
+    def test_scenarios_ran_and_left_nothing_behind(self, client_run: dict[str, Any]) -> None:
+        """Both runs went to the end; no Ray (Ray Client servers included), broker or ecFlow process outlived the cluster."""
+        assert "error" not in client_run, client_run.get("traceback", client_run.get("error"))
+        assert client_run["steps"] == list(self.RUNS)
+        assert client_run["leaked"] == [] and client_run["ecflow_left"] == []
+
+    def test_client_server_and_cluster_listen_on_loopback_only(self, client_run: dict[str, Any]) -> None:
+        """The Ray Client server binds 127.0.0.1 at its port; nothing of the cluster listens beyond loopback."""
+        cs = client_run["client_server"]
+        assert cs["listens"] and all(a.removeprefix("::ffff:") == f"127.0.0.1:{cs['port']}" for a in cs["listens"]), cs
+        for key in ("off_loopback_start", "off_loopback_end"):
+            assert client_run.get(key) == [], (key, client_run.get(key))
+        for run in self.RUNS:
+            assert client_run[run].get("off_loopback_mid") == [], client_run[run].get("off_loopback_mid")
+
+    def test_session_opens_on_the_cluster_in_the_configured_namespace(self, client_run: dict[str, Any]) -> None:
+        """The Supervisor runs on the head, the BackendActor on the node with the resource, both in [ray] namespace."""
+        port = client_run["client_server"]["port"]
+        for run in self.RUNS:
+            r = client_run[run]
+            assert r["run"]["ray_address"] == f"ray://127.0.0.1:{port}" and r["run"]["namespace"] == "fbclient", r["run"]
+            assert r["run"]["placement"] == {"e1": "flowbus-backend-ecf-0"} and r["run"]["broker_pid"] is None
+            actors = {a["name"]: a for a in r["actors_running"]}
+            assert set(actors) == {"flowbus-supervisor", "flowbus-backend-ecf-0"}, actors
+            assert actors["flowbus-supervisor"]["node"] == r["head"]
+            assert actors["flowbus-backend-ecf-0"]["node"] == client_run["worker_node"]
+            assert not any(a["detached"] for a in actors.values())
+            assert r["namespaces"] == {name: {"config": True, "observer": False} for name in actors}, r["namespaces"]
+            assert "joining ray://127.0.0.1:" in r["stderr"] and "starting the broker" not in r["stderr"], r["stderr"]
+            assert r["inc"] > r["inc_before"]
+
+    def test_events_reach_the_bus_and_flowbus_call_works_through_ray_client(self, client_run: dict[str, Any]) -> None:
+        """`flowbus call` (its own Ray Client driver) runs session operations; their effects arrive on the bus."""
+        for run in self.RUNS:
+            r = client_run[run]
+            calls = r["calls"]
+            assert calls["version"]["code"] == 0 and json.loads(calls["version"]["stdout"]), calls["version"]
+            for op in ("load", "begin", "resume"):
+                if op in calls:
+                    assert calls[op]["code"] == 0, (op, calls[op])
+            assert calls["unknown"]["code"] == 1
+            assert "unknown session 'nope'; running sessions: e1" in calls["unknown"]["stderr"], calls["unknown"]
+            done = [e for e in _events(client_run, "e1") if e["type"] == "StateChanged" and e["key"] == r["task"]
+                    and e["native"] == "complete" and e["incarnation"] == r["inc"]]
+            assert done, (run, r["task"], r["inc"])
+        assert "load" in client_run["sigint"]["calls"] and client_run["sigterm"]["task"] == "/s/t2"
+
+    def test_sigint_and_sigterm_stop_the_actors_and_leave_the_cluster_running(self, client_run: dict[str, Any]) -> None:
+        """Ctrl-C and SIGTERM: exit 0, session closed, every flowbus actor dead, nothing of up left; the cluster still works."""
+        for run in self.RUNS:
+            r = client_run[run]
+            assert "hung" not in r and r["code"] == 0, r["stderr"]
+            assert "flowbus up: stopped" in r["stderr"] and "Traceback" not in r["stderr"], r["stderr"]
+            assert not r["group_left"] and not r["runfile_left"]
+            assert r["alive_after"] == [], r["alive_after"]
+            assert {"flowbus-supervisor", "flowbus-backend-ecf-0"} <= set(r["dead_after"])
+            assert any(e["type"] == "Disconnected" and e["incarnation"] == r["inc"] for e in _events(client_run, "e1"))
+            assert r["nodes_alive_after"] == 2
+        assert client_run["cluster_works_after"] == 42
