@@ -28,6 +28,7 @@ log = structlog.get_logger("flowbus.ray")
 # race in the proxy, ray-project/ray#63202): the driver gets "Initialization failure from
 # server" after ~30 s; a new connection usually works
 CLIENT_ATTEMPTS = 3
+JOIN_PROBE_TIMEOUT = 5.0
 
 FAST_HEALTH = {
     "health_check_initial_delay_ms": 0,
@@ -102,10 +103,14 @@ def _client_init(address: str, namespace: str) -> None:
 
 
 def join_ray(address: str, namespace: str) -> None:
-    """Join a running cluster as a driver (the CLI joining ``flowbus up``); BusBroken if it cannot."""
+    """Join a running cluster as a driver (the CLI joining ``flowbus up``); BusBroken if it cannot
+    (within ``JOIN_PROBE_TIMEOUT`` s when nothing listens there any more)."""
+    from ._placement import probe_address
+
     if ray.is_initialized():
         return
     try:
+        probe_address(address, JOIN_PROBE_TIMEOUT)
         if address.startswith("ray://"):
             _client_init(address, namespace)
         else:

@@ -176,6 +176,20 @@ class TestUpFlags:
         assert "ray[client]" in proc.stderr or "nothing answers at 127.0.0.1:9" in proc.stderr, proc.stderr
         assert time.monotonic() - t0 < 45
 
+    def test_call_when_the_cluster_of_up_is_gone(self, tmp_path: Path) -> None:
+        """`flowbus call` whose `flowbus up` ran on a ray:// cluster that no longer answers: a one-line error naming it, fast."""
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "run.json").write_text(json.dumps({"ray_address": "ray://127.0.0.1:9", "namespace": "x",
+                                                    "placement": {"e1": "flowbus-backend-default-0"}, "pid": os.getpid()}))
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "flowbus", "call", "e1", "ping"], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "FLOWBUS_STATE_DIR": str(state)}, close_fds=True)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert ("flowbus: error: ray: cannot join the cluster of `flowbus up` at 'ray://127.0.0.1:9': ray address "
+                "'ray://127.0.0.1:9': nothing answers at 127.0.0.1:9") in proc.stderr, proc.stderr
+        assert time.monotonic() - t0 < 45
+
     def test_unreachable_broker(self, tmp_path: Path) -> None:
         """--broker where no broker answers exits 1 naming it; a malformed one is refused before any connect."""
         proc = self._up(tmp_path, "--broker", "tcp://127.0.0.1:9")
