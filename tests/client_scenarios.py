@@ -173,12 +173,19 @@ def main() -> int:
     seen: dict[int, psutil.Process] = {}  # with their start times: a pid may be reused
     try:
         port = free_port()
+        # Ray Client's proxy forks one server per driver while its gRPC threads run, and now and then
+        # the child dies at birth (ray-project/ray#63202: ~7%, in bursts under load, so flowbus's
+        # retries alone would leave this test flaky). gRPC's fork handlers are what races, and gRPC
+        # says to turn them off when fork is followed by exec: off for this cluster's processes,
+        # as a head's environment can set it. `flowbus up` and `flowbus call` keep the defaults.
+        os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
         cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=1, node_ip_address=LOOPBACK, include_dashboard=False, object_store_memory=80 * MB,
             ray_client_server_port=port, _system_config=dict(_ray.FAST_HEALTH)))
         worker = cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK, resources={RES: 1.0},
                                   object_store_memory=80 * MB)
         cluster.wait_for_nodes()
+        os.environ.pop("GRPC_ENABLE_FORK_SUPPORT")
         proxy = cluster.head_node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAY_CLIENT_SERVER][0].process
         out["client_server"] = {"port": port, "listens": wait_for(lambda: listeners_of(proxy.pid), 60,
                                                                   "the Ray Client server listening")}
