@@ -164,6 +164,9 @@ def run_up(out: dict[str, Any], how: int, address: str, broker: str, cfg: Path, 
 
 def main() -> int:
     result_path, work = Path(sys.argv[1]), Path(sys.argv[2])
+    # started from a shell without job control, SIGINT may come in ignored, and `flowbus up` would
+    # inherit that: with a handler here, children start with the default (Python's Ctrl-C)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out: dict[str, Any] = {"steps": []}
     t_start = time.monotonic()
     cluster: Cluster | None = None
