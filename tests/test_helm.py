@@ -368,6 +368,11 @@ class TestConfig:
 
 
 class TestRayCluster:
+    def test_head_turns_off_grpc_fork_support(self) -> None:
+        """The head (home of the Ray Client server) runs with gRPC fork handlers off (ray#63202)."""
+        head = one(render(), "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert {"name": "GRPC_ENABLE_FORK_SUPPORT", "value": "false"} in head["env"]
+
     def test_head_takes_no_sessions(self) -> None:
         """The head starts with num-cpus "0" (sessions never land there); other start parameters are added, dashboard-host can be overridden."""
         assert one(render(), "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0", "dashboard-host": "0.0.0.0"}
