@@ -121,7 +121,9 @@ class SupervisorImpl:
                 self.check_cluster()
                 for name, p in self.plans.items():
                     opts = actor_options(p, self.config.ray.max_restarts)
-                    self.actors[name] = BackendActor.options(**opts).remote(name, self.broker_address, p.specs, self.curve)
+                    self.actors[name] = BackendActor.options(**opts).remote(
+                        name, self.broker_address, p.specs, self.curve, poll_workers=self.config.ray.poll_workers,
+                        open_concurrency=self.config.ray.open_concurrency)
                     for s in p.specs:
                         self.placement[s["name"]] = name
             handles = dict(self.actors)

@@ -106,6 +106,10 @@ class RayConfig(_Conf, frozen=True):
     actors: int = 0
     #: Ray restarts of a dead BackendActor
     max_restarts: int = -1
+    #: threads per BackendActor that run polls (a poll that blocks holds one; the others go on)
+    poll_workers: int = 16
+    #: sessions a BackendActor starts at once when it opens (or reopens) its sessions
+    open_concurrency: int = 8
     #: placement groups (``[[ray.placement]]``), see :class:`PlacementConfig`
     placement: list[PlacementConfig] = []
     #: seconds a BackendActor may stay unreachable (dead node, hung, partitioned) before its
@@ -429,8 +433,9 @@ def _check_ray(cfg: FlowbusConfig, origin: str) -> None:
             raise ConfigError(f"{origin}: ray.{key.replace('_', '-')}: must be > 0")
     if ray.actors < 0:
         raise ConfigError(f"{origin}: ray.actors: must be >= 0 (0 = one actor per sessions-per-actor sessions)")
-    if ray.sessions_per_actor < 1:
-        raise ConfigError(f"{origin}: ray.sessions-per-actor: must be >= 1")
+    for key in ("sessions_per_actor", "poll_workers", "open_concurrency"):
+        if getattr(ray, key) < 1:
+            raise ConfigError(f"{origin}: ray.{key.replace('_', '-')}: must be >= 1")
     if not ray.address.strip():
         raise ConfigError(f"{origin}: ray.address: empty (use 'local', 'auto', host:port or ray://host:port)")
     kinds = {str(t.__struct_config__.tag) for t in SessionConfig.__args__}  # type: ignore[attr-defined]

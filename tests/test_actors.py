@@ -30,7 +30,7 @@ from netcheck import off_loopback_listeners  # noqa: E402
 
 
 def _config(tmp_path: Path, **qcg: Any) -> FlowbusConfig:
-    return FlowbusConfig(ray=RayConfig(namespace="flowbus-test"),
+    return FlowbusConfig(ray=RayConfig(namespace="flowbus-test", poll_workers=5),
                          sessions=[QcgSessionConfig(name="q1", wd=str(tmp_path / "qcg"), **qcg)])
 
 
@@ -64,6 +64,7 @@ class TestBackendActor:
     def test_submit_and_wait_through_the_actor(self, system: Any) -> None:
         """Jobs submitted through the actor reach complete on the bus; waits see them."""
         client, actor = system["client"], system["actor"]
+        assert ray.get(actor.ping.remote(), timeout=30)["scheduler"]["workers"] == 5  # ray.poll-workers reached it
         with client.expect("qcg/q1/state/chain-b state=complete", timeout=60) as w:
             names = ray.get(actor.call.remote("q1", "submit", [
                 {"name": "chain-a", "exec": "/bin/true"},

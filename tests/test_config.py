@@ -132,6 +132,11 @@ class TestParseConfig:
         """Ports outside 0..65535 and non-positive heartbeat intervals are refused, naming the key."""
         assert f"bus.{key}" in refused({"bus": {key: value}})
 
+    @pytest.mark.parametrize("key", ["sessions-per-actor", "poll-workers", "open-concurrency"])
+    def test_actor_sizes_are_positive(self, key: str) -> None:
+        """An actor needs at least one session slot, poll worker and opener; 0 is refused by name."""
+        assert f"ray.{key}: must be >= 1" in refused({"ray": {key: 0}})
+
 
 class TestLoadConfig:
     def test_file(self, tmp_path: Path) -> None:
