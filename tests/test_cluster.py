@@ -198,19 +198,19 @@ class TestUpFlags:
         assert proc.returncode == 1 and "expected the broker's request endpoint, tcp://HOST:PORT" in proc.stderr, proc.stderr
 
 
-@pytest.fixture(scope="module")
-def scenarios(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Run cluster_scenarios.py once (bounded; its process group is killed afterwards)."""
+def _run_scenarios(script: str, tmp_path_factory: pytest.TempPathFactory, timeout: float) -> dict[str, Any]:
+    """Run one scenario script in its own process group (bounded; the group is killed afterwards)
+    and return the JSON it wrote."""
     pytest.importorskip("ecflow", reason="python3-ecflow is not installed")
-    work = tmp_path_factory.mktemp("cluster")
+    work = tmp_path_factory.mktemp(script.split("_")[0])
     result = work / "result.json"
     ray_tmp = tempfile.mkdtemp(prefix="fbc-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     with open(work / "scenarios.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(HERE / "cluster_scenarios.py"), str(result), str(work)],
+        proc = subprocess.Popen([sys.executable, str(HERE / script), str(result), str(work)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, env=env)
         try:
-            proc.wait(SCENARIO_TIMEOUT)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
         finally:
@@ -221,10 +221,16 @@ def scenarios(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
             proc.wait(10)
     if not result.exists():
         tail = (work / "scenarios.log").read_text(errors="replace")[-3000:]
-        pytest.fail(f"cluster scenarios wrote no result (exit {proc.returncode}):\n{tail}")
+        pytest.fail(f"{script} wrote no result (exit {proc.returncode}):\n{tail}")
     shutil.rmtree(ray_tmp, ignore_errors=True)
-    data = json.loads(result.read_text())
-    yield data
+    data: dict[str, Any] = json.loads(result.read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The 3-node cluster scenarios (cluster_scenarios.py), run once."""
+    yield _run_scenarios("cluster_scenarios.py", tmp_path_factory, SCENARIO_TIMEOUT)
 
 
 def _events(data: dict[str, Any], source: str) -> list[dict[str, Any]]:
@@ -326,31 +332,8 @@ CLIENT_TIMEOUT = 900  # typically ~80 s; a Ray Client connection the proxy loses
 
 @pytest.fixture(scope="module")
 def client_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Run client_scenarios.py once (bounded; its process group is killed afterwards)."""
-    pytest.importorskip("ecflow", reason="python3-ecflow is not installed")
-    work = tmp_path_factory.mktemp("client")
-    result = work / "result.json"
-    ray_tmp = tempfile.mkdtemp(prefix="fbr-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    with open(work / "scenarios.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(HERE / "client_scenarios.py"), str(result), str(work)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, env=env)
-        try:
-            proc.wait(CLIENT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-    if not result.exists():
-        tail = (work / "scenarios.log").read_text(errors="replace")[-3000:]
-        pytest.fail(f"client scenarios wrote no result (exit {proc.returncode}):\n{tail}")
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    data: dict[str, Any] = json.loads(result.read_text())
-    return data
+    """The Ray Client scenarios (client_scenarios.py), run once."""
+    return _run_scenarios("client_scenarios.py", tmp_path_factory, CLIENT_TIMEOUT)
 
 
 @pytest.mark.ray
