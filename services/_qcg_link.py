@@ -144,9 +144,10 @@ def open_local(wdir: Path, nodes: str, timeout_s: float) -> Link:
     Not QCG's ``LocalManager``: it forks the caller, and a fork of a Ray worker keeps the worker's
     sockets open, so Ray never notices the worker died and never restarts the actor.
     """
+    wdir = wdir.resolve()
     args = ["--log", "warning", "--wd", str(wdir), "--nodes", nodes]
-    try:
-        proc, address = launch(args, wdir / "qcg-service.log", timeout=max(10.0, timeout_s * 10))
+    try:  # run in wdir: its status() reports it as 'Wd', which tells an adopting session where it is
+        proc, address = launch(args, wdir / "qcg-service.log", timeout=max(10.0, timeout_s * 10), cwd=wdir)
     except (OSError, RuntimeError) as exc:
         raise BackendUnavailable(f"start-manager: {exc}") from exc
     try:

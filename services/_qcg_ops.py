@@ -86,6 +86,9 @@ class QcgOperations:
     def _shutdown(self, link: Link) -> None:
         raise NotImplementedError
 
+    def _save_specs(self) -> None:
+        raise NotImplementedError
+
     def _publish(self, events: list[Any]) -> None:
         raise NotImplementedError
 
@@ -131,22 +134,23 @@ class QcgOperations:
             data = dict(reply.get("data") or {})
             refused = data.get("errors") or {}
             self._book.forget([n for n in job_names if n not in refused])
+            self._save_specs()
         return data
 
     def _op_resubmit(self, name: str) -> list[str]:
         """Remove the finished job ``name`` and submit it again from the spec this session
         submitted it with (``after`` on jobs that succeeded dropped); ``queued`` is published
-        before it returns. Only jobs this session submitted since it started have a spec: any
-        other name (a job another client submitted, or one from before a restart) is
-        ``BackendRejected``, as is a job the manager refuses to remove (still running)."""
+        before it returns. Jobs this session (or, mode ``local``, a previous incarnation with the
+        same manager working directory) submitted have a spec: any other name (a job another
+        client submitted) is ``BackendRejected``, as is a job the manager refuses to remove."""
         if not isinstance(name, str) or not name or ":" in name:
             raise BackendRejected(f"resubmit: expects one job name (a str without ':'), not {name!r}")
         with self._using("resubmit") as client:
             if name not in self._book.specs:
                 raise BackendRejected(
                     f"resubmit: the spec of job {name!r} is unknown to session {self.name!r}: only jobs "
-                    "this session submitted since it started can be resubmitted (not jobs another client "
-                    "submitted, nor jobs submitted before the session was restarted or moved)")
+                    "this session submitted can be resubmitted (not jobs another client submitted, nor, "
+                    "in mode 'connect', jobs submitted before the session was restarted or moved)")
             spec = self._book.respec(name)
             reply = client.send_request({"request": "removeJob", "jobNames": [name]})
             refused = (dict(reply.get("data") or {}).get("errors") or {}).get(name)

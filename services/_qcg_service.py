@@ -39,11 +39,13 @@ def main(argv: list[str]) -> int:
     return int(service.exit_code or 0)
 
 
-def launch(args: list[str], log_path: Path, timeout: float = 30.0) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a detached manager; return (process, zmq address) once it listens."""
+def launch(args: list[str], log_path: Path, timeout: float = 30.0,
+           cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a detached manager (in ``cwd``, which its ``status`` reports as ``Wd``); return
+    (process, zmq address) once it listens."""
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "flowbus.services._qcg_service", *args],
-                                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd=cwd,
                                 close_fds=True, start_new_session=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout

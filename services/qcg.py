@@ -45,6 +45,7 @@ from ._qcg_client import QCG_ERRORS, kill_pids
 from ._qcg_jobs import FINAL_NATIVE, JobBook, Obs, Snapshot, key_of, obs_from_info, obs_from_list
 from ._qcg_link import Client, Link, host_is_loopback, kill_link, open_local, open_remote
 from ._qcg_ops import OPERATIONS, Phase, QcgOperations
+from ._qcg_specs import STATE_DIR, load_specs, remove_specs, save_specs, specs_path
 
 _POLL_S = 0.05
 _IDLE_S = 0.5
@@ -95,6 +96,8 @@ class QcgSession(QcgOperations):
         self._link: Link | None = None
         self._dir: Path | None = None
         self._own_dir = False
+        #: where the submitted specs are kept (mode "local" only): beside the manager's wd
+        self._specs_file: Path | None = None
         self._next_reconcile = 0.0
         self._failures = 0
         self._attempt = 0
@@ -130,6 +133,9 @@ class QcgSession(QcgOperations):
         First tries ``previous_address`` (or the address of a ``Connected`` found in ``known``):
         a manager left running by a previous incarnation is adopted with its jobs. Otherwise starts
         a manager on 127.0.0.1 (mode ``local``, see ``_qcg_service``) or connects to ``config.address``.
+        Mode ``local`` loads the job specs a previous incarnation saved beside the manager's working
+        directory; a fresh manager standing in for a dead one gets the unfinished ones resubmitted
+        (recovery ``resubmit``).
         Raises ``BackendUnavailable``/``BackendTimeout`` when no manager can be reached.
         """
         with self._lock:
@@ -147,11 +153,14 @@ class QcgSession(QcgOperations):
             try:
                 if previous_address:
                     link = self._adopt(previous_address, hint_id)
+                adopted = link is not None
                 if link is None:
                     link = self._open()
                     if self.config.mode == "local":
                         _OWNERS.add(self)
+                self._load_specs(link, adopted)
                 self._attach(link)
+                self._after_start(link, adopted, previous_address)
             except BaseException as exc:
                 self._log.error("qcg.session.start_failed", error=str(exc))
                 if link is not None:
@@ -163,6 +172,7 @@ class QcgSession(QcgOperations):
                 self._link = None
                 self._phase = Phase.NEW
                 self._emit = None
+                self._specs_file = None
                 self._remove_dir()
                 raise
 
@@ -286,6 +296,44 @@ class QcgSession(QcgOperations):
             return None
         self._log.info("qcg.manager.adopted", address=address, instance=link.instance_id, pid=link.service_pid)
         return link
+
+    def _load_specs(self, link: Link, adopted: bool) -> None:
+        """Mode ``local``: find the spec file (an adopted manager's ``Wd`` when it carries our
+        state directory, else this session's directory) and load what it holds."""
+        if self.config.mode != "local":
+            return  # a manager we did not start: its wd is not ours to write in
+        assert self._dir is not None
+        wd = (self._manager_wd(link) if adopted else None) or self._dir
+        (wd / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        self._specs_file = specs_path(wd)
+        self._book.record(load_specs(self._specs_file, self.name).values())
+
+    def _manager_wd(self, link: Link) -> Path | None:
+        try:
+            with map_errors(QCG_ERRORS, "system_status"):
+                wd = Path(str(link.client.system_status()["System"]["Wd"]))
+        except (BackendError, KeyError, TypeError) as exc:
+            self._log.warning("qcg.manager.wd_unknown", address=link.address, error=str(exc))
+            return None
+        return wd if (wd / STATE_DIR).is_dir() else None
+
+    def _after_start(self, link: Link, adopted: bool, previous_address: str | None) -> None:
+        """Keep only the loaded specs of jobs still known (to the bus or the manager); a fresh
+        manager in place of a dead one gets the unfinished ones resubmitted."""
+        book = self._book
+        stale = [n for n in book.specs if n not in book.last]
+        for name in stale:
+            del book.specs[name]
+        if stale:
+            self._save_specs()
+        if not adopted and self.config.mode == "local" and self.config.recovery == "resubmit" and book.specs:
+            gone = f" at {previous_address}" if previous_address else ""
+            self._down_reason = f"the previous QCG manager{gone} is gone"
+            self._resubmit(link, 1)
+
+    def _save_specs(self) -> None:
+        if self._specs_file is not None:
+            save_specs(self._specs_file, self.name, self._book.specs)
 
     def _attach(self, link: Link) -> None:
         """Make ``link`` current: ``Connected``, then the resync diff, then ``Resynced``."""
@@ -510,6 +558,8 @@ class QcgSession(QcgOperations):
             self._log.warning("qcg.manager.finish_failed", error=str(exc))
         link.stop_service(10.0)
         killed = kill_pids(leftovers)
+        if self._specs_file is not None:  # its jobs ended with it: nothing left to resubmit
+            remove_specs(self._specs_file)
         self._log.info("qcg.manager.finished", address=link.address, stragglers_killed=killed)
 
     @staticmethod
@@ -537,6 +587,7 @@ class QcgSession(QcgOperations):
             batch.add(**spec)
         submitted = [str(n) for n in client.submit(batch)]
         self._book.record(specs)
+        self._save_specs()
         if recovery_attempt:
             self._publish([self._ev(RecoveryAttempted, key=n, action="resubmit", attempt=recovery_attempt,
                                     reason=self._down_reason, detail=f"resubmitted to {self.instance_id}")

@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
+from structlog.testing import capture_logs
 
 from flowbus.schemas import (
     BackendRejected,
@@ -502,6 +503,110 @@ class TestResyncAndAdoption:
         second.call("cancel", "long")
         second.rec.wait_for(reached("long", State.CANCELLED), 15, "long cancelled through the adopting session")
         assert all(wait_pid_gone(p, 5) for p in sleeper)
+
+
+@pytest.mark.qcg
+@pytest.mark.timeout(90)
+class TestPersistedSpecs:
+    """The specs a session submitted live in ``<wd>/.flowbus/specs.json``, so the next incarnation
+    can resubmit them."""
+
+    def test_adopting_session_resubmits_job_of_killed_incarnation(self, qcg: Callable[..., Running],
+                                                                  tmp_path: Path) -> None:
+        """A SIGKILLed owner's failed job is resubmitted by the session that adopts its manager,
+        which finds the spec file through the manager's working directory (its own wd differs)."""
+        flag = tmp_path / "ran-once"
+        script = textwrap.dedent(f"""
+            import json, os, signal, time
+            from flowbus.schemas import QcgSessionConfig
+            from flowbus.services.qcg import QcgSession
+            s = QcgSession(QcgSessionConfig(name="q0", wd={str(tmp_path / 'prev')!r}))
+            s.start(lambda ev: None, {{}})
+            s.call("submit", [{{"name": "flaky", "exec": "/bin/sh",
+                                "args": ["-c", "if [ -e {flag} ]; then exit 0; fi; touch {flag}; exit 1"]}}])
+            deadline = time.monotonic() + 20
+            while s.call("status", "flaky")["jobs"]["flaky"]["data"]["status"] != "FAILED":
+                assert time.monotonic() < deadline, "flaky did not fail"
+                time.sleep(0.05)
+            print(json.dumps({{"address": s.address, "pid": s.service_pid, "id": s.instance_id}}), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)
+        out, err = tmp_path / "prev.out", tmp_path / "prev.err"
+        with out.open("w") as fout, err.open("w") as ferr:  # not pipes: the orphaned manager inherits them
+            code = subprocess.run([sys.executable, "-c", script], stdout=fout, stderr=ferr, timeout=40).returncode
+        assert code == -signal.SIGKILL, err.read_text()[-2000:]
+        prev = json.loads(out.read_text().strip().splitlines()[-1])
+        service = psutil.Process(prev["pid"])
+        try:
+            saved = json.loads((tmp_path / "prev" / ".flowbus" / "specs.json").read_text())
+            assert [spec["name"] for spec in saved["specs"]] == ["flaky"]
+            run = qcg(previous_address=prev["address"])
+            assert run.session.instance_id == prev["id"] and run.session.service_pid == prev["pid"]
+            assert run.rec.states("flaky")[-1].state is State.ABORTED
+            mark = len(run.rec.states("flaky"))
+            assert run.call("resubmit", "flaky") == ["flaky"]
+            assert run.rec.states("flaky")[mark].state is State.QUEUED
+            run.rec.wait_for(lambda evs: next((e for e in run.rec.states("flaky")[mark:]
+                                               if e.state is State.COMPLETE), None), 15, "flaky complete")
+            run.session.stop()
+            assert wait_pid_gone(prev["pid"], 5), "adopted manager still running after stop()"
+            assert not (tmp_path / "prev" / ".flowbus" / "specs.json").exists(), "stop() finished every job"
+        finally:
+            if not pid_gone(service.pid):
+                service.kill()
+
+    def test_new_manager_gets_unfinished_jobs_of_dead_incarnation(self, qcg: Callable[..., Running],
+                                                                  tmp_path: Path) -> None:
+        """Session and manager both die: the next session (same wd, recovery resubmit) starts a
+        manager, reports the running job LOST, then resubmits it from the saved spec; a finished
+        job is not rerun and a removed one is not resubmitted."""
+        flag = tmp_path / "started-once"
+        wd = str(tmp_path / "shared")
+        first = qcg(wd=wd, recovery="resubmit")
+        first.call("submit", [{"name": "done", "exec": "/bin/true"}, {"name": "gone", "exec": "/bin/true"}])
+        first.rec.wait_for(reached("gone", State.COMPLETE), 15, "gone complete")
+        first.rec.wait_for(reached("done", State.COMPLETE), 15, "done complete")
+        assert first.call("remove", "gone") == {"removed": 1}
+        first.call("submit", [{"name": "long", "exec": "/bin/sh", "after": ["done"],
+                               "args": ["-c", f"if [ -e {flag} ]; then exit 0; fi; touch {flag}; sleep 60"]}])
+        first.rec.wait_for(reached("long", State.ACTIVE), 15, "long active")
+        first.stop.set()
+        assert first.thread is not None
+        first.thread.join(5)
+        address, pid = first.session.address, first.session.service_pid
+        assert pid is not None
+        first.session.kill()  # the actor and its manager die together
+        assert wait_pid_gone(pid, 5)
+        known = {e.key: e for e in first.rec.of(StateChanged)}
+        second = qcg(known=known, previous_address=address, wd=wd, recovery="resubmit")
+        assert second.session.instance_id != first.rec.of(Connected)[0].detail
+        lost = second.rec.wait_for(reached("long", State.UNKNOWN), 5, "long lost")
+        assert lost.native == "LOST"
+        resub = [e for e in second.rec.of(RecoveryAttempted) if e.action == "resubmit"]
+        assert [(e.key, e.ok) for e in resub] == [("long", True)], [show(e) for e in second.rec.events]
+        done = second.rec.wait_for(reached("long", State.COMPLETE), 20, "long complete after resubmit")
+        assert second.rec.index(lost) < second.rec.index(done)
+        assert second.rec.states("done") == [] and second.rec.states("gone") == []
+
+    def test_corrupt_spec_file_is_reported_and_ignored(self, qcg: Callable[..., Running], tmp_path: Path) -> None:
+        """A spec file that is not JSON is logged as an error naming it; start() works, no job
+        is resubmitted, and the next submit replaces the file with a valid one."""
+        wd = tmp_path / "corrupt"
+        path = wd / ".flowbus" / "specs.json"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"{not json")
+        known = {"long": StateChanged(source="q0", backend="qcg", key="long", state=State.ACTIVE, native="EXECUTING")}
+        with capture_logs() as logs:
+            run = qcg(known=known, wd=str(wd), recovery="resubmit")
+        errors = [e for e in logs if e["event"] == "qcg.specs.corrupt"]
+        assert errors and errors[0]["file"] == str(path) and errors[0]["log_level"] == "error", logs
+        assert isinstance(run.rec.events[0], Connected)
+        assert [e.native for e in run.rec.states("long")] == ["LOST"]
+        assert run.rec.of(RecoveryAttempted) == []
+        with pytest.raises(BackendRejected, match="spec of job 'long' is unknown"):
+            run.call("resubmit", "long")
+        run.call("submit", [{"name": "next", "exec": "/bin/true"}])
+        assert [s["name"] for s in json.loads(path.read_text())["specs"]] == ["next"]
 
 
 @pytest.mark.qcg
