@@ -271,8 +271,9 @@ class TestRecovery:
 
     @pytest.mark.timeout(150)
     @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+    # stop_engine stops the engine loop before it drops the engine: a poll in between sees a stopped loop
     @pytest.mark.parametrize(("how", "reason"), [("stop_loop", "engine loop was stopped"),
-                                                 ("stop_engine", "stop_engine was called"),
+                                                 ("stop_engine", "stop_engine was called|engine loop was stopped"),
                                                  ("crash", "is dead")])
     def test_reattach(self, soma_session: Session, tmp_path: Path, how: str, reason: str) -> None:
         """Default recovery: new controller on the same directory, the orphaned job killed, the workflow restarted to completion."""
@@ -286,7 +287,7 @@ class TestRecovery:
         old_threads = run.session.engine_threads
         _break(run, how)
         lost = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, Disconnected)), None), 30, "Disconnected")
-        assert lost.will_retry and reason in lost.reason
+        assert lost.will_retry and any(r in lost.reason for r in reason.split("|")), lost.reason
         att = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, RecoveryAttempted)
                                                 and e.key == str(wf)), None), 60, "workflow recovery")
         assert att.action == "reattach" and att.ok
