@@ -1,28 +1,144 @@
 """The broker's journal: a bounded in-memory ring per source, the latest-state snapshot, and an
 optional append-only file that lets a restarted broker come back with both.
 
-File records are msgpack arrays, written with one ``os.write`` per drained batch, before the
-publisher is acknowledged:
-``[0, source, epoch, seq, topic, stateful, payload]`` an event;
-``[1, source, backend, epoch, last_seq]`` a registration (epochs survive restarts).
-A torn last record (the broker died mid-write) is cut off at load.
+File format (version 1), all integers big-endian::
+
+    header  b"\\x89FBJ\\r\\n\\x1a\\n" | u32 version | u32 crc32(magic + version)      (16 bytes)
+    record  u32 length | u32 crc32(body) | body (``length`` bytes of msgpack)
+
+A body is ``[0, source, epoch, seq, topic, stateful, payload]`` (an event) or
+``[1, source, backend, epoch, last_seq, owner]`` (a registration: epochs and owners survive
+restarts). Records are written with one ``os.write`` per drained batch, before the publisher is
+acknowledged. At load a record whose length, crc, msgpack or shape is wrong is reported
+(``journal.record.damaged``, :attr:`Journal.damaged`), its bytes are copied to
+``journal.damaged`` and skipped, and reading resynchronises at the next offset where a whole
+record validates, so no intact record after it is lost. Events of a source lost that way are
+replaced by ``flowbus.bus.JournalDamaged`` error events, so each ring stays gapless. An
+incomplete last record (the broker died mid-write) is a torn tail: cut off and counted.
+A file without the header (the pre-checksum format: bare msgpack arrays) is read best-effort
+and rewritten in this format.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import struct
+import time
+import zlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Annotated, Any, Union
 
 import msgpack
+import msgspec
 import structlog
+
+from flowbus.schemas import BusError, ErrorEvent, encode
 
 log = structlog.get_logger("flowbus.journal")
 
-_EVENT = 0
-_SOURCE = 1
+_MAGIC = b"\x89FBJ\r\n\x1a\n"
+_VERSION = 1
+_HEADER = struct.Struct(">8sII")
+_HEAD = struct.Struct(">II")  # length, crc32(body)
+_MIN_BODY = 8  # the smallest body either record kind can encode to
+_MIN_RECORD = _HEAD.size + _MIN_BODY
+_MAX_BODY = 1 << 28
+#: how every body starts: a 7-item array tagged 0 (event) or a 6-item array tagged 1
+#: (registration), then the source (a msgpack str); resynchronising only tries offsets that match
+_RESYNC = re.compile(rb"(?:\x97\x00|\x96\x01)[\xa0-\xbf\xd9-\xdb]")
+_LEGACY_FIRST = (0x95, 0x97)  # the old format starts with a 5- or 7-item array
+DAMAGED_ERROR = "flowbus.bus.JournalDamaged"
+
+_U64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class _Event(msgspec.Struct, array_like=True, tag=0, frozen=True):
+    source: str
+    epoch: _U64
+    seq: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+    topic: str
+    stateful: bool
+    payload: bytes
+
+
+class _Register(msgspec.Struct, array_like=True, tag=1, frozen=True):
+    source: str
+    backend: str
+    epoch: _U64
+    last_seq: _U64
+    owner: str = ""  # absent from old-format records
+
+
+_Record = Union[_Event, _Register]
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER: msgspec.msgpack.Decoder[_Record] = msgspec.msgpack.Decoder(_Record)
+_HEADER_BYTES = _MAGIC + _VERSION.to_bytes(4, "big")
+_HEADER_BYTES += zlib.crc32(_HEADER_BYTES).to_bytes(4, "big")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _frame(body: bytes) -> bytes:
+    return _HEAD.pack(len(body), zlib.crc32(body)) + body
+
+
+def _try(data: memoryview, pos: int) -> tuple[_Record | None, str, int]:
+    """Decode the record at ``pos``: (record, "", size), or (None, reason, size or 0)."""
+    if len(data) - pos < _HEAD.size:
+        return None, "incomplete", 0
+    length, crc = _HEAD.unpack_from(data, pos)
+    end = pos + _HEAD.size + length
+    if length >= _MIN_BODY and end > len(data):
+        return None, "incomplete", 0  # at the end of the file: torn; before a record: "length"
+    if length < _MIN_BODY or length > _MAX_BODY:
+        return None, "length", 0
+    body = data[pos + _HEAD.size:end]
+    if zlib.crc32(body) != crc:
+        return None, "crc", 0
+    try:
+        return _DECODER.decode(body), "", end - pos
+    except msgspec.ValidationError:
+        return None, "shape", end - pos  # the crc vouches for the length: skip exactly this
+    except msgspec.DecodeError:
+        return None, "undecodable", end - pos
+
+
+def _resync(data: bytes, pos: int) -> int | None:
+    """The first offset from ``pos`` on where a whole record validates."""
+    view = memoryview(data)
+    for m in _RESYNC.finditer(data, pos + _HEAD.size):
+        if _try(view, m.start() - _HEAD.size)[0] is not None:
+            return m.start() - _HEAD.size
+    return None
+
+
+def scan(data: bytes, pos: int = len(_HEADER_BYTES)) -> Iterator[tuple[int, int, _Record | str]]:
+    """Yield ``(offset, size, record)`` for each intact record and ``(offset, size, reason)`` for
+    each damaged span (reason ``"torn"`` for an incomplete tail that nothing valid follows)."""
+    view = memoryview(data)
+    while pos < len(data):
+        rec, reason, size = _try(view, pos)
+        if rec is not None or size:
+            yield pos, size, rec if rec is not None else reason
+            pos += size
+            continue
+        nxt = _resync(data, pos + 1)
+        if nxt is None:
+            torn = reason == "incomplete" or not data[pos:].strip(b"\0")  # zeros: a crash's prealloc
+            yield pos, len(data) - pos, "torn" if torn else reason
+            return
+        yield pos, nxt - pos, "length" if reason == "incomplete" else reason  # it ran past a record
+        pos = nxt
 
 
 @dataclass
@@ -33,6 +149,8 @@ class SourceLog:
     backend: str = ""
     epoch: int = 0
     last_seq: int = 0
+    #: the flowbus session holding this source ("" = nobody); set by the broker at registration
+    owner: str = ""
     ring: deque[tuple[int, str, bytes]] = field(default_factory=deque)
 
     @property
@@ -42,7 +160,12 @@ class SourceLog:
 
 
 class Journal:
-    """Per-source rings bounded by ``capacity`` events in total, plus the snapshot."""
+    """Per-source rings bounded by ``capacity`` events in total, plus the snapshot.
+
+    After loading a file, :attr:`damaged` lists the damaged spans found (dicts with ``path``,
+    ``offset``, ``length``, ``source``, ``seq``, ``reason``; ``source``/``seq`` are None when they
+    cannot be inferred) and :attr:`torn_bytes` counts the bytes of a torn tail cut off.
+    """
 
     def __init__(self, capacity: int = 200_000, directory: str | os.PathLike[str] | None = None,
                  compact_bytes: int = 256 * 1024 * 1024) -> None:
@@ -50,38 +173,72 @@ class Journal:
         self.sources: dict[str, SourceLog] = {}
         #: topic -> (source, seq, payload) of the latest stateful event per slot
         self.snapshot: dict[str, tuple[str, int, bytes]] = {}
+        #: damaged spans found at load (see the class docstring)
+        self.damaged: list[dict[str, Any]] = []
+        #: bytes of an incomplete last record cut off at load
+        self.torn_bytes = 0
         self._order: deque[SourceLog] = deque()  # eviction order: one entry per ring entry
         self._size = 0
         self._pending: list[bytes] = []
         self._fd: int | None = None
         self._path: Path | None = None
         self._compact_bytes = compact_bytes
-        self._packer = msgpack.Packer(use_bin_type=True)
+        self._last_off: dict[str, int] = {}  # at load: file offset of each source's last record
+        self._rewrite = False  # at load: the file needs rewriting (old format, damage)
         if directory:
-            self._path = Path(directory).expanduser() / "journal.log"
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(directory).expanduser()
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if folder.stat().st_mode & 0o077:
+                try:
+                    folder.chmod(0o700)
+                except OSError as exc:
+                    log.warning("journal.directory.insecure", path=str(folder), error=str(exc))
+            self._path = folder / "journal.log"
             self._load()
-            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = self._open(self._path)
+            if self._rewrite:
+                self.compact()
 
     # -- writing ---------------------------------------------------------------------------------
 
     def source(self, name: str) -> SourceLog | None:
+        """The journal's view of a source, or None if it never registered."""
         return self.sources.get(name)
 
-    def register(self, name: str, backend: str, epoch: int, last_seq: int) -> SourceLog:
-        """Record a source's (new) epoch and sequence base."""
+    def register(self, name: str, backend: str, epoch: int, last_seq: int, owner: str = "") -> SourceLog:
+        """Record a source's (new) epoch and sequence base, and its owner when one is given
+        (``owner=""`` keeps the current one). A ``last_seq`` beyond what the journal holds (history
+        lost) restarts the source's ring there, so the ring never has a hole."""
         log_ = self.sources.get(name)
         if log_ is None:
             log_ = self.sources[name] = SourceLog(name, backend)
         log_.backend = backend or log_.backend
+        log_.owner = owner or log_.owner
         log_.epoch = epoch
-        log_.last_seq = max(log_.last_seq, last_seq)
+        if last_seq > log_.last_seq:
+            self._restart(log_, last_seq)
         if self._fd is not None:
-            self._pending.append(self._packer.pack([_SOURCE, name, log_.backend, epoch, log_.last_seq]))
+            self._pending.append(_frame(_ENCODER.encode(
+                _Register(name, log_.backend, epoch, log_.last_seq, log_.owner))))
         return log_
 
     def append(self, log_: SourceLog, seq: int, topic: str, stateful: bool, payload: bytes) -> None:
         """Append the next event of a source (``seq == last_seq + 1`` is the caller's job)."""
+        self._push(log_, seq, topic, stateful, payload)
+        if self._fd is not None:
+            self._pending.append(_frame(_ENCODER.encode((0, log_.source, log_.epoch, seq, topic, stateful, payload))))
+
+    def flush(self) -> None:
+        """Write what was appended since the last flush (before acknowledging it)."""
+        if self._fd is None or not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        _write_all(self._fd, data)
+        if self._path is not None and os.fstat(self._fd).st_size > self._compact_bytes:
+            self.compact()
+
+    def _push(self, log_: SourceLog, seq: int, topic: str, stateful: bool, payload: bytes) -> None:
         log_.last_seq = seq
         log_.ring.append((seq, topic, payload))
         self._order.append(log_)
@@ -92,21 +249,16 @@ class Journal:
             victim = self._order.popleft()
             victim.ring.popleft()
             self._size -= 1
-        if self._fd is not None:
-            self._pending.append(self._packer.pack([_EVENT, log_.source, log_.epoch, seq, topic, stateful, payload]))
 
-    def flush(self) -> None:
-        """Write what was appended since the last flush (before acknowledging it)."""
-        if self._fd is None or not self._pending:
-            return
-        data = b"".join(self._pending)
-        self._pending.clear()
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        if self._path is not None and os.fstat(self._fd).st_size > self._compact_bytes:
-            self.compact()
+    def _restart(self, log_: SourceLog, last_seq: int) -> None:
+        """Move a source's sequence base forward to ``last_seq``, dropping the ring it had."""
+        if log_.ring:
+            log.warning("journal.ring.restarted", source=log_.source, dropped=len(log_.ring),
+                        held_through=log_.last_seq, resumes_after=last_seq)
+            self._size -= len(log_.ring)
+            log_.ring.clear()
+            self._order = deque(s for s in self._order if s is not log_)
+        log_.last_seq = last_seq
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -118,81 +270,227 @@ class Journal:
     def __len__(self) -> int:
         return self._size
 
-    # -- file --------------------------------------------------------------------------------------
+    # -- loading ---------------------------------------------------------------------------------
 
     def _load(self) -> None:
         assert self._path is not None
         if not self._path.exists():
             return
-        good = 0
-        with open(self._path, "rb") as fh:
-            unpacker = msgpack.Unpacker(fh, raw=False, max_buffer_size=1 << 30)
-            try:
-                for rec in unpacker:
-                    self._apply(rec)
-                    good = unpacker.tell()
-            except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
-                log.warning("journal.load.truncated", path=str(self._path), offset=good, error=str(exc))
-        size = self._path.stat().st_size
-        if good < size:
-            log.warning("journal.load.torn_tail", path=str(self._path), kept=good, dropped=size - good)
-            os.truncate(self._path, good)
-        log.info("journal.loaded", path=str(self._path), sources=len(self.sources), events=self._size)
+        data = self._path.read_bytes()
+        keep = len(data)  # where the file is cut (a torn tail)
+        spans: list[tuple[int, int, str]] = []  # (offset, length, reason), torn tails included
+        if data and not self._framed(data):
+            keep = self._load_legacy(data, spans)
+        elif 0 < len(data) < len(_HEADER_BYTES):
+            keep = 0
+            spans.append((0, len(data), "torn"))
+        elif data:
+            _magic, version, crc = _HEADER.unpack_from(data)
+            if zlib.crc32(data[:12]) != crc:
+                self._damage(0, len(_HEADER_BYTES), "header", spans)
+            elif version != _VERSION:
+                raise BusError(f"{self._path}: journal format version {version}, this flowbus reads "
+                               f"{_VERSION}: move the file away or upgrade flowbus")
+            for off, size, item in scan(data):
+                if item == "torn":
+                    keep = off
+                    spans.append((off, size, "torn"))
+                elif isinstance(item, str):
+                    self._damage(off, size, item, spans, data)
+                else:
+                    self._apply(item, off)
+        self._last_off.clear()
+        self._finish_load(data, keep, spans)
 
-    def _apply(self, rec: list[object]) -> None:
-        kind = rec[0]
-        if kind == _SOURCE:
-            _, name, backend, epoch, last_seq = rec
-            log_ = self.sources.get(str(name)) or self.sources.setdefault(str(name), SourceLog(str(name)))
-            log_.backend = str(backend)
-            log_.epoch = int(epoch)  # type: ignore[call-overload]
-            log_.last_seq = max(log_.last_seq, int(last_seq))  # type: ignore[call-overload]
-        elif kind == _EVENT:
-            _, name, epoch, seq, topic, stateful, payload = rec
-            log_ = self.sources.get(str(name)) or self.sources.setdefault(str(name), SourceLog(str(name)))
-            seq_i = int(seq)  # type: ignore[call-overload]
-            topic_s, data = str(topic), bytes(payload)  # type: ignore[call-overload]
-            if seq_i <= log_.last_seq:
-                # older than the ring (a snapshot entry kept by compaction) or a duplicate
-                held = self.snapshot.get(topic_s)
-                if stateful and (held is None or held[1] <= seq_i):
-                    self.snapshot[topic_s] = (log_.source, seq_i, data)
-                return
-            if seq_i != log_.last_seq + 1 and log_.ring:
-                # a hole in the file: keep the ring contiguous by starting it again here
-                for _ in range(len(log_.ring)):
-                    log_.ring.popleft()
-                self._order = deque(s for s in self._order if s is not log_)
-                self._size = sum(len(s.ring) for s in self.sources.values())
-            fd, self._fd = self._fd, None  # no re-writing while loading
-            self.append(log_, seq_i, topic_s, bool(stateful), data)
-            self._fd = fd
+    @staticmethod
+    def _framed(data: bytes) -> bool:
+        """True unless the file is in the old format (a magic hit by a few flips still counts)."""
+        close = sum(a == b for a, b in zip(data[:8], _MAGIC)) >= 5
+        return close or data[0] not in _LEGACY_FIRST or _try(memoryview(data), len(_HEADER_BYTES))[0] is not None
+
+    def _load_legacy(self, data: bytes, spans: list[tuple[int, int, str]]) -> int:
+        """Best effort, as before checksums: read up to the first undecodable record."""
+        log.info("journal.legacy.detected", path=str(self._path), bytes=len(data))
+        self._rewrite = True  # in the checksummed format, once loaded
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 1)
+        unpacker.feed(data)
+        good = 0
+        try:
+            for obj in unpacker:
+                self._apply(msgspec.convert(obj, _Record), good)
+                good = unpacker.tell()
+        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, msgspec.ValidationError,
+                ValueError, TypeError) as exc:
+            log.warning("journal.legacy.unreadable", path=str(self._path), offset=good, error=str(exc))
+            self._damage(good, len(data) - good, "legacy", spans, data)
+            return len(data)
+        if good < len(data):
+            spans.append((good, len(data) - good, "torn"))
+        return good
+
+    def _damage(self, offset: int, length: int, reason: str, spans: list[tuple[int, int, str]],
+                data: bytes = b"") -> None:
+        source: str | None = None
+        seq: int | None = None
+        body = data[offset + _HEAD.size:offset + length] if reason != "legacy" else data[offset:]
+        try:  # what the damaged bytes claim, if that names a known source
+            unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(body) + 1)
+            unpacker.feed(body)
+            raw = next(unpacker)
+        except (StopIteration, ValueError, TypeError, RecursionError, msgpack.UnpackException):
+            raw = None
+        if isinstance(raw, list) and len(raw) > 3 and isinstance(raw[1], str) and raw[1] in self.sources:
+            source = raw[1]
+            seq = raw[3] if raw[0] == 0 and type(raw[3]) is int else None
+        spans.append((offset, length, reason))
+        self.damaged.append({"path": str(self._path), "offset": offset, "length": length,
+                             "source": source, "seq": seq, "reason": reason})
+
+    def _apply(self, rec: _Record, off: int) -> None:
+        log_ = self.sources.get(rec.source)
+        if log_ is None:
+            log_ = self.sources[rec.source] = SourceLog(rec.source)
+        seen = rec.source in self._last_off
+        log_.epoch = max(log_.epoch, rec.epoch)
+        if isinstance(rec, _Register):
+            log_.backend = rec.backend or log_.backend
+            log_.owner = rec.owner
+            if rec.last_seq > log_.last_seq:
+                if seen:
+                    self._bridge(log_, rec.last_seq, off, log_.epoch)
+                else:
+                    log_.last_seq = rec.last_seq
+            self._last_off[rec.source] = off
+            return
+        if not log_.backend and rec.topic.split("/", 2)[1:2] == [rec.source]:
+            log_.backend = rec.topic.split("/", 1)[0]  # its registration was lost
+        if rec.seq <= log_.last_seq:
+            # older than the ring (a snapshot entry kept by compaction) or a duplicate
+            held = self.snapshot.get(rec.topic)
+            if rec.stateful and (held is None or held[1] <= rec.seq):
+                self.snapshot[rec.topic] = (log_.source, rec.seq, rec.payload)
+        else:
+            if rec.seq > log_.last_seq + 1:
+                self._bridge(log_, rec.seq - 1, off, rec.epoch, seen)
+            self._push(log_, rec.seq, rec.topic, rec.stateful, rec.payload)
+        self._last_off[rec.source] = off
+
+    def _bridge(self, log_: SourceLog, last: int, off: int, epoch: int, seen: bool = True) -> None:
+        """Carry a source's sequence forward to ``last`` while loading: seqs lost to damage since
+        its previous record become error events, a jump no damage explains restarts the ring."""
+        lo = self._last_off.get(log_.source, -1) if seen else -1
+        spans = [d for d in self.damaged if lo < d["offset"] < off]
+        evidence = sum(d["length"] for d in spans)
+        fill = min(last - log_.last_seq, self.capacity, max(1, evidence // _MIN_RECORD) if evidence else 0)
+        if fill < last - log_.last_seq:
+            self._restart(log_, last - fill)
+        first = log_.last_seq + 1
+        for seq in range(first, last + 1):
+            message = (f"journal {self._path}: the record of {log_.source}#{seq} was damaged "
+                       f"near offset {spans[0]['offset']} and is lost")
+            ev = ErrorEvent(source=log_.source, backend=log_.backend, seq=seq, incarnation=epoch,
+                            time=time.time_ns(), error_type=DAMAGED_ERROR, message=message,
+                            args=[str(self._path), str(spans[0]["offset"]), str(seq)], operation="journal")
+            self._push(log_, seq, ev.topic(), False, encode(ev))
+        if fill:
+            log.warning("journal.gap.filled", path=str(self._path), source=log_.source, first=first, last=last)
+        for i, d in enumerate(s for s in spans if s["source"] in (None, log_.source)):
+            if first + i <= last:
+                d["source"], d["seq"] = log_.source, first + i
+
+    def _finish_load(self, data: bytes, keep: int, spans: list[tuple[int, int, str]]) -> None:
+        assert self._path is not None
+        path = str(self._path)
+        for d in self.damaged:
+            log.warning("journal.record.damaged", **d)
+        quarantined = self._quarantine(data, spans)
+        if self.damaged and quarantined:
+            self._rewrite = True  # the damaged bytes are safe elsewhere: write a clean file
+        if keep < len(data):
+            self.torn_bytes = len(data) - keep
+            log.warning("journal.tail.dropped", path=path, kept=keep, dropped=self.torn_bytes)
+            os.truncate(self._path, keep)
+        log.info("journal.loaded", path=path, sources=len(self.sources), events=self._size,
+                 damaged=len(self.damaged), torn_bytes=self.torn_bytes)
+
+    def _quarantine(self, data: bytes, spans: list[tuple[int, int, str]]) -> bool:
+        """Append each span to ``journal.damaged``: a JSON line, the raw bytes, a newline."""
+        if not spans:
+            return True
+        assert self._path is not None
+        target = self._path.with_name("journal.damaged")
+        now = time.time_ns()
+        out = b"".join(json.dumps({"path": str(self._path), "offset": off, "length": n, "reason": why,
+                                   "time": now}).encode() + b"\n" + data[off:off + n] + b"\n"
+                       for off, n, why in spans)
+        try:
+            fd = self._open(target, b"")
+            try:
+                _write_all(fd, out)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("journal.quarantine.failed", path=str(target), error=str(exc))
+            return False
+        return True
+
+    # -- file --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _open(path: Path, header: bytes = _HEADER_BYTES) -> int:
+        """Open for appending, 0600; a new (or emptied) file starts with ``header``."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        if st.st_size == 0 and header:
+            _write_all(fd, header)
+        return fd
 
     def compact(self) -> None:
         """Rewrite the file as registrations + snapshot + ring, then swap it in atomically."""
         if self._path is None or self._fd is None:
             return
         tmp = self._path.with_suffix(".compact")
-        in_ring = {(s.source, seq) for s in self.sources.values() for seq, _, _ in s.ring}
-        with open(tmp, "wb") as fh:
-            for s in self.sources.values():
-                fh.write(self._packer.pack([_SOURCE, s.source, s.backend, s.epoch, s.ring[0][0] - 1 if s.ring else s.last_seq]))
-            for topic, (src, seq, payload) in sorted(self.snapshot.items(), key=lambda kv: kv[1][1]):
-                if (src, seq) not in in_ring:
-                    fh.write(self._packer.pack([_EVENT, src, self.sources[src].epoch, seq, topic, True, payload]))
-            for s in self.sources.values():
-                for seq, topic, payload in s.ring:
-                    fh.write(self._packer.pack([_EVENT, s.source, s.epoch, seq, topic, topic in self.snapshot and self.snapshot[topic][1] == seq, payload]))
-            for s in self.sources.values():
-                fh.write(self._packer.pack([_SOURCE, s.source, s.backend, s.epoch, s.last_seq]))
+        with open(tmp, "wb", buffering=1 << 20, opener=lambda p, f: os.open(p, f, 0o600)) as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            for frame in self._compacted():
+                fh.write(frame)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self._path)
+        self._pending.clear()  # the new file holds everything appended so far
+        dfd = os.open(self._path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
         os.close(self._fd)
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fd = self._open(self._path)
         log.info("journal.compacted", path=str(self._path), bytes=self._path.stat().st_size)
 
+    def _compacted(self) -> Iterator[bytes]:
+        """The header, each source's base, snapshot entries older than the rings, the rings, and
+        each source's registration as it stands."""
+        yield _HEADER_BYTES
+        enc = _ENCODER.encode
+        for s in self.sources.values():
+            base = s.ring[0][0] - 1 if s.ring else s.last_seq
+            yield _frame(enc(_Register(s.source, s.backend, s.epoch, base, s.owner)))
+        in_ring = {(s.source, seq) for s in self.sources.values() for seq, _, _ in s.ring}
+        for topic, (src, seq, payload) in sorted(self.snapshot.items(), key=lambda kv: kv[1][1]):
+            if (src, seq) not in in_ring:
+                yield _frame(enc(_Event(src, self.sources[src].epoch, seq, topic, True, payload)))
+        for s in self.sources.values():
+            for seq, topic, payload in s.ring:
+                latest = self.snapshot.get(topic)
+                stateful = latest is not None and latest[:2] == (s.source, seq)
+                yield _frame(enc(_Event(s.source, s.epoch, seq, topic, stateful, payload)))
+        for s in self.sources.values():
+            yield _frame(enc(_Register(s.source, s.backend, s.epoch, s.last_seq, s.owner)))
+
     def close(self) -> None:
+        """Flush and close the file (the in-memory journal stays readable)."""
         self.flush()
         if self._fd is not None:
             os.close(self._fd)
