@@ -13,7 +13,9 @@ the session's bookkeeping (which also orders ``queued`` before any published sta
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -53,6 +55,10 @@ _IDLE_S = 0.5
 _CANCEL_WAIT_S = 5.0
 #: consecutive failed reconciliations before a live-looking local manager is declared hung
 _HUNG_AFTER = 3
+
+#: in ``<wd>/.flowbus/``: the wd is a temporary directory a session made (not a configured
+#: ``wd``); whichever session ends the manager working there removes it (see _inheritable)
+_TEMP_MARKER = "temporary"
 
 #: sessions that started their manager (see :func:`_kill_at_exit`)
 _OWNERS: weakref.WeakSet[QcgSession] = weakref.WeakSet()
@@ -96,6 +102,9 @@ class QcgSession(QcgOperations):
         self._link: Link | None = None
         self._dir: Path | None = None
         self._own_dir = False
+        #: an adopted manager's temporary wd (made by an earlier incarnation): ours to remove
+        #: once we end that manager, handed on again by release()
+        self._inherited_dir: Path | None = None
         #: where the submitted specs are kept (mode "local" only): beside the manager's wd
         self._specs_file: Path | None = None
         self._next_reconcile = 0.0
@@ -173,6 +182,7 @@ class QcgSession(QcgOperations):
                 self._phase = Phase.NEW
                 self._emit = None
                 self._specs_file = None
+                self._inherited_dir = None  # an adopted manager was not ended: its wd stays
                 self._remove_dir()
                 raise
 
@@ -227,6 +237,7 @@ class QcgSession(QcgOperations):
             self._emit = None
             self._phase = Phase.CLOSED
             self._own_dir = False  # the manager's --wd: never removed by this session now
+            self._inherited_dir = None  # nor the one it adopted: the next incarnation's now
             self._changed.notify_all()
         if link is not None:
             link.close()
@@ -257,18 +268,45 @@ class QcgSession(QcgOperations):
     # -- connecting --------------------------------------------------------------------------------
 
     def _prepare_dir(self) -> Path:
+        """The configured ``wd`` (kept), else a temporary directory (0700) that this session
+        removes when it stops or is killed, marked so that a session adopting its manager
+        after a move or a crash removes it in turn (see :meth:`_inheritable`)."""
         if self.config.wd:
             path = Path(self.config.wd).expanduser()
             path.mkdir(parents=True, exist_ok=True)
             self._own_dir = False
             return path
+        path = Path(tempfile.mkdtemp(prefix=f"flowbus-qcg-{self.name}-"))
         self._own_dir = True
-        return Path(tempfile.mkdtemp(prefix=f"flowbus-qcg-{self.name}-"))
+        try:
+            (path / STATE_DIR).mkdir(mode=0o700)
+            (path / STATE_DIR / _TEMP_MARKER).write_text(f"made by flowbus session {self.name!r}; "
+                                                         f"removed when its QCG manager is ended\n")
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
+            self._own_dir = False
+            raise
+        return path
+
+    def _inheritable(self, wd: Path) -> bool:
+        """``wd`` is a temporary wd an earlier session of this user made for this session name:
+        a real directory of ours holding our marker (no one else can make that file)."""
+        try:
+            d, marker = os.lstat(wd), os.lstat(wd / STATE_DIR / _TEMP_MARKER)
+        except OSError:
+            return False
+        return (stat.S_ISDIR(d.st_mode) and stat.S_ISREG(marker.st_mode) and d.st_uid == marker.st_uid == os.getuid()
+                and wd.name.startswith(f"flowbus-qcg-{self.name}-"))
 
     def _remove_dir(self) -> None:
+        """Remove this session's temporary wd, and an adopted one whose manager is now ended."""
         if self._own_dir and self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._own_dir = False
+        inherited, self._inherited_dir = self._inherited_dir, None
+        if inherited is not None:
+            shutil.rmtree(inherited, ignore_errors=True)
+            self._log.info("qcg.wd.removed", wd=str(inherited), made_by="an earlier incarnation")
 
     def _open(self) -> Link:
         assert self._dir is not None
@@ -304,6 +342,8 @@ class QcgSession(QcgOperations):
             return  # a manager we did not start: its wd is not ours to write in
         assert self._dir is not None
         wd = (self._manager_wd(link) if adopted else None) or self._dir
+        if wd != self._dir and self._inheritable(wd):
+            self._inherited_dir = wd
         (wd / STATE_DIR).mkdir(parents=True, exist_ok=True)
         self._specs_file = specs_path(wd)
         self._book.record(load_specs(self._specs_file, self.name).values())

@@ -32,6 +32,7 @@ import contextlib
 import enum
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -156,10 +157,11 @@ class SomaSession(SomaOperations):
             if self._phase is not Phase.NEW:
                 raise BackendRejected(f"start: session {self.name!r} was already started")
             cfg = self.config
+            made_here = False  # a temporary directory made by this start(): removed if it fails
             if cfg.mode == "light":
                 if cfg.directory:
                     self._directory = os.path.abspath(os.path.expanduser(cfg.directory))
-                elif previous_address and os.path.isdir(previous_address):
+                elif previous_address and _is_own_dir(previous_address):
                     self._directory = previous_address
                     # a temporary directory an earlier incarnation created is still ours to remove
                     self._created_dir = os.path.basename(previous_address).startswith(f"flowbus-soma-{self.name}-") \
@@ -167,6 +169,7 @@ class SomaSession(SomaOperations):
                 else:
                     self._directory = tempfile.mkdtemp(prefix=f"flowbus-soma-{self.name}-")
                     self._created_dir = True
+                    made_here = True
             self._emit = emit
             self._tracker.seed(known)
             try:
@@ -183,12 +186,14 @@ class SomaSession(SomaOperations):
                 self._teardown()
                 self._phase = Phase.NEW
                 self._emit = None
+                self._forget_dir(made_here)
                 raise
             except Exception as exc:
                 self._log.error("soma.session.start_failed", error=repr(exc))
                 self._teardown()
                 self._phase = Phase.NEW
                 self._emit = None
+                self._forget_dir(made_here)
                 raise BackendUnavailable(f"start: soma session {self.name!r}: {type(exc).__name__}: {exc}") from exc
             self._log.info("soma.session.started", address=self.address)
 
@@ -230,8 +235,7 @@ class SomaSession(SomaOperations):
             if self._phase in (Phase.UP, Phase.DOWN):
                 self._publish([self._ev(Disconnected, reason="stopped", will_retry=False)])
             self._phase = Phase.CLOSED
-            if self._created_dir:
-                shutil.rmtree(self._directory, ignore_errors=True)
+            self._remove_dir()
         self._log.info("soma.session.stopped")
 
     def release(self) -> None:
@@ -252,11 +256,14 @@ class SomaSession(SomaOperations):
         self._log.info("soma.session.released", address=self.address)
 
     def kill(self) -> None:
-        """Immediate: end soma's threads and job processes; never raises."""
+        """Immediate: end soma's threads and job processes, and remove the directory when the
+        session created it; never raises."""
         got = self._lock.acquire(timeout=1.0)
         try:
             self._teardown(timeout=1.0)
             self._phase = Phase.CLOSED
+            if got:
+                self._remove_dir()
         except Exception as exc:  # noqa: BLE001  (kill never raises, by contract)
             self._log.warning("soma.kill.failed", error=repr(exc))
         finally:
@@ -499,6 +506,20 @@ class SomaSession(SomaOperations):
                 break
             threading.Event().wait(0.05)
 
+    def _remove_dir(self) -> None:
+        """Remove the temporary directory this session created (or took over from an earlier
+        incarnation); a configured directory stays."""
+        if self._created_dir:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._created_dir = False
+
+    def _forget_dir(self, made_here: bool) -> None:
+        """After a failed start: remove a temporary directory made by it (one taken over from an
+        earlier incarnation stays for the next try)."""
+        if made_here:
+            self._remove_dir()
+        self._created_dir = False
+
     def _teardown(self, timeout: float = 5.0) -> list[str]:
         built, self._built = self._built, None
         if built is None:
@@ -518,6 +539,16 @@ class SomaSession(SomaOperations):
             return
         for ev in events:
             self._emit(ev)
+
+
+def _is_own_dir(path: str) -> bool:
+    """A real directory (not a symlink) of this user that no one else may write in: safe to
+    take over as soma's database and transfer directory."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 __all__ = ["SomaSession", "SomaSessionConfig"]
