@@ -42,6 +42,7 @@ from flowbus.schemas import (  # noqa: E402
     FlowbusError,
     Heartbeat,
     SessionConfig,
+    SourceRefused,
     StateChanged,
     UnknownSession,
     decode,
@@ -107,9 +108,12 @@ class BackendActorImpl:
 
     def __init__(self, name: str, broker_address: str, specs: list[dict[str, Any]], curve: Any = None, *,
                  poll_workers: int = POLL_WORKERS, open_concurrency: int = OPEN_CONCURRENCY,
-                 stuck_after: float = STUCK_AFTER) -> None:
+                 stuck_after: float = STUCK_AFTER, grants: dict[str, list[Any]] | None = None) -> None:
         # configuration only: no I/O here (a failing constructor surfaces as an opaque actor death)
         self.actor_name = name
+        #: per session, the source grant the Supervisor made (the broker takes a session's source
+        #: only with it); a session without one opens as a user source
+        self.grants: dict[str, list[Any]] = dict(grants or {})
         self.broker_address = broker_address
         self.specs = list(specs)
         self.curve = curve
@@ -151,7 +155,9 @@ class BackendActorImpl:
         """Register every source in one round, read one snapshot, start sessions concurrently."""
         assert self._publisher is not None and self._scheduler is not None
         sessions = [session_for(spec) for spec in specs]
-        grants = self._publisher.open_sources([(spec.name, s.backend) for spec, s in zip(specs, sessions, strict=True)])
+        grants = self._publisher.open_sources([(spec.name, s.backend, self.grants.get(spec.name))
+                                               for spec, s in zip(specs, sessions, strict=True)])
+        refusals = self._publisher.refusals()
         known = self._known_many([(spec.name, s.backend) for spec, s in zip(specs, sessions, strict=True)])
         errors: list[tuple[str, BaseException]] = []
 
@@ -159,7 +165,9 @@ class BackendActorImpl:
             states, previous_address = known.get(spec.name, ({}, None))
             hosted = _Hosted(spec, session, self._publisher)  # type: ignore[arg-type]
             if spec.name not in grants:
-                errors.append((spec.name, Fenced(f"source {spec.name!r}: a newer incarnation owns it")))
+                why = refusals.get(spec.name)
+                errors.append((spec.name, SourceRefused(f"session {spec.name!r}: {why}") if why
+                               else Fenced(f"source {spec.name!r}: a newer incarnation owns it")))
                 return
             epoch, next_seq = grants[spec.name]
             log.info("session.opening", session_id=spec.name, epoch=epoch, next_seq=next_seq, known=len(states))
@@ -239,11 +247,13 @@ class BackendActorImpl:
         """What the journal's snapshot says about one source: states, and the last address."""
         return self._known_many([(source, backend)])[source]
 
-    async def add_session(self, spec: dict[str, Any]) -> dict[str, Any]:
+    async def add_session(self, spec: dict[str, Any], grant: list[Any] | None = None) -> dict[str, Any]:
         await self.start()
         name = spec.get("name")
         if name in self._hosted:
             raise FlowbusError(f"session {name!r} is already hosted by {self.actor_name}")
+        if grant is not None:
+            self.grants[str(name)] = grant
         self.specs.append(spec)
         await self._open([spec])
         return await self.ping()

@@ -31,7 +31,7 @@ from . import _ray  # noqa: F401  (loopback fences before ray)
 import ray  # noqa: E402, I001
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError  # noqa: E402
 
-from flowbus.bus import ClientCurve  # noqa: E402
+from flowbus.bus import ClientCurve, load_grant_key, make_grant  # noqa: E402
 from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession  # noqa: E402
 
 from ._backend_actor import BackendActor  # noqa: E402
@@ -77,6 +77,7 @@ class SupervisorImpl:
     def __init__(self, config_json: bytes, broker_address: str, curve: Any = None) -> None:
         self.config = msgspec.json.decode(config_json, type=FlowbusConfig)
         self.broker_address = broker_address
+        self._grant_key_file = self.config.bus.grant_key_file
         # the actors' client keys for a CURVE broker come from the same [bus.curve] table
         self.curve = curve if curve is not None else ClientCurve.from_config(self.config.bus.curve)
         # configuration only here: a plan error is raised by start(), not as an opaque actor death
@@ -103,6 +104,14 @@ class SupervisorImpl:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
 
+    def _grant(self, spec: dict[str, Any]) -> list[Any] | None:
+        """The source grant of a session (None when the bus checks no grants). The key is read
+        when needed and never leaves this actor; only grants travel, over Ray's authenticated
+        channels, to the actor that opens the session."""
+        if not self._grant_key_file:
+            return None
+        return make_grant(load_grant_key(self._grant_key_file), str(spec["name"]), str(spec["backend"]))
+
     # -- start ---------------------------------------------------------------------------------------
 
     def check_cluster(self) -> None:
@@ -123,7 +132,8 @@ class SupervisorImpl:
                     opts = actor_options(p, self.config.ray.max_restarts)
                     self.actors[name] = BackendActor.options(**opts).remote(
                         name, self.broker_address, p.specs, self.curve, poll_workers=self.config.ray.poll_workers,
-                        open_concurrency=self.config.ray.open_concurrency)
+                        open_concurrency=self.config.ray.open_concurrency,
+                        grants={s["name"]: self._grant(s) for s in p.specs})
                     for s in p.specs:
                         self.placement[s["name"]] = name
             handles = dict(self.actors)
@@ -252,7 +262,7 @@ class SupervisorImpl:
             chosen[s] = target
         t0 = time.monotonic()
         # all at once: each opens under a new incarnation (fencing the old one) and resyncs
-        refs = {s: self.actors[t].add_session.remote(self.specs[s]) for s, t in chosen.items()}
+        refs = {s: self.actors[t].add_session.remote(self.specs[s], self._grant(self.specs[s])) for s, t in chosen.items()}
         ready = set(ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.start_timeout)[0]) if refs else set()
         for s, ref in refs.items():
             move: dict[str, Any] = {"session": s, "from": name, "to": chosen[s], "time": time.time(), "reason": reason}

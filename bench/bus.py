@@ -320,7 +320,13 @@ def run_fb(n: int, nsubs: int, batch_max: int, rate: float = 0.0, journal_dir: s
     from flowbus.bus import BrokerProcess
     from flowbus.schemas import BusConfig
 
-    cfg = BusConfig(request_port=0, publish_port=0, ingest_port=0)
+    # the embedded default's transport: ipc sockets in a private directory (the kernel is the
+    # authentication), with source grants on
+    from flowbus.bus import ensure_grant_key
+
+    ipc_dir = tempfile.mkdtemp(prefix="fbbench-ipc-")
+    cfg = BusConfig(ipc_dir=os.path.join(ipc_dir, "bus"),
+                    grant_key_file=str(ensure_grant_key(os.path.join(ipc_dir, "grant.key"))))
     log_path = os.path.join(logdir, "broker.log") if logdir else None
     bp = BrokerProcess(cfg, journal_dir=journal_dir, log_path=log_path)
     try:
@@ -339,6 +345,7 @@ def run_fb(n: int, nsubs: int, batch_max: int, rate: float = 0.0, journal_dir: s
         return _run(kind, n, nsubs, setup, timeout, broker_pid=bp.proc.pid)
     finally:
         bp.stop()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
 # -- main ---------------------------------------------------------------------------------------------

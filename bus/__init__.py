@@ -1,28 +1,67 @@
-"""ZeroMQ transport: broker, publisher, subscriber, journal/replay, waits and callbacks."""
+"""ZeroMQ transport: broker, publisher, subscriber, journal/replay, waits, callbacks and commands.
 
-from ._broker import BROKER_SOURCE, Broker
-from ._client import DEFAULT_ADDRESS, Callback, Client, Expectation
-from ._curve import ClientCurve, make_keypair
-from ._journal import Journal
-from ._match import Match, as_match
-from ._process import BrokerProcess, serve
-from ._publisher import Publisher
-from ._subscriber import Subscriber
+The names below are loaded from their modules on first use, so a short-lived command (``flowbus
+call``) imports only what it touches.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._broker import BROKER_SOURCE, Broker
+    from ._client import Callback, Client, Expectation, default_address
+    from ._commands import CommandServer
+    from ._curve import ClientCurve, make_keypair
+    from ._grant import ensure_grant_key, load_grant_key, make_grant
+    from ._journal import Journal
+    from ._match import Match, as_match
+    from ._process import BrokerProcess, serve
+    from ._publisher import Publisher
+    from ._subscriber import Subscriber
+
+_WHERE = {
+    "BROKER_SOURCE": "_broker", "Broker": "_broker",
+    "Callback": "_client", "Client": "_client", "Expectation": "_client", "default_address": "_client",
+    "CommandServer": "_commands",
+    "ClientCurve": "_curve", "make_keypair": "_curve",
+    "ensure_grant_key": "_grant", "load_grant_key": "_grant", "make_grant": "_grant",
+    "Journal": "_journal",
+    "Match": "_match", "as_match": "_match",
+    "BrokerProcess": "_process", "serve": "_process",
+    "Publisher": "_publisher",
+    "Subscriber": "_subscriber",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flowbus.bus' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BROKER_SOURCE",
-    "DEFAULT_ADDRESS",
     "Broker",
     "BrokerProcess",
     "Callback",
     "Client",
     "ClientCurve",
+    "CommandServer",
     "Expectation",
     "Journal",
     "Match",
     "Publisher",
     "Subscriber",
     "as_match",
+    "default_address",
+    "ensure_grant_key",
+    "load_grant_key",
+    "make_grant",
     "make_keypair",
     "serve",
 ]

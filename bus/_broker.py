@@ -7,9 +7,11 @@ lost across a broker restart. Gaps from a publisher are NACKed; stale incarnatio
 
 from __future__ import annotations
 
+import grp
 import os
 import time
 import uuid
+from pathlib import Path
 from collections import Counter
 from typing import Any
 
@@ -19,6 +21,7 @@ import zmq
 
 from flowbus.schemas import (
     SCHEMA_VERSION,
+    ConfigError,
     AnyEvent,
     BusConfig,
     ErrorEvent,
@@ -31,7 +34,9 @@ from flowbus.schemas import (
 )
 
 from . import _framing as fr
-from ._curve import server_setup
+from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
+from ._commands import CommandRouter
+from ._grant import check_grant, load_grant_key
 from ._journal import Journal, SourceLog
 
 log = structlog.get_logger("flowbus.broker")
@@ -41,6 +46,12 @@ _DRAIN = 2000  # messages per socket per loop turn, so one busy socket cannot st
 _DRAIN_EVENTS = 20_000  # events per ingest turn: acks go out at least this often
 _FANOUT_BATCH = 100  # events per frame to subscribers: large lists decode slower per event
 _NACK_EVERY = 0.2  # seconds between NACKs for the same source
+#: epochs and seqs a registration may carry (msgpack and the journal hold them as 64-bit ints;
+#: nothing a client sends may push them near that)
+MAX_EPOCH = 2**31 - 1
+MAX_SEQ = 2**53
+_MAX_NAME = 128  # characters in a source or backend name
+_IPC_PATH_MAX = 100  # a Unix socket path has ~107 bytes; keep room
 #: every this many ticks a tick carries every source's marks; the others carry only the sources
 #: whose marks changed since the previous tick (a subscriber that misses a tick sees the jump in
 #: the tick number and asks for all marks)
@@ -70,52 +81,137 @@ class Broker:
         self._own: SourceLog | None = None
         self._tick_no = 0
         self._dirty: set[str] = set()  # sources whose marks changed since the last tick
+        #: source -> the ingest connection (routing id) of the incarnation that registered it; data,
+        #: heartbeats and unregistrations from any other connection are not taken for it
+        self._holders: dict[str, bytes] = {}
+        self._grant_key: bytes | None = None
+        self._commands = CommandRouter(self)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def bind(self) -> dict[str, str]:
-        """Bind the three sockets; returns their endpoints (ports resolved when 0)."""
+        """Bind the three sockets; returns their endpoints (ports resolved when 0).
+
+        Raises OSError when a socket cannot be bound and ConfigError for a configuration that
+        would let someone else in (TCP without CurveZMQ, an ipc directory others may enter)."""
         cfg = self.config
+        if cfg.transport == "tcp" and not cfg.curve.server_secret_key_file:
+            if not is_loopback(cfg.host):
+                raise OSError(f"refusing to bind {cfg.host!r} (not loopback) without CurveZMQ: "
+                              "set bus.curve.server-secret-key-file")
+            if not cfg.insecure_loopback:
+                raise OSError(f"refusing to serve TCP on {cfg.host} without CurveZMQ: every local user reaches "
+                              "loopback. Use bus.transport = \"ipc\" (the default), set bus.curve keys (`flowbus up` "
+                              "makes them for transport = \"tcp\"), or bus.insecure-loopback = true for a throwaway test")
+        self._grant_key = load_grant_key(cfg.grant_key_file) if cfg.grant_key_file else None
         self._ctx = zmq.Context()
-        if not is_loopback(cfg.host) and not cfg.curve.server_secret_key_file:
+        try:
+            self._auth = server_setup(self._ctx, cfg.curve) if cfg.transport == "tcp" else None
+        except ConfigError:
             self._ctx.term()
             self._ctx = None
-            raise OSError(f"refusing to bind {cfg.host!r} (not loopback) without CurveZMQ: "
-                          "set bus.curve.server-secret-key-file")
-        self._auth = server_setup(self._ctx, cfg.curve)
+            raise
         self.ingest = self._ctx.socket(zmq.ROUTER)
         self.xpub = self._ctx.socket(zmq.XPUB)
         self.req = self._ctx.socket(zmq.ROUTER)
-        for sock in (self.ingest, self.xpub, self.req):
+        self.cmd = self._ctx.socket(zmq.ROUTER)
+        for sock in (self.ingest, self.xpub, self.req, self.cmd):
             sock.linger = 0
-            sock.rcvhwm = 0
+            # bounded: the transport refuses larger messages and stops reading a client whose
+            # queue is full (back-pressure on that client, nothing dropped)
+            sock.maxmsgsize = cfg.max_frame_bytes + 4096 if sock is not self.xpub else cfg.max_topic_bytes + 1
+            sock.rcvhwm = cfg.queue_messages
             sock.sndhwm = 0 if sock is not self.xpub else 200_000
             if self._auth is not None:
-                self._auth.apply_server(sock)
-        host = cfg.host
-        for name, sock, port in (("request", self.req, cfg.request_port), ("publish", self.xpub, cfg.publish_port),
-                                 ("ingest", self.ingest, cfg.ingest_port)):
+                self._auth.apply_server(sock, WRITE_DOMAIN if sock in (self.ingest, self.cmd) else READ_DOMAIN)
+        self.ingest.router_handover = True  # a publisher's reconnect keeps its routing id
+        try:
+            targets = self._ipc_targets() if cfg.transport == "ipc" else self._tcp_targets()
+        except (OSError, ConfigError):
+            self.close()
+            raise
+        for name, sock, target in targets:
             try:
-                sock.bind(f"tcp://{host}:{port or '*'}")
+                sock.bind(target)
             except zmq.ZMQError as exc:
                 self.close()
-                raise OSError(f"cannot bind the {name} socket on {host}:{port}: {exc.strerror or exc} (another broker or `flowbus up` running?)") from exc
+                raise OSError(f"cannot bind the {name} socket on {target}: {exc.strerror or exc} "
+                              "(another broker or `flowbus up` running?)") from exc
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if cfg.transport == "ipc":
+            self._chmod_ipc()
         self._own = self.journal.source(BROKER_SOURCE)
         self._own = self.journal.register(BROKER_SOURCE, "flowbus", (self._own.epoch if self._own else 0) + 1,
                                           self._own.last_seq if self._own else 0)
+        self._report_damage()
         self.journal.flush()
         # liveness is tracked only for sources heard by this broker: live publishers re-register
         # within one heartbeat after a broker restart, sessions of an earlier run never will
-        log.info("broker.bound", broker_id=self.broker_id, **self.endpoints,
-                 journal=len(self.journal), sources=len(self.journal.sources))
+        log.info("broker.bound", broker_id=self.broker_id, **self.endpoints, grants=self._grant_key is not None,
+                 curve=self._auth is not None, journal=len(self.journal), sources=len(self.journal.sources))
         return dict(self.endpoints)
+
+    def _tcp_targets(self) -> list[tuple[str, zmq.Socket[bytes], str]]:
+        cfg = self.config
+        return [("request", self.req, f"tcp://{cfg.host}:{cfg.request_port or '*'}"),
+                ("publish", self.xpub, f"tcp://{cfg.host}:{cfg.publish_port or '*'}"),
+                ("ingest", self.ingest, f"tcp://{cfg.host}:{cfg.ingest_port or '*'}"),
+                ("command", self.cmd, f"tcp://{cfg.host}:{cfg.command_port or '*'}")]
+
+    def _ipc_targets(self) -> list[tuple[str, zmq.Socket[bytes], str]]:
+        """``<ipc-dir>/{request,publish}`` and ``<ipc-dir>/owner/{ingest,command}``; the directories are
+        created private (0700; 0750 with ``ipc-group``) and tightened when they exist."""
+        cfg = self.config
+        if not cfg.ipc_dir:
+            raise ConfigError("bus.ipc-dir: required with bus.transport = \"ipc\" (`flowbus up` uses <state-dir>/bus)")
+        base = Path(cfg.ipc_dir).expanduser().absolute()
+        owner = base / "owner"
+        if len(str(owner / "ingest")) > _IPC_PATH_MAX:
+            raise ConfigError(f"bus.ipc-dir: {str(base)!r} is too long for Unix socket paths "
+                              f"(at most ~{_IPC_PATH_MAX - 13} characters); choose a shorter state-dir or ipc-dir")
+        owner.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if cfg.ipc_group:
+            try:
+                gid = grp.getgrnam(cfg.ipc_group).gr_gid
+            except KeyError:
+                raise ConfigError(f"bus.ipc-group: no Unix group named {cfg.ipc_group!r}") from None
+            os.chown(base, -1, gid)
+            base.chmod(0o750)
+        else:
+            base.chmod(0o700)
+        owner.chmod(0o700)
+        return [("request", self.req, f"ipc://{base / 'request'}"), ("publish", self.xpub, f"ipc://{base / 'publish'}"),
+                ("ingest", self.ingest, f"ipc://{owner / 'ingest'}"), ("command", self.cmd, f"ipc://{owner / 'command'}")]
+
+    def _chmod_ipc(self) -> None:
+        """Socket files: the group (when configured) may connect to the read sockets only."""
+        mode = 0o660 if self.config.ipc_group else 0o600
+        for name in ("request", "publish"):
+            os.chmod(self.endpoints[name].removeprefix("ipc://"), mode)
+        for name in ("ingest", "command"):
+            os.chmod(self.endpoints[name].removeprefix("ipc://"), 0o600)
+
+    def _report_damage(self) -> None:
+        """Journal records found damaged at load: one log line each (the journal's) and one
+        ErrorEvent of the broker's naming the file offset, source and seq."""
+        damaged = list(getattr(self.journal, "damaged", []) or [])
+        if not damaged:
+            return
+        out: list[tuple[str, bytes]] = []
+        for d in damaged[:1000]:
+            where = f"{d.get('path')} offset {d.get('offset')}"
+            what = f"source {d.get('source')!r} seq {d.get('seq')}" if d.get("source") else "source unknown"
+            self._emit_own(ErrorEvent(source=BROKER_SOURCE, backend="flowbus", key=str(d.get("source") or ""),
+                                      error_type="flowbus.bus.JournalDamaged", operation="journal",
+                                      message=f"damaged journal record at {where} ({what}): {d.get('reason')}; "
+                                              "skipped, the records after it were kept"), out)
+        self.stats["journal_damaged"] += len(damaged)
 
     def run(self, should_stop: Any = None) -> None:
         """Serve until :meth:`stop` (or ``should_stop()`` returns True)."""
         assert self._ctx is not None, "bind() first"
         poller = zmq.Poller()
-        for sock in (self.ingest, self.xpub, self.req):
+        for sock in (self.ingest, self.xpub, self.req, self.cmd):
             poller.register(sock, zmq.POLLIN)
         hb = self.config.heartbeat_interval
         next_tick = time.monotonic()
@@ -129,8 +225,11 @@ class Broker:
                 self._drain_ingest()
             if self.req in ready:
                 self._drain_requests()
+            if self.cmd in ready:
+                self._commands.drain(time.monotonic())
             now = time.monotonic()
             if now >= next_tick:
+                self._commands.expire(now)
                 self._tick(now)
                 next_tick = now + hb
                 if should_stop is not None and should_stop():
@@ -176,11 +275,15 @@ class Broker:
                 elif kind == fr.HEARTBEAT:
                     self._on_heartbeat(ident, body, acks)
                 elif kind == fr.REGISTER:
-                    self._on_register(ident, body)
+                    try:
+                        self._on_register(ident, body)
+                    except (ValueError, TypeError, OverflowError) as exc:
+                        # answered, so the publisher fails at once with the reason, not a timeout
+                        fields = fr.unpack(body)
+                        name = fields[0] if isinstance(fields, list) and fields and isinstance(fields[0], str) else ""
+                        self._refuse_source(ident, name, "invalid", f"register frame: {exc}")
                 elif kind == fr.UNREGISTER:
-                    src, _epoch = fr.unpack(body)
-                    self._gone.add(str(src))
-                    self._heard.pop(str(src), None)
+                    self._on_unregister(ident, body)
                 else:
                     self._refuse("unknown_kind", f"ingest message kind {kind[:8]!r}")
             except (msgspec.DecodeError, ValueError, TypeError, OverflowError) as exc:  # e.g. int(inf)
@@ -193,51 +296,106 @@ class Broker:
             sock.send_multipart([ident, fr.ACK, body])
 
     def _on_register(self, ident: bytes, body: bytes) -> None:
-        source, backend, claimed, last_acked, _last_sent = fr.unpack(body)
-        source, backend, claimed, last_acked = str(source), str(backend), int(claimed), int(last_acked)
-        st = self.journal.source(source)
+        """A publisher asks for a source. Everything in the frame is checked before it can touch
+        the journal: names, integer ranges, the grant (a session's source), the holder."""
+        fields = fr.unpack(body)
+        if not isinstance(fields, list) or len(fields) not in (5, 6):
+            raise ValueError("register frame: expected [source, backend, epoch, last_acked, last_sent(, grant)]")
+        source, backend, claimed, last_acked, last_sent = fields[:5]
+        grant = fields[5] if len(fields) == 6 else None
+        if not isinstance(source, str) or not isinstance(backend, str):
+            raise ValueError("register frame: source and backend must be strings")
         if source == BROKER_SOURCE:
-            raise ValueError(f"source name {BROKER_SOURCE!r} is reserved")
-        if not source or "/" in source or source.startswith("\x00"):
-            raise ValueError(f"source name {source!r}: must be non-empty, without '/' and not start with NUL")
+            return self._refuse_source(ident, source, "reserved", f"source name {BROKER_SOURCE!r} is reserved")
+        if (not source or "/" in source or source.startswith("\x00") or len(source) > _MAX_NAME
+                or not source.isprintable() or not backend.isprintable() or len(backend) > _MAX_NAME):
+            return self._refuse_source(ident, source, "bad_name", f"source name {source[:_MAX_NAME]!r} ({backend[:_MAX_NAME]!r}): "
+                                       f"must be 1-{_MAX_NAME} printable characters, without '/'")
+        for what, value, top in (("epoch", claimed, MAX_EPOCH), ("last acked seq", last_acked, MAX_SEQ),
+                                 ("last sent seq", last_sent, MAX_SEQ)):
+            if type(value) is not int or not 0 <= value <= top:
+                return self._refuse_source(ident, source, "out_of_range",
+                                           f"source {source!r}: {what} {value!r} is not an integer in 0..{top}")
+        owner = ""
+        if grant is not None:
+            if self._grant_key is None:
+                return self._refuse_source(ident, source, "grants_off", f"source {source!r} came with a grant, but this "
+                                           "broker checks none (bus.grant-key-file is not set)")
+            try:
+                owner = check_grant(self._grant_key, source, backend, grant)
+            except ValueError as exc:
+                return self._refuse_source(ident, source, "bad_grant", str(exc))
+        st = self.journal.source(source)
+        if st is not None and st.owner and st.owner != owner:
+            return self._refuse_source(ident, source, "owned", f"source {source!r} belongs to session {st.owner}; "
+                                       "only flowbus opens it (pick another source name)")
+        holder = self._holders.get(source)
+        if (not owner and holder is not None and holder != ident and source not in self._lost
+                and source not in self._gone):
+            return self._refuse_source(ident, source, "in_use", f"source {source!r} is open on another publisher; "
+                                       "it is free once that one closes it or falls silent for "
+                                       f"{self.config.publisher_timeout:g} s")
         if st is None:
-            # new source, or a broker that lost its journal: adopt the publisher's view
-            epoch = claimed or 1
-            st = self.journal.register(source, backend, epoch, last_acked if claimed else 0)
-            resume = st.last_seq + 1
-        elif claimed == 0:
-            st = self.journal.register(source, backend, st.epoch + 1, st.last_seq)  # a new incarnation
-            resume = st.last_seq + 1
+            # new source, or a broker that lost its journal: the publisher's incarnation stands
+            st = self.journal.register(source, backend, claimed or 1, last_acked if claimed else 0, owner=owner)
+        elif claimed == 0 or claimed > st.epoch:
+            if st.epoch >= MAX_EPOCH:
+                return self._refuse_source(ident, source, "out_of_range", f"source {source!r}: no epoch left")
+            # a new incarnation (the broker grants the next epoch; it never takes one from the client)
+            st = self.journal.register(source, backend, st.epoch + 1, st.last_seq, owner=owner)
         elif claimed == st.epoch:
             # same incarnation after a broker restart: it resends what the journal lacks
             if last_acked > st.last_seq:  # acked by a broker that lost it: that history is gone
                 log.warning("broker.source.history_lost", source=source, first=st.last_seq + 1, last=last_acked)
-                st = self.journal.register(source, backend, st.epoch, last_acked)
-            resume = st.last_seq + 1
-        elif claimed < st.epoch:
+                st = self.journal.register(source, backend, st.epoch, last_acked, owner=owner)
+        else:
             self.stats["fenced"] += 1
             self.ingest.send_multipart([ident, fr.FENCED, fr.pack([source, claimed, st.epoch])])
-            return
-        else:
-            st = self.journal.register(source, backend, claimed, max(st.last_seq, last_acked))
-            resume = st.last_seq + 1
+            return None
+        resume = st.last_seq + 1
         self.journal.flush()
+        if holder is not None and holder != ident and st.epoch != claimed:
+            self.stats["taken_over"] += 1
+        self._holders[source] = ident
         self._dirty.add(source)
         self._gone.discard(source)
         self._heard[source] = time.monotonic()
         self.stats["registrations"] += 1
-        log.info("broker.source.registered", source=source, epoch=st.epoch, resume_from=resume)
+        log.info("broker.source.registered", source=source, epoch=st.epoch, resume_from=resume, owner=st.owner or None)
         self.ingest.send_multipart([ident, fr.WELCOME, fr.pack([source, st.epoch, resume, self.broker_id])])
+        return None
+
+    def _refuse_source(self, ident: bytes, source: str, code: str, message: str) -> None:
+        self.stats[f"refused.{code}"] += 1
+        log.warning("broker.source.refused", source=source[:_MAX_NAME], code=code, detail=message[:300])
+        self.ingest.send_multipart([ident, fr.REFUSED, fr.pack([source[:_MAX_NAME], code, message])])
+
+    def _on_unregister(self, ident: bytes, body: bytes) -> None:
+        src, _epoch = fr.unpack(body)
+        source = str(src)
+        if self._holders.get(source) != ident:
+            self.stats["foreign"] += 1
+            return
+        del self._holders[source]
+        self._gone.add(source)
+        self._heard.pop(source, None)
 
     def _check_epoch(self, ident: bytes, source: str, epoch: int) -> SourceLog | None:
         st = self.journal.source(source)
         if st is not None and epoch == st.epoch:
-            return st
-        if st is not None and epoch < st.epoch:
+            holder = self._holders.get(source)
+            if holder == ident:
+                return st
+            if holder is not None:
+                # another connection writing a source it did not register: not taken, and
+                # not answered with a fence (that would tell a stranger the incarnation)
+                self._refuse("foreign", f"data or heartbeat for source {source!r} from a connection that does not hold it")
+                return None
+        elif st is not None and epoch < st.epoch:
             self.stats["fenced"] += 1
             self.ingest.send_multipart([ident, fr.FENCED, fr.pack([source, epoch, st.epoch])])
             return None
-        self._nack(ident, source, epoch, -1)  # unknown to this broker: register again
+        self._nack(ident, source, epoch, -1)  # unknown to this broker (or to this connection): register again
         return None
 
     def _nack(self, ident: bytes, source: str, epoch: int, expected: int) -> None:
@@ -356,7 +514,12 @@ class Broker:
                 if topic.startswith(fr.HELLO):
                     self.xpub.send_multipart([topic, fr.pack([self.broker_id])])
                 elif not topic.startswith(fr.CONTROL):
-                    self._subs.add(topic.decode("utf-8", "replace"))
+                    # the transport already refuses topics over max-topic-bytes; the set the
+                    # broker keeps for batching decisions is bounded too
+                    if len(self._subs) < self.config.max_subscriptions:
+                        self._subs.add(topic.decode("utf-8", "replace"))
+                    else:
+                        self._refuse("too_many_subscriptions", f"{len(self._subs)} distinct topics kept")
                 self.stats["subscriptions"] += 1
             elif msg[0] == 0:
                 self._subs.discard(topic.decode("utf-8", "replace"))

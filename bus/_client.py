@@ -2,38 +2,47 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 import zmq
 
-from flowbus.schemas import CurveConfig, Event, WaitTimeout, decode
+from flowbus.schemas import BusBroken, CurveConfig, Event, WaitTimeout, decode
 
+from ._command_client import Commander
 from ._curve import ClientCurve
 from ._match import Match, as_match
-from ._request import Requester
+from ._request import Requester, same_host
 from ._subscriber import Start, Subscriber
 
 log = structlog.get_logger("flowbus.client")
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:7750"
+def default_address() -> str:
+    """The embedded default's request endpoint: ``ipc://<state-dir>/bus/request``, the state dir
+    being ``$FLOWBUS_STATE_DIR`` or ``~/.local/state/flowbus``."""
+    state = Path(os.environ.get("FLOWBUS_STATE_DIR") or "~/.local/state/flowbus").expanduser()
+    return f"ipc://{state.absolute() / 'bus' / 'request'}"
 
 
 class Client:
-    """Subscriptions, callbacks, waits and state queries against one broker."""
+    """Subscriptions, callbacks, waits, state queries and commands against one broker."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, curve: ClientCurve | CurveConfig | None = None,
+    def __init__(self, address: str | None = None, *, curve: ClientCurve | CurveConfig | None = None,
                  timeout: float = 5.0) -> None:
-        self.address = address
+        self.address = address or default_address()
         self.curve = ClientCurve.from_config(curve) if isinstance(curve, CurveConfig) else curve
         self.timeout = timeout
-        self._req = Requester(zmq.Context.instance(), address, self.curve, timeout)
+        self._req = Requester(zmq.Context.instance(), self.address, self.curve, timeout)
         self._lock = threading.Lock()
         self._callbacks: list[Callback] = []
+        self._commander: Commander | None = None
+        self._cmd_lock = threading.Lock()
         self.info = self._call("info")
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
@@ -77,12 +86,36 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return self._call("stats")
 
+    # -- commands ------------------------------------------------------------------------------------
+
+    def call(self, session: str, operation: str, args: list[Any] | tuple[Any, ...] = (),
+             kwargs: dict[str, Any] | None = None, *, timeout: float = 300.0) -> Any:
+        """Run ``operation`` on ``session`` through the Supervisor of the ``flowbus up`` serving
+        this bus (so a session that moved is still reached); returns its result. Raises the
+        session's own error (``UnknownSession``, ``UnknownOperation``, ``BackendRejected``, ...)
+        or ``BusBroken`` when nothing serves commands or no answer comes within ``timeout``."""
+        return self.command("call", timeout=timeout, session=session, operation=operation,
+                            args=list(args), kwargs=dict(kwargs or {}))
+
+    def command(self, op: str, *, timeout: float = 60.0, **args: Any) -> Any:
+        """A command to the serving ``flowbus up``: ``call``, ``sessions``, ``rules``."""
+        endpoint = self.info.get("command")
+        if not endpoint:
+            raise BusBroken(f"the broker at {self.address} has no command socket (an older broker?)")
+        with self._cmd_lock:
+            if self._commander is None:
+                self._commander = Commander(zmq.Context.instance(), same_host(str(endpoint), self.address), self.curve)
+            return self._commander.call(op, timeout, **args)
+
     def close(self) -> None:
         for cb in self._callbacks:
             cb.cancel()
         self._callbacks.clear()
         with self._lock:
             self._req.close()
+        with self._cmd_lock:
+            if self._commander is not None:
+                self._commander.close()
 
     def __enter__(self) -> Client:
         return self

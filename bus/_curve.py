@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +14,30 @@ from zmq.auth.thread import ThreadAuthenticator
 from flowbus.schemas import ConfigError, CurveConfig
 
 
-def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
-    """Write ``<name>.key`` (public) and ``<name>.key_secret`` (secret, mode 0600)."""
+def make_keypair(directory: str | Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
+    """Write ``<name>.key`` (public, mode 0644) and ``<name>.key_secret`` (secret, mode 0600) in
+    ``directory`` (created 0700 when missing). The files are made in a private temporary
+    directory beside them and moved into place, so the secret is never readable by others.
+
+    Raises ``ConfigError`` naming the file when either already exists (a key in use would be
+    lost), unless ``force``; or when the directory cannot be written."""
     d = Path(directory).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(d), name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+    public, secret = d / f"{name}.key", d / f"{name}.key_secret"
+    if not force:
+        for path in (secret, public):
+            if path.exists() or path.is_symlink():
+                raise ConfigError(f"{path} already exists; not overwriting a key (use --force to replace it)")
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=d) as tmp:  # 0700
+            made_public, made_secret = zmq.auth.create_certificates(tmp, name)
+            os.chmod(made_secret, 0o600)
+            os.chmod(made_public, 0o644)
+            os.replace(made_secret, secret)
+            os.replace(made_public, public)
+    except OSError as exc:
+        raise ConfigError(f"cannot write a key pair in {str(d)!r}: {exc.strerror or exc}") from None
+    return public, secret
 
 
 def _load(path: str, what: str) -> tuple[bytes, bytes | None]:
@@ -28,23 +47,70 @@ def _load(path: str, what: str) -> tuple[bytes, bytes | None]:
         raise ConfigError(f"bus.curve.{what}: cannot read key file {path!r}: {exc}") from None
 
 
+class _KeyDir:
+    """The public keys in a directory of ``*.key`` files, read again when the directory changes
+    (a colleague's key dropped in is admitted without a broker restart)."""
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_dir():
+            raise ConfigError(f"bus.curve.{what}: {str(self.path)!r} is not a directory")
+        self._mtime = -1.0
+        self._keys: set[bytes] = set()
+
+    def keys(self) -> set[bytes]:
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            return set()
+        if mtime != self._mtime:
+            self._mtime = mtime
+            try:
+                self._keys = set(zmq.auth.load_certificates(str(self.path)))
+            except (OSError, ValueError):
+                self._keys = set()
+        return self._keys
+
+
+class _Admission:
+    """ZAP callback: owners (``authorized-keys-dir``) everywhere, readers only on read sockets."""
+
+    def __init__(self, owners: _KeyDir | None, readers: _KeyDir | None) -> None:
+        self.owners, self.readers = owners, readers
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if self.owners is None or key in self.owners.keys():
+            return True
+        return domain == READ_DOMAIN and self.readers is not None and key in self.readers.keys()
+
+
+#: ZAP domains of the broker's sockets: readers are admitted only where nothing is written
+READ_DOMAIN = "read"
+WRITE_DOMAIN = "write"
+
+
 class _ServerCurve:
     def __init__(self, ctx: zmq.Context[Any], cfg: CurveConfig) -> None:
         public, secret = _load(cfg.server_secret_key_file, "server-secret-key-file")
         if secret is None:
             raise ConfigError(f"bus.curve.server-secret-key-file: {cfg.server_secret_key_file!r} has no secret key")
         self.public_key, self.secret_key = public, secret
+        owners = _KeyDir(cfg.authorized_keys_dir, "authorized-keys-dir") if cfg.authorized_keys_dir else None
+        readers = _KeyDir(cfg.readers_keys_dir, "readers-keys-dir") if cfg.readers_keys_dir else None
+        if readers is not None and owners is None:
+            raise ConfigError("bus.curve.readers-keys-dir: needs bus.curve.authorized-keys-dir too (otherwise "
+                              "every client with the broker's public key may publish)")
         self.auth = ThreadAuthenticator(ctx)
         self.auth.start()
-        if cfg.authorized_keys_dir:
-            d = Path(cfg.authorized_keys_dir).expanduser()
-            if not d.is_dir():
-                raise ConfigError(f"bus.curve.authorized-keys-dir: {str(d)!r} is not a directory")
-            self.auth.configure_curve(domain="*", location=str(d))
-        else:
+        if owners is None:
             self.auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        else:
+            admission = _Admission(owners, readers)
+            for domain in (READ_DOMAIN, WRITE_DOMAIN):
+                self.auth.configure_curve_callback(domain=domain, credentials_provider=admission)
 
-    def apply_server(self, sock: zmq.Socket[Any]) -> None:
+    def apply_server(self, sock: zmq.Socket[Any], domain: str = WRITE_DOMAIN) -> None:
+        sock.zap_domain = domain.encode()
         sock.curve_secretkey = self.secret_key
         sock.curve_publickey = self.public_key
         sock.curve_server = True

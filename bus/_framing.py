@@ -3,7 +3,8 @@
 Three sockets on the broker, all bound, everyone else connects:
 
 * ingest (ROUTER; publishers connect a DEALER). A message is ``[kind, body]``, body msgpack:
-  - ``R`` register ``[source, backend, claimed_epoch, last_acked, last_sent]``
+  - ``R`` register ``[source, backend, claimed_epoch, last_acked, last_sent(, grant)]``: a
+    flowbus session's source carries its grant ``[owner, mac]`` (see ``_grant``)
   - ``D`` data ``[source, epoch, first_seq, [payload, ...]]`` (payloads are encoded events)
   - ``H`` heartbeat ``[[source, epoch, last_sent], ...]``
   - ``U`` unregister ``[source, epoch]``
@@ -12,6 +13,8 @@ Three sockets on the broker, all bound, everyone else connects:
   - ``A`` ack ``[broker_id, [[source, epoch, acked_seq], ...]]``
   - ``N`` nack ``[source, epoch, expected_seq]`` (resend from there; -1: register again)
   - ``F`` fenced ``[source, epoch, current_epoch]``
+  - ``X`` refused ``[source, code, message]``: the registration was not accepted (owned by a
+    session, in use by another publisher, bad grant, out of range)
 * publish (XPUB; subscribers connect a SUB). ``[topic, body]``: body is one encoded event (a
   msgpack map) or a batch (a msgpack array of encoded events). Control topics start with NUL:
   ``\\0tick`` carries ``[broker_id, {source: [backend, epoch, last_seq, oldest_seq]}]`` and
@@ -34,6 +37,7 @@ WELCOME = b"W"
 ACK = b"A"
 NACK = b"N"
 FENCED = b"F"
+REFUSED = b"X"
 
 TICK = b"\x00tick"
 HELLO = b"\x00hello/"

@@ -51,13 +51,16 @@ class BrokerProcess:
 
     def start(self, timeout: float = 20.0) -> dict[str, Any]:
         cfg = self.config
-        if self.endpoints:  # a restart binds the same ports, so clients reconnect by themselves
+        if self.endpoints and cfg.transport == "tcp":  # a restart binds the same ports: clients reconnect by themselves
             cfg = msgspec.structs.replace(cfg, **{f"{k}_port": int(str(self.endpoints[k]).rsplit(":", 1)[1])
-                                                  for k in ("request", "publish", "ingest")})
+                                                  for k in ("request", "publish", "ingest", "command")
+                                                  if k in self.endpoints})
         args = [sys.executable, "-m", "flowbus", "broker", "--config-json", msgspec.json.encode(cfg).decode()]
         if self.journal_dir:
             args += ["--journal-dir", self.journal_dir]
-        stderr = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        # the log is private like the rest of the state dir (it names sources and endpoints)
+        stderr = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") \
+            if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True)
         if self.log_path:
             stderr.close()  # type: ignore[union-attr]

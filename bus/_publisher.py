@@ -20,7 +20,7 @@ import msgspec
 import structlog
 import zmq
 
-from flowbus.schemas import BusBroken, BusClosed, Event, Fenced
+from flowbus.schemas import BusBroken, BusClosed, Event, Fenced, SourceRefused
 
 from . import _framing as fr
 from ._curve import ClientCurve
@@ -41,6 +41,10 @@ class _Source:
     welcome: threading.Event = field(default_factory=threading.Event)
     fenced: bool = False
     last_progress: float = 0.0
+    #: the session's grant (``[owner, mac]``), sent with every registration; None for a user source
+    grant: list[Any] | None = None
+    #: why the broker refused this source ("" while it has not)
+    refused: str = ""
 
 
 class Publisher:
@@ -67,6 +71,10 @@ class Publisher:
         self._control: deque[list[bytes]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self._woken = False  # a wake-up is pending: publish() need not write the eventfd again
+        self._refusals: dict[str, str] = {}
+        #: one routing id for the life of this publisher: the broker binds a source to the
+        #: connection that registered it, and a reconnect keeps it (the broker hands it over)
+        self._routing_id = os.urandom(16)
         self._closed = False
         self._encoder = msgspec.msgpack.Encoder()
         self._ctx: zmq.Context[Any] = zmq.Context()
@@ -77,42 +85,40 @@ class Publisher:
 
     # -- API ----------------------------------------------------------------------------------------
 
-    def open_source(self, name: str, backend: str, timeout: float | None = None) -> tuple[int, int]:
+    def open_source(self, name: str, backend: str, timeout: float | None = None,
+                    grant: list[Any] | None = None) -> tuple[int, int]:
         """Register a source; blocks until the broker grants an epoch. Returns (epoch, next seq).
 
         A source opened again in a new process (an actor restart) gets a higher epoch and
-        continues the sequence the journal holds. Raises ``BusBroken`` when no broker answers.
+        continues the sequence the journal holds. ``grant`` is a flowbus session's source grant
+        (the Supervisor makes them); a source without one is a user source, which cannot take a
+        session's source nor one another live publisher holds. Raises ``SourceRefused`` naming
+        why the broker said no, ``Fenced``, or ``BusBroken`` when no broker answers.
         """
-        if not name or "/" in name or name.startswith("\x00"):
-            raise ValueError(f"source name {name!r}: must be non-empty, without '/' and not start with NUL")
-        with self._lock:
-            src = self._sources.get(name)
-            if src is None:
-                src = self._sources[name] = _Source(name, backend)
-            src.welcome.clear()
-            self._control.append([fr.REGISTER, fr.pack([name, backend, src.epoch, src.acked, src.next_seq - 1])])
-        self._wake()
-        if not src.welcome.wait(self.timeout if timeout is None else timeout):
-            raise BusBroken(f"no welcome from the broker at {self.address} for source {name!r}")
-        if src.fenced:
-            raise Fenced(f"source {name!r}: a newer incarnation owns it")
-        return src.epoch, src.next_seq
+        return self.open_sources([(name, backend, grant)], timeout, _strict=True)[name]
 
-    def open_sources(self, sources: list[tuple[str, str]], timeout: float | None = None) -> dict[str, tuple[int, int]]:
+    def open_sources(self, sources: list[tuple[str, str]] | list[tuple[str, str, list[Any] | None]],
+                     timeout: float | None = None, *, _strict: bool = False) -> dict[str, tuple[int, int]]:
         """:meth:`open_source` for many sources in one round (one lock, one wake-up, all
-        registrations in flight together). Returns ``{name: (epoch, next seq)}``; a source fenced
-        by a newer incarnation is left out. Raises ``BusBroken`` when a welcome is missing."""
-        for name, _backend in sources:
+        registrations in flight together): ``(name, backend)`` or ``(name, backend, grant)``.
+        Returns ``{name: (epoch, next seq)}``; a source fenced by a newer incarnation or refused
+        by the broker is left out (``refusals()`` says why). Raises ``BusBroken`` when a welcome
+        is missing."""
+        for item in sources:
+            name = item[0]
             if not name or "/" in name or name.startswith("\x00"):
                 raise ValueError(f"source name {name!r}: must be non-empty, without '/' and not start with NUL")
         waiting: list[_Source] = []
         with self._lock:
-            for name, backend in sources:
+            for item in sources:
+                name, backend = item[0], item[1]
+                grant = item[2] if len(item) > 2 else None  # type: ignore[misc]
                 src = self._sources.get(name)
                 if src is None:
                     src = self._sources[name] = _Source(name, backend)
+                src.grant, src.refused = grant, ""
                 src.welcome.clear()
-                self._control.append([fr.REGISTER, fr.pack([name, backend, src.epoch, src.acked, src.next_seq - 1])])
+                self._reregister(src)
                 waiting.append(src)
         self._wake()
         # the broker answers in order, a little per source: allow for that beyond the usual timeout
@@ -121,7 +127,23 @@ class Publisher:
             if not src.welcome.wait(max(0.0, deadline - time.monotonic())):
                 raise BusBroken(f"no welcome from the broker at {self.address} for source {src.name!r}"
                                 f" ({len(sources)} sources registering)")
-        return {s.name: (s.epoch, s.next_seq) for s in waiting if not s.fenced}
+        refused = [s for s in waiting if s.refused]
+        with self._lock:
+            for s in refused:  # nothing was granted: forget it, so nothing heartbeats or publishes
+                if self._sources.get(s.name) is s:
+                    del self._sources[s.name]
+        self._refusals.update({s.name: s.refused for s in refused})
+        if _strict:
+            src = waiting[0]
+            if src.refused:
+                raise SourceRefused(src.refused)
+            if src.fenced:
+                raise Fenced(f"source {src.name!r}: a newer incarnation owns it")
+        return {s.name: (s.epoch, s.next_seq) for s in waiting if not s.fenced and not s.refused}
+
+    def refusals(self) -> dict[str, str]:
+        """Sources the broker refused to open, with its reason (``source 'local' belongs to ...``)."""
+        return dict(self._refusals)
 
     def publish(self, event: Event) -> int:
         """Stamp ``seq``/``incarnation``/``time`` and queue the event; returns its seq."""
@@ -181,7 +203,10 @@ class Publisher:
     def connected(self) -> bool:
         return time.monotonic() - self.last_ack < max(3 * self.heartbeat_interval, 1.0)
 
-    def close(self, flush_timeout: float = 0.0) -> None:
+    def close(self, flush_timeout: float = 0.0, *, unregister: bool = True) -> None:
+        """Close the connection. Open sources are unregistered (another publisher may open them
+        at once) unless ``unregister`` is False, which leaves as a crash would: the broker then
+        reports them lost after ``publisher-timeout`` and frees them for another publisher."""
         if self._closed:
             return
         if flush_timeout > 0:
@@ -189,6 +214,10 @@ class Publisher:
                 self.flush(flush_timeout)
             except BusBroken:
                 log.warning("publisher.close.unflushed", pending={s.name: s.next_seq - 1 - s.acked for s in self._sources.values()})
+        with self._lock:  # let go of every source: another publisher may open it at once
+            for src in self._sources.values() if unregister else ():
+                if src.epoch and not src.fenced:
+                    self._control.append([fr.UNREGISTER, fr.pack([src.name, src.epoch])])
         self._closed = True
         self._wake()
         self._thread.join(5)
@@ -208,6 +237,7 @@ class Publisher:
 
     def _io_loop(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
+        sock.routing_id = self._routing_id
         sock.linger = 0
         sock.sndhwm = 0
         sock.rcvhwm = 0
@@ -240,7 +270,14 @@ class Publisher:
             if not self._closed:
                 log.error("publisher.io.failed", error=str(exc))
         finally:
-            sock.close(0)
+            linger = 0
+            try:
+                while self._control:  # the unregistrations close() queued
+                    sock.send_multipart(self._control.popleft(), zmq.NOBLOCK)
+                    linger = 200
+            except zmq.ZMQError:
+                pass
+            sock.close(linger)
 
     def _send_pending(self, sock: zmq.Socket[Any]) -> None:
         while self._control:
@@ -344,6 +381,17 @@ class Publisher:
                 else:
                     self.stats["resent"] += max(0, src.sent_upto - expected + 1)
                     src.sent_upto = min(src.sent_upto, expected - 1)
+            elif kind == fr.REFUSED:
+                name, code, message = body
+                src = self._sources.get(name)
+                if src is not None and not src.welcome.is_set():  # an open_source() waits for this
+                    src.refused = f"{message} [{code}]"
+                    src.welcome.set()
+                elif src is not None:
+                    # a registration again (after a broker restart) that the broker no longer takes
+                    log.error("publisher.source.refused", source=name, code=code, reason=message)
+                    src.fenced = True
+                    self._acked_cv.notify_all()
             elif kind == fr.FENCED:
                 name, epoch, current = body
                 src = self._sources.get(name)
@@ -354,7 +402,10 @@ class Publisher:
                     self._acked_cv.notify_all()
 
     def _reregister(self, src: _Source) -> None:
-        self._control.append([fr.REGISTER, fr.pack([src.name, src.backend, src.epoch, src.acked, src.next_seq - 1])])
+        fields: list[Any] = [src.name, src.backend, src.epoch, src.acked, src.next_seq - 1]
+        if src.grant is not None:
+            fields.append(src.grant)
+        self._control.append([fr.REGISTER, fr.pack(fields)])
 
     def _reregister_all(self, now: float) -> None:
         log.info("publisher.broker.restarted", address=self.address)

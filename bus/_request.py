@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from flowbus.schemas import BusBroken, BusClosed, BusRequestError
 
 from . import _framing as fr
-from ._curve import ClientCurve
+
+if TYPE_CHECKING:
+    from ._curve import ClientCurve
 
 
 class Requester:
@@ -71,7 +73,10 @@ def broker_info(ctx: zmq.Context[Any], address: str, curve: ClientCurve | None, 
 
 
 def same_host(endpoint: str, address: str) -> str:
-    """Endpoints the broker reports may name a wildcard host; keep the host the client used."""
+    """Endpoints the broker reports may name a wildcard host; keep the host the client used.
+    An ipc endpoint is a path and is taken as reported."""
+    if endpoint.startswith("ipc://") or not address.startswith("tcp://"):
+        return endpoint
     host = address.rsplit(":", 1)[0]
     port = endpoint.rsplit(":", 1)[1]
     return f"{host}:{port}"

@@ -6,13 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from flowbus._logging import configure
 from flowbus._runfile import read_runfile, resolve_address
-from flowbus.schemas import FlowbusConfig, FlowbusError, WaitTimeout, load_config
+from flowbus.schemas import FlowbusError, WaitTimeout
+
+if TYPE_CHECKING:
+    from flowbus.schemas import FlowbusConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_address(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--address", help="broker request endpoint (default: $FLOWBUS_ADDRESS, the running "
-                        "`flowbus up`, or tcp://127.0.0.1:7750)")
+                        "`flowbus up`, or ipc://<state-dir>/bus/request)")
         sp.add_argument("--config", help="TOML config whose [bus.curve] keys to use (default: the running "
                         "`flowbus up`'s)")
         sp.add_argument("--timeout-connect", type=float, default=5.0, metavar="S", help=argparse.SUPPRESS)
@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     wt.add_argument("--timeout", type=float, default=30.0)
     wt.add_argument("--json", action="store_true")
 
-    sm = sub.add_parser("submit", help="submit work to a backend session")
+    sm = with_address(sub.add_parser("submit", help="submit work to a backend session"))
+    sm.add_argument("--timeout", type=float, default=300.0, metavar="S", help=argparse.SUPPRESS)
     sm_sub = sm.add_subparsers(dest="backend", required=True, metavar="BACKEND")
     q = sm_sub.add_parser("qcg", help="submit QCG-PilotJob jobs")
     q.add_argument("--session", default="local")
@@ -81,13 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--stdout")
     q.add_argument("--stderr")
 
-    c = sub.add_parser("call", help="run any operation of a session, e.g. `flowbus call local list`")
+    c = with_address(sub.add_parser("call", help="run any operation of a session, e.g. `flowbus call local list`"))
+    c.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds (default 300)")
     c.add_argument("session")
     c.add_argument("operation")
     c.add_argument("args", nargs="?", default="[]", help="JSON list of positional arguments")
     c.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
 
-    rl = sub.add_parser("rules", help="the orchestrator's rules and policies: progress, rejected ones")
+    rl = with_address(sub.add_parser("rules", help="the orchestrator's rules and policies: progress, rejected ones"))
     rl.add_argument("--json", action="store_true")
 
     em = sub.add_parser("emulate", help="run a backend emulator in the foreground (for demos and tests)")
@@ -100,15 +102,23 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="make a CurveZMQ key pair")
     k.add_argument("--dir", default=".", help="where to write NAME.key and NAME.key_secret")
     k.add_argument("--name", default="flowbus")
+    k.add_argument("--force", action="store_true", help="replace NAME.key and NAME.key_secret if they exist")
 
     s = with_address(sub.add_parser("stats", help="broker statistics"))
     s.add_argument("--json", action="store_true")
     return p
 
 
+#: commands that can run without the logging set-up (it costs ~50 ms of imports): the fast path
+_QUIET = ("call", "submit")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure("warning" if args.cmd in ("watch", "status", "wait", "stats", "submit", "call", "demo", "rules") else "info")
+    if args.cmd not in _QUIET:
+        from flowbus._logging import configure
+
+        configure("warning" if args.cmd in ("watch", "status", "wait", "stats", "demo", "rules") else "info")
     try:
         return int(_COMMANDS[args.cmd](args) or 0)
     except WaitTimeout as exc:
@@ -122,24 +132,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from flowbus.bus import Client
+    """A bus client for the CLI: the address given, else the running ``flowbus up``'s, with the
+    CurveZMQ keys of ``--config`` or of that ``flowbus up`` (keys it made itself included)."""
+    import msgspec
 
-    path = args.config
-    if path is None and not args.address:
+    from flowbus.bus import Client
+    from flowbus.schemas import CurveConfig, load_config
+
+    address = getattr(args, "address", None)
+    path = getattr(args, "config", None)
+    curve: CurveConfig | None = load_config(path).bus.curve if path else None
+    if curve is None:
         run = read_runfile()
-        path = run.get("config") if run else None
-    curve = load_config(path).bus.curve if path else None
-    return Client(resolve_address(args.address), curve=curve, timeout=args.timeout_connect)
+        if run and (not address or address == run.get("request")):
+            if isinstance(run.get("curve"), dict):
+                curve = msgspec.convert(run["curve"], CurveConfig)
+            elif run.get("config"):
+                curve = load_config(run["config"]).bus.curve
+    return Client(resolve_address(address), curve=curve, timeout=getattr(args, "timeout_connect", 5.0))
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from flowbus.bus import serve
     from flowbus.schemas import BusConfig
 
+    import msgspec
+
+    from flowbus.schemas import load_config
+
     if args.config_json:
         bus = msgspec.json.decode(args.config_json, type=BusConfig)
     else:
-        bus = load_config(args.config).bus if args.config else BusConfig()
+        from flowbus._up import secure_bus
+
+        config = load_config(args.config)  # the embedded default without --config
+        bus = secure_bus(config, config.state_path()).bus  # ipc in the state dir, a grant key, keys for TCP
     serve(bus, args.journal_dir)
     return 0
 
@@ -216,30 +243,46 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from flowbus.bus import make_keypair
 
-    public, secret = make_keypair(args.dir, args.name)
+    public, secret = make_keypair(args.dir, args.name, force=args.force)
     print(f"public key: {public}\nsecret key: {secret}  (keep it private)")
     return 0
 
 
-def _session_call(session: str, operation: str, call_args: list[Any], kwargs: dict[str, Any]) -> Any:
-    run = read_runfile()
-    if not run:
-        raise FlowbusError("no running `flowbus up` found (start it first, or set FLOWBUS_STATE_DIR)")
-    from flowbus.actors import join_ray
-    import ray
+def _session_call(args: argparse.Namespace, session: str, operation: str, call_args: list[Any],
+                  kwargs: dict[str, Any]) -> Any:
+    """One operation through the bus's command socket to the Supervisor of the running
+    ``flowbus up`` (a moved session is still reached; no Ray driver is started)."""
+    run = None if (args.address or args.config) else read_runfile()
+    if run and run.get("command"):
+        # the fast path: the command endpoint and keys from the run file, no broker round trip
+        # first and nothing of the bus beyond the command client (see bench/call.py)
+        import zmq
 
-    join_ray(run["ray_address"], run["namespace"])
-    actor = run["placement"].get(session)
-    if actor is None:
-        raise FlowbusError(f"unknown session {session!r}; running sessions: {', '.join(sorted(run['placement']))}")
-    handle = ray.get_actor(actor)
-    try:
-        return ray.get(handle.call.remote(session, operation, *call_args, **kwargs), timeout=300)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(exc.cause, FlowbusError) else None
-        if cause is not None:
-            raise cause from None
-        raise FlowbusError(f"{operation} on {session!r} failed: {str(exc).splitlines()[-1]}") from None
+        from flowbus.bus._command_client import Commander
+
+        curve = None
+        if isinstance(run.get("curve"), dict) and (run["curve"].get("server_secret_key_file")
+                                                   or run["curve"].get("server_public_key_file")):
+            import msgspec
+
+            from flowbus.bus import ClientCurve
+            from flowbus.schemas import CurveConfig
+
+            curve = ClientCurve.from_config(msgspec.convert(run["curve"], CurveConfig))
+        endpoint, request = str(run["command"]), str(run.get("request", ""))
+        if endpoint.startswith("tcp://") and request.startswith("tcp://"):  # the host the broker was reached by
+            endpoint = f"{request.rsplit(':', 1)[0]}:{endpoint.rsplit(':', 1)[1]}"
+        commander = Commander(zmq.Context.instance(), endpoint, curve)
+        try:
+            return commander.call("call", args.timeout, session=session, operation=operation, args=call_args,
+                                  kwargs=kwargs)
+        finally:
+            commander.close()
+    from flowbus._logging import configure
+
+    configure("warning")
+    with _client(args) as client:
+        return client.call(session, operation, call_args, kwargs, timeout=args.timeout)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -264,7 +307,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.iterations:
             job["iteration"] = args.iterations
         jobs = [job]
-    names = _session_call(args.session, "submit", [jobs], {})
+    names = _session_call(args, args.session, "submit", [jobs], {})
     print("\n".join(names))
     return 0
 
@@ -276,26 +319,14 @@ def cmd_call(args: argparse.Namespace) -> int:
         raise FlowbusError(f"arguments must be JSON: {exc}") from None
     if not isinstance(call_args, list) or not isinstance(kwargs, dict):
         raise FlowbusError("args must be a JSON list and --kwargs a JSON object")
-    result = _session_call(args.session, args.operation, call_args, kwargs)
+    result = _session_call(args, args.session, args.operation, call_args, kwargs)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    run = read_runfile()
-    if not run:
-        raise FlowbusError("no running `flowbus up` found (start it first, or set FLOWBUS_STATE_DIR)")
-    from flowbus.actors import join_ray
-    import ray
-
-    from flowbus.actors._orchestrator import ORCHESTRATOR_NAME
-
-    join_ray(run["ray_address"], run["namespace"])
-    try:
-        handle = ray.get_actor(ORCHESTRATOR_NAME)
-    except ValueError:
-        raise FlowbusError("no orchestrator is running (the config has no [[rules]] or [[policies]])") from None
-    st = ray.get(handle.status.remote(), timeout=60)
+    with _client(args) as client:
+        st = client.command("rules", timeout=60.0)
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return 0
@@ -317,7 +348,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from flowbus._up import run_up
 
+    from flowbus.schemas import load_config
+
     config: FlowbusConfig = load_config(args.config)
+    from flowbus._logging import configure
+
     configure(config.log.level, config.log.json)
     return run_up(config, fresh=args.fresh, demo=args.demo, duration=args.duration, as_json=args.json,
                   config_path=str(Path(args.config).resolve()) if args.config else None,

@@ -1,6 +1,6 @@
 """``flowbus demo``: one cross-backend pipeline, end to end, on a private embedded stack.
 
-It starts everything it needs in a private state directory (a broker on free loopback ports,
+It starts everything it needs in a private state directory (a broker on ipc sockets in it,
 a loopback Ray, the Supervisor and the Orchestrator, and its own servers: an ``ecflow_server``
 on 127.0.0.1 when ecFlow is installed, and the guiServer emulator), shows every event live,
 begins the first stage, and lets the Orchestrator's rules (``_demo_rules.py``) chain the rest:
@@ -97,8 +97,7 @@ def _config(state: Path, ecf_port: int | None, difx_port: int, has_soma: bool, h
                                             actor="demo"))
     sessions.append(GuiserverSessionConfig(name="difx", host="127.0.0.1", port=difx_port, allowed_dirs=["/data"],
                                            reconnect_backoff=0.1, actor="demo"))
-    raw: dict[str, Any] = {"state-dir": str(state), "bus": {"request-port": 0, "publish-port": 0, "ingest-port": 0,
-                                                           "journal-dir": str(state / "journal")},
+    raw: dict[str, Any] = {"state-dir": str(state), "bus": {"journal-dir": str(state / "journal")},
                            "ray": {"namespace": "flowbus-demo"},
                            "sessions": [msgspec.to_builtins(s) for s in sessions]}
     if has_soma:
@@ -122,7 +121,9 @@ def run_demo(*, as_json: bool = False, keep_going: bool = False, timeout: float 
 
     t_start = time.monotonic()
     deadline = t_start + timeout
-    state = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
+    # inside the private state dir (0700), not the shared temp space: removed at the end, and a
+    # failed run's, kept for inspection, is no one else's to read
+    state = Path(tempfile.mkdtemp(prefix="demo-", dir=FlowbusConfig().state_path()))
     has_ecflow = not ecflow_missing()
     has_soma = _available("flowbus.services.soma") and _available("soma_workflow")
     has_wms = _available("flowbus.services.wms") and _available("parsl")
@@ -151,7 +152,10 @@ def run_demo(*, as_json: bool = False, keep_going: bool = False, timeout: float 
                                 slow_ticks=DIFX_TICKS, step_delay=0.2).start()
         prepare_difx(emu)
         _step(f"guiServer emulator on {emu.address}")
-        config = _config(state, ecf.port if ecf else None, emu.port, has_soma, has_wms)
+        from flowbus._up import secure_bus
+
+        # the embedded default's bus: ipc sockets in the private state dir, source grants on
+        config = secure_bus(_config(state, ecf.port if ecf else None, emu.port, has_soma, has_wms), state)
         broker = BrokerProcess(config.bus, config.bus.journal_dir, log_path=str(state / "broker.log"))
         endpoints = broker.start()
         _step(f"broker at {endpoints['request']} (pid {broker.proc.pid if broker.proc else '?'}); starting Ray ...")
@@ -336,20 +340,11 @@ def _stop_supervisor(supervisor: Any) -> None:
 
 
 def _stop_ray() -> None:
-    """Shut Ray down, then remove the temporary directory start_ray made for it (logs, sockets)."""
+    """Shut Ray down; stop_ray also removes the private temporary directory start_ray made for it
+    (logs, sockets), and only that one."""
     from flowbus.actors import stop_ray
 
-    temp = ""
-    try:
-        from ray._private import worker
-
-        node = worker._global_node
-        temp = str(node.get_temp_dir_path()) if node is not None else ""
-    except Exception:  # noqa: BLE001 - a private Ray API: without it the directory stays
-        temp = ""
     stop_ray()
-    if temp and Path(temp).name.startswith("fbray-"):
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _stop_ecf(ecf: LoopbackEcflowServer) -> None:

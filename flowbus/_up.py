@@ -12,13 +12,14 @@ import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import structlog
 
 from flowbus._render import print_event
-from flowbus._runfile import read_runfile, runfile_path
+from flowbus._runfile import read_runfile, runfile_path, write_private
 from flowbus.schemas import FlowbusConfig, FlowbusError
 
 log = structlog.get_logger("flowbus.up")
@@ -42,13 +43,88 @@ def _external_broker(address: str, config: FlowbusConfig) -> dict[str, Any]:
     from flowbus.bus import ClientCurve
     from flowbus.bus._request import broker_info, same_host
 
-    if not address.startswith("tcp://") or address.rpartition(":")[2] in ("", "*") or not address.rpartition(":")[2].isdigit():
-        raise FlowbusError(f"--broker {address!r}: expected the broker's request endpoint, tcp://HOST:PORT")
+    tcp_ok = address.startswith("tcp://") and address.rpartition(":")[2].isdigit()
+    if not (tcp_ok or (address.startswith("ipc://") and len(address) > 6)):
+        raise FlowbusError(f"--broker {address!r}: expected the broker's request endpoint, tcp://HOST:PORT or ipc:///PATH")
     try:
         info = broker_info(zmq.Context.instance(), address, ClientCurve.from_config(config.bus.curve), 5.0)
     except FlowbusError as exc:
         raise FlowbusError(f"--broker {address}: no flowbus broker answers there ({exc})") from exc
-    return {"request": address, **{k: same_host(str(info[k]), address) for k in ("publish", "ingest") if k in info}}
+    return {"request": address, **{k: same_host(str(info[k]), address) for k in ("publish", "ingest", "command") if k in info}}
+
+
+def secure_bus(config: FlowbusConfig, state: Path) -> FlowbusConfig:
+    """The bus settings ``flowbus up`` runs with: ipc sockets in ``<state>/bus`` unless configured,
+    a source-grant key in ``<state>/keys`` (0600) unless configured, and for ``transport = "tcp"``
+    without keys, CurveZMQ keys made in ``<state>/keys`` with the owner as the only admitted
+    client. Nothing is overwritten: keys made once are used again."""
+    from flowbus.bus import ensure_grant_key, make_keypair
+
+    bus = config.bus
+    keys = state / "keys"
+    changes: dict[str, Any] = {}
+    if bus.transport == "ipc" and not bus.ipc_dir:
+        changes["ipc_dir"] = str(state / "bus")
+    if not bus.grant_key_file:
+        changes["grant_key_file"] = str(ensure_grant_key(keys / "grant.key"))
+    if bus.transport == "tcp" and not bus.curve.server_secret_key_file and not bus.insecure_loopback:
+        keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not (keys / "broker.key_secret").exists():
+            make_keypair(keys, "broker")
+        if not (keys / "owner.key_secret").exists():
+            make_keypair(keys, "owner")
+        authorized = keys / "authorized"
+        authorized.mkdir(mode=0o700, exist_ok=True)
+        shutil.copyfile(keys / "owner.key", authorized / "owner.key")
+        changes["curve"] = msgspec.structs.replace(
+            bus.curve, server_secret_key_file=str(keys / "broker.key_secret"),
+            server_public_key_file=str(keys / "broker.key"), client_secret_key_file=str(keys / "owner.key_secret"),
+            authorized_keys_dir=bus.curve.authorized_keys_dir or str(authorized))
+    if not changes:
+        return config
+    return msgspec.structs.replace(config, bus=msgspec.structs.replace(bus, **changes))
+
+
+def _command_handler(supervisor: Any, orchestrator: Any) -> Any:
+    """What the command server runs for ``flowbus call``/``Client.call``: the Supervisor's call
+    (so a session that moved is reached), the session list, the rules' progress."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    from flowbus.schemas import BackendTimeout
+
+    def handle(req: dict[str, Any]) -> Any:
+        op = req.get("op")
+        timeout = float(req.get("timeout") or 300.0)
+        try:
+            if op == "call":
+                session, operation = str(req.get("session")), str(req.get("operation"))
+                args, kwargs = req.get("args") or [], req.get("kwargs") or {}
+                if not isinstance(args, list) or not isinstance(kwargs, dict):
+                    raise FlowbusError("call: args must be a list and kwargs a map")
+                ref = supervisor.call.remote(session, operation, args, kwargs, timeout)
+                try:
+                    return ray.get(ref, timeout=timeout + 5)
+                except GetTimeoutError:
+                    raise BackendTimeout(f"{operation} on {session!r}: no answer within {timeout:g} s "
+                                         "(raise it with --timeout)") from None
+            if op == "sessions":
+                return ray.get(supervisor.sessions.remote(), timeout=30)
+            if op == "rules":
+                if orchestrator is None:
+                    raise FlowbusError("no orchestrator is running (the config has no [[rules]] or [[policies]])")
+                return ray.get(orchestrator.status.remote(), timeout=60)
+            raise FlowbusError(f"unknown command {op!r} (call, sessions, rules)")
+        except ray.exceptions.RayTaskError as exc:
+            cause = _ray_error(exc)
+            if isinstance(cause, FlowbusError):
+                raise cause from None
+            raise FlowbusError(f"{req.get('operation') or op} on {req.get('session')!r} failed: "
+                               f"{str(exc).strip().splitlines()[-1]}") from None
+        except RayActorError as exc:
+            raise FlowbusError(f"{op}: the actor died ({str(exc).strip().splitlines()[0][:200]})") from None
+
+    return handle
 
 
 def _ray_error(exc: BaseException) -> BaseException:
@@ -67,6 +143,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
     if ray_address:
         config = msgspec.structs.replace(config, ray=msgspec.structs.replace(config.ray, address=ray_address))
     state = config.state_path()
+    config = secure_bus(config, state)
     runfile = runfile_path(state)
     running = read_runfile(state)
     if running:
@@ -84,6 +161,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
     broker = None if broker_address else BrokerProcess(config.bus, journal_dir, log_path=str(state / "broker.log"))
     supervisor: Any = None
     orchestrator: Any = None
+    commands: Any = None
     ray_started = False
     try:
         t0 = time.monotonic()
@@ -91,7 +169,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
             assert broker_address is not None
             endpoints = _external_broker(broker_address, config)
         else:
-            _step(f"starting the broker on {config.bus.host} (journal {journal_dir}) ...")
+            where_bus = config.bus.ipc_dir if config.bus.transport == "ipc" else f"{config.bus.host} (CurveZMQ)"
+            _step(f"starting the broker on {where_bus} (journal {journal_dir}) ...")
             endpoints = broker.start()
         where = "loopback only" if config.ray.address == "local" else f"joining {config.ray.address}"
         _step(f"broker ready at {endpoints['request']} ({time.monotonic() - t0:.1f} s); starting Ray ({where}) ...")
@@ -122,11 +201,17 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         if config.rules or config.policies:
             orchestrator = _start_orchestrator(config, endpoints["request"], since)
         from flowbus.actors import ACTOR_PREFIX
+        from flowbus.bus import ClientCurve, CommandServer, load_grant_key
+        from flowbus.bus._request import same_host
 
-        runfile.write_text(json.dumps({**endpoints, "ray_address": ray_address, "namespace": config.ray.namespace,
-                                       "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},
-                                       "broker_pid": broker.proc.pid if broker and broker.proc else None,
-                                       "config": config_path, "pid": os.getpid()}, indent=2))
+        commands = CommandServer(same_host(str(client.info["command"]), endpoints["request"]),
+                                 _command_handler(supervisor, orchestrator), curve=ClientCurve.from_config(config.bus.curve),
+                                 grant_key=load_grant_key(config.bus.grant_key_file))
+        write_private(runfile, json.dumps({
+            **endpoints, "command": client.info.get("command"), "ray_address": ray_address,
+            "namespace": config.ray.namespace, "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},
+            "broker_pid": broker.proc.pid if broker and broker.proc else None, "config": config_path,
+            "curve": msgspec.to_builtins(config.bus.curve), "pid": os.getpid()}, indent=2))
         _step(f"ready in {time.monotonic() - t0:.1f} s: sessions {', '.join(sorted(placement)) or '(none)'}; "
               f"address {endpoints['request']}. Try `flowbus watch`, `flowbus status`, "
               f"`flowbus submit qcg --exec /bin/date`. Ctrl-C stops everything.")
@@ -141,7 +226,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
                 broker.start()
                 run = json.loads(runfile.read_text())
                 run["broker_pid"] = broker.proc.pid if broker.proc else None
-                runfile.write_text(json.dumps(run, indent=2))
+                write_private(runfile, json.dumps(run, indent=2))
                 _step("broker back")
             ev = view.recv(0.5)
             if ev is not None:
@@ -155,6 +240,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         _step("stopping ...")
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
         try:
+            if commands is not None:
+                commands.close()
             if orchestrator is not None:
                 _stop_orchestrator(orchestrator)
             if supervisor is not None:

@@ -13,6 +13,7 @@ import msgspec
 
 from ._env import guiserver_env_defaults
 from ._errors import ConfigError
+from ._paths import private_state_dir
 from ._rules import PolicyConfig, RuleConfig, check_rules, raw_rule_problem
 
 _LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|localhost|::1|\[::1\])$")
@@ -36,8 +37,12 @@ class CurveConfig(_Conf, frozen=True):
     server_public_key_file: str = ""
     #: this client's secret key file
     client_secret_key_file: str = ""
-    #: a directory of ``*.key`` public key files; only these clients are admitted
+    #: a directory of ``*.key`` public key files; only these clients are admitted (publish,
+    #: subscribe, replay and command); empty with a server key: any client with the broker's key
     authorized_keys_dir: str = ""
+    #: a directory of ``*.key`` public key files of read-only clients: they may subscribe, replay
+    #: and read snapshots, but not publish or command
+    readers_keys_dir: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -45,8 +50,18 @@ class CurveConfig(_Conf, frozen=True):
 
 
 class BusConfig(_Conf, frozen=True):
-    """Where the broker listens and how much it keeps."""
+    """Where the broker listens, who may talk to it, and how much it keeps."""
 
+    #: ``ipc``: Unix sockets in ``ipc-dir`` (the default; the kernel admits only users who may
+    #: enter that directory, 0700 by default); ``tcp``: ``host`` and the ports below, with
+    #: CurveZMQ required (``flowbus up`` makes the keys when none are configured)
+    transport: str = "ipc"
+    #: directory of the ipc sockets ("" = ``<state-dir>/bus``); ``ingest`` and ``command`` sit in
+    #: its ``owner/`` subdirectory, which is always 0700
+    ipc_dir: str = ""
+    #: a Unix group that may read (subscribe, replay, snapshot) through the ipc sockets; the
+    #: ``ipc-dir`` must then lie outside the 0700 state dir
+    ipc_group: str = ""
     host: str = "127.0.0.1"
     #: request socket (replay, snapshot, info); clients connect here and learn the rest
     request_port: int = 7750
@@ -54,12 +69,27 @@ class BusConfig(_Conf, frozen=True):
     publish_port: int = 7751
     #: publishers send here
     ingest_port: int = 7752
+    #: commands to sessions (``flowbus call``), forwarded to the ``flowbus up`` that serves them
+    command_port: int = 7753
     #: on-disk journal directory ("" keeps the journal in memory only)
     journal_dir: str = ""
     #: events kept in memory for replay
     journal_events: int = 200_000
-    #: largest frame accepted, in bytes
+    #: largest frame accepted, in bytes (larger messages are refused by the transport itself)
     max_frame_bytes: int = 4 * 1024 * 1024
+    #: largest subscription topic accepted, in bytes
+    max_topic_bytes: int = 512
+    #: distinct subscription topics the broker keeps track of
+    max_subscriptions: int = 10_000
+    #: messages queued per connection on the ingest and request sockets before the transport
+    #: stops reading from that client (back-pressure, not loss)
+    queue_messages: int = 1000
+    #: file with the secret that signs flowbus sessions' source grants ("" = grants off: every
+    #: source is a user source); ``flowbus up`` creates one in the state dir
+    grant_key_file: str = ""
+    #: TCP on a loopback host without CurveZMQ: refused unless this is set (tests and throwaway
+    #: experiments only: every local user can then publish and subscribe)
+    insecure_loopback: bool = False
     #: seconds between heartbeats and ticks
     heartbeat_interval: float = 0.2
     #: a publisher silent this many seconds is reported lost
@@ -67,6 +97,9 @@ class BusConfig(_Conf, frozen=True):
     curve: CurveConfig = CurveConfig()
 
     def request_address(self) -> str:
+        """The request endpoint clients connect to."""
+        if self.transport == "ipc":
+            return f"ipc://{Path(self.ipc_dir).expanduser() / 'request'}"
         return f"tcp://{self.host}:{self.request_port}"
 
 
@@ -320,11 +353,8 @@ class FlowbusConfig(_Conf, frozen=True):
     policies: list[PolicyConfig] = []
 
     def state_path(self) -> Path:
-        """The state directory, created on demand."""
-        raw = self.state_dir or os.environ.get("FLOWBUS_STATE_DIR") or "~/.local/state/flowbus"
-        path = Path(raw).expanduser()
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        """The state directory, created on demand, private (see ``private_state_dir``)."""
+        return private_state_dir(self.state_dir)
 
 
 def embedded_default() -> FlowbusConfig:
@@ -396,12 +426,19 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
                 raise ConfigError(f"{origin}: sessions[{i}].directory: only for mode = 'light'")
     _check_ray(cfg, origin)
     bus = cfg.bus
+    if bus.transport not in ("ipc", "tcp"):
+        raise ConfigError(f"{origin}: bus.transport: {bus.transport!r} is not one of 'ipc', 'tcp'")
+    for key in ("max_frame_bytes", "max_topic_bytes", "max_subscriptions", "queue_messages"):
+        if getattr(bus, key) < 1:
+            raise ConfigError(f"{origin}: bus.{key.replace('_', '-')}: must be >= 1")
+    if bus.transport == "tcp" and not is_loopback(bus.host) and bus.insecure_loopback:
+        raise ConfigError(f"{origin}: bus.insecure-loopback: only for a loopback host, not {bus.host!r}")
     if not is_loopback(bus.host) and not (bus.curve.server_secret_key_file or bus.curve.server_public_key_file):
         raise ConfigError(
             f"{origin}: bus.host: {bus.host!r} is not loopback; set bus.curve.server-secret-key-file (the broker)"
             " or bus.curve.server-public-key-file (a client): CurveZMQ is required beyond loopback"
         )
-    for key in ("request_port", "publish_port", "ingest_port"):
+    for key in ("request_port", "publish_port", "ingest_port", "command_port"):
         port = getattr(bus, key)
         if not 0 <= port <= 65535:
             raise ConfigError(f"{origin}: bus.{key.replace('_', '-')}: port {port} out of range")

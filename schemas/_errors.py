@@ -56,6 +56,12 @@ class Fenced(BusError):
     """A newer incarnation of this source owns its sequence; this publisher must stop."""
 
 
+class SourceRefused(BusError):
+    """The broker refused to open a source for this publisher: it belongs to a flowbus session
+    (``source 'local' belongs to session qcg/local``), another publisher holds it, or the
+    registration itself was invalid (a bad grant, an out-of-range epoch). Retrying will not help."""
+
+
 class WaitTimeout(FlowbusError, TimeoutError):
     """A wait ended without a match; the message names what was awaited."""
 

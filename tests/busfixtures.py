@@ -40,10 +40,13 @@ TEARDOWN_TIMEOUT = 10.0
 def bus_config(**overrides: Any) -> BusConfig:
     """A loopback config on ephemeral ports with fast heartbeats (override any field)."""
     fields: dict[str, Any] = {
+        "transport": "tcp",
+        "insecure_loopback": True,  # bus mechanics on plain loopback TCP; test_trust covers the default
         "host": "127.0.0.1",
         "request_port": 0,
         "publish_port": 0,
         "ingest_port": 0,
+        "command_port": 0,
         "heartbeat_interval": 0.1,
     }
     fields.update(overrides)

@@ -8,6 +8,11 @@ worker node offering ``flowbus-ecf``), one broker, one real ``ecflow_server``. `
 SIGINT (Ctrl-C) and once by SIGTERM; while it runs, ``flowbus call`` drives its session through
 the same Ray Client address. This process joins the cluster through its GCS address, only to
 observe (the actors' namespaces, nodes and states). Everything started here is stopped here.
+
+The cluster runs with Ray's token authentication: ``use_ray_auth`` puts the state dir's token
+into this process's environment before the cluster starts; the Ray Client server checks it, and
+the ``flowbus up`` / ``flowbus call`` children (other state dirs) join with the token they
+inherit (``RAY_AUTH_TOKEN_PATH``), as the helm controller joins with KubeRay's ``RAY_AUTH_TOKEN``.
 """
 
 from __future__ import annotations
@@ -26,13 +31,13 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from flowbus.actors import _ray  # noqa: E402,F401  (loopback fences before ray)
+from flowbus.actors import _ray  # noqa: E402  (loopback and token-auth fences before ray)
 import psutil  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import ecflow_fixtures as fx  # noqa: E402
-from cluster_scenarios import MB, RES, SCRIPTS, SUITE, Events, ev_row, wait_for  # noqa: E402
+from cluster_scenarios import MB, RES, SCRIPTS, SUITE, Events, ev_row, ray_auth_of_children, wait_for  # noqa: E402
 from flowbus.actors import ACTOR_PREFIX, SUPERVISOR_NAME, start_ray  # noqa: E402
 from flowbus.bus import BrokerProcess  # noqa: E402
 from flowbus.schemas import BusConfig, Connected, Disconnected, RayConfig, StateChanged  # noqa: E402
@@ -175,6 +180,7 @@ def main() -> int:
     events: Events | None = None
     seen: dict[int, psutil.Process] = {}  # with their start times: a pid may be reused
     try:
+        out["token"] = _ray.use_ray_auth()  # before the cluster: every process it starts inherits the token
         port = free_port()
         # Ray Client's proxy forks one server per driver while its gRPC threads run, and now and then
         # the child dies at birth (ray-project/ray#63202: ~7%, in bursts under load, so flowbus's
@@ -196,7 +202,9 @@ def main() -> int:
         # an observer joined through the GCS address: a process is one driver of one cluster only
         start_ray(RayConfig(address=cluster.address, namespace="fbclient-observer", connect_timeout=5.0))
         out["off_loopback_start"] = off_loopback_listeners()
-        broker = BrokerProcess(BusConfig(request_port=0, publish_port=0, ingest_port=0, heartbeat_interval=0.1),
+        out["auth_start"] = ray_auth_of_children()
+        broker = BrokerProcess(BusConfig(transport="tcp", insecure_loopback=True, request_port=0, publish_port=0, ingest_port=0,
+                                     command_port=0, heartbeat_interval=0.1),
                                str(work / "journal"), log_path=str(work / "broker.log"))
         broker_address = broker.start()["request"]
         server = fx.EcfServer(work / "ecf0", fx._shim(work)).start()

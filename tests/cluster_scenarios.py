@@ -8,6 +8,11 @@ process group killed at the end) and asserts on the JSON it writes. Usage:
 One ``ray.cluster_utils.Cluster`` on 127.0.0.1 (head + 2 worker nodes with the custom resource
 ``flowbus-ecf`` and node labels, a third node added later), one broker, two real
 ``ecflow_server`` processes. Everything started here is stopped here, by handle or PID.
+
+The cluster runs with Ray's token authentication, as flowbus's own Ray does: ``use_ray_auth``
+puts the token of the state dir (``FLOWBUS_STATE_DIR``) into this process's environment before
+the cluster starts, so its GCS, raylets and workers, this driver and the ``flowbus up`` child
+all carry ``RAY_AUTH_MODE=token`` and the same ``RAY_AUTH_TOKEN_PATH``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from flowbus.actors import _ray  # noqa: E402,F401  (loopback fences before ray)
+from flowbus.actors import _ray  # noqa: E402  (loopback and token-auth fences before ray)
 import msgspec  # noqa: E402
 import psutil  # noqa: E402
 import ray  # noqa: E402
@@ -112,6 +117,21 @@ def node_of(pid: int, nodes: dict[str, Any]) -> str:
         if any(info.process.pid in parents for info in node.all_processes.get("raylet", [])):
             return name
     return "?"
+
+
+def ray_auth_of_children() -> list[list[str | None]]:
+    """``[name, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH, RAY_AUTH_TOKEN set?]`` of every GCS and raylet
+    this process started, read from their environment (/proc)."""
+    rows: list[list[str | None]] = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.name() in ("gcs_server", "raylet") and p.status() != psutil.STATUS_ZOMBIE:
+                env = p.environ()
+                rows.append([p.name(), env.get("RAY_AUTH_MODE"), env.get("RAY_AUTH_TOKEN_PATH"),
+                             "yes" if env.get("RAY_AUTH_TOKEN") else None])
+        except psutil.Error:
+            pass
+    return sorted(rows, key=str)
 
 
 def actor_pid(name: str) -> int:
@@ -334,6 +354,7 @@ def main() -> int:
     servers: list[fx.EcfServer] = []
     events: Events | None = None
     try:
+        out["token"] = _ray.use_ray_auth()  # before the cluster: every process it starts inherits the token
         fast = dict(_ray.FAST_HEALTH)
         cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=1, include_dashboard=False, object_store_memory=80 * MB, _system_config=fast))
@@ -346,7 +367,9 @@ def main() -> int:
         out["joined"] = start_ray(RayConfig(address=cluster.address, namespace="fbtest", connect_timeout=5.0))
         out["cluster_up"] = round(time.monotonic() - t_start, 1)
         out["off_loopback_start"] = off_loopback_listeners()
-        broker = BrokerProcess(BusConfig(request_port=0, publish_port=0, ingest_port=0, heartbeat_interval=0.1),
+        out["auth_start"] = ray_auth_of_children()
+        broker = BrokerProcess(BusConfig(transport="tcp", insecure_loopback=True, request_port=0, publish_port=0, ingest_port=0,
+                                     command_port=0, heartbeat_interval=0.1),
                                str(work / "journal"), log_path=str(work / "broker.log"))
         address = broker.start()["request"]
         shim = fx._shim(work)
@@ -362,6 +385,7 @@ def main() -> int:
         nodes["n3"] = cluster.add_node(num_cpus=1, resources={RES: 1.0}, labels={"site": "three"},
                                        object_store_memory=80 * MB)
         cluster.wait_for_nodes()
+        out["auth_mid"] = ray_auth_of_children()  # the node added later too
         scenario_partition(out, nodes, address, servers, events)
         out["steps"].append("partition")
         scenario_cli(out, cluster, address, servers, work, events)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from busfixtures import (
     seqs_of,
     state,
 )
-from flowbus.bus import Match, Subscriber, as_match
+from flowbus.bus import Match, Subscriber, as_match, ensure_grant_key, load_grant_key, make_grant
 from flowbus.bus import _framing as fr
 from flowbus.schemas import (
     BusClosed,
@@ -154,14 +155,17 @@ class TestPublishSubscribe:
         got = collect(sub, 6)
         assert [(e.seq, e.incarnation) for e in got] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 2)]
 
-    def test_stale_incarnation_is_fenced(self, bus: BusFactory) -> None:
-        """Once a newer incarnation owns a source, the older publisher is fenced and cannot publish."""
-        broker = bus.broker()
-        old = bus.source(broker.address, "s1")
+    def test_stale_incarnation_is_fenced(self, bus: BusFactory, tmp_path: Path) -> None:
+        """Once a newer incarnation of a session owns its source, the older one is fenced and cannot publish."""
+        key_file = ensure_grant_key(tmp_path / "grant.key")
+        broker = bus.broker(grant_key_file=str(key_file))
+        grant = make_grant(load_grant_key(key_file), "s1", "qcg")
+        old = bus.publisher(broker.address)
+        old.open_source("s1", "qcg", grant=grant)
         old.publish(state("s1", "j"))
         old.flush(5)
         new = bus.publisher(broker.address)
-        assert new.open_source("s1", "qcg") == (2, 2)
+        assert new.open_source("s1", "qcg", grant=grant) == (2, 2)
         old.publish(state("s1", "j", State.ABORTED))  # refused by the broker: epoch 1 < 2
         old.flush(5)  # returns once the fence arrives: a fenced source has nothing pending
         with pytest.raises(Fenced):
@@ -196,7 +200,7 @@ class TestPublishSubscribe:
         pub.open_source("crash", "qcg")
         pub.open_source("clean", "qcg")
         pub.close_source("clean")  # a graceful goodbye
-        pub.close()  # no goodbye for "crash": as if the process died
+        pub.close(unregister=False)  # no goodbye for "crash": as if the process died
         lost = collect(sub, 1, timeout=10)
         assert [(type(e), e.key) for e in lost] == [(PublisherLost, "crash")]
         assert lost[0].silent_s >= 0.4

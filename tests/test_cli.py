@@ -27,10 +27,6 @@ def up(tmp_path: Path) -> Iterator[dict[str, str]]:
     cfg = tmp_path / "flowbus.toml"
     cfg.write_text(f"""
 state-dir = "{tmp_path / 'state'}"
-[bus]
-request-port = 0
-publish-port = 0
-ingest-port = 0
 [ray]
 namespace = "flowbus-cli-test"
 [[sessions]]
@@ -144,10 +140,11 @@ class TestCliErrors:
             taken.listen()
             port = taken.getsockname()[1]
             cfg = tmp_path / "f.toml"
-            cfg.write_text(f'state-dir = "{tmp_path}"\n[bus]\nrequest-port = {port}\npublish-port = 0\ningest-port = 0\n')
+            cfg.write_text(f'state-dir = "{tmp_path}"\n[bus]\ntransport = "tcp"\nrequest-port = {port}\n'
+                           'publish-port = 0\ningest-port = 0\ncommand-port = 0\n')
             r = run(["up", "--config", str(cfg)], dict(os.environ))
         assert r.returncode == 1
-        assert f"cannot bind the request socket on 127.0.0.1:{port}" in r.stderr.strip().splitlines()[-1]
+        assert f"cannot bind the request socket on tcp://127.0.0.1:{port}" in r.stderr.strip().splitlines()[-1]
 
     @pytest.mark.timeout(60)
     def test_no_broker_is_a_clear_error(self) -> None:

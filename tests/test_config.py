@@ -117,7 +117,7 @@ class TestParseConfig:
         assert cfg.bus.host == "broker.ops.svc"
         from flowbus.bus import Broker
 
-        broker = Broker(cfg.bus.__class__(host="0.0.0.0", request_port=0, publish_port=0, ingest_port=0))
+        broker = Broker(cfg.bus.__class__(transport="tcp", host="0.0.0.0", request_port=0, publish_port=0, ingest_port=0))
         with pytest.raises(OSError, match="not loopback.*server-secret-key-file"):
             broker.bind()
 
@@ -216,7 +216,7 @@ class TestConfigTypes:
 
     def test_missing_curve_key_file_names_the_key(self, tmp_path: Path) -> None:
         """A broker whose CURVE key file is missing fails with one line naming the config key."""
-        cfg = BusConfig(request_port=0, publish_port=0, ingest_port=0,
+        cfg = BusConfig(transport="tcp", request_port=0, publish_port=0, ingest_port=0,
                         curve=CurveConfig(server_secret_key_file=str(tmp_path / "absent.key_secret")))
         broker = Broker(cfg)
         with pytest.raises(ConfigError) as info:

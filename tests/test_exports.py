@@ -20,7 +20,7 @@ PACKAGES = ("flowbus", "flowbus.schemas", "flowbus.bus", "flowbus.services")
 ALLOWED_DUPLICATES = {
     ("Client", "flowbus.bus"),
     ("Match", "flowbus.bus"),
-    ("DEFAULT_ADDRESS", "flowbus.bus"),
+    ("default_address", "flowbus.bus"),
     ("Event", "flowbus.schemas"),
     ("State", "flowbus.schemas"),
     ("WaitTimeout", "flowbus.schemas"),
