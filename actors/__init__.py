@@ -1,6 +1,6 @@
 """Ray actors: BackendActor (hosts adapter sessions) and Supervisor (places and watches them)."""
 
-from ._ray import join_ray, start_ray, stop_ray  # first: sets the loopback fences before ray
+from ._ray import ensure_token, join_ray, ray_auth_env, start_ray, stop_ray  # first: sets the fences before ray
 from ._backend_actor import BackendActor, BackendActorImpl  # noqa: I001
 from ._supervisor import ACTOR_PREFIX, SUPERVISOR_NAME, Supervisor, SupervisorImpl, actor_pid, plan, wait_started
 
@@ -12,8 +12,10 @@ __all__ = [
     "Supervisor",
     "SupervisorImpl",
     "actor_pid",
+    "ensure_token",
     "join_ray",
     "plan",
+    "ray_auth_env",
     "start_ray",
     "stop_ray",
     "wait_started",

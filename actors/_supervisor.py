@@ -19,6 +19,7 @@ period. It is never told to ``stop()``: that would end backend work the new inca
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ class SupervisorImpl:
     def __init__(self, config_json: bytes, broker_address: str, curve: Any = None) -> None:
         self.config = msgspec.json.decode(config_json, type=FlowbusConfig)
         self.broker_address = broker_address
-        self._grant_key_file = self.config.bus.grant_key_file
+        self._grant_key_file: str | None = self.config.bus.grant_key_file or None
         # the actors' client keys for a CURVE broker come from the same [bus.curve] table
         self.curve = curve if curve is not None else ClientCurve.from_config(self.config.bus.curve)
         # configuration only here: a plan error is raised by start(), not as an opaque actor death
@@ -105,12 +106,30 @@ class SupervisorImpl:
         self._watchdog: threading.Thread | None = None
 
     def _grant(self, spec: dict[str, Any]) -> list[Any] | None:
-        """The source grant of a session (None when the bus checks no grants). The key is read
-        when needed and never leaves this actor; only grants travel, over Ray's authenticated
-        channels, to the actor that opens the session."""
+        """The source grant of a session (None when the bus checks no grants). The key is the
+        configured ``bus.grant-key-file``, else the file the broker names (readable only by the
+        user it belongs to); it is read when needed and never leaves this actor: only grants
+        travel, over Ray's authenticated channels, to the actor that opens the session."""
+        if self._grant_key_file is None:
+            self._grant_key_file = self._discover_grant_key_file()
         if not self._grant_key_file:
             return None
         return make_grant(load_grant_key(self._grant_key_file), str(spec["name"]), str(spec["backend"]))
+
+    def _discover_grant_key_file(self) -> str:
+        import zmq
+
+        from flowbus.bus._request import Requester
+
+        req = Requester(zmq.Context.instance(), self.broker_address, self.curve, timeout=10.0)
+        try:
+            path = str(req.call("info").get("grant_key_file") or "")
+        finally:
+            req.close()
+        if path and not os.access(path, os.R_OK):
+            log.warning("supervisor.grant_key.unreadable", path=path)
+            return ""
+        return path
 
     # -- start ---------------------------------------------------------------------------------------
 

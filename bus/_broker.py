@@ -591,7 +591,12 @@ class Broker:
             return {"broker_id": self.broker_id, "schema_version": SCHEMA_VERSION, **self.endpoints,
                     "curve_server_key": self._auth.public_key.decode() if self._auth is not None else None,
                     "journal_events": len(self.journal), "heartbeat_interval": self.config.heartbeat_interval,
-                    "max_frame_bytes": self.config.max_frame_bytes, "fanout_batch": _FANOUT_BATCH}
+                    "max_frame_bytes": self.config.max_frame_bytes, "fanout_batch": _FANOUT_BATCH,
+                    # where this broker's grant key is (0600: only its owner can read it), so the
+                    # owner's Supervisor on this machine need not be told twice; never the key itself
+                    "grant_key_file": str(Path(self.config.grant_key_file).expanduser().absolute())
+                    if self.config.grant_key_file else "",
+                    "commands": self._commands.serving()}
         if op == "marks":
             return {"sources": self._marks(), "broker_id": self.broker_id}
         if op == "stats":

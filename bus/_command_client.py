@@ -5,6 +5,7 @@ tenth of the time, and a command is one small map each way)."""
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,22 @@ def rebuild_error(reply: dict[str, Any]) -> FlowbusError:
     return FlowbusError(f"{name}: {message}" if name else message)
 
 
+def probe(endpoint: str, timeout: float = 2.0) -> None:
+    """BusBroken at once when nothing listens at ``endpoint`` (ZeroMQ itself would retry the
+    connection quietly until the call's whole time limit ran out)."""
+    try:
+        if endpoint.startswith("ipc://"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(endpoint[len("ipc://"):])
+        elif endpoint.startswith("tcp://"):
+            host, _, port = endpoint[len("tcp://"):].rpartition(":")
+            if port.isdigit():
+                socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise BusBroken(f"nothing answers at {endpoint} ({exc.strerror or exc}): is `flowbus up` running?") from None
+
+
 class Commander:
     """One command at a time over a DEALER to the broker's command socket (one per thread)."""
 
@@ -45,6 +62,7 @@ class Commander:
         if self._closed:
             raise BusClosed("command channel is closed")
         if self._sock is None:
+            probe(self.endpoint)
             sock = self.ctx.socket(zmq.DEALER)
             sock.linger = 0
             if self.curve is not None:

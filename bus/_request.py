@@ -10,6 +10,7 @@ import zmq
 from flowbus.schemas import BusBroken, BusClosed, BusRequestError
 
 from . import _framing as fr
+from ._command_client import probe
 
 if TYPE_CHECKING:
     from ._curve import ClientCurve
@@ -24,11 +25,15 @@ class Requester:
         self._ids = itertools.count(1)
         self._sock: zmq.Socket[Any] | None = None
         self._closed = False
+        self._probed = False
 
     def _socket(self) -> zmq.Socket[Any]:
         if self._closed:
             raise BusClosed("request channel is closed")
         if self._sock is None:
+            if not self._probed:  # nothing listening at all: say so now, not after the whole timeout
+                self._probed = True  # (later reconnects wait: a restarting broker comes back)
+                probe(self.address)
             sock = self.ctx.socket(zmq.DEALER)
             sock.linger = 0
             sock.reconnect_ivl = 20

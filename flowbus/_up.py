@@ -53,11 +53,13 @@ def _external_broker(address: str, config: FlowbusConfig) -> dict[str, Any]:
     return {"request": address, **{k: same_host(str(info[k]), address) for k in ("publish", "ingest", "command") if k in info}}
 
 
-def secure_bus(config: FlowbusConfig, state: Path) -> FlowbusConfig:
+def secure_bus(config: FlowbusConfig, state: Path, *, own_broker: bool = True) -> FlowbusConfig:
     """The bus settings ``flowbus up`` runs with: ipc sockets in ``<state>/bus`` unless configured,
     a source-grant key in ``<state>/keys`` (0600) unless configured, and for ``transport = "tcp"``
     without keys, CurveZMQ keys made in ``<state>/keys`` with the owner as the only admitted
-    client. Nothing is overwritten: keys made once are used again."""
+    client. Nothing is overwritten: keys made once are used again. With someone else's broker
+    (``own_broker=False``, ``--broker``) nothing is made: its grant key is the configured one, or
+    the one the broker names (when this user can read it)."""
     from flowbus.bus import ensure_grant_key, make_keypair
 
     bus = config.bus
@@ -65,6 +67,8 @@ def secure_bus(config: FlowbusConfig, state: Path) -> FlowbusConfig:
     changes: dict[str, Any] = {}
     if bus.transport == "ipc" and not bus.ipc_dir:
         changes["ipc_dir"] = str(state / "bus")
+    if not own_broker:
+        return config
     if not bus.grant_key_file:
         changes["grant_key_file"] = str(ensure_grant_key(keys / "grant.key"))
     if bus.transport == "tcp" and not bus.curve.server_secret_key_file and not bus.insecure_loopback:
@@ -83,6 +87,20 @@ def secure_bus(config: FlowbusConfig, state: Path) -> FlowbusConfig:
     if not changes:
         return config
     return msgspec.structs.replace(config, bus=msgspec.structs.replace(bus, **changes))
+
+
+def _readable_key(path: str) -> bytes | None:
+    """The grant key at ``path`` when there is one this user can read (else commands and
+    sessions go without: a broker that checks grants then refuses them, saying so)."""
+    from flowbus.bus import load_grant_key
+
+    if not path:
+        return None
+    try:
+        return load_grant_key(path)
+    except FlowbusError as exc:
+        log.warning("up.grant_key.unreadable", path=path, error=str(exc))
+        return None
 
 
 def _command_handler(supervisor: Any, orchestrator: Any) -> Any:
@@ -143,7 +161,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
     if ray_address:
         config = msgspec.structs.replace(config, ray=msgspec.structs.replace(config.ray, address=ray_address))
     state = config.state_path()
-    config = secure_bus(config, state)
+    config = secure_bus(config, state, own_broker=not broker_address)
     runfile = runfile_path(state)
     running = read_runfile(state)
     if running:
@@ -178,7 +196,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         from flowbus.actors._placement import check_fit, make_plan
         from flowbus.actors._supervisor import supervisor_options
 
-        ray_address = start_ray(config.ray)
+        ray_address = start_ray(config.ray, state)
         ray_started = True
         # Ray's own failure-signal handler aborts the process on SIGTERM, before anything we
         # started is stopped; ours (installed after it) stops everything first
@@ -201,12 +219,13 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         if config.rules or config.policies:
             orchestrator = _start_orchestrator(config, endpoints["request"], since)
         from flowbus.actors import ACTOR_PREFIX
-        from flowbus.bus import ClientCurve, CommandServer, load_grant_key
+        from flowbus.bus import ClientCurve, CommandServer
         from flowbus.bus._request import same_host
 
+        key_file = config.bus.grant_key_file or str(client.info.get("grant_key_file") or "")
         commands = CommandServer(same_host(str(client.info["command"]), endpoints["request"]),
                                  _command_handler(supervisor, orchestrator), curve=ClientCurve.from_config(config.bus.curve),
-                                 grant_key=load_grant_key(config.bus.grant_key_file))
+                                 grant_key=_readable_key(key_file))
         write_private(runfile, json.dumps({
             **endpoints, "command": client.info.get("command"), "ray_address": ray_address,
             "namespace": config.ray.namespace, "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},

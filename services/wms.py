@@ -30,6 +30,7 @@ elsewhere) only stops observing, and they end here, unobserved.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -56,6 +57,22 @@ from ._wms_ops import OPERATIONS, WmsOperations, wms_errors
 from ._wms_parsl import ParslRun, is_parsl_service
 
 _IDLE_S = 0.5
+
+
+def _private_temp_root() -> str:
+    """``<tmp>/flowbus-wms-<uid>``: this user's, 0700, and refused when someone else made it (or a
+    symlink) first: a fixed name in shared temp space must not be anyone else's to prepare."""
+    root = os.path.join(tempfile.gettempdir(), f"flowbus-wms-{os.getuid()}")
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(13, f"{root} is not a directory of ours; set submit-dir")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(root, 0o700)
+    return root
 
 
 class WmsSession(WmsOperations):
@@ -118,11 +135,12 @@ class WmsSession(WmsOperations):
                 self._query = cls({})
             self._cls = cls
             self._has_report = not is_parsl_service(cls) and _implements(cls, "report")
-            self._root = self.config.submit_dir or os.path.join(tempfile.gettempdir(), "flowbus-wms", self.name)
             try:
+                self._root = self.config.submit_dir or os.path.join(_private_temp_root(), self.name)
                 os.makedirs(self._root, exist_ok=True)
             except OSError as exc:
-                raise BackendRejected(f"start: submit-dir {self._root!r}: {exc.strerror or exc}") from exc
+                raise BackendRejected(f"start: submit-dir {self.config.submit_dir or 'default'!r}: "
+                                      f"{exc.strerror or exc}") from exc
             self._emit = emit
             self._phase = "up"
             ping = self._try_ping()

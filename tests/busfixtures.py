@@ -30,6 +30,8 @@ from flowbus.bus import (
     ClientCurve,
     Publisher,
     Subscriber,
+    ensure_grant_key,
+    load_grant_key,
 )
 from flowbus.schemas import BusConfig, Event, LogLine, State, StateChanged
 
@@ -102,6 +104,9 @@ class BusFactory:
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
+        #: the grant key of the brokers made here (sessions' grants: ``make_grant(self.grant_key, ...)``)
+        self.grant_key_file = str(ensure_grant_key(tmp_path / "keys" / "grant.key"))
+        self.grant_key = load_grant_key(self.grant_key_file)
         self._teardown: list[tuple[str, Callable[[], None]]] = []
         self._ids = itertools.count(1)
         self._ctx: zmq.Context[Any] | None = None
@@ -113,8 +118,10 @@ class BusFactory:
 
     def broker(self, config: BusConfig | None = None, *, journal_dir: str | None = None,
                publish_sndhwm: int | None = None, **overrides: Any) -> ThreadBroker:
-        """An in-process broker on ephemeral loopback ports."""
-        tb = ThreadBroker(config or bus_config(**overrides), journal_dir, publish_sndhwm)
+        """An in-process broker on ephemeral loopback ports, checking source grants with
+        :attr:`grant_key_file` (``grant_key_file=""``: a broker without grants)."""
+        tb = ThreadBroker(config or bus_config(**{"grant_key_file": self.grant_key_file, **overrides}), journal_dir,
+                          publish_sndhwm)
         self._track(f"in-process broker {tb.address}", tb.stop)
         return tb
 
@@ -122,7 +129,7 @@ class BusFactory:
                        **overrides: Any) -> BrokerProcess:
         """A started broker child process with an on-disk journal and a log file (``.log_path``)."""
         n = next(self._ids)
-        proc = BrokerProcess(config or bus_config(**overrides),
+        proc = BrokerProcess(config or bus_config(**{"grant_key_file": self.grant_key_file, **overrides}),
                              journal_dir=str(self.tmp_path / f"journal-{n}") if journal else None,
                              log_path=str(self.tmp_path / f"broker-{n}.log"))
         self._track(f"broker process #{n}", lambda: proc.stop(TEARDOWN_TIMEOUT / 2))

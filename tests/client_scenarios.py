@@ -39,7 +39,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 import ecflow_fixtures as fx  # noqa: E402
 from cluster_scenarios import MB, RES, SCRIPTS, SUITE, Events, ev_row, ray_auth_of_children, wait_for  # noqa: E402
 from flowbus.actors import ACTOR_PREFIX, SUPERVISOR_NAME, start_ray  # noqa: E402
-from flowbus.bus import BrokerProcess  # noqa: E402
+from flowbus.bus import BrokerProcess, ensure_grant_key  # noqa: E402
 from flowbus.schemas import BusConfig, Connected, Disconnected, RayConfig, StateChanged  # noqa: E402
 from netcheck import off_loopback_listeners  # noqa: E402
 
@@ -204,7 +204,8 @@ def main() -> int:
         out["off_loopback_start"] = off_loopback_listeners()
         out["auth_start"] = ray_auth_of_children()
         broker = BrokerProcess(BusConfig(transport="tcp", insecure_loopback=True, request_port=0, publish_port=0, ingest_port=0,
-                                     command_port=0, heartbeat_interval=0.1),
+                                     command_port=0, heartbeat_interval=0.1,
+                                         grant_key_file=str(ensure_grant_key(work / "keys" / "grant.key"))),
                                str(work / "journal"), log_path=str(work / "broker.log"))
         broker_address = broker.start()["request"]
         server = fx.EcfServer(work / "ecf0", fx._shim(work)).start()

@@ -40,7 +40,7 @@ import ecflow_fixtures as fx  # noqa: E402
 from flowbus.actors import ACTOR_PREFIX, Supervisor, start_ray  # noqa: E402
 from flowbus.actors._placement import check_fit, make_plan  # noqa: E402
 from flowbus.actors._supervisor import supervisor_options  # noqa: E402
-from flowbus.bus import BrokerProcess, Subscriber  # noqa: E402
+from flowbus.bus import BrokerProcess, Subscriber, ensure_grant_key  # noqa: E402
 from flowbus.bus._request import Requester  # noqa: E402
 from flowbus.schemas import (  # noqa: E402
     BusConfig,
@@ -369,7 +369,8 @@ def main() -> int:
         out["off_loopback_start"] = off_loopback_listeners()
         out["auth_start"] = ray_auth_of_children()
         broker = BrokerProcess(BusConfig(transport="tcp", insecure_loopback=True, request_port=0, publish_port=0, ingest_port=0,
-                                     command_port=0, heartbeat_interval=0.1),
+                                     command_port=0, heartbeat_interval=0.1,
+                                         grant_key_file=str(ensure_grant_key(work / "keys" / "grant.key"))),
                                str(work / "journal"), log_path=str(work / "broker.log"))
         address = broker.start()["request"]
         shim = fx._shim(work)

@@ -62,8 +62,13 @@ def broker_factory(tmp_path: Path) -> Iterator[object]:
     made: list[BrokerProcess] = []
 
     def make(journal: bool = True, **bus: object) -> BrokerProcess:
+        from flowbus.bus import ensure_grant_key
+
+        # source grants on, as in `flowbus up`: Supervisors find the key through the broker's info
+        key = str(ensure_grant_key(tmp_path / "keys" / "grant.key"))
         fields: dict[str, object] = {"transport": "tcp", "insecure_loopback": True, "request_port": 0, "publish_port": 0,
-                                     "ingest_port": 0, "command_port": 0, "heartbeat_interval": 0.1, **bus}
+                                     "ingest_port": 0, "command_port": 0, "heartbeat_interval": 0.1,
+                                     "grant_key_file": key, **bus}
         cfg = BusConfig(**fields)  # type: ignore[arg-type]
         n = len(made)
         bp = BrokerProcess(cfg, str(tmp_path / f"journal{n}") if journal else None, log_path=str(tmp_path / f"broker{n}.log"))

@@ -79,7 +79,7 @@ class TestSourceGrants:
 
     def test_a_grant_at_a_broker_without_a_key_is_a_clear_error(self, bus: BusFactory, key_file: Path) -> None:
         """A broker that checks no grants says so instead of taking the grant on trust."""
-        broker = bus.broker()
+        broker = bus.broker(grant_key_file="")
         with pytest.raises(SourceRefused, match="grant-key-file is not set"):
             bus.publisher(broker.address).open_source("s", "qcg", grant=make_grant(load_grant_key(key_file), "s", "qcg"))
 
@@ -216,7 +216,7 @@ class TestCommands:
 
     def test_without_a_worker_a_call_fails_in_bounded_time(self, bus: BusFactory) -> None:
         """With nothing serving commands, a call says so (after the grace for a restarting worker)."""
-        broker = bus.broker()
+        broker = bus.broker(grant_key_file="")
         with pytest.raises(BusBroken, match="no `flowbus up` serves commands"):
             bus.client(broker.address).call("local", "list", timeout=5)
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from flowbus.actors._placement import check_fit, make_plan, probe_address
-from flowbus.bus import Publisher, Subscriber
+from flowbus.bus import Publisher, Subscriber, load_grant_key, make_grant
 from flowbus.schemas import (
     ConfigError,
     EcflowSessionConfig,
@@ -123,15 +123,16 @@ class TestSubscriberFencing:
     def test_stale_incarnation_is_dropped_and_counted(self, broker_factory: Any) -> None:
         """After a source re-registers (new incarnation), a live event of the old one is dropped; the journal's history is not."""
         broker = broker_factory()
+        grant = make_grant(load_grant_key(broker.config.grant_key_file), "src", "flowbus-test")
         old = Publisher(broker.address)
         new: Publisher | None = None
         sub = Subscriber(broker.address, "flowbus-test/", start="journal")
         try:
-            inc_old, _ = old.open_source("src", "flowbus-test")
+            inc_old, _ = old.open_source("src", "flowbus-test", grant=grant)
             old.publish(Heartbeat(source="src", backend="flowbus-test"))
             old.flush()
             new = Publisher(broker.address)
-            inc_new, seq = new.open_source("src", "flowbus-test")
+            inc_new, seq = new.open_source("src", "flowbus-test", grant=grant)
             assert inc_new > inc_old
             new.publish(Heartbeat(source="src", backend="flowbus-test"))
             new.flush()
@@ -176,19 +177,21 @@ class TestUpFlags:
         assert "ray[client]" in proc.stderr or "nothing answers at 127.0.0.1:9" in proc.stderr, proc.stderr
         assert time.monotonic() - t0 < 45
 
-    def test_call_when_the_cluster_of_up_is_gone(self, tmp_path: Path) -> None:
-        """`flowbus call` whose `flowbus up` ran on a ray:// cluster that no longer answers: a one-line error naming it, fast."""
+    def test_call_when_up_is_gone(self, tmp_path: Path) -> None:
+        """`flowbus call` whose `flowbus up` (and its broker) is gone: a one-line error naming the
+        endpoint, at once (no Ray is joined for a command)."""
         state = tmp_path / "state"
         state.mkdir()
-        (state / "run.json").write_text(json.dumps({"ray_address": "ray://127.0.0.1:9", "namespace": "x",
-                                                    "placement": {"e1": "flowbus-backend-default-0"}, "pid": os.getpid()}))
+        (state / "run.json").write_text(json.dumps({"request": f"ipc://{state}/bus/request",
+                                                    "command": f"ipc://{state}/bus/owner/command",
+                                                    "pid": os.getpid()}))
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "flowbus", "call", "e1", "ping"], capture_output=True, text=True,
                               timeout=60, env={**os.environ, "FLOWBUS_STATE_DIR": str(state)}, close_fds=True)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert ("flowbus: error: ray: cannot join the cluster of `flowbus up` at 'ray://127.0.0.1:9': ray address "
-                "'ray://127.0.0.1:9': nothing answers at 127.0.0.1:9") in proc.stderr, proc.stderr
-        assert time.monotonic() - t0 < 45
+        assert proc.stderr.strip() == (f"flowbus: error: nothing answers at ipc://{state}/bus/owner/command (No such "
+                                       "file or directory): is `flowbus up` running?"), proc.stderr
+        assert time.monotonic() - t0 < 10
 
     def test_unreachable_broker(self, tmp_path: Path) -> None:
         """--broker where no broker answers exits 1 naming it; a malformed one is refused before any connect."""
@@ -204,25 +207,29 @@ def _run_scenarios(script: str, tmp_path_factory: pytest.TempPathFactory, timeou
     pytest.importorskip("ecflow", reason="python3-ecflow is not installed")
     work = tmp_path_factory.mktemp(script.split("_")[0])
     result = work / "result.json"
-    ray_tmp = tempfile.mkdtemp(prefix="fbc-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    # Ray's root is <ray_tmp>/ray: short (Ray's unix socket paths have a length limit), and private
+    # (mkdtemp makes ray_tmp 0700, so the 0777 root Ray makes inside is no one else's to enter)
+    ray_tmp = tempfile.mkdtemp(prefix="fbc-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    with open(work / "scenarios.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(HERE / script), str(result), str(work)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, env=env)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
+    try:
+        with open(work / "scenarios.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, str(HERE / script), str(result), str(work)],
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, env=env)
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
                 pass
-            proc.wait(10)
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(10)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     if not result.exists():
         tail = (work / "scenarios.log").read_text(errors="replace")[-3000:]
         pytest.fail(f"{script} wrote no result (exit {proc.returncode}):\n{tail}")
-    shutil.rmtree(ray_tmp, ignore_errors=True)
     data: dict[str, Any] = json.loads(result.read_text())
     return data
 
@@ -252,6 +259,15 @@ class TestCluster:
         """GCS, raylets, workers, broker and ecflow_servers listen on 127.0.0.0/8 only, before, during and after."""
         for key in ("off_loopback_start", "off_loopback_mid", "off_loopback_end"):
             assert scenarios.get(key) == [], (key, scenarios.get(key))
+
+    def test_every_cluster_process_uses_token_auth(self, scenarios: dict[str, Any]) -> None:
+        """The GCS and every raylet (the node added later too) run with RAY_AUTH_MODE=token and the state dir's token file."""
+        token = scenarios["token"]
+        assert token.endswith("/ray/auth_token"), token
+        for key, n_raylets in (("auth_start", 3), ("auth_mid", 3)):  # head + 2 nodes; then one node dead, one added
+            rows = scenarios[key]
+            assert sorted(r[0] for r in rows) == ["gcs_server"] + ["raylet"] * n_raylets, (key, rows)
+            assert all(r[1:] == ["token", token, None] for r in rows), (key, rows)
 
     def test_unreachable_address_is_a_clear_error_within_seconds(self, scenarios: dict[str, Any]) -> None:
         """Joining a cluster where nothing listens fails within connect-timeout, naming the address, without Ray started."""
@@ -349,6 +365,13 @@ class TestRayClient:
         assert "error" not in client_run, client_run.get("traceback", client_run.get("error"))
         assert client_run["steps"] == list(self.RUNS)
         assert client_run["leaked"] == [] and client_run["ecflow_left"] == []
+
+    def test_cluster_uses_token_auth(self, client_run: dict[str, Any]) -> None:
+        """The GCS and both raylets run with RAY_AUTH_MODE=token and the state dir's token; `flowbus up` joined with it through Ray Client."""
+        token = client_run["token"]
+        rows = client_run["auth_start"]
+        assert sorted(r[0] for r in rows) == ["gcs_server", "raylet", "raylet"], rows
+        assert all(r[1:] == ["token", token, None] for r in rows), rows
 
     def test_client_server_and_cluster_listen_on_loopback_only(self, client_run: dict[str, Any]) -> None:
         """The Ray Client server binds 127.0.0.1 at its port; nothing of the cluster listens beyond loopback."""

@@ -4,8 +4,12 @@ the Helm v4 Go SDK through ctypes), every built-in kind validated against Kubern
 same way, and what matters asserted on the rendered objects, for the default values and every
 value set in helm/flowbus/ci/. Invalid values must be rejected with the path of the bad value.
 
+Ray's token authentication is on by default: the RayCluster has ``authOptions.mode: token`` and
+every container that runs or joins Ray gets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` from
+the Secret KubeRay uses.
+
 What this cannot prove (no API server here): admission, KubeRay's defaulting and CEL rules,
-pods starting, Ray joining, the broker being reachable.
+pods starting, Ray joining, the broker being reachable, KubeRay generating the token Secret.
 """
 
 from __future__ import annotations
@@ -102,7 +106,13 @@ def client_pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", [])}
+    """The container's plain environment variables (``value``; those taken from a Secret are in :func:`env_refs`)."""
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def env_refs(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The container's environment variables taken from elsewhere: name -> ``valueFrom``."""
+    return {e["name"]: e["valueFrom"] for e in container.get("env", []) if "valueFrom" in e}
 
 
 def mounted_file(spec: dict[str, Any], container: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
@@ -437,6 +447,76 @@ class TestRayCluster:
         assert "flowbus watch" in notes(load_values("controller-off-values.yaml"))
 
 
+class TestRayAuth:
+    """Ray's token authentication: KubeRay authOptions on the RayCluster, the token in every pod that runs or joins Ray."""
+
+    @staticmethod
+    def ray_pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The containers that run Ray (head, workers) or join it (the controller), by role."""
+        return {role: spec["containers"][0] for role, spec in client_pod_specs(docs).items()}
+
+    def test_token_mode_is_the_default(self) -> None:
+        """With the chart's defaults the RayCluster has authOptions.mode == "token", and KubeRay generates the token Secret."""
+        rc = one(render(), "RayCluster")
+        assert rc["spec"]["authOptions"] == {"mode": "token"}
+        text = notes()
+        assert "Ray token authentication: on" in text
+        assert f"get secret {RELEASE}-flowbus -o jsonpath='{{.data.auth_token}}'" in text
+
+    @pytest.mark.parametrize("value_set", VALUE_SETS)
+    def test_every_ray_pod_and_the_controller_get_the_token(self, value_set: str) -> None:
+        """authOptions.mode is token, and the head, every worker and the controller get RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from the Secret KubeRay uses."""
+        values = load_values(value_set)
+        docs = render(values)
+        rc = one(docs, "RayCluster")
+        auth = rc["spec"]["authOptions"]
+        assert auth["mode"] == "token"
+        own = ((values.get("ray") or {}).get("auth") or {}).get("secretName")
+        if own:
+            assert auth == {"mode": "token", "secretName": own}
+        # KubeRay's own Secret is named like the RayCluster (utils.CheckName leaves names like ours as they are)
+        secret = own or rc["metadata"]["name"]
+        pods = self.ray_pods(docs)
+        assert "head" in pods and any(role.startswith("worker/") for role in pods)
+        assert ("controller" in pods) == (value_set != "controller-off-values.yaml")
+        for role, c in pods.items():
+            assert env_of(c)["RAY_AUTH_MODE"] == "token", role
+            assert env_refs(c)["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": secret, "key": "auth_token"}}, role
+            names = [e["name"] for e in c["env"]]
+            assert len(names) == len(set(names)), (role, names)  # KubeRay adds its own only when missing
+
+    @pytest.mark.parametrize("value_set", VALUE_SETS)
+    def test_the_broker_gets_no_ray_token(self, value_set: str) -> None:
+        """The broker does not join Ray: no Ray token in its pod (least privilege)."""
+        (c,) = one(render(load_values(value_set)), "Deployment", "broker")["spec"]["template"]["spec"]["containers"]
+        assert not [e["name"] for e in c.get("env", []) if e["name"].startswith("RAY_AUTH")]
+
+    def test_secret_name_follows_kuberay_for_a_release_starting_with_a_digit(self) -> None:
+        """KubeRay names its Secret after the RayCluster with a leading digit replaced by "r" (utils.CheckName); the pods refer to that name."""
+        docs = render(name="1fb")
+        assert one(docs, "RayCluster")["metadata"]["name"] == "1fb-flowbus"
+        for role, c in self.ray_pods(docs).items():
+            assert env_refs(c)["RAY_AUTH_TOKEN"]["secretKeyRef"]["name"] == "rfb-flowbus", role
+
+    def test_disabled_is_explicit_and_leaves_no_token_env(self, raycluster_validator: jsonschema.Draft7Validator) -> None:
+        """ray.auth.mode=disabled renders authOptions.mode disabled (valid for the CRD), no token env, and NOTES says it is off."""
+        values = {"ray": {"auth": {"mode": "disabled"}}}
+        docs = render(values)
+        rc = one(docs, "RayCluster")
+        assert rc["spec"]["authOptions"] == {"mode": "disabled"}
+        assert crd_errors(raycluster_validator, rc) == []
+        for role, c in self.ray_pods(docs).items():
+            assert "RAY_AUTH_MODE" not in env_of(c) and "RAY_AUTH_TOKEN" not in env_refs(c), role
+        assert "Ray token authentication: OFF" in notes(values)
+
+    def test_crd_knows_auth_options(self, raycluster_validator: jsonschema.Draft7Validator) -> None:
+        """The CRD check covers authOptions: a mode it does not know and an unknown field are errors."""
+        rc = one(render(), "RayCluster")
+        rc["spec"]["authOptions"] = {"mode": "tokens", "secretNme": "x"}
+        errors = "\n".join(crd_errors(raycluster_validator, rc))
+        assert "authOptions.mode" in errors and "secretNme" in errors
+
+
 # -- invalid values ----------------------------------------------------------------------------
 
 
@@ -453,8 +533,12 @@ class TestInvalidValues:
         ({"ray": {"workerGroups": []}}, "/ray/workerGroups"),
         ({"bus": {"requestPort": 70000}}, "/bus/requestPort"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"ray": {"auth": {"mode": "off"}}}, "/ray/auth/mode"),
+        ({"ray": {"auth": {"mode": "token", "secretName": "Bad_Secret"}}}, "/ray/auth/secretName"),
+        ({"ray": {"auth": {"mode": "token", "enableK8sTokenAuth": True}}}, "/ray/auth"),
     ], ids=["bad-name", "wrong-type", "unknown-key", "unknown-top-key", "gcs-without-redis", "fractional-resource",
-            "head-num-cpus", "resources-as-start-param", "no-worker-group", "port-range", "enum"])
+            "head-num-cpus", "resources-as-start-param", "no-worker-group", "port-range", "enum", "auth-mode",
+            "auth-secret-name", "auth-unknown-key"])
     def test_schema_rejects_with_path(self, values: dict[str, Any], path: str) -> None:
         """values.schema.json rejects the value and the error names its path."""
         with pytest.raises(helm.HelmValuesError) as info:

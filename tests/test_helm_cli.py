@@ -1,23 +1,30 @@
-"""The helm controller's command line, parsed by flowbus's own CLI parser (``flowbus._cli._parser``).
+"""The helm controller's command line, parsed by flowbus's own CLI parser (``flowbus._cli._parser``),
+and its Ray token as flowbus's join code takes it.
 
 The chart is rendered as tests/test_helm.py does (helm-python-sdk, offline); the controller
 container's ``command`` + ``args`` must be a ``flowbus up`` invocation that the real parser accepts,
-with ``--config``, ``--address`` and ``--broker`` exactly as rendered. (That ``flowbus up --address
-ray://...`` then works against a cluster is tests/test_cluster.py::TestRayClient.)
+with ``--config``, ``--address`` and ``--broker`` exactly as rendered; its environment (the
+Secret's token as ``RAY_AUTH_TOKEN``) must make flowbus join Ray with that token. (That ``flowbus
+up --address ray://...`` then works against a cluster is tests/test_cluster.py::TestRayClient.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flowbus._cli import _parser
 from flowbus.schemas import parse_config
-from test_helm import NAMESPACE, VALUE_SETS, config_toml, env_of, load_values, mounted_file, one, render
+from test_helm import NAMESPACE, VALUE_SETS, config_toml, env_of, env_refs, load_values, mounted_file, one, render
 
 WITH_CONTROLLER = [v for v in VALUE_SETS if v != "controller-off-values.yaml"]
 
@@ -68,3 +75,23 @@ class TestControllerCommandLine:
         with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
             _parser().parse_args(argv[1:])
         assert exc.value.code == 2 and "unrecognized arguments: --no-such-flag" in err.getvalue()
+
+    @pytest.mark.timeout(120)
+    def test_controller_joins_ray_with_the_secrets_token(self, tmp_path: Path) -> None:
+        """With the controller's environment as rendered (RAY_AUTH_MODE, RAY_AUTH_TOKEN from the Secret), flowbus joins with that token and makes none of its own."""
+        _, c, _ = controller(render())
+        ref = env_refs(c)["RAY_AUTH_TOKEN"]["secretKeyRef"]
+        secret = {ref["key"]: "4" * 64}  # what the kubelet puts in the variable from the Secret's key
+        state = tmp_path / "state"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        env.update(env_of(c))
+        env.update({"RAY_AUTH_TOKEN": secret[ref["key"]], "FLOWBUS_STATE_DIR": str(state)})  # a writable state dir here
+        code = ("import json, os\nfrom flowbus.actors import _ray\nfrom ray._raylet import AuthenticationTokenLoader as L\n"
+                "src = _ray.use_ray_auth(keep_given=True)\n"
+                "print(json.dumps([src, os.environ['RAY_AUTH_MODE'], L.instance().get_token_for_http_header()]))")
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90,
+                              close_fds=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout.splitlines()[-1]) == [
+            "$RAY_AUTH_TOKEN", "token", {"authorization": "Bearer " + "4" * 64}]
+        assert not (state / "ray" / "auth_token").exists()

@@ -53,6 +53,32 @@ app.kubernetes.io/part-of: flowbus
 {{- include "flowbus.fullname" . -}}
 {{- end -}}
 
+{{/*
+The Secret with the Ray token (key auth_token): ray.auth.secretName, else the one KubeRay
+generates for the RayCluster, named like it (utils.CheckName: at most 50 characters, which
+ours always is, and a leading digit replaced by "r").
+*/}}
+{{- define "flowbus.rayAuthSecret" -}}
+{{- .Values.ray.auth.secretName | default (regexReplaceAll "^[0-9]" (include "flowbus.rayClusterName" .) "r") -}}
+{{- end -}}
+
+{{/*
+RAY_AUTH_MODE and RAY_AUTH_TOKEN for a container that runs Ray or joins it (the Ray head and
+workers, where KubeRay injects the same two and keeps ours, and the controller); nothing when
+ray.auth.mode is "disabled".
+*/}}
+{{- define "flowbus.rayAuthEnv" -}}
+{{- if eq .Values.ray.auth.mode "token" }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "flowbus.rayAuthSecret" . }}
+      key: auth_token
+{{- end }}
+{{- end -}}
+
 {{- define "flowbus.curveSecret" -}}
 {{- .Values.curve.secretName | default (printf "%s-curve" (include "flowbus.fullname" .)) -}}
 {{- end -}}
@@ -84,6 +110,8 @@ file names (and only that pod mounts) the broker's secret key.
 {{- $ckey := $v.curve.clientKeyName -}}
 # written by the flowbus chart
 [bus]
+# pods reach the broker over the network: TCP (with CurveZMQ), not ipc sockets in a local state dir
+transport = "tcp"
 host = {{ .host | toJson }}
 request-port = {{ int64 $v.bus.requestPort }}
 publish-port = {{ int64 $v.bus.publishPort }}
