@@ -37,7 +37,15 @@ import structlog
 from . import _ray  # noqa: F401  (loopback fences before ray)
 import ray  # noqa: E402, I001
 
-from flowbus.bus import Client, ClientCurve, Publisher, Subscriber  # noqa: E402
+from flowbus.bus import (  # noqa: E402
+    Client,
+    ClientCurve,
+    Publisher,
+    Subscriber,
+    grant_key_file,
+    load_grant_key,
+    make_grant,
+)
 from flowbus.schemas import (  # noqa: E402
     TAGS,
     Backend,
@@ -111,8 +119,10 @@ class OrchestratorCore:
                  checkpoint: str | os.PathLike[str] | None = None, source: str = ORCHESTRATOR_SOURCE,
                  curve: ClientCurve | None = None, sessions: dict[str, str] | None = None,
                  checkpoint_every: float = 1.0, prefixes: tuple[str, ...] = ("",),
-                 since: dict[str, int] | None = None) -> None:
+                 since: dict[str, int] | None = None, grant: list[Any] | None = None) -> None:
         self.address, self.curve, self.source = address, curve, source
+        #: the source grant when flowbus runs this core (its own Orchestrator actor)
+        self.grant = grant
         #: on a first start (no checkpoint): per source, the last seq that counts as already
         #: consumed (``flowbus up`` takes the marks before it opens the sessions, so nothing they
         #: publish while the orchestrator starts is missed); None = whatever the journal holds
@@ -149,7 +159,7 @@ class OrchestratorCore:
         if raw is not None:
             self._restore(raw)
         pub = self._pub = Publisher(self.address, curve=self.curve)
-        pub.open_source(self.source, Backend.FLOWBUS.value)
+        pub.open_source(self.source, Backend.FLOWBUS.value, grant=self.grant)
         for what in self._interrupted:
             self.log.error("orchestrator.interrupted", what=what)
             self._publish(ErrorEvent(source=self.source, backend="flowbus", key="restart", operation="resume",
@@ -497,9 +507,15 @@ class OrchestratorImpl:
                 catalog = catalog_for(self.config)
                 rules, rejected = compile_rules(self.config.rules, catalog)
                 policies, bad = compile_policies(self.config.policies, catalog)
+                # flowbus's own orchestrator publishes under a granted source: a restart by Ray
+                # takes it over at once, and no user script can take it
+                key_file = grant_key_file(self.config.bus.grant_key_file, self.broker_address, self.curve)
+                grant = make_grant(load_grant_key(key_file), ORCHESTRATOR_SOURCE, Backend.FLOWBUS.value) \
+                    if key_file else None
                 core = OrchestratorCore(self.broker_address, rules=rules, policies=policies,
                                         rejected={**rejected, **bad}, caller=self._call, checkpoint=self.checkpoint,
-                                        curve=self.curve, sessions=dict(catalog.sessions or {}), since=self.since)
+                                        curve=self.curve, sessions=dict(catalog.sessions or {}), since=self.since,
+                                        grant=grant)
                 core.start()
                 self.core = core
                 self.failure = ""

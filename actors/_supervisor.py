@@ -19,7 +19,6 @@ period. It is never told to ``stop()``: that would end backend work the new inca
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from . import _ray  # noqa: F401  (loopback fences before ray)
 import ray  # noqa: E402, I001
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError  # noqa: E402
 
-from flowbus.bus import ClientCurve, load_grant_key, make_grant  # noqa: E402
+from flowbus.bus import ClientCurve, grant_key_file, load_grant_key, make_grant  # noqa: E402
 from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession  # noqa: E402
 
 from ._backend_actor import BackendActor  # noqa: E402
@@ -111,25 +110,10 @@ class SupervisorImpl:
         user it belongs to); it is read when needed and never leaves this actor: only grants
         travel, over Ray's authenticated channels, to the actor that opens the session."""
         if self._grant_key_file is None:
-            self._grant_key_file = self._discover_grant_key_file()
+            self._grant_key_file = grant_key_file("", self.broker_address, self.curve)
         if not self._grant_key_file:
             return None
         return make_grant(load_grant_key(self._grant_key_file), str(spec["name"]), str(spec["backend"]))
-
-    def _discover_grant_key_file(self) -> str:
-        import zmq
-
-        from flowbus.bus._request import Requester
-
-        req = Requester(zmq.Context.instance(), self.broker_address, self.curve, timeout=10.0)
-        try:
-            path = str(req.call("info").get("grant_key_file") or "")
-        finally:
-            req.close()
-        if path and not os.access(path, os.R_OK):
-            log.warning("supervisor.grant_key.unreadable", path=path)
-            return ""
-        return path
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -246,7 +230,7 @@ class SupervisorImpl:
             missing = [s for s, a in self.placement.items() if a == name and s not in info["sessions"]]
         for s in missing:
             try:
-                ray.get(handle.add_session.remote(self.specs[s]), timeout=self.start_timeout)
+                ray.get(handle.add_session.remote(self.specs[s], self._grant(self.specs[s])), timeout=self.start_timeout)
             except Exception as exc:  # noqa: BLE001
                 log.error("supervisor.session.reopen_failed", actor=name, session_id=s, error=str(exc)[:300])
 
@@ -386,7 +370,7 @@ class SupervisorImpl:
         with self._lock:
             handle = self.actors.get(self.placement.get(session, ""))
         if handle is None:
-            raise UnknownSession(session)
+            raise UnknownSession(session, sorted(self.placement))
         return ray.get(handle.call.remote(session, operation, *args, **kwargs), timeout=timeout)
 
     def stop(self, timeout: float = 60.0) -> None:

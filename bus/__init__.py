@@ -6,15 +6,16 @@ call``) imports only what it touches.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from flowbus.schemas._lazy import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
     from ._broker import BROKER_SOURCE, Broker
     from ._client import Callback, Client, Expectation, default_address
     from ._commands import CommandServer
     from ._curve import ClientCurve, make_keypair
-    from ._grant import ensure_grant_key, load_grant_key, make_grant
+    from ._grant import ensure_grant_key, grant_key_file, load_grant_key, make_grant
     from ._journal import Journal
     from ._match import Match, as_match
     from ._process import BrokerProcess, serve
@@ -26,7 +27,7 @@ _WHERE = {
     "Callback": "_client", "Client": "_client", "Expectation": "_client", "default_address": "_client",
     "CommandServer": "_commands",
     "ClientCurve": "_curve", "make_keypair": "_curve",
-    "ensure_grant_key": "_grant", "load_grant_key": "_grant", "make_grant": "_grant",
+    "ensure_grant_key": "_grant", "grant_key_file": "_grant", "load_grant_key": "_grant", "make_grant": "_grant",
     "Journal": "_journal",
     "Match": "_match", "as_match": "_match",
     "BrokerProcess": "_process", "serve": "_process",
@@ -35,14 +36,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'flowbus.bus' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = _lazy_exports(__name__, globals(), _WHERE)
 
 __all__ = [
     "BROKER_SOURCE",
@@ -60,6 +54,7 @@ __all__ = [
     "as_match",
     "default_address",
     "ensure_grant_key",
+    "grant_key_file",
     "load_grant_key",
     "make_grant",
     "make_keypair",

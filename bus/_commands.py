@@ -163,7 +163,14 @@ def error_reply(rid: Any, exc: BaseException) -> dict[str, Any]:
     cls = next((c for c in type(exc).__mro__ if c in ours), type(exc))
     message = str(exc) if cls is type(exc) else str(cls.__str__(exc))
     return {"id": rid, "ok": False, "error_type": cls.__name__, "message": message.strip().splitlines()[-1] if message.strip() else cls.__name__,
-            "args": [a if isinstance(a, (str, int, float)) else str(a) for a in exc.args]}
+            "args": [a if _plain(a) else str(a) for a in exc.args]}
+
+
+def _plain(value: Any) -> bool:
+    """Arguments that travel as they are (str, numbers, lists of them); others as their str."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return True
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value)
 
 
 class CommandServer:

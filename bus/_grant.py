@@ -16,8 +16,13 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from flowbus.schemas import ConfigError
+
+log = structlog.get_logger("flowbus.grant")
 
 #: a grant as it travels: ``[owner, mac]``
 Grant = list[object]
@@ -46,6 +51,27 @@ def check_grant(key: bytes, source: str, backend: str, grant: object) -> str:
     if not hmac.compare_digest(mac, _mac(key, source, backend, owner)):
         raise ValueError(f"grant for source {source!r} ({backend}) is not valid for this broker's key")
     return owner
+
+
+def grant_key_file(configured: str, broker_address: str, curve: Any = None) -> str:
+    """The grant key file flowbus's own actors sign with: the configured one, else the one the
+    broker names in its ``info`` (same machine, same user: readable) ; "" when there is none or
+    it cannot be read here (the broker then refuses grants, saying so)."""
+    if configured:
+        return configured
+    import zmq
+
+    from ._request import Requester
+
+    req = Requester(zmq.Context.instance(), broker_address, curve, timeout=10.0)
+    try:
+        path = str(req.call("info").get("grant_key_file") or "")
+    finally:
+        req.close()
+    if path and not os.access(path, os.R_OK):
+        log.warning("grant.key.unreadable", path=path)
+        return ""
+    return path
 
 
 def load_grant_key(path: str | os.PathLike[str]) -> bytes:

@@ -21,8 +21,25 @@ from ._broker import Broker
 READY = "FLOWBUS-BROKER-READY "
 
 
-def serve(config: BusConfig, journal_dir: str | None = None) -> None:
-    """Bind, print one readiness line with the endpoints, then serve until SIGTERM/SIGINT."""
+def _die_with_parent() -> None:
+    """SIGTERM when the parent dies (Linux), so a broker whose `flowbus up` was SIGKILLed does
+    not live on holding the state dir's sockets."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(config: BusConfig, journal_dir: str | None = None, *, die_with_parent: bool = False) -> None:
+    """Bind, print one readiness line with the endpoints, then serve until SIGTERM/SIGINT (or,
+    with ``die_with_parent``, until the process that started it is gone)."""
+    parent = os.getppid()
+    if die_with_parent:
+        _die_with_parent()
+        if os.getppid() != parent:  # it died before prctl took effect
+            raise SystemExit(1)
     broker = Broker(config, journal_dir)
     try:
         endpoints = broker.bind()

@@ -10,8 +10,9 @@ cost no more than they use.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from flowbus.schemas._lazy import lazy_exports as _lazy_exports
 
 __version__ = "0.1.0"
 
@@ -23,13 +24,7 @@ _LAZY = {"Client": "flowbus.bus", "Match": "flowbus.bus", "default_address": "fl
          "Event": "flowbus.schemas", "State": "flowbus.schemas", "WaitTimeout": "flowbus.schemas"}
 
 
-def __getattr__(name: str) -> Any:
-    owner = _LAZY.get(name)
-    if owner is None:
-        raise AttributeError(f"module 'flowbus' has no attribute {name!r}")
-    value = getattr(importlib.import_module(owner), name)
-    globals()[name] = value
-    return value
+__getattr__ = _lazy_exports(__name__, globals(), _LAZY)
 
 
 def connect(address: str | None = None, **kwargs: Any) -> Client:

@@ -167,7 +167,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
         config = load_config(args.config)  # the embedded default without --config
         bus = secure_bus(config, config.state_path()).bus  # ipc in the state dir, a grant key, keys for TCP
-    serve(bus, args.journal_dir)
+    # started by BrokerProcess (--config-json): it ends with its parent, as a child should
+    serve(bus, args.journal_dir, die_with_parent=bool(args.config_json))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Event types, states, configuration types and the msgpack codec. No I/O."""
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
     from ._codec import REASONS, classify, decode, decode_many, encode, encode_many, reason_of
@@ -152,14 +153,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'flowbus.schemas' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = _lazy_exports(__name__, globals(), _WHERE)
 
 __all__ = [
     "EVENT_TYPES",

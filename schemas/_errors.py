@@ -101,7 +101,11 @@ class UnknownSession(FlowbusError, KeyError):
     """No session of that name is hosted here."""
 
     def __str__(self) -> str:
-        return f"no session named {self.args[0]!r}" if self.args else "unknown session"
+        if not self.args:
+            return "unknown session"
+        known = self.args[1] if len(self.args) > 1 else None
+        where = f"; running sessions: {', '.join(known) or '(none)'}" if isinstance(known, (list, tuple)) else ""
+        return f"no session named {self.args[0]!r}{where}"
 
 
 class UnknownOperation(BackendRejected):

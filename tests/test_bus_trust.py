@@ -305,3 +305,29 @@ class TestIpc:
         broker = Broker(BusConfig(ipc_dir=str(tmp_path / "bus"), ipc_group="no-such-group-xyz"))
         with pytest.raises(ConfigError, match="bus.ipc-group: no Unix group named"):
             broker.bind()
+
+
+class TestJournalDamage:
+    def test_damage_is_published_and_the_rest_is_kept(self, bus: BusFactory) -> None:
+        """A broker restarted on a journal with flipped bytes publishes a JournalDamaged error
+        naming the file offset, and replays every intact event after the damage."""
+        proc = bus.broker_process()
+        pub = bus.source(proc.address, "s1")
+        for i in range(20):
+            pub.publish(state("s1", f"j{i}"))
+        pub.flush(5)
+        pub.close()
+        proc.stop()
+        path = Path(proc.journal_dir or "") / "journal.log"
+        data = bytearray(path.read_bytes())
+        at = data.index(b"j10")  # inside the event record of job j10
+        data[at:at + 3] = b"\xff\xfe\xfd"
+        path.write_bytes(bytes(data))
+        proc.start()
+        sub = bus.subscriber(proc.address, "", start="journal")
+        got = collect(sub, 22, timeout=10)  # 19 intact + 1 filler for s1, and the broker's report
+        errors = [e for e in got if getattr(e, "error_type", "") == "flowbus.bus.JournalDamaged"]
+        assert any(e.source == "broker" and "offset" in e.message for e in errors), errors
+        assert any(e.source == "s1" and e.seq == 11 for e in errors), errors
+        keys = sorted(e.key for e in got if e.source == "s1" and getattr(e, "state", None) is not None)
+        assert keys == sorted(f"j{i}" for i in range(20) if i != 10)

@@ -408,7 +408,7 @@ class TestRayClient:
                 if op in calls:
                     assert calls[op]["code"] == 0, (op, calls[op])
             assert calls["unknown"]["code"] == 1
-            assert "unknown session 'nope'; running sessions: e1" in calls["unknown"]["stderr"], calls["unknown"]
+            assert "no session named 'nope'; running sessions: e1" in calls["unknown"]["stderr"], calls["unknown"]
             done = [e for e in _events(client_run, "e1") if e["type"] == "StateChanged" and e["key"] == r["task"]
                     and e["native"] == "complete" and e["incarnation"] == r["inc"]]
             assert done, (run, r["task"], r["inc"])

@@ -14,6 +14,7 @@ pods starting, Ray joining, the broker being reachable, KubeRay generating the t
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -281,7 +282,7 @@ class TestBroker:
         container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         service_ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
         targets = {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}
-        assert set(service_ports) == {"request", "publish", "ingest"}
+        assert set(service_ports) == {"request", "publish", "ingest", "command"}
         assert targets == {n: n for n in service_ports}
         assert container_ports == service_ports  # clients learn publish/ingest ports from the broker
         for key in ("flowbus.toml", "broker.toml"):
@@ -520,6 +521,34 @@ class TestRayAuth:
 # -- invalid values ----------------------------------------------------------------------------
 
 
+class TestGrantKey:
+    """The key that signs sessions' source grants: one Secret, in the broker and every pod that runs or joins Ray."""
+
+    def test_the_chart_makes_one_kept_secret_and_every_flowbus_pod_mounts_it(self) -> None:
+        """By default the chart makes <fullname>-grant (64 hex characters, kept on uninstall); the
+        broker, the controller and the Ray pods mount it read-only and their config names it."""
+        docs = render()
+        (secret,) = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == f"{RELEASE}-flowbus-grant"]
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        key = base64.b64decode(secret["data"]["grant.key"]).decode()
+        assert len(key) == 64 and int(key, 16) >= 0
+        specs = {"broker": one(docs, "Deployment", "broker")["spec"]["template"]["spec"], **client_pod_specs(docs)}
+        for role, spec in specs.items():
+            (vol,) = [v for v in spec["volumes"] if v["name"] == "flowbus-grant"]
+            assert vol["secret"]["secretName"] == f"{RELEASE}-flowbus-grant" and vol["secret"]["defaultMode"] == 0o400, role
+            mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+            assert mounts["flowbus-grant"]["mountPath"] == "/etc/flowbus/grant", role
+        for name, text in one(docs, "ConfigMap")["data"].items():
+            assert 'grant-key-file = "/etc/flowbus/grant/grant.key"' in text, name
+
+    def test_a_secret_of_your_own(self) -> None:
+        """bus.grantSecretName: the chart makes no Secret and the pods mount the named one."""
+        docs = render({"bus": {"grantSecretName": "site-grant"}})
+        assert not [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-grant")]
+        spec = one(docs, "Deployment", "broker")["spec"]["template"]["spec"]
+        assert [v["secret"]["secretName"] for v in spec["volumes"] if v["name"] == "flowbus-grant"] == ["site-grant"]
+
+
 class TestInvalidValues:
     @pytest.mark.parametrize(("values", "path"), [
         ({"ray": {"workerGroups": [worker("Bad_Name")]}}, "/ray/workerGroups/0/name"),
@@ -549,7 +578,7 @@ class TestInvalidValues:
         ({"ray": {"workerGroups": [worker("a"), worker("a")]}}, 'ray.workerGroups[1].name: "a" is already the name of ray.workerGroups[0]'),
         ({"ray": {"workerGroups": [worker("a", minReplicas=3, maxReplicas=2, replicas=2)]}}, "ray.workerGroups[0].minReplicas: 3 is above maxReplicas 2"),
         ({"ray": {"workerGroups": [worker("a", replicas=5)]}}, "ray.workerGroups[0].replicas: 5 is outside"),
-        ({"bus": {"publishPort": 7750}}, "bus: requestPort, publishPort and ingestPort must differ"),
+        ({"bus": {"publishPort": 7750}}, "bus: requestPort, publishPort, ingestPort and commandPort must differ"),
     ], ids=["duplicate-group", "min-above-max", "replicas-outside", "same-port"])
     def test_template_checks_name_the_value(self, values: dict[str, Any], message: str) -> None:
         """Checks the schema cannot express fail the render with the value's path."""
@@ -607,7 +636,7 @@ def on_loopback(path: Path, request_port: int | None = None) -> None:
     broker takes free ports, a client the broker's actual request port."""
     text = re.sub(r'(?m)^host = ".*"$', 'host = "127.0.0.1"', path.read_text())
     if request_port is None:
-        text = re.sub(r"(?m)^(request|publish|ingest)-port = \d+$", r"\1-port = 0", text)
+        text = re.sub(r"(?m)^(request|publish|ingest|command)-port = \d+$", r"\1-port = 0", text)
     else:
         text = re.sub(r"(?m)^request-port = \d+$", f"request-port = {request_port}", text)
     path.write_text(text)
@@ -628,6 +657,8 @@ class TestPodsTalk:
         pub_key, sec_key = make_keypair(tmp_path / "keys", "broker")
         secrets = {curve_values.get("secretName") or f"{RELEASE}-flowbus-curve":
                    {"broker.key": pub_key.read_bytes(), "broker.key_secret": sec_key.read_bytes()}}
+        for doc in by_kind(docs, "Secret"):  # the ones the chart makes itself (the grant key)
+            secrets[doc["metadata"]["name"]] = {k: base64.b64decode(v) for k, v in doc["data"].items()}
         if curve_values.get("clientSecretName"):
             cpub, csec = make_keypair(tmp_path / "keys", "client")
             secrets[curve_values["clientSecretName"]] = {"client.key": cpub.read_bytes(), "client.key_secret": csec.read_bytes()}

@@ -83,6 +83,22 @@ ray.auth.mode is "disabled".
 {{- .Values.curve.secretName | default (printf "%s-curve" (include "flowbus.fullname" .)) -}}
 {{- end -}}
 
+{{/* The Secret with the sessions' source-grant key (key grant.key). */}}
+{{- define "flowbus.grantSecret" -}}
+{{- .Values.bus.grantSecretName | default (printf "%s-grant" (include "flowbus.fullname" .)) -}}
+{{- end -}}
+
+{{/* The grant key's volume (owner-read only), in the broker and every client pod. */}}
+{{- define "flowbus.grantVolume" -}}
+- name: flowbus-grant
+  secret:
+    secretName: {{ include "flowbus.grantSecret" . }}
+    defaultMode: 0400
+    items:
+      - key: grant.key
+        path: grant.key
+{{- end -}}
+
 {{/* The broker's Service as seen from any pod of the namespace. */}}
 {{- define "flowbus.brokerHost" -}}
 {{- printf "%s.%s.svc" (include "flowbus.brokerName" .) .Release.Namespace -}}
@@ -116,6 +132,9 @@ host = {{ .host | toJson }}
 request-port = {{ int64 $v.bus.requestPort }}
 publish-port = {{ int64 $v.bus.publishPort }}
 ingest-port = {{ int64 $v.bus.ingestPort }}
+command-port = {{ int64 ($v.bus.commandPort | default 7753) }}
+# the key that signs sessions' source grants (mounted from the grant Secret in every flowbus pod)
+grant-key-file = "/etc/flowbus/grant/grant.key"
 journal-events = {{ int64 $v.bus.journalEvents }}
 max-frame-bytes = {{ int64 $v.bus.maxFrameBytes }}
 heartbeat-interval = {{ float64 $v.bus.heartbeatInterval | toString }}
@@ -162,6 +181,9 @@ client-secret-key-file = {{ printf "/etc/flowbus/client/%s.key_secret" $ckey | t
   mountPath: /etc/flowbus/client
   readOnly: true
 {{- end }}
+- name: flowbus-grant
+  mountPath: /etc/flowbus/grant
+  readOnly: true
 - name: flowbus-state
   mountPath: /var/lib/flowbus/state
 {{- end -}}
@@ -180,6 +202,7 @@ client-secret-key-file = {{ printf "/etc/flowbus/client/%s.key_secret" $ckey | t
     items:
       - key: {{ printf "%s.key" .Values.curve.keyName }}
         path: {{ printf "%s.key" .Values.curve.keyName }}
+{{ include "flowbus.grantVolume" . }}
 {{- if .Values.curve.clientSecretName }}
 - name: flowbus-client-key
   secret:
@@ -199,9 +222,9 @@ client-secret-key-file = {{ printf "/etc/flowbus/client/%s.key_secret" $ckey | t
 {{- if or (regexMatch "(?m)^[ \\t]*\\[+[ \\t]*\"?bus\"?[ \\t]*[\\].]" .Values.config) (regexMatch "(?m)^[ \\t]*\"?bus\"?[ \\t]*[.=]" .Values.config) -}}
 {{- fail "config: must not set the [bus] table; the chart writes it from the values bus.* and curve.*" -}}
 {{- end -}}
-{{- $ports := list (int64 .Values.bus.requestPort) (int64 .Values.bus.publishPort) (int64 .Values.bus.ingestPort) -}}
-{{- if ne (len (uniq $ports)) 3 -}}
-{{- fail "bus: requestPort, publishPort and ingestPort must differ" -}}
+{{- $ports := list (int64 .Values.bus.requestPort) (int64 .Values.bus.publishPort) (int64 .Values.bus.ingestPort) (int64 (.Values.bus.commandPort | default 7753)) -}}
+{{- if ne (len (uniq $ports)) 4 -}}
+{{- fail "bus: requestPort, publishPort, ingestPort and commandPort must differ" -}}
 {{- end -}}
 {{- $gcs := .Values.ray.gcsFaultTolerance -}}
 {{- if $gcs.enabled -}}
