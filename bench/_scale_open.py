@@ -37,7 +37,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="fbopen-") as tmp:
         fleet = Fleet(Path(tmp))
-        broker = BrokerProcess(BusConfig(request_port=0, publish_port=0, ingest_port=0), None,
+        broker = BrokerProcess(BusConfig(ipc_dir=str(Path(tmp) / "bus")), None,  # ipc: the embedded default
                                log_path=str(Path(tmp) / "broker.log"))
         loop = asyncio.new_event_loop()
         impl = None

@@ -282,7 +282,7 @@ def run_many(root: Path, shim_path: str, servers: list[Server], n: int, changes:
         det.record(event)
         orig_emit(self, event)
 
-    broker = BrokerProcess(BusConfig(request_port=0, publish_port=0, ingest_port=0), None,
+    broker = BrokerProcess(BusConfig(ipc_dir=str(root / "bus")), None,  # ipc: the embedded default
                            log_path=str(root / "broker.log"))
     broker.start()
     loop = asyncio.new_event_loop()

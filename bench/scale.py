@@ -324,7 +324,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fbscale-", dir="/tmp") as tmp_s:
         tmp = Path(tmp_s)
         fleet = Fleet(tmp)
-        broker = BrokerProcess(BusConfig(request_port=0, publish_port=0, ingest_port=0), None,
+        broker = BrokerProcess(BusConfig(ipc_dir=str(tmp / "bus")), None,  # ipc: the embedded default
                                log_path=str(tmp / "broker.log"))
         acts: Actors | None = None
         arrivals: Arrivals | None = None
