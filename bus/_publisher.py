@@ -52,17 +52,22 @@ class Publisher:
 
     def __init__(self, address: str, *, curve: ClientCurve | None = None, batch_max: int = 100,
                  max_unacked: int = 1_000_000, heartbeat_interval: float = 0.2, timeout: float = 5.0,
+                 block_timeout: float = 60.0,
                  retransmit_after: float = 1.0, window: int = 20_000) -> None:
         self.address = address
         self.curve = curve
         self.batch_max = max(1, batch_max)
-        self.max_unacked = max_unacked
+        #: events a source may hold that the broker has not acknowledged; at this mark publish()
+        #: waits for acks (back-pressure) up to ``block_timeout`` s, then raises BusBroken: an
+        #: event once published is never discarded
+        self.max_unacked = max(1, max_unacked)
+        self.block_timeout = block_timeout
         self.heartbeat_interval = heartbeat_interval
         self.timeout = timeout
         self.retransmit_after = retransmit_after
         #: events sent but not yet acknowledged, per source: more waits for acks (flow control)
         self.window = max(1, window)
-        self.stats: dict[str, int] = {"published": 0, "sent": 0, "resent": 0, "acked": 0, "dropped": 0}
+        self.stats: dict[str, int] = {"published": 0, "sent": 0, "resent": 0, "acked": 0, "waited": 0}
         self.broker_id = ""
         self.last_ack = 0.0
         self._sources: dict[str, _Source] = {}
@@ -146,18 +151,39 @@ class Publisher:
         return dict(self._refusals)
 
     def publish(self, event: Event) -> int:
-        """Stamp ``seq``/``incarnation``/``time`` and queue the event; returns its seq."""
-        with self._lock:
+        """Stamp ``seq``/``incarnation``/``time`` and queue the event; returns its seq. When the
+        source holds ``max_unacked`` unacknowledged events it waits for the broker (raises
+        ``BusBroken`` after ``block_timeout`` s); nothing published is ever dropped."""
+        with self._acked_cv:
+            self._wait_room_locked(event.source, time.monotonic() + self.block_timeout)
             seq = self._queue_locked(event, time.time_ns())
             self.stats["published"] += 1
         self._wake()
         return seq
 
+    def _wait_room_locked(self, source: str, deadline: float) -> None:
+        src = self._sources.get(source)
+        if src is None or len(src.unacked) < self.max_unacked:
+            return
+        self.stats["waited"] += 1
+        while src.epoch and not src.fenced and not self._closed and len(src.unacked) >= self.max_unacked:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BusBroken(f"source {source!r}: {len(src.unacked)} events not acknowledged by the broker at "
+                                f"{self.address} within {self.block_timeout:g} s (publisher window full)")
+            self._woken = False
+            self._wake()  # the I/O thread sends what it can while we wait for acks
+            self._acked_cv.wait(min(left, 0.5))
+
     def publish_many(self, events: list[Event]) -> list[int]:
         """:meth:`publish` for a list, under one lock and one wake-up; returns the seqs."""
         now = time.time_ns()
-        with self._lock:
-            seqs = [self._queue_locked(event, now) for event in events]
+        seqs: list[int] = []
+        deadline = time.monotonic() + self.block_timeout
+        with self._acked_cv:
+            for event in events:
+                self._wait_room_locked(event.source, deadline)
+                seqs.append(self._queue_locked(event, now))
             self.stats["published"] += len(seqs)
         self._wake()
         return seqs
@@ -172,9 +198,6 @@ class Publisher:
         src.next_seq += 1
         ev = msgspec.structs.replace(event, seq=seq, incarnation=src.epoch, time=event.time or now)
         src.unacked.append((seq, self._encoder.encode(ev)))
-        if len(src.unacked) > self.max_unacked:
-            src.unacked.popleft()  # the broker will report this gap; we say so too
-            self.stats["dropped"] += 1
         return seq
 
     def flush(self, timeout: float | None = None, source: str | None = None) -> None:

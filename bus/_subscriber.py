@@ -38,6 +38,10 @@ from ._request import Requester, broker_info, same_host
 
 log = structlog.get_logger("flowbus.subscriber")
 
+#: the counters statistics() always lists (a zero is a fact too)
+_COUNTERS = ("broker_restarts", "delivered", "dropped", "duplicates", "fenced", "gaps", "received", "replay_failures",
+             "replayed", "snapshot", "ticks", "ticks_missed")
+
 Start = Literal["live", "snapshot", "journal"]
 
 
@@ -429,7 +433,8 @@ class Subscriber:
 
     def statistics(self) -> dict[str, Any]:
         """Counters (received, delivered, replayed, duplicates, gaps, dropped, fenced, malformed.*) and state."""
-        out: dict[str, Any] = dict(self.stats)
+        out: dict[str, Any] = dict.fromkeys(_COUNTERS, 0)  # every counter, zeros included
+        out.update(self.stats)
         out.update(pending=len(self._out), sources=len(self._confirmed), broker_id=self.broker_id,
                    broker_alive=time.monotonic() - self.last_tick < 5 * self.heartbeat_interval + 0.5)
         return out

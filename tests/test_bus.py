@@ -139,6 +139,21 @@ class TestPublishSubscribe:
         assert seqs_of(collect(sub, 1), "s1") == [11]
         assert sub.recv(0.3) is None
 
+    def test_a_burst_beyond_the_window_waits_and_loses_nothing(self, bus: BusFactory) -> None:
+        """A burst of 3x the publisher's unacknowledged-event limit blocks publish() until the
+        broker acks (back-pressure) instead of discarding: every subscriber gets every event once."""
+        broker = bus.broker()
+        subs = [bus.subscriber(broker.address, "qcg/burst/") for _ in range(2)]
+        pub = bus.source(broker.address, "burst", max_unacked=500, window=200)
+        n = 1500
+        for i in range(n):
+            pub.publish(state("burst", f"j{i}"))
+        pub.flush(10)
+        assert pub.stats["published"] == n and pub.stats["waited"] >= 1
+        for sub in subs:
+            got = collect(sub, n, timeout=20)
+            assert sorted(e.seq for e in got) == list(range(1, n + 1))
+
     def test_new_incarnation_continues_the_sequence(self, bus: BusFactory) -> None:
         """A source opened again (an actor restart) gets a higher epoch and continues the journal's seq."""
         broker = bus.broker()
