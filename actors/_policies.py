@@ -30,7 +30,7 @@ from flowbus.schemas import (
     StateChanged,
 )
 
-from ._rules import CallSpec, Catalog, check_match, event_time
+from ._rules import CallSpec, Catalog, check_match
 
 #: backend -> the operation a retry runs (see :func:`recovery_calls` for the arguments)
 RETRY_OPERATION: Mapping[str, str] = {
@@ -113,7 +113,7 @@ class Policy:
             return []
         fields = msgspec.to_builtins(ev)
         if cfg.stalled_after > 0:
-            if ev.state is State.ACTIVE or corr in self.stalled and not ev.state.final:
+            if ev.state is State.ACTIVE or (corr in self.stalled and not ev.state.final):
                 self.stalled[corr] = (now + cfg.stalled_after, fields)
             else:
                 self.stalled.pop(corr, None)
@@ -309,7 +309,7 @@ def _kill_arg(backend: str, key: str) -> Any:
     if backend == Backend.QCG.value:
         return [key]
     if backend == Backend.SOMA.value:
-        return int(key.split("/")[0])
+        return int(key.split("/", maxsplit=1)[0])
     return key  # wms: the workflow key is its id
 
 

@@ -38,21 +38,21 @@ os.environ["RAY_AUTH_MODE"] = "token"  # forced, not a default: see the module d
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-import atexit  # noqa: E402
-import logging  # noqa: E402
-import secrets  # noqa: E402
-import shutil  # noqa: E402
-import stat  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import atexit
+import logging
+import secrets
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
 
-import psutil  # noqa: E402
-import ray  # noqa: E402
-import structlog  # noqa: E402
-from ray.exceptions import AuthenticationError  # noqa: E402
+import psutil
+import ray
+import structlog
+from ray.exceptions import AuthenticationError
 
-from flowbus.schemas import BusBroken, ConfigError, RayConfig  # noqa: E402
+from flowbus.schemas import BusBroken, ConfigError, RayConfig
 
 log = structlog.get_logger("flowbus.ray")
 

@@ -395,7 +395,7 @@ def loads(raw: bytes) -> Any:
 
 
 __all__ = [
-    "Action", "AbsentNode", "AllNode", "AnyNode", "CallSpec", "Callback", "Catalog", "CountNode", "Engine", "Firing",
+    "AbsentNode", "Action", "AllNode", "AnyNode", "CallSpec", "Callback", "Catalog", "CountNode", "Engine", "Firing",
     "MatchNode", "Node", "PublishSpec", "Rule", "SequenceNode", "Trig", "build_actions", "build_node", "check_match",
     "compile_rule", "compile_rules", "render", "substitute",
 ]

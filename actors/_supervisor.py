@@ -28,14 +28,16 @@ import msgspec
 import structlog
 
 from . import _ray  # noqa: F401  (loopback fences before ray)
-import ray  # noqa: E402, I001
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError  # noqa: E402
 
-from flowbus.bus import ClientCurve, grant_key_file, load_grant_key, make_grant  # noqa: E402
-from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession  # noqa: E402
+# isort: split
+import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
-from ._backend_actor import BackendActor  # noqa: E402
-from ._placement import ActorPlan, check_fit, make_plan  # noqa: E402
+from flowbus.bus import ClientCurve, grant_key_file, load_grant_key, make_grant
+from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession
+
+from ._backend_actor import BackendActor
+from ._placement import ActorPlan, check_fit, make_plan
 
 log = structlog.get_logger("flowbus.supervisor")
 

@@ -46,7 +46,7 @@ def _child_main(target: Callable[..., Any], conn: Connection, args: tuple[Any, .
     die_with_parent()
     try:
         target(conn, *args)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+    except BaseException as exc:  # reported to the parent, which fails the run
         with contextlib.suppress(OSError, ValueError):
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
         raise

@@ -11,7 +11,18 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from _common import BATCH, IDLE_TIMEOUT, PREFIX, START_TIMEOUT, BenchError, Children, _event_factory, _Tally, cpu_s, wait_for_stop  # noqa: F401
+from _common import (
+    BATCH,
+    IDLE_TIMEOUT,
+    PREFIX,
+    START_TIMEOUT,
+    BenchError,
+    Children,
+    _event_factory,
+    _Tally,
+    cpu_s,
+    wait_for_stop,
+)
 
 # -- redis children (only when redis-server and redis-py are installed) ----------------------------
 
@@ -52,6 +63,7 @@ def redis_pub(conn: Connection, port: int, nsubs: int, n: int, batch: int) -> No
 
 def redis_sub(conn: Connection, port: int, n: int, batch: int) -> None:
     import redis
+
     from flowbus.schemas import decode, decode_many
 
     r = redis.Redis(host="127.0.0.1", port=port)

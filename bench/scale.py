@@ -42,9 +42,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.append(_HERE)  # last: the real ecflow module wins over bench/ecflow.py
 
-import psutil  # noqa: E402
-from _common import BenchError, log, median, percentile  # noqa: E402
-from _scale_servers import Fleet, Server, quick_client, suite_text  # noqa: E402
+import psutil
+
+from _common import BenchError, log, median, percentile
+from _scale_servers import Fleet, Server, quick_client, suite_text
 
 TASKS = 10
 
@@ -147,6 +148,7 @@ def proc_cpu(pids: list[int], window: float) -> float:
 
 def ecflow_spec(name: str, port: int, poll: float) -> dict[str, Any]:
     import msgspec
+
     from flowbus.schemas import EcflowSessionConfig
 
     return msgspec.to_builtins(EcflowSessionConfig(name=name, host="127.0.0.1", port=port, poll_interval=poll))
@@ -154,6 +156,7 @@ def ecflow_spec(name: str, port: int, poll: float) -> dict[str, Any]:
 
 def qcg_spec(name: str, wd: Path) -> dict[str, Any]:
     import msgspec
+
     from flowbus.schemas import QcgSessionConfig
 
     return msgspec.to_builtins(QcgSessionConfig(name=name, wd=str(wd), mode="local"))

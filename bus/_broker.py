@@ -11,8 +11,8 @@ import grp
 import os
 import time
 import uuid
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,9 +21,9 @@ import zmq
 
 from flowbus.schemas import (
     SCHEMA_VERSION,
-    ConfigError,
     AnyEvent,
     BusConfig,
+    ConfigError,
     ErrorEvent,
     Event,
     PublisherBack,
@@ -34,8 +34,8 @@ from flowbus.schemas import (
 )
 
 from . import _framing as fr
-from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
 from ._commands import CommandRouter
+from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
 from ._grant import check_grant, load_grant_key
 from ._journal import Journal, SourceLog
 

@@ -352,8 +352,7 @@ class Publisher:
                     while src.unacked and src.unacked[0][0] <= src.acked:
                         src.unacked.popleft()
                         self.stats["acked"] += 1
-                    if src.sent_upto < src.acked:
-                        src.sent_upto = src.acked
+                    src.sent_upto = max(src.sent_upto, src.acked)
                 self._acked_cv.notify_all()
             elif kind == fr.WELCOME:
                 name, epoch, resume_from, broker_id = body

@@ -153,12 +153,10 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from flowbus.bus import serve
-    from flowbus.schemas import BusConfig
-
     import msgspec
 
-    from flowbus.schemas import load_config
+    from flowbus.bus import serve
+    from flowbus.schemas import BusConfig, load_config
 
     if args.config_json:
         bus = msgspec.json.decode(args.config_json, type=BusConfig)
@@ -348,7 +346,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from flowbus._up import run_up
-
     from flowbus.schemas import load_config
 
     config: FlowbusConfig = load_config(args.config)

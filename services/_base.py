@@ -20,7 +20,6 @@ from flowbus.schemas import (
     BackendTimeout,
     BackendUnavailable,
     Event,
-    StateChanged,
     UnknownOperation,
 )
 
@@ -140,9 +139,9 @@ class Backoff:
 
 __all__ = [
     "BackendSession",
-    "Backoff",
     "BackendTimeout",
     "BackendUnavailable",
+    "Backoff",
     "Emit",
     "Releasable",
     "dispatch",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ecflow
+
 from flowbus.schemas import AttributeChanged, Event, Observed, State, StateChanged
 
 #: the key of the server itself

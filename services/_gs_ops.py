@@ -17,12 +17,12 @@ from flowbus.schemas import (
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
+    GuiserverSessionConfig,
     State,
 )
 
 from . import _gs_check as check
 from . import _gs_xml as gx
-from flowbus.schemas import GuiserverSessionConfig
 from ._gs_events import Translator
 from ._gs_protocol import (
     JOB_TERMINAL,

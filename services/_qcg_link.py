@@ -20,7 +20,6 @@ import structlog
 from flowbus.schemas import BackendError, BackendUnavailable, is_loopback
 
 from ._base import map_errors
-from ._qcg_service import launch
 from ._qcg_client import (
     QCG_ERRORS,
     Pids,
@@ -33,6 +32,7 @@ from ._qcg_client import (
     listener_pid,
     wait_gone,
 )
+from ._qcg_service import launch
 
 log = structlog.get_logger("flowbus.qcg")
 

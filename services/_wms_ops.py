@@ -62,7 +62,7 @@ def wms_errors(operation: str, class_path: str) -> Iterator[None]:
         raise BackendRejected(f"{operation}: {type(exc).__name__}: {exc}") from exc
     except (ConnectionError, TimeoutError) as exc:
         raise BackendUnavailable(f"{operation}: {type(exc).__name__}: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - anything else a plugin raises, named and chained
+    except Exception as exc:  # anything else a plugin raises, named and chained
         raise BackendProtocolError(f"{operation}: {class_path} raised {type(exc).__name__}: {exc}") from exc
 
 

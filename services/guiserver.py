@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+
 from flowbus.schemas import (
     BackendProtocolError,
     BackendRejected,
@@ -34,12 +35,12 @@ from flowbus.schemas import (
     Disconnected,
     ErrorEvent,
     Event,
+    GuiserverSessionConfig,
     RecoveryAttempted,
     RecoveryGaveUp,
 )
 
 from ._base import Backoff, Emit, dispatch
-from flowbus.schemas import GuiserverSessionConfig
 from ._gs_events import Translator
 from ._gs_ops import OPERATIONS, GuiserverOperations
 from ._gs_protocol import (

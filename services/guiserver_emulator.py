@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Self
 
 import structlog
+
 from flowbus.schemas import BackendProtocolError
 
 from . import _gs_xml as gx

@@ -350,7 +350,7 @@ class SomaSession(SomaOperations):
         return len(seen_keys), len(events)
 
     def _resync(self) -> None:
-        self._seen = {w: None for w in self._seen}
+        self._seen = dict.fromkeys(self._seen)
         resources, changed = self._scan(Observed.RESYNC, full=True)
         self._publish([self._ev(Resynced, changed=changed, resources=resources)])
 

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
+
 from flowbus.schemas import (
     BackendError,
     BackendRejected,

@@ -31,17 +31,19 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from flowbus.actors import _ray  # noqa: E402  (loopback and token-auth fences before ray)
-import psutil  # noqa: E402
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from flowbus.actors import _ray  # loopback and token-auth fences before ray
 
-import ecflow_fixtures as fx  # noqa: E402
-from cluster_scenarios import MB, RES, SCRIPTS, SUITE, Events, ev_row, ray_auth_of_children, wait_for  # noqa: E402
-from flowbus.actors import ACTOR_PREFIX, SUPERVISOR_NAME, start_ray  # noqa: E402
-from flowbus.bus import BrokerProcess, ensure_grant_key  # noqa: E402
-from flowbus.schemas import BusConfig, Connected, Disconnected, RayConfig, StateChanged  # noqa: E402
-from netcheck import off_loopback_listeners  # noqa: E402
+# isort: split
+import psutil
+import ray
+from ray.cluster_utils import Cluster
+
+import ecflow_fixtures as fx
+from cluster_scenarios import MB, RES, SCRIPTS, SUITE, Events, ev_row, ray_auth_of_children, wait_for
+from flowbus.actors import start_ray
+from flowbus.bus import BrokerProcess, ensure_grant_key
+from flowbus.schemas import BusConfig, Connected, Disconnected, RayConfig, StateChanged
+from netcheck import off_loopback_listeners
 
 NAMESPACE = "fbclient"
 LOOPBACK = "127.0.0.1"

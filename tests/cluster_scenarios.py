@@ -30,19 +30,21 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from flowbus.actors import _ray  # noqa: E402  (loopback and token-auth fences before ray)
-import msgspec  # noqa: E402
-import psutil  # noqa: E402
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from flowbus.actors import _ray  # loopback and token-auth fences before ray
 
-import ecflow_fixtures as fx  # noqa: E402
-from flowbus.actors import ACTOR_PREFIX, Supervisor, start_ray  # noqa: E402
-from flowbus.actors._placement import check_fit, make_plan  # noqa: E402
-from flowbus.actors._supervisor import supervisor_options  # noqa: E402
-from flowbus.bus import BrokerProcess, Subscriber, ensure_grant_key  # noqa: E402
-from flowbus.bus._request import Requester  # noqa: E402
-from flowbus.schemas import (  # noqa: E402
+# isort: split
+import msgspec
+import psutil
+import ray
+from ray.cluster_utils import Cluster
+
+import ecflow_fixtures as fx
+from flowbus.actors import ACTOR_PREFIX, Supervisor, start_ray
+from flowbus.actors._placement import check_fit, make_plan
+from flowbus.actors._supervisor import supervisor_options
+from flowbus.bus import BrokerProcess, Subscriber, ensure_grant_key
+from flowbus.bus._request import Requester
+from flowbus.schemas import (
     BusConfig,
     Connected,
     EcflowSessionConfig,
@@ -53,7 +55,7 @@ from flowbus.schemas import (  # noqa: E402
     RayConfig,
     StateChanged,
 )
-from netcheck import off_loopback_listeners  # noqa: E402
+from netcheck import off_loopback_listeners
 
 MB = 2**20
 RES = "flowbus-ecf"

@@ -21,9 +21,8 @@ import pytest
 
 ecflow = pytest.importorskip("ecflow", reason="python3-ecflow is not installed (bash scripts/dev.sh setup)")
 
-from flowbus.schemas import Event, State, StateChanged
-from flowbus.schemas import EcflowSessionConfig
-from flowbus._demo_servers import HEAD_H, TAIL_H, free_port  # noqa: F401 - free_port is re-exported
+from flowbus._demo_servers import HEAD_H, TAIL_H, free_port  # free_port is re-exported
+from flowbus.schemas import EcflowSessionConfig, Event, State, StateChanged
 from flowbus.services.ecflow import EcflowSession
 from recorder import Recorder, show  # noqa: F401 - shared with the other adapters' tests
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from flowbus.schemas import GuiserverSessionConfig
 from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.guiserver_emulator import GuiserverEmulator

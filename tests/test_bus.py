@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from busfixtures import (
     BusFactory,
     bus_fixture,  # noqa: F401 - provides the `bus` fixture
@@ -33,8 +36,6 @@ from flowbus.schemas import (
     WaitTimeout,
     decode,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(60)
 

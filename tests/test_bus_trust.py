@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import zmq
+
 from busfixtures import (
     BusFactory,
     ThreadBroker,

@@ -205,7 +205,7 @@ def _run_scenarios(script: str, tmp_path_factory: pytest.TempPathFactory, timeou
     """Run one scenario script in its own process group (bounded; the group is killed afterwards)
     and return the JSON it wrote."""
     pytest.importorskip("ecflow", reason="python3-ecflow is not installed")
-    work = tmp_path_factory.mktemp(script.split("_")[0])
+    work = tmp_path_factory.mktemp(script.split("_", maxsplit=1)[0])
     result = work / "result.json"
     # Ray's root is <ray_tmp>/ray: short (Ray's unix socket paths have a length limit), and private
     # (mkdtemp makes ray_tmp 0700, so the 0777 root Ray makes inside is no one else's to enter)

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import pytest
+
 from flowbus.bus import Broker
 from flowbus.schemas import (
     BusConfig,

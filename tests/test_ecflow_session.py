@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import ecflow_fixtures as _fx
 import msgspec
 import pytest
+
+import ecflow_fixtures as _fx
 from ecflow_fixtures import (
     EcfServer,
     Running,
@@ -33,6 +34,7 @@ from flowbus.schemas import (
     BackendUnavailable,
     Connected,
     Disconnected,
+    EcflowSessionConfig,
     Observed,
     RecoveryAttempted,
     RecoveryGaveUp,
@@ -42,7 +44,6 @@ from flowbus.schemas import (
     UnknownOperation,
 )
 from flowbus.services import BackendSession
-from flowbus.schemas import EcflowSessionConfig
 from flowbus.services.ecflow import EcflowSession
 
 # the fixtures, by name

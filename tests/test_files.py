@@ -16,7 +16,7 @@ import pytest
 
 from flowbus._runfile import state_dir, write_private
 from flowbus.bus import make_keypair
-from flowbus.schemas import ConfigError, FlowbusConfig, StateChanged, State
+from flowbus.schemas import ConfigError, FlowbusConfig, State, StateChanged
 from test_qcg_session import Running, qcg, reached  # noqa: F401 - qcg is a fixture used below
 
 FLOWBUS = [sys.executable, "-m", "flowbus"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from flowbus.schemas import BackendProtocolError, State
 from flowbus.services import _gs_xml as gx
 from flowbus.services._gs_protocol import (
@@ -25,8 +28,6 @@ from flowbus.services._gs_protocol import (
     encode,
     encode_int,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 VERSION_REPLY = b"".join([
     encode(8, b"DEVELr7531"), encode(11, b"/opt/difx"), encode(10, b"DIFX-DEVEL"), encode(10, b"TEST"),

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from flowbus.schemas import (
     AttributeChanged,
     BackendRejected,
@@ -21,6 +22,7 @@ from flowbus.schemas import (
     Connected,
     Disconnected,
     ErrorEvent,
+    GuiserverSessionConfig,
     LogLine,
     State,
     StateChanged,
@@ -28,7 +30,6 @@ from flowbus.schemas import (
 )
 from flowbus.services import BackendSession
 from flowbus.services import _gs_xml as gx
-from flowbus.schemas import GuiserverSessionConfig
 from flowbus.services._gs_protocol import (
     JOB_TERMINAL,
     FrameDecoder,

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+
 from flowbus.schemas import (
     AttributeChanged,
     BackendRejected,
@@ -18,12 +19,12 @@ from flowbus.schemas import (
     Connected,
     Disconnected,
     ErrorEvent,
+    GuiserverSessionConfig,
     LogLine,
     Observed,
     State,
     StateChanged,
 )
-from flowbus.schemas import GuiserverSessionConfig
 from flowbus.services._gs_protocol import (
     PacketId,
     encode,

@@ -11,11 +11,12 @@ from pathlib import Path
 import msgpack
 import pytest
 import structlog
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from flowbus.bus import Journal
 from flowbus.bus._journal import DAMAGED_ERROR
 from flowbus.schemas import BusError, ErrorEvent, LogLine, State, StateChanged, decode, encode
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(120)
 

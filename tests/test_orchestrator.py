@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import ecflow_fixtures as _fx
 import msgspec
 import pytest
+
+import ecflow_fixtures as _fx
 from ecflow_fixtures import EcfServer, write_suite
 from gsfixtures import emulator_fixture
 
@@ -20,10 +21,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.qcg]
 
 ray = pytest.importorskip("ray")
 
-from flowbus.actors import Supervisor  # noqa: E402
-from flowbus.actors._orchestrator import Orchestrator  # noqa: E402
-from flowbus.bus import Client, Publisher  # noqa: E402
-from flowbus.schemas import (  # noqa: E402
+from flowbus.actors import Supervisor
+from flowbus.actors._orchestrator import Orchestrator
+from flowbus.bus import Client, Publisher
+from flowbus.schemas import (
     ConfigError,
     ErrorEvent,
     Event,

@@ -42,8 +42,7 @@ from flowbus.schemas import (
 from flowbus.services import BackendSession
 from flowbus.services._qcg_jobs import JobBook, Obs, Snapshot
 from flowbus.services.qcg import QcgSession
-from recorder import Recorder, show  # noqa: F401 - shared with the other adapters' tests
-
+from recorder import Recorder, show  # shared with the other adapters' tests
 
 # -- helpers ----------------------------------------------------------------------------------------
 

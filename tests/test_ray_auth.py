@@ -37,7 +37,7 @@ from flowbus.schemas import ConfigError
 
 ray = pytest.importorskip("ray")
 
-from flowbus.actors import _ray, ensure_token, ray_auth_env  # noqa: E402
+from flowbus.actors import _ray, ensure_token, ray_auth_env
 
 CHILD_TIMEOUT = 90.0
 NOBODY = 65534

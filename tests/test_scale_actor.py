@@ -9,11 +9,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import ecflow_fixtures as _fx
 import msgspec
 import pytest
-from ecflow_fixtures import EcfServer
 
+import ecflow_fixtures as _fx
+from ecflow_fixtures import EcfServer
 from flowbus.actors._scheduler import PollScheduler
 from flowbus.bus import Publisher, Subscriber
 from flowbus.bus import _framing as fr
@@ -64,7 +64,7 @@ class TestPollScheduler:
             _until(lambda: all(len([t for t in v if t > t0]) >= 10 for v in runs.values()), 30,
                    "every other job to run 10 times")
             _until(lambda: set(sched.stuck()) == set(stuck_runs), 10, "stuck() to name the blocked jobs")
-            assert stuck_runs == {k: 1 for k in stuck_runs}, "a job in flight was started again"
+            assert stuck_runs == dict.fromkeys(stuck_runs, 1), "a job in flight was started again"
             assert sched.info()["busy"] >= 3
             # removing a blocked job times out (its poll is still running) but it never runs again
             assert sched.remove("stuck0", timeout=0.2) is False

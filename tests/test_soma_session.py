@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import psutil
 import pytest
+
 import soma_fixtures as _fx
 from flowbus.schemas import (
     BackendRejected,

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 import zmq
+
 from flowbus.bus import Client, Publisher
 from flowbus.bus import _framing as fr
 from flowbus.schemas import SourceRefused, State, StateChanged, encode

@@ -17,10 +17,8 @@ import pytest
 
 pytest.importorskip("lsst.ctrl.bps.parsl")
 
-import wms_services  # noqa: E402
-from recorder import Recorder  # noqa: E402
-
-from flowbus.schemas import (  # noqa: E402
+import wms_services
+from flowbus.schemas import (
     BackendRejected,
     ConfigError,
     Connected,
@@ -33,9 +31,10 @@ from flowbus.schemas import (  # noqa: E402
     WmsSessionConfig,
     parse_config,
 )
-from flowbus.services import BackendSession  # noqa: E402
-from flowbus.services._wms_parsl import PARSL_LOCK  # noqa: E402
-from flowbus.services.wms import WmsSession  # noqa: E402
+from flowbus.services import BackendSession
+from flowbus.services._wms_parsl import PARSL_LOCK
+from flowbus.services.wms import WmsSession
+from recorder import Recorder
 
 STEPPING = "wms_services.SteppingService"
 

@@ -87,7 +87,7 @@ class SteppingService(BaseWmsService):
         wms_id = f"step-{next(_IDS)}"
         with _LOCK:
             _RUNS[wms_id] = _Run(wms_id, workflow.name, workflow.submit_path, dict(workflow.parents),
-                                 {n: WmsStates.UNREADY for n in workflow.parents})
+                                 dict.fromkeys(workflow.parents, WmsStates.UNREADY))
         workflow.run_id = wms_id
 
     def report(self, wms_workflow_id: str | None = None, user: str | None = None, hist: float = 0,
@@ -175,8 +175,8 @@ class NotAService:
 
 # -- a Parsl site whose executor cannot start: submit fails inside parsl.load ---------------------
 
-from lsst.ctrl.bps.parsl.site import SiteConfig  # noqa: E402
-from parsl.executors import ThreadPoolExecutor  # noqa: E402
+from lsst.ctrl.bps.parsl.site import SiteConfig
+from parsl.executors import ThreadPoolExecutor
 
 
 class _RefusingExecutor(ThreadPoolExecutor):
