@@ -72,7 +72,7 @@ FAST_HEALTH = {
 #: the token file, relative to the state directory
 TOKEN_FILE = Path("ray") / "auth_token"
 #: where Ray's temp root goes: a short path, Ray's unix socket paths have a ~107 character limit
-TEMP_BASE = "/tmp"
+TEMP_BASE = "/tmp"  # noqa: S108 - our 0700 directory goes inside (below)
 TEMP_PREFIX = "fbray-"
 #: Ray's root inside our 0700 directory (Ray chmods its root 0777; the parent keeps others out)
 RAY_ROOT = "r"
@@ -121,7 +121,8 @@ def ensure_token(state_dir: Path | None = None) -> Path:
     starting at once agree on one token. ``ConfigError`` for a token file that is not a regular
     file of ours, is empty, or is readable by anyone else (then it may have leaked: delete it,
     and stop the Ray that used it)."""
-    base = default_state_dir() if state_dir is None else _private_dir(Path(state_dir).expanduser(), "state-dir", follow=True)
+    base = (default_state_dir() if state_dir is None
+            else _private_dir(Path(state_dir).expanduser(), "state-dir", follow=True))
     folder = _private_dir(base / TOKEN_FILE.parent, "ray token directory", follow=False)
     path = folder / TOKEN_FILE.name
     if not os.path.lexists(path):
@@ -222,7 +223,7 @@ def start_ray(cfg: RayConfig, state_dir: Path | None = None) -> str:
     ``state_dir``, None: :func:`default_state_dir`) and a private temp directory that
     :func:`stop_ray` removes; otherwise join ``cfg.address`` (the environment's token, else the
     state dir's). Returns the GCS address other drivers (the CLI) can join."""
-    global _temp_parent, _atexit_registered
+    global _temp_parent, _atexit_registered  # noqa: PLW0603 - one Ray, one temp dir per process
     if ray.is_initialized():
         return str(ray.get_runtime_context().gcs_address)
     common: dict[str, Any] = {"namespace": cfg.namespace, "logging_level": logging.ERROR, "log_to_driver": False,

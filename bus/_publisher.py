@@ -213,7 +213,8 @@ class Publisher:
             try:
                 self.flush(flush_timeout)
             except BusBroken:
-                log.warning("publisher.close.unflushed", pending={s.name: s.next_seq - 1 - s.acked for s in self._sources.values()})
+                log.warning("publisher.close.unflushed",
+                            pending={s.name: s.next_seq - 1 - s.acked for s in self._sources.values()})
         with self._lock:  # let go of every source: another publisher may open it at once
             for src in self._sources.values() if unregister else ():
                 if src.epoch and not src.fenced:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowbus", description="One typed, replayable event stream over workflow managers.")
+    p = argparse.ArgumentParser(prog="flowbus",
+                                description="One typed, replayable event stream over workflow managers.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def with_address(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:

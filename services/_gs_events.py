@@ -161,7 +161,8 @@ class Translator:
             return []
         if pid in _FAILURES:
             track.failure = JobId(pid).name
-            level = "warning" if pid in (JobId.CONFIG_COMMAND_NOT_FOUND, JobId.FAILURE_INPUTFILE_BAD_CONFIG) else "error"
+            bad_config = (JobId.CONFIG_COMMAND_NOT_FOUND, JobId.FAILURE_INPUTFILE_BAD_CONFIG)
+            level = "warning" if pid in bad_config else "error"
             return [self.log(level, track.failure, "job", track.name)]
         if pid not in (100, 101, 119, 120, 128):
             return []

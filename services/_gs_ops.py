@@ -156,8 +156,10 @@ class GuiserverOperations:
     def get_file(self, path: str, timeout: float | None = None) -> bytes:
         """The content of a server file (DifxFileTransfer ``from DiFX``, §5.5)."""
         origin = self._p(path, "origin")
-        body: Callable[[int], list[tuple[str, str | int]]] = lambda port: [
-            ("direction", "from DiFX"), ("origin", origin), ("destination", "/dev/null"), *self._where(port)]
+
+        def body(port: int) -> list[tuple[str, str | int]]:
+            return [("direction", "from DiFX"), ("origin", origin), ("destination", "/dev/null"), *self._where(port)]
+
         items = self._stream(StreamKind.SIZED, lambda port: encode(
             PacketId.COMMAND, gx.build("DifxFileTransfer", body(port))), timeout)
         if not items:
@@ -289,7 +291,8 @@ class GuiserverOperations:
             raise BackendRejected(f"input {inp!r}: expected a .input file")
         func = check.function(function)
         manager = check.nodes(cfg.manager_node, "manager-node")
-        ds, proc = check.nodes(cfg.datastream_nodes, "datastream-nodes"), check.nodes(cfg.process_nodes, "process-nodes")
+        ds = check.nodes(cfg.datastream_nodes, "datastream-nodes")
+        proc = check.nodes(cfg.process_nodes, "process-nodes")
         name = check.job_name(inp)
         with self._lock:
             if self._tx.running(name):

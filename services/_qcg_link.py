@@ -109,7 +109,7 @@ class Link:
         if self.sub is not None:
             try:
                 self.sub.close()
-            except Exception as exc:  # best effort by contract
+            except Exception as exc:  # noqa: BLE001 - best effort by contract
                 log.warning("qcg.sub.close_failed", error=repr(exc))
             self.sub = None
         self.client.close()

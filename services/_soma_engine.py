@@ -246,7 +246,7 @@ def quiet() -> Iterator[None]:
     """Discard what soma prints on stdout (construction, restart_jobs). Safe across threads:
     ``sys.stdout`` is swapped once while any thread is inside, and restored by the last one out
     (``contextlib.redirect_stdout`` in two threads at once can leave it swapped for good)."""
-    global _quiet_depth, _saved_stdout
+    global _quiet_depth, _saved_stdout  # noqa: PLW0603 - sys.stdout is process-wide too
     with _QUIET_LOCK:
         if _quiet_depth == 0:
             _saved_stdout = sys.stdout

@@ -142,7 +142,8 @@ class SomaOperations:
                     yield wc
             except (BackendRejected, BackendProtocolError) as exc:
                 if not self._is_current(wc) and not isinstance(exc, UnknownOperation):
-                    raise BackendUnavailable(f"{operation}: the soma controller was lost during the call: {exc}") from exc
+                    raise BackendUnavailable(
+                        f"{operation}: the soma controller was lost during the call: {exc}") from exc
                 raise
         except BackendError as exc:
             self._log.info("soma.call.failed", operation=operation, error=str(exc))

@@ -140,8 +140,8 @@ class WmsOperations:
             self._prepared[path] = wf
             if self._parsl():
                 self._publish([self._tracker.observe(path, "READY", WORKFLOW, path, spec.name, Observed.POLL)]
-                              + [self._tracker.observe(job_key(path, j.name), "UNREADY", JOB, path, j.name, Observed.POLL)
-                                 for j in spec.order()])
+                              + [self._tracker.observe(job_key(path, j.name), "UNREADY", JOB, path, j.name,
+                                                       Observed.POLL) for j in spec.order()])
         return {"wms_id": path, "name": spec.name, "submit_path": path}
 
     def op_submit(self, wms_id: str, **kwargs: Any) -> dict[str, Any]:

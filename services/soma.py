@@ -39,7 +39,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import soma_workflow.constants as C
+import soma_workflow.constants as C  # noqa: N812 - C.DONE, C.FAILED: constants, named like them
 import structlog
 
 from flowbus.schemas import (
@@ -275,7 +275,8 @@ class SomaSession(SomaOperations):
     def _controller(self, operation: str) -> Any:
         with self._lock:
             if self._phase is not Phase.UP or self._built is None:
-                raise BackendUnavailable(f"{operation}: soma session {self.name!r} has no controller ({self._phase.value})")
+                raise BackendUnavailable(
+                    f"{operation}: soma session {self.name!r} has no controller ({self._phase.value})")
             return self._built.controller
 
     def _is_current(self, wc: Any) -> bool:

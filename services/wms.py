@@ -293,11 +293,14 @@ class WmsSession(WmsOperations):
         wf_native, wf_detail = run.workflow_state(jobs)
         events: list[Any] = []
         if not finished:
-            events.append(self._tracker.observe(run.wms_id, wf_native, WORKFLOW, run.wms_id, run.name, observed, wf_detail))
+            events.append(self._tracker.observe(run.wms_id, wf_native, WORKFLOW, run.wms_id, run.name, observed,
+                                                wf_detail))
         for job, (native, detail) in jobs.items():
-            events.append(self._tracker.observe(job_key(run.wms_id, job), native, JOB, run.wms_id, job, observed, detail))
+            events.append(self._tracker.observe(job_key(run.wms_id, job), native, JOB, run.wms_id, job, observed,
+                                                detail))
         if finished:
-            events.append(self._tracker.observe(run.wms_id, wf_native, WORKFLOW, run.wms_id, run.name, observed, wf_detail))
+            events.append(self._tracker.observe(run.wms_id, wf_native, WORKFLOW, run.wms_id, run.name, observed,
+                                                wf_detail))
             if self._runs.get(run.wms_id) is run:
                 del self._runs[run.wms_id]
             run.join(5.0)
@@ -312,7 +315,8 @@ class WmsSession(WmsOperations):
         run = next((r for r in runs if str(r.wms_id) == wms_id), runs[0] if runs else None)
         events: list[Any] = []
         if run is None:
-            events.append(self._tracker.observe(wms_id, "UNKNOWN", WORKFLOW, wms_id, "", observed, str(message or "not found")))
+            events.append(self._tracker.observe(wms_id, "UNKNOWN", WORKFLOW, wms_id, "", observed,
+                                                str(message or "not found")))
             self._watched.pop(wms_id, None)
         else:
             name = str(run.run or run.label or "")
