@@ -173,8 +173,8 @@ class OrchestratorCore:
             self._publish(ErrorEvent(source=self.source, backend="flowbus", key=name, error_type="flowbus.ConfigError",
                                      message=why, operation="load"))
         catch_up = raw is not None or self.since is not None
-        start = "journal" if catch_up else "live"
-        sub = self._sub = Subscriber(self.address, self.prefixes, start=start, curve=self.curve)
+        sub = self._sub = Subscriber(self.address, self.prefixes, start="journal" if catch_up else "live",
+                                     curve=self.curve)
         # what the journal held when we started (or the marks given as ``since``) counts as consumed
         # for every rule and policy that has no progress of its own (new, changed, or a first
         # start): they react to what comes next

@@ -54,9 +54,9 @@ def make_plan(config: FlowbusConfig) -> dict[str, ActorPlan]:
     ray = config.ray
     members: dict[str, list[dict[str, Any]]] = {}
     by_name = {g.name: g for g in ray.placement}
-    for s in config.sessions:
-        grp = group_of(s.name, str(type(s).__struct_config__.tag), ray.placement)
-        members.setdefault(grp.name if grp else DEFAULT_GROUP, []).append(msgspec.to_builtins(s))
+    for session in config.sessions:
+        grp = group_of(session.name, str(type(session).__struct_config__.tag), ray.placement)
+        members.setdefault(grp.name if grp else DEFAULT_GROUP, []).append(msgspec.to_builtins(session))
     plans: dict[str, ActorPlan] = {}
     for gname, specs in members.items():
         grp = by_name.get(gname)
@@ -99,7 +99,7 @@ def node_slots(node: dict[str, Any], resources: dict[str, float], labels: dict[s
         return 0
     if not resources:
         return 1_000_000
-    have = node.get("Resources") or {}
+    have: dict[str, float] = node.get("Resources") or {}
     return min(math.floor(have.get(r, 0.0) / amount + _EPS) for r, amount in resources.items())
 
 

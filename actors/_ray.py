@@ -205,7 +205,7 @@ def _check_token_accepted(address: str, timeout: float) -> None:
     metadata = tuple(AuthenticationTokenLoader.instance().get_token_for_http_header().items())
     with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:  # as Ray dials it
         try:
-            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)  # type: ignore[no-untyped-call]
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
             stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(),  # type: ignore[attr-defined]
                               timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:

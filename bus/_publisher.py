@@ -112,7 +112,7 @@ class Publisher:
         with self._lock:
             for item in sources:
                 name, backend = item[0], item[1]
-                grant = item[2] if len(item) > 2 else None  # type: ignore[misc]
+                grant = item[2] if len(item) > 2 else None
                 src = self._sources.get(name)
                 if src is None:
                     src = self._sources[name] = _Source(name, backend)

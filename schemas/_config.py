@@ -383,7 +383,7 @@ def parse_config(data: dict[str, Any], origin: str = "<config>", env: Mapping[st
                         for s in sessions]
             data = {**data, "sessions": sessions}
     if isinstance(sessions, list):
-        kinds = ", ".join(str(t.__struct_config__.tag) for t in SessionConfig.__args__)  # type: ignore[attr-defined]
+        kinds = ", ".join(str(t.__struct_config__.tag) for t in SessionConfig.__args__)
         for i, sess in enumerate(sessions):
             if isinstance(sess, dict) and "backend" not in sess:
                 raise ConfigError(f"{origin}: sessions[{i}]: missing key 'backend' (one of: {kinds})")
@@ -478,7 +478,7 @@ def _check_ray(cfg: FlowbusConfig, origin: str) -> None:
             raise ConfigError(f"{origin}: ray.{key.replace('_', '-')}: must be >= 1")
     if not ray.address.strip():
         raise ConfigError(f"{origin}: ray.address: empty (use 'local', 'auto', host:port or ray://host:port)")
-    kinds = {str(t.__struct_config__.tag) for t in SessionConfig.__args__}  # type: ignore[attr-defined]
+    kinds = {str(t.__struct_config__.tag) for t in SessionConfig.__args__}
     seen: set[str] = set()
     for i, grp in enumerate(ray.placement):
         where = f"{origin}: ray.placement[{i}]"

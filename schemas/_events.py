@@ -242,7 +242,7 @@ AnyEvent = (
     | SubscriberLagged
 )
 
-EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__
 
 TAGS: dict[str, type[Event]] = {
     cls.__struct_config__.tag: cls for cls in EVENT_TYPES  # type: ignore[misc]

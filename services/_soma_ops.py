@@ -191,7 +191,7 @@ class SomaOperations:
         with self._using("register_transfer") as wc:
             ft = FileTransfer(is_input, client_path, int(disposal_timeout), name, client_paths)
             eng = getattr(wc, "_engine_proxy", None)
-            if hasattr(eng, "_database_server"):
+            if eng is not None and hasattr(eng, "_database_server"):
                 # soma 6.0.13's EngineTransfer reads ``disposal_timeout`` (always None) where
                 # FileTransfer stored ``_disposal_timeout``: do what WorkflowEngine.register_transfer
                 # does, with the expiration date given

@@ -97,7 +97,8 @@ def to_workflow(data: Any, where: str = "submit_workflow") -> Workflow:
 
 def serialize(wf: Workflow) -> dict[str, Any]:
     """soma's JSON form of a workflow (what ``Helper.serialize`` writes), as plain data."""
-    return json.loads(json.dumps(soma_utils.to_json(wf.to_dict()), default=str))
+    out: dict[str, Any] = json.loads(json.dumps(soma_utils.to_json(wf.to_dict()), default=str))
+    return out
 
 
 # -- plain results -------------------------------------------------------------------------------

@@ -176,7 +176,8 @@ class WmsSession(WmsOperations):
                 count += self._report_one(wms_id, Observed.RESYNC)
                 continue
             lost = ("its runner ended with the previous session; restart(wms_id) re-runs the unfinished jobs"
-                    if is_parsl_service(self._cls) else f"{self.config.service_class} has no report(): state unknown")
+                    if self._cls is not None and is_parsl_service(self._cls)
+                    else f"{self.config.service_class} has no report(): state unknown")
             events = [self._tracker.observe(k, "UNKNOWN", JOB, wms_id, s.name, Observed.RESYNC, lost)
                       for k, s in self._tracker.jobs_of(wms_id).items() if s.native not in FINAL_NATIVE]
             events.append(self._tracker.observe(wms_id, "UNKNOWN", WORKFLOW, wms_id, seen.name, Observed.RESYNC, lost))
