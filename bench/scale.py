@@ -151,7 +151,9 @@ def ecflow_spec(name: str, port: int, poll: float) -> dict[str, Any]:
 
     from flowbus.schemas import EcflowSessionConfig
 
-    return msgspec.to_builtins(EcflowSessionConfig(name=name, host="127.0.0.1", port=port, poll_interval=poll))
+    spec: dict[str, Any] = msgspec.to_builtins(EcflowSessionConfig(name=name, host="127.0.0.1", port=port,
+                                                                   poll_interval=poll))
+    return spec
 
 
 def qcg_spec(name: str, wd: Path) -> dict[str, Any]:
@@ -159,7 +161,8 @@ def qcg_spec(name: str, wd: Path) -> dict[str, Any]:
 
     from flowbus.schemas import QcgSessionConfig
 
-    return msgspec.to_builtins(QcgSessionConfig(name=name, wd=str(wd), mode="local"))
+    spec: dict[str, Any] = msgspec.to_builtins(QcgSessionConfig(name=name, wd=str(wd), mode="local"))
+    return spec
 
 
 class Actors:
@@ -197,7 +200,7 @@ class Actors:
         for h in self.handles:
             try:
                 ray.kill(h)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110 - gone already, or going: the wait below tells
                 pass
         deadline = time.monotonic() + 20
         for pid in self.pids:

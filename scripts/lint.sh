@@ -85,8 +85,7 @@ run_mypy "flowbus (strict)" --cache-dir "$WORK/mypy-cache" -p flowbus
 # shellcheck disable=SC2207  # file names without blanks
 tests_bench=($(cd "$TREE" && ls tests/*.py bench/*.py))
 run_mypy "tests and bench (relaxed)" --cache-dir "$WORK/mypy-cache-tests" --follow-imports=silent \
-  --allow-untyped-defs --allow-incomplete-defs --allow-untyped-calls --allow-untyped-decorators \
-  --no-warn-return-any "${tests_bench[@]}"
+  --allow-untyped-defs --allow-incomplete-defs "${tests_bench[@]}"
 
 echo "== lint summary"
 printf '  %s\n' "${summary[@]}"

@@ -24,7 +24,7 @@ from flowbus.schemas import (
 )
 
 #: hands one event to the host; the host stamps seq/incarnation/time and publishes it
-Emit = Callable[[Event], None]
+Emit = Callable[[Event], object]  # what it returns is ignored
 
 
 @runtime_checkable

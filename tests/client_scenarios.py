@@ -197,7 +197,8 @@ def main() -> int:
                                   object_store_memory=80 * MB)
         cluster.wait_for_nodes()
         os.environ.pop("GRPC_ENABLE_FORK_SUPPORT")
-        proxy = cluster.head_node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAY_CLIENT_SERVER][0].process
+        head: Any = cluster.head_node  # ray annotates it None until the head starts
+        proxy = head.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAY_CLIENT_SERVER][0].process
         out["client_server"] = {"port": port, "listens": wait_for(lambda: listeners_of(proxy.pid), 60,
                                                                   "the Ray Client server listening")}
         out["worker_node"] = worker.node_id
@@ -231,7 +232,7 @@ poll-interval = 0.1
         for key, how in (("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)):
             out[key] = {}
             run_up(out[key], how, address, broker_address, cfg, work, events, key == "sigint", server,
-                   cluster.head_node.node_id)
+                   head.node_id)
             out["steps"].append(key)
             seen.update({p.pid: p for p in psutil.Process().children(recursive=True)})
         out["off_loopback_end"] = off_loopback_listeners()

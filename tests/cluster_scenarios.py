@@ -25,7 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -136,8 +136,12 @@ def ray_auth_of_children() -> list[list[str | None]]:
     return sorted(rows, key=str)
 
 
+def actor_ping(name: str) -> dict[str, Any]:
+    return cast("dict[str, Any]", ray.get(ray.get_actor(ACTOR_PREFIX + name).ping.remote(), timeout=20))
+
+
 def actor_pid(name: str) -> int:
-    return int(ray.get(ray.get_actor(ACTOR_PREFIX + name).ping.remote(), timeout=20)["pid"])
+    return int(actor_ping(name)["pid"])
 
 
 def config(servers: list[fx.EcfServer], group: str, **ray_kw: Any) -> FlowbusConfig:
@@ -217,7 +221,7 @@ def scenario_node_death(out: dict[str, Any], cluster: Cluster, nodes: dict[str, 
                                     for src, inc in incs.items()), 120, "all three reopened after the crash")
         out["after_crash"] = {"placement": ray.get(sup.sessions.remote(), timeout=20),
                               "restarts": ray.get(sup.placement_report.remote(), timeout=20)["restarts"],
-                              "hosted": ray.get(ray.get_actor(ACTOR_PREFIX + survivor).ping.remote(), timeout=20)["sessions"]}
+                              "hosted": actor_ping(survivor)["sessions"]}
     finally:
         stop_supervisor(sup)
 
@@ -251,7 +255,7 @@ def scenario_partition(out: dict[str, Any], nodes: dict[str, Any], broker: str, 
         # a change both incarnations see: the old one publishes it, and learns it is fenced
         fx.quick_client(servers[1].port).resume("/s/t1")
         events.pump(events.has_state("e2", "/s/t1", "complete", new_inc), 90, "e2 t1 complete (new incarnation)")
-        report = wait_for(lambda: (lambda r: r if any(x["actor"] == old_actor for x in r["retired"]) else None)(
+        report = wait_for(lambda: (lambda r: r if any(x["actor"] == old_actor for x in r["retired"]) else None)(  # noqa: PLC3002 - binds the fetched report once
             ray.get(sup.placement_report.remote(), timeout=20)), 90, "old actor retired")
         out["report_p"] = report
         out["broker_fenced"] = Requester_stats(broker).get("fenced", 0) - fenced_before
@@ -333,7 +337,8 @@ port = {servers[0].port}
                                "--broker", broker, "--duration", "4"], capture_output=True, text=True, timeout=180,
                               close_fds=True, start_new_session=True)
         out[key] = {"code": proc.returncode, "stderr": proc.stderr[-3000:], "address": address}
-        events.pump(lambda evs: events.incarnation("e1") > before, 30, f"e1 opened by `flowbus up --address {address}`")
+        events.pump(lambda evs: events.incarnation("e1") > before, 30,  # noqa: B023 - pump calls it now
+                    f"e1 opened by `flowbus up --address {address}`")
         out[key]["inc_before"], out[key]["inc_after"] = before, events.incarnation("e1")
 
 

@@ -52,7 +52,7 @@ def job_stream(port: int) -> bytes:
 def feed_all(conn: Connection, data: bytes, cuts: list[int]) -> list[object]:
     events: list[object] = []
     last = 0
-    for cut in sorted(set(cuts)) + [len(data)]:
+    for cut in [*sorted(set(cuts)), len(data)]:
         events.extend(conn.receive(data[last:cut]))
         last = cut
     return events
@@ -140,7 +140,7 @@ class TestFraming:
             c = ready()
             c.expect(12, StreamKind.RAW)
             events = feed_all(c, data, [cut])
-            assert [e.data for e in events if isinstance(e, StreamItem)] == names + [None]
+            assert [e.data for e in events if isinstance(e, StreamItem)] == [*names, None]
 
     def test_raw_negative(self) -> None:
         """A negative raw item length is a protocol error."""

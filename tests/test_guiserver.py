@@ -33,6 +33,7 @@ from flowbus.services import _gs_xml as gx
 from flowbus.services._gs_protocol import (
     JOB_TERMINAL,
     FrameDecoder,
+    Packet,
     PacketId,
     decode_int,
     encode,
@@ -41,12 +42,12 @@ from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 from gsfixtures import (
     Host,
-    Recorder,
     emulator_fixture,  # noqa: F401 - provides the `emulator` fixture
     host_fixture,  # noqa: F401 - provides the `host` fixture
     roundtrip,
     target_fixture,  # noqa: F401 - provides the `target` fixture
 )
+from recorder import Recorder
 
 # -- conformance (emulator and real server) ----------------------------------------------------------
 
@@ -103,7 +104,8 @@ class TestEmulatorWire:
         emu.real("/data/exp/j.input").write_text("")
         with socket.create_connection(("127.0.0.1", emu.port), timeout=5) as s:
             s.sendall(encode(8))
-            frames, got = FrameDecoder(), []
+            frames = FrameDecoder()
+            got: list[Packet] = []
             while not any(p.id == 18 for p in got):
                 got += frames.feed(s.recv(65536))
             doc = gx.build("DifxStart", [("input", "/data/exp/j.input"), ("function", "CONFIG_ONLY"), ("port", 77)],

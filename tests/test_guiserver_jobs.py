@@ -33,12 +33,12 @@ from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 from gsfixtures import (
     Host,
-    Recorder,
     emulator_fixture,  # noqa: F401 - provides the `emulator` fixture
     host_fixture,  # noqa: F401 - provides the `host` fixture
     job_host,
     roundtrip,
 )
+from recorder import Recorder
 
 
 @pytest.mark.timeout(60)

@@ -442,7 +442,7 @@ class TestPythonAPI:
         try:
             with client.expect("flowbus/orch-since/rule/done", timeout=30) as w:
                 feed("late", "complete")
-            fired = poll("two firings", lambda: (lambda evs: evs if len(evs) >= 2 else None)(
+            fired = poll("two firings", lambda: (lambda evs: evs if len(evs) >= 2 else None)(  # noqa: PLC3002 - binds the fetched list once
                 [e for e in journal(client, "flowbus/orch-since/rule/") if isinstance(e, RuleFired)]))
         finally:
             core.stop()
@@ -516,7 +516,7 @@ class TestPythonAPI:
 
         client, feed = bus
         with Rules(client, source="rules-err") as rules:
-            with pytest.raises(ConfigError, match="rule 'oops': .*unknown backend 'nosuch'"):
+            with pytest.raises(ConfigError, match=r"rule 'oops': .*unknown backend 'nosuch'"):
                 rules.add("oops", when="nosuch/x/state/y")
 
             def boom(_firing: Any) -> None:

@@ -41,7 +41,7 @@ T0 = 1_700_000_000.0
 SESSIONS = {"local": "qcg", "ops": "ecflow", "difx": "guiserver", "wf": "soma", "bps": "wms"}
 OPS = {"local": ["submit", "remove", "cancel", "status"], "ops": ["requeue", "kill", "resume"],
        "difx": ["start_job", "stop_job"], "wf": ["restart_workflow", "stop_workflow"], "bps": ["restart", "cancel"]}
-CATALOG = Catalog(SESSIONS, lambda s: OPS.get(s))
+CATALOG = Catalog(SESSIONS, OPS.get)
 
 
 class Stream:

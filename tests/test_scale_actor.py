@@ -101,7 +101,7 @@ class TestPollScheduler:
         calls: list[bool] = []
         sched = PollScheduler(2, name="r")
         try:
-            sched.add("self", lambda: calls.append(sched.remove("self", timeout=30)) or 0.01)
+            sched.add("self", lambda: calls.append(sched.remove("self", timeout=30)) or 0.01)  # type: ignore[func-returns-value]  # append, then the delay
             _until(lambda: bool(calls), 10, "the job to run")
             ran = sched.stats["runs"]
             sched.add("other", lambda: 0.01)
@@ -156,10 +156,11 @@ class TestManySessionsInOneActor:
                         got.add((ev.source, str(ev.value)))
             assert not want - got, f"no change seen from {sorted(want - got)[:5]}"
             loop.run_until_complete(impl.remove_session("e0"))
-            assert impl._scheduler.info()["scheduled"] == n - 1
+            assert impl._scheduler is not None and impl._scheduler.info()["scheduled"] == n - 1
             assert "e0" not in loop.run_until_complete(impl.ping())["sessions"]
-            runs = impl._scheduler.stats["runs"]
-            _until(lambda: impl._scheduler.stats["runs"] > runs + 50, 30, "the other sessions to keep polling")
+            sched = impl._scheduler
+            runs = sched.stats["runs"]
+            _until(lambda: sched.stats["runs"] > runs + 50, 30, "the other sessions to keep polling")
         finally:
             sub.close()
             try:

@@ -121,7 +121,8 @@ def up() -> Iterator[Up]:
 
 
 def _rss_mib(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
+    rss: int = psutil.Process(pid).memory_info().rss
+    return rss / 2**20
 
 
 class TestTrustByDefault:

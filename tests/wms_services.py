@@ -50,7 +50,7 @@ def reset() -> None:
         _RUNS.clear()
 
 
-class SteppingWorkflow(BaseWmsWorkflow):
+class SteppingWorkflow(BaseWmsWorkflow):  # type: ignore[misc]  # lsst ctrl_bps is untyped
     """What ``prepare`` returns: the job graph, nothing written but a marker file."""
 
     def __init__(self, name: str, config: BpsConfig, path: str, parents: dict[str, list[str]]) -> None:
@@ -69,7 +69,7 @@ class SteppingWorkflow(BaseWmsWorkflow):
             fh.write("\n".join(self.parents))
 
 
-class SteppingService(BaseWmsService):
+class SteppingService(BaseWmsService):  # type: ignore[misc]  # lsst ctrl_bps is untyped
     """Accepts ``cls(BpsConfig)`` and ``cls({})``, as BPS builds services."""
 
     def __init__(self, config: Any) -> None:
@@ -184,7 +184,7 @@ class _RefusingExecutor(ThreadPoolExecutor):
         raise RuntimeError("executor refuses to start")
 
 
-class BrokenSite(SiteConfig):
+class BrokenSite(SiteConfig):  # type: ignore[misc]  # lsst ctrl_bps_parsl is untyped
     """``site.<computeSite>.class`` whose executor raises at start (inside Parsl's load)."""
 
     def get_executors(self) -> list[Any]:
