@@ -1,5 +1,5 @@
 """Starting or joining Ray: loopback-only, token-authenticated, in a private temp directory
-(notes/ray-deploy.md §1.1, §1.9, §1.11; DESIGN.md, "Security").
+(docs/notes/ray-deploy.md §1.1, §1.9, §1.11; docs/DESIGN.md, "Security").
 
 The fences are set when this module is imported, before Ray is imported anywhere in the process:
 

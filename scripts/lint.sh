@@ -6,7 +6,7 @@
 # 2. mypy strict over the import package `flowbus`. Its subpackages live in top-level folders
 #    (pyproject's [tool.setuptools.package-dir]), which mypy cannot map, so it reads a tree of
 #    symlinks laid out as the installed package: .lint/tree/flowbus/{__init__.py,...,bus,schemas,...}.
-# 3. mypy over tests/ and bench/, relaxed (style.md item 15). Their modules are top-level
+# 3. mypy over tests/ and bench/, relaxed (docs/notes/style.md item 15). Their modules are top-level
 #    (busfixtures, _common, ...: the folder itself is on sys.path), which a [[tool.mypy.overrides]]
 #    section cannot select by folder, so the relaxation is given here as flags; flowbus is read but
 #    not reported again (--follow-imports=silent). bench/ecflow.py is checked as ecflow_bench.py:

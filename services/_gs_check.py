@@ -1,5 +1,5 @@
 """Argument checks before anything reaches guiServer, which pastes strings into shell commands
-(spec §8). Every refusal is a :class:`~flowbus.schemas.BackendRejected` and nothing is sent."""
+(docs/protocols/guiserver.md §8). Every refusal is a :class:`~flowbus.schemas.BackendRejected` and nothing is sent."""
 
 from __future__ import annotations
 

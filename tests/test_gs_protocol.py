@@ -34,7 +34,7 @@ VERSION_REPLY = b"".join([
     encode(12, b"HOME=/home/difx"), encode(18),
 ])
 
-#: a channelled good job, chunked as the real server does: id, len, data separately (§2.4)
+#: a channelled good job, chunked as the real server does: id, len, data separately (docs/protocols/guiserver.md §2.4)
 JOB_IDS = [102, 103, 127, 114, 114, 125, 104, 113, 114, 114, 117, 101]
 
 

@@ -57,7 +57,7 @@ class TestHandshake:
     """Version handshake first, then the setup path, channel mode and relay settings."""
 
     def test_connected_and_version(self, target: tuple[Host, str]) -> None:
-        """start() publishes Connected and version() reports the reply of §3.2."""
+        """start() publishes Connected and version() reports the reply of docs/protocols/guiserver.md §3.2."""
         h, _ = target
         assert isinstance(h.session, BackendSession)
         assert h.rec.of(Connected)
@@ -96,7 +96,7 @@ class TestHandshake:
 
 @pytest.mark.timeout(60)
 class TestEmulatorWire:
-    """The emulator chunks channelled data as the real server does (§2.4)."""
+    """The emulator chunks channelled data as the real server does (docs/protocols/guiserver.md §2.4)."""
 
     def test_job_chunking(self, emulator: Callable[..., GuiserverEmulator]) -> None:
         """Job sub-packets arrive as separate CHANNEL_DATA chunks: id (4), length (4), data (if any)."""
@@ -163,7 +163,7 @@ class TestFileOps:
 
 @pytest.mark.timeout(60)
 class TestTransfer:
-    """getFile and sendFile (DifxFileTransfer, §5.5)."""
+    """getFile and sendFile (DifxFileTransfer, docs/protocols/guiserver.md §5.5)."""
 
     def test_text_roundtrip(self, target: tuple[Host, str]) -> None:
         """send_file then get_file gives the same bytes back."""

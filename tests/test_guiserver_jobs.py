@@ -65,7 +65,7 @@ class TestDirectMode:
 
 @pytest.mark.timeout(60)
 class TestVex2Difx:
-    """vex2difx + calc runs (§5.6)."""
+    """vex2difx + calc runs (docs/protocols/guiserver.md §5.6)."""
 
     @pytest.mark.parametrize("channelled", [True, False])
     def test_run(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host],
@@ -102,7 +102,7 @@ class TestVex2Difx:
 
 @pytest.mark.timeout(60)
 class TestMachines:
-    """Machines definition (§5.7)."""
+    """Machines definition (docs/protocols/guiserver.md §5.7)."""
 
     def test_spec_example(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
         """The spec's observed example: files, contents and sub-packet sequence."""
@@ -128,7 +128,7 @@ class TestMachines:
 
 @pytest.mark.timeout(60)
 class TestJobs:
-    """Scripted job outcomes give the lifecycle of §5.1 as StateChanged events."""
+    """Scripted job outcomes give the lifecycle of docs/protocols/guiserver.md §5.1 as StateChanged events."""
 
     @pytest.mark.parametrize(("outcome", "function", "state", "native"), [
         ("good", "USNO", State.COMPLETE, "ENDED_GRACEFULLY"),

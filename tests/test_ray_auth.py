@@ -1,5 +1,5 @@
-"""Ray's token authentication and private temp directory (DESIGN.md, "Security"; notes/ray-deploy.md
-§1.11), with real processes:
+"""Ray's token authentication and private temp directory (docs/DESIGN.md, "Security";
+docs/notes/ray-deploy.md §1.11), with real processes:
 
 - the session Ray of ``ray_local``: every Ray process runs in token mode with flowbus's token
   file; a GCS call or a ``ray.init`` without that token, or from another user (uid 65534 through
