@@ -1,7 +1,9 @@
 """Ray actors: BackendActor (hosts adapter sessions) and Supervisor (places and watches them)."""
 
 from ._ray import ensure_token, join_ray, ray_auth_env, start_ray, stop_ray  # first: sets the fences before ray
-from ._backend_actor import BackendActor, BackendActorImpl  # noqa: I001
+
+# isort: split
+from ._backend_actor import BackendActor, BackendActorImpl
 from ._supervisor import ACTOR_PREFIX, SUPERVISOR_NAME, Supervisor, SupervisorImpl, actor_pid, plan, wait_started
 
 __all__ = [

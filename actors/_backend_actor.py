@@ -22,19 +22,21 @@ import asyncio
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
 import structlog
 
 from . import _ray  # noqa: F401  (sets the loopback fences before ray is imported)
-import ray  # noqa: E402, I001
 
-from flowbus.bus import Publisher  # noqa: E402
-from flowbus.bus._request import Requester  # noqa: E402
-from flowbus.schemas import (  # noqa: E402
+# isort: split
+import ray
+
+from flowbus.bus import Publisher
+from flowbus.bus._request import Requester
+from flowbus.schemas import (
     Connected,
     ErrorEvent,
     Event,
@@ -47,9 +49,9 @@ from flowbus.schemas import (  # noqa: E402
     UnknownSession,
     decode,
 )
-from flowbus.services import BackendSession, session_for  # noqa: E402
+from flowbus.services import BackendSession, session_for
 
-from ._scheduler import PollScheduler  # noqa: E402
+from ._scheduler import PollScheduler
 
 log = structlog.get_logger("flowbus.actor")
 

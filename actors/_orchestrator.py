@@ -35,9 +35,11 @@ import msgspec
 import structlog
 
 from . import _ray  # noqa: F401  (loopback fences before ray)
-import ray  # noqa: E402, I001
 
-from flowbus.bus import (  # noqa: E402
+# isort: split
+import ray
+
+from flowbus.bus import (
     Client,
     ClientCurve,
     Publisher,
@@ -46,7 +48,7 @@ from flowbus.bus import (  # noqa: E402
     load_grant_key,
     make_grant,
 )
-from flowbus.schemas import (  # noqa: E402
+from flowbus.schemas import (
     TAGS,
     Backend,
     ErrorEvent,
@@ -59,8 +61,8 @@ from flowbus.schemas import (  # noqa: E402
     SessionConfig,
 )
 
-from ._policies import Policy, Recovery, compile_policies, recovery_calls  # noqa: E402
-from ._rules import (  # noqa: E402
+from ._policies import Policy, Recovery, compile_policies, recovery_calls
+from ._rules import (
     CallSpec,
     Catalog,
     Engine,
@@ -171,8 +173,8 @@ class OrchestratorCore:
             self._publish(ErrorEvent(source=self.source, backend="flowbus", key=name, error_type="flowbus.ConfigError",
                                      message=why, operation="load"))
         catch_up = raw is not None or self.since is not None
-        start = "journal" if catch_up else "live"
-        sub = self._sub = Subscriber(self.address, self.prefixes, start=start, curve=self.curve)
+        sub = self._sub = Subscriber(self.address, self.prefixes, start="journal" if catch_up else "live",
+                                     curve=self.curve)
         # what the journal held when we started (or the marks given as ``since``) counts as consumed
         # for every rule and policy that has no progress of its own (new, changed, or a first
         # start): they react to what comes next

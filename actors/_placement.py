@@ -33,7 +33,8 @@ class ActorPlan:
     specs: list[dict[str, Any]] = field(default_factory=list)
 
     def describe(self) -> str:
-        parts = [f"resources {self.resources}" if self.resources else "", f"node-labels {self.node_labels}" if self.node_labels else ""]
+        parts = [f"resources {self.resources}" if self.resources else "",
+                 f"node-labels {self.node_labels}" if self.node_labels else ""]
         return f"actor {self.name!r} (group {self.group!r}{''.join(', ' + p for p in parts if p)})"
 
 
@@ -53,9 +54,9 @@ def make_plan(config: FlowbusConfig) -> dict[str, ActorPlan]:
     ray = config.ray
     members: dict[str, list[dict[str, Any]]] = {}
     by_name = {g.name: g for g in ray.placement}
-    for s in config.sessions:
-        grp = group_of(s.name, str(type(s).__struct_config__.tag), ray.placement)
-        members.setdefault(grp.name if grp else DEFAULT_GROUP, []).append(msgspec.to_builtins(s))
+    for session in config.sessions:
+        grp = group_of(session.name, str(type(session).__struct_config__.tag), ray.placement)
+        members.setdefault(grp.name if grp else DEFAULT_GROUP, []).append(msgspec.to_builtins(session))
     plans: dict[str, ActorPlan] = {}
     for gname, specs in members.items():
         grp = by_name.get(gname)
@@ -98,8 +99,8 @@ def node_slots(node: dict[str, Any], resources: dict[str, float], labels: dict[s
         return 0
     if not resources:
         return 1_000_000
-    have = node.get("Resources") or {}
-    return min(int(math.floor(have.get(r, 0.0) / amount + _EPS)) for r, amount in resources.items())
+    have: dict[str, float] = node.get("Resources") or {}
+    return min(math.floor(have.get(r, 0.0) / amount + _EPS) for r, amount in resources.items())
 
 
 def check_fit(plans: dict[str, ActorPlan], nodes: list[dict[str, Any]]) -> None:
@@ -122,7 +123,8 @@ def check_fit(plans: dict[str, ActorPlan], nodes: list[dict[str, Any]]) -> None:
             if total + _EPS < amount:
                 raise ConfigError(f"ray.placement: {plan.describe()}: asks for {res}={amount:g}, the cluster "
                                   f"has {total:g} in all")
-        spot = next((i for i in labelled if all(left[i].get(r, 0.0) + _EPS >= a for r, a in plan.resources.items())), None)
+        spot = next((i for i in labelled
+                     if all(left[i].get(r, 0.0) + _EPS >= a for r, a in plan.resources.items())), None)
         if spot is None:
             need = sum(1 for p in plans.values() if p.group == plan.group)
             raise ConfigError(f"ray.placement: group {plan.group!r}: {need} actor(s) asking for {plan.resources} "

@@ -30,7 +30,7 @@ from flowbus.schemas import (
     StateChanged,
 )
 
-from ._rules import CallSpec, Catalog, check_match, event_time
+from ._rules import CallSpec, Catalog, check_match
 
 #: backend -> the operation a retry runs (see :func:`recovery_calls` for the arguments)
 RETRY_OPERATION: Mapping[str, str] = {
@@ -77,7 +77,7 @@ class Policy:
         self.cfg, self.match = cfg, match
         self.name = cfg.name
         segs = match.glob.split("/")
-        self._session_glob = "/".join((segs + ["*"])[:2])
+        self._session_glob = "/".join([*segs, "*"][:2])
         self._on = frozenset(cfg.on)
         self.fingerprint = hashlib.sha256(msgspec.json.encode(cfg)).hexdigest()[:16]
         self.hw: dict[str, int] = {}
@@ -113,7 +113,7 @@ class Policy:
             return []
         fields = msgspec.to_builtins(ev)
         if cfg.stalled_after > 0:
-            if ev.state is State.ACTIVE or corr in self.stalled and not ev.state.final:
+            if ev.state is State.ACTIVE or (corr in self.stalled and not ev.state.final):
                 self.stalled[corr] = (now + cfg.stalled_after, fields)
             else:
                 self.stalled.pop(corr, None)
@@ -163,7 +163,8 @@ class Policy:
     def failed(self, rec: Recovery, now: float, error: str) -> list[Recovery]:
         """A retry's calls failed: schedule the next attempt, or give up."""
         corr = _corr(rec.source, rec.key)
-        return self._next(corr, rec.source, rec.backend, rec.key, rec.fields, now, f"attempt {rec.attempt} failed: {error}")
+        return self._next(corr, rec.source, rec.backend, rec.key, rec.fields, now,
+                          f"attempt {rec.attempt} failed: {error}")
 
     # -- time -----------------------------------------------------------------------------------------
 
@@ -180,8 +181,8 @@ class Policy:
             source, key = str(fields.get("source", "")), str(fields.get("key", ""))
             reason = f"{key}: no event for {self.cfg.stalled_after:g} s"
             if self.cfg.on_stalled == "alert":
-                out.append(Recovery(policy=self.name, kind="alert", source=source, backend=str(fields.get("backend", "")),
-                                    key=key, reason=reason, fields=fields))
+                out.append(Recovery(policy=self.name, kind="alert", source=source,
+                                    backend=str(fields.get("backend", "")), key=key, reason=reason, fields=fields))
             else:
                 recs = self._next(corr, source, str(fields.get("backend", "")), key, fields, now, reason, "kill-retry")
                 if recs and recs[0].kind == "kill-retry":
@@ -191,7 +192,8 @@ class Policy:
             if at <= now:
                 del self.down[source]
                 out.append(Recovery(policy=self.name, kind="gave-up", source=source, backend=backend, key="",
-                                    reason=f"session {source} disconnected for {self.cfg.give_up_after:g} s without reconnecting"))
+                                    reason=f"session {source} disconnected for {self.cfg.give_up_after:g} s "
+                                           "without reconnecting"))
         return out
 
     def deadline(self) -> float | None:
@@ -238,7 +240,7 @@ def compile_policy(cfg: PolicyConfig, catalog: Catalog) -> Policy:
             raise ConfigError(f"on: unknown state {bad[0]!r} (states: {', '.join(s.value for s in State)})")
         if cfg.operation and catalog.sessions is not None:
             for session, b in catalog.sessions.items():
-                if fnmatch.fnmatchcase(f"{b}/{session}", "/".join((match.glob.split("/") + ["*"])[:2])):
+                if fnmatch.fnmatchcase(f"{b}/{session}", "/".join([*match.glob.split("/"), "*"][:2])):
                     ops = catalog.operations(session)
                     if ops is not None and cfg.operation not in ops:
                         raise ConfigError(f"operation: session {session!r} has no operation {cfg.operation!r}")
@@ -309,7 +311,7 @@ def _kill_arg(backend: str, key: str) -> Any:
     if backend == Backend.QCG.value:
         return [key]
     if backend == Backend.SOMA.value:
-        return int(key.split("/")[0])
+        return int(key.split("/", maxsplit=1)[0])
     return key  # wms: the workflow key is its id
 
 

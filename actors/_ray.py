@@ -1,5 +1,5 @@
 """Starting or joining Ray: loopback-only, token-authenticated, in a private temp directory
-(notes/ray-deploy.md §1.1, §1.9, §1.11; DESIGN.md, "Security").
+(docs/notes/ray-deploy.md §1.1, §1.9, §1.11; docs/DESIGN.md, "Security").
 
 The fences are set when this module is imported, before Ray is imported anywhere in the process:
 
@@ -38,21 +38,21 @@ os.environ["RAY_AUTH_MODE"] = "token"  # forced, not a default: see the module d
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-import atexit  # noqa: E402
-import logging  # noqa: E402
-import secrets  # noqa: E402
-import shutil  # noqa: E402
-import stat  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import atexit
+import logging
+import secrets
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
 
-import psutil  # noqa: E402
-import ray  # noqa: E402
-import structlog  # noqa: E402
-from ray.exceptions import AuthenticationError  # noqa: E402
+import psutil
+import ray
+import structlog
+from ray.exceptions import AuthenticationError
 
-from flowbus.schemas import BusBroken, ConfigError, RayConfig  # noqa: E402
+from flowbus.schemas import BusBroken, ConfigError, RayConfig
 
 log = structlog.get_logger("flowbus.ray")
 
@@ -72,7 +72,7 @@ FAST_HEALTH = {
 #: the token file, relative to the state directory
 TOKEN_FILE = Path("ray") / "auth_token"
 #: where Ray's temp root goes: a short path, Ray's unix socket paths have a ~107 character limit
-TEMP_BASE = "/tmp"
+TEMP_BASE = "/tmp"  # noqa: S108 - our 0700 directory goes inside (below)
 TEMP_PREFIX = "fbray-"
 #: Ray's root inside our 0700 directory (Ray chmods its root 0777; the parent keeps others out)
 RAY_ROOT = "r"
@@ -121,7 +121,8 @@ def ensure_token(state_dir: Path | None = None) -> Path:
     starting at once agree on one token. ``ConfigError`` for a token file that is not a regular
     file of ours, is empty, or is readable by anyone else (then it may have leaked: delete it,
     and stop the Ray that used it)."""
-    base = default_state_dir() if state_dir is None else _private_dir(Path(state_dir).expanduser(), "state-dir", follow=True)
+    base = (default_state_dir() if state_dir is None
+            else _private_dir(Path(state_dir).expanduser(), "state-dir", follow=True))
     folder = _private_dir(base / TOKEN_FILE.parent, "ray token directory", follow=False)
     path = folder / TOKEN_FILE.name
     if not os.path.lexists(path):
@@ -204,7 +205,7 @@ def _check_token_accepted(address: str, timeout: float) -> None:
     metadata = tuple(AuthenticationTokenLoader.instance().get_token_for_http_header().items())
     with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:  # as Ray dials it
         try:
-            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)  # type: ignore[no-untyped-call]
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
             stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(),  # type: ignore[attr-defined]
                               timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
@@ -222,7 +223,7 @@ def start_ray(cfg: RayConfig, state_dir: Path | None = None) -> str:
     ``state_dir``, None: :func:`default_state_dir`) and a private temp directory that
     :func:`stop_ray` removes; otherwise join ``cfg.address`` (the environment's token, else the
     state dir's). Returns the GCS address other drivers (the CLI) can join."""
-    global _temp_parent, _atexit_registered
+    global _temp_parent, _atexit_registered  # noqa: PLW0603 - one Ray, one temp dir per process
     if ray.is_initialized():
         return str(ray.get_runtime_context().gcs_address)
     common: dict[str, Any] = {"namespace": cfg.namespace, "logging_level": logging.ERROR, "log_to_driver": False,

@@ -16,7 +16,7 @@ import fnmatch
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
@@ -118,7 +118,8 @@ def build_node(when: When | Mapping[str, Any], catalog: Catalog) -> Node:
         return MatchNode(check_match(when, catalog))
     kinds = [k for k in ("all", "any", "sequence", "count", "absent") if getattr(when, k) is not None]
     if len(kinds) != 1:
-        raise ConfigError(f"a condition table needs exactly one of all, any, sequence, count, absent (got {kinds or 'none'})")
+        raise ConfigError("a condition table needs exactly one of all, any, sequence, count, absent "
+                          f"(got {kinds or 'none'})")
     kind = kinds[0]
     if kind in ("all", "any", "sequence"):
         items = getattr(when, kind)
@@ -160,17 +161,19 @@ class PublishSpec(msgspec.Struct, frozen=True):
 
 #: a Python callback action (API users): called with the Firing
 Callback = Callable[[Firing], Any]
-Action = Union[CallSpec, PublishSpec, Callback]
+Action = CallSpec | PublishSpec | Callback
 
 
 def check_call(call: CallAction | CallSpec, catalog: Catalog) -> CallSpec:
     spec = CallSpec(session=call.session, operation=call.operation, args=list(call.args),
                     kwargs=dict(call.kwargs), timeout=call.timeout)
     if catalog.sessions is not None and spec.session not in catalog.sessions:
-        raise ConfigError(f"call: unknown session {spec.session!r} (configured: {', '.join(sorted(catalog.sessions)) or 'none'})")
+        raise ConfigError(f"call: unknown session {spec.session!r} "
+                          f"(configured: {', '.join(sorted(catalog.sessions)) or 'none'})")
     ops = catalog.operations(spec.session)
     if ops is not None and spec.operation not in ops:
-        raise ConfigError(f"call: session {spec.session!r} has no operation {spec.operation!r} (known: {', '.join(sorted(ops))})")
+        raise ConfigError(f"call: session {spec.session!r} has no operation {spec.operation!r} "
+                          f"(known: {', '.join(sorted(ops))})")
     return spec
 
 
@@ -190,10 +193,9 @@ def check_publish(fields: Mapping[str, Any]) -> PublishSpec:
 def build_actions(then: Sequence[ThenAction | CallSpec | PublishSpec | Callback | Mapping[str, Any]],
                   catalog: Catalog) -> list[Action]:
     out: list[Action] = []
-    for i, a in enumerate(then):
+    for i, given in enumerate(then):
         try:
-            if isinstance(a, Mapping):
-                a = msgspec.convert(dict(a), ThenAction)
+            a = msgspec.convert(dict(given), ThenAction) if isinstance(given, Mapping) else given
             if isinstance(a, ThenAction):
                 if (a.call is None) == (a.publish is None):
                     raise ConfigError("needs exactly one of call and publish")
@@ -395,7 +397,7 @@ def loads(raw: bytes) -> Any:
 
 
 __all__ = [
-    "Action", "AbsentNode", "AllNode", "AnyNode", "CallSpec", "Callback", "Catalog", "CountNode", "Engine", "Firing",
+    "AbsentNode", "Action", "AllNode", "AnyNode", "CallSpec", "Callback", "Catalog", "CountNode", "Engine", "Firing",
     "MatchNode", "Node", "PublishSpec", "Rule", "SequenceNode", "Trig", "build_actions", "build_node", "check_match",
     "compile_rule", "compile_rules", "render", "substitute",
 ]

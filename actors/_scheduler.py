@@ -159,7 +159,7 @@ class PollScheduler:
                 now = time.monotonic()
                 moved = 0
                 while heap and heap[0][0] <= now:
-                    due, gen, key = heapq.heappop(heap)
+                    _due, gen, key = heapq.heappop(heap)
                     entry = self._entries.get(key)
                     if entry is None or entry.gen != gen or entry.running_since is not None:
                         continue  # removed, rescheduled since, or running (it reschedules itself)

@@ -28,14 +28,16 @@ import msgspec
 import structlog
 
 from . import _ray  # noqa: F401  (loopback fences before ray)
-import ray  # noqa: E402, I001
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError  # noqa: E402
 
-from flowbus.bus import ClientCurve, grant_key_file, load_grant_key, make_grant  # noqa: E402
-from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession  # noqa: E402
+# isort: split
+import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
-from ._backend_actor import BackendActor  # noqa: E402
-from ._placement import ActorPlan, check_fit, make_plan  # noqa: E402
+from flowbus.bus import ClientCurve, grant_key_file, load_grant_key, make_grant
+from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession
+
+from ._backend_actor import BackendActor
+from ._placement import ActorPlan, check_fit, make_plan
 
 log = structlog.get_logger("flowbus.supervisor")
 
@@ -230,7 +232,8 @@ class SupervisorImpl:
             missing = [s for s, a in self.placement.items() if a == name and s not in info["sessions"]]
         for s in missing:
             try:
-                ray.get(handle.add_session.remote(self.specs[s], self._grant(self.specs[s])), timeout=self.start_timeout)
+                ray.get(handle.add_session.remote(self.specs[s], self._grant(self.specs[s])),
+                        timeout=self.start_timeout)
             except Exception as exc:  # noqa: BLE001
                 log.error("supervisor.session.reopen_failed", actor=name, session_id=s, error=str(exc)[:300])
 
@@ -265,8 +268,10 @@ class SupervisorImpl:
             chosen[s] = target
         t0 = time.monotonic()
         # all at once: each opens under a new incarnation (fencing the old one) and resyncs
-        refs = {s: self.actors[t].add_session.remote(self.specs[s], self._grant(self.specs[s])) for s, t in chosen.items()}
-        ready = set(ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.start_timeout)[0]) if refs else set()
+        refs = {s: self.actors[t].add_session.remote(self.specs[s], self._grant(self.specs[s]))
+                for s, t in chosen.items()}
+        ready = (set(ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.start_timeout)[0])
+                 if refs else set())
         for s, ref in refs.items():
             move: dict[str, Any] = {"session": s, "from": name, "to": chosen[s], "time": time.time(), "reason": reason}
             try:
@@ -366,7 +371,8 @@ class SupervisorImpl:
                                     for n, q in self.quarantined.items()},
                     "retired": list(self.retired), "restarts": dict(self.restarts)}
 
-    def call(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any], timeout: float = 120.0) -> Any:
+    def call(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any],
+             timeout: float = 120.0) -> Any:
         with self._lock:
             handle = self.actors.get(self.placement.get(session, ""))
         if handle is None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 _CTX = mp.get_context("spawn")
 
@@ -46,7 +46,7 @@ def _child_main(target: Callable[..., Any], conn: Connection, args: tuple[Any, .
     die_with_parent()
     try:
         target(conn, *args)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+    except BaseException as exc:  # reported to the parent, which fails the run
         with contextlib.suppress(OSError, ValueError):
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
         raise
@@ -78,7 +78,7 @@ class Children:
             if left <= 0:
                 names = [self.procs[self.conns.index(c)].name for c in pending]
                 raise BenchError(f"timed out after {timeout:g} s waiting for {tag!r} from {names}")
-            for c in wait(pending, left):
+            for c in cast("list[Connection]", wait(pending, left)):
                 try:
                     msg = c.recv()
                 except EOFError:
@@ -219,7 +219,7 @@ def median(values: Sequence[float]) -> float:
 
 def si(x: float) -> str:
     """12345 -> '12.3k', 1234567 -> '1.23M'."""
-    if x != x:  # nan
+    if math.isnan(x):
         return "-"
     if abs(x) >= 1e6:
         return f"{x / 1e6:.2f}M"
@@ -263,7 +263,8 @@ def _event_factory() -> Callable[..., Any]:
     from flowbus.schemas import State, StateChanged
 
     keys = [f"job-{i:04d}" for i in range(N_KEYS)]
-    attrs = {"queue": "normal", "nodes": 2, "walltime_s": 3600, "user": "flowbus", "exit_code": 0}
+    attrs: dict[str, str | int | float | bool | None] = {"queue": "normal", "nodes": 2, "walltime_s": 3600,
+                                                         "user": "flowbus", "exit_code": 0}
     active, queued = State.ACTIVE, State.QUEUED
 
     def make(i: int, seq: int = 0, t: int = 0, incarnation: int = 0) -> Any:

@@ -31,7 +31,6 @@ import time
 from typing import Any
 
 from _common import Poller, percentile
-
 from flowbus.schemas import SomaSessionConfig, StateChanged
 from flowbus.services.soma import SomaSession
 

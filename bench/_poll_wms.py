@@ -35,7 +35,6 @@ import time
 from typing import Any
 
 from _common import Poller, percentile
-
 from flowbus.schemas import StateChanged, WmsSessionConfig
 from flowbus.services.wms import WmsSession
 

@@ -11,7 +11,18 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from _common import BATCH, IDLE_TIMEOUT, PREFIX, START_TIMEOUT, BenchError, Children, _event_factory, _Tally, cpu_s, wait_for_stop  # noqa: F401
+from _common import (
+    BATCH,
+    IDLE_TIMEOUT,
+    PREFIX,
+    START_TIMEOUT,
+    BenchError,
+    Children,
+    _event_factory,
+    _Tally,
+    cpu_s,
+    wait_for_stop,
+)
 
 # -- redis children (only when redis-server and redis-py are installed) ----------------------------
 
@@ -52,6 +63,7 @@ def redis_pub(conn: Connection, port: int, nsubs: int, n: int, batch: int) -> No
 
 def redis_sub(conn: Connection, port: int, n: int, batch: int) -> None:
     import redis
+
     from flowbus.schemas import decode, decode_many
 
     r = redis.Redis(host="127.0.0.1", port=port)
@@ -101,7 +113,7 @@ def run_redis(run: Callable[..., dict[str, Any]], n: int, nsubs: int, batch: int
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",  # noqa: S607 - from PATH
          "--client-output-buffer-limit", "pubsub", "0", "0", "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

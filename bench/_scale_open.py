@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
-from _common import log  # noqa: E402
-from _scale_servers import Fleet, suite_text  # noqa: E402
+from _common import log
+from _scale_servers import Fleet, suite_text
 
 
 def main() -> int:
@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--poll", type=float, default=1.0)
     a = ap.parse_args()
     import msgspec
+
     from flowbus.actors import _backend_actor as ba
     from flowbus.bus import BrokerProcess
     from flowbus.schemas import BusConfig, EcflowSessionConfig

@@ -48,11 +48,22 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _redis  # noqa: E402
-from _common import (  # noqa: E402
+import _redis
+from _common import (
+    BACKEND,
+    BATCH,
+    IDLE_TIMEOUT,
+    PREFIX,
+    RAW_TOPIC,
+    READY,
+    SRC,
+    START_TIMEOUT,
     BenchError,
     Children,
     Noise,
+    _event_factory,
+    _pace,
+    _Tally,
     cpu_s,
     log,
     median,
@@ -62,8 +73,6 @@ from _common import (  # noqa: E402
     wait_for_stop,
     wait_quiet,
 )
-from _common import BACKEND, BATCH, IDLE_TIMEOUT, PREFIX, RAW_TOPIC, READY, SRC, START_TIMEOUT  # noqa: E402,F401
-from _common import _event_factory, _pace, _Tally  # noqa: E402
 
 # -- raw pyzmq children ---------------------------------------------------------------------------
 
@@ -125,6 +134,7 @@ def raw_pub(conn: Connection, nsubs: int, n: int, batch: int, rate: float) -> No
 def raw_sub(conn: Connection, idx: int, endpoint: str, n: int, batch: int, latency: bool) -> None:
     """SUB: recv() + recv() + typed decode, counting seqs."""
     import zmq
+
     from flowbus.schemas import decode, decode_many
 
     ctx = zmq.Context()
@@ -317,12 +327,10 @@ def run_raw(n: int, nsubs: int, batch: int, rate: float = 0.0, timeout: float = 
 
 def run_fb(n: int, nsubs: int, batch_max: int, rate: float = 0.0, journal_dir: str | None = None,
            timeout: float = 120.0, logdir: str | None = None) -> dict[str, Any]:
-    from flowbus.bus import BrokerProcess
-    from flowbus.schemas import BusConfig
-
     # the embedded default's transport: ipc sockets in a private directory (the kernel is the
     # authentication), with source grants on
-    from flowbus.bus import ensure_grant_key
+    from flowbus.bus import BrokerProcess, ensure_grant_key
+    from flowbus.schemas import BusConfig
 
     ipc_dir = tempfile.mkdtemp(prefix="fbbench-ipc-")
     cfg = BusConfig(ipc_dir=os.path.join(ipc_dir, "bus"),

@@ -56,8 +56,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.append(_HERE)  # last: the real ecflow module wins; _common is still found
 
-from _common import BenchError, Noise, cpu_s, log, median, percentile
 import _scale_servers
+from _common import BenchError, Noise, cpu_s, log, median, percentile
 from _scale_servers import quick_client, shim
 
 SERVER_BIN = _scale_servers.SERVER_BIN
@@ -262,6 +262,7 @@ def run_many(root: Path, shim_path: str, servers: list[Server], n: int, changes:
     import asyncio
 
     import msgspec
+
     from flowbus.actors import _backend_actor as ba
     from flowbus.bus import BrokerProcess
     from flowbus.schemas import BusConfig, EcflowSessionConfig

@@ -30,8 +30,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _poll_soma  # noqa: E402
-import _poll_wms  # noqa: E402
+import _poll_soma
+import _poll_wms
 
 
 def _f(value: Any) -> str:

@@ -42,9 +42,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.append(_HERE)  # last: the real ecflow module wins over bench/ecflow.py
 
-import psutil  # noqa: E402
-from _common import BenchError, log, median, percentile  # noqa: E402
-from _scale_servers import Fleet, Server, quick_client, suite_text  # noqa: E402
+import psutil
+
+from _common import BenchError, log, median, percentile
+from _scale_servers import Fleet, Server, quick_client, suite_text
 
 TASKS = 10
 
@@ -147,16 +148,21 @@ def proc_cpu(pids: list[int], window: float) -> float:
 
 def ecflow_spec(name: str, port: int, poll: float) -> dict[str, Any]:
     import msgspec
+
     from flowbus.schemas import EcflowSessionConfig
 
-    return msgspec.to_builtins(EcflowSessionConfig(name=name, host="127.0.0.1", port=port, poll_interval=poll))
+    spec: dict[str, Any] = msgspec.to_builtins(EcflowSessionConfig(name=name, host="127.0.0.1", port=port,
+                                                                   poll_interval=poll))
+    return spec
 
 
 def qcg_spec(name: str, wd: Path) -> dict[str, Any]:
     import msgspec
+
     from flowbus.schemas import QcgSessionConfig
 
-    return msgspec.to_builtins(QcgSessionConfig(name=name, wd=str(wd), mode="local"))
+    spec: dict[str, Any] = msgspec.to_builtins(QcgSessionConfig(name=name, wd=str(wd), mode="local"))
+    return spec
 
 
 class Actors:
@@ -194,7 +200,7 @@ class Actors:
         for h in self.handles:
             try:
                 ray.kill(h)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110 - gone already, or going: the wait below tells
                 pass
         deadline = time.monotonic() + 20
         for pid in self.pids:

@@ -11,8 +11,8 @@ import grp
 import os
 import time
 import uuid
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,9 +21,9 @@ import zmq
 
 from flowbus.schemas import (
     SCHEMA_VERSION,
-    ConfigError,
     AnyEvent,
     BusConfig,
+    ConfigError,
     ErrorEvent,
     Event,
     PublisherBack,
@@ -34,8 +34,8 @@ from flowbus.schemas import (
 )
 
 from . import _framing as fr
-from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
 from ._commands import CommandRouter
+from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
 from ._grant import check_grant, load_grant_key
 from ._journal import Journal, SourceLog
 
@@ -64,7 +64,8 @@ class Broker:
     def __init__(self, config: BusConfig, journal_dir: str | None = None) -> None:
         self.config = config
         self.broker_id = uuid.uuid4().hex[:12]
-        self.journal = Journal(config.journal_events, journal_dir if journal_dir is not None else config.journal_dir or None)
+        self.journal = Journal(config.journal_events,
+                               journal_dir if journal_dir is not None else config.journal_dir or None)
         self.stats: Counter[str] = Counter()
         self.endpoints: dict[str, str] = {}
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyEvent)
@@ -102,7 +103,8 @@ class Broker:
             if not cfg.insecure_loopback:
                 raise OSError(f"refusing to serve TCP on {cfg.host} without CurveZMQ: every local user reaches "
                               "loopback. Use bus.transport = \"ipc\" (the default), set bus.curve keys (`flowbus up` "
-                              "makes them for transport = \"tcp\"), or bus.insecure-loopback = true for a throwaway test")
+                              "makes them for transport = \"tcp\"), or bus.insecure-loopback = true for a "
+                              "throwaway test")
         self._grant_key = load_grant_key(cfg.grant_key_file) if cfg.grant_key_file else None
         self._ctx = zmq.Context()
         try:
@@ -180,8 +182,10 @@ class Broker:
         else:
             base.chmod(0o700)
         owner.chmod(0o700)
-        return [("request", self.req, f"ipc://{base / 'request'}"), ("publish", self.xpub, f"ipc://{base / 'publish'}"),
-                ("ingest", self.ingest, f"ipc://{owner / 'ingest'}"), ("command", self.cmd, f"ipc://{owner / 'command'}")]
+        return [("request", self.req, f"ipc://{base / 'request'}"),
+                ("publish", self.xpub, f"ipc://{base / 'publish'}"),
+                ("ingest", self.ingest, f"ipc://{owner / 'ingest'}"),
+                ("command", self.cmd, f"ipc://{owner / 'command'}")]
 
     def _chmod_ipc(self) -> None:
         """Socket files: the group (when configured) may connect to the read sockets only."""
@@ -309,7 +313,8 @@ class Broker:
             return self._refuse_source(ident, source, "reserved", f"source name {BROKER_SOURCE!r} is reserved")
         if (not source or "/" in source or source.startswith("\x00") or len(source) > _MAX_NAME
                 or not source.isprintable() or not backend.isprintable() or len(backend) > _MAX_NAME):
-            return self._refuse_source(ident, source, "bad_name", f"source name {source[:_MAX_NAME]!r} ({backend[:_MAX_NAME]!r}): "
+            return self._refuse_source(ident, source, "bad_name",
+                                       f"source name {source[:_MAX_NAME]!r} ({backend[:_MAX_NAME]!r}): "
                                        f"must be 1-{_MAX_NAME} printable characters, without '/'")
         for what, value, top in (("epoch", claimed, MAX_EPOCH), ("last acked seq", last_acked, MAX_SEQ),
                                  ("last sent seq", last_sent, MAX_SEQ)):
@@ -319,7 +324,8 @@ class Broker:
         owner = ""
         if grant is not None:
             if self._grant_key is None:
-                return self._refuse_source(ident, source, "grants_off", f"source {source!r} came with a grant, but this "
+                return self._refuse_source(ident, source, "grants_off",
+                                           f"source {source!r} came with a grant, but this "
                                            "broker checks none (bus.grant-key-file is not set)")
             try:
                 owner = check_grant(self._grant_key, source, backend, grant)
@@ -389,7 +395,8 @@ class Broker:
             if holder is not None:
                 # another connection writing a source it did not register: not taken, and
                 # not answered with a fence (that would tell a stranger the incarnation)
-                self._refuse("foreign", f"data or heartbeat for source {source!r} from a connection that does not hold it")
+                self._refuse("foreign",
+                             f"data or heartbeat for source {source!r} from a connection that does not hold it")
                 return None
         elif st is not None and epoch < st.epoch:
             self.stats["fenced"] += 1
@@ -447,7 +454,7 @@ class Broker:
                 ev = ErrorEvent(source=source, backend=st.backend, seq=seq, incarnation=frame.epoch,
                                 time=time.time_ns(), error_type="flowbus.bus.InvalidEvent",
                                 message=f"{reason}: {exc}", operation="publish")
-                payload, topic = encode(ev), ev.topic()
+                payload, topic = encode(ev), ev.topic()  # noqa: PLW2901 - the slot carries the error instead
             journal.append(st, seq, topic, ev.STATEFUL, payload)
             out.append((topic, payload))
         if payloads:
@@ -481,7 +488,7 @@ class Broker:
     def _fanout_frame(self, items: list[tuple[str, bytes]]) -> None:
         send = self.xpub.send
         if len(items) > 1:
-            lcp = os.path.commonprefix([t for t, _ in items])
+            lcp = os.path.commonprefix([t for t, _ in items])  # noqa: RUF071 - by character, as ZMQ matches topics
             if not any(len(p) > len(lcp) and p.startswith(lcp) for p in self._subs):
                 send(lcp.encode(), zmq.SNDMORE)
                 send(fr.array_header(len(items)) + b"".join(p for _, p in items))
@@ -605,7 +612,8 @@ class Broker:
                     "lost": sorted(self._lost), "broker_id": self.broker_id}
         if op == "snapshot":
             prefixes = tuple(str(p) for p in req.get("prefixes") or ("",))
-            events = [payload for topic, (_s, _q, payload) in self.journal.snapshot.items() if topic.startswith(prefixes)]
+            events = [payload for topic, (_s, _q, payload) in self.journal.snapshot.items()
+                      if topic.startswith(prefixes)]
             return {"events": events, "sources": self._marks(), "broker_id": self.broker_id}
         if op == "replay":
             return self._replay(req)
@@ -622,9 +630,11 @@ class Broker:
         except (KeyError, TypeError, ValueError):
             raise _Refused("bad_request", "replay needs integer 'from' (and optional 'to', 'limit')") from None
         if first < 1 or last < first - 1 or last > st.last_seq:
-            raise _Refused("bad_range", f"impossible range {first}..{last} for source {source!r} (last seq {st.last_seq})")
+            raise _Refused("bad_range",
+                           f"impossible range {first}..{last} for source {source!r} (last seq {st.last_seq})")
         if first < st.oldest:
-            raise _Refused("evicted", f"source {source!r} keeps seq {st.oldest}..{st.last_seq}; {first}..{st.oldest - 1} were evicted")
+            raise _Refused("evicted", f"source {source!r} keeps seq {st.oldest}..{st.last_seq}; "
+                                      f"{first}..{st.oldest - 1} were evicted")
         through = min(last, first + limit - 1)
         prefixes = tuple(str(p) for p in req.get("prefixes") or ("",))
         if req.get("seqs_only"):

@@ -6,8 +6,8 @@ import os
 import threading
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog

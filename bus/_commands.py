@@ -162,7 +162,8 @@ def error_reply(rid: Any, exc: BaseException) -> dict[str, Any]:
     ours = set(all_error_types())
     cls = next((c for c in type(exc).__mro__ if c in ours), type(exc))
     message = str(exc) if cls is type(exc) else str(cls.__str__(exc))
-    return {"id": rid, "ok": False, "error_type": cls.__name__, "message": message.strip().splitlines()[-1] if message.strip() else cls.__name__,
+    return {"id": rid, "ok": False, "error_type": cls.__name__,
+            "message": message.strip().splitlines()[-1] if message.strip() else cls.__name__,
             "args": [a if _plain(a) else str(a) for a in exc.args]}
 
 

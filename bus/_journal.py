@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 import msgpack
 import msgspec
@@ -75,7 +75,7 @@ class _Register(msgspec.Struct, array_like=True, tag=1, frozen=True):
     owner: str = ""  # absent from old-format records
 
 
-_Record = Union[_Event, _Register]
+_Record = _Event | _Register
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER: msgspec.msgpack.Decoder[_Record] = msgspec.msgpack.Decoder(_Record)
 _HEADER_BYTES = _MAGIC + _VERSION.to_bytes(4, "big")
@@ -305,7 +305,7 @@ class Journal:
     @staticmethod
     def _framed(data: bytes) -> bool:
         """True unless the file is in the old format (a magic hit by a few flips still counts)."""
-        close = sum(a == b for a, b in zip(data[:8], _MAGIC)) >= 5
+        close = sum(a == b for a, b in zip(data[:8], _MAGIC, strict=False)) >= 5
         return close or data[0] not in _LEGACY_FIRST or _try(memoryview(data), len(_HEADER_BYTES))[0] is not None
 
     def _load_legacy(self, data: bytes, spans: list[tuple[int, int, str]]) -> int:

@@ -117,7 +117,7 @@ class Publisher:
         with self._lock:
             for item in sources:
                 name, backend = item[0], item[1]
-                grant = item[2] if len(item) > 2 else None  # type: ignore[misc]
+                grant = item[2] if len(item) > 2 else None
                 src = self._sources.get(name)
                 if src is None:
                     src = self._sources[name] = _Source(name, backend)
@@ -236,7 +236,8 @@ class Publisher:
             try:
                 self.flush(flush_timeout)
             except BusBroken:
-                log.warning("publisher.close.unflushed", pending={s.name: s.next_seq - 1 - s.acked for s in self._sources.values()})
+                log.warning("publisher.close.unflushed",
+                            pending={s.name: s.next_seq - 1 - s.acked for s in self._sources.values()})
         with self._lock:  # let go of every source: another publisher may open it at once
             for src in self._sources.values() if unregister else ():
                 if src.epoch and not src.fenced:
@@ -375,8 +376,7 @@ class Publisher:
                     while src.unacked and src.unacked[0][0] <= src.acked:
                         src.unacked.popleft()
                         self.stats["acked"] += 1
-                    if src.sent_upto < src.acked:
-                        src.sent_upto = src.acked
+                    src.sent_upto = max(src.sent_upto, src.acked)
                 self._acked_cv.notify_all()
             elif kind == fr.WELCOME:
                 name, epoch, resume_from, broker_id = body

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowbus", description="One typed, replayable event stream over workflow managers.")
+    p = argparse.ArgumentParser(prog="flowbus",
+                                description="One typed, replayable event stream over workflow managers.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def with_address(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -153,12 +154,10 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from flowbus.bus import serve
-    from flowbus.schemas import BusConfig
-
     import msgspec
 
-    from flowbus.schemas import load_config
+    from flowbus.bus import serve
+    from flowbus.schemas import BusConfig, load_config
 
     if args.config_json:
         bus = msgspec.json.decode(args.config_json, type=BusConfig)
@@ -348,7 +347,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from flowbus._up import run_up
-
     from flowbus.schemas import load_config
 
     config: FlowbusConfig = load_config(args.config)

@@ -49,7 +49,8 @@ def _call(session: str, operation: str, *args: Any) -> dict[str, Any]:
     return {"call": {"session": session, "operation": operation, "args": list(args), "timeout": 120.0}}
 
 
-def rules_and_policies(has_ecflow: bool, has_soma: bool, has_wms: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def rules_and_policies(has_ecflow: bool, has_soma: bool,
+                       has_wms: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Raw ``rules`` and ``policies`` tables (kebab-case keys, as in a TOML file)."""
     rules: list[dict[str, Any]] = []
     policies: list[dict[str, Any]] = []

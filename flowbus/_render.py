@@ -95,4 +95,4 @@ def print_table(events: list[Event], out: TextIO = sys.stdout) -> None:
         rows.append((ev.backend, ev.source, ev.key or "-", kind, state, native, str(ev.seq), ev.observed.value))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() + "\n")

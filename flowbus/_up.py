@@ -50,7 +50,8 @@ def _external_broker(address: str, config: FlowbusConfig) -> dict[str, Any]:
         info = broker_info(zmq.Context.instance(), address, ClientCurve.from_config(config.bus.curve), 5.0)
     except FlowbusError as exc:
         raise FlowbusError(f"--broker {address}: no flowbus broker answers there ({exc})") from exc
-    return {"request": address, **{k: same_host(str(info[k]), address) for k in ("publish", "ingest", "command") if k in info}}
+    return {"request": address,
+            **{k: same_host(str(info[k]), address) for k in ("publish", "ingest", "command") if k in info}}
 
 
 def secure_bus(config: FlowbusConfig, state: Path, *, own_broker: bool = True) -> FlowbusConfig:
@@ -201,7 +202,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         # Ray's own failure-signal handler aborts the process on SIGTERM, before anything we
         # started is stopped; ours (installed after it) stops everything first
         signal.signal(signal.SIGTERM, on_signal)
-        _step(f"Ray ready at {ray_address} ({time.monotonic() - t0:.1f} s); starting {len(config.sessions)} session(s) ...")
+        _step(f"Ray ready at {ray_address} ({time.monotonic() - t0:.1f} s); "
+              f"starting {len(config.sessions)} session(s) ...")
         client = Client(endpoints["request"], curve=config.bus.curve)
         view = client.subscribe("", start="snapshot")
         import ray
@@ -224,8 +226,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
 
         key_file = config.bus.grant_key_file or str(client.info.get("grant_key_file") or "")
         commands = CommandServer(same_host(str(client.info["command"]), endpoints["request"]),
-                                 _command_handler(supervisor, orchestrator), curve=ClientCurve.from_config(config.bus.curve),
-                                 grant_key=_readable_key(key_file))
+                                 _command_handler(supervisor, orchestrator),
+                                 curve=ClientCurve.from_config(config.bus.curve), grant_key=_readable_key(key_file))
         write_private(runfile, json.dumps({
             **endpoints, "command": client.info.get("command"), "ray_address": ray_address,
             "namespace": config.ray.namespace, "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},
@@ -241,7 +243,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
             if broker is not None and not broker.alive():
                 # same ports, journal from disk: publishers re-register and resend, subscribers
                 # reconnect and replay what they missed
-                _step(f"the broker died (exit code {broker.proc.poll() if broker.proc else '?'}); starting it again ...")
+                code = broker.proc.poll() if broker.proc else "?"
+                _step(f"the broker died (exit code {code}); starting it again ...")
                 broker.start()
                 run = json.loads(runfile.read_text())
                 run["broker_pid"] = broker.proc.pid if broker.proc else None
@@ -299,7 +302,8 @@ def _start_orchestrator(config: FlowbusConfig, address: str, since: dict[str, in
 
     from flowbus.actors._orchestrator import ORCHESTRATOR_NAME, Orchestrator
 
-    orchestrator = Orchestrator.options(name=ORCHESTRATOR_NAME).remote(msgspec.json.encode(config), address, since=since)
+    orchestrator = Orchestrator.options(name=ORCHESTRATOR_NAME).remote(msgspec.json.encode(config), address,
+                                                                       since=since)
     info = ray.get(orchestrator.start.remote(), timeout=120)
     _step(f"orchestrator: {len(info['rules'])} rule(s) running, {len(config.policies)} policy(ies)")
     for why in sorted(info["rejected"].values()):

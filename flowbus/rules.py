@@ -110,8 +110,8 @@ class Rules:
     def policy(self, name: str, match: str, **options: Any) -> None:
         """Add a recovery policy (options as in ``[[policies]]``, with underscores: ``max_attempts=3``)."""
         try:
-            cfg = msgspec.convert({"name": name, "match": match, **{k.replace("_", "-"): v for k, v in options.items()}},
-                                  PolicyConfig)
+            cfg = msgspec.convert({"name": name, "match": match,
+                                   **{k.replace("_", "-"): v for k, v in options.items()}}, PolicyConfig)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"policy {name!r}: {exc}") from None
         pol = compile_policy(cfg, self.catalog)
@@ -169,7 +169,8 @@ class Rules:
     def __enter__(self) -> Rules:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.stop()
 
 

@@ -7,7 +7,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import msgspec
 
@@ -135,7 +135,8 @@ class RayConfig(_Conf, frozen=True):
     object_store_mb: int = 100
     #: sessions per BackendActor before the supervisor opens another actor (default group, ``actors = 0``)
     sessions_per_actor: int = 64
-    #: BackendActors of the default group (sessions no placement group takes); 0 = one per ``sessions-per-actor`` sessions
+    #: BackendActors of the default group (sessions no placement group takes); 0 = one per
+    #: ``sessions-per-actor`` sessions
     actors: int = 0
     #: Ray restarts of a dead BackendActor
     max_restarts: int = -1
@@ -283,7 +284,8 @@ class SomaSessionConfig(_Conf, frozen=True, tag="soma", tag_field="backend"):
     #: resource mode: login and password for a remote resource ("" = none / the file's)
     login: str = ""
     password: str = ""
-    #: resource mode: a soma-workflow configuration file ("" = soma's search: $SOMA_WORKFLOW_CONFIG, ~/.soma-workflow.cfg)
+    #: resource mode: a soma-workflow configuration file ("" = soma's search: $SOMA_WORKFLOW_CONFIG,
+    #: ~/.soma-workflow.cfg)
     config_file: str = ""
     #: seconds between polls (workflow_elements_status diffs)
     poll_interval: float = 0.2
@@ -331,7 +333,7 @@ class WmsSessionConfig(_Conf, frozen=True, tag="wms", tag_field="backend"):
     actor: str = ""
 
 
-SessionConfig = Union[QcgSessionConfig, GuiserverSessionConfig, EcflowSessionConfig, SomaSessionConfig, WmsSessionConfig]
+SessionConfig = QcgSessionConfig | GuiserverSessionConfig | EcflowSessionConfig | SomaSessionConfig | WmsSessionConfig
 
 
 class LogConfig(_Conf, frozen=True):
@@ -381,7 +383,7 @@ def parse_config(data: dict[str, Any], origin: str = "<config>", env: Mapping[st
                         for s in sessions]
             data = {**data, "sessions": sessions}
     if isinstance(sessions, list):
-        kinds = ", ".join(str(t.__struct_config__.tag) for t in SessionConfig.__args__)  # type: ignore[attr-defined]
+        kinds = ", ".join(str(t.__struct_config__.tag) for t in SessionConfig.__args__)
         for i, sess in enumerate(sessions):
             if isinstance(sess, dict) and "backend" not in sess:
                 raise ConfigError(f"{origin}: sessions[{i}]: missing key 'backend' (one of: {kinds})")
@@ -421,7 +423,8 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
             if s.poll_interval <= 0 or s.engine_refresh <= 0:
                 raise ConfigError(f"{origin}: sessions[{i}]: poll-interval and engine-refresh must be > 0")
             if s.mode == "light" and (s.resource_id or s.login or s.password or s.config_file):
-                raise ConfigError(f"{origin}: sessions[{i}]: resource-id/login/password/config-file need mode = 'resource'")
+                raise ConfigError(f"{origin}: sessions[{i}]: resource-id/login/password/config-file "
+                                  "need mode = 'resource'")
             if s.mode == "resource" and s.directory:
                 raise ConfigError(f"{origin}: sessions[{i}].directory: only for mode = 'light'")
     _check_ray(cfg, origin)
@@ -475,7 +478,7 @@ def _check_ray(cfg: FlowbusConfig, origin: str) -> None:
             raise ConfigError(f"{origin}: ray.{key.replace('_', '-')}: must be >= 1")
     if not ray.address.strip():
         raise ConfigError(f"{origin}: ray.address: empty (use 'local', 'auto', host:port or ray://host:port)")
-    kinds = {str(t.__struct_config__.tag) for t in SessionConfig.__args__}  # type: ignore[attr-defined]
+    kinds = {str(t.__struct_config__.tag) for t in SessionConfig.__args__}
     seen: set[str] = set()
     for i, grp in enumerate(ray.placement):
         where = f"{origin}: ray.placement[{i}]"
@@ -488,7 +491,8 @@ def _check_ray(cfg: FlowbusConfig, origin: str) -> None:
             raise ConfigError(f"{where} ({grp.name}): takes no session; set sessions (globs) or backends")
         bad = sorted(set(grp.backends) - kinds)
         if bad:
-            raise ConfigError(f"{where} ({grp.name}).backends: unknown backend {bad[0]!r} (one of: {', '.join(sorted(kinds))})")
+            raise ConfigError(f"{where} ({grp.name}).backends: unknown backend {bad[0]!r} "
+                              f"(one of: {', '.join(sorted(kinds))})")
         for res, amount in grp.resources.items():
             if not res or not amount > 0:
                 raise ConfigError(f"{where} ({grp.name}).resources.{res}: must be a name with an amount > 0")

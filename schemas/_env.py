@@ -1,9 +1,10 @@
 """guiServer connection defaults from the environment, as the DiFX Python interface takes them.
 
-Spec §6.3: host from ``DIFX_CONTROL_HOST`` (else ``localhost``); port from ``DIFX_CONTROL_PORT``,
-else ``DIFX_MESSAGE_PORT``, else 50401. ``DIFX_MESSAGE_PORT`` is, for the server itself (§1),
-the variable that sets both its TCP port and the UDP multicast port, so it names the guiServer
-port too. Our config keeps its own default (50200, the server's default) when neither is set.
+docs/protocols/guiserver.md §6.3: host from ``DIFX_CONTROL_HOST`` (else ``localhost``); port from
+``DIFX_CONTROL_PORT``, else ``DIFX_MESSAGE_PORT``, else 50401. ``DIFX_MESSAGE_PORT`` is, for the
+server itself (docs/protocols/guiserver.md §1), the variable that sets both its TCP port and the
+UDP multicast port, so it names the guiServer port too. Our config keeps its own default (50200,
+the server's default) when neither is set.
 
 Pure: the environment is a parameter (adapters never read ``os.environ``); the caller merges the
 result under the explicit keys of a ``[[sessions]]`` table (explicit keys win).

@@ -12,7 +12,7 @@ Schema evolution rules (enforced in review; ``SCHEMA_VERSION`` counts breaking c
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -20,7 +20,7 @@ from ._states import Observed, State
 
 SCHEMA_VERSION = 1
 
-Scalar = Union[str, int, float, bool, None]
+Scalar = str | int | float | bool | None
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid_unknown_fields=False):
@@ -224,25 +224,25 @@ class SubscriberLagged(Event, tag="bus.lagged", frozen=True, kw_only=True):
     FAMILY: ClassVar[str] = "bus"
 
 
-AnyEvent = Union[
-    StateChanged,
-    AttributeChanged,
-    LogLine,
-    Connected,
-    Disconnected,
-    Resynced,
-    Heartbeat,
-    RecoveryAttempted,
-    RecoveryGaveUp,
-    RuleFired,
-    WaitSatisfied,
-    ErrorEvent,
-    PublisherLost,
-    PublisherBack,
-    SubscriberLagged,
-]
+AnyEvent = (
+    StateChanged
+    | AttributeChanged
+    | LogLine
+    | Connected
+    | Disconnected
+    | Resynced
+    | Heartbeat
+    | RecoveryAttempted
+    | RecoveryGaveUp
+    | RuleFired
+    | WaitSatisfied
+    | ErrorEvent
+    | PublisherLost
+    | PublisherBack
+    | SubscriberLagged
+)
 
-EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__
 
 TAGS: dict[str, type[Event]] = {
     cls.__struct_config__.tag: cls for cls in EVENT_TYPES  # type: ignore[misc]

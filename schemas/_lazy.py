@@ -12,7 +12,7 @@ def lazy_exports(package: str, namespace: dict[str, Any], where: Mapping[str, st
     """A module ``__getattr__`` for ``package`` that imports ``name`` from ``package + where[name]``
     (a relative module name like ``"_codec"``, or an absolute one) and caches it in ``namespace``."""
 
-    def __getattr__(name: str) -> Any:
+    def __getattr__(name: str) -> Any:  # noqa: N807 - the module __getattr__ of PEP 562
         module = where.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")

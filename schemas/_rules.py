@@ -30,7 +30,7 @@ bad rule is rejected by name and the others keep running.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import msgspec
 
@@ -66,7 +66,7 @@ class WhenTable(_RConf, frozen=True):
 
 
 #: a match expression (``<topic-glob> field=value|value field!=value``) or a composite table
-When = Union[str, WhenTable]
+When = str | WhenTable
 
 
 class CallAction(_RConf, frozen=True):

@@ -2,7 +2,7 @@
 # flowbus set-up and the two things people run:
 #   bash scripts/dev.sh up [flowbus up options]   install, then run the embedded default (Ctrl-C stops it)
 #   bash scripts/dev.sh demo [options]            install, then run the cross-backend demo pipeline once
-#   bash scripts/dev.sh test [pytest options]     install, then run the whole test suite
+#   bash scripts/dev.sh test [pytest options]     install, lint (scripts/lint.sh), then run the whole test suite
 # Installs everything the project needs into ./.venv (Python 3.11 + the package with its test extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +86,8 @@ case "$cmd" in
     ;;
   test)
     setup
+    # ruff and mypy strict first (offline; ~30 s cold, ~1 s with the caches in .lint/): a lint error fails the run
+    bash scripts/lint.sh
     in_loopback_netns .venv/bin/python -m pytest -q "$@"
     ;;
   setup)

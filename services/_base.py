@@ -20,12 +20,11 @@ from flowbus.schemas import (
     BackendTimeout,
     BackendUnavailable,
     Event,
-    StateChanged,
     UnknownOperation,
 )
 
 #: hands one event to the host; the host stamps seq/incarnation/time and publishes it
-Emit = Callable[[Event], None]
+Emit = Callable[[Event], object]  # what it returns is ignored
 
 
 @runtime_checkable
@@ -140,9 +139,9 @@ class Backoff:
 
 __all__ = [
     "BackendSession",
-    "Backoff",
     "BackendTimeout",
     "BackendUnavailable",
+    "Backoff",
     "Emit",
     "Releasable",
     "dispatch",

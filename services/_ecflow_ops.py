@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ecflow
+
 from flowbus.schemas import (
     BackendError,
     BackendRejected,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ecflow
+
 from flowbus.schemas import AttributeChanged, Event, Observed, State, StateChanged
 
 #: the key of the server itself
@@ -143,7 +144,8 @@ class Tree:
             elif isinstance(ev, AttributeChanged) and ev.key.startswith("/"):
                 self.attrs[(ev.key, ev.kind, ev.name)] = ev.value
 
-    def diff(self, snap: Snapshot, observed: Observed, gone_reason: str = "removed from the ecFlow server") -> list[Event]:
+    def diff(self, snap: Snapshot, observed: Observed,
+             gone_reason: str = "removed from the ecFlow server") -> list[Event]:
         """Record ``snap`` and return the events that differ from what was known, in tree order:
         server state, suites added, each node's state then its attributes, then removals."""
         out: list[Event] = []
@@ -199,7 +201,8 @@ class Tree:
                 del self.attrs[akey]
         return out
 
-    def _attr(self, key: str, kind: str, name: str, value: Scalar, previous: Scalar, observed: Observed) -> AttributeChanged:
+    def _attr(self, key: str, kind: str, name: str, value: Scalar, previous: Scalar,
+              observed: Observed) -> AttributeChanged:
         return AttributeChanged(source=self.source, backend="ecflow", key=key, observed=observed, kind=kind,
                                 name=name, value=value, previous=previous)
 

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, Self
 
 import structlog
+
 from flowbus.bus import Client, Match
 from flowbus.schemas import Event, LogLine, StateChanged
 

@@ -1,5 +1,5 @@
 """Argument checks before anything reaches guiServer, which pastes strings into shell commands
-(spec §8). Every refusal is a :class:`~flowbus.schemas.BackendRejected` and nothing is sent."""
+(docs/protocols/guiserver.md §8). Every refusal is a :class:`~flowbus.schemas.BackendRejected` and nothing is sent."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def path(value: object, allowed: Sequence[str] = (), *, glob: bool = False, what
         raise BackendRejected(f"{what} {value!r}: must be absolute and use only letters, digits and _./+@:=,%-"
                               + ("*?" if glob else ""))
     parts = value.split("/")
-    if ".." in parts or "." in parts or posixpath.normpath(value) != value.rstrip("/") and value != "/":
+    if ".." in parts or "." in parts or (posixpath.normpath(value) != value.rstrip("/") and value != "/"):
         raise BackendRejected(f"{what} {value!r}: must be normalised (no '.', '..' or '//')")
     if allowed and not any(value == d or value.startswith(d.rstrip("/") + "/") for d in allowed):
         raise BackendRejected(f"{what} {value!r}: outside the allowed directories {list(allowed)}")

@@ -1,4 +1,4 @@
-"""The emulator's connection helpers and its fake jobs (spec §5.1): no process is ever run."""
+"""The emulator's connection helpers and its fake jobs (docs/protocols/guiserver.md §5.1): no process is ever run."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class Stream:
             client.send(P.CHANNEL_CONNECTION, encode_int(port))
         else:
             host = address or "127.0.0.1"
-            if host not in ("127.0.0.1", "localhost", "0.0.0.0"):
+            if host not in ("127.0.0.1", "localhost", "0.0.0.0"):  # noqa: S104 - compared, never bound
                 raise OSError(f"emulator connects back to loopback only, not {host}")
             self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
 
@@ -121,7 +121,7 @@ class Job:
 
 
 def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name: str, outcome: str) -> bool:
-    """The steps of §5.1 for one fake job; True when it reached the run stage."""
+    """The steps of docs/protocols/guiserver.md §5.1 for one fake job; True when it reached the run stage."""
     f, step = msg.fields, emu.step_delay
     s.packet(J.STARTED)
     s.packet(J.PARAMETER_CHECK_IN_PROGRESS)
@@ -162,7 +162,7 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
             s.packet(J.TERMINATED)
             return False
     s.packet(J.PARAMETER_CHECK_SUCCESS)
-    if outcome == "silent":  # §5.1 step 10: statvfs failed, the stream just stops
+    if outcome == "silent":  # docs/protocols/guiserver.md §5.1 step 10: statvfs failed, the stream just stops
         c.send(P.ERROR, f"statvfs failed for {inp}".encode())
         return False
     out = real.with_suffix(".difx")
@@ -236,8 +236,8 @@ def _has_nodes(raw: str, element: str) -> bool:
 
 
 def run_vex2difx(emu: Any, c: Client, f: Mapping[str, str]) -> None:
-    """DifxVex2DifxRun (§5.6), faked: ``<stem>_1.input``/``<stem>_2.input`` from ``<stem>.v2d``,
-    then one ``.im`` per new ``.calc``; the raw stream lists the new paths and ends with 0."""
+    """DifxVex2DifxRun (docs/protocols/guiserver.md §5.6), faked: ``<stem>_1.input``/``<stem>_2.input``
+    from ``<stem>.v2d``, then one ``.im`` per new ``.calc``; the raw stream lists the new paths and ends with 0."""
     where, name, calc = f.get("passPath", ""), f.get("file", ""), f.get("calcCommand", "calcif2")
     stream = Stream(c, int(f.get("port", "0")), f.get("address", ""))
     base = emu.real(where)
@@ -272,7 +272,8 @@ def run_vex2difx(emu: Any, c: Client, f: Mapping[str, str]) -> None:
 
 
 def run_machines(emu: Any, c: Client, msg: gx.DifxMessage) -> None:
-    """DifxMachinesDefinition (§5.7): write the .machines/.threads files by the server's rules."""
+    """DifxMachinesDefinition (docs/protocols/guiserver.md §5.7): write the .machines/.threads files by the
+    server's rules."""
     f = msg.fields
     stream = Stream(c, int(f.get("port", "0")), f.get("address", ""))
     stream.packet(102)

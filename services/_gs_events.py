@@ -1,6 +1,6 @@
 """guiServer traffic -> typed flowbus events, and the bookkeeping of jobs this session started.
 
-Job lifecycle (sub-stream of a DifxStart, §5.1): 102 -> ``queued``, 113 -> ``active``,
+Job lifecycle (sub-stream of a DifxStart, docs/protocols/guiserver.md §5.1): 102 -> ``queued``, 113 -> ``active``,
 101 -> ``complete``, 120 -> ``complete`` (detail "ended with errors"), 119 -> ``aborted``,
 128 -> ``complete`` after a passed config check else ``aborted``, 100 -> ``cancelled`` when we
 asked for the stop else ``aborted``. Relayed DifxStatusMessage states move the same job
@@ -161,7 +161,8 @@ class Translator:
             return []
         if pid in _FAILURES:
             track.failure = JobId(pid).name
-            level = "warning" if pid in (JobId.CONFIG_COMMAND_NOT_FOUND, JobId.FAILURE_INPUTFILE_BAD_CONFIG) else "error"
+            bad_config = (JobId.CONFIG_COMMAND_NOT_FOUND, JobId.FAILURE_INPUTFILE_BAD_CONFIG)
+            level = "warning" if pid in bad_config else "error"
             return [self.log(level, track.failure, "job", track.name)]
         if pid not in (100, 101, 119, 120, 128):
             return []
@@ -256,7 +257,8 @@ class Translator:
 
     def resynced(self, track: JobTrack, row: Mapping[str, Any]) -> list[Event]:
         if row.get("native") == "NO_DIFXLOG" and track.state in (State.UNKNOWN, State.QUEUED):
-            # no .difxlog: the job never reached the run stage (§5.1 step 12), and never will
+            # no .difxlog: the job never reached the run stage (docs/protocols/guiserver.md §5.1 step 12),
+            # and never will
             events = self._move(track, State.ABORTED, "NO_DIFXLOG", track.failure or "ended before the run stage",
                                 Observed.RESYNC)
             track.orphan = False

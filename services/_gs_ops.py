@@ -17,12 +17,12 @@ from flowbus.schemas import (
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
+    GuiserverSessionConfig,
     State,
 )
 
 from . import _gs_check as check
 from . import _gs_xml as gx
-from flowbus.schemas import GuiserverSessionConfig
 from ._gs_events import Translator
 from ._gs_protocol import (
     JOB_TERMINAL,
@@ -41,13 +41,13 @@ OPERATIONS = {name: name for name in (
 )}
 
 
-#: negative DifxFileTransfer replies (§5.5)
+#: negative DifxFileTransfer replies (docs/protocols/guiserver.md §5.5)
 _TRANSFER_CODES = {-1: "path is not absolute", -2: "file or parent directory does not exist",
                    -3: "permission denied", -4: "server user unknown", -5: "parent is not a directory",
                    -10: "the server could not open the sub-stream"}
 
 
-#: DifxMachinesDefinition sub-packet names (§5.7)
+#: DifxMachinesDefinition sub-packet names (docs/protocols/guiserver.md §5.7)
 _MACHINES_IDS = {100: "TERMINATED", 101: "ENDED_GRACEFULLY", 102: "STARTED", 103: "PARAMETER_CHECK_IN_PROGRESS",
                  104: "PARAMETER_CHECK_SUCCESS", 105: "FAILURE_NO_HEADNODE", 106: "FAILURE_NO_DATASOURCES",
                  107: "FAILURE_NO_PROCESSORS", 108: "WARNING_NO_MACHINES_FILE_SPECIFIED",
@@ -154,10 +154,12 @@ class GuiserverOperations:
         return [it.data.decode(errors="replace").rstrip("\n") for it in items if it.data is not None]
 
     def get_file(self, path: str, timeout: float | None = None) -> bytes:
-        """The content of a server file (DifxFileTransfer ``from DiFX``, §5.5)."""
+        """The content of a server file (DifxFileTransfer ``from DiFX``, docs/protocols/guiserver.md §5.5)."""
         origin = self._p(path, "origin")
-        body: Callable[[int], list[tuple[str, str | int]]] = lambda port: [
-            ("direction", "from DiFX"), ("origin", origin), ("destination", "/dev/null"), *self._where(port)]
+
+        def body(port: int) -> list[tuple[str, str | int]]:
+            return [("direction", "from DiFX"), ("origin", origin), ("destination", "/dev/null"), *self._where(port)]
+
         items = self._stream(StreamKind.SIZED, lambda port: encode(
             PacketId.COMMAND, gx.build("DifxFileTransfer", body(port))), timeout)
         if not items:
@@ -176,7 +178,8 @@ class GuiserverOperations:
         if not isinstance(data, bytes | bytearray):
             raise BackendRejected(f"send_file: data must be bytes, not {type(data).__name__}")
         if b"\x00" in data and not allow_nul:
-            raise BackendRejected("send_file: data contains NUL bytes, which guiServer truncates (§5.5)")
+            raise BackendRejected("send_file: data contains NUL bytes, which guiServer truncates "
+                                  "(docs/protocols/guiserver.md §5.5)")
         if len(data) > 2**31 - 1:
             raise BackendRejected("send_file: guiServer sizes are signed 32-bit")
 
@@ -200,7 +203,7 @@ class GuiserverOperations:
 
     def vex2difx(self, pass_path: str, file: str, calc_only: bool = False, wait: bool = True,
                  timeout: float | None = 600.0) -> list[str] | None:
-        """Run vex2difx (unless ``calc_only``) and the calc command in ``pass_path`` (§5.6).
+        """Run vex2difx (unless ``calc_only``) and the calc command in ``pass_path`` (docs/protocols/guiserver.md §5.6).
 
         ``file`` is the .v2d name, or with ``calc_only`` a job name or glob. Each new .input/.im
         path is published at once as ``LogLine(stream="vex2difx.file")``; the end as
@@ -241,7 +244,8 @@ class GuiserverOperations:
     def machines(self, input: str, manager: str | None = None, datastreams: list[str] | None = None,
                  processes: list[str] | None = None, threads: int | None = None, read_back: bool = True,
                  timeout: float | None = None) -> dict[str, Any]:
-        """Write ``<job>.machines``/``.threads`` for ``input`` (DifxMachinesDefinition, §5.7).
+        """Write ``<job>.machines``/``.threads`` for ``input`` (DifxMachinesDefinition,
+        docs/protocols/guiserver.md §5.7).
 
         Nodes default to the configured ones. Returns ``ok``, the sub-packet names, the two file
         paths and (``read_back``) their contents fetched with get_file."""
@@ -272,7 +276,8 @@ class GuiserverOperations:
         return out
 
     def job_status(self, pattern: str, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Short job status for an ``.input`` pattern, from the ``.difxlog`` files (§5.3)."""
+        """Short job status for an ``.input`` pattern, from the ``.difxlog`` files
+        (docs/protocols/guiserver.md §5.3)."""
         pat = self._p(pattern, "pattern", glob=True)
         items = self._stream(StreamKind.FRAMED, lambda port: encode(
             PacketId.GET_JOB_STATUS, encode_int(1) + encode_string(pat)
@@ -289,7 +294,8 @@ class GuiserverOperations:
             raise BackendRejected(f"input {inp!r}: expected a .input file")
         func = check.function(function)
         manager = check.nodes(cfg.manager_node, "manager-node")
-        ds, proc = check.nodes(cfg.datastream_nodes, "datastream-nodes"), check.nodes(cfg.process_nodes, "process-nodes")
+        ds = check.nodes(cfg.datastream_nodes, "datastream-nodes")
+        proc = check.nodes(cfg.process_nodes, "process-nodes")
         name = check.job_name(inp)
         with self._lock:
             if self._tx.running(name):

@@ -1,4 +1,4 @@
-"""Sans-I/O core of the DiFX guiServer protocol (spec: shared/protocols/guiserver.md §2-§3, §5).
+"""Sans-I/O core of the DiFX guiServer protocol (spec: docs/protocols/guiserver.md §2-§3, §5).
 
 Bytes in, typed packets out; packets out to bytes. No sockets, no threads, no clocks.
 
@@ -28,7 +28,7 @@ DEFAULT_MAX_LENGTH = 4 * 1024 * 1024
 
 
 class PacketId(enum.IntEnum):
-    """Top-level packet ids on the main connection (§3)."""
+    """Top-level packet ids on the main connection (docs/protocols/guiserver.md §3)."""
 
     RELAY = 1
     RELAY_COMMAND = 2
@@ -57,7 +57,7 @@ class PacketId(enum.IntEnum):
 
 
 class JobId(enum.IntEnum):
-    """Job-run sub-packet ids (§5.1)."""
+    """Job-run sub-packet ids (docs/protocols/guiserver.md §5.1)."""
 
     TERMINATED = 100
     ENDED_GRACEFULLY = 101
@@ -92,7 +92,7 @@ JOB_TERMINAL = frozenset({100, 101, 119, 120, 128})
 
 
 class StatusId(enum.IntEnum):
-    """GET_JOB_STATUS sub-packet ids (§5.3)."""
+    """GET_JOB_STATUS sub-packet ids (docs/protocols/guiserver.md §5.3)."""
 
     TASK_ENDED_GRACEFULLY = 101
     TASK_STARTED = 102
@@ -144,7 +144,7 @@ class Packet:
 
 @dataclass(frozen=True)
 class VersionInfo:
-    """The version reply (§3.2), complete once CHANNEL_ALL_DATA arrived."""
+    """The version reply (docs/protocols/guiserver.md §3.2), complete once CHANNEL_ALL_DATA arrived."""
 
     version: str = ""
     difx_base: str = ""

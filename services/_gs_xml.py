@@ -1,4 +1,4 @@
-"""difxMessage XML (spec §4): build command documents, parse relayed messages.
+"""difxMessage XML (docs/protocols/guiserver.md §4): build command documents, parse relayed messages.
 
 Parsing is strict where guiServer's own parser is lax: a document that is not well-formed XML, or
 whose root is not ``difxMessage``, raises :class:`~flowbus.schemas.BackendProtocolError`.
@@ -14,7 +14,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from flowbus.schemas import BackendProtocolError, State
 
-#: enum order of difxmessage.h (§4.2): value = position
+#: enum order of difxmessage.h (docs/protocols/guiserver.md §4.2): value = position
 MESSAGE_TYPES: tuple[str, ...] = (
     "Unknown", "DifxLoadMessage", "DifxAlertMessage", "Mark6StatusMessage", "Mark6SlotStatusMessage",
     "Mark5StatusMessage", "DifxStatusMessage", "DifxInfoMessage", "DifxDatastreamMessage", "DifxCommand",
@@ -24,7 +24,8 @@ MESSAGE_TYPES: tuple[str, ...] = (
     "DifxGetDirectory", "DifxMk5Control", "DifxMark5Copy", "DifxVsis", "Mark6ActivityMessage",
 )
 
-#: MESSAGE_SELECTION tokens (§3.3) -> the message type each one lets through in SELECTED mode
+#: MESSAGE_SELECTION tokens (docs/protocols/guiserver.md §3.3) -> the message type each one lets through in
+#: SELECTED mode
 SELECTION_TOKENS: dict[str, tuple[str, ...]] = {
     "ALERT_MESSAGES": ("DifxAlertMessage",),
     "COMMAND_MESSAGES": ("DifxCommand",),
@@ -109,7 +110,7 @@ def parse(data: bytes | str) -> DifxMessage:
     text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
     text = text.split("\x00", 1)[0]
     try:
-        root = ET.fromstring(text)
+        root = ET.fromstring(text)  # noqa: S314 - expat >= 2.4.1 bounds entity expansion; no external entities
     except ET.ParseError as exc:
         raise BackendProtocolError(f"invalid difxMessage XML: {exc}") from None
     if root.tag != "difxMessage":

@@ -136,11 +136,11 @@ class _TimeoutClient:
             ctx = getattr(self, "_zmq_ctx", None)
             if ctx is not None and not ctx.closed:
                 ctx.term()
-        except Exception as exc:  # best effort by contract
+        except Exception as exc:  # noqa: BLE001 - best effort by contract
             log.warning("qcg.client.close_failed", error=repr(exc))
         try:
             self.cleanup()  # type: ignore[attr-defined]
-        except Exception as exc:  # best effort by contract
+        except Exception as exc:  # noqa: BLE001 - best effort by contract
             log.warning("qcg.client.cleanup_failed", error=repr(exc))
 
 
@@ -184,7 +184,7 @@ class StatusSubscriber:
                 break
             try:
                 topic, data = StatusPublisher.decode_published_data(raw)
-            except Exception as exc:  # QCG raises its own unrelated types here
+            except Exception as exc:  # noqa: BLE001 - QCG raises its own unrelated types here
                 self.dropped += 1
                 log.warning("qcg.event.undecodable", error=str(exc), raw=raw[:200])
                 continue

@@ -20,7 +20,6 @@ import structlog
 from flowbus.schemas import BackendError, BackendUnavailable, is_loopback
 
 from ._base import map_errors
-from ._qcg_service import launch
 from ._qcg_client import (
     QCG_ERRORS,
     Pids,
@@ -33,6 +32,7 @@ from ._qcg_client import (
     listener_pid,
     wait_gone,
 )
+from ._qcg_service import launch
 
 log = structlog.get_logger("flowbus.qcg")
 
@@ -109,7 +109,7 @@ class Link:
         if self.sub is not None:
             try:
                 self.sub.close()
-            except Exception as exc:  # best effort by contract
+            except Exception as exc:  # noqa: BLE001 - best effort by contract
                 log.warning("qcg.sub.close_failed", error=repr(exc))
             self.sub = None
         self.client.close()

@@ -62,10 +62,11 @@ def _jobinfo(info: JobInfo) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for attr, value in vars(info).items():
         if isinstance(value, timedelta):
-            value = value.total_seconds()
+            out[attr] = value.total_seconds()
         elif attr == "childs" and value is not None:
-            value = [_jobinfo(child) for child in value]
-        out[attr] = value
+            out[attr] = [_jobinfo(child) for child in value]
+        else:
+            out[attr] = value
     return out
 
 

@@ -40,7 +40,7 @@ _BUILD_LOCK = threading.Lock()
 PID_FILE = "flowbus-soma-pids.json"
 
 
-class _QuietController(WorkflowController):
+class _QuietController(WorkflowController):  # type: ignore[misc]  # soma-workflow is untyped
     """soma's controller without the ``print`` in ``__del__`` (the session stops it itself)."""
 
     def __del__(self) -> None:
@@ -62,7 +62,7 @@ def _install_popen_shim() -> None:
     if getattr(current, "_flowbus_shim", False):
         return
     shim = types.SimpleNamespace(Popen=_popen_new_session, PIPE=subprocess.PIPE, _flowbus_shim=True)
-    soma_local.subprocess = shim  # type: ignore[assignment]
+    soma_local.subprocess = shim
 
 
 @dataclass
@@ -246,7 +246,7 @@ def quiet() -> Iterator[None]:
     """Discard what soma prints on stdout (construction, restart_jobs). Safe across threads:
     ``sys.stdout`` is swapped once while any thread is inside, and restored by the last one out
     (``contextlib.redirect_stdout`` in two threads at once can leave it swapped for good)."""
-    global _quiet_depth, _saved_stdout
+    global _quiet_depth, _saved_stdout  # noqa: PLW0603 - sys.stdout is process-wide too
     with _QUIET_LOCK:
         if _quiet_depth == 0:
             _saved_stdout = sys.stdout

@@ -142,7 +142,8 @@ class SomaOperations:
                     yield wc
             except (BackendRejected, BackendProtocolError) as exc:
                 if not self._is_current(wc) and not isinstance(exc, UnknownOperation):
-                    raise BackendUnavailable(f"{operation}: the soma controller was lost during the call: {exc}") from exc
+                    raise BackendUnavailable(
+                        f"{operation}: the soma controller was lost during the call: {exc}") from exc
                 raise
         except BackendError as exc:
             self._log.info("soma.call.failed", operation=operation, error=str(exc))
@@ -190,7 +191,7 @@ class SomaOperations:
         with self._using("register_transfer") as wc:
             ft = FileTransfer(is_input, client_path, int(disposal_timeout), name, client_paths)
             eng = getattr(wc, "_engine_proxy", None)
-            if hasattr(eng, "_database_server"):
+            if eng is not None and hasattr(eng, "_database_server"):
                 # soma 6.0.13's EngineTransfer reads ``disposal_timeout`` (always None) where
                 # FileTransfer stored ``_disposal_timeout``: do what WorkflowEngine.register_transfer
                 # does, with the expiration date given

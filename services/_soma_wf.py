@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import soma_workflow.constants as C
+import soma_workflow.constants as C  # noqa: N812 - C.DONE, C.FAILED: constants, named like them
 from soma_workflow import utils as soma_utils
 from soma_workflow.client import Job, Workflow
 
@@ -97,7 +97,8 @@ def to_workflow(data: Any, where: str = "submit_workflow") -> Workflow:
 
 def serialize(wf: Workflow) -> dict[str, Any]:
     """soma's JSON form of a workflow (what ``Helper.serialize`` writes), as plain data."""
-    return json.loads(json.dumps(soma_utils.to_json(wf.to_dict()), default=str))
+    out: dict[str, Any] = json.loads(json.dumps(soma_utils.to_json(wf.to_dict()), default=str))
+    return out
 
 
 # -- plain results -------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def plain(value: Any) -> Any:
     if hasattr(value, "to_dict"):
         try:
             return plain(value.to_dict())
-        except Exception:  # noqa: BLE001  (fall back to the text form)
+        except Exception:  # noqa: BLE001, S110 - fall back to the text form
             pass
     return str(value)
 
@@ -145,7 +146,7 @@ class Obs:
 def job_state(status: str, exit_info: Any) -> tuple[State | None, str]:
     """(normalised state, detail) of a job; state None = not final yet (exit info pending)."""
     if status in (C.DONE, C.FAILED):
-        exit_status, exit_value, signal = (list(exit_info or ()) + [None, None, None])[:3]
+        exit_status, exit_value, signal = [*(exit_info or ()), None, None, None][:3]
         if exit_status is None:
             return None, "exit information not written yet"
         if exit_status == C.FINISHED_REGULARLY:
@@ -161,9 +162,10 @@ def job_state(status: str, exit_info: Any) -> tuple[State | None, str]:
 
 
 def job_attrs(job_id: int, exit_info: Any, drmaa_id: Any) -> tuple[tuple[str, Scalar], ...]:
-    exit_status, exit_value, signal = (list(exit_info or ()) + [None, None, None])[:3]
+    exit_status, exit_value, signal = [*(exit_info or ()), None, None, None][:3]
     return (("job_id", int(job_id)), ("exit_status", exit_status), ("exit_value", exit_value),
-            ("signal", None if signal is None else str(signal)), ("drmaa_id", None if drmaa_id is None else str(drmaa_id)))
+            ("signal", None if signal is None else str(signal)),
+            ("drmaa_id", None if drmaa_id is None else str(drmaa_id)))
 
 
 @dataclass
@@ -252,7 +254,8 @@ class Tracker:
     def gone(self, keys: list[str], observed: Observed, detail: str) -> list[StateChanged]:
         """Keys that no longer exist: UNKNOWN with ``native=""`` (once)."""
         snap = {k: Obs(State.UNKNOWN, "", (), detail) for k in keys
-                if not (self.last.get(k) is not None and self.last[k].native == "" and self.last[k].state is State.UNKNOWN)}
+                if not (self.last.get(k) is not None and self.last[k].native == ""
+                        and self.last[k].state is State.UNKNOWN)}
         return self.diff(snap, observed)
 
     def keys_of(self, wf_id: int) -> list[str]:

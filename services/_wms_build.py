@@ -33,7 +33,8 @@ def load_class(path: str, base_name: str = "BaseWmsService") -> type:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's class path
-        raise BackendRejected(f"service class {path!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+        raise BackendRejected(f"service class {path!r}: cannot import {module_name!r}: "
+                              f"{type(exc).__name__}: {exc}") from None
     cls = getattr(module, attr, None)
     if cls is None:
         raise BackendRejected(f"service class {path!r}: module {module_name!r} has no attribute {attr!r}")
@@ -118,7 +119,8 @@ def generic_workflow(spec: WorkflowSpec) -> Any:
     for job in spec.order():
         for k in job.env:
             if not _ENV_NAME.match(k):
-                raise BackendRejected(f"workflow {spec.name!r}: job {job.name!r}: env name {k!r} is not a variable name")
+                raise BackendRejected(f"workflow {spec.name!r}: job {job.name!r}: "
+                                      f"env name {k!r} is not a variable name")
         argv = list(job.command)
         if job.env or job.cwd:
             prefix = ["/usr/bin/env"] + (["-C", job.cwd] if job.cwd else []) + [f"{k}={v}" for k, v in job.env.items()]

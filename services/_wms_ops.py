@@ -62,7 +62,7 @@ def wms_errors(operation: str, class_path: str) -> Iterator[None]:
         raise BackendRejected(f"{operation}: {type(exc).__name__}: {exc}") from exc
     except (ConnectionError, TimeoutError) as exc:
         raise BackendUnavailable(f"{operation}: {type(exc).__name__}: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - anything else a plugin raises, named and chained
+    except Exception as exc:  # anything else a plugin raises, named and chained
         raise BackendProtocolError(f"{operation}: {class_path} raised {type(exc).__name__}: {exc}") from exc
 
 
@@ -140,8 +140,8 @@ class WmsOperations:
             self._prepared[path] = wf
             if self._parsl():
                 self._publish([self._tracker.observe(path, "READY", WORKFLOW, path, spec.name, Observed.POLL)]
-                              + [self._tracker.observe(job_key(path, j.name), "UNREADY", JOB, path, j.name, Observed.POLL)
-                                 for j in spec.order()])
+                              + [self._tracker.observe(job_key(path, j.name), "UNREADY", JOB, path, j.name,
+                                                       Observed.POLL) for j in spec.order()])
         return {"wms_id": path, "name": spec.name, "submit_path": path}
 
     def op_submit(self, wms_id: str, **kwargs: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from parsl.executors import ThreadPoolExecutor
 EXECUTOR_LABEL = "local"
 
 
-class LocalThreads(SiteConfig):
+class LocalThreads(SiteConfig):  # type: ignore[misc]  # SiteConfig: lsst, untyped
     """Jobs run on this host from a pool of ``site.<computeSite>.cores`` threads (default 2).
 
     No socket is opened and no Python process is forked: each job is one ``/bin/bash`` child

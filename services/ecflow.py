@@ -39,6 +39,7 @@ from typing import Any
 
 import ecflow
 import structlog
+
 from flowbus.schemas import (
     BackendError,
     BackendRejected,
@@ -46,6 +47,7 @@ from flowbus.schemas import (
     BackendUnavailable,
     Connected,
     Disconnected,
+    EcflowSessionConfig,
     Event,
     Observed,
     RecoveryAttempted,
@@ -54,7 +56,6 @@ from flowbus.schemas import (
 )
 
 from ._base import Backoff, Emit, dispatch
-from flowbus.schemas import EcflowSessionConfig
 from ._ecflow_ops import OPERATIONS, EcflowOperations, Phase, ecflow_errors
 from ._ecflow_tree import Tree, read_full, read_paths, server_pid
 

@@ -1,4 +1,4 @@
-"""The DiFX guiServer session (spec: shared/protocols/guiserver.md).
+"""The DiFX guiServer session (spec: docs/protocols/guiserver.md).
 
 One TCP connection; the version handshake (8 -> ... 18) before anything else, then always the
 setup path (13), channelled mode (19), relay on/off (1) and the message selection (17). A reader
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+
 from flowbus.schemas import (
     BackendProtocolError,
     BackendRejected,
@@ -34,12 +35,12 @@ from flowbus.schemas import (
     Disconnected,
     ErrorEvent,
     Event,
+    GuiserverSessionConfig,
     RecoveryAttempted,
     RecoveryGaveUp,
 )
 
 from ._base import Backoff, Emit, dispatch
-from flowbus.schemas import GuiserverSessionConfig
 from ._gs_events import Translator
 from ._gs_ops import OPERATIONS, GuiserverOperations
 from ._gs_protocol import (
@@ -192,7 +193,7 @@ class GuiserverSession(GuiserverOperations):
         stopping any job and without publishing anything (pending calls fail as
         ``BackendUnavailable``). Jobs run on; the new session resyncs them from their
         ``.difxlog``. Beware: a real guiServer crashes a few seconds after a client with a running
-        job disconnects (protocol notes §7, item 2); the new session then reconnects and resyncs
+        job disconnects (docs/protocols/guiserver.md §7, item 2); the new session then reconnects and resyncs
         as after any crash."""
         with self._lock:
             if self._closed and self._emit is None:

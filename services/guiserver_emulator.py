@@ -1,12 +1,14 @@
-"""A protocol-faithful DiFX guiServer on 127.0.0.1 that executes nothing (spec §6.1).
+"""A protocol-faithful DiFX guiServer on 127.0.0.1 that executes nothing (docs/protocols/guiserver.md §6.1).
 
 * Binds 127.0.0.1 only; every client path ``/a/b`` lives at ``<sandbox>/a/b``; nothing is run.
-* Version reply 8, 11, (16), 10..., 12..., 18; relay on/off and MESSAGE_SELECTION rules (§3.3).
+* Version reply 8, 11, (16), 10..., 12..., 18; relay on/off and MESSAGE_SELECTION rules
+  (docs/protocols/guiserver.md §3.3).
 * Channelled (19) and direct (20) sub-streams; channelled data chunked as the real server
   chunks it (id, length, data as separate CHANNEL_DATA; raw streams length and data apart).
 * File operations (no reply; ``ls`` streams ``[len][path\\n]`` then 0), GET_JOB_STATUS from
   ``.difxlog`` files, fake DifxStart jobs with scripted outcomes (see :data:`OUTCOMES`) producing
-  the packet sequences of §5.1, DifxStatusMessage relays with progress MJDs, DifxStop.
+  the packet sequences of docs/protocols/guiserver.md §5.1, DifxStatusMessage relays with progress MJDs,
+  DifxStop.
 * Faithful defects on request: ``crash_after_job`` (every connection is dropped after a job that
   reached the run stage, and the listener comes back ``restart_delay`` s later) and
   ``startup_race`` (a CHANNEL_ALL_DATA_ON before the first version request is lost) and
@@ -28,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Self
 
 import structlog
+
 from flowbus.schemas import BackendProtocolError
 
 from . import _gs_xml as gx
@@ -186,7 +189,8 @@ class GuiserverEmulator:
                 if c in self._clients:
                     self._clients.remove(c)
             if self.crash_on_disconnect and self._running and any(j.client is c for j in list(self._jobs.values())):
-                self.crash(finish_jobs=False)  # §7.2: the connection object is deleted under a running job
+                # docs/protocols/guiserver.md §7, item 2: the connection object is deleted under a running job
+                self.crash(finish_jobs=False)
 
     def _dispatch(self, c: Client, pid: int, payload: bytes) -> None:
         if pid == P.GUISERVER_VERSION:
@@ -349,7 +353,8 @@ class GuiserverEmulator:
         stream.close()
 
     def _transfer(self, c: Client, f: Mapping[str, str]) -> None:
-        """getFile (``from DiFX``) and sendFile (``to DiFX``) of §5.5, NUL truncation included."""
+        """getFile (``from DiFX``) and sendFile (``to DiFX``) of docs/protocols/guiserver.md §5.5, NUL truncation
+        included."""
         stream = Stream(c, int(f.get("port", "0")), f.get("address", ""))
         if f.get("direction") == "from DiFX":
             origin = f.get("origin", "")

@@ -259,7 +259,7 @@ class QcgSession(QcgOperations):
                 self._phase = Phase.CLOSED
                 self._changed.notify_all()
                 self._remove_dir()
-        except Exception as exc:  # kill never raises, by contract
+        except Exception as exc:  # noqa: BLE001 - kill never raises, by contract
             self._log.warning("qcg.kill.failed", error=repr(exc))
         finally:
             if got:

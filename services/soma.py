@@ -39,7 +39,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import soma_workflow.constants as C
+import soma_workflow.constants as C  # noqa: N812 - C.DONE, C.FAILED: constants, named like them
 import structlog
 
 from flowbus.schemas import (
@@ -275,7 +275,8 @@ class SomaSession(SomaOperations):
     def _controller(self, operation: str) -> Any:
         with self._lock:
             if self._phase is not Phase.UP or self._built is None:
-                raise BackendUnavailable(f"{operation}: soma session {self.name!r} has no controller ({self._phase.value})")
+                raise BackendUnavailable(
+                    f"{operation}: soma session {self.name!r} has no controller ({self._phase.value})")
             return self._built.controller
 
     def _is_current(self, wc: Any) -> bool:
@@ -350,7 +351,7 @@ class SomaSession(SomaOperations):
         return len(seen_keys), len(events)
 
     def _resync(self) -> None:
-        self._seen = {w: None for w in self._seen}
+        self._seen = dict.fromkeys(self._seen)
         resources, changed = self._scan(Observed.RESYNC, full=True)
         self._publish([self._ev(Resynced, changed=changed, resources=resources)])
 

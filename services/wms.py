@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
+
 from flowbus.schemas import (
     BackendError,
     BackendRejected,
@@ -175,7 +176,8 @@ class WmsSession(WmsOperations):
                 count += self._report_one(wms_id, Observed.RESYNC)
                 continue
             lost = ("its runner ended with the previous session; restart(wms_id) re-runs the unfinished jobs"
-                    if is_parsl_service(self._cls) else f"{self.config.service_class} has no report(): state unknown")
+                    if self._cls is not None and is_parsl_service(self._cls)
+                    else f"{self.config.service_class} has no report(): state unknown")
             events = [self._tracker.observe(k, "UNKNOWN", JOB, wms_id, s.name, Observed.RESYNC, lost)
                       for k, s in self._tracker.jobs_of(wms_id).items() if s.native not in FINAL_NATIVE]
             events.append(self._tracker.observe(wms_id, "UNKNOWN", WORKFLOW, wms_id, seen.name, Observed.RESYNC, lost))
@@ -292,11 +294,14 @@ class WmsSession(WmsOperations):
         wf_native, wf_detail = run.workflow_state(jobs)
         events: list[Any] = []
         if not finished:
-            events.append(self._tracker.observe(run.wms_id, wf_native, WORKFLOW, run.wms_id, run.name, observed, wf_detail))
+            events.append(self._tracker.observe(run.wms_id, wf_native, WORKFLOW, run.wms_id, run.name, observed,
+                                                wf_detail))
         for job, (native, detail) in jobs.items():
-            events.append(self._tracker.observe(job_key(run.wms_id, job), native, JOB, run.wms_id, job, observed, detail))
+            events.append(self._tracker.observe(job_key(run.wms_id, job), native, JOB, run.wms_id, job, observed,
+                                                detail))
         if finished:
-            events.append(self._tracker.observe(run.wms_id, wf_native, WORKFLOW, run.wms_id, run.name, observed, wf_detail))
+            events.append(self._tracker.observe(run.wms_id, wf_native, WORKFLOW, run.wms_id, run.name, observed,
+                                                wf_detail))
             if self._runs.get(run.wms_id) is run:
                 del self._runs[run.wms_id]
             run.join(5.0)
@@ -311,7 +316,8 @@ class WmsSession(WmsOperations):
         run = next((r for r in runs if str(r.wms_id) == wms_id), runs[0] if runs else None)
         events: list[Any] = []
         if run is None:
-            events.append(self._tracker.observe(wms_id, "UNKNOWN", WORKFLOW, wms_id, "", observed, str(message or "not found")))
+            events.append(self._tracker.observe(wms_id, "UNKNOWN", WORKFLOW, wms_id, "", observed,
+                                                str(message or "not found")))
             self._watched.pop(wms_id, None)
         else:
             name = str(run.run or run.label or "")

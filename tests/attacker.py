@@ -103,7 +103,7 @@ def try_ray(gcs: str) -> str:
     try:
         import ray
 
-        ray.init(address=gcs, namespace="flowbus", logging_level="ERROR", log_to_driver=False)
+        ray.init(address=gcs, namespace="flowbus", logging_level="ERROR", log_to_driver=False)  # type: ignore[arg-type]  # ray takes level names too
         handle = ray.get_actor("flowbus-supervisor")
         return f"ACCEPTED: joined and found {handle}"
     except Exception as exc:  # noqa: BLE001 - any failure to join is what we want to see

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import zmq
+
 from flowbus.bus import (
     Broker,
     BrokerProcess,

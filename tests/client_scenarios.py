@@ -31,17 +31,19 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from flowbus.actors import _ray  # noqa: E402  (loopback and token-auth fences before ray)
-import psutil  # noqa: E402
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from flowbus.actors import _ray  # loopback and token-auth fences before ray
 
-import ecflow_fixtures as fx  # noqa: E402
-from cluster_scenarios import MB, RES, SCRIPTS, SUITE, Events, ev_row, ray_auth_of_children, wait_for  # noqa: E402
-from flowbus.actors import ACTOR_PREFIX, SUPERVISOR_NAME, start_ray  # noqa: E402
-from flowbus.bus import BrokerProcess, ensure_grant_key  # noqa: E402
-from flowbus.schemas import BusConfig, Connected, Disconnected, RayConfig, StateChanged  # noqa: E402
-from netcheck import off_loopback_listeners  # noqa: E402
+# isort: split
+import psutil
+import ray
+from ray.cluster_utils import Cluster
+
+import ecflow_fixtures as fx
+from cluster_scenarios import MB, RES, SCRIPTS, SUITE, Events, ev_row, ray_auth_of_children, wait_for
+from flowbus.actors import start_ray
+from flowbus.bus import BrokerProcess, ensure_grant_key
+from flowbus.schemas import BusConfig, Connected, Disconnected, RayConfig, StateChanged
+from netcheck import off_loopback_listeners
 
 NAMESPACE = "fbclient"
 LOOPBACK = "127.0.0.1"
@@ -195,7 +197,8 @@ def main() -> int:
                                   object_store_memory=80 * MB)
         cluster.wait_for_nodes()
         os.environ.pop("GRPC_ENABLE_FORK_SUPPORT")
-        proxy = cluster.head_node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAY_CLIENT_SERVER][0].process
+        head: Any = cluster.head_node  # ray annotates it None until the head starts
+        proxy = head.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAY_CLIENT_SERVER][0].process
         out["client_server"] = {"port": port, "listens": wait_for(lambda: listeners_of(proxy.pid), 60,
                                                                   "the Ray Client server listening")}
         out["worker_node"] = worker.node_id
@@ -229,7 +232,7 @@ poll-interval = 0.1
         for key, how in (("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)):
             out[key] = {}
             run_up(out[key], how, address, broker_address, cfg, work, events, key == "sigint", server,
-                   cluster.head_node.node_id)
+                   head.node_id)
             out["steps"].append(key)
             seen.update({p.pid: p for p in psutil.Process().children(recursive=True)})
         out["off_loopback_end"] = off_loopback_listeners()

@@ -25,24 +25,26 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from flowbus.actors import _ray  # noqa: E402  (loopback and token-auth fences before ray)
-import msgspec  # noqa: E402
-import psutil  # noqa: E402
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from flowbus.actors import _ray  # loopback and token-auth fences before ray
 
-import ecflow_fixtures as fx  # noqa: E402
-from flowbus.actors import ACTOR_PREFIX, Supervisor, start_ray  # noqa: E402
-from flowbus.actors._placement import check_fit, make_plan  # noqa: E402
-from flowbus.actors._supervisor import supervisor_options  # noqa: E402
-from flowbus.bus import BrokerProcess, Subscriber, ensure_grant_key  # noqa: E402
-from flowbus.bus._request import Requester  # noqa: E402
-from flowbus.schemas import (  # noqa: E402
+# isort: split
+import msgspec
+import psutil
+import ray
+from ray.cluster_utils import Cluster
+
+import ecflow_fixtures as fx
+from flowbus.actors import ACTOR_PREFIX, Supervisor, start_ray
+from flowbus.actors._placement import check_fit, make_plan
+from flowbus.actors._supervisor import supervisor_options
+from flowbus.bus import BrokerProcess, Subscriber, ensure_grant_key
+from flowbus.bus._request import Requester
+from flowbus.schemas import (
     BusConfig,
     Connected,
     EcflowSessionConfig,
@@ -53,7 +55,7 @@ from flowbus.schemas import (  # noqa: E402
     RayConfig,
     StateChanged,
 )
-from netcheck import off_loopback_listeners  # noqa: E402
+from netcheck import off_loopback_listeners
 
 MB = 2**20
 RES = "flowbus-ecf"
@@ -134,8 +136,12 @@ def ray_auth_of_children() -> list[list[str | None]]:
     return sorted(rows, key=str)
 
 
+def actor_ping(name: str) -> dict[str, Any]:
+    return cast("dict[str, Any]", ray.get(ray.get_actor(ACTOR_PREFIX + name).ping.remote(), timeout=20))
+
+
 def actor_pid(name: str) -> int:
-    return int(ray.get(ray.get_actor(ACTOR_PREFIX + name).ping.remote(), timeout=20)["pid"])
+    return int(actor_ping(name)["pid"])
 
 
 def config(servers: list[fx.EcfServer], group: str, **ray_kw: Any) -> FlowbusConfig:
@@ -215,7 +221,7 @@ def scenario_node_death(out: dict[str, Any], cluster: Cluster, nodes: dict[str, 
                                     for src, inc in incs.items()), 120, "all three reopened after the crash")
         out["after_crash"] = {"placement": ray.get(sup.sessions.remote(), timeout=20),
                               "restarts": ray.get(sup.placement_report.remote(), timeout=20)["restarts"],
-                              "hosted": ray.get(ray.get_actor(ACTOR_PREFIX + survivor).ping.remote(), timeout=20)["sessions"]}
+                              "hosted": actor_ping(survivor)["sessions"]}
     finally:
         stop_supervisor(sup)
 
@@ -249,7 +255,7 @@ def scenario_partition(out: dict[str, Any], nodes: dict[str, Any], broker: str, 
         # a change both incarnations see: the old one publishes it, and learns it is fenced
         fx.quick_client(servers[1].port).resume("/s/t1")
         events.pump(events.has_state("e2", "/s/t1", "complete", new_inc), 90, "e2 t1 complete (new incarnation)")
-        report = wait_for(lambda: (lambda r: r if any(x["actor"] == old_actor for x in r["retired"]) else None)(
+        report = wait_for(lambda: (lambda r: r if any(x["actor"] == old_actor for x in r["retired"]) else None)(  # noqa: PLC3002 - binds the fetched report once
             ray.get(sup.placement_report.remote(), timeout=20)), 90, "old actor retired")
         out["report_p"] = report
         out["broker_fenced"] = Requester_stats(broker).get("fenced", 0) - fenced_before
@@ -331,7 +337,8 @@ port = {servers[0].port}
                                "--broker", broker, "--duration", "4"], capture_output=True, text=True, timeout=180,
                               close_fds=True, start_new_session=True)
         out[key] = {"code": proc.returncode, "stderr": proc.stderr[-3000:], "address": address}
-        events.pump(lambda evs: events.incarnation("e1") > before, 30, f"e1 opened by `flowbus up --address {address}`")
+        events.pump(lambda evs: events.incarnation("e1") > before, 30,  # noqa: B023 - pump calls it now
+                    f"e1 opened by `flowbus up --address {address}`")
         out[key]["inc_before"], out[key]["inc_after"] = before, events.incarnation("e1")
 
 

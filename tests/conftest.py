@@ -27,13 +27,13 @@ _OWN_STATE_DIR = "" if os.environ.get("FLOWBUS_STATE_DIR") else tempfile.mkdtemp
 if _OWN_STATE_DIR:
     os.environ["FLOWBUS_STATE_DIR"] = _OWN_STATE_DIR
 
-import psutil  # noqa: E402
-import pytest  # noqa: E402
-import structlog  # noqa: E402
+import psutil
+import pytest
+import structlog
 
-from flowbus.bus import BrokerProcess  # noqa: E402
-from netcheck import off_loopback_listeners, process_name  # noqa: E402
-from flowbus.schemas import BusConfig  # noqa: E402
+from flowbus.bus import BrokerProcess
+from flowbus.schemas import BusConfig
+from netcheck import off_loopback_listeners, process_name
 
 
 @pytest.fixture(autouse=True)
@@ -140,9 +140,7 @@ def _new_temp_entries() -> tuple[list[str], list[str]]:
             continue
         try:
             drivers = _ray_drivers(path)
-            if drivers - {me} and any(psutil.pid_exists(pid) for pid in drivers - {me}):
-                elsewhere.add(path)
-            elif me not in drivers and now - _last_change(path) < _QUIET_S:
+            if (drivers - {me} and any(psutil.pid_exists(pid) for pid in drivers - {me})) or (me not in drivers and now - _last_change(path) < _QUIET_S):
                 elsewhere.add(path)
         except OSError:
             elsewhere.add(path)  # gone meanwhile

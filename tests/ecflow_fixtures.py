@@ -21,11 +21,10 @@ import pytest
 
 ecflow = pytest.importorskip("ecflow", reason="python3-ecflow is not installed (bash scripts/dev.sh setup)")
 
-from flowbus.schemas import Event, State, StateChanged
-from flowbus.schemas import EcflowSessionConfig
-from flowbus._demo_servers import HEAD_H, TAIL_H, free_port  # noqa: F401 - free_port is re-exported
+from flowbus._demo_servers import HEAD_H, TAIL_H, free_port
+from flowbus.schemas import EcflowSessionConfig, Event, State, StateChanged
 from flowbus.services.ecflow import EcflowSession
-from recorder import Recorder, show  # noqa: F401 - shared with the other adapters' tests
+from recorder import Recorder
 
 SERVER_BIN = shutil.which("ecflow_server") or shutil.which("ecflow_server", path="/usr/sbin:/usr/bin")
 CLIENT_BIN = shutil.which("ecflow_client") or "/usr/bin/ecflow_client"
@@ -87,9 +86,9 @@ class EcfServer:
             try:
                 client.ping()
                 break
-            except RuntimeError:
+            except RuntimeError as exc:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ecflow_server did not come up: {(self.home / 'server.out').read_text()}")
+                    raise RuntimeError(f"ecflow_server did not come up: {(self.home / 'server.out').read_text()}") from exc
                 time.sleep(0.01)
         bad = [addr for addr in self.listeners() if not addr.startswith("127.")]
         assert not bad, f"ecflow_server listens beyond loopback: {bad}"

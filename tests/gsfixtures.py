@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from flowbus.schemas import GuiserverSessionConfig
 from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.guiserver_emulator import GuiserverEmulator
-from recorder import Recorder, show  # noqa: F401 - shared with the other adapters' tests
+from recorder import Recorder
 
 REAL = os.environ.get("FLOWBUS_GUISERVER", "")
 REAL_DIR = os.environ.get("FLOWBUS_GUISERVER_DIR", "/tmp/flowbus-guiserver-test")
@@ -93,7 +94,8 @@ def target_fixture(request: pytest.FixtureRequest, emulator: Callable[..., Guise
 
 def roundtrip(h: Host, directory: str = "/data/exp") -> list[str]:
     """An ls: every packet sent before it has been handled by the server when it returns."""
-    return h.session.call("ls", directory)
+    names: list[str] = h.session.call("ls", directory)
+    return names
 
 
 def job_host(emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host], name: str = "job_1",

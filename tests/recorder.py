@@ -6,9 +6,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from flowbus.schemas import AttributeChanged, Event, LogLine, StateChanged
+
+T = TypeVar("T")
 
 
 def show(e: Event) -> str:
@@ -37,7 +39,7 @@ class Recorder:
             self.times.append(time.monotonic())
             self.cond.notify_all()
 
-    def wait_for(self, predicate: Callable[[list[Event]], Any], timeout: float = 10.0, what: str = "") -> Any:
+    def wait_for(self, predicate: Callable[[list[Event]], T | None], timeout: float = 10.0, what: str = "") -> T:
         """Wait until ``predicate(events)`` is truthy and return it; fail naming what was awaited."""
         with self.cond:
             result = self.cond.wait_for(lambda: predicate(self.events), timeout)

@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
+
 from flowbus.schemas import Event, SomaSessionConfig, StateChanged
 from flowbus.services.soma import SomaSession
 from recorder import Recorder

@@ -15,9 +15,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.qcg]
 
 ray = pytest.importorskip("ray")
 
-from flowbus.actors import ACTOR_PREFIX, Supervisor, actor_pid, wait_started  # noqa: E402
-from flowbus.bus import Client  # noqa: E402
-from flowbus.schemas import (  # noqa: E402
+from flowbus.actors import ACTOR_PREFIX, Supervisor, actor_pid, wait_started
+from flowbus.bus import Client
+from flowbus.schemas import (
     FlowbusConfig,
     Observed,
     QcgSessionConfig,
@@ -25,8 +25,7 @@ from flowbus.schemas import (  # noqa: E402
     StateChanged,
     UnknownSession,
 )
-
-from netcheck import off_loopback_listeners  # noqa: E402
+from netcheck import off_loopback_listeners
 
 
 def _config(tmp_path: Path, **qcg: Any) -> FlowbusConfig:

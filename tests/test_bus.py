@@ -6,9 +6,12 @@ import itertools
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from busfixtures import (
     BusFactory,
     bus_fixture,  # noqa: F401 - provides the `bus` fixture
@@ -33,8 +36,6 @@ from flowbus.schemas import (
     WaitTimeout,
     decode,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -130,7 +131,7 @@ class TestPublishSubscribe:
         """``start='live'`` delivers only what is published after the subscriber is ready."""
         broker = bus.broker()
         pub = bus.source(broker.address, "s1")
-        for i in range(10):
+        for _ in range(10):
             pub.publish(state("s1", "j"))
         pub.flush(5)
         sub = bus.subscriber(broker.address, "qcg/s1/")
@@ -188,7 +189,7 @@ class TestPublishSubscribe:
         assert new.publish(state("s1", "j", State.COMPLETE)) == 2
         new.flush(5)
         sub = bus.subscriber(broker.address, "qcg/s1/", start="journal")
-        got = collect(sub, 2)
+        got = cast("list[StateChanged]", collect(sub, 2))
         assert [(e.seq, e.state) for e in got] == [(1, State.ACTIVE), (2, State.COMPLETE)]
         assert bus.client(broker.address).stats()["stats"]["fenced"] >= 1
 
@@ -218,7 +219,7 @@ class TestPublishSubscribe:
         pub.close(unregister=False)  # no goodbye for "crash": as if the process died
         lost = collect(sub, 1, timeout=10)
         assert [(type(e), e.key) for e in lost] == [(PublisherLost, "crash")]
-        assert lost[0].silent_s >= 0.4
+        assert isinstance(lost[0], PublisherLost) and lost[0].silent_s >= 0.4
         assert sub.recv(0.5) is None  # several ticks later: still nothing about "clean"
         assert bus.client(broker.address).stats()["lost"] == ["crash"]
         again = bus.publisher(broker.address)
@@ -237,7 +238,7 @@ class TestPublishSubscribe:
         pub.publish(state("s1", "a", State.COMPLETE))
         pub.flush(5)
         client = bus.client(broker.address)
-        assert [(e.key, e.state, e.seq) for e in client.status("qcg/s1/state/")] == [
+        assert [(e.key, e.state, e.seq) for e in cast("list[StateChanged]", client.status("qcg/s1/state/"))] == [
             ("a", State.COMPLETE, 4), ("b", State.QUEUED, 2)]
         assert client.marks()["s1"] == ["qcg", 1, 4, 1]
         assert client.status("qcg/other/") == []
@@ -267,7 +268,7 @@ class TestLateJoiner:
         producer = threading.Thread(target=produce, name="producer")
         producer.start()
         assert joined_at.wait(20)
-        sub = bus.subscriber(broker.address, "qcg/s1/", start=start)  # type: ignore[arg-type]
+        sub = bus.subscriber(broker.address, "qcg/s1/", start=start)
         producer.join(30)
         pub.flush(10)
         got: list[Event] = []
@@ -288,7 +289,7 @@ class TestLateJoiner:
             assert [e.seq for e in live] == list(range(joined + 1, total + 1))
         final = {}
         for e in got:
-            final[e.key] = int(e.detail)
+            final[e.key] = int(cast(StateChanged, e).detail)
         assert final == last
 
 
@@ -413,7 +414,7 @@ class TestWaits:
             for st_ in (State.QUEUED, State.ACTIVE, State.COMPLETE, State.QUEUED):  # resubmitted at once
                 pub.publish(state("s1", "j1", st_))
             pub.flush(5)
-        assert w.event is not None and (w.event.state, w.event.seq) == (State.COMPLETE, 3)
+        assert isinstance(w.event, StateChanged) and (w.event.state, w.event.seq) == (State.COMPLETE, 3)
 
     def test_wait_on_current_state_returns_at_once(self, bus: BusFactory) -> None:
         """wait() returns immediately when the current state already matches."""
@@ -425,7 +426,7 @@ class TestWaits:
         t0 = time.monotonic()
         ev = client.wait("qcg/s1/state/j1 final=true", timeout=10)
         assert time.monotonic() - t0 < 2
-        assert (ev.key, ev.state, ev.seq) == ("j1", State.COMPLETE, 1)
+        assert isinstance(ev, StateChanged) and (ev.key, ev.state, ev.seq) == ("j1", State.COMPLETE, 1)
 
     def test_superseded_final_state_does_not_satisfy(self, bus: BusFactory) -> None:
         """An old final state replaced by a newer non-final one does not satisfy a later wait."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import pytest
 import structlog
 import zmq
+
 from busfixtures import (
     BusFactory,
     bus_fixture,  # noqa: F401 - provides the `bus` fixture
@@ -183,7 +184,7 @@ class TestMalformedIngest:
         got = collect(watcher, 4)
         assert [e.seq for e in got] == [1, 2, 3, 4]
         assert all(isinstance(e, ErrorEvent) and e.error_type == "flowbus.bus.InvalidEvent" for e in got[:3])
-        assert [e.message.split(":")[0] for e in got[:3]] == ["unknown_type", "unknown_type", "invalid"]
+        assert [cast(ErrorEvent, e).message.split(":")[0] for e in got[:3]] == ["unknown_type", "unknown_type", "invalid"]
         assert isinstance(got[3], StateChanged) and got[3].state == State.COMPLETE
 
         # still serving: an ordinary publisher gets through
@@ -195,7 +196,7 @@ class TestMalformedIngest:
         assert malformed == {"not_msgpack": 2, "invalid": 7, "too_large": 2, "unknown_kind": 2,
                              "bad_frames": 4, "unknown_type": 2}
         assert broker.alive()
-        assert dropped_reasons(broker.log_path) == {reason: 1 for reason in malformed}
+        assert broker.log_path is not None and dropped_reasons(broker.log_path) == dict.fromkeys(malformed, 1)
 
     @pytest.mark.timeout(30)
     def test_garbage_requests_get_error_replies(self, bus: BusFactory) -> None:

@@ -10,10 +10,11 @@ import shutil
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import zmq
+
 from busfixtures import (
     BusFactory,
     ThreadBroker,
@@ -30,6 +31,7 @@ from flowbus.schemas import (
     BusConfig,
     ConfigError,
     CurveConfig,
+    ErrorEvent,
     SourceRefused,
     State,
     UnknownSession,
@@ -303,7 +305,7 @@ class TestIpc:
         from flowbus.bus import Broker
 
         broker = Broker(BusConfig(ipc_dir=str(tmp_path / "bus"), ipc_group="no-such-group-xyz"))
-        with pytest.raises(ConfigError, match="bus.ipc-group: no Unix group named"):
+        with pytest.raises(ConfigError, match=r"bus.ipc-group: no Unix group named"):
             broker.bind()
 
 
@@ -326,7 +328,7 @@ class TestJournalDamage:
         proc.start()
         sub = bus.subscriber(proc.address, "", start="journal")
         got = collect(sub, 22, timeout=10)  # 19 intact + 1 filler for s1, and the broker's report
-        errors = [e for e in got if getattr(e, "error_type", "") == "flowbus.bus.JournalDamaged"]
+        errors = [cast(ErrorEvent, e) for e in got if getattr(e, "error_type", "") == "flowbus.bus.JournalDamaged"]
         assert any(e.source == "broker" and "offset" in e.message for e in errors), errors
         assert any(e.source == "s1" and e.seq == 11 for e in errors), errors
         keys = sorted(e.key for e in got if e.source == "s1" and getattr(e, "state", None) is not None)

@@ -36,8 +36,9 @@ wd = "{tmp_path / 'qcg'}"
 """)
     env = {**os.environ, "FLOWBUS_STATE_DIR": str(tmp_path / "state")}
     env.pop("FLOWBUS_ADDRESS", None)
-    proc = subprocess.Popen(FLOWBUS + ["up", "--config", str(cfg), "--demo", "--json", "--duration", "240"],
-                            env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "up.err", "w"), text=True)
+    with open(tmp_path / "up.err", "w") as err:  # the child keeps its own copy
+        proc = subprocess.Popen([*FLOWBUS, "up", "--config", str(cfg), "--demo", "--json", "--duration", "240"],
+                                env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     runfile = tmp_path / "state" / "run.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not runfile.exists() and proc.poll() is None:
@@ -166,7 +167,7 @@ class TestCliErrors:
         """`flowbus emulate guiserver` listens on 127.0.0.1, answers a connection, stops on SIGTERM."""
         import socket
 
-        proc = subprocess.Popen(FLOWBUS + ["emulate", "guiserver", "--port", "0", "--sandbox", str(tmp_path)],
+        proc = subprocess.Popen([*FLOWBUS, "emulate", "guiserver", "--port", "0", "--sandbox", str(tmp_path)],
                                 stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None

@@ -53,8 +53,8 @@ class TestPlacementPlan:
         cfg = FlowbusConfig(ray=RayConfig(placement=[
             PlacementConfig(name="ecf", backends=["ecflow"], actors=2, resources={"flowbus-ecf": 0.001}),
             PlacementConfig(name="site", sessions=["site-*"], node_labels={"site": "a"})]),
-            sessions=[EcflowSessionConfig(name=f"e{i}") for i in range(3)]
-            + [QcgSessionConfig(name="site-q"), QcgSessionConfig(name="q")])
+            sessions=[*[EcflowSessionConfig(name=f"e{i}") for i in range(3)],
+                      QcgSessionConfig(name="site-q"), QcgSessionConfig(name="q")])
         plans = make_plan(cfg)
         assert {n: [s["name"] for s in p.specs] for n, p in plans.items()} == {
             "ecf-0": ["e0", "e2"], "ecf-1": ["e1"], "site-0": ["site-q"], "default-0": ["q"]}
@@ -77,8 +77,9 @@ class TestPlacementPlan:
 
     def test_check_fit_names_the_group_and_what_is_missing(self) -> None:
         """Too much of a resource, a resource no node has, and an unknown label are ConfigErrors naming the group."""
-        nodes = [_node(labels={"site": "a"}, **{"flowbus-ecf": 1.0}), _node(**{"flowbus-ecf": 1.0}),
-                 _node(alive=False, **{"flowbus-ecf": 8.0})]
+        # (ignored arg-type: mypy fears that a resource name could fill alive= or labels=)
+        nodes = [_node(labels={"site": "a"}, **{"flowbus-ecf": 1.0}), _node(**{"flowbus-ecf": 1.0}),  # type: ignore[arg-type]
+                 _node(alive=False, **{"flowbus-ecf": 8.0})]  # type: ignore[arg-type]
 
         def fit(grp: PlacementConfig, n: int = 2) -> None:
             cfg = FlowbusConfig(ray=RayConfig(placement=[grp]), sessions=[EcflowSessionConfig(name=f"e{i}") for i in range(n)])
@@ -104,13 +105,13 @@ class TestPlacementPlan:
         for table, msg in bad:
             with pytest.raises(ConfigError, match=msg):
                 parse_config({"ray": {"placement": [table]}}, "f.toml")
-        with pytest.raises(ConfigError, match="ray.move-after"):
+        with pytest.raises(ConfigError, match=r"ray.move-after"):
             parse_config({"ray": {"move-after": 0}}, "f.toml")
 
     def test_probe_address_fails_fast_for_nothing_listening(self) -> None:
         """An address where nothing listens is a ConnectionError within the timeout, not Ray's 80 s wait."""
         t0 = time.monotonic()
-        with pytest.raises(ConnectionError, match="nothing answers at 127.0.0.1:9"):
+        with pytest.raises(ConnectionError, match=r"nothing answers at 127.0.0.1:9"):
             probe_address("ray://127.0.0.1:9", 2.0)
         with pytest.raises(ConnectionError, match="expected host:port"):
             probe_address("nowhere", 2.0)
@@ -205,7 +206,7 @@ def _run_scenarios(script: str, tmp_path_factory: pytest.TempPathFactory, timeou
     """Run one scenario script in its own process group (bounded; the group is killed afterwards)
     and return the JSON it wrote."""
     pytest.importorskip("ecflow", reason="python3-ecflow is not installed")
-    work = tmp_path_factory.mktemp(script.split("_")[0])
+    work = tmp_path_factory.mktemp(script.split("_", maxsplit=1)[0])
     result = work / "result.json"
     # Ray's root is <ray_tmp>/ray: short (Ray's unix socket paths have a length limit), and private
     # (mkdtemp makes ray_tmp 0700, so the 0777 root Ray makes inside is no one else's to enter)

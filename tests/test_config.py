@@ -5,10 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
+
 from flowbus.bus import Broker
 from flowbus.schemas import (
     BusConfig,
@@ -118,7 +119,7 @@ class TestParseConfig:
         from flowbus.bus import Broker
 
         broker = Broker(cfg.bus.__class__(transport="tcp", host="0.0.0.0", request_port=0, publish_port=0, ingest_port=0))
-        with pytest.raises(OSError, match="not loopback.*server-secret-key-file"):
+        with pytest.raises(OSError, match=r"not loopback.*server-secret-key-file"):
             broker.bind()
 
     def test_non_loopback_with_curve(self) -> None:
@@ -150,7 +151,7 @@ class TestLoadConfig:
         """No file means the embedded default: one local QCG session on a loopback broker."""
         cfg = load_config(None)
         assert cfg == embedded_default()
-        assert [(s.name, s.mode) for s in cfg.sessions] == [("local", "local")]
+        assert [(s.name, cast(QcgSessionConfig, s).mode) for s in cfg.sessions] == [("local", "local")]
 
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing file is one line naming the file."""

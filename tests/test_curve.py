@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+
 from busfixtures import (
     BusFactory,
     ThreadBroker,

@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import ecflow_fixtures as _fx
 import msgspec
 import pytest
+
+import ecflow_fixtures as _fx
 from ecflow_fixtures import EcfServer, write_suite
 
 pytestmark = [pytest.mark.ray, pytest.mark.qcg]

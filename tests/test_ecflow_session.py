@@ -11,11 +11,12 @@ import pickle
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-import ecflow_fixtures as _fx
 import msgspec
 import pytest
+
+import ecflow_fixtures as _fx
 from ecflow_fixtures import (
     EcfServer,
     Running,
@@ -23,7 +24,6 @@ from ecflow_fixtures import (
     missing_finals,
     reached,
     server_states,
-    show,
     write_suite,
 )
 from flowbus.schemas import (
@@ -33,6 +33,7 @@ from flowbus.schemas import (
     BackendUnavailable,
     Connected,
     Disconnected,
+    EcflowSessionConfig,
     Observed,
     RecoveryAttempted,
     RecoveryGaveUp,
@@ -42,8 +43,8 @@ from flowbus.schemas import (
     UnknownOperation,
 )
 from flowbus.services import BackendSession
-from flowbus.schemas import EcflowSessionConfig
 from flowbus.services.ecflow import EcflowSession
+from recorder import show
 
 # the fixtures, by name
 ecf_server = _fx.ecf_server
@@ -87,8 +88,8 @@ class TestObservation:
         run.rec.wait_for(reached("/chain/t3", State.COMPLETE), 30, "t3 complete")
         run.rec.wait_for(reached("/chain", State.COMPLETE), 10, "suite complete")
         ev = run.rec.events
-        idx = {k: ev.index(reached(f"/chain/{k}", State.COMPLETE)(ev)) for k in ("t1", "t2", "t3")}
-        t2_moved = ev.index(reached("/chain/t2", State.SUBMITTED, State.ACTIVE, State.COMPLETE)(ev))
+        idx = {k: ev.index(cast(StateChanged, reached(f"/chain/{k}", State.COMPLETE)(ev))) for k in ("t1", "t2", "t3")}
+        t2_moved = ev.index(cast(StateChanged, reached("/chain/t2", State.SUBMITTED, State.ACTIVE, State.COMPLETE)(ev)))
         assert idx["t1"] < t2_moved <= idx["t2"] < idx["t3"], [show(e) for e in ev]
         assert reached("/chain/t1", State.ACTIVE)(ev) is not None, "a 0.6 s job is seen running"
         attrs = [(e.kind, e.name, e.value) for e in run.rec.of(AttributeChanged, "/chain/t1")]
@@ -106,7 +107,7 @@ class TestObservation:
         """Halt/restart are StateChanged of key '/', and a deleted suite's nodes go UNKNOWN with the suite attribute False."""
         server = ecf_server()
         run = ecflow_session(server.port)
-        assert reached("/", State.ACTIVE)(run.rec.events).native == "RUNNING"
+        assert cast(StateChanged, reached("/", State.ACTIVE)(run.rec.events)).native == "RUNNING"
         run.call("load", write_suite(server, "d", "family f\n  task t\n    defstatus complete\nendfamily\n", {}))
         run.rec.wait_for(reached("/d/f/t", State.UNKNOWN), 10, "t loaded")
         run.call("halt_server")
@@ -236,7 +237,7 @@ class TestResync:
         known[phantom.topic()] = phantom
         second = ecflow_session(server.port, known=known, poll=False)
         diff = [e for e in second.rec.events if isinstance(e, (StateChanged, AttributeChanged))]
-        assert {(e.key, e.native) for e in diff} == {("/k/b", "suspended"), ("/k/gone", "")}, [show(e) for e in diff]
+        assert {(e.key, cast(StateChanged, e).native) for e in diff} == {("/k/b", "suspended"), ("/k/gone", "")}, [show(e) for e in diff]
         assert all(e.observed is Observed.RESYNC for e in diff)
         assert second.rec.of(Resynced)[0].changed == 2
 
@@ -306,7 +307,7 @@ class TestBadInput:
         run = ecflow_session(server.port)
         with pytest.raises(BackendRejected, match="/nope/t"):
             run.call("suspend", "/nope/t")
-        with pytest.raises(BackendRejected, match="(?i)trigger|expression|parse|error"):
+        with pytest.raises(BackendRejected, match=r"(?i)trigger|expression|parse|error"):
             run.call("load", "suite bad\n  task t\n    trigger ((( == \nendsuite\n")
         with pytest.raises(BackendRejected):
             run.call("alter", "/nope", "change", "bogus", "x", "y")
@@ -326,12 +327,13 @@ class TestBadInput:
     @pytest.mark.timeout(10)
     def test_unreachable_port_fails_fast(self) -> None:
         """start() against a port nobody listens on raises BackendUnavailable within its timeout."""
-        from ecflow_fixtures import Recorder, free_port
+        from flowbus._demo_servers import free_port
+        from recorder import Recorder
 
         session = EcflowSession(EcflowSessionConfig(name="dead", host="127.0.0.1", port=free_port(), timeout=0.3))
         assert isinstance(session, BackendSession)
         t0 = time.monotonic()
-        with pytest.raises(BackendUnavailable, match="(?i)connect"):
+        with pytest.raises(BackendUnavailable, match=r"(?i)connect"):
             session.start(Recorder(), {})
         assert time.monotonic() - t0 < 2.0
         session.kill()
@@ -339,7 +341,7 @@ class TestBadInput:
     @pytest.mark.timeout(20)
     def test_silent_server_times_out(self) -> None:
         """A port that accepts but never answers fails start() after request-timeout, not ecFlow's 20 s."""
-        from ecflow_fixtures import Recorder
+        from recorder import Recorder
 
         with socket.socket() as silent:
             silent.bind(("127.0.0.1", 0))
@@ -388,7 +390,7 @@ class TestRecovery:
         run.pause()
         server.start(restart=False)  # from the checkpoint, HALTED
         other = server.client()
-        assert "rec" in [s for s in other.suites()]
+        assert "rec" in list(other.suites())
         other.alter("/rec/t1", "change", "label", "info", "while-away")
         other.resume("/rec/t2")  # the server is HALTED: t2 is queued, not run
         n_before = len(run.rec.events)
@@ -561,7 +563,8 @@ class TestTree:
                                    nodes={"/a/f/t": NodeObs("aborted", 2, "trap")},
                                    attrs={("/a/f/t", "meter", "m"): 3}), Observed.POLL)
         assert [(type(e).__name__, e.key) for e in retry] == [("StateChanged", "/a/f/t"), ("AttributeChanged", "/a/f/t")]
-        assert retry[0].try_no == 2 and retry[1].previous == 1 and retry[1].value == 3
+        assert cast(StateChanged, retry[0]).try_no == 2
+        assert cast(AttributeChanged, retry[1]).previous == 1 and cast(AttributeChanged, retry[1]).value == 3
         gone = tree.diff(Snapshot(full=False, server="RUNNING", suites=["a"], gone=["/a/f"]), Observed.POLL)
-        assert {e.key for e in gone} == {"/a/f", "/a/f/t"} and all(e.state is State.UNKNOWN for e in gone)
+        assert {e.key for e in gone} == {"/a/f", "/a/f/t"} and all(cast(StateChanged, e).state is State.UNKNOWN for e in gone)
         assert tree.diff(Snapshot(full=False, server="RUNNING", suites=["a"]), Observed.POLL) == []

@@ -16,7 +16,7 @@ import pytest
 
 from flowbus._runfile import state_dir, write_private
 from flowbus.bus import make_keypair
-from flowbus.schemas import ConfigError, FlowbusConfig, StateChanged, State
+from flowbus.schemas import ConfigError, FlowbusConfig, State, StateChanged
 from test_qcg_session import Running, qcg, reached  # noqa: F401 - qcg is a fixture used below
 
 FLOWBUS = [sys.executable, "-m", "flowbus"]
@@ -53,7 +53,7 @@ class TestStateDir:
         """A file where the state directory should be is a ConfigError naming the path."""
         path = tmp_path / "state"
         path.write_text("")
-        with pytest.raises(ConfigError, match="state-dir.*state"):
+        with pytest.raises(ConfigError, match=r"state-dir.*state"):
             FlowbusConfig(state_dir=str(path)).state_path()
 
     def test_runfile_state_dir_from_env(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,7 +154,7 @@ class TestQcgWorkingDir:
     """A QCG session without a configured ``wd`` works in a temporary directory that is gone
     once the manager working there is ended; a configured ``wd`` stays."""
 
-    def test_stop_removes_temporary_wd(self, private_tmp: Path, qcg: Callable[..., Running]) -> None:
+    def test_stop_removes_temporary_wd(self, private_tmp: Path, qcg: Callable[..., Running]) -> None:  # noqa: F811 - the fixture
         """The temporary wd (with a job's output in it) is removed by stop()."""
         run = qcg(wd="")
         (wd,) = private_tmp.iterdir()
@@ -164,20 +164,20 @@ class TestQcgWorkingDir:
         run.session.stop()
         assert list(private_tmp.iterdir()) == []
 
-    def test_kill_removes_temporary_wd(self, private_tmp: Path, qcg: Callable[..., Running]) -> None:
+    def test_kill_removes_temporary_wd(self, private_tmp: Path, qcg: Callable[..., Running]) -> None:  # noqa: F811 - the fixture
         """kill() ends the manager and removes the temporary wd too."""
         run = qcg(wd="", poll=False)
         run.session.kill()
         assert list(private_tmp.iterdir()) == []
 
-    def test_configured_wd_stays(self, tmp_path: Path, qcg: Callable[..., Running]) -> None:
+    def test_configured_wd_stays(self, tmp_path: Path, qcg: Callable[..., Running]) -> None:  # noqa: F811 - the fixture
         """A configured wd is the user's: stop() leaves it (a restarted actor may need it)."""
         run = qcg(wd=str(tmp_path / "wd"))
         run.session.stop()
         assert (tmp_path / "wd").is_dir()
 
     def test_moved_session_successor_removes_adopted_wd(self, private_tmp: Path,
-                                                        qcg: Callable[..., Running]) -> None:
+                                                        qcg: Callable[..., Running]) -> None:  # noqa: F811 - the fixture
         """release() leaves the manager's temporary wd to the next incarnation, which adopts the
         manager and removes that wd (and its own) when it stops and ends the manager."""
         first = qcg(wd="", name="moving")
@@ -198,7 +198,7 @@ class TestQcgWorkingDir:
         assert list(private_tmp.iterdir()) == []
 
     def test_foreign_wd_not_inherited(self, private_tmp: Path, tmp_path: Path,
-                                      qcg: Callable[..., Running]) -> None:
+                                      qcg: Callable[..., Running]) -> None:  # noqa: F811 - the fixture
         """An adopted manager whose wd was configured (no temporary marker) keeps its wd."""
         first = qcg(wd=str(tmp_path / "conf"), name="moving")
         address = first.session.address

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from flowbus.bus import BrokerProcess, Client, Publisher
 from flowbus.schemas import GuiserverSessionConfig, LogLine, State, StateChanged
 from flowbus.services._gs_callbacks import DifxCallbacks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+
 from flowbus.schemas import ConfigError, GuiserverSessionConfig
 from flowbus.schemas._env import guiserver_env_defaults
 

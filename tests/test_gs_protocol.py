@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from flowbus.schemas import BackendProtocolError, State
 from flowbus.services import _gs_xml as gx
 from flowbus.services._gs_protocol import (
@@ -25,15 +28,13 @@ from flowbus.services._gs_protocol import (
     encode,
     encode_int,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 VERSION_REPLY = b"".join([
     encode(8, b"DEVELr7531"), encode(11, b"/opt/difx"), encode(10, b"DIFX-DEVEL"), encode(10, b"TEST"),
     encode(12, b"HOME=/home/difx"), encode(18),
 ])
 
-#: a channelled good job, chunked as the real server does: id, len, data separately (§2.4)
+#: a channelled good job, chunked as the real server does: id, len, data separately (docs/protocols/guiserver.md §2.4)
 JOB_IDS = [102, 103, 127, 114, 114, 125, 104, 113, 114, 114, 117, 101]
 
 
@@ -51,7 +52,7 @@ def job_stream(port: int) -> bytes:
 def feed_all(conn: Connection, data: bytes, cuts: list[int]) -> list[object]:
     events: list[object] = []
     last = 0
-    for cut in sorted(set(cuts)) + [len(data)]:
+    for cut in [*sorted(set(cuts)), len(data)]:
         events.extend(conn.receive(data[last:cut]))
         last = cut
     return events
@@ -139,7 +140,7 @@ class TestFraming:
             c = ready()
             c.expect(12, StreamKind.RAW)
             events = feed_all(c, data, [cut])
-            assert [e.data for e in events if isinstance(e, StreamItem)] == names + [None]
+            assert [e.data for e in events if isinstance(e, StreamItem)] == [*names, None]
 
     def test_raw_negative(self) -> None:
         """A negative raw item length is a protocol error."""

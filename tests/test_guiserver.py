@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from flowbus.schemas import (
     AttributeChanged,
     BackendRejected,
@@ -21,6 +22,7 @@ from flowbus.schemas import (
     Connected,
     Disconnected,
     ErrorEvent,
+    GuiserverSessionConfig,
     LogLine,
     State,
     StateChanged,
@@ -28,10 +30,10 @@ from flowbus.schemas import (
 )
 from flowbus.services import BackendSession
 from flowbus.services import _gs_xml as gx
-from flowbus.schemas import GuiserverSessionConfig
 from flowbus.services._gs_protocol import (
     JOB_TERMINAL,
     FrameDecoder,
+    Packet,
     PacketId,
     decode_int,
     encode,
@@ -40,12 +42,12 @@ from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 from gsfixtures import (
     Host,
-    Recorder,
     emulator_fixture,  # noqa: F401 - provides the `emulator` fixture
     host_fixture,  # noqa: F401 - provides the `host` fixture
     roundtrip,
     target_fixture,  # noqa: F401 - provides the `target` fixture
 )
+from recorder import Recorder
 
 # -- conformance (emulator and real server) ----------------------------------------------------------
 
@@ -55,7 +57,7 @@ class TestHandshake:
     """Version handshake first, then the setup path, channel mode and relay settings."""
 
     def test_connected_and_version(self, target: tuple[Host, str]) -> None:
-        """start() publishes Connected and version() reports the reply of §3.2."""
+        """start() publishes Connected and version() reports the reply of docs/protocols/guiserver.md §3.2."""
         h, _ = target
         assert isinstance(h.session, BackendSession)
         assert h.rec.of(Connected)
@@ -94,7 +96,7 @@ class TestHandshake:
 
 @pytest.mark.timeout(60)
 class TestEmulatorWire:
-    """The emulator chunks channelled data as the real server does (§2.4)."""
+    """The emulator chunks channelled data as the real server does (docs/protocols/guiserver.md §2.4)."""
 
     def test_job_chunking(self, emulator: Callable[..., GuiserverEmulator]) -> None:
         """Job sub-packets arrive as separate CHANNEL_DATA chunks: id (4), length (4), data (if any)."""
@@ -102,7 +104,8 @@ class TestEmulatorWire:
         emu.real("/data/exp/j.input").write_text("")
         with socket.create_connection(("127.0.0.1", emu.port), timeout=5) as s:
             s.sendall(encode(8))
-            frames, got = FrameDecoder(), []
+            frames = FrameDecoder()
+            got: list[Packet] = []
             while not any(p.id == 18 for p in got):
                 got += frames.feed(s.recv(65536))
             doc = gx.build("DifxStart", [("input", "/data/exp/j.input"), ("function", "CONFIG_ONLY"), ("port", 77)],
@@ -160,7 +163,7 @@ class TestFileOps:
 
 @pytest.mark.timeout(60)
 class TestTransfer:
-    """getFile and sendFile (DifxFileTransfer, §5.5)."""
+    """getFile and sendFile (DifxFileTransfer, docs/protocols/guiserver.md §5.5)."""
 
     def test_text_roundtrip(self, target: tuple[Host, str]) -> None:
         """send_file then get_file gives the same bytes back."""

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+
 from flowbus.schemas import (
     AttributeChanged,
     BackendRejected,
@@ -18,12 +19,12 @@ from flowbus.schemas import (
     Connected,
     Disconnected,
     ErrorEvent,
+    GuiserverSessionConfig,
     LogLine,
     Observed,
     State,
     StateChanged,
 )
-from flowbus.schemas import GuiserverSessionConfig
 from flowbus.services._gs_protocol import (
     PacketId,
     encode,
@@ -32,12 +33,12 @@ from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 from gsfixtures import (
     Host,
-    Recorder,
     emulator_fixture,  # noqa: F401 - provides the `emulator` fixture
     host_fixture,  # noqa: F401 - provides the `host` fixture
     job_host,
     roundtrip,
 )
+from recorder import Recorder
 
 
 @pytest.mark.timeout(60)
@@ -64,7 +65,7 @@ class TestDirectMode:
 
 @pytest.mark.timeout(60)
 class TestVex2Difx:
-    """vex2difx + calc runs (§5.6)."""
+    """vex2difx + calc runs (docs/protocols/guiserver.md §5.6)."""
 
     @pytest.mark.parametrize("channelled", [True, False])
     def test_run(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host],
@@ -101,7 +102,7 @@ class TestVex2Difx:
 
 @pytest.mark.timeout(60)
 class TestMachines:
-    """Machines definition (§5.7)."""
+    """Machines definition (docs/protocols/guiserver.md §5.7)."""
 
     def test_spec_example(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
         """The spec's observed example: files, contents and sub-packet sequence."""
@@ -127,7 +128,7 @@ class TestMachines:
 
 @pytest.mark.timeout(60)
 class TestJobs:
-    """Scripted job outcomes give the lifecycle of §5.1 as StateChanged events."""
+    """Scripted job outcomes give the lifecycle of docs/protocols/guiserver.md §5.1 as StateChanged events."""
 
     @pytest.mark.parametrize(("outcome", "function", "state", "native"), [
         ("good", "USNO", State.COMPLETE, "ENDED_GRACEFULLY"),

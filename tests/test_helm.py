@@ -698,7 +698,7 @@ class TestPodsTalk:
                         pub.flush(10)
                     finally:
                         pub.close()
-                assert exp.event.seq == 1
+                assert exp.event is not None and exp.event.seq == 1
             with pytest.raises(BusBroken):  # no CURVE at all
                 Client(address, timeout=0.5)
             if curve_values.get("clientSecretName"):

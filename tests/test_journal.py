@@ -11,11 +11,12 @@ from pathlib import Path
 import msgpack
 import pytest
 import structlog
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from flowbus.bus import Journal
 from flowbus.bus._journal import DAMAGED_ERROR
 from flowbus.schemas import BusError, ErrorEvent, LogLine, State, StateChanged, decode, encode
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -252,7 +253,7 @@ class TestDamage:
             again = Journal(100, tmp_path)
         try:
             src = again.sources["s1"]
-            got = dict((seq, p) for seq, _, p in again.replay(src, 1, 20))
+            got = {seq: p for seq, _, p in again.replay(src, 1, 20)}
             assert sorted(got) == list(range(1, 21))
             assert is_damage_filler(got[10], "s1", 10)
             assert all(got[seq] == written[("s1", seq)] for seq in range(1, 21) if seq != 10)
@@ -332,7 +333,7 @@ class TestDamageProperty:
             journal = Journal(10_000, folder)
             written: Written = {}
             epochs = [1, 1, 1]
-            for i, s in enumerate(("a", "b", "c")):
+            for s in ("a", "b", "c"):
                 journal.register(s, "qcg", 1, 0)
             for k, (i, again) in enumerate(history):
                 name = "abc"[i]
@@ -360,15 +361,15 @@ class TestDamageProperty:
             loaded = Journal(10_000, folder)
             try:
                 assert_gapless(loaded)
-                for s in loaded.sources.values():
-                    for seq, topic, payload in s.ring:
-                        assert written.get((s.source, seq)) == payload or is_damage_filler(payload, s.source, seq)
+                for log in loaded.sources.values():
+                    for seq, topic, payload in log.ring:
+                        assert written.get((log.source, seq)) == payload or is_damage_filler(payload, log.source, seq)
                         assert decode(payload).topic() == topic
                 for start, end, body in spans:
                     if body[0] == 0 and not touched & set(range(start, end)):
-                        source, seq = body[1], body[3]
-                        assert isinstance(source, str) and isinstance(seq, int)
-                        assert loaded.replay(loaded.sources[source], seq, seq)[0][2] == written[(source, seq)]
+                        source, at = body[1], body[3]
+                        assert isinstance(source, str) and isinstance(at, int)
+                        assert loaded.replay(loaded.sources[source], at, at)[0][2] == written[(source, at)]
                 in_body = [i for start, end, _ in spans for i in touched if start + 8 <= i < end]
                 lengths = [i for start, _, _ in spans for i in touched if start <= i < start + 4]
                 if in_body:  # a length field flipped past the end of the file reads as a torn tail

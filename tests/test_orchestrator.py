@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import ecflow_fixtures as _fx
 import msgspec
 import pytest
+
+import ecflow_fixtures as _fx
 from ecflow_fixtures import EcfServer, write_suite
 from gsfixtures import emulator_fixture
 
@@ -20,10 +21,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.qcg]
 
 ray = pytest.importorskip("ray")
 
-from flowbus.actors import Supervisor  # noqa: E402
-from flowbus.actors._orchestrator import Orchestrator  # noqa: E402
-from flowbus.bus import Client, Publisher  # noqa: E402
-from flowbus.schemas import (  # noqa: E402
+from flowbus.actors import Supervisor
+from flowbus.actors._orchestrator import Orchestrator
+from flowbus.bus import Client, Publisher
+from flowbus.schemas import (
     ConfigError,
     ErrorEvent,
     Event,
@@ -441,7 +442,7 @@ class TestPythonAPI:
         try:
             with client.expect("flowbus/orch-since/rule/done", timeout=30) as w:
                 feed("late", "complete")
-            fired = poll("two firings", lambda: (lambda evs: evs if len(evs) >= 2 else None)(
+            fired = poll("two firings", lambda: (lambda evs: evs if len(evs) >= 2 else None)(  # noqa: PLC3002 - binds the fetched list once
                 [e for e in journal(client, "flowbus/orch-since/rule/") if isinstance(e, RuleFired)]))
         finally:
             core.stop()
@@ -515,7 +516,7 @@ class TestPythonAPI:
 
         client, feed = bus
         with Rules(client, source="rules-err") as rules:
-            with pytest.raises(ConfigError, match="rule 'oops': .*unknown backend 'nosuch'"):
+            with pytest.raises(ConfigError, match=r"rule 'oops': .*unknown backend 'nosuch'"):
                 rules.add("oops", when="nosuch/x/state/y")
 
             def boom(_firing: Any) -> None:

@@ -42,8 +42,7 @@ from flowbus.schemas import (
 from flowbus.services import BackendSession
 from flowbus.services._qcg_jobs import JobBook, Obs, Snapshot
 from flowbus.services.qcg import QcgSession
-from recorder import Recorder, show  # noqa: F401 - shared with the other adapters' tests
-
+from recorder import Recorder, show  # shared with the other adapters' tests
 
 # -- helpers ----------------------------------------------------------------------------------------
 
@@ -108,7 +107,7 @@ class Running:
         while not self.stop.wait(delay):
             try:
                 delay = self.session.poll()
-            except BaseException as exc:  # surfaced at teardown
+            except BaseException as exc:  # noqa: BLE001 - surfaced at teardown
                 self.errors.append(exc)
                 delay = 0.2
 
@@ -141,7 +140,7 @@ def qcg(tmp_path: Path) -> Iterator[Callable[..., Running]]:
             run.thread.join(5)
         try:
             run.session.stop()
-        except Exception as exc:  # stop the others anyway, then fail
+        except Exception as exc:  # noqa: BLE001 - stop the others anyway, then fail
             failures.append(exc)
         finally:
             run.session.kill()
@@ -251,7 +250,7 @@ class TestJobs:
         assert run.call("status", "theirs")["jobs"]["theirs"]["data"]["status"] == "FAILED"
         run.call("submit", [{"name": "long", "exec": "/bin/sleep", "args": ["30"]}])
         run.rec.wait_for(reached("long", State.ACTIVE), 15, "long active")
-        with pytest.raises(BackendRejected, match="refused to remove job 'long'.*not finished"):
+        with pytest.raises(BackendRejected, match=r"refused to remove job 'long'.*not finished"):
             run.call("resubmit", "long")
         run.call("cancel", "long")
         run.rec.wait_for(reached("long", State.CANCELLED), 15, "long cancelled")
@@ -404,7 +403,7 @@ class TestConnectMode:
         dis = viewer.rec.wait_for(first(Disconnected), 5, "viewer disconnected")
         assert dis.will_retry is True
         viewer.rec.wait_for(first(RecoveryGaveUp), 10, "gave up")
-        reconnects = [e for e in viewer.rec.of(RecoveryAttempted)]
+        reconnects = list(viewer.rec.of(RecoveryAttempted))
         assert [e.action for e in reconnects] == ["reconnect"] and not reconnects[0].ok
 
     def test_stop_leaves_foreign_manager_running(self, qcg: Callable[..., Running]) -> None:

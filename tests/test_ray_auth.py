@@ -1,5 +1,5 @@
-"""Ray's token authentication and private temp directory (DESIGN.md, "Security"; notes/ray-deploy.md
-§1.11), with real processes:
+"""Ray's token authentication and private temp directory (docs/DESIGN.md, "Security";
+docs/notes/ray-deploy.md §1.11), with real processes:
 
 - the session Ray of ``ray_local``: every Ray process runs in token mode with flowbus's token
   file; a GCS call or a ``ray.init`` without that token, or from another user (uid 65534 through
@@ -37,7 +37,7 @@ from flowbus.schemas import ConfigError
 
 ray = pytest.importorskip("ray")
 
-from flowbus.actors import _ray, ensure_token, ray_auth_env  # noqa: E402
+from flowbus.actors import _ray, ensure_token, ray_auth_env
 
 CHILD_TIMEOUT = 90.0
 NOBODY = 65534
@@ -116,7 +116,7 @@ def gcs_call(address: str, header: str | None) -> str:
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
     with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
-        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
         try:
             stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=10,  # type: ignore[attr-defined]
                               metadata=(("authorization", header),) if header else ())

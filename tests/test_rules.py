@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 import pytest
+
 from flowbus.actors._policies import Policy, Recovery, compile_policies, compile_policy, recovery_calls
 from flowbus.actors._rules import (
     CallSpec,
@@ -40,7 +41,7 @@ T0 = 1_700_000_000.0
 SESSIONS = {"local": "qcg", "ops": "ecflow", "difx": "guiserver", "wf": "soma", "bps": "wms"}
 OPS = {"local": ["submit", "remove", "cancel", "status"], "ops": ["requeue", "kill", "resume"],
        "difx": ["start_job", "stop_job"], "wf": ["restart_workflow", "stop_workflow"], "bps": ["restart", "cancel"]}
-CATALOG = Catalog(SESSIONS, lambda s: OPS.get(s))
+CATALOG = Catalog(SESSIONS, OPS.get)
 
 
 class Stream:
@@ -316,7 +317,7 @@ class TestPolicies:
         p.feed(s.state("local", "j", "aborted", 2), T0 + 2)
         assert [r.kind for r in p.tick(T0 + 2)] == ["retry"]
         assert p.feed(s.state("local", "j:3", "aborted", 3), T0 + 3) == []
-        w = policy(match="wms/*/state/*", **{"backoff": 0})
+        w = policy(match="wms/*/state/*", backoff=0)
         w.feed(s.state("bps", "/s/w/j1", "aborted", 4, backend="wms", attrs={"kind": "job", "wms_id": "/s/w"}), T0 + 4)
         w.feed(s.state("bps", "/s/w", "aborted", 5, backend="wms", attrs={"kind": "workflow", "wms_id": "/s/w"}), T0 + 5)
         assert [r.key for r in w.tick(T0 + 5)] == ["/s/w"]

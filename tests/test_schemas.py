@@ -9,10 +9,14 @@ import types
 import typing
 from typing import Any
 
-import flowbus.bus
 import msgpack
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flowbus.bus
+from flowbus import schemas
 from flowbus.schemas import (
     EVENT_TYPES,
     REASONS,
@@ -33,10 +37,6 @@ from flowbus.schemas import (
     stamp,
     tag_of,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from flowbus import schemas
 
 try:  # services may define more error types; the pickling test should cover them too
     import flowbus.services  # noqa: F401

@@ -10,11 +10,12 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import psutil
 import pytest
+
 import soma_fixtures as _fx
 from flowbus.schemas import (
     BackendRejected,
@@ -154,7 +155,7 @@ class TestObservation:
         soma_form = run.call("serialize", chain("fromsoma", 2), str(path))
         assert path.exists() and "serialized_jobs" in soma_form
         wf = run.call("submit", str(path))
-        with pytest.raises(BackendRejected, match="cannot read workflow file '/no/such.json'"):
+        with pytest.raises(BackendRejected, match=r"cannot read workflow file '/no/such.json'"):
             run.call("submit", "/no/such.json")
         assert run.final(str(wf)).state is State.COMPLETE
         assert run.call("wait_workflow", wf, timeout=5) == "workflow_done"
@@ -475,7 +476,7 @@ class TestLifecycle:
         cfg_file.write_text(f"[myres]\nLIGHT_MODE = 1\nSOMA_WORKFLOW_DIR = {swf_dir}\n"
                             f"DATABASE_FILE = {swf_dir / 'db.sqlite'}\nTRANSFERED_FILES_DIR = {swf_dir / 'tr'}\n")
         run = soma_session(mode="resource", resource_id="myres", config_file=str(cfg_file), directory="")
-        assert run.rec.events[0].address == "resource:myres"
+        assert cast(Connected, run.rec.events[0]).address == "resource:myres"
         wf = run.call("submit_workflow", chain("res", 2))
         assert run.final(str(wf)).state is State.COMPLETE
         assert any(p.name.startswith("db") for p in swf_dir.iterdir())
@@ -561,7 +562,7 @@ class TestInActor:
             done = client.wait(f"soma/sm/state/{wf} state=complete", timeout=90)
             assert isinstance(done, StateChanged) and done.native == "workflow_done"
             j1 = client.wait(f"soma/sm/state/{wf}/j1 state=complete", timeout=10)
-            assert j1.attrs["exit_value"] == 0
+            assert cast(StateChanged, j1).attrs["exit_value"] == 0
             # a long job is running when the session is removed
             wf2 = ray.get(actor.call.remote("sm", "submit_workflow", {"name": "long", "jobs": [
                 {"name": "a", "command": ["sleep", "60"]}]}), timeout=60)
@@ -617,7 +618,7 @@ class TestInActor:
                 os.kill(old_pid, signal.SIGKILL)
                 info = wait_started(actor, timeout=150)
             assert info["pid"] != old_pid
-            assert w.event is not None and w.event.action == "reattach" and w.event.ok
+            assert isinstance(w.event, RecoveryAttempted) and w.event.action == "reattach" and w.event.ok
             done = client.wait(f"soma/sk/state/{wf} final=true", timeout=120)
             assert isinstance(done, StateChanged) and done.state is State.COMPLETE, done
             for p in jobs:

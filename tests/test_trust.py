@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 import zmq
+
 from flowbus.bus import Client, Publisher
 from flowbus.bus import _framing as fr
 from flowbus.schemas import SourceRefused, State, StateChanged, encode
@@ -120,7 +121,8 @@ def up() -> Iterator[Up]:
 
 
 def _rss_mib(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
+    rss: int = psutil.Process(pid).memory_info().rss
+    return rss / 2**20
 
 
 class TestTrustByDefault:

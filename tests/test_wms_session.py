@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import psutil
@@ -17,10 +17,8 @@ import pytest
 
 pytest.importorskip("lsst.ctrl.bps.parsl")
 
-import wms_services  # noqa: E402
-from recorder import Recorder  # noqa: E402
-
-from flowbus.schemas import (  # noqa: E402
+import wms_services
+from flowbus.schemas import (
     BackendRejected,
     ConfigError,
     Connected,
@@ -33,9 +31,10 @@ from flowbus.schemas import (  # noqa: E402
     WmsSessionConfig,
     parse_config,
 )
-from flowbus.services import BackendSession  # noqa: E402
-from flowbus.services._wms_parsl import PARSL_LOCK  # noqa: E402
-from flowbus.services.wms import WmsSession  # noqa: E402
+from flowbus.services import BackendSession
+from flowbus.services._wms_parsl import PARSL_LOCK
+from flowbus.services.wms import WmsSession
+from recorder import Recorder
 
 STEPPING = "wms_services.SteppingService"
 
@@ -294,7 +293,7 @@ class TestParsl:
         """A prepare that raises and a submit that fails inside parsl.load are reported; the next one works."""
         w = wms()
         good = wf("good", {"name": "ok", "command": ["true"]})
-        with pytest.raises(BackendRejected, match="cannot import 'no_such_module'|no_such_module") as err:
+        with pytest.raises(BackendRejected, match=r"cannot import 'no_such_module'|no_such_module") as err:
             w.call("submit_workflow", good, bps_config={"site": {"local": {"class": "no_such_module.Site"}}})
         assert "prepare" in str(err.value)
         broken = w.call("submit_workflow", good, bps_config={"site": {"local": {"class": "wms_services.BrokenSite"}}})
@@ -418,14 +417,14 @@ class TestReportPolling:
         """An operation the service does not implement names itself and the class; the session keeps going."""
         wms_services.reset()
         w = wms(service_class=STEPPING)
-        with pytest.raises(UnknownOperation, match="get_status is not supported by wms_services.SteppingService"):
+        with pytest.raises(UnknownOperation, match=r"get_status is not supported by wms_services.SteppingService"):
             w.call("get_status", "step-1")
         with pytest.raises(UnknownOperation, match="run_submission_checks is not supported"):
             w.call("run_submission_checks")
         p = wms("w2")
         for op, args in [("report", ()), ("ping", ()), ("list_submitted_jobs", ()), ("get_status", ("x",)),
                          ("run_submission_checks", ()), ("watch", ("x",))]:
-            with pytest.raises(UnknownOperation, match="not supported by lsst.ctrl.bps.parsl.ParslService"):
+            with pytest.raises(UnknownOperation, match=r"not supported by lsst.ctrl.bps.parsl.ParslService"):
                 p.call(op, *args)
         assert w.call("ping")["status"] == 0
 
@@ -497,7 +496,7 @@ class TestBadInput:
         w = wms()
         for op, args in [("submit", ("/no/such",)), ("restart", ("/no/such",)), ("status", ("/no/such",)),
                          ("cancel", ("/no/such",))]:
-            with pytest.raises(BackendRejected, match="no such|unknown|not a Parsl|no prepared"):
+            with pytest.raises(BackendRejected, match=r"no such|unknown|not a Parsl|no prepared"):
                 w.call(op, *args)
         with pytest.raises(UnknownOperation, match="unknown operation 'frobnicate'"):
             w.call("frobnicate")
@@ -528,7 +527,7 @@ class TestBadInput:
         blocker = tmp_path / "file"
         blocker.write_text("not a directory")
         session = WmsSession(WmsSessionConfig(name="bad", submit_dir=str(blocker / "sub")))
-        with pytest.raises(BackendRejected, match="submit-dir .*file/sub"):
+        with pytest.raises(BackendRejected, match=r"submit-dir .*file/sub"):
             session.start(Recorder(), {})
 
     def test_bad_config_values(self) -> None:
@@ -537,10 +536,10 @@ class TestBadInput:
             parse_config({"sessions": [{"backend": "wms", "name": "w", "service-class": "nodots"}]})
         with pytest.raises(ConfigError, match="poll-interval"):
             parse_config({"sessions": [{"backend": "wms", "name": "w", "poll-interval": 0}]})
-        with pytest.raises(ConfigError, match="unknown key 'sessions\\[0\\].colour'"):
+        with pytest.raises(ConfigError, match=r"unknown key 'sessions\\[0\\].colour'"):
             parse_config({"sessions": [{"backend": "wms", "name": "w", "colour": 1}]})
         cfg = parse_config({"sessions": [{"backend": "wms", "name": "w", "bps-config": {"site": {"local": {"cores": 3}}}}]})
-        assert cfg.sessions[0].bps_config == {"site": {"local": {"cores": 3}}}
+        assert cast(WmsSessionConfig, cfg.sessions[0]).bps_config == {"site": {"local": {"cores": 3}}}
 
 
 @pytest.mark.ray
@@ -573,7 +572,7 @@ class TestWmsInActor:
             wid = r["wms_id"]
             failed = client.wait(f"wms/w1/state/{wid} state=aborted", timeout=120)
             assert isinstance(failed, StateChanged) and failed.native == "FAILED"
-            assert client.wait(f"wms/w1/state/{wid}/b state=aborted", timeout=10).native == "FAILED"
+            assert cast(StateChanged, client.wait(f"wms/w1/state/{wid}/b state=aborted", timeout=10)).native == "FAILED"
             assert off_loopback_listeners() == []
             flag.unlink()
             with client.expect(f"wms/w1/state/{wid} state=complete", timeout=120) as w:
@@ -582,7 +581,7 @@ class TestWmsInActor:
             assert sorted(ran.read_text().split()) == ["a", "b", "b"]
             latest = {e.key: e for e in client.status("wms/w1/") if isinstance(e, StateChanged)}
             assert latest[f"{wid}/b"].native == "SUCCEEDED" and latest[wid].attrs["kind"] == "workflow"
-            with pytest.raises(Exception, match="report is not supported by lsst.ctrl.bps.parsl.ParslService"):
+            with pytest.raises(Exception, match=r"report is not supported by lsst.ctrl.bps.parsl.ParslService"):
                 ray.get(actor.call.remote("w1", "report", wid), timeout=60)
             assert ray.get(actor.call.remote("w1", "status", wid), timeout=60)["state"] == "SUCCEEDED"
         finally:

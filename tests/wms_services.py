@@ -50,7 +50,7 @@ def reset() -> None:
         _RUNS.clear()
 
 
-class SteppingWorkflow(BaseWmsWorkflow):
+class SteppingWorkflow(BaseWmsWorkflow):  # type: ignore[misc]  # lsst ctrl_bps is untyped
     """What ``prepare`` returns: the job graph, nothing written but a marker file."""
 
     def __init__(self, name: str, config: BpsConfig, path: str, parents: dict[str, list[str]]) -> None:
@@ -69,7 +69,7 @@ class SteppingWorkflow(BaseWmsWorkflow):
             fh.write("\n".join(self.parents))
 
 
-class SteppingService(BaseWmsService):
+class SteppingService(BaseWmsService):  # type: ignore[misc]  # lsst ctrl_bps is untyped
     """Accepts ``cls(BpsConfig)`` and ``cls({})``, as BPS builds services."""
 
     def __init__(self, config: Any) -> None:
@@ -87,7 +87,7 @@ class SteppingService(BaseWmsService):
         wms_id = f"step-{next(_IDS)}"
         with _LOCK:
             _RUNS[wms_id] = _Run(wms_id, workflow.name, workflow.submit_path, dict(workflow.parents),
-                                 {n: WmsStates.UNREADY for n in workflow.parents})
+                                 dict.fromkeys(workflow.parents, WmsStates.UNREADY))
         workflow.run_id = wms_id
 
     def report(self, wms_workflow_id: str | None = None, user: str | None = None, hist: float = 0,
@@ -175,8 +175,8 @@ class NotAService:
 
 # -- a Parsl site whose executor cannot start: submit fails inside parsl.load ---------------------
 
-from lsst.ctrl.bps.parsl.site import SiteConfig  # noqa: E402
-from parsl.executors import ThreadPoolExecutor  # noqa: E402
+from lsst.ctrl.bps.parsl.site import SiteConfig
+from parsl.executors import ThreadPoolExecutor
 
 
 class _RefusingExecutor(ThreadPoolExecutor):
@@ -184,7 +184,7 @@ class _RefusingExecutor(ThreadPoolExecutor):
         raise RuntimeError("executor refuses to start")
 
 
-class BrokenSite(SiteConfig):
+class BrokenSite(SiteConfig):  # type: ignore[misc]  # lsst ctrl_bps_parsl is untyped
     """``site.<computeSite>.class`` whose executor raises at start (inside Parsl's load)."""
 
     def get_executors(self) -> list[Any]:
