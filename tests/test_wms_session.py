@@ -536,7 +536,7 @@ class TestBadInput:
             parse_config({"sessions": [{"backend": "wms", "name": "w", "service-class": "nodots"}]})
         with pytest.raises(ConfigError, match="poll-interval"):
             parse_config({"sessions": [{"backend": "wms", "name": "w", "poll-interval": 0}]})
-        with pytest.raises(ConfigError, match=r"unknown key 'sessions\\[0\\].colour'"):
+        with pytest.raises(ConfigError, match=r"unknown key 'sessions\[0\].colour'"):
             parse_config({"sessions": [{"backend": "wms", "name": "w", "colour": 1}]})
         cfg = parse_config({"sessions": [{"backend": "wms", "name": "w", "bps-config": {"site": {"local": {"cores": 3}}}}]})
         assert cast(WmsSessionConfig, cfg.sessions[0]).bps_config == {"site": {"local": {"cores": 3}}}
