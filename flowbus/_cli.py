@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowbus",
                                 description="One typed, replayable event stream over workflow managers.")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    from flowbus import __version__
+
+    p.add_argument("--version", action="version", version=f"flowbus {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     def with_address(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--address", help="broker request endpoint (default: $FLOWBUS_ADDRESS, the running "
@@ -63,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
     wt = with_address(sub.add_parser("wait", help="block until an event or state matches"))
     wt.add_argument("match", help="e.g. 'qcg/local/state/job1 state=complete|aborted'")
-    wt.add_argument("--timeout", type=float, default=30.0)
+    wt.add_argument("--timeout", type=float, default=30.0, help="seconds; on a timeout the exit status is 124")
     wt.add_argument("--json", action="store_true")
 
     sm = with_address(sub.add_parser("submit", help="submit work to a backend session"))
@@ -85,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = with_address(sub.add_parser("call", help="run any operation of a session, e.g. `flowbus call local list`"))
     c.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds (default 300)")
+    c.add_argument("--json", action="store_true", help="the result as JSON even when it is a string")
     c.add_argument("session")
     c.add_argument("operation")
     c.add_argument("args", nargs="?", default="[]", help="JSON list of positional arguments")
@@ -114,8 +118,31 @@ def _parser() -> argparse.ArgumentParser:
 _QUIET = ("call", "submit")
 
 
+#: `wait` exit status on a timeout, as timeout(1) has it (errors are 1)
+EXIT_TIMEOUT = 124
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """The ``flowbus`` command. Every failure is one line on stderr (exit 1; usage errors 2, a
+    ``wait`` timeout 124, Ctrl-C 130, a reader that went away (``| head``) 141, quietly)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:  # bare `flowbus`: what it can do
+        parser.print_help()
+        return 0
     if args.cmd not in _QUIET:
         from flowbus._logging import configure
 
@@ -124,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(_COMMANDS[args.cmd](args) or 0)
     except WaitTimeout as exc:
         print(f"flowbus: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_TIMEOUT if args.cmd == "wait" else 1
     except FlowbusError as exc:
         print(f"flowbus: error: {exc}", file=sys.stderr)
         return 1
@@ -320,7 +347,10 @@ def cmd_call(args: argparse.Namespace) -> int:
     if not isinstance(call_args, list) or not isinstance(kwargs, dict):
         raise FlowbusError("args must be a JSON list and --kwargs a JSON object")
     result = _session_call(args, args.session, args.operation, call_args, kwargs)
-    print(json.dumps(result, indent=2, default=str))
+    if isinstance(result, str) and not args.json:
+        print(result)  # text as it is (a suite definition, a log), not a JSON string with \n escapes
+    else:
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -88,7 +88,7 @@ class TestCliAgainstUp:
         r = run(["watch", "qcg/local/state/cli-job", "--snapshot", "--json", "--count", "1"], up)
         assert r.returncode == 0 and json.loads(r.stdout)["key"] == "cli-job", r.stderr
         r = run(["wait", "qcg/local/state/cli-job state=aborted", "--timeout", "1"], up)
-        assert r.returncode == 1 and "timed out after 1 s waiting for qcg/local/state/cli-job state=aborted" in r.stderr
+        assert r.returncode == 124 and "timed out after 1 s waiting for qcg/local/state/cli-job state=aborted" in r.stderr
         r = run(["call", "local", "no-such-op"], up)
         assert r.returncode == 1 and r.stderr.startswith("flowbus: error: unknown operation 'no-such-op'")
         r = run(["stats", "--json"], up)
@@ -121,6 +121,25 @@ class TestCliErrors:
         """Missing or unknown arguments are usage errors (exit 2)."""
         assert run(["wait"], dict(os.environ)).returncode == 2
         assert run(["frobnicate"], dict(os.environ)).returncode == 2
+
+    @pytest.mark.timeout(60)
+    def test_version_and_bare_command(self) -> None:
+        """`flowbus --version` names the version; bare `flowbus` shows the help (exit 0)."""
+        from flowbus import __version__
+
+        r = run(["--version"], dict(os.environ))
+        assert r.returncode == 0 and r.stdout.strip() == f"flowbus {__version__}"
+        r = run([], dict(os.environ))
+        assert r.returncode == 0 and r.stdout.startswith("usage: flowbus") and "watch" in r.stdout
+
+    @pytest.mark.timeout(60)
+    def test_a_closed_pipe_is_not_a_traceback(self) -> None:
+        """`flowbus --help | head -1`-style early exits of the reader end quietly."""
+        proc = subprocess.Popen([*FLOWBUS, "emulate", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader is gone before anything was written
+        _, err = proc.communicate(timeout=30)
+        assert b"Traceback" not in err
 
     @pytest.mark.timeout(60)
     def test_bad_config_is_one_line_naming_key_and_file(self, tmp_path: Path) -> None:
