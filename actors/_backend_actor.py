@@ -156,6 +156,7 @@ class BackendActorImpl:
     def _open_many_sync(self, specs: list[SessionConfig]) -> None:
         """Register every source in one round, read one snapshot, start sessions concurrently."""
         assert self._publisher is not None and self._scheduler is not None
+        publisher = self._publisher
         sessions = [session_for(spec) for spec in specs]
         grants = self._publisher.open_sources([(spec.name, s.backend, self.grants.get(spec.name))
                                                for spec, s in zip(specs, sessions, strict=True)])
@@ -165,7 +166,7 @@ class BackendActorImpl:
 
         def open_one(spec: SessionConfig, session: BackendSession) -> None:
             states, previous_address = known.get(spec.name, ({}, None))
-            hosted = _Hosted(spec, session, self._publisher)  # type: ignore[arg-type]
+            hosted = _Hosted(spec, session, publisher)
             if spec.name not in grants:
                 why = refusals.get(spec.name)
                 errors.append((spec.name, SourceRefused(f"session {spec.name!r}: {why}") if why
@@ -177,7 +178,7 @@ class BackendActorImpl:
                 session.start(hosted.emit, states, previous_address=previous_address)
             except Exception as exc:  # noqa: BLE001 - reported after the others are open
                 errors.append((spec.name, exc))
-                self._publisher.close_source(spec.name)  # type: ignore[union-attr]
+                publisher.close_source(spec.name)
                 return
             self._hosted[spec.name] = hosted
             self._schedule(hosted)
@@ -333,12 +334,12 @@ class BackendActorImpl:
         if sched is not None:
             try:
                 sched.close(timeout=0.5)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - kill never raises: logged, the sessions go next
                 log.error("scheduler.close.failed", error=str(exc))
         for hosted in list(self._hosted.values()):
             try:
                 hosted.session.kill()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - kill never raises: logged, the others go on
                 log.error("session.kill.failed", session_id=hosted.spec.name, error=str(exc))
         self._hosted.clear()
 

@@ -187,7 +187,7 @@ def use_ray_auth(state_dir: Path | None = None, *, keep_given: bool = False) -> 
         os.environ[_ENV_TOKEN_PATH] = source
     os.environ["RAY_AUTH_MODE"] = "token"
     if not ray.is_initialized():
-        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # compiled, no stub
 
         Config.initialize("")  # re-reads RAY_AUTH_MODE (Ray read it at import)
         AuthenticationTokenLoader.instance().reset_cache()
@@ -199,13 +199,14 @@ def _check_token_accepted(address: str, timeout: float) -> None:
     naming the cause when it refuses the token (``ray.init`` would retry for ~20 s and then report
     only "Failed to connect"). Anything else is left to ``ray.init``."""
     import grpc
-    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # compiled, no stub
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
     metadata = tuple(AuthenticationTokenLoader.instance().get_token_for_http_header().items())
     with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:  # as Ray dials it
         try:
             stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            # generated protobuf classes carry no type information
             stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(),  # type: ignore[attr-defined]
                               timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:

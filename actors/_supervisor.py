@@ -234,7 +234,7 @@ class SupervisorImpl:
             try:
                 ray.get(handle.add_session.remote(self.specs[s], self._grant(self.specs[s])),
                         timeout=self.start_timeout)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - logged; the other sessions are reopened anyway
                 log.error("supervisor.session.reopen_failed", actor=name, session_id=s, error=str(exc)[:300])
 
     def _targets(self, name: str) -> list[str]:
@@ -316,7 +316,7 @@ class SupervisorImpl:
             return
         try:
             ray.kill(q["handle"], no_restart=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - retired either way; the failure is logged
             log.warning("supervisor.actor.kill_failed", actor=name, error=str(exc)[:200])
         self.retired.append({"actor": name, "reason": reason, "quarantined": q["reason"], "time": time.time(),
                              "pid": info.get("pid") if isinstance(info, dict) else None})
@@ -349,7 +349,7 @@ class SupervisorImpl:
                 if ref not in ready:
                     raise GetTimeoutError("no answer within 5 s")
                 out[name] = ray.get(ref, timeout=0)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - reported as that actor's entry
                 out[name] = {"error": str(exc)[:200]}
             h = self._health.get(name)
             failing = h is not None and h.failing_since is not None
@@ -402,7 +402,7 @@ class SupervisorImpl:
         for h in [*actors.values(), *(q["handle"] for q in quarantined.values())]:
             try:
                 ray.kill(h, no_restart=True)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - kill them all anyway; logged
                 log.warning("supervisor.actor.kill_failed", error=str(exc)[:200])
 
 
@@ -434,7 +434,7 @@ def wait_started(handle: Any, timeout: float = 60.0) -> dict[str, Any]:
         try:
             last = ray.get(handle.ping.remote(), timeout=5)
             if last["started"]:
-                return last  # type: ignore[no-any-return]
+                return last  # type: ignore[no-any-return]  # ping() answers a dict
         except (RayActorError, GetTimeoutError) as exc:
             last = exc
         time.sleep(0.2)

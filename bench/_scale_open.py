@@ -61,7 +61,7 @@ def main() -> int:
             if impl is not None:
                 try:
                     loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - a failed stop is followed by kill
                     impl.kill()
             loop.close()
             broker.stop()

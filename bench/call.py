@@ -50,7 +50,7 @@ def main() -> int:
     env = {**os.environ, "FLOWBUS_STATE_DIR": str(state)}
     env.pop("FLOWBUS_ADDRESS", None)
     up = subprocess.Popen([sys.executable, "-m", "flowbus", "up", "--duration", "600"], env=env,
-                          stdout=subprocess.DEVNULL, stderr=open(state / "up.err", "w"))  # noqa: SIM115
+                          stdout=subprocess.DEVNULL, stderr=open(state / "up.err", "w"))  # noqa: SIM115 - for the child
     try:
         deadline = time.monotonic() + 120
         while not (state / "run.json").exists():

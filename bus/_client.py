@@ -81,7 +81,7 @@ class Client:
 
     def marks(self) -> dict[str, list[Any]]:
         """Per source: [backend, epoch, last seq, oldest seq held]."""
-        return self._call("marks")["sources"]  # type: ignore[no-any-return]
+        return self._call("marks")["sources"]  # type: ignore[no-any-return]  # the broker's msgpack reply
 
     def stats(self) -> dict[str, Any]:
         return self._call("stats")

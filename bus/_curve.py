@@ -81,7 +81,7 @@ class _Admission:
     def callback(self, domain: str, key: bytes) -> bool:
         if self.owners is None or key in self.owners.keys():  # noqa: SIM118 - a _KeyDir, no mapping
             return True
-        return domain == READ_DOMAIN and self.readers is not None and key in self.readers.keys()  # noqa: SIM118
+        return domain == READ_DOMAIN and self.readers is not None and key in self.readers.keys()  # noqa: SIM118 - a _KeyDir
 
 
 #: ZAP domains of the broker's sockets: readers are admitted only where nothing is written

@@ -80,7 +80,7 @@ class BrokerProcess:
             if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True)
         if self.log_path:
-            stderr.close()  # type: ignore[union-attr]
+            stderr.close()  # type: ignore[union-attr]  # our file when log_path is set
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:

@@ -59,7 +59,7 @@ class Requester:
                 continue  # a late answer to an earlier, timed-out request
             if not reply.get("ok"):
                 raise BusRequestError(f"{op}: {reply.get('error')} [{reply.get('code')}]")
-            return reply  # type: ignore[no-any-return]
+            return reply  # type: ignore[no-any-return]  # unpacked msgpack
 
     def close(self) -> None:
         self._closed = True

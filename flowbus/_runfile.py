@@ -59,7 +59,7 @@ def read_runfile(base: Path | None = None) -> dict[str, Any] | None:
             return None  # left behind by a `flowbus up` that is gone
         except PermissionError:
             pass
-    return data  # type: ignore[no-any-return]
+    return data  # type: ignore[no-any-return]  # parsed JSON
 
 
 def resolve_address(explicit: str | None = None) -> str:

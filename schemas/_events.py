@@ -245,7 +245,7 @@ AnyEvent = (
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__
 
 TAGS: dict[str, type[Event]] = {
-    cls.__struct_config__.tag: cls for cls in EVENT_TYPES  # type: ignore[misc]
+    cls.__struct_config__.tag: cls for cls in EVENT_TYPES  # type: ignore[misc]  # our tags are all str
 }
 
 

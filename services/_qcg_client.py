@@ -96,6 +96,7 @@ class _TimeoutClient:
 
     def _send_and_validate_result(self, data: dict[str, Any], valid_method: Any = None) -> Any:
         try:
+            # the base class is qcg's, untyped
             return super()._send_and_validate_result(data, valid_method)  # type: ignore[misc]
         except zmq.Again:
             self._reset_socket()
@@ -112,7 +113,7 @@ class _TimeoutClient:
 
     def _send_finish(self) -> None:
         self._send_and_validate_result({"request": "finish"})
-        self._disconnect()  # type: ignore[attr-defined]
+        self._disconnect()  # type: ignore[attr-defined]  # from qcg's Manager
 
     @property
     def instance_id(self) -> str:
@@ -130,7 +131,7 @@ class _TimeoutClient:
         """Close the sockets and the context and remove QCG's log handler; never raises."""
         try:
             if getattr(self, "_zmq_socket", None) is not None:
-                self._zmq_socket.close(0)  # type: ignore[union-attr]
+                self._zmq_socket.close(0)  # type: ignore[union-attr]  # checked just above
                 self._zmq_socket = None
             self._connected = False
             ctx = getattr(self, "_zmq_ctx", None)
@@ -139,12 +140,12 @@ class _TimeoutClient:
         except Exception as exc:  # noqa: BLE001 - best effort by contract
             log.warning("qcg.client.close_failed", error=repr(exc))
         try:
-            self.cleanup()  # type: ignore[attr-defined]
+            self.cleanup()  # type: ignore[attr-defined]  # from qcg's Manager
         except Exception as exc:  # noqa: BLE001 - best effort by contract
             log.warning("qcg.client.cleanup_failed", error=repr(exc))
 
 
-class TimeoutManager(_TimeoutClient, Manager):  # type: ignore[misc]
+class TimeoutManager(_TimeoutClient, Manager):  # type: ignore[misc]  # qcg is untyped
     """A client of a running manager; the constructor does one ``status`` round trip."""
 
     def __init__(self, address: str, cfg: dict[str, Any], timeout_s: float) -> None:

@@ -236,16 +236,16 @@ class SomaOperations:
     def _op_workflows(self, workflow_ids: list[int] | None = None) -> dict[str, Any]:
         ids = None if workflow_ids is None else _ids(workflow_ids, "workflow_ids", "workflows")
         with self._using("workflows") as wc:
-            return plain(wc.workflows(ids))  # type: ignore[no-any-return]
+            return plain(wc.workflows(ids))  # type: ignore[no-any-return]  # soma is untyped
 
     def _op_jobs(self, job_ids: list[int] | None = None) -> dict[str, Any]:
         ids = None if job_ids is None else _ids(job_ids, "job_ids", "jobs")
         with self._using("jobs") as wc:
-            return plain(wc.jobs(ids))  # type: ignore[no-any-return]
+            return plain(wc.jobs(ids))  # type: ignore[no-any-return]  # soma is untyped
 
     def _op_transfers(self, transfer_ids: list[str] | None = None) -> dict[str, Any]:
         with self._using("transfers") as wc:
-            return plain(wc.transfers(transfer_ids))  # type: ignore[no-any-return]
+            return plain(wc.transfers(transfer_ids))  # type: ignore[no-any-return]  # soma is untyped
 
     def _op_workflow_status(self, workflow_id: int) -> str:
         wf_id = _id(workflow_id, "workflow_id", "workflow_status")
@@ -255,6 +255,7 @@ class SomaOperations:
     def _op_workflow_elements_status(self, workflow_id: int, with_drms_id: bool = True) -> list[Any]:
         wf_id = _id(workflow_id, "workflow_id", "workflow_elements_status")
         with self._using("workflow_elements_status") as wc:
+            # soma is untyped: plain() of its reply is Any
             return plain(wc.workflow_elements_status(wf_id, with_drms_id=bool(with_drms_id)))  # type: ignore[no-any-return]
 
     def _op_job_status(self, job_id: int) -> str:
@@ -265,11 +266,11 @@ class SomaOperations:
     def _op_job_termination_status(self, job_id: int) -> list[Any]:
         jid = _id(job_id, "job_id", "job_termination_status")
         with self._using("job_termination_status") as wc:
-            return plain(wc.job_termination_status(jid))  # type: ignore[no-any-return]
+            return plain(wc.job_termination_status(jid))  # type: ignore[no-any-return]  # soma is untyped
 
     def _op_transfer_status(self, transfer_id: str) -> list[Any]:
         with self._using("transfer_status") as wc:
-            return plain(wc.transfer_status(transfer_id))  # type: ignore[no-any-return]
+            return plain(wc.transfer_status(transfer_id))  # type: ignore[no-any-return]  # soma is untyped
 
     def _op_retrieve_job_stdouterr(self, job_id: int, max_bytes: int = 1 << 20) -> dict[str, str]:
         """The job's stdout and stderr as text (at most ``max_bytes`` of each, from the end)."""
@@ -355,6 +356,7 @@ class SomaOperations:
                              include_statuses: list[str] | None = None) -> list[int]:
         wf_id, _ = self._wf(workflow_id, "list_failed_jobs")
         with self._using("list_failed_jobs") as wc:
+            # soma is untyped: plain() of its reply is Any
             return plain(Helper.list_failed_jobs(wf_id, wc, bool(include_aborted_jobs),  # type: ignore[no-any-return]
                                                  bool(include_user_killed_jobs), include_statuses))
 

@@ -78,7 +78,7 @@ def _version() -> str:
         from soma_workflow.info import __version__
 
         return str(__version__)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - only a label: any failure reads as unknown
         return "?"
 
 

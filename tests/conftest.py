@@ -69,7 +69,7 @@ def broker_factory(tmp_path: Path) -> Iterator[object]:
         fields: dict[str, object] = {"transport": "tcp", "insecure_loopback": True, "request_port": 0, "publish_port": 0,
                                      "ingest_port": 0, "command_port": 0, "heartbeat_interval": 0.1,
                                      "grant_key_file": key, **bus}
-        cfg = BusConfig(**fields)  # type: ignore[arg-type]
+        cfg = BusConfig(**fields)  # type: ignore[arg-type]  # fields: dict[str, object]
         n = len(made)
         bp = BrokerProcess(cfg, str(tmp_path / f"journal{n}") if journal else None, log_path=str(tmp_path / f"broker{n}.log"))
         bp.start()

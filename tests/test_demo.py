@@ -111,7 +111,7 @@ def run_wrapped(args: list[str], timeout: float, term_on: str = "", signum: int 
     done = subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(argv), str(timeout), term_on, str(int(signum))],
                           capture_output=True, text=True, timeout=timeout + 240, env={**os.environ})
     assert done.returncode == 0, f"wrapper failed: {done.stderr[-3000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]  # parsed JSON
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

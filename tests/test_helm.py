@@ -689,7 +689,7 @@ class TestPodsTalk:
             cfg = load_config(pod_root / "etc/flowbus/flowbus.toml")
             address = cfg.bus.request_address()
             with Client(address, curve=cfg.bus.curve, timeout=10) as client:
-                assert client.info["curve_server_key"] == ClientCurve.from_config(cfg.bus.curve).server_public.decode()  # type: ignore[union-attr]
+                assert client.info["curve_server_key"] == ClientCurve.from_config(cfg.bus.curve).server_public.decode()  # type: ignore[union-attr]  # curve is configured here
                 with client.expect("qcg/pod/state/j1 state=complete", timeout=20) as exp:
                     pub = Publisher(address, curve=ClientCurve.from_config(cfg.bus.curve), timeout=10)
                     try:

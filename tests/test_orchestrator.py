@@ -114,7 +114,7 @@ class System:
         self.feeder.flush(10)
 
     def status(self) -> dict[str, Any]:
-        return ray.get(self.orch.status.remote(), timeout=30)  # type: ignore[no-any-return]
+        return ray.get(self.orch.status.remote(), timeout=30)  # type: ignore[no-any-return]  # status() answers a dict
 
     def restart_orchestrator(self) -> None:
         """Kill the actor's process; Ray restarts it and it resumes from its checkpoint by itself."""

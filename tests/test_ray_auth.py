@@ -118,7 +118,7 @@ def gcs_call(address: str, header: str | None) -> str:
     with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
         try:
-            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=10,  # type: ignore[attr-defined]
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=10,  # type: ignore[attr-defined]  # generated protobuf
                               metadata=(("authorization", header),) if header else ())
         except grpc.RpcError as exc:
             return str(exc.code().name)
@@ -169,7 +169,7 @@ class TestSessionRayAdmitsOnlyTheToken:
             assert (env.get("RAY_AUTH_MODE"), env.get("RAY_AUTH_TOKEN_PATH"), env.get("RAY_AUTH_TOKEN")) == (
                 "token", str(token), None), name
 
-        @ray.remote(num_cpus=0)  # type: ignore[untyped-decorator]
+        @ray.remote(num_cpus=0)  # type: ignore[untyped-decorator]  # ray.remote is untyped
         def worker_env() -> tuple[str | None, str | None, bool]:
             return os.environ.get("RAY_AUTH_MODE"), os.environ.get("RAY_AUTH_TOKEN_PATH"), "RAY_AUTH_TOKEN" in os.environ
 

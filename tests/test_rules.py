@@ -181,7 +181,7 @@ class TestIdempotencyAndCheckpoint:
     def test_pending_absence_timer_survives_restore(self) -> None:
         """A pending absence timer restored from a checkpoint fires at its original deadline."""
         s = Stream()
-        cfg = RuleConfig(name="r", when={"absent": "qcg/local/state/a state=complete",  # type: ignore[arg-type]
+        cfg = RuleConfig(name="r", when={"absent": "qcg/local/state/a state=complete",  # type: ignore[arg-type]  # a plain dict, as TOML gives
                                          "after": "qcg/local/state/a state=active", "within": 30})
         cfg = msgspec.convert(msgspec.to_builtins(cfg), RuleConfig)
         rules1, _ = compile_rules([cfg], CATALOG)
@@ -238,7 +238,7 @@ class TestActions:
         (f,) = e.feed(s.state("local", "a", "aborted", 0))
         pub = render(acts[0], f)
         assert pub == PublishSpec(type="log", fields={"level": "alert", "message": "a is aborted", "key": "a"})
-        render(acts[1], f)(f)  # type: ignore[operator]
+        render(acts[1], f)(f)  # type: ignore[operator]  # a Callback action here
         assert seen == [f]
 
 

@@ -39,7 +39,7 @@ from flowbus.schemas import (
 )
 
 try:  # services may define more error types; the pickling test should cover them too
-    import flowbus.services  # noqa: F401
+    import flowbus.services  # noqa: F401 - imported for the error types it defines
 except ImportError:  # pragma: no cover - reported by test_exports
     pass
 
@@ -104,7 +104,7 @@ any_event = st.one_of(*(event_strategy(cls) for cls in EVENT_TYPES))
 
 
 def as_builtins(ev: Event) -> dict[str, Any]:
-    return msgspec.to_builtins(ev)  # type: ignore[no-any-return]
+    return msgspec.to_builtins(ev)  # type: ignore[no-any-return]  # a dict for a Struct
 
 
 # -- event types -------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class TestEventTypes:
         assert (out.seq, out.incarnation, out.state) == (7, 2, State.QUEUED)
         assert ev.seq == 0
         with pytest.raises(AttributeError):
-            ev.seq = 3  # type: ignore[misc]
+            ev.seq = 3  # type: ignore[misc]  # frozen: that is the test
 
     def test_final_states(self) -> None:
         """Only complete, aborted and cancelled are final."""
