@@ -400,11 +400,12 @@ class TestRayClient:
             assert r["inc"] > r["inc_before"]
 
     def test_events_reach_the_bus_and_flowbus_call_works_through_ray_client(self, client_run: dict[str, Any]) -> None:
-        """`flowbus call` (its own Ray Client driver) runs session operations; their effects arrive on the bus."""
+        """`flowbus call` (through the bus to the Supervisor on the Ray Client cluster) runs session operations; their effects arrive on the bus."""
         for run in self.RUNS:
             r = client_run[run]
             calls = r["calls"]
-            assert calls["version"]["code"] == 0 and json.loads(calls["version"]["stdout"]), calls["version"]
+            # a string result is printed as it is: the server's version, e.g. 5.9.2
+            assert calls["version"]["code"] == 0 and calls["version"]["stdout"].strip()[:1].isdigit(), calls["version"]
             for op in ("load", "begin", "resume"):
                 if op in calls:
                     assert calls[op]["code"] == 0, (op, calls[op])
