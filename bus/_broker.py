@@ -7,7 +7,6 @@ lost across a broker restart. Gaps from a publisher are NACKed; stale incarnatio
 
 from __future__ import annotations
 
-import grp
 import os
 import time
 import uuid
@@ -36,6 +35,7 @@ from flowbus.schemas import (
 from . import _framing as fr
 from ._commands import CommandRouter
 from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
+from ._endpoints import chmod_ipc, ipc_targets, tcp_targets
 from ._grant import check_grant, load_grant_key
 from ._journal import Journal, SourceLog
 
@@ -51,7 +51,6 @@ _NACK_EVERY = 0.2  # seconds between NACKs for the same source
 MAX_EPOCH = 2**31 - 1
 MAX_SEQ = 2**53
 _MAX_NAME = 128  # characters in a source or backend name
-_IPC_PATH_MAX = 100  # a Unix socket path has ~107 bytes; keep room
 #: every this many ticks a tick carries every source's marks; the others carry only the sources
 #: whose marks changed since the previous tick (a subscriber that misses a tick sees the jump in
 #: the tick number and asks for all marks)
@@ -128,11 +127,13 @@ class Broker:
                 self._auth.apply_server(sock, WRITE_DOMAIN if sock in (self.ingest, self.cmd) else READ_DOMAIN)
         self.ingest.router_handover = True  # a publisher's reconnect keeps its routing id
         try:
-            targets = self._ipc_targets() if cfg.transport == "ipc" else self._tcp_targets()
+            targets = ipc_targets(cfg) if cfg.transport == "ipc" else tcp_targets(cfg)
         except (OSError, ConfigError):
             self.close()
             raise
-        for name, sock, target in targets:
+        sockets = {"request": self.req, "publish": self.xpub, "ingest": self.ingest, "command": self.cmd}
+        for name, target in targets.items():
+            sock = sockets[name]
             try:
                 sock.bind(target)
             except zmq.ZMQError as exc:
@@ -141,7 +142,7 @@ class Broker:
                               "(another broker or `flowbus up` running?)") from exc
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if cfg.transport == "ipc":
-            self._chmod_ipc()
+            chmod_ipc(cfg, self.endpoints)
         self._own = self.journal.source(BROKER_SOURCE)
         self._own = self.journal.register(BROKER_SOURCE, "flowbus", (self._own.epoch if self._own else 0) + 1,
                                           self._own.last_seq if self._own else 0)
@@ -152,48 +153,6 @@ class Broker:
         log.info("broker.bound", broker_id=self.broker_id, **self.endpoints, grants=self._grant_key is not None,
                  curve=self._auth is not None, journal=len(self.journal), sources=len(self.journal.sources))
         return dict(self.endpoints)
-
-    def _tcp_targets(self) -> list[tuple[str, zmq.Socket[bytes], str]]:
-        cfg = self.config
-        return [("request", self.req, f"tcp://{cfg.host}:{cfg.request_port or '*'}"),
-                ("publish", self.xpub, f"tcp://{cfg.host}:{cfg.publish_port or '*'}"),
-                ("ingest", self.ingest, f"tcp://{cfg.host}:{cfg.ingest_port or '*'}"),
-                ("command", self.cmd, f"tcp://{cfg.host}:{cfg.command_port or '*'}")]
-
-    def _ipc_targets(self) -> list[tuple[str, zmq.Socket[bytes], str]]:
-        """``<ipc-dir>/{request,publish}`` and ``<ipc-dir>/owner/{ingest,command}``; the directories are
-        created private (0700; 0750 with ``ipc-group``) and tightened when they exist."""
-        cfg = self.config
-        if not cfg.ipc_dir:
-            raise ConfigError("bus.ipc-dir: required with bus.transport = \"ipc\" (`flowbus up` uses <state-dir>/bus)")
-        base = Path(cfg.ipc_dir).expanduser().absolute()
-        owner = base / "owner"
-        if len(str(owner / "ingest")) > _IPC_PATH_MAX:
-            raise ConfigError(f"bus.ipc-dir: {str(base)!r} is too long for Unix socket paths "
-                              f"(at most ~{_IPC_PATH_MAX - 13} characters); choose a shorter state-dir or ipc-dir")
-        owner.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if cfg.ipc_group:
-            try:
-                gid = grp.getgrnam(cfg.ipc_group).gr_gid
-            except KeyError:
-                raise ConfigError(f"bus.ipc-group: no Unix group named {cfg.ipc_group!r}") from None
-            os.chown(base, -1, gid)
-            base.chmod(0o750)
-        else:
-            base.chmod(0o700)
-        owner.chmod(0o700)
-        return [("request", self.req, f"ipc://{base / 'request'}"),
-                ("publish", self.xpub, f"ipc://{base / 'publish'}"),
-                ("ingest", self.ingest, f"ipc://{owner / 'ingest'}"),
-                ("command", self.cmd, f"ipc://{owner / 'command'}")]
-
-    def _chmod_ipc(self) -> None:
-        """Socket files: the group (when configured) may connect to the read sockets only."""
-        mode = 0o660 if self.config.ipc_group else 0o600
-        for name in ("request", "publish"):
-            os.chmod(self.endpoints[name].removeprefix("ipc://"), mode)
-        for name in ("ingest", "command"):
-            os.chmod(self.endpoints[name].removeprefix("ipc://"), 0o600)
 
     def _report_damage(self) -> None:
         """Journal records found damaged at load: one log line each (the journal's) and one

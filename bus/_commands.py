@@ -35,6 +35,7 @@ import zmq
 from flowbus.schemas import FlowbusError, all_error_types
 
 from . import _framing as fr
+from ._request import connect_dealer
 
 if TYPE_CHECKING:
     from ._curve import ClientCurve
@@ -193,13 +194,7 @@ class CommandServer:
         self._thread.start()
 
     def _loop(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.reconnect_ivl = 20
-        sock.reconnect_ivl_max = 500
-        if self.curve is not None:
-            self.curve.apply(sock)
-        sock.connect(self.endpoint)
+        sock = connect_dealer(self._ctx, self.endpoint, self.curve)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_fd, zmq.POLLIN)

@@ -24,7 +24,7 @@ from flowbus.schemas import BusBroken, BusClosed, Event, Fenced, SourceRefused
 
 from . import _framing as fr
 from ._curve import ClientCurve
-from ._request import broker_info, same_host
+from ._request import broker_info, connect_dealer, same_host
 
 log = structlog.get_logger("flowbus.publisher")
 
@@ -260,16 +260,9 @@ class Publisher:
             pass
 
     def _io_loop(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.routing_id = self._routing_id
-        sock.linger = 0
-        sock.sndhwm = 0
+        sock = connect_dealer(self._ctx, self.ingest_endpoint, self.curve, routing_id=self._routing_id)
+        sock.sndhwm = 0  # the source's unacked buffer is the bound (max_unacked), not the socket
         sock.rcvhwm = 0
-        sock.reconnect_ivl = 20
-        sock.reconnect_ivl_max = 500
-        if self.curve is not None:
-            self.curve.apply(sock)
-        sock.connect(self.ingest_endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_fd, zmq.POLLIN)
