@@ -182,7 +182,11 @@ class TestControl:
         log = run.call("client", "get_log", 100)
         assert isinstance(log, str) and "--load" in log, log[-500:]
         with pytest.raises(BackendRejected, match="not a public"):
-            run.call("client", "set_host_port", "x", "1")
+            run.call("client", "_no_such")
+        for breaking in (("set_host_port", "x", "1"), ("set_user_name", "x"), ("reset",), ("enable_ssl",)):
+            with pytest.raises(BackendRejected, match=rf"'{breaking[0]}' is refused on session 'e0'"):
+                run.call("client", *breaking)
+        assert run.call("suites") == ["g"]  # the session still works
         run.call("alter", "/g/t", "change", "event", "go", "clear")
         run.rec.wait_for(lambda es: [e for e in es if isinstance(e, AttributeChanged) and e.name == "go"
                                      and e.value is False], 10, "event go cleared")
@@ -325,22 +329,28 @@ class TestBadInput:
         assert run.session.phase == "up"
 
     @pytest.mark.timeout(10)
-    def test_unreachable_port_fails_fast(self) -> None:
-        """start() against a port nobody listens on raises BackendUnavailable within its timeout."""
+    def test_unreachable_port_opens_disconnected(self) -> None:
+        """start() against a port nobody listens on returns within its timeout with the session
+        down: Disconnected (will retry) names why, and calls name the session."""
         from flowbus._demo_servers import free_port
         from recorder import Recorder
 
         session = EcflowSession(EcflowSessionConfig(name="dead", host="127.0.0.1", port=free_port(), timeout=0.3))
         assert isinstance(session, BackendSession)
+        rec = Recorder()
         t0 = time.monotonic()
-        with pytest.raises(BackendUnavailable, match=r"(?i)connect"):
-            session.start(Recorder(), {})
+        session.start(rec, {})
         assert time.monotonic() - t0 < 2.0
+        assert session.phase == "down"
+        down = [e for e in rec.events if isinstance(e, Disconnected)]
+        assert len(down) == 1 and down[0].will_retry and "connect" in down[0].reason.lower(), rec.events
+        with pytest.raises(BackendUnavailable, match="session 'dead' is disconnected"):
+            session.call("ping")
         session.kill()
 
     @pytest.mark.timeout(20)
     def test_silent_server_times_out(self) -> None:
-        """A port that accepts but never answers fails start() after request-timeout, not ecFlow's 20 s."""
+        """A port that accepts but never answers ends start() disconnected after request-timeout, not ecFlow's 20 s."""
         from recorder import Recorder
 
         with socket.socket() as silent:
@@ -349,10 +359,12 @@ class TestBadInput:
             port = silent.getsockname()[1]
             session = EcflowSession(EcflowSessionConfig(name="mute", host="127.0.0.1", port=port, timeout=0.0,
                                                         request_timeout=1))
+            rec = Recorder()
             t0 = time.monotonic()
-            with pytest.raises((BackendTimeout, BackendUnavailable)):
-                session.start(Recorder(), {})
+            session.start(rec, {})
             assert time.monotonic() - t0 < 3.0
+            assert session.phase == "down"
+            assert [e for e in rec.events if isinstance(e, Disconnected)], rec.events
             session.kill()
 
 
@@ -479,7 +491,7 @@ class TestRecovery:
         assert gave[0].attempts == 3
         assert run.session.phase == "dead"
         t0 = time.monotonic()
-        with pytest.raises(BackendUnavailable, match="not connected"):
+        with pytest.raises(BackendUnavailable, match="session 'e0' gave up reconnecting"):
             run.call("ping")
         assert time.monotonic() - t0 < 0.5
 
@@ -550,7 +562,7 @@ class TestTree:
 
     def test_partial_read_removal_and_retry_visible(self) -> None:
         """A try-number change alone is an event, a gone path removes its subtree, attributes keep previous values."""
-        from flowbus.services._ecflow_tree import NodeObs, Snapshot, Tree
+        from flowbus.services.ecflow._tree import NodeObs, Snapshot, Tree
 
         tree = Tree("s")
         full = Snapshot(full=True, server="RUNNING", suites=["a"],

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("ecflow", reason="python3-ecflow is not installed (bash scripts/dev.sh setup)")
 
 from flowbus.schemas import AttributeChanged, Observed, StateChanged
-from flowbus.services._ecflow_tree import NodeObs, Snapshot, Tree
+from flowbus.services.ecflow._tree import NodeObs, Snapshot, Tree
 
 
 def _snapshot(tasks: int, label: str = "") -> Snapshot:

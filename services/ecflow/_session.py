@@ -1,0 +1,244 @@
+"""The ecFlow backend session: one running ``ecflow_server`` observed by polling.
+
+Observation: each poll asks ``news_local()``; when there is news, ``sync_local()`` and only the
+nodes in ``changed_node_paths`` are read (an empty list means the client got the whole
+definition: the whole tree is diffed). Changes are published with ``observed=poll``; the diff
+against ``known`` in :meth:`EcflowSession.start` and after every reconnect uses ``resync``.
+Keys are absolute node paths; the server itself is ``/`` (see :mod:`._ecflow_tree`).
+
+Events: ``StateChanged`` per node (``state`` normalised, ``native`` ecFlow's display state with
+``suspended`` as SUSPENDED, ``try_no`` from ECF_TRYNO, the aborted reason in ``detail``; a node
+that disappears goes UNKNOWN with ``native=""``), ``AttributeChanged`` per event/meter/label
+(``kind`` "event"/"meter"/"label"). The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
+state is a ``StateChanged`` (ACTIVE/SUSPENDED/SUSPENDED) and each suite an ``AttributeChanged``
+with ``kind="suite"`` (True while loaded, False once deleted).
+
+Liveness and recovery: a failed poll publishes ``Disconnected`` at once; reconnects follow with
+backoff. A server restarted between two polls is found by its new ECF_PID (or, for a session
+that called ``ch_register``, by the server refusing its handle). Every reconnect resets the
+client, registers the handle again, restarts a HALTED server when ``restart-halted`` is set,
+and publishes ``RecoveryAttempted``, ``Connected``, the ``resync`` diff and ``Resynced``.
+
+The GIL: ``ecflow.Client`` holds it for a whole request, retry sleeps included, so the client
+is built with one connection attempt and no retry period: a dead server costs well under a
+millisecond per poll and never stalls the other sessions of the process. A server that accepts
+but never answers holds it for ``request-timeout`` seconds (ecFlow's own default is 20 s).
+
+Threads: :meth:`EcflowSession.poll` runs on one worker thread; :meth:`EcflowSession.call` may
+come from any thread. One lock serialises every use of the client (its defs are mutated in place
+by ``sync_local``) and of the session's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import ecflow
+
+from flowbus.schemas import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    Disconnected,
+    EcflowSessionConfig,
+    Event,
+    Observed,
+    RecoveryAttempted,
+)
+
+from .._ops import Operations
+from .._session import Opened, SessionBase
+from ._errors import ecflow_errors
+from ._ops import OPS
+from ._tree import Tree, read_full, read_paths, server_pid
+
+#: the client's constructor reads its settings from the environment: one construction at a time
+_ENV_LOCK = threading.Lock()  # ECF_CONNECT_TIMEOUT and ECF_CUSTOM_PASSWD are read from os.environ
+_HANDLE_GONE = "does not exist in server"
+
+
+class EcflowSession(SessionBase):
+    """A session with one ecFlow server (implements ``BackendSession``).
+
+    Operations (:meth:`call`): ``load(text=None, *, path=None, force=False, check_only=False)``,
+    ``replace(node_path, text=None, *, path=None, create_parents=True, force=False)``,
+    ``delete(path, force=False)``, ``begin_suite(suite, force=False)``,
+    ``begin_all_suites(force=False)``, ``suspend(path)``, ``resume(path)``,
+    ``requeue(path, option="")``, ``force_state(path, state)``,
+    ``force_state_recursive(path, state)``, ``force_event("/s/t:ev", "set"|"clear")``,
+    ``run(path, force=False)``, ``kill(path)``, ``alter(path, alter_type, attr_type, name, value)``,
+    ``query(query_type, path, attribute="") -> str``, ``check(path="") -> str``,
+    ``get_file(path, file_type="script", max_lines=10000) -> str``, ``get_defs() -> str``,
+    ``suites() -> list[str]``, ``checkpt(mode=None, interval=0, alarm=0)``,
+    ``restore_from_checkpt()``, ``halt_server()``, ``restart_server()``, ``shutdown_server()``,
+    ``terminate_server()``, ``ping()``, ``server_version() -> str``, ``stats()``,
+    ``ch_register(auto_add, suites) -> int`` and ``client(method, *args, **kwargs)``, which
+    reaches any other public ``ecflow.Client`` method (zombie_*, free_*_dep, order, edit_script_*,
+    get_log, job_generation, ...) with its result as plain data (``Defs`` as text).
+
+    Errors: ``BackendRejected`` (the server refused; its message is in the text),
+    ``BackendUnavailable`` (no server, or it is being reconnected), ``BackendTimeout``,
+    ``UnknownOperation``.
+    """
+
+    backend = "ecflow"
+    ops: ClassVar[Operations[Any]] = OPS
+
+    def __init__(self, config: EcflowSessionConfig) -> None:
+        super().__init__(config, backoff_first=config.reconnect_backoff,
+                         reconnect_attempts=config.reconnect_attempts, start_timeout=config.timeout)
+        self.config: EcflowSessionConfig = config
+        self._tree = Tree(config.name)
+        self._client: Any = None
+        self._handle: tuple[bool, list[str]] | None = None
+        self._next_clear_log = 0.0
+        self._server_pid = ""
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    def _seed(self, known: Mapping[str, Event]) -> None:
+        self._tree.seed(known)
+
+    def _open(self, observed: Observed) -> Opened:
+        """Ping, restart a HALTED server when configured, re-register the handle, full sync and
+        diff. The server is never started here: the session always talks to ``host:port``."""
+        if self._client is None:
+            self._client = self._make_client()
+        client = self._client
+        with ecflow_errors("connect"):
+            client.ping()
+            client.reset()  # drops a handle the server may no longer know; next sync is full
+            if self._handle is not None:
+                client.ch_register(*self._handle)
+            client.sync_local()
+            defs = client.get_defs()
+            if self.config.restart_halted and defs is not None and str(defs.get_server_state()) == "HALTED":
+                self._log.info("ecflow.server.restarted", reason="found HALTED")
+                client.restart_server()
+                client.sync_local()
+                defs = client.get_defs()
+            snap = read_full(defs)
+            version = str(client.server_version())
+            self._server_pid = server_pid(defs)
+        self._next_clear_log = time.monotonic() + self.config.clear_log_interval
+        events = self._tree.diff(snap, observed, "not known to the ecFlow server")
+        return Opened(self.address, f"ecflow {version}", events, len(snap.nodes))
+
+    def _observe(self) -> None:
+        client = self._client
+        try:
+            with ecflow_errors("poll"):
+                if client.news_local():
+                    self._sync(client)
+                if self.config.clear_log_interval > 0 and time.monotonic() >= self._next_clear_log:
+                    client.clear_log()
+                    self._next_clear_log = time.monotonic() + self.config.clear_log_interval
+        except (BackendUnavailable, BackendTimeout):
+            raise
+        except BackendError as exc:
+            if _HANDLE_GONE in str(exc) and self._handle is not None:
+                try:
+                    with ecflow_errors("poll"):
+                        self._restarted(f"client handle unknown to the server: {exc}", "ch_register")
+                except (BackendUnavailable, BackendTimeout):
+                    raise
+                except BackendError as again:
+                    self._log.warning("ecflow.handle.register_failed", error=str(again))
+            else:
+                self._log.warning("ecflow.poll.failed", error=str(exc))
+
+    def _drop(self) -> None:
+        self._client = None
+
+    def _close(self, was_up: bool) -> None:
+        """Drop the change handle (when the server is reachable) and the client. The server (not
+        ours) keeps running."""
+        if self._client is not None and self._handle is not None and was_up:
+            try:
+                with ecflow_errors("ch_drop"):
+                    self._client.ch_drop()
+            except BackendError as exc:
+                self._log.info("ecflow.handle.drop_failed", error=str(exc))
+        self._client = None
+
+    # _let_go: dropping the client leaves the change handle registered: ch_drop would be a request
+    # to a server this process may no longer reach; the new session on host:port resyncs.
+
+    # -- helpers for the operations --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _using(self, operation: str) -> Iterator[Any]:
+        """The client, under the lock, with ecFlow errors mapped at this edge."""
+        with self._lock:
+            self._require_up(operation)
+            self._log.debug("ecflow.call.started", operation=operation)
+            try:
+                with ecflow_errors(operation):
+                    yield self._client
+            except BackendError as exc:
+                self._log.warning("ecflow.call.failed", operation=operation, error=str(exc))
+                raise
+            self._log.debug("ecflow.call.complete", operation=operation)
+
+    def _refresh(self, client: Any) -> None:
+        """The client's defs were replaced outside poll(): diff them now so nothing is skipped."""
+        self._publish(self._tree.diff(read_full(client.get_defs()), Observed.POLL))
+
+    # -- connecting and observing --------------------------------------------------------------------
+
+    def _make_client(self) -> Any:
+        cfg = self.config
+        # the client's constructor reads these from the environment (there is no setter)
+        env = {"ECF_CONNECT_TIMEOUT": str(max(1, int(cfg.request_timeout)))}
+        if cfg.password_file:
+            env["ECF_CUSTOM_PASSWD"] = cfg.password_file
+        with _ENV_LOCK:
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                client = ecflow.Client(cfg.host, str(cfg.port))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        # one attempt, no sleep between attempts: the client holds the GIL while it retries
+        client.set_connection_attempts(1)
+        client.set_retry_connection_period(0)
+        if cfg.user:
+            client.set_user_name(cfg.user)
+        if cfg.ssl:
+            client.enable_ssl()
+        return client
+
+    def _sync(self, client: Any) -> None:
+        client.sync_local()
+        paths = list(client.changed_node_paths)
+        defs = client.get_defs()
+        if not paths:  # a full sync: a server restarted between two polls shows up only here
+            pid = server_pid(defs)
+            if pid and self._server_pid and pid != self._server_pid:
+                self._restarted(f"server restarted between polls (pid {self._server_pid} -> {pid})", "")
+                return
+        snap = read_full(defs) if not paths else read_paths(defs, paths)
+        self._publish(self._tree.diff(snap, Observed.POLL))
+
+    def _restarted(self, reason: str, action: str) -> None:
+        """The server restarted unseen (a new pid, or our handle is unknown to it): report the
+        loss, then reconnect at once (handle re-registered, restart policy, resync diff)."""
+        self._log.warning("ecflow.server.restarted_unseen", reason=reason)
+        self._publish([self._ev(Disconnected, reason=reason, will_retry=True)])
+        self._connect(Observed.RESYNC, (self._ev(RecoveryAttempted, action=action or "reconnect", reason=reason),))
+
+
+__all__ = ["EcflowSession"]
