@@ -6,5 +6,17 @@ from ._ops import Operations
 from ._registry import session_for
 from ._session import Opened, Phase, SessionBase
 
-__all__ = ["BackendSession", "Backoff", "DifxCallbacks", "Emit", "Operations", "Opened", "Phase", "Releasable",
-           "SessionBase", "dispatch", "map_errors", "session_for"]
+__all__ = [
+           "BackendSession",
+           "Backoff",
+           "DifxCallbacks",
+           "Emit",
+           "Opened",
+           "Operations",
+           "Phase",
+           "Releasable",
+           "SessionBase",
+           "dispatch",
+           "map_errors",
+           "session_for",
+]
