@@ -327,7 +327,7 @@ class TestBadInput:
     @pytest.mark.timeout(10)
     def test_unreachable_port_fails_fast(self) -> None:
         """start() against a port nobody listens on raises BackendUnavailable within its timeout."""
-        from flowbus._demo_servers import free_port
+        from flowbus.demo import free_port
         from recorder import Recorder
 
         session = EcflowSession(EcflowSessionConfig(name="dead", host="127.0.0.1", port=free_port(), timeout=0.3))
