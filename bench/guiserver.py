@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import signal
 import socket
@@ -49,8 +48,6 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import BenchError, Children, cpu_s, log, median, percentile, table
 

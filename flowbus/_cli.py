@@ -285,7 +285,7 @@ def _session_call(args: argparse.Namespace, session: str, operation: str, call_a
         # first and nothing of the bus beyond the command client (see bench/call.py)
         import zmq
 
-        from flowbus.bus._command_client import Commander
+        from flowbus.bus import Commander
 
         curve = None
         if isinstance(run.get("curve"), dict) and (run["curve"].get("server_secret_key_file")
@@ -370,7 +370,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flowbus._demo import run_demo
+    from flowbus.demo import run_demo
 
     return run_demo(as_json=args.json, keep_going=args.keep_going, timeout=args.timeout)
 

@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from ._lazy import lazy_exports as _lazy_exports
+from ._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._codec import REASONS, classify, decode, decode_many, encode, encode_many, reason_of
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
         stamp,
         tag_of,
     )
+    from ._paths import private_state_dir
     from ._rules import CallAction, PolicyConfig, RuleConfig, ThenAction, When, WhenTable
     from ._states import Backend, Observed, State
     from ._workflow import JobSpec, WorkflowSpec, parse_workflow
@@ -147,13 +148,14 @@ _WHERE = {
     "load_config": "_config",
     "parse_config": "_config",
     "parse_workflow": "_workflow",
+    "private_state_dir": "_paths",
     "reason_of": "_codec",
     "stamp": "_events",
     "tag_of": "_events",
 }
 
 
-__getattr__ = _lazy_exports(__name__, globals(), _WHERE)
+__getattr__ = lazy_exports(__name__, globals(), _WHERE)
 
 __all__ = [
     "EVENT_TYPES",
@@ -226,9 +228,11 @@ __all__ = [
     "encode",
     "encode_many",
     "is_loopback",
+    "lazy_exports",
     "load_config",
     "parse_config",
     "parse_workflow",
+    "private_state_dir",
     "reason_of",
     "stamp",
     "tag_of",

@@ -160,8 +160,8 @@ class PublishSpec(msgspec.Struct, frozen=True):
 
 
 #: a Python callback action (API users): called with the Firing
-Callback = Callable[[Firing], Any]
-Action = CallSpec | PublishSpec | Callback
+FiringCallback = Callable[[Firing], Any]
+Action = CallSpec | PublishSpec | FiringCallback
 
 
 def check_call(call: CallAction | CallSpec, catalog: Catalog) -> CallSpec:
@@ -190,7 +190,7 @@ def check_publish(fields: Mapping[str, Any]) -> PublishSpec:
     return PublishSpec(type=tag, fields=data)
 
 
-def build_actions(then: Sequence[ThenAction | CallSpec | PublishSpec | Callback | Mapping[str, Any]],
+def build_actions(then: Sequence[ThenAction | CallSpec | PublishSpec | FiringCallback | Mapping[str, Any]],
                   catalog: Catalog) -> list[Action]:
     out: list[Action] = []
     for i, given in enumerate(then):
@@ -397,7 +397,7 @@ def loads(raw: bytes) -> Any:
 
 
 __all__ = [
-    "AbsentNode", "Action", "AllNode", "AnyNode", "CallSpec", "Callback", "Catalog", "CountNode", "Engine", "Firing",
-    "MatchNode", "Node", "PublishSpec", "Rule", "SequenceNode", "Trig", "build_actions", "build_node", "check_match",
-    "compile_rule", "compile_rules", "render", "substitute",
+    "AbsentNode", "Action", "AllNode", "AnyNode", "CallSpec", "Catalog", "CountNode", "Engine", "Firing",
+    "FiringCallback", "MatchNode", "Node", "PublishSpec", "Rule", "SequenceNode", "Trig", "build_actions",
+    "build_node", "check_match", "compile_rule", "compile_rules", "dumps", "loads", "render", "substitute",
 ]

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._demo_stages import DIFX_INPUT, ECF_FAILING, ECF_SUITE, QCG_JOB_SPEC, workflow_spec
+from ._stages import DIFX_INPUT, ECF_FAILING, ECF_SUITE, QCG_JOB_SPEC, workflow_spec
 
 #: workflow-level events only: soma's workflow natives are ``workflow_*`` (jobs say ``done``);
 #: a WMS workflow is keyed by its submit path ``.../demo-wms-<UTC stamp>-<n>`` (jobs add ``/<job>``)

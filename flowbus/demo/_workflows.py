@@ -10,8 +10,8 @@ from typing import Any
 from flowbus.bus import Match
 from flowbus.schemas import FlowbusError, State, StateChanged, WaitTimeout
 
-from ._demo_stages import Ctx, workflow_spec
-from ._demo_view import StageResult
+from ._stages import Ctx, workflow_spec
+from ._view import StageResult
 
 
 def _jobs_done(ctx: Ctx, backend: str, source: str, prefix: str) -> int:

@@ -14,8 +14,8 @@ import structlog
 from flowbus.bus import Match
 from flowbus.schemas import AttributeChanged, FlowbusError, RecoveryGaveUp, State, StateChanged, WaitTimeout
 
-from ._demo_servers import LoopbackEcflowServer
-from ._demo_view import LiveView, StageResult
+from ._servers import LoopbackEcflowServer
+from ._view import LiveView, StageResult
 
 log = structlog.get_logger("flowbus.demo")
 
@@ -26,6 +26,8 @@ task prepare
 task ingest
   trigger prepare == complete
 """
+#: the job script of each task, by name; read when the suite is written (a test swaps one for a
+#: task that always fails)
 ECF_SCRIPTS = {
     "prepare": "echo 'prepare: staging inputs'\nsleep 0.3\n",
     "ingest": """\
@@ -153,7 +155,7 @@ def qcg_stage(ctx: Ctx, st: StageResult, kick: bool) -> None:
 
 def workflow_stages(ctx: Ctx, soma: StageResult | None, wms: StageResult | None, kick: bool) -> None:
     """Submit one WorkflowSpec to soma-workflow and one to the WMS (Parsl), then wait for both."""
-    from ._demo_workflows import submit_and_wait
+    from ._workflows import submit_and_wait
 
     submit_and_wait(ctx, soma, wms, kick)
 

@@ -30,7 +30,7 @@ from flowbus.schemas import (
     StateChanged,
 )
 
-from ._rules import CallSpec, Catalog, check_match
+from ._engine import CallSpec, Catalog, check_match
 
 #: backend -> the operation a retry runs (see :func:`recovery_calls` for the arguments)
 RETRY_OPERATION: Mapping[str, str] = {

@@ -2,7 +2,7 @@
 ``ecflow_server`` processes, compared in the same run with the naive loop scripts use today
 (``get_server_defs()`` every interval).
 
-    .venv/bin/python bench/ecflow.py [--quick] [--servers N] [--json PATH]
+    .venv/bin/python bench/ecflow_poll.py [--quick] [--servers N] [--json PATH]
 
 Every server is a real ``ecflow_server`` on 127.0.0.1 (LD_PRELOAD loopback bind shim, built by
 ``scripts/dev.sh`` or here from ``scripts/loopback_bind.c``), a free port in 1024-49151, its own
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -50,11 +49,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-
-# this file is named ecflow.py: its folder must not be on sys.path, or ``import ecflow`` finds it
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.append(_HERE)  # last: the real ecflow module wins; _common is still found
 
 import _scale_servers
 from _common import BenchError, Noise, cpu_s, log, median, percentile

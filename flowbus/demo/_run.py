@@ -3,7 +3,7 @@
 It starts everything it needs in a private state directory (a broker on ipc sockets in it,
 a loopback Ray, the Supervisor and the Orchestrator, and its own servers: an ``ecflow_server``
 on 127.0.0.1 when ecFlow is installed, and the guiServer emulator), shows every event live,
-begins the first stage, and lets the Orchestrator's rules (``_demo_rules.py``) chain the rest:
+begins the first stage, and lets the Orchestrator's rules (``_rules.py``) chain the rest:
 
     ecFlow suite (one task fails once; a recovery policy requeues it)
       -> QCG-PilotJob ensemble of N iterations
@@ -38,8 +38,8 @@ from flowbus.schemas import (
     SessionConfig,
 )
 
-from ._demo_servers import LoopbackEcflowServer, ecflow_missing
-from ._demo_stages import (
+from ._servers import LoopbackEcflowServer, ecflow_missing
+from ._stages import (
     DIFX_JOB,
     DIFX_TICKS,
     ECF_FAILING,
@@ -51,7 +51,7 @@ from ._demo_stages import (
     qcg_stage,
     run_stage,
 )
-from ._demo_view import LiveView, StageResult, print_summary
+from ._view import LiveView, StageResult, print_summary
 
 log = structlog.get_logger("flowbus.demo")
 
@@ -106,7 +106,7 @@ def _config(state: Path, ecf_port: int | None, difx_port: int, has_soma: bool, h
     if has_wms:
         raw["sessions"].append({"backend": "wms", "name": "wms", "actor": "workflows",
                                 "submit-dir": str(state / "wms")})
-    from ._demo_rules import rules_and_policies
+    from ._rules import rules_and_policies
 
     raw["rules"], raw["policies"] = rules_and_policies(ecf_port is not None, has_soma, has_wms)
     from flowbus.schemas import parse_config
@@ -253,7 +253,7 @@ def _pipeline(ctx: Ctx, by_name: dict[str, StageResult], keep_going: bool) -> in
     """Start the first stage and watch each stage's terminal event; the Orchestrator's rules start
     the next ones. When the group before did not succeed (so its rule cannot fire: --keep-going),
     or for the first group that runs, the demo starts the stage itself."""
-    from ._demo_stages import workflow_stages
+    from ._stages import workflow_stages
 
     failed = False
     rule_armed = False  # the last group that ran succeeded: its rule starts the next group
@@ -309,7 +309,8 @@ def _start_orchestrator(config: FlowbusConfig, address: str) -> Any:
     """The Orchestrator actor running the demo's rules and policy; a rejected rule is an error."""
     import ray
 
-    from flowbus.actors._orchestrator import ORCHESTRATOR_NAME, Orchestrator
+    from flowbus.actors import Orchestrator
+    from flowbus.actors.rules import ORCHESTRATOR_NAME
 
     orchestrator = Orchestrator.options(name=ORCHESTRATOR_NAME, max_restarts=0).remote(
         msgspec.json.encode(config), address)
