@@ -69,6 +69,7 @@ if TYPE_CHECKING:
         stamp,
         tag_of,
     )
+    from ._freshness import Freshness, Snapshot, Staleness, snapshot_staleness, watch_prefixes, watch_topics
     from ._rules import CallAction, PolicyConfig, RuleConfig, ThenAction, When, WhenTable
     from ._states import Backend, Observed, State
     from ._workflow import JobSpec, WorkflowSpec, parse_workflow
@@ -99,6 +100,7 @@ _WHERE = {
     "Fenced": "_errors",
     "FlowbusConfig": "_config",
     "FlowbusError": "_errors",
+    "Freshness": "_freshness",
     "GuiserverSessionConfig": "_config",
     "Heartbeat": "_events",
     "JobSpec": "_workflow",
@@ -121,8 +123,10 @@ _WHERE = {
     "SCHEMA_VERSION": "_events",
     "SchemaError": "_errors",
     "SessionConfig": "_config",
+    "Snapshot": "_freshness",
     "SomaSessionConfig": "_config",
     "SourceRefused": "_errors",
+    "Staleness": "_freshness",
     "State": "_states",
     "StateChanged": "_events",
     "SubscriberLagged": "_events",
@@ -148,8 +152,11 @@ _WHERE = {
     "parse_config": "_config",
     "parse_workflow": "_workflow",
     "reason_of": "_codec",
+    "snapshot_staleness": "_freshness",
     "stamp": "_events",
     "tag_of": "_events",
+    "watch_prefixes": "_freshness",
+    "watch_topics": "_freshness",
 }
 
 
@@ -184,6 +191,7 @@ __all__ = [
     "Fenced",
     "FlowbusConfig",
     "FlowbusError",
+    "Freshness",
     "GuiserverSessionConfig",
     "Heartbeat",
     "JobSpec",
@@ -204,8 +212,10 @@ __all__ = [
     "RuleFired",
     "SchemaError",
     "SessionConfig",
+    "Snapshot",
     "SomaSessionConfig",
     "SourceRefused",
+    "Staleness",
     "State",
     "StateChanged",
     "SubscriberLagged",
@@ -230,6 +240,9 @@ __all__ = [
     "parse_config",
     "parse_workflow",
     "reason_of",
+    "snapshot_staleness",
     "stamp",
     "tag_of",
+    "watch_prefixes",
+    "watch_topics",
 ]
