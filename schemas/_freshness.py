@@ -173,18 +173,19 @@ def snapshot_staleness(entries: Iterable[tuple[str, str, int]],
     it is asked only for the :func:`watch_topics` of the entries' sources."""
     entries = list(entries)
     fresh = Freshness()
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
     for topic, source, _seq in entries:
-        key = (topic.split("/", 1)[0], source)
-        if key in seen:
+        if source in seen:
             continue
-        seen.add(key)
-        for watched in watch_topics(*key):
+        seen.add(source)  # a source has one backend: the first segment of its topics
+        for watched in watch_topics(topic.split("/", 1)[0], source):
             ev = held(watched)
             if ev is not None:
                 fresh.apply(ev)
-    topics = [topic for topic, source, seq in entries if fresh.is_stale_topic(topic, source, seq)]
-    return fresh.stale, topics
+    stale = fresh.stale
+    topics = [topic for topic, source, seq in entries
+              if source in stale and fresh.is_stale_topic(topic, source, seq)] if stale else []
+    return stale, topics
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
