@@ -69,6 +69,7 @@ if TYPE_CHECKING:
         stamp,
         tag_of,
     )
+    from ._freshness import Freshness, Snapshot, Staleness, snapshot_staleness, watch_prefixes, watch_topics
     from ._paths import private_state_dir
     from ._rules import CallAction, PolicyConfig, RuleConfig, ThenAction, When, WhenTable
     from ._states import Backend, Observed, State
@@ -100,6 +101,7 @@ _WHERE = {
     "Fenced": "_errors",
     "FlowbusConfig": "_config",
     "FlowbusError": "_errors",
+    "Freshness": "_freshness",
     "GuiserverSessionConfig": "_config",
     "Heartbeat": "_events",
     "JobSpec": "_workflow",
@@ -122,8 +124,10 @@ _WHERE = {
     "SCHEMA_VERSION": "_events",
     "SchemaError": "_errors",
     "SessionConfig": "_config",
+    "Snapshot": "_freshness",
     "SomaSessionConfig": "_config",
     "SourceRefused": "_errors",
+    "Staleness": "_freshness",
     "State": "_states",
     "StateChanged": "_events",
     "SubscriberLagged": "_events",
@@ -150,8 +154,11 @@ _WHERE = {
     "parse_workflow": "_workflow",
     "private_state_dir": "_paths",
     "reason_of": "_codec",
+    "snapshot_staleness": "_freshness",
     "stamp": "_events",
     "tag_of": "_events",
+    "watch_prefixes": "_freshness",
+    "watch_topics": "_freshness",
 }
 
 
@@ -186,6 +193,7 @@ __all__ = [
     "Fenced",
     "FlowbusConfig",
     "FlowbusError",
+    "Freshness",
     "GuiserverSessionConfig",
     "Heartbeat",
     "JobSpec",
@@ -206,8 +214,10 @@ __all__ = [
     "RuleFired",
     "SchemaError",
     "SessionConfig",
+    "Snapshot",
     "SomaSessionConfig",
     "SourceRefused",
+    "Staleness",
     "State",
     "StateChanged",
     "SubscriberLagged",
@@ -234,6 +244,9 @@ __all__ = [
     "parse_workflow",
     "private_state_dir",
     "reason_of",
+    "snapshot_staleness",
     "stamp",
     "tag_of",
+    "watch_prefixes",
+    "watch_topics",
 ]
