@@ -1,15 +1,17 @@
-"""The operations of a guiServer session (mixed into :class:`~.guiserver.GuiserverSession`).
+"""The operations a :class:`~flowbus.services.guiserver.GuiserverSession` runs through ``call()``:
+one function per operation, named as the operation, declared with ``@OPS.op``.
 
-Every path and argument is checked by :mod:`._gs_check` before anything is sent; command fields
+Every path and argument is checked by :mod:`._check` before anything is sent; command fields
 that guiServer runs in a shell (mpiWrapper, difxProgram, setup path) come only from the config.
+
+No operation can break the session: none closes the connection, changes its channel mode or setup
+path (config only), or stops guiServer; ``stop_job`` stops only jobs this session started.
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowbus.schemas import (
     BackendError,
@@ -17,35 +19,24 @@ from flowbus.schemas import (
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
-    GuiserverSessionConfig,
     State,
 )
 
-from . import _gs_check as check
-from . import _gs_xml as gx
-from ._gs_events import Translator
-from ._gs_protocol import (
-    JOB_TERMINAL,
-    Connection,
-    PacketId,
-    StreamKind,
-    channel_data,
-    encode,
-    encode_int,
-    encode_string,
-)
+from .._ops import Operations
+from .._session import Phase
+from . import _check as check
+from . import _xml as gx
+from ._protocol import JOB_TERMINAL, PacketId, StreamKind, channel_data, encode, encode_int
 
-OPERATIONS = {name: name for name in (
-    "version", "relay", "select", "mkdir", "rmdir", "touch", "rm", "mv", "cp", "ls",
-    "start_job", "stop_job", "wait_job", "job_status", "jobs", "get_file", "send_file", "vex2difx", "machines",
-)}
+if TYPE_CHECKING:
+    from ._session import GuiserverSession
 
+OPS: Operations[GuiserverSession] = Operations("guiserver")
 
 #: negative DifxFileTransfer replies (docs/protocols/guiserver.md §5.5)
 _TRANSFER_CODES = {-1: "path is not absolute", -2: "file or parent directory does not exist",
                    -3: "permission denied", -4: "server user unknown", -5: "parent is not a directory",
                    -10: "the server could not open the sub-stream"}
-
 
 #: DifxMachinesDefinition sub-packet names (docs/protocols/guiserver.md §5.7)
 _MACHINES_IDS = {100: "TERMINATED", 101: "ENDED_GRACEFULLY", 102: "STARTED", 103: "PARAMETER_CHECK_IN_PROGRESS",
@@ -56,291 +47,295 @@ _MACHINES_IDS = {100: "TERMINATED", 101: "ENDED_GRACEFULLY", 102: "STARTED", 103
                  114: "FAILURE_OPEN_THREADS_FILE", 115: "MACHINES_FILE_CREATED", 116: "THREADS_FILE_CREATED",
                  119: "FAILURE_MPIRUN", 120: "SUCCESS_MPIRUN", 121: "LOW_THREAD_COUNT", 122: "RUNNING_MPIRUN_TESTS"}
 
+#: phases in which a job can no longer be followed (wait_job gives up)
+_ENDED = (Phase.CLOSED, Phase.DEAD)
 
-class GuiserverOperations:
-    """The operations table of :data:`OPERATIONS` (state lives in the session)."""
 
-    config: GuiserverSessionConfig
-    setup_path: str
-    _lock: threading.RLock
-    _cond: threading.Condition
-    _conn: Connection | None
-    _up: bool
-    _tx: Translator
-    _ports: itertools.count[int]
-    _relay: bool
-    _selection: list[str]
+def _path(session: GuiserverSession, value: object, what: str = "path", glob: bool = False) -> str:
+    return check.path(value, session.config.allowed_dirs, glob=glob, what=what)
 
-    @property
-    def address(self) -> str:
-        return f"{self.config.host}:{self.config.port}"
 
-    def _send(self, data: bytes) -> None:
-        raise NotImplementedError
+def _file_op(session: GuiserverSession, op: str, path: str, arg: str = "", port: int | None = None) -> bytes:
+    body: list[tuple[str, str | int]] = [("operation", op), ("path", path)]
+    if arg:
+        body.append(("arg", arg))
+    if port is not None:
+        body += session._where(port)
+    return encode(PacketId.COMMAND, gx.build("DifxFileOperation", body))
 
-    def _publish(self, event: Any) -> None:
-        raise NotImplementedError
 
-    def _settings(self) -> bytes:
-        raise NotImplementedError
+# -- session settings ----------------------------------------------------------------------------
 
-    def _stream(self, kind: StreamKind, build: Callable[[int], bytes], timeout: float | None,
-                upload: bytes = b"", on_item: Callable[[Any], None] | None = None,
-                terminal: frozenset[int] = frozenset({101})) -> list[Any]:
-        raise NotImplementedError
+@OPS.op
+def version(session: GuiserverSession) -> dict[str, Any]:
+    """The server's version reply (docs/protocols/guiserver.md §3.2) and the setup path sent."""
+    with session._lock:
+        session._require_up("version")
+        info = session._conn.version if session._conn is not None else None
+        if info is None:
+            raise BackendUnavailable(f"version: session {session.name!r} is not connected to {session.address}")
+        return {"version": info.version, "difx_base": info.difx_base, "user": info.user,
+                "versions": list(info.versions), "environment": list(info.environment),
+                "setup_path": session.setup_path}
 
-    def _open_port(self, kind: StreamKind, terminal: frozenset[int], upload: bytes = b"") -> int:
-        raise NotImplementedError
+@OPS.op
+def relay(session: GuiserverSession, on: bool = True) -> None:
+    """Relay DiFX multicast messages or not (kept across reconnects)."""
+    with session._lock:
+        session._require_up("relay")
+        session._relay = bool(on)
+        session._send(session._settings())
 
-    def _where(self, port: int) -> list[tuple[str, str | int]]:
-        """The ``<address>``/``<port>`` fields: direct mode names our loopback listener."""
-        return [("port", port)] if self.config.channelled else [("address", "127.0.0.1"), ("port", port)]
+@OPS.op
+def select(session: GuiserverSession, tokens: list[str]) -> None:
+    """The MESSAGE_SELECTION tokens (kept across reconnects)."""
+    chosen = check.selection(tokens)
+    with session._lock:
+        session._require_up("select")
+        session._selection = chosen
+        session._send(session._settings())
 
-    # -- operations ----------------------------------------------------------------------------------
+# -- files ---------------------------------------------------------------------------------------
 
-    def version(self) -> dict[str, Any]:
-        with self._lock:
-            info = self._conn.version if self._conn is not None else None
-            if info is None:
-                raise BackendUnavailable(f"not connected to {self.address}")
-            return {"version": info.version, "difx_base": info.difx_base, "user": info.user,
-                    "versions": list(info.versions), "environment": list(info.environment),
-                    "setup_path": self.setup_path}
+@OPS.op
+def mkdir(session: GuiserverSession, path: str) -> None:
+    session._send_op("mkdir", _file_op(session, "mkdir", _path(session, path)))
 
-    def relay(self, on: bool = True) -> None:
-        with self._lock:
-            self._relay = bool(on)
-            self._send(self._settings())
+@OPS.op
+def rmdir(session: GuiserverSession, path: str) -> None:
+    session._send_op("rmdir", _file_op(session, "rmdir", _path(session, path)))
 
-    def select(self, tokens: list[str]) -> None:
-        chosen = check.selection(tokens)
-        with self._lock:
-            self._selection = chosen
-            self._send(self._settings())
+@OPS.op
+def touch(session: GuiserverSession, path: str) -> None:
+    session._send_op("touch", _file_op(session, "touch", _path(session, path)))
 
-    def _file_op(self, op: str, path: str, arg: str = "", port: int | None = None) -> bytes:
-        body: list[tuple[str, str | int]] = [("operation", op), ("path", path)]
-        if arg:
-            body.append(("arg", arg))
-        if port is not None:
-            body += self._where(port)
-        return encode(PacketId.COMMAND, gx.build("DifxFileOperation", body))
+@OPS.op
+def rm(session: GuiserverSession, path: str, args: str = "") -> None:
+    """``args``: flags from ``-r``/``-f``; ``path`` may be a glob."""
+    flags = check.args(args, allowed_flags="rf")
+    session._send_op("rm", _file_op(session, "rm", _path(session, path, glob=True), flags))
 
-    def _p(self, value: object, what: str = "path", glob: bool = False) -> str:
-        return check.path(value, self.config.allowed_dirs, glob=glob, what=what)
+@OPS.op
+def mv(session: GuiserverSession, src: str, dst: str) -> None:
+    session._send_op("mv", _file_op(session, "mv", _path(session, src), _path(session, dst, "destination")))
 
-    def mkdir(self, path: str) -> None:
-        self._send(self._file_op("mkdir", self._p(path)))
+@OPS.op
+def cp(session: GuiserverSession, src: str, dst: str) -> None:
+    session._send_op("cp", _file_op(session, "cp", _path(session, src), _path(session, dst, "destination")))
 
-    def rmdir(self, path: str) -> None:
-        self._send(self._file_op("rmdir", self._p(path)))
+@OPS.op
+def ls(session: GuiserverSession, path: str, args: str = "", timeout: float | None = None) -> list[str]:
+    """The paths ``ls`` prints (``args``: flags from ``-d -l -a -t -r -S -1``)."""
+    target, flags = _path(session, path, glob=True), check.args(args, allowed_flags="dlatrS1")
+    items = session._stream("ls", StreamKind.RAW, lambda port: _file_op(session, "ls", target, flags, port), timeout)
+    return [it.data.decode(errors="replace").rstrip("\n") for it in items if it.data is not None]
 
-    def touch(self, path: str) -> None:
-        self._send(self._file_op("touch", self._p(path)))
+@OPS.op
+def get_file(session: GuiserverSession, path: str, timeout: float | None = None) -> bytes:
+    """The content of a server file (DifxFileTransfer ``from DiFX``, docs/protocols/guiserver.md §5.5)."""
+    origin = _path(session, path, "origin")
 
-    def rm(self, path: str, args: str = "") -> None:
-        flags = check.args(args, allowed_flags="rf")
-        self._send(self._file_op("rm", self._p(path, glob=True), flags))
+    def request(port: int) -> bytes:
+        return encode(PacketId.COMMAND, gx.build("DifxFileTransfer", [
+            ("direction", "from DiFX"), ("origin", origin), ("destination", "/dev/null"), *session._where(port)]))
 
-    def mv(self, src: str, dst: str) -> None:
-        self._send(self._file_op("mv", self._p(src), self._p(dst, "destination")))
+    items = session._stream("get_file", StreamKind.SIZED, request, timeout)
+    if not items:
+        raise BackendProtocolError(f"get_file {origin}: the sub-stream ended without a reply")
+    size, content = items[0].id, items[0].payload
+    if size < 0:
+        raise BackendRejected(f"get_file {origin}: {_TRANSFER_CODES.get(size, f'error {size}')}")
+    return bytes(content)
 
-    def cp(self, src: str, dst: str) -> None:
-        self._send(self._file_op("cp", self._p(src), self._p(dst, "destination")))
+@OPS.op
+def send_file(session: GuiserverSession, path: str, data: bytes, timeout: float | None = None,
+              allow_nul: bool = False) -> int:
+    """Write ``data`` to a server file (``to DiFX``); returns the size the server reports.
 
-    def ls(self, path: str, args: str = "", timeout: float | None = None) -> list[str]:
-        target, flags = self._p(path, glob=True), check.args(args, allowed_flags="dlatrS1")
-        items = self._stream(StreamKind.RAW, lambda port: self._file_op("ls", target, flags, port), timeout)
-        return [it.data.decode(errors="replace").rstrip("\n") for it in items if it.data is not None]
+    guiServer writes each 1024-byte block as a C string, so everything after a NUL byte in a
+    block is lost: data with NUL bytes is refused unless ``allow_nul``."""
+    dest = _path(session, path, "destination")
+    if not isinstance(data, bytes | bytearray):
+        raise BackendRejected(f"send_file: data must be bytes, not {type(data).__name__}")
+    if b"\x00" in data and not allow_nul:
+        raise BackendRejected("send_file: data contains NUL bytes, which guiServer truncates "
+                              "(docs/protocols/guiserver.md §5.5)")
+    if len(data) > 2**31 - 1:
+        raise BackendRejected("send_file: guiServer sizes are signed 32-bit")
+    channelled = session.config.channelled
 
-    def get_file(self, path: str, timeout: float | None = None) -> bytes:
-        """The content of a server file (DifxFileTransfer ``from DiFX``, docs/protocols/guiserver.md §5.5)."""
-        origin = self._p(path, "origin")
+    def request(port: int) -> bytes:
+        doc = gx.build("DifxFileTransfer", [("direction", "to DiFX"), ("origin", "/dev/null"),
+                                            ("destination", dest), *session._where(port)])
+        if not channelled:
+            return encode(PacketId.COMMAND, doc)
+        # each value the server reads is its own chunk (its channel reader over-reads otherwise)
+        return (encode(PacketId.COMMAND, doc) + channel_data(port, encode_int(len(data)))
+                + channel_data(port, bytes(data)))
 
-        def body(port: int) -> list[tuple[str, str | int]]:
-            return [("direction", "from DiFX"), ("origin", origin), ("destination", "/dev/null"), *self._where(port)]
+    upload = b"" if channelled else encode_int(len(data)) + bytes(data)
+    items = session._stream("send_file", StreamKind.INT, request, timeout, upload)
+    if not items:
+        raise BackendProtocolError(f"send_file {dest}: the sub-stream ended without a reply")
+    code = int(items[0].id)
+    if code < 0:
+        raise BackendRejected(f"send_file {dest}: {_TRANSFER_CODES.get(code, f'error {code}')}")
+    return code
 
-        items = self._stream(StreamKind.SIZED, lambda port: encode(
-            PacketId.COMMAND, gx.build("DifxFileTransfer", body(port))), timeout)
-        if not items:
-            raise BackendProtocolError(f"get_file {origin}: the sub-stream ended without a reply")
-        size, content = items[0].id, items[0].payload
-        if size < 0:
-            raise BackendRejected(f"get_file {origin}: {_TRANSFER_CODES.get(size, f'error {size}')}")
-        return bytes(content)
+# -- preparing jobs --------------------------------------------------------------------------------
 
-    def send_file(self, path: str, data: bytes, timeout: float | None = None, allow_nul: bool = False) -> int:
-        """Write ``data`` to a server file (``to DiFX``); returns the size the server reports.
+@OPS.op
+def vex2difx(session: GuiserverSession, pass_path: str, file: str, calc_only: bool = False, wait: bool = True,
+             timeout: float | None = 600.0) -> list[str] | None:
+    """Run vex2difx (unless ``calc_only``) and the calc command in ``pass_path`` (docs/protocols/guiserver.md §5.6).
 
-        guiServer writes each 1024-byte block as a C string, so everything after a NUL byte in a
-        block is lost: data with NUL bytes is refused unless ``allow_nul``."""
-        dest = self._p(path, "destination")
-        if not isinstance(data, bytes | bytearray):
-            raise BackendRejected(f"send_file: data must be bytes, not {type(data).__name__}")
-        if b"\x00" in data and not allow_nul:
-            raise BackendRejected("send_file: data contains NUL bytes, which guiServer truncates "
-                                  "(docs/protocols/guiserver.md §5.5)")
-        if len(data) > 2**31 - 1:
-            raise BackendRejected("send_file: guiServer sizes are signed 32-bit")
+    ``file`` is the .v2d name, or with ``calc_only`` a job name or glob. Each new .input/.im
+    path is published at once as ``LogLine(stream="vex2difx.file")``; the end as
+    ``StateChanged(key="vex2difx/<file>", state=complete, attrs={"files": n})``. Returns the
+    paths, or None at once when ``wait`` is False (the run goes on in a thread of the session)."""
+    where = _path(session, pass_path, "pass-path")
+    name = check.file_name(file, glob=calc_only)
+    key = f"vex2difx/{name}"
+    session._require_up("vex2difx")
 
-        def request(port: int) -> bytes:
-            doc = gx.build("DifxFileTransfer", [("direction", "to DiFX"), ("origin", "/dev/null"),
-                                                ("destination", dest), *self._where(port)])
-            if not self.config.channelled:
-                return encode(PacketId.COMMAND, doc)
-            # each value the server reads is its own chunk (its channel reader over-reads otherwise)
-            return (encode(PacketId.COMMAND, doc) + channel_data(port, encode_int(len(data)))
-                    + channel_data(port, bytes(data)))
+    def request(port: int) -> bytes:
+        return encode(PacketId.COMMAND, gx.build("DifxVex2DifxRun", [
+            ("passPath", where), ("file", name), ("calcCommand", session.config.calc_command),
+            ("calcOnly", 1 if calc_only else 0), *session._where(port)]))
 
-        upload = b"" if self.config.channelled else encode_int(len(data)) + bytes(data)
-        items = self._stream(StreamKind.INT, request, timeout, upload)
-        if not items:
-            raise BackendProtocolError(f"send_file {dest}: the sub-stream ended without a reply")
-        code = int(items[0].id)
-        if code < 0:
-            raise BackendRejected(f"send_file {dest}: {_TRANSFER_CODES.get(code, f'error {code}')}")
-        return code
+    def on_item(item: Any) -> None:
+        if item.data is not None:
+            session._publish([session._tx.log("info", item.data.decode(errors="replace"), "vex2difx.file", key)])
 
-    def vex2difx(self, pass_path: str, file: str, calc_only: bool = False, wait: bool = True,
-                 timeout: float | None = 600.0) -> list[str] | None:
-        """Run vex2difx (unless ``calc_only``) and the calc command in ``pass_path`` (docs/protocols/guiserver.md §5.6).
+    def run() -> list[str]:
+        with session._lock:
+            session._publish([session._tx.run_state(key, State.ACTIVE, "running")])
+        try:
+            items = session._stream("vex2difx", StreamKind.RAW, request, timeout, on_item=on_item)
+        except Exception:
+            with session._lock:
+                session._publish([session._tx.run_state(key, State.ABORTED, "failed")])
+            raise
+        paths = [i.data.decode(errors="replace") for i in items if i.data is not None]
+        with session._lock:
+            session._publish([session._tx.run_state(key, State.COMPLETE, "complete", files=len(paths))])
+        return paths
 
-        ``file`` is the .v2d name, or with ``calc_only`` a job name or glob. Each new .input/.im
-        path is published at once as ``LogLine(stream="vex2difx.file")``; the end as
-        ``StateChanged(key="vex2difx/<file>", state=complete, attrs={"files": n})``. Returns the
-        paths, or None at once when ``wait`` is False (the run goes on in a thread)."""
-        where = self._p(pass_path, "pass-path")
-        name = check.file_name(file, glob=calc_only)
-        key = f"vex2difx/{name}"
+    if wait:
+        return run()
+    session._spawn(_quiet(run), name=f"vex2difx-{name}")
+    return None
 
-        def request(port: int) -> bytes:
-            return encode(PacketId.COMMAND, gx.build("DifxVex2DifxRun", [
-                ("passPath", where), ("file", name), ("calcCommand", self.config.calc_command),
-                ("calcOnly", 1 if calc_only else 0), *self._where(port)]))
+@OPS.op
+def machines(session: GuiserverSession, input: str, manager: str | None = None,
+             datastreams: list[str] | None = None, processes: list[str] | None = None, threads: int | None = None,
+             read_back: bool = True, timeout: float | None = None) -> dict[str, Any]:
+    """Write ``<job>.machines``/``.threads`` for ``input`` (DifxMachinesDefinition,
+    docs/protocols/guiserver.md §5.7).
 
-        def on_item(item: Any) -> None:
-            if item.data is not None:
-                self._publish(self._tx.log("info", item.data.decode(errors="replace"), "vex2difx.file", key))
+    Nodes default to the configured ones. Returns ``ok``, the sub-packet names, the two file
+    paths and (``read_back``) their contents fetched with get_file."""
+    cfg = session.config
+    inp = _path(session, input, "input")
+    head = check.nodes(manager if manager is not None else cfg.manager_node, "manager")
+    ds = check.nodes(datastreams if datastreams is not None else cfg.datastream_nodes, "datastreams")
+    proc = check.nodes(processes if processes is not None else cfg.process_nodes, "processes")
+    nthreads = cfg.process_threads if threads is None else threads
+    if not isinstance(nthreads, int) or not 0 < nthreads < 1000:
+        raise BackendRejected(f"threads {nthreads!r}: an integer 1..999")
+    attrs = [("manager", {"node": " ".join(head)}), ("datastream", {"nodes": " ".join(ds)}),
+             ("process", {"nodes": " ".join(proc), "threads": str(nthreads)})]
+    body: list[tuple[str, str | int]] = [("input", inp), ("testProcessors", "false")]
+    if cfg.mpi_wrapper:
+        body.append(("mpiWrapper", cfg.mpi_wrapper))
+    items = session._stream("machines", StreamKind.FRAMED, lambda port: encode(PacketId.COMMAND, gx.build(
+        "DifxMachinesDefinition", body + session._where(port), attrs)), timeout, terminal=frozenset({100, 101}))
+    names = [_MACHINES_IDS.get(i.id, str(i.id)) for i in items]
+    out: dict[str, Any] = {"ok": bool(items) and items[-1].id == 101, "packets": names,
+                           "machines_file": "", "threads_file": ""}
+    for i in items:
+        if i.id in (110, 111):
+            out["threads_file" if i.id == 110 else "machines_file"] = i.payload.decode(errors="replace")
+    if read_back and out["ok"]:
+        for kind in ("machines", "threads"):
+            out[kind] = get_file(session, out[f"{kind}_file"]).decode(errors="replace") if out[f"{kind}_file"] else ""
+    return out
 
-        def run() -> list[str]:
-            with self._lock:
-                self._publish(self._tx.run_state(key, State.ACTIVE, "running"))
-            try:
-                items = self._stream(StreamKind.RAW, request, timeout, on_item=on_item)
-            except Exception:
-                with self._lock:
-                    self._publish(self._tx.run_state(key, State.ABORTED, "failed"))
-                raise
-            paths = [i.data.decode(errors="replace") for i in items if i.data is not None]
-            with self._lock:
-                self._publish(self._tx.run_state(key, State.COMPLETE, "complete", files=len(paths)))
-            return paths
+# -- jobs ------------------------------------------------------------------------------------------
 
-        if wait:
-            return run()
-        threading.Thread(target=_quiet(run), daemon=True, name=f"vex2difx-{name}").start()
-        return None
+@OPS.op
+def job_status(session: GuiserverSession, pattern: str, timeout: float | None = None) -> list[dict[str, Any]]:
+    """Short job status for an ``.input`` pattern, from the ``.difxlog`` files
+    (docs/protocols/guiserver.md §5.3)."""
+    return session._job_status(_path(session, pattern, "pattern", glob=True), timeout)
 
-    def machines(self, input: str, manager: str | None = None, datastreams: list[str] | None = None,
-                 processes: list[str] | None = None, threads: int | None = None, read_back: bool = True,
-                 timeout: float | None = None) -> dict[str, Any]:
-        """Write ``<job>.machines``/``.threads`` for ``input`` (DifxMachinesDefinition,
-        docs/protocols/guiserver.md §5.7).
-
-        Nodes default to the configured ones. Returns ``ok``, the sub-packet names, the two file
-        paths and (``read_back``) their contents fetched with get_file."""
-        cfg = self.config
-        inp = self._p(input, "input")
-        head = check.nodes(manager if manager is not None else cfg.manager_node, "manager")
-        ds = check.nodes(datastreams if datastreams is not None else cfg.datastream_nodes, "datastreams")
-        proc = check.nodes(processes if processes is not None else cfg.process_nodes, "processes")
-        nthreads = cfg.process_threads if threads is None else threads
-        if not isinstance(nthreads, int) or not 0 < nthreads < 1000:
-            raise BackendRejected(f"threads {nthreads!r}: an integer 1..999")
-        attrs = [("manager", {"node": " ".join(head)}), ("datastream", {"nodes": " ".join(ds)}),
-                 ("process", {"nodes": " ".join(proc), "threads": str(nthreads)})]
-        body: list[tuple[str, str | int]] = [("input", inp), ("testProcessors", "false")]
+@OPS.op
+def start_job(session: GuiserverSession, input: str, function: str = "USNO",
+              force: bool = False, wait: bool = False, timeout: float | None = None) -> Any:
+    """Start a DiFX job from its ``.input``; return the job name, or with ``wait`` its final state."""
+    cfg = session.config
+    inp = _path(session, input, "input")
+    if not inp.endswith(".input"):
+        raise BackendRejected(f"input {inp!r}: expected a .input file")
+    func = check.function(function)
+    manager = check.nodes(cfg.manager_node, "manager-node")
+    ds = check.nodes(cfg.datastream_nodes, "datastream-nodes")
+    proc = check.nodes(cfg.process_nodes, "process-nodes")
+    name = check.job_name(inp)
+    with session._lock:
+        session._require_up("start_job")
+        if session._tx.running(name):
+            raise BackendRejected(f"job {name!r} is already running")
+        port = session._open_port(StreamKind.FRAMED, JOB_TERMINAL)
+        body: list[tuple[str, str | int]] = [("input", inp), ("force", "1" if force else "0"),
+                                             ("function", func), *session._where(port)]
         if cfg.mpi_wrapper:
             body.append(("mpiWrapper", cfg.mpi_wrapper))
-        items = self._stream(StreamKind.FRAMED, lambda port: encode(PacketId.COMMAND, gx.build(
-            "DifxMachinesDefinition", body + self._where(port), attrs)), timeout, terminal=frozenset({100, 101}))
-        names = [_MACHINES_IDS.get(i.id, str(i.id)) for i in items]
-        out: dict[str, Any] = {"ok": bool(items) and items[-1].id == 101, "packets": names,
-                               "machines_file": "", "threads_file": ""}
-        for i in items:
-            if i.id in (110, 111):
-                out["threads_file" if i.id == 110 else "machines_file"] = i.payload.decode(errors="replace")
-        if read_back and out["ok"]:
-            for kind in ("machines", "threads"):
-                out[kind] = self.get_file(out[f"{kind}_file"]).decode(errors="replace") if out[f"{kind}_file"] else ""
-        return out
+        if cfg.difx_program:
+            body.append(("difxProgram", cfg.difx_program))
+        attrs = [("manager", {"node": manager[0] if manager else ""}), ("datastream", {"nodes": " ".join(ds)}),
+                 ("process", {"nodes": " ".join(proc), "threads": str(cfg.process_threads)})]
+        session._tx.job_started(name, inp, port)
+        session._send(encode(PacketId.COMMAND, gx.build("DifxStart", body, attrs)))
+    return wait_job(session, name, timeout) if wait else name
 
-    def job_status(self, pattern: str, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Short job status for an ``.input`` pattern, from the ``.difxlog`` files
-        (docs/protocols/guiserver.md §5.3)."""
-        pat = self._p(pattern, "pattern", glob=True)
-        items = self._stream(StreamKind.FRAMED, lambda port: encode(
-            PacketId.GET_JOB_STATUS, encode_int(1) + encode_string(pat)
-            + encode_string("" if self.config.channelled else "127.0.0.1") + encode_int(port)),
-            timeout)
-        return self._tx.status_rows(items)
+@OPS.op
+def stop_job(session: GuiserverSession, job: str) -> None:
+    """DifxStop for a job this session started (or resynced); it ends ``cancelled``."""
+    with session._lock:
+        track = session._tx.job(job)
+        if track is None:
+            raise BackendRejected(f"unknown job {job!r}")
+        session._require_up("stop_job")
+        body: list[tuple[str, str | int]] = [("input", track.input)]
+        if session.config.mpi_wrapper:
+            body.append(("mpiWrapper", session.config.mpi_wrapper))
+        if session.config.difx_program:
+            body.append(("difxProgram", session.config.difx_program))
+        track.stop_requested = True
+        session._send(encode(PacketId.COMMAND, gx.build("DifxStop", body)))
 
-    def start_job(self, input: str, function: str = "USNO", force: bool = False, wait: bool = False,
-                  timeout: float | None = None) -> Any:
-        """Start a DiFX job from its ``.input``; return the job name, or with ``wait`` its final state."""
-        cfg = self.config
-        inp = self._p(input, "input")
-        if not inp.endswith(".input"):
-            raise BackendRejected(f"input {inp!r}: expected a .input file")
-        func = check.function(function)
-        manager = check.nodes(cfg.manager_node, "manager-node")
-        ds = check.nodes(cfg.datastream_nodes, "datastream-nodes")
-        proc = check.nodes(cfg.process_nodes, "process-nodes")
-        name = check.job_name(inp)
-        with self._lock:
-            if self._tx.running(name):
-                raise BackendRejected(f"job {name!r} is already running")
-            if not self._up or self._conn is None:
-                raise BackendUnavailable(f"not connected to {self.address}")
-            port = self._open_port(StreamKind.FRAMED, JOB_TERMINAL)
-            body: list[tuple[str, str | int]] = [("input", inp), ("force", "1" if force else "0"),
-                                                 ("function", func), *self._where(port)]
-            if cfg.mpi_wrapper:
-                body.append(("mpiWrapper", cfg.mpi_wrapper))
-            if cfg.difx_program:
-                body.append(("difxProgram", cfg.difx_program))
-            attrs = [("manager", {"node": manager[0] if manager else ""}), ("datastream", {"nodes": " ".join(ds)}),
-                     ("process", {"nodes": " ".join(proc), "threads": str(cfg.process_threads)})]
-            self._tx.job_started(name, inp, port)
-            self._send(encode(PacketId.COMMAND, gx.build("DifxStart", body, attrs)))
-        return self.wait_job(name, timeout) if wait else name
+@OPS.op
+def wait_job(session: GuiserverSession, job: str, timeout: float | None = None) -> dict[str, Any]:
+    """Block until ``job`` reaches a final state; return ``{"job", "state", "native", "detail"}``.
+    Waits through reconnects (the resync may end it); ``BackendUnavailable`` once the session
+    is stopped or gave up."""
+    with session._lock:
+        track = session._tx.job(job)
+        if track is None:
+            raise BackendRejected(f"unknown job {job!r}")
+        if not session._cond.wait_for(lambda: track.state.final or session._phase in _ENDED, timeout):
+            raise BackendTimeout(f"job {job!r} not finished within {timeout} s")
+        if not track.state.final:
+            raise BackendUnavailable(f"wait_job: session {session.name!r} is {session.phase}; "
+                                     f"job {job!r} was last {track.state.value}")
+        return {"job": job, "state": track.state.value, "native": track.native, "detail": track.detail}
 
-    def stop_job(self, job: str) -> None:
-        with self._lock:
-            track = self._tx.job(job)
-            if track is None:
-                raise BackendRejected(f"unknown job {job!r}")
-            body: list[tuple[str, str | int]] = [("input", track.input)]
-            if self.config.mpi_wrapper:
-                body.append(("mpiWrapper", self.config.mpi_wrapper))
-            if self.config.difx_program:
-                body.append(("difxProgram", self.config.difx_program))
-            track.stop_requested = True
-            self._send(encode(PacketId.COMMAND, gx.build("DifxStop", body)))
-
-    def wait_job(self, job: str, timeout: float | None = None) -> dict[str, Any]:
-        """Block until ``job`` reaches a final state; return ``{"job", "state", "native", "detail"}``."""
-        with self._lock:
-            track = self._tx.job(job)
-            if track is None:
-                raise BackendRejected(f"unknown job {job!r}")
-            if not self._cond.wait_for(lambda: track.state.final, timeout):
-                raise BackendTimeout(f"job {job!r} not finished within {timeout} s")
-            return {"job": job, "state": track.state.value, "native": track.native, "detail": track.detail}
-
-    def jobs(self) -> dict[str, str]:
-        with self._lock:
-            return self._tx.states()
+@OPS.op
+def jobs(session: GuiserverSession) -> dict[str, str]:
+    """Every job the session knows, with its last state (also while disconnected)."""
+    with session._lock:
+        return session._tx.states()
 
 
 def _quiet(run: Callable[[], Any]) -> Callable[[], None]:
