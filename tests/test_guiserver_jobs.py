@@ -22,6 +22,7 @@ from flowbus.schemas import (
     GuiserverSessionConfig,
     LogLine,
     Observed,
+    RecoveryGaveUp,
     Resynced,
     State,
     StateChanged,
@@ -287,6 +288,18 @@ class TestRecovery:
         with pytest.raises(BackendUnavailable, match="session 'gs' is disconnected"):
             h.session.call("mkdir", "/data/exp/x")
         assert h.session.call("jobs") == {}  # the session's own bookkeeping stays readable
+
+    def test_gives_up(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
+        """With reconnect-attempts set, a server that stays away ends the session: RecoveryGaveUp,
+        phase dead, and calls say the session gave up."""
+        emu = emulator(restart_delay=30.0)
+        h = host(emu.port, reconnect_attempts=2)
+        emu.crash()
+        gave = h.rec.wait_for(lambda e: next((x for x in e if isinstance(x, RecoveryGaveUp)), None))
+        assert gave.attempts == 2 and h.session.phase == "dead"
+        assert [d.will_retry for d in h.rec.of(Disconnected)] == [True]
+        with pytest.raises(BackendUnavailable, match="session 'gs' gave up reconnecting"):
+            h.session.call("ls", "/data/exp")
 
     def test_start_without_server(self, emulator: Callable[..., GuiserverEmulator]) -> None:
         """start() against a closed port returns with the session down (Disconnected, will retry),
