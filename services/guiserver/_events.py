@@ -26,8 +26,8 @@ from flowbus.schemas import (
     StateChanged,
 )
 
-from . import _gs_xml as gx
-from ._gs_protocol import (
+from . import _xml as gx
+from ._protocol import (
     ChannelOpened,
     JobId,
     Relay,

@@ -14,7 +14,8 @@
   ``startup_race`` (a CHANNEL_ALL_DATA_ON before the first version request is lost) and
   ``crash_on_disconnect`` (a client that disconnects while its job runs takes the server down).
 
-Run one by hand: ``python -m flowbus.services.guiserver_emulator --port 50200 --sandbox DIR``.
+Run one by hand: ``python -m flowbus.services.guiserver_emulator --port 50200 --sandbox DIR``
+(:func:`main`).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import structlog
 
 from flowbus.schemas import BackendProtocolError
 
-from . import _gs_xml as gx
-from ._gs_emu_jobs import Client, Job, Stream, run_job, run_machines, run_vex2difx
-from ._gs_protocol import FrameDecoder, decode_int, encode_int
-from ._gs_protocol import PacketId as P
+from ..guiserver import _xml as gx
+from ..guiserver._protocol import FrameDecoder, decode_int, encode_int
+from ..guiserver._protocol import PacketId as P
+from ._jobs import Client, Job, Stream, run_job, run_machines, run_vex2difx
 
 #: scripted job outcomes (choose per job name with ``outcomes={"job_1": "failure"}``)
 OUTCOMES = ("good", "warning", "failure", "partial", "config_fail", "slow", "no_tools", "silent")
@@ -445,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import tempfile
 
-    parser = argparse.ArgumentParser(description="a guiServer emulator on 127.0.0.1 (executes nothing)")
+    parser = argparse.ArgumentParser(prog="python -m flowbus.services.guiserver_emulator",
+                                     description="a guiServer emulator on 127.0.0.1 (executes nothing)")
     parser.add_argument("--port", type=int, default=50200)
     parser.add_argument("--sandbox", default="", help="directory that holds every client path (default: a temp dir)")
     parser.add_argument("--crash-after-job", action="store_true")
@@ -464,5 +466,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["OUTCOMES", "GuiserverEmulator", "main"]

@@ -1,6 +1,6 @@
 """The DiFX Python interface's callback types as plain Python callbacks on top of the bus.
 
-What the guiServer session publishes (``_gs_events``) and what each callback is given:
+What the guiServer session publishes (``_events``) and what each callback is given:
 
 * ``on_message(LogLine)``: ``level=info`` lines (job stdout ``DIFX_MESSAGE``, server INFORMATION,
   info/INFO alerts, DifxInfoMessage);
@@ -37,7 +37,7 @@ from flowbus.schemas import Event, LogLine, StateChanged
 
 BACKEND = "guiserver"
 
-#: LogLine levels per callback (``_gs_events`` levels: info, warning, error, critical, debug)
+#: LogLine levels per callback (``_events`` levels: info, warning, error, critical, debug)
 LEVELS: dict[str, frozenset[str]] = {
     "message": frozenset({"info"}),
     "warning": frozenset({"warning"}),

@@ -1,6 +1,8 @@
 """Sans-I/O core of the DiFX guiServer protocol (spec: docs/protocols/guiserver.md §2-§3, §5).
 
-Bytes in, typed packets out; packets out to bytes. No sockets, no threads, no clocks.
+Bytes in, typed packets out; packets out to bytes. No sockets, no threads, no clocks. The one
+place the framing is written: the session (:mod:`._session`) and the emulator
+(:mod:`flowbus.services.guiserver_emulator`) both build on it.
 
 * :func:`encode` / :func:`encode_int` build frames (``int32 id``, ``int32 length``, payload, all
   big-endian).
