@@ -87,6 +87,17 @@ def job_pids(service_pid: int, name: str) -> list[int]:
         return []
 
 
+def assert_opened_down(run: Running, why: str) -> None:
+    """start() returned with the session down: one Disconnected (will retry) naming ``why``, and
+    a call refused naming the session."""
+    assert run.session.phase == "down"
+    assert [type(e) for e in run.rec.events] == [Disconnected], [show(e) for e in run.rec.events]
+    down = run.rec.of(Disconnected)[0]
+    assert down.will_retry and why in down.reason, down
+    with pytest.raises(BackendUnavailable, match=f"list: session '{run.session.name}' is disconnected"):
+        run.call("list")
+
+
 @dataclass
 class Running:
     session: QcgSession
@@ -288,6 +299,15 @@ class TestErrors:
         with pytest.raises(BackendRejected, match="list: too many positional arguments"):
             run.call("list", "x")
 
+    def test_wd_that_cannot_be_made_fails_the_start(self, qcg: Callable[..., Running], tmp_path: Path) -> None:
+        """A wd no manager can ever work in is the one start() failure: BackendRejected naming the
+        session and the wd, nothing published, the session closed."""
+        (tmp_path / "a-file").write_text("")
+        run = qcg(start=False, poll=False, wd=str(tmp_path / "a-file" / "wd"))
+        with pytest.raises(BackendRejected, match=r"session 'q0': wd '.*a-file/wd' cannot be made"):
+            run.session.start(run.rec, {})
+        assert run.rec.events == [] and run.session.phase == "closed"
+
     def test_finish_of_the_sessions_own_manager_is_refused(self, qcg: Callable[..., Running]) -> None:
         """finish() would end the manager the session started and observes: refused, naming why
         and what to do instead; the manager and the session go on."""
@@ -342,12 +362,7 @@ class TestErrors:
         t0 = time.monotonic()
         run.session.start(run.rec, {})
         assert time.monotonic() - t0 < 3.0
-        assert run.session.phase == "down"
-        assert [type(e) for e in run.rec.events] == [Disconnected], [show(e) for e in run.rec.events]
-        down = run.rec.of(Disconnected)[0]
-        assert down.will_retry and "no reply" in down.reason, down
-        with pytest.raises(BackendUnavailable, match="list: session 'q0' is disconnected"):
-            run.call("list")
+        assert_opened_down(run, "no reply")
         run.start_polling()
         gave_up = run.rec.wait_for(first(RecoveryGaveUp), 15, "gave up")
         assert gave_up.attempts == 2 and run.session.phase == "dead"
@@ -411,12 +426,8 @@ class TestRecovery:
         monkeypatch.setattr("flowbus.services.qcg._session.open_local", once_refused)
         known = {"ghost": StateChanged(source="q0", backend="qcg", key="ghost", state=State.ACTIVE, native="EXECUTING")}
         run = qcg(known=known, poll=False)
-        assert run.session.phase == "down" and run.session.address == ""
-        assert [type(e) for e in run.rec.events] == [Disconnected], [show(e) for e in run.rec.events]
-        down = run.rec.of(Disconnected)[0]
-        assert down.will_retry and "refused once" in down.reason, down
-        with pytest.raises(BackendUnavailable, match="session 'q0' is disconnected"):
-            run.call("list")
+        assert_opened_down(run, "refused once")
+        assert run.session.address == ""
         run.start_polling()
         resynced = run.rec.wait_for(first(Resynced), 10, "resynced")
         assert resynced.changed == 1 and run.session.phase == "up"

@@ -49,15 +49,15 @@ from flowbus.schemas import (
     QcgSessionConfig,
     RecoveryAttempted,
     RecoveryGaveUp,
-    StateChanged,
 )
 
 from .._base import map_errors
 from .._ops import Operations
 from .._session import IDLE_S, Opened, Phase, SessionBase
 from ._client import QCG_ERRORS, ManagerGone, kill_pids
-from ._jobs import FINAL_NATIVE, JobBook, Obs, Snapshot, key_of, obs_from_info, obs_from_list
+from ._jobs import FINAL_NATIVE, JobBook
 from ._link import Client, Link, host_is_loopback, kill_link, open_local, open_remote
+from ._observe import drain, reconcile, snapshot
 from ._ops import OPS
 from ._specs import STATE_DIR, WorkDir
 
@@ -173,7 +173,7 @@ class QcgSession(SessionBase):
                 self._load_specs(link, adopted)
             self._book.new_manager()
             with map_errors(QCG_ERRORS, "resync"):
-                snap = self._snapshot(link.client)
+                snap = snapshot(link.client)
         except BaseException:
             if link.proc is not None:
                 kill_link(link)
@@ -277,79 +277,12 @@ class QcgSession(SessionBase):
             return IDLE_S
         return max(0.0, min(_POLL_S, self._next_reconcile - time.monotonic()))
 
-    @staticmethod
-    def _snapshot(client: Client) -> Snapshot:
-        """Everything the manager holds: ``list()`` plus ``info(withChilds)`` of every job."""
-        jobs = client.list()
-        snap = Snapshot(parents=set(jobs), obs=obs_from_list(jobs))
-        if jobs:
-            snap.obs.update(obs_from_info(client.info(sorted(jobs), withChilds=True)))
-        return snap
-
     def _reconcile(self, link: Link) -> None:
-        book = self._book
-        jobs = link.client.list()
-        listed = obs_from_list(jobs)
-        detail = []
-        for name, obs in listed.items():
-            seen = book.last.get(name)
-            changed = seen is None or seen.native != obs.native
-            if (name in book.iterative and (changed or obs.native not in FINAL_NATIVE)) or (
-                    changed and obs.native == "FAILED"):
-                detail.append(name)
-        snap = Snapshot(parents=set(jobs), obs=listed)
-        if detail:
-            snap.obs.update(obs_from_info(link.client.info(detail, withChilds=True)))
-        self._tell(book.diff(snap, Observed.POLL, f"no longer known to QCG manager {link.instance_id}"))
-        book.suspect.difference_update(n for n in list(book.suspect) if book.is_final(n))
-        link.track()
+        self._tell(reconcile(self._book, link))
         self._next_reconcile = time.monotonic() + self.config.reconcile_interval
 
     def _drain(self, link: Link) -> None:
-        if link.sub is None:
-            return
-        book, iid = self._book, link.instance_id
-        items: list[tuple[str, str, str]] = []  # (key, job, native)
-        for topic, data in link.sub.drain():
-            job, native, it = data.get("job"), data.get("state"), data.get("it")
-            if topic == "NOJ" or data.get("manager") != iid or not isinstance(job, str) or not isinstance(native, str):
-                continue
-            if job in book.removed:
-                continue  # late news about a job removed from the manager
-            items.append((key_of(job, it if isinstance(it, int) else None), job, native))
-        if not items:
-            return
-        # a reused name: the old job's final events may still be in flight, so a final state is
-        # believed only once the manager confirms it (earlier states cannot end the job wrongly)
-        verify = {job for _, job, native in items if job in book.suspect and native in FINAL_NATIVE}
-        failed = {job for key, job, native in items if native == "FAILED" and not book.is_final(key)}
-        details: dict[str, Obs] = {}
-        if verify or failed:
-            try:
-                details = obs_from_info(link.client.info(sorted(verify | failed), withChilds=True))
-            except BackendRejected as exc:  # a job vanished meanwhile; reconciliation will tell
-                self._log.info("qcg.event.detail_failed", error=str(exc))
-        events: list[StateChanged] = []
-        executing = False
-        for key, job, native in items:
-            if job in verify and native in FINAL_NATIVE:
-                continue
-            got = details.get(key)
-            ev = book.change(key, got if got is not None and got.native == native else Obs(native), Observed.PUSH)
-            if ev is not None:
-                events.append(ev)
-            executing = executing or native == "EXECUTING"
-        for job in verify:
-            for key, obs in details.items():
-                if book.parent_of.get(key, key) == job or key == job:
-                    ev = book.change(key, obs, Observed.POLL)
-                    if ev is not None:
-                        events.append(ev)
-            if book.is_final(job):
-                book.suspect.discard(job)
-        self._tell(events)
-        if executing:
-            link.track()
+        self._tell(drain(self._book, link, self._log))
 
     # -- hooks: losing and recovering --------------------------------------------------------------
 
