@@ -1,4 +1,4 @@
-"""A QCG-PilotJob manager as a process of its own: ``python -m flowbus.services._qcg_service ARGS``.
+"""A QCG-PilotJob manager as a process of its own: ``python -m flowbus.services.qcg._service ARGS``.
 
 Why not ``LocalManager``: it forks the calling process. Inside a Ray worker the fork inherits the
 worker's gRPC port and raylet socket, so after the worker dies Ray never learns it and the actor is
@@ -44,7 +44,7 @@ def launch(args: list[str], log_path: Path, timeout: float = 30.0,
     """Start a detached manager (in ``cwd``, which its ``status`` reports as ``Wd``); return
     (process, zmq address) once it listens."""
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "flowbus.services._qcg_service", *args],
+        proc = subprocess.Popen([sys.executable, "-m", "flowbus.services.qcg._service", *args],
                                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd=cwd,
                                 close_fds=True, start_new_session=True)
     assert proc.stdout is not None

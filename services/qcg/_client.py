@@ -2,7 +2,8 @@
 and job-process bookkeeping for orphan cleanup.
 
 Everything here raises QCG's, ZeroMQ's or this module's own exceptions; :data:`QCG_ERRORS` is the
-map :func:`flowbus.services.map_errors` applies at the adapter edge (``services/qcg.py``).
+map :func:`flowbus.services.map_errors` applies at the adapter edge (the session and its
+operations).
 """
 
 from __future__ import annotations

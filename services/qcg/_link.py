@@ -1,7 +1,7 @@
 """One connection to one QCG manager: the REQ client, our SUB socket, and (for managers the
 session owns) the service process and its job processes.
 
-Opening, probing and tearing down a manager lives here; the session (``services/qcg.py``) decides
+Opening, probing and tearing down a manager lives here; the session (:mod:`._session`) decides
 when. Functions raise QCG/ZeroMQ exceptions or :class:`BackendError` subclasses already mapped.
 """
 
@@ -19,8 +19,8 @@ import structlog
 
 from flowbus.schemas import BackendError, BackendUnavailable, is_loopback
 
-from ._base import map_errors
-from ._qcg_client import (
+from .._base import map_errors
+from ._client import (
     QCG_ERRORS,
     Pids,
     StatusSubscriber,
@@ -32,7 +32,7 @@ from ._qcg_client import (
     listener_pid,
     wait_gone,
 )
-from ._qcg_service import launch
+from ._service import launch
 
 log = structlog.get_logger("flowbus.qcg")
 
