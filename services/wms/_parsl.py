@@ -11,7 +11,7 @@ Restart mirrors ``ParslService.restart`` but takes every checkpoint under the wo
 absolute ``run_dir`` (the service looks for ``runinfo`` in the current directory and only at the
 last run), so it works from any directory and after several restarts, and it is observable.
 
-Cancel: the site's ``commandPrefix`` gets a guard (see :func:`._wms_build.parsl_guard`): once
+Cancel: the site's ``commandPrefix`` gets a guard (see :func:`._build.parsl_guard`): once
 the cancel flag exists, jobs that have not started exit 130 at once (their dependents are pruned),
 and running jobs are ended by signal through the pids they recorded.
 """
@@ -28,8 +28,8 @@ from typing import Any
 import psutil
 import structlog
 
-from ._wms_build import CANCEL_FLAG, PID_DIR
-from ._wms_model import FINAL_NATIVE, PARSL_TO_WMS
+from ._build import CANCEL_FLAG, PID_DIR
+from ._model import FINAL_NATIVE, PARSL_TO_WMS
 
 #: one loaded Parsl DFK per process: every Parsl workflow of every session queues here
 PARSL_LOCK = threading.Lock()

@@ -1,4 +1,4 @@
-"""What a WMS session knows: state mapping, plain-data conversion of ctrl_bps reports, and the
+"""What a ctrl_bps (WMS backend) session knows: state mapping, plain-data conversion of ctrl_bps reports, and the
 diff that turns observed native states into ``StateChanged`` events.
 
 Keys: a workflow is keyed by its wms id (for Parsl the submit path, for HTCondor the DAGMan job
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,16 @@ def state_of(native: str) -> State:
 
 def job_key(wms_id: str, job: str) -> str:
     return f"{wms_id}/{job}"
+
+
+def state_name(state: Any) -> str:
+    """The ``WmsStates`` name of a reported state ("UNKNOWN" when there is none)."""
+    return str(getattr(state, "name", state) or "UNKNOWN")
+
+
+def changed(events: Iterable[StateChanged | None]) -> list[Event]:
+    """The events of :meth:`Tracker.observe` calls that saw a change."""
+    return [e for e in events if e is not None]
 
 
 def plain(value: Any) -> Any:
@@ -133,4 +143,4 @@ class Tracker:
 
 
 __all__ = ["BACKEND", "FINAL_NATIVE", "JOB", "PARSL_TO_WMS", "WMS_TO_STATE", "WORKFLOW", "Seen", "Tracker",
-           "job_key", "plain", "state_of"]
+           "changed", "job_key", "plain", "state_name", "state_of"]

@@ -1,5 +1,6 @@
-"""From flowbus inputs to ctrl_bps objects: the service class by path, the BpsConfig of one
-workflow, and a ``GenericWorkflow`` built from a :class:`~flowbus.schemas.WorkflowSpec`.
+"""From flowbus inputs to ctrl_bps objects (the WMS backend): the service class by path, the
+BpsConfig of one workflow, and a ``GenericWorkflow`` built from a
+:class:`~flowbus.schemas.WorkflowSpec`.
 
 Everything here imports ``lsst.ctrl.bps`` lazily (about 2 s): the session module stays cheap.
 """
@@ -41,6 +42,29 @@ def load_class(path: str, base_name: str = "BaseWmsService") -> type:
     if not isinstance(cls, type) or not issubclass(cls, BaseWmsService):
         raise BackendRejected(f"service class {path!r}: is not a subclass of lsst.ctrl.bps.{base_name}")
     return cls
+
+
+def implements(cls: type | None, method: str) -> bool:
+    """True when ``cls`` overrides ``BaseWmsService.<method>`` (the base only raises)."""
+    from lsst.ctrl.bps import BaseWmsService
+
+    return cls is not None and getattr(cls, method, None) is not getattr(BaseWmsService, method, None)
+
+
+#: BpsConfig keys the session sets itself, with why a ``bps_config`` table may not change them
+_SESSION_KEYS = {
+    "wmsServiceClass": "the session's service is {cls} (set service-class)",
+    "submitPath": "the session makes each workflow's submit path under submit-dir (set submit-dir)",
+}
+
+
+def check_session_keys(table: Mapping[str, Any], what: str, session: str, class_path: str) -> None:
+    """Refuse (``BackendRejected``) a ``bps_config`` table that would change what the session
+    observes through: another service class, or a submit path other than the one it made."""
+    for key, why in _SESSION_KEYS.items():
+        if key in table and not (key == "wmsServiceClass" and table[key] == class_path):
+            raise BackendRejected(f"{what}: bps_config key {key!r} is refused on session {session!r}: "
+                                  + why.format(cls=class_path))
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,4 +165,5 @@ def parsl_guard(submit_path: str) -> str:
     return f"if [ -e {flag} ]; then exit 130; fi; mkdir -p {pids} && echo $$ > {pids}/$$"
 
 
-__all__ = ["CANCEL_FLAG", "PID_DIR", "base_config", "generic_workflow", "load_class", "new_submit_path", "parsl_guard"]
+__all__ = ["CANCEL_FLAG", "PID_DIR", "base_config", "check_session_keys", "generic_workflow", "implements",
+           "load_class", "new_submit_path", "parsl_guard"]
