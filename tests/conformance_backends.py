@@ -27,7 +27,7 @@ from typing import Any, ClassVar, TypeVar
 import psutil
 import pytest
 
-from flowbus._demo_servers import free_port
+from flowbus.demo import free_port
 from flowbus.schemas import (
     BackendError,
     EcflowSessionConfig,
