@@ -143,20 +143,14 @@ class GuiserverSession(SessionBase):
         return f"{self.config.host}:{self.config.port}"
 
     # -- ending: join the threads once the lock is released (they need it to finish) --------------------
+    #
+    # ``release`` closes the TCP connection without stopping any job and without publishing
+    # anything (pending calls fail as ``BackendUnavailable``); jobs run on and the new session
+    # resyncs them from their ``.difxlog``. Beware: a real guiServer crashes a few seconds after a
+    # client with a running job disconnects (docs/protocols/guiserver.md §7, item 2); the new
+    # session then reconnects and resyncs as after any crash.
 
-    def stop(self) -> None:
-        """Close the connection, publish ``Disconnected(will_retry=False)``, join every thread."""
-        super().stop()
-        self._join()
-
-    def release(self) -> None:
-        """Let go of guiServer for a newer incarnation: close the TCP connection without stopping
-        any job and without publishing anything (pending calls fail as ``BackendUnavailable``).
-        Jobs run on; the new session resyncs them from their ``.difxlog``. Beware: a real
-        guiServer crashes a few seconds after a client with a running job disconnects
-        (docs/protocols/guiserver.md §7, item 2); the new session then reconnects and resyncs as
-        after any crash."""
-        super().release()
+    def _ended(self) -> None:
         self._join()
 
     def _join(self) -> None:

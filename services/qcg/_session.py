@@ -48,7 +48,6 @@ from flowbus.schemas import (
     Observed,
     QcgSessionConfig,
     RecoveryAttempted,
-    RecoveryGaveUp,
 )
 
 from .._base import map_errors
@@ -299,45 +298,18 @@ class QcgSession(SessionBase):
         self._down_link = link
         self._wake()
 
-    def _on_lost(self, reason: str) -> None:
+    def _will_retry(self) -> bool:
         """Recovery ``none`` makes a loss final; the others reconnect as the base does."""
-        if self.config.recovery != "none":
-            super()._on_lost(reason)
-            return
-        self._publish([self._ev(Disconnected, reason=reason, will_retry=False)])
-        self._down_reason = reason
-        self._lost(reason)
-        self._dead()
+        return self.config.recovery != "none"
 
-    def _reconnect(self) -> None:
-        """One recovery attempt: restart the manager (mode ``local``) or reconnect (``connect``).
-        Each attempt is published, failed ones too (``ok=False``); the last failed one gives up
-        and reports the jobs of a dead manager of ours ``LOST``."""
-        self._attempt += 1
-        attempt = self._attempt
-        local = self.config.mode == "local"
-        action = "restart-manager" if local else "reconnect"
-        where = str(self._wd.path) if local else self.config.address
-        tried = self._ev(RecoveryAttempted, action=action, attempt=attempt, reason=self._down_reason, detail=where)
-        try:
-            self._connect(Observed.RESYNC, (tried,))
-        except BackendError as exc:
-            self._log.warning("qcg.recovery.attempted", action=action, attempt=attempt, ok=False, error=str(exc))
-            self._publish([self._ev(RecoveryAttempted, action=action, attempt=attempt, reason=self._down_reason,
-                                    ok=False, detail=str(exc))])
-            if self._reconnect_attempts and attempt >= self._reconnect_attempts:
-                self._log.error("qcg.recovery.gave_up", attempts=attempt)
-                self._publish([self._ev(RecoveryGaveUp, attempts=attempt, reason=str(exc))])
-                self._dead()
-            else:
-                self._backoff.next()
-            return
-        self._log.info("qcg.recovery.attempted", action=action, attempt=attempt, ok=True, address=self.address)
-        self._backoff.reset()
+    def _recovery(self) -> tuple[str, str]:
+        """Mode ``local`` restarts the manager in its work dir; ``connect`` reconnects."""
+        if self.config.mode == "local":
+            return "restart-manager", str(self._wd.path)
+        return "reconnect", self.config.address
 
-    def _dead(self) -> None:
+    def _gave_up(self) -> None:
         """Lost for good: the job processes of a manager of ours were killed with it."""
-        self._phase = Phase.DEAD
         link, self._down_link = self._down_link, None
         if link is not None and link.owned:
             self._tell(self._book.lost(self._book.unfinished(), Observed.RESYNC,

@@ -129,8 +129,6 @@ class WmsSession(SessionBase):
         self._has_ping = False
         self._next_report = 0.0
         self._observing = False
-        #: set by stop/release/kill: Parsl's job-end callbacks stop waiting for the lock
-        self._closing = False
 
     @property
     def address(self) -> str:
@@ -204,7 +202,6 @@ class WmsSession(SessionBase):
     def _close(self, was_up: bool) -> None:
         """Cancel this session's Parsl runs (queued ones never start), join their threads and
         publish their final states (the base then publishes ``Disconnected``)."""
-        self._closing = True
         runs = list(self._runs.values())
         for run in runs:
             if run.phase != "done":
@@ -221,7 +218,6 @@ class WmsSession(SessionBase):
         process and cannot move: each goes on here until it ends (its jobs' outputs are written
         as usual), unobserved; the new incarnation marks it UNKNOWN, and ``restart(<wms id>)``
         there re-runs its unfinished jobs (best once it has ended here, or they run twice)."""
-        self._closing = True
         for run in self._runs.values():
             run.on_done = None
         self._runs.clear()
@@ -231,7 +227,6 @@ class WmsSession(SessionBase):
 
     def _kill(self) -> None:
         """Running jobs are killed and queued runs dropped, without waiting."""
-        self._closing = True
         for run in list(self._runs.values()):
             run.cancel(timeout=0.0)
 
