@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from flowbus.schemas import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
-    from ._broker import BROKER_SOURCE, Broker
+    from ._broker import Broker
     from ._client import Callback, Client, Expectation, default_address
     from ._command_client import Commander
     from ._commands import CommandServer
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ._subscriber import Subscriber
 
 _WHERE = {
-    "BROKER_SOURCE": "_broker", "Broker": "_broker",
+    "Broker": "_broker",
     "Callback": "_client", "Client": "_client", "Expectation": "_client", "default_address": "_client",
     "Commander": "_command_client",
     "CommandServer": "_commands",
@@ -43,7 +43,6 @@ _WHERE = {
 __getattr__ = _lazy_exports(__name__, globals(), _WHERE)
 
 __all__ = [
-    "BROKER_SOURCE",
     "Broker",
     "BrokerProcess",
     "Callback",

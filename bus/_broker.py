@@ -19,6 +19,7 @@ import structlog
 import zmq
 
 from flowbus.schemas import (
+    BROKER_SOURCE,
     SCHEMA_VERSION,
     AnyEvent,
     BusConfig,
@@ -31,7 +32,6 @@ from flowbus.schemas import (
     encode,
     is_loopback,
 )
-from flowbus.schemas._freshness import BROKER_SOURCE as _OWN_NAME
 
 from . import _framing as fr
 from ._commands import CommandRouter
@@ -43,8 +43,6 @@ from ._queries import Refused, held, replay, snapshot
 
 log = structlog.get_logger("flowbus.broker")
 
-#: the broker's own source (schemas' staleness rule trusts liveness events from it alone)
-BROKER_SOURCE = _OWN_NAME
 _DRAIN = 2000  # messages per socket per loop turn, so one busy socket cannot starve the others
 _DRAIN_EVENTS = 20_000  # events per ingest turn: acks go out at least this often
 _FANOUT_BATCH = 100  # events per frame to subscribers: large lists decode slower per event
@@ -591,3 +589,5 @@ class Broker:
             self._logged.add(reason)
             log.warning("broker.frame.dropped", reason=reason, detail=detail[:300])
 
+
+__all__ = ["Broker"]

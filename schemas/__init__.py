@@ -69,7 +69,15 @@ if TYPE_CHECKING:
         stamp,
         tag_of,
     )
-    from ._freshness import Freshness, Snapshot, Staleness, snapshot_staleness, watch_prefixes, watch_topics
+    from ._freshness import (
+        BROKER_SOURCE,
+        Freshness,
+        Snapshot,
+        Staleness,
+        snapshot_staleness,
+        watch_prefixes,
+        watch_topics,
+    )
     from ._paths import private_state_dir
     from ._rules import CallAction, PolicyConfig, RuleConfig, ThenAction, When, WhenTable
     from ._states import Backend, Observed, State
@@ -101,6 +109,7 @@ _WHERE = {
     "Fenced": "_errors",
     "FlowbusConfig": "_config",
     "FlowbusError": "_errors",
+    "BROKER_SOURCE": "_freshness",
     "Freshness": "_freshness",
     "GuiserverSessionConfig": "_config",
     "Heartbeat": "_events",
@@ -165,6 +174,7 @@ _WHERE = {
 __getattr__ = lazy_exports(__name__, globals(), _WHERE)
 
 __all__ = [
+    "BROKER_SOURCE",
     "EVENT_TYPES",
     "REASONS",
     "SCHEMA_VERSION",

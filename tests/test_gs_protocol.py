@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowbus.schemas import BackendProtocolError, State
-from flowbus.services.guiserver import _xml as gx
-from flowbus.services.guiserver._protocol import (
+from flowbus.services.guiserver import messages as gx
+from flowbus.services.guiserver.protocol import (
     JOB_TERMINAL,
     ChannelOpened,
     Connection,

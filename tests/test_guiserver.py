@@ -30,8 +30,8 @@ from flowbus.schemas import (
 )
 from flowbus.services import BackendSession
 from flowbus.services.guiserver import GuiserverSession
-from flowbus.services.guiserver import _xml as gx
-from flowbus.services.guiserver._protocol import (
+from flowbus.services.guiserver import messages as gx
+from flowbus.services.guiserver.protocol import (
     JOB_TERMINAL,
     FrameDecoder,
     Packet,

@@ -28,7 +28,7 @@ from flowbus.schemas import (
     StateChanged,
 )
 from flowbus.services.guiserver import GuiserverSession
-from flowbus.services.guiserver._protocol import (
+from flowbus.services.guiserver.protocol import (
     PacketId,
     encode,
 )

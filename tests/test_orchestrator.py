@@ -195,7 +195,7 @@ class TestRules:
                                                     tmp_path: Path) -> None:
         """ecFlow ingest complete -> QCG ensemble of 3; all 3 succeeded -> a soma-workflow workflow;
         a fatal alert of the DiFX job -> stop it, and once it stopped, start it again with force."""
-        from flowbus.services.guiserver import _xml as gx
+        from flowbus.services.guiserver import messages as gx
 
         server = ecf_server()
         emu = emulator(outcomes={"obs_1": "slow"}, slow_ticks=100_000)

@@ -4,8 +4,8 @@ operations (:mod:`._ops`), guiServer traffic as typed events and the bookkeeping
 DiFX interface's callbacks on top of the bus (:mod:`._callbacks`, exported as
 ``flowbus.services.DifxCallbacks``).
 
-The sans-I/O protocol core is :mod:`._protocol` (framing, the connection state machine, the
-sub-stream decoders) with :mod:`._xml` (difxMessage documents): the one place the wire format is
+The sans-I/O protocol core is :mod:`.protocol` (framing, the connection state machine, the
+sub-stream decoders) with :mod:`.messages` (difxMessage documents): the one place the wire format is
 written, shared with the emulator (:mod:`flowbus.services.guiserver_emulator`).
 """
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 
 from flowbus.schemas import BackendRejected
 
-from . import _xml as gx
+from . import messages as gx
 
 #: characters a path may contain (no whitespace, quotes, $, `, ;, |, &, <, >, (, ), \, !, ~, #, *)
 _PATH = re.compile(r"/[A-Za-z0-9_./+@:=,%-]*")

@@ -26,8 +26,8 @@ from flowbus.schemas import (
     StateChanged,
 )
 
-from . import _xml as gx
-from ._protocol import (
+from . import messages as gx
+from .protocol import (
     ChannelOpened,
     JobId,
     Relay,

@@ -25,8 +25,8 @@ from flowbus.schemas import (
 from .._ops import Operations
 from .._session import Phase
 from . import _check as check
-from . import _xml as gx
-from ._protocol import JOB_TERMINAL, PacketId, StreamKind, channel_data, encode, encode_int
+from . import messages as gx
+from .protocol import JOB_TERMINAL, PacketId, StreamKind, channel_data, encode, encode_int
 
 if TYPE_CHECKING:
     from ._session import GuiserverSession

@@ -2,7 +2,7 @@
 
 One TCP connection; the version handshake (8 -> ... 18) before anything else, then always the
 setup path (13), channelled mode (19), relay on/off (1) and the message selection (17). A reader
-thread feeds the sans-I/O :class:`~._protocol.Connection` and turns what it returns into typed
+thread feeds the sans-I/O :class:`~.protocol.Connection` and turns what it returns into typed
 events (:class:`~._events.Translator`): relayed DifxStatusMessage -> ``StateChanged`` +
 ``AttributeChanged(kind="progress")``, alerts/info/server texts/job output -> ``LogLine``, job-run
 sub-packets -> ``StateChanged``.
@@ -57,7 +57,7 @@ from .._session import Opened, Phase, SessionBase
 from . import _check as check
 from ._events import JobTrack, Translator
 from ._ops import OPS
-from ._protocol import (
+from .protocol import (
     STATUS_TERMINAL,
     Connection,
     ConnState,

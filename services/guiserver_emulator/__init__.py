@@ -4,7 +4,7 @@ ships its mock backend beside the real ones).
 
 The server and its connections are in :mod:`._server`, the fake jobs, vex2difx runs and machines
 definitions in :mod:`._jobs`. With the adapter it shares only the sans-I/O protocol core
-(:mod:`flowbus.services.guiserver._protocol` for the framing, :mod:`flowbus.services.guiserver._xml`
+(:mod:`flowbus.services.guiserver.protocol` for the framing, :mod:`flowbus.services.guiserver.messages`
 for the difxMessage documents), so both speak the wire format from one place.
 
 Run one by hand: ``flowbus emulate guiserver --port 50200 --sandbox DIR`` or

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..guiserver import _xml as gx
-from ..guiserver._protocol import JobId as J
-from ..guiserver._protocol import PacketId as P
-from ..guiserver._protocol import channel_data, encode, encode_int
+from ..guiserver import messages as gx
+from ..guiserver.protocol import JobId as J
+from ..guiserver.protocol import PacketId as P
+from ..guiserver.protocol import channel_data, encode, encode_int
 
 
 @dataclass

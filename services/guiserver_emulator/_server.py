@@ -34,9 +34,9 @@ import structlog
 
 from flowbus.schemas import BackendProtocolError
 
-from ..guiserver import _xml as gx
-from ..guiserver._protocol import FrameDecoder, decode_int, encode_int
-from ..guiserver._protocol import PacketId as P
+from ..guiserver import messages as gx
+from ..guiserver.protocol import FrameDecoder, decode_int, encode_int
+from ..guiserver.protocol import PacketId as P
 from ._jobs import Client, Job, Stream, run_job, run_machines, run_vex2difx
 
 #: scripted job outcomes (choose per job name with ``outcomes={"job_1": "failure"}``)
