@@ -35,3 +35,25 @@ def test_the_drawn_layout_exists() -> None:
     for line in drawn.group(1).splitlines():
         name = line.split()[0]
         assert (root / name).exists(), f"docs/sessions.md draws services/{name}, which is not in the tree"
+
+
+def test_an_operations_error_names_the_operation() -> None:
+    """An error raised inside an operation says which operation, once."""
+    from flowbus.services import Operations
+
+    ops: Operations[object] = Operations("doc")
+
+    @ops.op
+    def resume(session: object, path: str) -> None:
+        raise BackendRejected(f"path {path!r} is not a node")
+
+    @ops.op
+    def requeue(session: object) -> None:
+        raise BackendRejected("requeue: refused")
+
+    with pytest.raises(BackendRejected) as info:
+        ops.run(object(), "resume", ["/x"], {})
+    assert str(info.value) == "resume: path '/x' is not a node"
+    with pytest.raises(BackendRejected) as info:
+        ops.run(object(), "requeue", [], {})
+    assert str(info.value) == "requeue: refused"
