@@ -82,8 +82,8 @@ def _stages(has_ecflow: bool, has_soma: bool, has_wms: bool) -> list[StageResult
            StageResult("wms-workflow", "wms", sources=[("wms", "wms")]),
            StageResult("difx-job", "guiserver", sources=[("guiserver", "difx")], recovery_keys=[DIFX_JOB])]
     why = {"ecflow-suite": "" if has_ecflow else ecflow_missing(),
-           "soma-workflow": "" if has_soma else "no soma-workflow backend in this flowbus (services/soma.py)",
-           "wms-workflow": "" if has_wms else "no WMS backend in this flowbus (services/wms.py)"}
+           "soma-workflow": "" if has_soma else "no soma-workflow backend in this flowbus (flowbus.services.soma)",
+           "wms-workflow": "" if has_wms else "no WMS backend in this flowbus (flowbus.services.wms)"}
     for st in out:
         if why.get(st.stage):
             st.result, st.detail = "skipped", why[st.stage]
