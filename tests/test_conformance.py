@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from conformance_backends import Backend, Host, harness_for, live_descendants, wait_until
@@ -25,10 +26,12 @@ from flowbus.schemas import (
     Connected,
     Disconnected,
     Event,
+    Freshness,
     RecoveryAttempted,
     Resynced,
     UnknownOperation,
 )
+from flowbus.schemas._freshness import is_resource
 from flowbus.services import Releasable, session_for
 from recorder import Recorder, show
 
@@ -122,6 +125,16 @@ def events_of(host: Host) -> list[Event]:
         return list(host.rec.events)
 
 
+def stale_and_fresh(events: list[Event]) -> tuple[set[str], set[str]]:
+    """The resource keys whose latest state a bus reader would now mark stale, and the others:
+    the events numbered in order (as the bus numbers them) and fed to ``schemas.Freshness``."""
+    numbered = [msgspec.structs.replace(e, seq=i + 1) for i, e in enumerate(events)]
+    fresh = Freshness(numbered)
+    latest = {(e.FAMILY, e.key): e for e in numbered if is_resource(e)}
+    stale = {f"{f}:{k}" for (f, k), e in latest.items() if fresh.is_stale(e)}
+    return stale, {f"{f}:{k}" for f, k in latest} - stale
+
+
 # -- the suite --------------------------------------------------------------------------------------
 
 
@@ -181,7 +194,9 @@ def test_killed_backend_is_disconnected_within_bound(harness: Backend, drive: Ca
 
 def test_backend_back_is_recovered_and_resynced(harness: Backend, drive: Callable[..., Host]) -> None:
     """5. The backend back: RecoveryAttempted, Connected, then Resynced, and the last published
-    state of every key equals the backend's own view, a change made while disconnected included."""
+    state of every key equals the backend's own view, a change made while disconnected included.
+    Between Disconnected and Resynced every resource of the source reads as stale on the bus
+    (schemas.Freshness, which status, snapshots and waits use); after Resynced none does."""
     if harness.kill_skip:
         pytest.skip(harness.kill_skip)
     harness.start_backend()
@@ -191,6 +206,8 @@ def test_backend_back_is_recovered_and_resynced(harness: Backend, drive: Callabl
     converged(harness, host, 20, work)
     harness.kill_backend(host.session)
     lost = host.rec.wait_for(first(Disconnected), harness.bound_s + 10, f"{harness.backend}: Disconnected")
+    stale, fresh = stale_and_fresh(events_of(host)[:host.rec.index(lost) + 1])
+    assert stale and not fresh, f"{harness.backend}: after Disconnected, resources not marked stale: {sorted(fresh)}"
     host.pause()  # the change below is made while the session is away
     harness.restart_backend()
     changed = harness.change_while_down()
@@ -209,9 +226,13 @@ def test_backend_back_is_recovered_and_resynced(harness: Backend, drive: Callabl
     elif not attempts[-1].ok:
         problems.append("the last RecoveryAttempted before Connected is not ok=True")
     try:
-        host.rec.wait_for(first(Resynced, j), 10, "Resynced")
+        resynced = host.rec.wait_for(first(Resynced, j), 10, "Resynced")
     except AssertionError:
         problems.append("no Resynced after Connected within 10 s")
+    else:
+        stale, _ = stale_and_fresh(events_of(host)[:host.rec.index(resynced) + 1])
+        if stale:
+            problems.append(f"still stale after Resynced: {sorted(stale)}")
     strangers = [show(e) for e in events_of(host)[i:] if e.source != NAME]
     if strangers:
         problems.append(f"events of another source: {strangers}")
