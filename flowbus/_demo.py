@@ -82,7 +82,7 @@ def _stages(has_ecflow: bool, has_soma: bool, has_wms: bool) -> list[StageResult
            StageResult("wms-workflow", "wms", sources=[("wms", "wms")]),
            StageResult("difx-job", "guiserver", sources=[("guiserver", "difx")], recovery_keys=[DIFX_JOB])]
     why = {"ecflow-suite": "" if has_ecflow else ecflow_missing(),
-           "soma-workflow": "" if has_soma else "no soma-workflow backend in this flowbus (services/soma.py)",
+           "soma-workflow": "" if has_soma else "no soma-workflow backend in this flowbus (services/soma/)",
            "wms-workflow": "" if has_wms else "no WMS backend in this flowbus (services/wms.py)"}
     for st in out:
         if why.get(st.stage):

@@ -183,7 +183,7 @@ class TestObservation:
         """A soma workflow built with soma's own classes (a BarrierJob between two jobs) runs from its JSON form."""
         from soma_workflow.client import BarrierJob, Job, Workflow
 
-        from flowbus.services._soma_wf import serialize
+        from flowbus.services.soma._wf import serialize
 
         a, bar, c = Job(command=["true"], name="a"), BarrierJob(name="bar"), Job(command=["true"], name="c")
         run = soma_session()
@@ -210,7 +210,7 @@ class TestStateMapping:
     ])
     def test_job_state(self, status: str, exit_info: Any, state: State | None) -> None:
         """Each pair gives its state; done/failed without exit information gives None (held back)."""
-        from flowbus.services._soma_wf import job_state
+        from flowbus.services.soma._wf import job_state
 
         assert job_state(status, exit_info)[0] is state
 

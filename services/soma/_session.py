@@ -5,7 +5,7 @@ Observation: soma has no notifications. Each poll lists the controller's workflo
 information written); settled ones cost one ``workflow_status``. Differences become
 ``StateChanged`` events (``observed=poll``; ``resync`` for the comparison with ``known`` at
 start and after a recovery). Keys: ``<workflow id>`` and ``<workflow id>/<job name>``; states
-and exit information as in :mod:`._soma_wf`. The engine loop period (``engine-refresh``) bounds
+and exit information as in :mod:`._wf`. The engine loop period (``engine-refresh``) bounds
 how fast anything changes: polling faster gains nothing.
 
 Liveness and recovery: the light-mode engine is three threads of this process. When one dies,
@@ -56,10 +56,10 @@ from flowbus.schemas import (
     SomaSessionConfig,
 )
 
-from ._base import Backoff, Emit, dispatch
-from ._soma_engine import Built, build, create_time, kill_tree, load_pids, save_pids
-from ._soma_ops import OPERATIONS, SomaOperations, soma_errors_to_flowbus
-from ._soma_wf import Tracker, WfSnap, from_record, job_names, read_workflow, serialize
+from .._base import Backoff, Emit, dispatch
+from ._engine import Built, build, create_time, kill_tree, load_pids, save_pids
+from ._ops import OPERATIONS, SomaOperations, soma_errors_to_flowbus
+from ._wf import Tracker, WfSnap, from_record, job_names, read_workflow, serialize
 
 _IDLE_S = 0.5
 _FAILS_BEFORE_LOST = 3
@@ -552,4 +552,4 @@ def _is_own_dir(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-__all__ = ["SomaSession", "SomaSessionConfig"]
+__all__ = ["SomaSession"]

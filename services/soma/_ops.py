@@ -18,9 +18,9 @@ from soma_workflow.engine_types import EngineTransfer
 
 from flowbus.schemas import BackendError, BackendProtocolError, BackendRejected, BackendUnavailable, UnknownOperation
 
-from ._base import map_errors
-from ._soma_engine import quiet
-from ._soma_wf import plain, serialize, to_workflow
+from .._base import map_errors
+from ._engine import quiet
+from ._wf import plain, serialize, to_workflow
 
 #: operation name -> method (see :func:`flowbus.services.dispatch`)
 OPERATIONS: Mapping[str, str] = {
@@ -227,7 +227,7 @@ class SomaOperations:
 
     def _op_job_ids(self, workflow_id: int) -> dict[str, int]:
         """Job name -> soma job id for one workflow (a repeated name gets ``name#id``)."""
-        from ._soma_wf import job_names
+        from ._wf import job_names
 
         wf_id = _id(workflow_id, "workflow_id", "job_ids")
         with self._using("job_ids") as wc:
