@@ -29,7 +29,6 @@ from ecflow_fixtures import (
 from flowbus.schemas import (
     AttributeChanged,
     BackendRejected,
-    BackendTimeout,
     BackendUnavailable,
     Connected,
     Disconnected,
