@@ -8,69 +8,67 @@ start and after a recovery). Keys: ``<workflow id>`` and ``<workflow id>/<job na
 and exit information as in :mod:`._wf`. The engine loop period (``engine-refresh``) bounds
 how fast anything changes: polling faster gains nothing.
 
+Lifecycle (:class:`~flowbus.services._session.SessionBase`): a controller that cannot be built
+at :meth:`~SessionBase.start` (a directory that cannot be made, a bad resource, a dead server)
+does not fail the start: the session opens DOWN with ``Disconnected`` (``will_retry``) and builds
+it again on later polls, like after a loss. With ``recovery = none`` it never retries:
+``Disconnected`` without retry and ``RecoveryGaveUp`` at once.
+
 Liveness and recovery: the light-mode engine is three threads of this process. When one dies,
-the engine loop is stopped, or the controller's engine is gone, the session publishes
-``Disconnected``, ends what is left of the old controller (threads joined, its job processes
-killed by PID and reaped, so nothing runs twice), builds a new controller on the same directory
-(``Connected``), and per workflow left in progress either force-stops and restarts it
-(``reattach``: the failed and unfinished jobs run again) or deletes it and submits it again from
-the session's record (``resubmit``), each with a ``RecoveryAttempted``; then the ``resync`` diff
-and ``Resynced``. Failed attempts back off; ``RecoveryGaveUp`` after ``recovery-attempts``.
-Job PIDs are also written to ``flowbus-soma-pids.json`` in the directory, so a later incarnation
-(an actor restarted after a crash, same directory) kills what the previous one left running
-before it recovers those workflows the same way.
+the engine loop is stopped, the controller's engine is gone, or three polls in a row fail, the
+session publishes ``Disconnected`` and ends what is left of the old controller (threads joined,
+its job processes killed by PID and reaped, so nothing runs twice). With backoff it then builds
+a new controller on the same directory (``RecoveryAttempted`` ``reconnect``, ``Connected``,
+``RecoveryAttempted`` ``new_controller`` naming the job processes killed), and per workflow
+left in progress either force-stops and restarts it (``reattach``: the failed and unfinished
+jobs run again) or deletes it and submits it again from the session's record (``resubmit``),
+each with a ``RecoveryAttempted``; then the ``resync`` diff and ``Resynced``.
+``RecoveryGaveUp`` after ``recovery-attempts`` failed attempts. Job PIDs are also written to
+``flowbus-soma-pids.json`` in the directory, so a later incarnation (an actor restarted after a
+crash, same directory) kills what the previous one left running before it recovers those
+workflows the same way.
 
 Threads: :meth:`SomaSession.poll` runs on one worker thread, :meth:`SomaSession.call` may come
 from any thread. Controller calls are not serialised (soma opens one sqlite connection per call),
 so a ``wait_workflow`` does not stall polling; the lock guards the session's bookkeeping and the
-controller swap during recovery.
+controller swap during recovery. Every error a call raises names the session.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import shutil
 import stat
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import soma_workflow.constants as C  # noqa: N812 - C.DONE, C.FAILED: constants, named like them
-import structlog
 
 from flowbus.schemas import (
     BackendError,
+    BackendProtocolError,
     BackendRejected,
     BackendUnavailable,
-    Connected,
     Disconnected,
     Event,
     Observed,
     RecoveryAttempted,
     RecoveryGaveUp,
-    Resynced,
     SomaSessionConfig,
 )
 
-from .._base import Backoff, Emit, dispatch
+from .._ops import Operations
+from .._session import Opened, Phase, SessionBase
 from ._engine import Built, build, create_time, kill_tree, load_pids, save_pids
-from ._ops import OPERATIONS, SomaOperations, soma_errors_to_flowbus
+from ._ops import OPS, soma_errors_to_flowbus
 from ._wf import Tracker, WfSnap, from_record, job_names, read_workflow, serialize
 
-_IDLE_S = 0.5
+#: polls that fail in a row before the controller counts as lost
 _FAILS_BEFORE_LOST = 3
-
-
-class Phase(enum.Enum):
-    NEW = "new"
-    UP = "up"
-    DOWN = "down"  # controller lost, recovering
-    DEAD = "dead"  # gave up (or recovery = none)
-    CLOSED = "closed"
 
 
 def _version() -> str:
@@ -82,33 +80,33 @@ def _version() -> str:
         return "?"
 
 
-class SomaSession(SomaOperations):
+class SomaSession(SessionBase):
     """A session with one soma-workflow ``WorkflowController`` (implements ``BackendSession``).
 
     Operations (:meth:`call`): ``submit_workflow(workflow, expiration_date=None, name=None,
     queue=None) -> id`` (``workflow``: a flowbus ``WorkflowSpec`` dict/JSON or soma's JSON form),
-    ``register_transfer``, ``workflow``, ``workflows``, ``jobs``, ``transfers``, ``job_ids``,
-    ``workflow_status``, ``workflow_elements_status``, ``job_status``, ``job_termination_status``,
-    ``transfer_status``, ``stop_workflow``, ``restart_workflow``, ``delete_workflow``,
-    ``stop_jobs``, ``restart_jobs``, ``change_workflow_expiration_date`` (ISO text),
-    ``wait_workflow``/``wait_job`` (bounded ``timeout``), ``transfer_files``, ``delete_transfer``,
-    ``retrieve_job_stdouterr``, and the Helper functions ``list_failed_jobs``,
-    ``delete_all_workflows``, ``transfer_input_files``, ``transfer_output_files``, ``serialize``.
+    ``submit`` (also a JSON file's path), ``register_transfer``, ``workflow``, ``workflows``,
+    ``jobs``, ``transfers``, ``job_ids``, ``workflow_status``, ``workflow_elements_status``,
+    ``job_status``, ``job_termination_status``, ``transfer_status``, ``stop_workflow``,
+    ``restart_workflow``, ``delete_workflow``, ``stop_jobs``, ``restart_jobs``,
+    ``change_workflow_expiration_date`` (ISO text), ``wait_workflow``/``wait_job`` (bounded
+    ``timeout``), ``transfer_files``, ``delete_transfer``, ``retrieve_job_stdouterr``, and the
+    Helper functions ``list_failed_jobs``, ``delete_all_workflows``, ``transfer_input_files``,
+    ``transfer_output_files``, ``serialize``.
 
-    Errors: ``BackendRejected`` (bad description, unknown workflow/job id, bad argument),
-    ``UnknownOperation``, ``BackendUnavailable`` (the controller is down or being recovered).
+    Errors (each naming the session): ``BackendRejected`` (bad description, unknown workflow/job
+    id, bad argument), ``UnknownOperation``, ``BackendUnavailable`` (the controller is down or
+    being recovered).
     """
 
     backend = "soma"
+    ops: ClassVar[Operations[Any]] = OPS
 
     def __init__(self, config: SomaSessionConfig) -> None:
-        self.config = config
-        self.name = config.name
-        self._log = structlog.get_logger("flowbus.soma").bind(backend="soma", session_id=config.name)
-        self._lock = threading.RLock()
+        super().__init__(config, backoff_first=config.recovery_backoff,
+                         reconnect_attempts=config.recovery_attempts)
+        self.config: SomaSessionConfig = config
         self._tracker = Tracker(config.name, self.backend)
-        self._phase = Phase.NEW
-        self._emit: Emit | None = None
         self._built: Built | None = None
         self._directory = ""
         self._created_dir = False
@@ -120,20 +118,15 @@ class SomaSession(SomaOperations):
         self._records: dict[int, dict[str, Any]] = {}
         #: soma job id -> (pid, process create time) of running jobs
         self._pids: dict[int, tuple[int, float]] = {}
+        #: job pids the last loss killed (reported by the next ``new_controller``)
+        self._killed: list[int] = []
         self._fails = 0
-        self._attempt = 0
-        self._down_reason = ""
-        self._backoff = Backoff(first=config.recovery_backoff, cap=max(30.0, config.recovery_backoff))
 
     # -- introspection -----------------------------------------------------------------------------
 
     @property
     def address(self) -> str:
         return self._directory if self.config.mode == "light" else f"resource:{self.config.resource_id or 'default'}"
-
-    @property
-    def phase(self) -> str:
-        return self._phase.value
 
     @property
     def controller(self) -> Any:
@@ -144,140 +137,156 @@ class SomaSession(SomaOperations):
     def engine_threads(self) -> tuple[threading.Thread, ...]:
         return () if self._built is None else self._built.threads
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-
-    def start(self, emit: Emit, known: Mapping[str, Event], *, previous_address: str | None = None) -> None:
-        """Build the controller, publish ``Connected``, recover workflows a previous incarnation
-        left in progress (light mode, same directory), then the ``resync`` diff to ``known``.
-
-        The directory is ``directory`` from the config, else ``previous_address`` (the last
-        incarnation's), else a fresh temporary one. Raises ``BackendUnavailable`` when soma
-        cannot start, ``BackendRejected`` for a session that was already started."""
-        with self._lock:
-            if self._phase is not Phase.NEW:
-                raise BackendRejected(f"start: session {self.name!r} was already started")
-            cfg = self.config
-            made_here = False  # a temporary directory made by this start(): removed if it fails
-            if cfg.mode == "light":
-                if cfg.directory:
-                    self._directory = os.path.abspath(os.path.expanduser(cfg.directory))
-                elif previous_address and _is_own_dir(previous_address):
-                    self._directory = previous_address
-                    # a temporary directory an earlier incarnation created is still ours to remove
-                    self._created_dir = os.path.basename(previous_address).startswith(f"flowbus-soma-{self.name}-") \
-                        and os.path.dirname(previous_address) == tempfile.gettempdir()
-                else:
-                    self._directory = tempfile.mkdtemp(prefix=f"flowbus-soma-{self.name}-")
-                    self._created_dir = True
-                    made_here = True
-            self._emit = emit
-            self._tracker.seed(known)
-            try:
-                self._built = build(cfg, self._directory)
-                self._phase = Phase.UP
-                self._publish([self._ev(Connected, address=self.address, detail=self._detail())])
-                left = self._in_progress()
-                if left and cfg.recovery != "none":
-                    self._kill_recorded()
-                    self._recover_workflows(left, "left in progress by a previous incarnation")
-                self._resync()
-            except BackendError as exc:
-                self._log.error("soma.session.start_failed", error=str(exc))
-                self._teardown()
-                self._phase = Phase.NEW
-                self._emit = None
-                self._forget_dir(made_here)
-                raise
-            except Exception as exc:
-                self._log.error("soma.session.start_failed", error=repr(exc))
-                self._teardown()
-                self._phase = Phase.NEW
-                self._emit = None
-                self._forget_dir(made_here)
-                raise BackendUnavailable(f"start: soma session {self.name!r}: {type(exc).__name__}: {exc}") from exc
-            self._log.info("soma.session.started", address=self.address)
-
-    def poll(self) -> float:
-        """Observe once (diff, PID record, liveness); recover a dead controller when allowed."""
-        with self._lock:
-            if self._phase is Phase.UP:
-                self._poll_up()
-            elif self._phase is Phase.DOWN and self._backoff.ready():
-                self._recover()
-            if self._phase is Phase.UP:
-                return self.config.poll_interval
-            if self._phase is Phase.DOWN:
-                return max(0.01, min(self.config.poll_interval, self._backoff.not_before - time.monotonic()))
-            return _IDLE_S
-
     def call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one operation (see the class docstring); results are plain data."""
-        return dispatch(self, OPERATIONS, operation, *args, **kwargs)
+        """Run one operation (see the class docstring); results are plain data. Every error
+        names the session: ``session 'x': <operation>: <why>``."""
+        try:
+            return super().call(operation, *args, **kwargs)
+        except BackendError as exc:
+            text = str(exc)
+            if f"session {self.name!r}" not in text:
+                exc.args = (f"session {self.name!r}: {text}", *exc.args[1:])
+            raise
 
-    def operations(self) -> list[str]:
-        return sorted(OPERATIONS)
+    # -- hooks ---------------------------------------------------------------------------------------
 
-    def stop(self) -> None:
+    def _seed(self, known: Mapping[str, Event]) -> None:
+        self._tracker.seed(known)
+
+    def _open(self, observed: Observed) -> Opened:
+        """Build the controller (light mode: on the session's directory, chosen on the first
+        open), bring back the workflows left in progress (after a loss, or by a previous
+        incarnation on the directory), and diff everything against what was published.
+
+        Raises ``BackendUnavailable`` for any failure (the controller built is ended first)."""
+        reconnect = self._phase is not Phase.NEW
+        if self.config.mode == "light" and not self._directory:
+            self._choose_directory()
+        try:
+            self._killed += self._end_old()
+            if reconnect:  # what the lost controller (or an earlier incarnation) left running
+                self._killed += self._kill_recorded()
+            self._built = build(self.config, self._directory)
+            left = self._in_progress()
+            announce: list[Event] = []
+            if reconnect:
+                killed = sorted(set(self._killed))
+                announce.append(self._ev(RecoveryAttempted, action="new_controller", attempt=self._attempt,
+                                         reason=self._down_reason,
+                                         detail=f"killed job pids {killed}" if killed else "no job process was left"))
+                announce += self._recover_workflows(left, self._down_reason)
+            elif left and self.config.recovery != "none":
+                self._kill_recorded()
+                announce += self._recover_workflows(left, "left in progress by a previous incarnation")
+            self._seen = dict.fromkeys(self._seen)
+            events, resources = self._scan(observed, full=True)
+        except Exception as exc:
+            self._end_old()
+            if isinstance(exc, BackendUnavailable):
+                raise
+            raise BackendUnavailable(f"session {self.name!r}: cannot open the soma controller: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        self._killed = []
+        self._fails = 0
+        return Opened(self.address, f"soma-workflow {_version()} {self.config.mode} mode", events, resources,
+                      announce)
+
+    def _observe(self) -> None:
+        """Diff, PID record, liveness; three failed polls in a row are a loss."""
+        assert self._built is not None
+        reason = self._built.dead_reason()
+        if reason:
+            raise BackendUnavailable(reason)
+        try:
+            events, _ = self._scan(Observed.POLL)
+        except BackendError as exc:
+            self._fails += 1
+            self._log.warning("soma.poll.failed", error=str(exc), fails=self._fails)
+            if self._fails >= _FAILS_BEFORE_LOST:
+                raise BackendUnavailable(f"the controller fails: {exc}") from exc
+            return
+        self._publish(events)
+        self._record_pids()
+        self._fails = 0
+
+    def _drop(self) -> None:
+        self._end_old()
+
+    def _lost(self, reason: str) -> None:
+        """End the old controller at once (its job processes killed, its threads joined)."""
+        self._fails = 0
+        self._killed = self._end_old()
+
+    def _go_down(self, reason: str, *, will_retry: bool) -> None:
+        # The base always retries; recovery = none never does. Wanted in SessionBase: a policy
+        # that makes _go_down publish will_retry=False and give up at once (see the port's report).
+        if not (will_retry and self.config.recovery == "none"):
+            super()._go_down(reason, will_retry=will_retry)
+            return
+        self._log.warning("soma.recovery.refused", reason=reason, recovery="none")
+        self._publish([self._ev(Disconnected, reason=reason, will_retry=False),
+                       self._ev(RecoveryGaveUp, attempts=0, reason=f"recovery = none: {reason}")])
+        self._down_reason = reason
+        self._phase = Phase.DEAD
+
+    def _close(self, was_up: bool) -> None:
         """Stop the workflows this controller runs (soma's kill, bounded by ``stop-timeout``),
-        publish their last states and ``Disconnected``, end soma's threads and every job process,
-        and remove the directory when the session created it."""
-        with self._lock:
-            if self._phase is Phase.CLOSED:
-                return
-            was_up = self._phase is Phase.UP
-            if was_up:
-                self._stop_workflows()
-                with contextlib.suppress(BackendError):
-                    self._scan(Observed.POLL)
-            left = self._teardown()
-            if left:
-                self._log.warning("soma.threads.left", threads=left)
-            if self._phase in (Phase.UP, Phase.DOWN):
-                self._publish([self._ev(Disconnected, reason="stopped", will_retry=False)])
-            self._phase = Phase.CLOSED
-            self._remove_dir()
-        self._log.info("soma.session.stopped")
+        publish their last states, end soma's threads and every job process, and remove the
+        directory when the session created it."""
+        if was_up:
+            self._stop_workflows()
+            with contextlib.suppress(BackendError):
+                self._publish(self._scan(Observed.POLL)[0])
+        self._end_old()
+        self._remove_dir()
 
-    def release(self) -> None:
-        """Let go of the controller for a newer incarnation: end soma's engine and scheduler
-        threads in this process, publish nothing, and neither kill job processes nor delete or
-        stop workflows; the directory and its PID record stay. The next session on the same
-        directory kills the recorded job processes and brings the workflows back (``recovery``)."""
-        with self._lock:
-            if self._phase is Phase.CLOSED:
-                return
-            self._emit = None
-            self._phase = Phase.CLOSED
-            self._created_dir = False  # the next incarnation's directory now
-            built, self._built = self._built, None
-            left = built.shutdown(kill_jobs=False) if built is not None else []
+    def _let_go(self) -> None:
+        """End soma's engine and scheduler threads in this process only: job processes run on,
+        workflows and the directory (with its PID record) stay for the next incarnation, which
+        kills the recorded job processes and brings the workflows back (``recovery``)."""
+        self._created_dir = False  # the next incarnation's directory now
+        built, self._built = self._built, None
+        left = built.shutdown(kill_jobs=False) if built is not None else []
         if left:
             self._log.warning("soma.threads.left", threads=left)
-        self._log.info("soma.session.released", address=self.address)
 
-    def kill(self) -> None:
-        """Immediate: end soma's threads and job processes, and remove the directory when the
-        session created it; never raises."""
-        got = self._lock.acquire(timeout=1.0)
-        try:
-            self._teardown(timeout=1.0)
-            self._phase = Phase.CLOSED
-            if got:
+    def _kill(self) -> None:
+        """End soma's threads and job processes at once; remove the directory the session
+        created unless a poll or call still holds the session."""
+        built, self._built = self._built, None
+        if built is not None:
+            built.shutdown(timeout=1.0)
+        if self._lock.acquire(blocking=False):  # the base may have gone ahead without the lock
+            try:
                 self._remove_dir()
-        except Exception as exc:  # noqa: BLE001  (kill never raises, by contract)
-            self._log.warning("soma.kill.failed", error=repr(exc))
-        finally:
-            if got:
+            finally:
                 self._lock.release()
 
-    # -- the operations' hooks ---------------------------------------------------------------------
+    # -- the operations' helpers -----------------------------------------------------------------------
 
-    def _controller(self, operation: str) -> Any:
+    @contextlib.contextmanager
+    def _using(self, operation: str) -> Iterator[Any]:
+        """The controller, with soma's errors mapped at this edge. The lock is held only to take
+        it (controller calls run in parallel); a call that fails because the controller died or
+        was replaced meanwhile is ``BackendUnavailable``."""
         with self._lock:
-            if self._phase is not Phase.UP or self._built is None:
-                raise BackendUnavailable(
-                    f"{operation}: soma session {self.name!r} has no controller ({self._phase.value})")
-            return self._built.controller
+            self._require_up(operation)
+            assert self._built is not None
+            wc = self._built.controller
+        self._log.debug("soma.call.started", operation=operation)
+        try:
+            try:
+                with soma_errors_to_flowbus(operation):
+                    yield wc
+            except (BackendRejected, BackendProtocolError) as exc:
+                if not self._is_current(wc):
+                    raise BackendUnavailable(
+                        f"{operation}: the soma controller was lost during the call: {exc}") from exc
+                raise
+        except BackendError as exc:
+            self._log.info("soma.call.failed", operation=operation, error=str(exc))
+            raise
+        self._log.debug("soma.call.complete", operation=operation)
 
     def _is_current(self, wc: Any) -> bool:
         built = self._built
@@ -288,37 +297,18 @@ class SomaSession(SomaOperations):
             self._records[wf_id] = soma_dict
             self._seen[wf_id] = None
 
-    def _deleted(self, wf_id: int) -> None:
-        with self._lock:
-            self._seen[wf_id] = None  # the next poll notices it is gone
-
     def _watch(self, wf_id: int) -> None:
+        """Read ``wf_id`` again at the next poll (restarted, deleted: the poll notices it is gone)."""
         with self._lock:
             self._seen[wf_id] = None
 
     # -- observing ---------------------------------------------------------------------------------
 
-    def _poll_up(self) -> None:
-        assert self._built is not None
-        reason = self._built.dead_reason()
-        if reason:
-            self._on_lost(reason)
-            return
-        try:
-            self._scan(Observed.POLL)
-            self._record_pids()
-            self._fails = 0
-        except BackendError as exc:
-            self._fails += 1
-            self._log.warning("soma.poll.failed", error=str(exc), fails=self._fails)
-            if self._fails >= _FAILS_BEFORE_LOST:
-                self._on_lost(f"the controller fails: {exc}")
-
-    def _scan(self, observed: Observed, full: bool = False) -> tuple[int, int]:
-        """Read what changed and publish the differences; returns (resources seen, events)."""
+    def _scan(self, observed: Observed, full: bool = False) -> tuple[list[Event], int]:
+        """Read what changed: the differences to publish and how many resources were seen."""
         assert self._built is not None
         wc = self._built.controller
-        events: list[Any] = []
+        events: list[Event] = []
         seen_keys: set[str] = set()
         with soma_errors_to_flowbus("poll"):
             ids = [int(i) for i in wc.workflows()]
@@ -347,13 +337,7 @@ class SomaSession(SomaOperations):
         if full:
             stale = [k for k in self._tracker.last if k not in seen_keys]
             events += self._tracker.gone(stale, observed, "not known to the soma-workflow controller")
-        self._publish(events)
-        return len(seen_keys), len(events)
-
-    def _resync(self) -> None:
-        self._seen = dict.fromkeys(self._seen)
-        resources, changed = self._scan(Observed.RESYNC, full=True)
-        self._publish([self._ev(Resynced, changed=changed, resources=resources)])
+        return events, len(seen_keys)
 
     def _record_pids(self) -> None:
         """Keep soma job id -> (pid, create time) of running jobs, on disk too (light mode)."""
@@ -373,54 +357,6 @@ class SomaSession(SomaOperations):
             return [int(w) for w in wc.workflows() if wc.workflow_status(int(w)) != C.WORKFLOW_DONE]
 
     # -- failure and recovery ----------------------------------------------------------------------
-
-    def _on_lost(self, reason: str) -> None:
-        retry = self.config.recovery != "none"
-        self._log.warning("soma.controller.lost", reason=reason, recovery=self.config.recovery)
-        self._publish([self._ev(Disconnected, reason=reason, will_retry=retry)])
-        self._down_reason = reason
-        self._attempt = 0
-        self._fails = 0
-        if not retry:
-            self._phase = Phase.DEAD
-            self._publish([self._ev(RecoveryGaveUp, attempts=0, reason=f"recovery = none: {reason}")])
-            return
-        self._phase = Phase.DOWN
-        self._backoff.reset()  # first attempt at once
-
-    def _recover(self) -> None:
-        self._attempt += 1
-        attempt = self._attempt
-        try:
-            killed = self._end_old()
-            killed += self._kill_recorded()
-            self._built = build(self.config, self._directory)
-            self._phase = Phase.UP
-            self._publish([
-                self._ev(RecoveryAttempted, action="new_controller", attempt=attempt, reason=self._down_reason,
-                         detail=f"killed job pids {killed}" if killed else "no job process was left"),
-                self._ev(Connected, address=self.address, detail=self._detail()),
-            ])
-            left = self._in_progress()
-            self._recover_workflows(left, self._down_reason)
-            self._resync()
-        except Exception as exc:  # noqa: BLE001  (any failure of soma here is a failed attempt)
-            self._log.warning("soma.recovery.failed", attempt=attempt, error=repr(exc))
-            if self._phase is Phase.UP:
-                self._end_old()
-            self._phase = Phase.DOWN
-            self._publish([self._ev(RecoveryAttempted, action="new_controller", attempt=attempt,
-                                    reason=self._down_reason, ok=False, detail=f"{type(exc).__name__}: {exc}")])
-            limit = self.config.recovery_attempts
-            if limit and attempt >= limit:
-                self._publish([self._ev(RecoveryGaveUp, attempts=attempt, reason=str(exc))])
-                self._phase = Phase.DEAD
-            else:
-                self._backoff.next()
-            return
-        self._log.info("soma.recovery.succeeded", attempt=attempt)
-        self._attempt = 0
-        self._backoff.reset()
 
     def _end_old(self) -> list[int]:
         """End the old controller: its job processes killed and reaped, its threads joined."""
@@ -445,9 +381,11 @@ class SomaSession(SomaOperations):
                 save_pids(self._directory, {})
         return killed
 
-    def _recover_workflows(self, wf_ids: list[int], reason: str) -> None:
-        """Bring back each workflow left in progress, as ``recovery`` says."""
+    def _recover_workflows(self, wf_ids: list[int], reason: str) -> list[Event]:
+        """Bring back each workflow left in progress, as ``recovery`` says; returns the events
+        that tell how (published right after ``Connected``)."""
         assert self._built is not None
+        events: list[Event] = []
         wc, eng = self._built.controller, self._built.engine
         for wf_id in wf_ids:
             action = self.config.recovery
@@ -468,17 +406,18 @@ class SomaSession(SomaOperations):
                         self._records[new_id] = record
                         self._seen[new_id] = None
                         detail = f"deleted and resubmitted as workflow {new_id}"
-                        self._publish(self._tracker.gone(self._tracker.keys_of(wf_id), Observed.RESYNC,
-                                                         f"deleted by recovery; resubmitted as workflow {new_id}"))
+                        events += self._tracker.gone(self._tracker.keys_of(wf_id), Observed.RESYNC,
+                                                     f"deleted by recovery; resubmitted as workflow {new_id}")
                         self._seen.pop(wf_id, None)
                         self._names.pop(wf_id, None)
-                self._publish([self._ev(RecoveryAttempted, key=str(wf_id), action=action, reason=reason,
-                                        detail=detail)])
+                events.append(self._ev(RecoveryAttempted, key=str(wf_id), action=action, reason=reason,
+                                       detail=detail))
             except BackendError as exc:
                 self._log.warning("soma.workflow.recovery_failed", workflow_id=wf_id, error=str(exc))
-                self._publish([self._ev(RecoveryAttempted, key=str(wf_id), action=action, reason=reason, ok=False,
-                                        detail=str(exc)),
-                               self._ev(RecoveryGaveUp, key=str(wf_id), attempts=1, reason=str(exc))])
+                events += [self._ev(RecoveryAttempted, key=str(wf_id), action=action, reason=reason, ok=False,
+                                    detail=str(exc)),
+                           self._ev(RecoveryGaveUp, key=str(wf_id), attempts=1, reason=str(exc))]
+        return events
 
     # -- stopping ----------------------------------------------------------------------------------
 
@@ -514,32 +453,20 @@ class SomaSession(SomaOperations):
             shutil.rmtree(self._directory, ignore_errors=True)
             self._created_dir = False
 
-    def _forget_dir(self, made_here: bool) -> None:
-        """After a failed start: remove a temporary directory made by it (one taken over from an
-        earlier incarnation stays for the next try)."""
-        if made_here:
-            self._remove_dir()
-        self._created_dir = False
-
-    def _teardown(self, timeout: float = 5.0) -> list[str]:
-        built, self._built = self._built, None
-        if built is None:
-            return []
-        return built.shutdown(timeout)
-
-    # -- helpers -----------------------------------------------------------------------------------
-
-    def _detail(self) -> str:
-        return f"soma-workflow {_version()} {self.config.mode} mode"
-
-    def _ev(self, cls: type[Any], **fields: Any) -> Any:
-        return cls(source=self.name, backend=self.backend, **fields)
-
-    def _publish(self, events: list[Any]) -> None:
-        if self._emit is None:
-            return
-        for ev in events:
-            self._emit(ev)
+    def _choose_directory(self) -> None:
+        """The directory is ``directory`` from the config, else the previous incarnation's
+        (``previous_address``), else a fresh temporary one (removed when the session ends)."""
+        cfg, previous = self.config, self._previous_address
+        if cfg.directory:
+            self._directory = os.path.abspath(os.path.expanduser(cfg.directory))
+        elif previous and _is_own_dir(previous):
+            self._directory = previous
+            # a temporary directory an earlier incarnation created is still ours to remove
+            self._created_dir = os.path.basename(previous).startswith(f"flowbus-soma-{self.name}-") \
+                and os.path.dirname(previous) == tempfile.gettempdir()
+        else:
+            self._directory = tempfile.mkdtemp(prefix=f"flowbus-soma-{self.name}-")
+            self._created_dir = True
 
 
 def _is_own_dir(path: str) -> bool:
