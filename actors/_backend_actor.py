@@ -34,8 +34,7 @@ from . import _ray  # noqa: F401  (sets the loopback fences before ray is import
 # isort: split
 import ray
 
-from flowbus.bus import Publisher
-from flowbus.bus._request import Requester
+from flowbus.bus import Publisher, Requester
 from flowbus.schemas import (
     Connected,
     ErrorEvent,

@@ -1,7 +1,9 @@
 """Starting or joining Ray: loopback-only, token-authenticated, in a private temp directory
 (docs/notes/ray-deploy.md §1.1, §1.9, §1.11; docs/DESIGN.md, "Security").
 
-The fences are set when this module is imported, before Ray is imported anywhere in the process:
+The fences are set before Ray is imported anywhere in the process: by ``_fences``, which
+``import flowbus.actors`` runs first (the package loads everything else lazily), and which this
+module imports again before ``ray``:
 
 - ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: without it a local Ray listens on every interface.
 - ``RAY_AUTH_MODE=token``, always (never ``disabled``): on a shared login node every local user
@@ -31,15 +33,12 @@ removes those of ours whose maker (recorded in ``owner``) is gone and that no pr
 
 from __future__ import annotations
 
-import os
+from . import _fences  # noqa: F401 - first: the fences, before ray is imported
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ["RAY_AUTH_MODE"] = "token"  # forced, not a default: see the module docstring
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
+# isort: split
 import atexit
 import logging
+import os
 import secrets
 import shutil
 import stat

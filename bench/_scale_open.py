@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 from _common import log
 from _scale_servers import Fleet, suite_text

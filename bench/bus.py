@@ -46,8 +46,6 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import _redis
 from _common import (
     BACKEND,

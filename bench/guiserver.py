@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import signal
 import socket
@@ -49,8 +48,6 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import BenchError, Children, cpu_s, log, median, percentile, table
 
@@ -63,8 +60,8 @@ STEP_TIMEOUT = 30.0
 
 
 def emulator_child(conn: Connection, sandbox: str, n_jobs: int) -> None:
-    from flowbus.services import _gs_xml as gx
-    from flowbus.services._gs_protocol import PacketId, encode
+    from flowbus.services.guiserver import messages as gx
+    from flowbus.services.guiserver.protocol import PacketId, encode
     from flowbus.services.guiserver_emulator import GuiserverEmulator
 
     emu = GuiserverEmulator(sandbox).start()
@@ -134,7 +131,7 @@ class RawClient:
     """A plain socket client: handshake, channelled mode, relay on; frames and counts packets."""
 
     def __init__(self, port: int) -> None:
-        from flowbus.services._gs_protocol import (
+        from flowbus.services.guiserver.protocol import (
             FrameDecoder,
             PacketId,
             encode,
@@ -193,8 +190,8 @@ class RawClient:
 
     def job(self, inp: str, port: int, timeout: float) -> float:
         """DifxStart (channelled) for ``inp``; seconds to the terminal id on its sub-stream."""
-        from flowbus.services import _gs_xml as gx
-        from flowbus.services._gs_protocol import JOB_TERMINAL, decode_int
+        from flowbus.services.guiserver import messages as gx
+        from flowbus.services.guiserver.protocol import JOB_TERMINAL, decode_int
 
         doc = gx.build("DifxStart", [("input", inp), ("force", "0"), ("function", "USNO"), ("port", port)],
                        [("manager", {"node": "localhost"}), ("datastream", {"nodes": "localhost"}),

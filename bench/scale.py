@@ -38,10 +38,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.append(_HERE)  # last: the real ecflow module wins over bench/ecflow.py
-
 import psutil
 
 from _common import BenchError, log, median, percentile
@@ -174,7 +170,7 @@ class Actors:
         self.pids: list[int] = []
 
     def make(self, name: str, specs: list[dict[str, Any]], workers: int = 16) -> Any:
-        from flowbus.actors._backend_actor import BackendActor
+        from flowbus.actors import BackendActor
 
         h = BackendActor.options(name=f"scale-{name}", namespace=self.namespace, max_restarts=0,
                                  max_task_retries=0).remote(name, self.broker, specs, None, poll_workers=workers)
@@ -321,7 +317,7 @@ def main() -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
-    from flowbus.actors._ray import start_ray, stop_ray
+    from flowbus.actors import start_ray, stop_ray
     from flowbus.bus import BrokerProcess
     from flowbus.schemas import BusConfig, RayConfig
 
@@ -339,9 +335,6 @@ def main() -> int:
             servers = fleet.start(a.servers, budget=300, batch=25, suite=suite_text("s", TASKS))
             if not servers:
                 raise BenchError("no ecflow_server started")
-            # Ray puts the driver script's folder on its workers' path when it is on ours: bench/
-            # holds ecflow.py, which would shadow the real ecflow module there
-            sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
             start_ray(RayConfig(namespace="flowbus-scale", num_cpus=2))
             acts = Actors(broker.address, "flowbus-scale")
             arrivals = Arrivals(broker.address)

@@ -19,6 +19,7 @@ import structlog
 import zmq
 
 from flowbus.schemas import (
+    BROKER_SOURCE,
     SCHEMA_VERSION,
     AnyEvent,
     BusConfig,
@@ -38,10 +39,10 @@ from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
 from ._endpoints import chmod_ipc, ipc_targets, tcp_targets
 from ._grant import check_grant, load_grant_key
 from ._journal import Journal, SourceLog
+from ._queries import Refused, held, replay, snapshot
 
 log = structlog.get_logger("flowbus.broker")
 
-BROKER_SOURCE = "broker"
 _DRAIN = 2000  # messages per socket per loop turn, so one busy socket cannot starve the others
 _DRAIN_EVENTS = 20_000  # events per ingest turn: acks go out at least this often
 _FANOUT_BATCH = 100  # events per frame to subscribers: large lists decode slower per event
@@ -55,6 +56,7 @@ _MAX_NAME = 128  # characters in a source or backend name
 #: whose marks changed since the previous tick (a subscriber that misses a tick sees the jump in
 #: the tick number and asks for all marks)
 FULL_TICK_EVERY = 25
+_LIVENESS = f"flowbus/{BROKER_SOURCE}/bus/liveness/"
 
 
 class Broker:
@@ -148,6 +150,10 @@ class Broker:
                                           self._own.last_seq if self._own else 0)
         self._report_damage()
         self.journal.flush()
+        # a publisher the journal last knew as lost stays lost until heard (then PublisherBack
+        # clears it for the snapshot's readers, as it would have without the restart)
+        self._lost = {ev.key for topic in self.journal.snapshot if topic.startswith(_LIVENESS)
+                      if isinstance(ev := held(self.journal, topic), PublisherLost) and ev.source == BROKER_SOURCE}
         # liveness is tracked only for sources heard by this broker: live publishers re-register
         # within one heartbeat after a broker restart, sessions of an earlier run never will
         log.info("broker.bound", broker_id=self.broker_id, **self.endpoints, grants=self._grant_key is not None,
@@ -532,14 +538,14 @@ class Broker:
             rid: Any = None
             try:
                 if len(body) > self.config.max_frame_bytes:
-                    raise _Refused("too_large", f"request of {len(body)} bytes")
+                    raise Refused("too_large", f"request of {len(body)} bytes")
                 req = fr.unpack(body)
                 if not isinstance(req, dict):
-                    raise _Refused("bad_request", "a request is a msgpack map")
+                    raise Refused("bad_request", "a request is a msgpack map")
                 rid = req.get("id")
                 reply = self._answer(req)
                 reply.update(ok=True)
-            except _Refused as exc:
+            except Refused as exc:
                 reply = {"ok": False, "code": exc.code, "error": exc.message}
             except msgspec.DecodeError:
                 reply = {"ok": False, "code": "not_msgpack", "error": "request is not msgpack"}
@@ -570,43 +576,12 @@ class Broker:
                     "sources": len(self.journal.sources), "journal_events": len(self.journal),
                     "lost": sorted(self._lost), "broker_id": self.broker_id}
         if op == "snapshot":
-            prefixes = tuple(str(p) for p in req.get("prefixes") or ("",))
-            events = [payload for topic, (_s, _q, payload) in self.journal.snapshot.items()
-                      if topic.startswith(prefixes)]
-            return {"events": events, "sources": self._marks(), "broker_id": self.broker_id}
+            return {**snapshot(self.journal, req), "sources": self._marks(), "broker_id": self.broker_id}
         if op == "replay":
-            return self._replay(req)
-        raise _Refused("unknown_op", f"unknown request op {op!r}")
-
-    def _replay(self, req: dict[str, Any]) -> dict[str, Any]:
-        source = req.get("source")
-        st = self.journal.source(str(source))
-        if st is None:
-            raise _Refused("unknown_source", f"unknown source {source!r}")
-        try:
-            first, last = int(req["from"]), int(req.get("to", st.last_seq))
-            limit = max(1, min(int(req.get("limit", 10_000)), 100_000))
-        except (KeyError, TypeError, ValueError):
-            raise _Refused("bad_request", "replay needs integer 'from' (and optional 'to', 'limit')") from None
-        if first < 1 or last < first - 1 or last > st.last_seq:
-            raise _Refused("bad_range",
-                           f"impossible range {first}..{last} for source {source!r} (last seq {st.last_seq})")
-        if first < st.oldest:
-            raise _Refused("evicted", f"source {source!r} keeps seq {st.oldest}..{st.last_seq}; "
-                                      f"{first}..{st.oldest - 1} were evicted")
-        through = min(last, first + limit - 1)
-        prefixes = tuple(str(p) for p in req.get("prefixes") or ("",))
-        if req.get("seqs_only"):
-            events: list[bytes] = []
-        else:
-            events = [p for _seq, topic, p in self.journal.replay(st, first, through) if topic.startswith(prefixes)]
-        if req.get("seqs_only"):
-            # a probe: which seqs in the range match (a subscriber that has some of them live
-            # then fetches only the ones it misses)
-            seqs = [q for q, topic, _p in self.journal.replay(st, first, through) if topic.startswith(prefixes)]
-            return {"seqs": seqs, "through": through, "last": st.last_seq, "oldest": st.oldest}
-        self.stats["replayed"] += len(events)
-        return {"events": events, "through": through, "last": st.last_seq, "oldest": st.oldest}
+            reply = replay(self.journal, req)
+            self.stats["replayed"] += len(reply.get("events", ()))
+            return reply
+        raise Refused("unknown_op", f"unknown request op {op!r}")
 
     def _refuse(self, reason: str, detail: str) -> None:
         self.stats[f"malformed.{reason}"] += 1
@@ -615,9 +590,4 @@ class Broker:
             log.warning("broker.frame.dropped", reason=reason, detail=detail[:300])
 
 
-class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
+__all__ = ["Broker"]

@@ -10,10 +10,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 import zmq
 
-from flowbus.schemas import BusBroken, CurveConfig, Event, WaitTimeout, decode
+from flowbus.schemas import (
+    BusBroken,
+    CurveConfig,
+    Event,
+    Freshness,
+    Snapshot,
+    Staleness,
+    WaitTimeout,
+    decode,
+    watch_prefixes,
+)
 
 from ._command_client import Commander
 from ._curve import ClientCurve
@@ -75,9 +86,19 @@ class Client:
     # -- queries ---------------------------------------------------------------------------------------
 
     def status(self, prefix: str = "") -> list[Event]:
-        """The latest state of every resource whose topic starts with ``prefix``."""
-        events = [decode(p) for p in self._call("snapshot", prefixes=[prefix])["events"]]
-        return sorted(events, key=lambda e: (e.backend, e.source, e.key, e.seq))
+        """The latest state of every resource whose topic starts with ``prefix`` (stale ones
+        included: :meth:`snapshot` says which)."""
+        return self.snapshot(prefix).events
+
+    def snapshot(self, prefix: str | Sequence[str] = "") -> Snapshot:
+        """:meth:`status` with staleness, from one broker request: ``.events`` (sorted by backend,
+        source, key), ``.stale`` (per source whose held resource states no longer count as
+        current, a ``Staleness``: why and since when), ``.is_stale(ev)``, ``.stale_topics()``."""
+        prefixes = [prefix] if isinstance(prefix, str) else list(prefix) or [""]
+        reply = self._call("snapshot", prefixes=prefixes)
+        events = sorted((decode(p) for p in reply["events"]), key=lambda e: (e.backend, e.source, e.key, e.seq))
+        stale = {str(s): msgspec.convert(v, Staleness) for s, v in (reply.get("stale") or {}).items()}
+        return Snapshot(events=events, stale=stale)
 
     def marks(self) -> dict[str, list[Any]]:
         """Per source: [backend, epoch, last seq, oldest seq held]."""
@@ -130,7 +151,11 @@ class Expectation:
     Arming subscribes and then reads the snapshot. On exit (after the caller acted) it catches
     up with the broker, applies every event seen since arming, and is satisfied by a matching
     *event* seen since arming or by a matching *current* state — a state that a newer event has
-    replaced does not count, so a resubmitted job's old final state cannot satisfy it.
+    replaced does not count, so a resubmitted job's old final state cannot satisfy it, and nor
+    does a *stale* one (its session lost the backend, is resyncing, or its publisher fell silent:
+    see ``flowbus.schemas._freshness``) until a newer event or the end of the resync makes it
+    count again. The subscription also follows the session, resync and liveness slots of the
+    sources it covers, for that.
     """
 
     def __init__(self, client: Client, match: Match, timeout: float) -> None:
@@ -138,13 +163,16 @@ class Expectation:
         self.event: Event | None = None
         self._sub: Subscriber | None = None
         self._state: dict[str, Event] = {}
+        self._fresh = Freshness()
+        self._fresher = False  # a source's staleness changed since held states were last looked at
 
     def __enter__(self) -> Expectation:
         self._deadline = time.monotonic() + self.timeout
-        self._sub = self.client.subscribe(self.match.prefix)
+        prefixes = [self.match.prefix, *watch_prefixes(self.match.prefix)]
+        self._sub = self.client.subscribe(prefixes)
         try:
-            for ev in self.client.status(self.match.prefix):
-                self._state[ev.topic()] = ev
+            for ev in self.client.snapshot(prefixes).events:
+                self._apply(ev)
         except BaseException:
             self._sub.close()
             raise
@@ -163,7 +191,26 @@ class Expectation:
         held = self._state.get(ev.topic())
         if ev.STATEFUL and (held is None or (held.source, held.seq) <= (ev.source, ev.seq) or held.source != ev.source):
             self._state[ev.topic()] = ev
+        if self._fresh.apply(ev):
+            self._fresher = True
         return self.match(ev)
+
+    def _current(self) -> Event | None:
+        """A held state that matches and is not stale."""
+        self._fresher = False
+        for ev in self._state.values():
+            if self.match(ev) and not self._fresh.is_stale(ev):
+                return ev
+        return None
+
+    def _stale_detail(self) -> str:
+        """For a timeout: the matching held states that did not count because they are stale."""
+        stale = [ev for ev in self._state.values() if self.match(ev) and self._fresh.is_stale(ev)]
+        if not stale:
+            return ""
+        st = self._fresh.staleness(stale[0].source)
+        why = f" ({st.source}: {st.describe()})" if st is not None else ""
+        return f"{len(stale)} matching state(s) held but stale, e.g. {stale[0].topic()}{why}"
 
     def _resolve(self, sub: Subscriber) -> Event:
         sub.sync()  # everything the broker had when the caller finished acting
@@ -173,16 +220,20 @@ class Expectation:
                 break
             if self._apply(ev):
                 return ev
-        for ev in self._state.values():
-            if self.match(ev):
-                return ev
+        found = self._current()
+        if found is not None:
+            return found
         while True:
             left = self._deadline - time.monotonic()
             if left <= 0:
-                raise WaitTimeout(str(self.match), self.timeout)
+                raise WaitTimeout(str(self.match), self.timeout, self._stale_detail())
             ev = sub.recv(left)
-            if ev is not None and self._apply(ev):
+            if ev is None:
+                continue
+            if self._apply(ev):
                 return ev
+            if self._fresher and (found := self._current()) is not None:
+                return found  # a resync ended (or the publisher is back): held states count again
 
 
 class Callback:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import zmq
 
-from flowbus.schemas._errors import BusBroken, BusClosed, FlowbusError, all_error_types
+from flowbus.schemas import BusBroken, BusClosed, FlowbusError, all_error_types
 
 if TYPE_CHECKING:
     from ._curve import ClientCurve

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flowbus.schemas._lazy import lazy_exports as _lazy_exports
+from flowbus.schemas import lazy_exports as _lazy_exports
 
 __version__ = "0.1.0"
 

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--count", type=int, help="exit after N events")
     w.add_argument("--for", dest="duration", type=float, metavar="S", help="exit after S seconds")
 
-    st = with_address(sub.add_parser("status", help="current state of every known resource"))
+    st = with_address(sub.add_parser("status", help="current state of every known resource (stale ones marked)"))
     st.add_argument("prefix", nargs="?", default="", help="topic prefix")
     st.add_argument("--json", action="store_true")
 
@@ -221,11 +221,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from flowbus._render import event_json, print_table
 
     with _client(args) as client:
-        events = client.status(args.prefix)
+        snap = client.snapshot(args.prefix)
     if args.json:
-        print("[" + ",\n".join(event_json(e) for e in events) + "]")
+        print("[" + ",\n".join(event_json(e, snap) for e in snap.events) + "]")
     else:
-        print_table(events)
+        print_table(snap.events, snapshot=snap)
     return 0
 
 
@@ -285,7 +285,7 @@ def _session_call(args: argparse.Namespace, session: str, operation: str, call_a
         # first and nothing of the bus beyond the command client (see bench/call.py)
         import zmq
 
-        from flowbus.bus._command_client import Commander
+        from flowbus.bus import Commander
 
         curve = None
         if isinstance(run.get("curve"), dict) and (run["curve"].get("server_secret_key_file")
@@ -370,7 +370,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flowbus._demo import run_demo
+    from flowbus.demo import run_demo
 
     return run_demo(as_json=args.json, keep_going=args.keep_going, timeout=args.timeout)
 

@@ -18,6 +18,8 @@ from flowbus.schemas import (
     RecoveryAttempted,
     RecoveryGaveUp,
     RuleFired,
+    Snapshot,
+    Staleness,
     StateChanged,
     SubscriberLagged,
     WaitSatisfied,
@@ -35,9 +37,25 @@ def _c(text: str, code: str, on: bool) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if on else text
 
 
-def event_json(ev: Event) -> str:
+def event_json(ev: Event, snapshot: Snapshot | None = None) -> str:
+    """One event as a JSON object; with the ``snapshot`` it came in, also ``"stale": true|false``
+    and, when stale, ``"staleness"`` (source, since_seq, since_time, reason, detail)."""
     data: dict[str, Any] = {"type": tag_of(ev), **msgspec.to_builtins(ev), "topic": ev.topic()}
+    if snapshot is not None:
+        st = snapshot.staleness(ev)
+        data["stale"] = st is not None
+        if st is not None:
+            data["staleness"] = msgspec.to_builtins(st)
     return _json.encode(data).decode()
+
+
+def _clock(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9).strftime("%H:%M:%S") if ns else "--:--:--"
+
+
+def stale_text(st: Staleness) -> str:
+    """``stale since 12:00:01 (disconnected: connection refused)``."""
+    return f"stale since {_clock(st.since_time)} ({st.describe()})"
 
 
 def describe(ev: Event) -> tuple[str, str]:
@@ -83,16 +101,20 @@ def print_event(ev: Event, as_json: bool = False, out: TextIO = sys.stdout, colo
     out.flush()
 
 
-def print_table(events: list[Event], out: TextIO = sys.stdout) -> None:
-    rows = [("BACKEND", "SOURCE", "KEY", "KIND", "STATE", "NATIVE", "SEQ", "OBSERVED")]
+def print_table(events: list[Event], out: TextIO = sys.stdout, snapshot: Snapshot | None = None) -> None:
+    """One row per event; with ``snapshot``, a last column marks the stale ones (``stale since
+    <time> (<why>)``: the row is the last state known, not a current one)."""
+    rows = [("BACKEND", "SOURCE", "KEY", "KIND", "STATE", "NATIVE", "SEQ", "OBSERVED", "FRESHNESS")]
     for ev in events:
+        st = snapshot.staleness(ev) if snapshot is not None else None
         if isinstance(ev, StateChanged):
             kind, state, native = "state", ev.state.value, ev.native
         elif isinstance(ev, AttributeChanged):
             kind, state, native = f"{ev.kind}:{ev.name}", str(ev.value), ""
         else:
             kind, state, native = tag_of(ev), describe(ev)[0], ""
-        rows.append((ev.backend, ev.source, ev.key or "-", kind, state, native, str(ev.seq), ev.observed.value))
+        rows.append((ev.backend, ev.source, ev.key or "-", kind, state, native, str(ev.seq), ev.observed.value,
+                     stale_text(st) if st is not None else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() + "\n")

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flowbus.schemas._paths import private_state_dir
+from flowbus.schemas import private_state_dir
 
 
 def state_dir() -> Path:

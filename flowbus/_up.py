@@ -40,8 +40,7 @@ def _external_broker(address: str, config: FlowbusConfig) -> dict[str, Any]:
     """The endpoints of a broker we did not start (``--broker``), or a FlowbusError saying why not."""
     import zmq
 
-    from flowbus.bus import ClientCurve
-    from flowbus.bus._request import broker_info, same_host
+    from flowbus.bus import ClientCurve, broker_info, same_host
 
     tcp_ok = address.startswith("tcp://") and address.rpartition(":")[2].isdigit()
     if not (tcp_ok or (address.startswith("ipc://") and len(address) > 6)):
@@ -193,9 +192,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
             endpoints = broker.start()
         where = "loopback only" if config.ray.address == "local" else f"joining {config.ray.address}"
         _step(f"broker ready at {endpoints['request']} ({time.monotonic() - t0:.1f} s); starting Ray ({where}) ...")
-        from flowbus.actors import SUPERVISOR_NAME, Supervisor, start_ray
-        from flowbus.actors._placement import check_fit, make_plan
-        from flowbus.actors._supervisor import supervisor_options
+        from flowbus.actors import SUPERVISOR_NAME, Supervisor, check_fit, make_plan, start_ray, supervisor_options
 
         ray_address = start_ray(config.ray, state)
         ray_started = True
@@ -221,8 +218,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         if config.rules or config.policies:
             orchestrator = _start_orchestrator(config, endpoints["request"], since)
         from flowbus.actors import ACTOR_PREFIX
-        from flowbus.bus import ClientCurve, CommandServer
-        from flowbus.bus._request import same_host
+        from flowbus.bus import ClientCurve, CommandServer, same_host
 
         key_file = config.bus.grant_key_file or str(client.info.get("grant_key_file") or "")
         commands = CommandServer(same_host(str(client.info["command"]), endpoints["request"]),
@@ -300,7 +296,8 @@ def _start_orchestrator(config: FlowbusConfig, address: str, since: dict[str, in
     """The Orchestrator actor for the config's rules and policies; rejected rules are named."""
     import ray
 
-    from flowbus.actors._orchestrator import ORCHESTRATOR_NAME, Orchestrator
+    from flowbus.actors import Orchestrator
+    from flowbus.actors.rules import ORCHESTRATOR_NAME
 
     orchestrator = Orchestrator.options(name=ORCHESTRATOR_NAME).remote(msgspec.json.encode(config), address,
                                                                        since=since)

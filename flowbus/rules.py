@@ -27,18 +27,20 @@ from typing import Any
 
 import msgspec
 
-from flowbus.actors._orchestrator import ORCHESTRATOR_NAME, OrchestratorCore, merge_by_time
-from flowbus.actors._policies import compile_policy
-from flowbus.actors._rules import (
-    Callback,
+from flowbus.actors.rules import (
+    ORCHESTRATOR_NAME,
     CallSpec,
     Catalog,
     Engine,
     Firing,
+    FiringCallback,
+    OrchestratorCore,
     PublishSpec,
     Rule,
     build_actions,
     build_node,
+    compile_policy,
+    merge_by_time,
 )
 from flowbus.bus import Client
 from flowbus.schemas import ConfigError, PolicyConfig, ThenAction, WaitSatisfied, WaitTimeout, When, WhenTable
@@ -46,7 +48,7 @@ from flowbus.schemas import ConfigError, PolicyConfig, ThenAction, WaitSatisfied
 #: a backend call action: ``Call(session, operation, args, kwargs, timeout)``
 Call = CallSpec
 
-ActionLike = ThenAction | CallSpec | PublishSpec | Callback | Mapping[str, Any]
+ActionLike = ThenAction | CallSpec | PublishSpec | FiringCallback | Mapping[str, Any]
 WhenLike = When | Mapping[str, Any]
 
 

@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from ._lazy import lazy_exports as _lazy_exports
+from ._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._codec import REASONS, classify, decode, decode_many, encode, encode_many, reason_of
@@ -69,6 +69,16 @@ if TYPE_CHECKING:
         stamp,
         tag_of,
     )
+    from ._freshness import (
+        BROKER_SOURCE,
+        Freshness,
+        Snapshot,
+        Staleness,
+        snapshot_staleness,
+        watch_prefixes,
+        watch_topics,
+    )
+    from ._paths import private_state_dir
     from ._rules import CallAction, PolicyConfig, RuleConfig, ThenAction, When, WhenTable
     from ._states import Backend, Observed, State
     from ._workflow import JobSpec, WorkflowSpec, parse_workflow
@@ -99,6 +109,8 @@ _WHERE = {
     "Fenced": "_errors",
     "FlowbusConfig": "_config",
     "FlowbusError": "_errors",
+    "BROKER_SOURCE": "_freshness",
+    "Freshness": "_freshness",
     "GuiserverSessionConfig": "_config",
     "Heartbeat": "_events",
     "JobSpec": "_workflow",
@@ -121,8 +133,10 @@ _WHERE = {
     "SCHEMA_VERSION": "_events",
     "SchemaError": "_errors",
     "SessionConfig": "_config",
+    "Snapshot": "_freshness",
     "SomaSessionConfig": "_config",
     "SourceRefused": "_errors",
+    "Staleness": "_freshness",
     "State": "_states",
     "StateChanged": "_events",
     "SubscriberLagged": "_events",
@@ -147,15 +161,20 @@ _WHERE = {
     "load_config": "_config",
     "parse_config": "_config",
     "parse_workflow": "_workflow",
+    "private_state_dir": "_paths",
     "reason_of": "_codec",
+    "snapshot_staleness": "_freshness",
     "stamp": "_events",
     "tag_of": "_events",
+    "watch_prefixes": "_freshness",
+    "watch_topics": "_freshness",
 }
 
 
-__getattr__ = _lazy_exports(__name__, globals(), _WHERE)
+__getattr__ = lazy_exports(__name__, globals(), _WHERE)
 
 __all__ = [
+    "BROKER_SOURCE",
     "EVENT_TYPES",
     "REASONS",
     "SCHEMA_VERSION",
@@ -184,6 +203,7 @@ __all__ = [
     "Fenced",
     "FlowbusConfig",
     "FlowbusError",
+    "Freshness",
     "GuiserverSessionConfig",
     "Heartbeat",
     "JobSpec",
@@ -204,8 +224,10 @@ __all__ = [
     "RuleFired",
     "SchemaError",
     "SessionConfig",
+    "Snapshot",
     "SomaSessionConfig",
     "SourceRefused",
+    "Staleness",
     "State",
     "StateChanged",
     "SubscriberLagged",
@@ -226,10 +248,15 @@ __all__ = [
     "encode",
     "encode_many",
     "is_loopback",
+    "lazy_exports",
     "load_config",
     "parse_config",
     "parse_workflow",
+    "private_state_dir",
     "reason_of",
+    "snapshot_staleness",
     "stamp",
     "tag_of",
+    "watch_prefixes",
+    "watch_topics",
 ]

@@ -65,13 +65,16 @@ class SourceRefused(BusError):
 class WaitTimeout(FlowbusError, TimeoutError):
     """A wait ended without a match; the message names what was awaited."""
 
-    def __init__(self, awaited: str, timeout: float) -> None:
-        super().__init__(awaited, timeout)
+    def __init__(self, awaited: str, timeout: float, detail: str = "") -> None:
+        super().__init__(awaited, timeout, detail)
         self.awaited = awaited
         self.timeout = timeout
+        #: what else is known, e.g. that a matching state is held but stale
+        self.detail = detail
 
     def __str__(self) -> str:
-        return f"timed out after {self.timeout:g} s waiting for {self.awaited}"
+        text = f"timed out after {self.timeout:g} s waiting for {self.awaited}"
+        return f"{text} ({self.detail})" if self.detail else text
 
 
 # -- backends ------------------------------------------------------------------------------------

@@ -126,6 +126,8 @@ class Resynced(Event, tag="resynced", frozen=True, kw_only=True):
     resources: int = 0
 
     FAMILY: ClassVar[str] = "resync"
+    #: the latest per source is in the snapshot: staleness needs it (see ``_freshness``)
+    STATEFUL: ClassVar[bool] = True
 
 
 class Heartbeat(Event, tag="heartbeat", frozen=True, kw_only=True):

@@ -9,8 +9,7 @@
 # 3. mypy over tests/ and bench/, relaxed (docs/notes/style.md item 15). Their modules are top-level
 #    (busfixtures, _common, ...: the folder itself is on sys.path), which a [[tool.mypy.overrides]]
 #    section cannot select by folder, so the relaxation is given here as flags; flowbus is read but
-#    not reported again (--follow-imports=silent). bench/ecflow.py is checked as ecflow_bench.py:
-#    under its own name it would stand for the real ecflow module.
+#    not reported again (--follow-imports=silent).
 # Everything it writes is under .lint/ (ignored): the tree and the caches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,13 +44,8 @@ for dotted, folder in sorted(dirs.items()):
     assert parts[0] == "flowbus" and len(parts) == 2, f"lint.sh cannot map package-dir {dotted!r}"
     os.symlink(os.path.join(root, folder), os.path.join(pkg, parts[1]))
     sed.append(f"s#^flowbus/{parts[1]}/#{folder}/#")
-os.symlink(os.path.join(root, "tests"), os.path.join(tree, "tests"))
-os.makedirs(os.path.join(tree, "bench"))
-for name in sorted(os.listdir(os.path.join(root, "bench"))):
-    if name.endswith(".py"):
-        link = "ecflow_bench.py" if name == "ecflow.py" else name
-        os.symlink(os.path.join(root, "bench", name), os.path.join(tree, "bench", link))
-sed.append("s#^bench/ecflow_bench\\.py#bench/ecflow.py#")
+for folder in ("tests", "bench"):
+    os.symlink(os.path.join(root, folder), os.path.join(tree, folder))
 print(";".join(sed))
 EOF
 )

@@ -22,7 +22,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
-from flowbus.schemas import BackendRejected, UnknownOperation
+from flowbus.schemas import BackendError, BackendRejected, UnknownOperation
 
 S = TypeVar("S")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,7 +69,12 @@ class Operations(Generic[S]):
             self._signatures[operation].bind(*args, **kwargs)
         except TypeError as exc:
             raise BackendRejected(f"{operation}: {exc}") from None
-        return func(session, *args, **kwargs)
+        try:
+            return func(session, *args, **kwargs)
+        except BackendError as exc:
+            if operation not in str(exc):  # every error says which operation it came from
+                exc.args = (f"{operation}: {exc}", *exc.args[1:])
+            raise
 
 
 __all__ = ["Operations"]

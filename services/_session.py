@@ -111,6 +111,8 @@ class SessionBase:
         self._start_timeout = start_timeout
         self._backoff = Backoff(first=backoff_first, cap=max(BACKOFF_CAP_S, backoff_first))
         self._previous_address: str | None = None
+        #: set (before any ending hook runs) by stop/release/kill; other threads read it lock-free
+        self._closing = False
 
     # -- introspection -----------------------------------------------------------------------------
 
@@ -145,11 +147,18 @@ class SessionBase:
                     self._connect(Observed.RESYNC)
                     return
                 except (BackendUnavailable, BackendTimeout) as exc:
+                    if self._stopped():
+                        return  # stopped while opening (a hook waited with the lock released)
                     if time.monotonic() >= deadline:
                         self._log.warning("session.start.unreachable", error=str(exc), address=self.address)
-                        self._go_down(f"{exc}", will_retry=True)
+                        if self._will_retry():
+                            self._go_down(f"{exc}", will_retry=True)
+                        else:
+                            self._go_dead(f"{exc}")
                         return
                 except BackendError as exc:
+                    if self._stopped():
+                        return
                     self._log.error("session.start.failed", error=str(exc))
                     self._drop()
                     self._emit = None
@@ -173,8 +182,16 @@ class SessionBase:
         """Run one operation by name (see :attr:`ops`); results are plain, msgpack-able data."""
         return self.ops.run(self, operation, args, kwargs)
 
+    def lost(self, reason: str) -> None:
+        """The backend was lost, as seen by a thread of the adapter's own (a push-driven
+        backend's reader): handled as a failed observe. Ignored unless the session is UP."""
+        with self._lock:
+            if self._phase is Phase.UP:
+                self._on_lost(reason)
+
     def stop(self) -> None:
         """Graceful: end the backend session (see :meth:`_close`), then ``Disconnected``."""
+        self._closing = True
         with self._lock:
             if self._phase is Phase.CLOSED:
                 return
@@ -187,11 +204,13 @@ class SessionBase:
             if was_up:
                 self._publish([self._ev(Disconnected, reason="stopped", will_retry=False)])
             self._emit = None
+        self._ended()
         self._log.info("session.stopped")
 
     def release(self) -> None:
         """Let go for a newer incarnation elsewhere: no request to the backend, nothing
         published; the backend's work runs on for the new incarnation to adopt. Idempotent."""
+        self._closing = True
         with self._lock:
             if self._phase is Phase.CLOSED:
                 return
@@ -201,11 +220,13 @@ class SessionBase:
             except Exception as exc:  # noqa: BLE001  (release must not fail the fencing host)
                 self._log.warning("session.release.failed", error=repr(exc))
             self._phase = Phase.CLOSED
+        self._ended()
         self._log.info("session.released", address=self.address)
 
     def kill(self) -> None:
         """Immediate and best effort (waits at most :data:`KILL_WAIT_S` for a running poll or
         call); never raises."""
+        self._closing = True
         got = self._lock.acquire(timeout=KILL_WAIT_S)
         try:
             self._emit = None
@@ -254,6 +275,20 @@ class SessionBase:
         """``kill``: end everything at once (default :meth:`_drop`)."""
         self._drop()
 
+    def _ended(self) -> None:
+        """After ``stop``/``release``, with the lock released (e.g. join threads that need it)."""
+
+    def _will_retry(self) -> bool:
+        """Whether a lost (or never reached) backend is retried; ``False`` makes a loss final."""
+        return True
+
+    def _recovery(self) -> tuple[str, str]:
+        """The ``action`` and ``detail`` of a reconnect's ``RecoveryAttempted``."""
+        return "reconnect", self.address
+
+    def _gave_up(self) -> None:
+        """The session is DEAD (gave up, or a loss without retry): e.g. report lost work."""
+
     def _poll_interval(self) -> float:
         """Seconds between two looks while UP."""
         return float(getattr(self.config, "poll_interval", IDLE_S))
@@ -262,6 +297,9 @@ class SessionBase:
 
     def _connect(self, observed: Observed, announce: Sequence[Event] = ()) -> None:
         opened = self._open(observed)
+        if self._phase is Phase.CLOSED:  # stopped while a hook waited with the lock released
+            self._drop()
+            return
         self._phase = Phase.UP
         self._publish([*announce, self._ev(Connected, address=opened.address, detail=opened.detail),
                        *opened.announce])
@@ -275,7 +313,10 @@ class SessionBase:
             self._lost(reason)
         except Exception as exc:  # noqa: BLE001  (a loss is handled whatever cleaning up says)
             self._log.warning("session.lost.cleanup_failed", error=repr(exc))
-        self._go_down(reason, will_retry=True)
+        if self._will_retry():
+            self._go_down(reason, will_retry=True)
+        else:
+            self._go_dead(reason)
 
     def _go_down(self, reason: str, *, will_retry: bool) -> None:
         self._publish([self._ev(Disconnected, reason=reason, will_retry=will_retry)])
@@ -285,30 +326,44 @@ class SessionBase:
         self._backoff.reset()
         self._backoff.next()
 
+    def _go_dead(self, reason: str) -> None:
+        """Lost for good without retrying (see :meth:`_will_retry`)."""
+        self._publish([self._ev(Disconnected, reason=reason, will_retry=False)])
+        self._down_reason = reason
+        self._phase = Phase.DEAD
+        self._gave_up()
+
     def _reconnect(self) -> None:
+        """One attempt, published whether it works (``RecoveryAttempted`` before ``Connected``)
+        or not (``RecoveryAttempted(ok=False)`` naming why); the last allowed one gives up."""
         self._attempt += 1
         attempt = self._attempt
-        announce = self._ev(RecoveryAttempted, action="reconnect", attempt=attempt, reason=self._down_reason,
-                            detail=self.address)
+        action, detail = self._recovery()
+        announce = self._ev(RecoveryAttempted, action=action, attempt=attempt, reason=self._down_reason,
+                            detail=detail)
         try:
             self._connect(Observed.RESYNC, (announce,))
         except BackendError as exc:
             self._drop()
-            self._log.info("session.reconnect.failed", attempt=attempt, error=str(exc))
+            if self._phase is Phase.CLOSED:
+                return
+            self._log.info("session.reconnect.failed", action=action, attempt=attempt, error=str(exc))
+            self._publish([self._ev(RecoveryAttempted, action=action, attempt=attempt, reason=self._down_reason,
+                                    ok=False, detail=str(exc))])
             limit = self._reconnect_attempts
             if limit and attempt >= limit:
                 self._give_up(attempt, str(exc))
             else:
                 self._backoff.next()
             return
-        self._log.info("session.reconnect.succeeded", attempt=attempt)
+        self._log.info("session.reconnect.succeeded", action=action, attempt=attempt)
         self._backoff.reset()
 
     def _give_up(self, attempts: int, reason: str) -> None:
-        self._publish([self._ev(RecoveryAttempted, action="reconnect", attempt=attempts,
-                                reason=self._down_reason, ok=False, detail=reason)])
+        self._log.error("session.gave_up", attempts=attempts, reason=reason)
         self._publish([self._ev(RecoveryGaveUp, attempts=attempts, reason=reason)])
         self._phase = Phase.DEAD
+        self._gave_up()
 
     def _next_poll(self) -> float:
         if self._phase is Phase.UP:
@@ -316,6 +371,10 @@ class SessionBase:
         if self._phase is Phase.DOWN:
             return max(0.01, min(self._poll_interval(), self._backoff.not_before - time.monotonic()))
         return IDLE_S
+
+    def _stopped(self) -> bool:
+        """Whether the session was ended (a hook that waits with the lock released may see it)."""
+        return self._phase is Phase.CLOSED
 
     def _require_up(self, operation: str) -> None:
         """Raise ``BackendUnavailable`` naming the session when it is not UP."""

@@ -21,7 +21,7 @@ import pytest
 
 ecflow = pytest.importorskip("ecflow", reason="python3-ecflow is not installed (bash scripts/dev.sh setup)")
 
-from flowbus._demo_servers import HEAD_H, TAIL_H, free_port
+from flowbus.demo import HEAD_H, TAIL_H, free_port
 from flowbus.schemas import EcflowSessionConfig, Event, State, StateChanged
 from flowbus.services.ecflow import EcflowSession
 from recorder import Recorder

@@ -158,7 +158,7 @@ class TestBackendActor:
             actor = ray.get_actor(ACTOR_PREFIX + "shared")
             client = Client(broker.address)
             services = [p for p in _qcg_processes() if str(tmp_path / "a") in " ".join(p.cmdline())
-                        and "_qcg_service" in " ".join(p.cmdline())]
+                        and "qcg._service" in " ".join(p.cmdline())]
             assert len(services) == 1, services
             stopped = services[0].pid
             os.kill(stopped, signal.SIGSTOP)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from flowbus._demo_servers import ecflow_missing
+from flowbus.demo import ecflow_missing
 
 pytestmark = [pytest.mark.ray, pytest.mark.qcg]
 
@@ -236,8 +236,8 @@ class TestDemoStopped:
 #: the demo with an ecFlow task that always fails: the policy gives up, --keep-going goes on
 ALWAYS_FAILING = r"""
 import sys
-import flowbus._demo as demo, flowbus._demo_stages as stages
-stages.ECF_SCRIPTS["ingest"] = "sleep 0.3\necho always failing\nexit 1\n"
+import flowbus.demo as demo
+demo.ECF_SCRIPTS["ingest"] = "sleep 0.3\necho always failing\nexit 1\n"
 sys.exit(demo.run_demo(as_json=True, keep_going=True, timeout=300))
 """
 

@@ -20,6 +20,9 @@ ray = pytest.importorskip("ray")
 from flowbus.actors import ACTOR_PREFIX, Supervisor
 from flowbus.bus import Client
 from flowbus.schemas import (
+    BackendUnavailable,
+    Connected,
+    Disconnected,
     EcflowSessionConfig,
     FlowbusConfig,
     QcgSessionConfig,
@@ -90,3 +93,43 @@ class TestEcflowInActor:
         assert latest[("qcg", "q1", "job1")].native == "SUCCEED"
         assert ray.get(actor.call.remote("e1", "query", "state", "/s/f/t2"), timeout=30) == "complete"
         assert off_loopback_listeners() == []
+
+
+class TestDeadServerAtStart:
+    """One ecFlow server is down when the actor opens its sessions: only that session waits."""
+
+    @pytest.mark.timeout(240)
+    def test_dead_session_opens_disconnected_and_the_others_run(
+            self, ray_local: str, broker_factory: Any, ecf_server: Callable[..., EcfServer], tmp_path: Path) -> None:
+        """The Supervisor starts; e2 publishes Disconnected under its own name; e1 and q1 work; when
+        e2's server comes up, e2 connects by itself."""
+        broker = broker_factory()
+        healthy = ecf_server()
+        late = ecf_server(start=False)  # its port is chosen, nothing listens yet
+        cfg = FlowbusConfig(ray=RayConfig(namespace="flowbus-test"), sessions=[
+            EcflowSessionConfig(name="e1", host="127.0.0.1", port=healthy.port, actor="shared"),
+            QcgSessionConfig(name="q1", wd=str(tmp_path / "qcg"), actor="shared"),
+            EcflowSessionConfig(name="e2", host="127.0.0.1", port=late.port, actor="shared", timeout=0.5,
+                                reconnect_backoff=0.2)])
+        sup = Supervisor.remote(msgspec.json.encode(cfg), broker.address)
+        client = Client(broker.address)
+        try:
+            with client.expect("ecflow/e2/session/", timeout=60) as down:
+                placement = ray.get(sup.start.remote(), timeout=120)
+            assert placement == {"e1": "shared", "q1": "shared", "e2": "shared"}
+            assert isinstance(down.event, Disconnected) and down.event.will_retry, down.event
+            assert down.event.source == "e2" and str(late.port) in down.event.reason, down.event
+            actor = ray.get_actor(ACTOR_PREFIX + "shared")
+            with pytest.raises(BackendUnavailable, match="session 'e2' is disconnected"):
+                ray.get(actor.call.remote("e2", "ping"), timeout=30)
+            with client.expect("qcg/q1/state/j state=complete", timeout=60):
+                ray.get(actor.call.remote("q1", "submit", [{"name": "j", "exec": "/bin/true"}]), timeout=60)
+            assert ray.get(actor.call.remote("e1", "suites"), timeout=30) == []
+            with client.expect("ecflow/e2/session/ type=connected", timeout=60) as up:
+                late.start()
+            assert isinstance(up.event, Connected) and up.event.source == "e2"
+            assert ray.get(actor.call.remote("e2", "suites"), timeout=30) == []
+        finally:
+            client.close()
+            ray.get(sup.stop.remote(), timeout=90)
+            ray.kill(sup)

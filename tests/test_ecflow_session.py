@@ -331,7 +331,7 @@ class TestBadInput:
     def test_unreachable_port_opens_disconnected(self) -> None:
         """start() against a port nobody listens on returns within its timeout with the session
         down: Disconnected (will retry) names why, and calls name the session."""
-        from flowbus._demo_servers import free_port
+        from flowbus.demo import free_port
         from recorder import Recorder
 
         session = EcflowSession(EcflowSessionConfig(name="dead", host="127.0.0.1", port=free_port(), timeout=0.3))

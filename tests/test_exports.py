@@ -1,6 +1,7 @@
 """The public surface: thin package roots with sorted ``__all__``, each name exported once.
 
-``flowbus.actors`` is left out on purpose: it imports Ray.
+``flowbus.actors`` loads its names lazily; resolving them here imports Ray (that importing the
+package alone does not is checked in tests/test_layout.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = ("flowbus", "flowbus.schemas", "flowbus.bus", "flowbus.services")
+PACKAGES = ("flowbus", "flowbus.schemas", "flowbus.bus", "flowbus.services", "flowbus.actors", "flowbus.actors.rules",
+            "flowbus.demo")
 
 #: the convenience re-exports of the top-level package: (name, package that owns it)
 ALLOWED_DUPLICATES = {
@@ -91,10 +93,11 @@ class TestExports:
             assert getattr(flowbus, attr) is getattr(package(owner), attr)
 
     def test_implementation_modules_are_private(self) -> None:
-        """bus/ and schemas/ keep their implementation in ``_underscore`` modules (services/ has one
-        public module per backend by design)."""
+        """bus/, schemas/, actors/ and the subpackages actors/rules/ and flowbus/demo/ keep their
+        implementation in ``_underscore`` modules (services/ has one public module per backend by
+        design)."""
         root = Path(str(package("flowbus").__file__)).resolve().parent.parent
-        for folder in ("bus", "schemas"):
+        for folder in ("bus", "schemas", "actors", "actors/rules", "flowbus/demo"):
             public = [p.name for p in (root / folder).glob("*.py")
                       if not p.name.startswith("_") and p.name != "__init__.py"]
             assert public == [], folder

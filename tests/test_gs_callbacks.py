@@ -14,7 +14,7 @@ import pytest
 
 from flowbus.bus import BrokerProcess, Client, Publisher
 from flowbus.schemas import GuiserverSessionConfig, LogLine, State, StateChanged
-from flowbus.services._gs_callbacks import DifxCallbacks
+from flowbus.services import DifxCallbacks
 from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 

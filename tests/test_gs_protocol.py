@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowbus.schemas import BackendProtocolError, State
-from flowbus.services import _gs_xml as gx
-from flowbus.services._gs_protocol import (
+from flowbus.services.guiserver import messages as gx
+from flowbus.services.guiserver.protocol import (
     JOB_TERMINAL,
     ChannelOpened,
     Connection,

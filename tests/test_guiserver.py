@@ -29,8 +29,9 @@ from flowbus.schemas import (
     UnknownOperation,
 )
 from flowbus.services import BackendSession
-from flowbus.services import _gs_xml as gx
-from flowbus.services._gs_protocol import (
+from flowbus.services.guiserver import GuiserverSession
+from flowbus.services.guiserver import messages as gx
+from flowbus.services.guiserver.protocol import (
     JOB_TERMINAL,
     FrameDecoder,
     Packet,
@@ -38,7 +39,6 @@ from flowbus.services._gs_protocol import (
     decode_int,
     encode,
 )
-from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 from gsfixtures import (
     Host,

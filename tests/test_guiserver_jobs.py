@@ -22,14 +22,16 @@ from flowbus.schemas import (
     GuiserverSessionConfig,
     LogLine,
     Observed,
+    RecoveryGaveUp,
+    Resynced,
     State,
     StateChanged,
 )
-from flowbus.services._gs_protocol import (
+from flowbus.services.guiserver import GuiserverSession
+from flowbus.services.guiserver.protocol import (
     PacketId,
     encode,
 )
-from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 from gsfixtures import (
     Host,
@@ -283,17 +285,44 @@ class TestRecovery:
         h = host(emu.port)
         emu.crash()
         h.rec.wait_for(lambda e: any(isinstance(x, Disconnected) for x in e))
-        with pytest.raises(BackendUnavailable):
+        with pytest.raises(BackendUnavailable, match="session 'gs' is disconnected"):
             h.session.call("mkdir", "/data/exp/x")
+        assert h.session.call("jobs") == {}  # the session's own bookkeeping stays readable
 
-    def test_start_without_server(self) -> None:
-        """start() against a closed port raises BackendUnavailable."""
+    def test_gives_up(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
+        """With reconnect-attempts set, a server that stays away ends the session: RecoveryGaveUp,
+        phase dead, and calls say the session gave up."""
+        emu = emulator(restart_delay=30.0)
+        h = host(emu.port, reconnect_attempts=2)
+        emu.crash()
+        gave = h.rec.wait_for(lambda e: next((x for x in e if isinstance(x, RecoveryGaveUp)), None))
+        assert gave.attempts == 2 and h.session.phase == "dead"
+        assert [d.will_retry for d in h.rec.of(Disconnected)] == [True]
+        with pytest.raises(BackendUnavailable, match="session 'gs' gave up reconnecting"):
+            h.session.call("ls", "/data/exp")
+
+    def test_start_without_server(self, emulator: Callable[..., GuiserverEmulator]) -> None:
+        """start() against a closed port returns with the session down (Disconnected, will retry),
+        calls name the session; once a guiServer listens there, the session connects by itself."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        session = GuiserverSession(GuiserverSessionConfig(name="x", port=port, request_timeout=1.0))
-        with pytest.raises(BackendUnavailable):
-            session.start(Recorder(), {})
+        session = GuiserverSession(GuiserverSessionConfig(name="x", port=port, request_timeout=1.0,
+                                                          allowed_dirs=["/data"], reconnect_backoff=0.05))
+        h = Host(session, Recorder()).start()
+        try:
+            assert session.phase == "down"
+            down = h.rec.of(Disconnected)
+            assert len(down) == 1 and down[0].will_retry and "connect" in down[0].reason, h.rec.events
+            assert not h.rec.of(Connected)
+            with pytest.raises(BackendUnavailable, match="session 'x' is disconnected"):
+                session.call("ls", "/data")
+            emulator(port=port)
+            h.rec.wait_for(lambda e: any(isinstance(x, Resynced) for x in e))
+            assert [type(x) for x in h.rec.events if isinstance(x, Connected | Resynced)] == [Connected, Resynced]
+            assert session.phase == "up" and roundtrip(h) == []
+        finally:
+            h.close()
 
 
 class _BadServer:
@@ -375,6 +404,29 @@ class TestLifecycle:
         with pytest.raises(BackendRejected, match="already started"):
             h.session.start(Recorder(), {})
 
+    @pytest.mark.parametrize("channelled", [True, False])
+    @pytest.mark.parametrize("end", ["stop", "release"])
+    def test_no_thread_left(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host],
+                            channelled: bool, end: str) -> None:
+        """stop() and release() during a running job leave no thread of the session: the reader,
+        the job's back-connection (direct mode) and a background vex2difx run are joined."""
+        emu = emulator(outcomes={"job_1": "slow"})
+        emu.real("/data/exp/job_1.input").write_text("")
+        emu.real("/data/exp/exp.v2d").write_text("")
+        h = host(emu.port, channelled=channelled)
+        h.session.call("start_job", "/data/exp/job_1.input")
+        h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 2" for x in e))
+        assert h.session.call("vex2difx", "/data/exp", "exp.v2d", wait=False) is None
+
+        def ours() -> list[str]:
+            return [t.name for t in threading.enumerate() if t.name.startswith("guiserver-gs-")]
+
+        assert "guiserver-gs-reader" in ours()
+        assert any(n.startswith("guiserver-gs-direct-") for n in ours()) == (not channelled)
+        getattr(h.session, end)()
+        assert ours() == []
+        assert h.session.phase == "closed"
+
     def test_kill_logs_nothing(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
         """kill() closes the connection without raising or logging a failure."""
         from structlog.testing import capture_logs
@@ -382,6 +434,6 @@ class TestLifecycle:
         h = host(emulator().port)
         with capture_logs() as logs:
             h.session.kill()
-        assert not [entry for entry in logs if entry["event"] == "guiserver.kill.failed"]
+        assert not [entry for entry in logs if entry["event"] == "session.kill.failed"]
         with pytest.raises(BackendUnavailable):
             h.session.call("mkdir", "/data/exp/x")

@@ -21,8 +21,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.qcg]
 
 ray = pytest.importorskip("ray")
 
-from flowbus.actors import Supervisor
-from flowbus.actors._orchestrator import Orchestrator
+from flowbus.actors import Orchestrator, Supervisor
 from flowbus.bus import Client, Publisher
 from flowbus.schemas import (
     ConfigError,
@@ -196,7 +195,7 @@ class TestRules:
                                                     tmp_path: Path) -> None:
         """ecFlow ingest complete -> QCG ensemble of 3; all 3 succeeded -> a soma-workflow workflow;
         a fatal alert of the DiFX job -> stop it, and once it stopped, start it again with force."""
-        from flowbus.services import _gs_xml as gx
+        from flowbus.services.guiserver import messages as gx
 
         server = ecf_server()
         emu = emulator(outcomes={"obs_1": "slow"}, slow_ticks=100_000)
@@ -425,8 +424,7 @@ class TestPythonAPI:
             self, bus: tuple[Client, Callable[[str, str], None]], tmp_path: Path) -> None:
         """``flowbus up`` takes the marks before it opens the sessions: an event published after
         them but before the orchestrator subscribed fires its rule once; older ones do not."""
-        from flowbus.actors._orchestrator import OrchestratorCore
-        from flowbus.actors._rules import Catalog, compile_rules
+        from flowbus.actors.rules import Catalog, OrchestratorCore, compile_rules
         from flowbus.schemas import RuleConfig
 
         client, feed = bus

@@ -23,7 +23,7 @@ class TestWheel:
         names = zipfile.ZipFile(wheel).namelist()
         tops = {n.split("/", 1)[0] for n in names}
         assert {t for t in tops if not t.endswith(".dist-info")} == {"flowbus"}
-        for sub in ("schemas", "bus", "services", "actors"):
+        for sub in ("schemas", "bus", "services", "actors", "actors/rules", "demo"):
             assert f"flowbus/{sub}/__init__.py" in names
         assert "flowbus/py.typed" in names and "flowbus/schemas/README.md" in names
 

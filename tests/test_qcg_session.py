@@ -40,8 +40,8 @@ from flowbus.schemas import (
     UnknownOperation,
 )
 from flowbus.services import BackendSession
-from flowbus.services._qcg_jobs import JobBook, Obs, Snapshot
 from flowbus.services.qcg import QcgSession
+from flowbus.services.qcg._jobs import JobBook, Obs, Snapshot
 from recorder import Recorder, show  # shared with the other adapters' tests
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -85,6 +85,17 @@ def job_pids(service_pid: int, name: str) -> list[int]:
         return [p.pid for p in psutil.Process(service_pid).children(recursive=True) if p.name() == name]
     except psutil.NoSuchProcess:
         return []
+
+
+def assert_opened_down(run: Running, why: str) -> None:
+    """start() returned with the session down: one Disconnected (will retry) naming ``why``, and
+    a call refused naming the session."""
+    assert run.session.phase == "down"
+    assert [type(e) for e in run.rec.events] == [Disconnected], [show(e) for e in run.rec.events]
+    down = run.rec.of(Disconnected)[0]
+    assert down.will_retry and why in down.reason, down
+    with pytest.raises(BackendUnavailable, match=f"list: session '{run.session.name}' is disconnected"):
+        run.call("list")
 
 
 @dataclass
@@ -278,10 +289,33 @@ class TestJobs:
 @pytest.mark.timeout(60)
 class TestErrors:
     def test_unknown_operation(self, qcg: Callable[..., Running]) -> None:
-        """An operation name the session does not know raises UnknownOperation."""
+        """An operation name the session does not know raises UnknownOperation listing the known
+        ones; arguments that do not fit an operation are BackendRejected naming it."""
         run = qcg()
-        with pytest.raises(UnknownOperation, match="frobnicate"):
+        with pytest.raises(UnknownOperation, match="'frobnicate'; known: cancel, finish, info"):
             run.call("frobnicate")
+        with pytest.raises(BackendRejected, match="status: missing a required argument: 'names'"):
+            run.call("status")
+        with pytest.raises(BackendRejected, match="list: too many positional arguments"):
+            run.call("list", "x")
+
+    def test_wd_that_cannot_be_made_fails_the_start(self, qcg: Callable[..., Running], tmp_path: Path) -> None:
+        """A wd no manager can ever work in is the one start() failure: BackendRejected naming the
+        session and the wd, nothing published, the session closed."""
+        (tmp_path / "a-file").write_text("")
+        run = qcg(start=False, poll=False, wd=str(tmp_path / "a-file" / "wd"))
+        with pytest.raises(BackendRejected, match=r"session 'q0': wd '.*a-file/wd' cannot be made"):
+            run.session.start(run.rec, {})
+        assert run.rec.events == [] and run.session.phase == "closed"
+
+    def test_finish_of_the_sessions_own_manager_is_refused(self, qcg: Callable[..., Running]) -> None:
+        """finish() would end the manager the session started and observes: refused, naming why
+        and what to do instead; the manager and the session go on."""
+        run = qcg()
+        with pytest.raises(BackendRejected, match=r"finish: refused on session 'q0'.*stop the session instead"):
+            run.call("finish")
+        assert run.call("system_status")["System"]["InstanceId"] == run.session.instance_id
+        assert run.session.phase == "up" and run.rec.of(Disconnected) == []
 
     def test_too_many_cores_is_rejected_with_manager_message(self, qcg: Callable[..., Running]) -> None:
         """numCores beyond the resources is refused with the manager's own message."""
@@ -319,14 +353,22 @@ class TestErrors:
         with pytest.raises(BackendUnavailable):
             run.call("submit", [{"name": "later", "exec": "/bin/true"}])
 
-    def test_connect_to_nothing_times_out(self, qcg: Callable[..., Running]) -> None:
-        """Connect mode against a dead address raises BackendTimeout within the request timeout."""
-        run = qcg(start=False, mode="connect", address="tcp://127.0.0.1:9", request_timeout=1.0)
+    def test_connect_to_nothing_opens_disconnected(self, qcg: Callable[..., Running]) -> None:
+        """Connect mode against a dead address: start() returns after the request timeout with the
+        session down (Disconnected, will retry, naming why); calls name the session; each
+        reconnect is reported, then RecoveryGaveUp."""
+        run = qcg(start=False, poll=False, mode="connect", address="tcp://127.0.0.1:9", request_timeout=1.0,
+                  recovery_attempts=2)
         t0 = time.monotonic()
-        with pytest.raises(BackendTimeout):
-            run.session.start(run.rec, {})
+        run.session.start(run.rec, {})
         assert time.monotonic() - t0 < 3.0
-        assert run.rec.events == []
+        assert_opened_down(run, "no reply")
+        run.start_polling()
+        gave_up = run.rec.wait_for(first(RecoveryGaveUp), 15, "gave up")
+        assert gave_up.attempts == 2 and run.session.phase == "dead"
+        tries = [(e.action, e.attempt, e.ok) for e in run.rec.of(RecoveryAttempted)]
+        assert tries == [("reconnect", 1, False), ("reconnect", 2, False)]
+        assert run.rec.of(Connected) == []
 
 
 @pytest.mark.qcg
@@ -366,6 +408,39 @@ class TestRecovery:
         assert len([e for e in run.rec.states("done") if e.state is State.QUEUED]) == 1
 
 
+    def test_manager_that_cannot_start_is_started_later(self, qcg: Callable[..., Running],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        """A manager that cannot be started at start(): start() returns with the session down
+        (Disconnected, will retry); the next attempt starts one: RecoveryAttempted, Connected,
+        the resync diff (a job the bus knew is LOST), Resynced, and calls work."""
+        from flowbus.services.qcg._link import open_local as real
+
+        tries: list[tuple[Any, ...]] = []
+
+        def once_refused(*args: Any, **kwargs: Any) -> Any:
+            tries.append(args)
+            if len(tries) == 1:
+                raise BackendUnavailable("start-manager: refused once by the test")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr("flowbus.services.qcg._session.open_local", once_refused)
+        known = {"ghost": StateChanged(source="q0", backend="qcg", key="ghost", state=State.ACTIVE, native="EXECUTING")}
+        run = qcg(known=known, poll=False)
+        assert_opened_down(run, "refused once")
+        assert run.session.address == ""
+        run.start_polling()
+        resynced = run.rec.wait_for(first(Resynced), 10, "resynced")
+        assert resynced.changed == 1 and run.session.phase == "up"
+        tried = run.rec.of(RecoveryAttempted)
+        assert [(e.action, e.attempt, e.ok) for e in tried] == [("restart-manager", 1, True)]
+        conn = run.rec.of(Connected)[0]
+        ghost = run.rec.states("ghost")[-1]
+        assert ghost.native == "LOST" and ghost.observed is Observed.RESYNC
+        order = [run.rec.index(e) for e in (tried[0], conn, ghost, resynced)]
+        assert order == sorted(order), [show(e) for e in run.rec.events]
+        run.call("submit", [{"name": "now", "exec": "/bin/true"}])
+        run.rec.wait_for(reached("now", State.COMPLETE), 15, "now complete")
+
     def test_gives_up_after_failed_restarts(self, qcg: Callable[..., Running],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
         """When no new manager can be started, each attempt is reported, then RecoveryGaveUp and LOST."""
@@ -376,7 +451,7 @@ class TestRecovery:
         def refuse(*args: Any, **kwargs: Any) -> Any:
             raise BackendUnavailable("start-manager: refused by the test")
 
-        monkeypatch.setattr("flowbus.services.qcg.open_local", refuse)
+        monkeypatch.setattr("flowbus.services.qcg._session.open_local", refuse)
         os.kill(run.session.service_pid or 0, signal.SIGKILL)
         gave_up = run.rec.wait_for(first(RecoveryGaveUp), 10, "gave up")
         assert gave_up.attempts == 2
@@ -405,6 +480,22 @@ class TestConnectMode:
         viewer.rec.wait_for(first(RecoveryGaveUp), 10, "gave up")
         reconnects = list(viewer.rec.of(RecoveryAttempted))
         assert [e.action for e in reconnects] == ["reconnect"] and not reconnects[0].ok
+
+    def test_finish_ends_the_foreign_manager_and_the_session(self, qcg: Callable[..., Running]) -> None:
+        """finish() of a connect-mode session ends the manager it connected to and the session
+        (Disconnected "finished", no retry); its owner sees the manager end."""
+        owner = qcg(recovery="none")
+        pid = owner.session.service_pid
+        assert pid is not None
+        viewer = qcg(mode="connect", address=owner.session.address)
+        assert viewer.call("finish") is None
+        last = viewer.rec.events[-1]
+        assert isinstance(last, Disconnected) and last.reason == "finished" and not last.will_retry
+        assert viewer.session.phase == "dead"
+        with pytest.raises(BackendUnavailable, match="list: session 'q1'"):
+            viewer.call("list")
+        assert owner.rec.wait_for(first(Disconnected), 5, "owner disconnected").will_retry is False
+        assert wait_pid_gone(pid, 5)
 
     def test_stop_leaves_foreign_manager_running(self, qcg: Callable[..., Running]) -> None:
         """stop() of a connect-mode session disconnects without finishing the manager."""

@@ -8,19 +8,23 @@ from typing import Any
 import msgspec
 import pytest
 
-from flowbus.actors._policies import Policy, Recovery, compile_policies, compile_policy, recovery_calls
-from flowbus.actors._rules import (
+from flowbus.actors.rules import (
     CallSpec,
     Catalog,
     Engine,
     Firing,
+    Policy,
     PublishSpec,
+    Recovery,
     Rule,
     build_actions,
     build_node,
+    compile_policies,
+    compile_policy,
     compile_rules,
     dumps,
     loads,
+    recovery_calls,
     render,
     substitute,
 )
@@ -207,7 +211,7 @@ class TestIdempotencyAndCheckpoint:
 class TestReplayOrder:
     def test_merge_by_time_keeps_each_source_in_seq_order(self) -> None:
         """Replayed sources interleave by time, but a source whose clock stepped back keeps its seq order."""
-        from flowbus.actors._orchestrator import merge_by_time
+        from flowbus.actors.rules import merge_by_time
 
         s = Stream()
         a1, a2 = s.state("local", "a", "active", 5), s.state("local", "a", "complete", 1)  # clock stepped back
@@ -238,7 +242,7 @@ class TestActions:
         (f,) = e.feed(s.state("local", "a", "aborted", 0))
         pub = render(acts[0], f)
         assert pub == PublishSpec(type="log", fields={"level": "alert", "message": "a is aborted", "key": "a"})
-        render(acts[1], f)(f)  # type: ignore[operator]  # a Callback action here
+        render(acts[1], f)(f)  # type: ignore[operator]  # a FiringCallback action here
         assert seen == [f]
 
 
@@ -404,7 +408,7 @@ class TestReadme:
         import tomllib
         from pathlib import Path
 
-        from flowbus.actors._orchestrator import catalog_for
+        from flowbus.actors.rules import catalog_for
 
         text = (Path(__file__).parent.parent / "README.md").read_text()
         section = text[text.index("## Orchestration"):text.index("## Backends")]

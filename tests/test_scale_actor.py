@@ -197,7 +197,7 @@ class TestStuckSessionInOneActor:
             info = loop.run_until_complete(asyncio.wait_for(impl.start(), 120))
             assert info["sessions"] == ["frozen", "lively"] and info["stuck"] == {}
             services = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "a") in " ".join(p.info["cmdline"] or [])
-                        and "_qcg_service" in " ".join(p.info["cmdline"] or [])]
+                        and "qcg._service" in " ".join(p.info["cmdline"] or [])]
             assert len(services) == 1, services
             stopped = services[0].pid
             os.kill(stopped, signal.SIGSTOP)

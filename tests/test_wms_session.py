@@ -20,10 +20,12 @@ pytest.importorskip("lsst.ctrl.bps.parsl")
 import wms_services
 from flowbus.schemas import (
     BackendRejected,
+    BackendUnavailable,
     ConfigError,
     Connected,
     Disconnected,
     Observed,
+    RecoveryAttempted,
     Resynced,
     State,
     StateChanged,
@@ -32,8 +34,8 @@ from flowbus.schemas import (
     parse_config,
 )
 from flowbus.services import BackendSession
-from flowbus.services._wms_parsl import PARSL_LOCK
 from flowbus.services.wms import WmsSession
+from flowbus.services.wms._parsl import PARSL_LOCK
 from recorder import Recorder
 
 STEPPING = "wms_services.SteppingService"
@@ -339,7 +341,7 @@ class TestParsl:
         assert w.session.poll() > 0
         w.session.stop()
         assert len(w.rec.events) == mark, w.rec.events[mark:]
-        with pytest.raises(BackendRejected):
+        with pytest.raises(BackendUnavailable, match="session 'w1' is closed"):
             w.call("status", wid)
 
     def test_stop_cancels_running_workflow_and_leaves_nothing(self, tmp_path: Path) -> None:
@@ -472,6 +474,91 @@ class TestReportPolling:
         assert w.final(wid, timeout=30).native == "SUCCEEDED"
 
 
+class TestReachingTheWms:
+    """A WMS that is down (its ping fails, its report cannot connect): the session opens or goes
+    DOWN, refuses calls naming itself, and reconnects with a resync once the WMS is back."""
+
+    @pytest.fixture(autouse=True)
+    def _wms_up_again(self) -> Iterator[None]:
+        wms_services.reset()
+        yield
+        wms_services.OUTAGE.clear()
+
+    def test_down_at_start_opens_disconnected_then_connects(self, wms: Callable[..., Running]) -> None:
+        """start() against a WMS that is down returns with the session DOWN (Disconnected, will
+        retry), retries with backoff, and connects once the WMS answers."""
+        wms_services.OUTAGE.set()
+        t0 = time.monotonic()
+        w = wms("w1", service_class=STEPPING, report_interval=0.05)
+        assert time.monotonic() - t0 < 5
+        down = w.rec.of(Disconnected)
+        assert len(down) == 1 and down[0].will_retry and "stepping WMS is down" in down[0].reason, w.rec.events
+        assert not w.rec.of(Connected)
+        with pytest.raises(BackendUnavailable, match="submit_workflow: session 'w1' is disconnected"):
+            w.call("submit_workflow", wf("x", {"name": "a", "command": ["true"]}))
+        # the start's ping, then two reconnects, each after a longer backoff (0.05 s, then 0.1 s)
+        pinged = [wms_services.DOWN_PINGS.get(timeout=10) for _ in range(3)]
+        assert pinged[1] - pinged[0] >= 0.045 and pinged[2] - pinged[1] >= 0.095, pinged
+        assert not w.rec.of(Connected)
+        mark = len(w.rec.events)
+        wms_services.OUTAGE.clear()
+        w.rec.wait_for(lambda ev: [e for e in ev[mark:] if isinstance(e, Resynced)], 10, "Resynced")
+        after = [type(e) for e in w.rec.events[mark:]]
+        assert after[after.index(Connected) - 1] is RecoveryAttempted and after[-1] is Resynced, after
+        assert w.rec.of(RecoveryAttempted)[-1].attempt >= 2
+        assert w.session.phase == "up"
+        wid = w.call("submit_workflow", wf("x", {"name": "a", "command": ["true"]}))["wms_id"]
+        assert w.final(wid, timeout=30).native == "SUCCEEDED"
+
+    def test_lost_wms_disconnects_and_resyncs_on_return(self, wms: Callable[..., Running]) -> None:
+        """The WMS goes down under a run: Disconnected within report-interval (+ one ping),
+        calls refused; back up: RecoveryAttempted, Connected, the run's changes as resync,
+        Resynced, and the run is followed to its end."""
+        w = wms("w1", service_class=STEPPING, report_interval=0.1)
+        chain = [{"name": "j0", "command": ["true"]}] + [
+            {"name": f"j{i}", "command": ["true"], "after": [f"j{i - 1}"]} for i in range(1, 6)]
+        wid = w.call("submit_workflow", wf("chain", *chain))["wms_id"]
+        w.rec.wait_for(lambda ev: "RUNNING" in w.natives(wid), 30, "the run to move")
+        t0 = time.monotonic()
+        wms_services.OUTAGE.set()
+        lost = w.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, Disconnected)), None), 10,
+                              "Disconnected")
+        assert time.monotonic() - t0 < 2.0
+        assert lost.will_retry and "stepping WMS is down" in lost.reason
+        with pytest.raises(BackendUnavailable, match="status: session 'w1' is disconnected"):
+            w.call("status", wid)
+        assert wms_services._RUNS[wid].states["j5"].name == "UNREADY"  # the WMS kept the run
+        mark = len(w.rec.events)
+        wms_services.OUTAGE.clear()
+        resynced = w.rec.wait_for(lambda ev: next((e for e in ev[mark:] if isinstance(e, Resynced)), None), 10,
+                                  "Resynced")
+        after = w.rec.events[mark:]
+        kinds = [type(e) for e in after]
+        at = kinds.index(Connected)
+        assert kinds[at - 1] is RecoveryAttempted, kinds
+        diff = after[at + 1:after.index(resynced)]
+        assert diff and all(isinstance(e, StateChanged) and e.observed is Observed.RESYNC for e in diff), diff
+        assert resynced.changed == len(diff)
+        assert w.final(wid, timeout=30).native == "SUCCEEDED"
+        assert w.call("status", wid)["jobs"]["j5"] == "SUCCEEDED"
+
+    def test_bps_config_cannot_change_what_the_session_observes(self, wms: Callable[..., Running],
+                                                                 tmp_path: Path) -> None:
+        """A bps_config naming another service class or a submit path is refused, per workflow
+        (the session goes on) and in the session's config (start fails)."""
+        w = wms()
+        job = wf("x", {"name": "a", "command": ["true"]})
+        with pytest.raises(BackendRejected, match="bps_config key 'submitPath' is refused on session 'w1'"):
+            w.call("submit_workflow", job, bps_config={"submitPath": str(tmp_path / "elsewhere")})
+        with pytest.raises(BackendRejected, match=r"'wmsServiceClass' is refused .*lsst\.ctrl\.bps\.parsl\.ParslService"):
+            w.call("prepare", job, {"wmsServiceClass": STEPPING})
+        assert w.final(w.call("submit_workflow", job)["wms_id"]).native == "SUCCEEDED"
+        session = WmsSession(WmsSessionConfig(name="bad", submit_dir=str(tmp_path / "s"),
+                                              bps_config={"wmsServiceClass": STEPPING}))
+        with pytest.raises(BackendRejected, match="bps-config: bps_config key 'wmsServiceClass' is refused"):
+            session.start(Recorder(), {})
+
+
 class TestBadInput:
     """Bad input gets a clear error naming what was wrong; the session keeps running."""
 
@@ -513,12 +600,15 @@ class TestBadInput:
         ("wms_services.NotAService", "not a subclass of lsst.ctrl.bps.BaseWmsService"),
     ])
     def test_bad_service_class_at_start(self, path: str, needle: str, tmp_path: Path) -> None:
-        """A service class that cannot be used fails start() naming the class path and why."""
+        """A service class that cannot be used fails start() naming the session, the class path
+        and why (a config no retry can fix); the session is closed."""
         session = WmsSession(WmsSessionConfig(name="bad", service_class=path, submit_dir=str(tmp_path)))
+        rec = Recorder()
         with pytest.raises(BackendRejected, match=needle) as err:
-            session.start(Recorder(), {})
-        assert path in str(err.value)
-        with pytest.raises(BackendRejected, match="not started"):
+            session.start(rec, {})
+        assert path in str(err.value) and "session 'bad'" in str(err.value)
+        assert rec.events == []
+        with pytest.raises(BackendUnavailable, match="status: session 'bad' is closed"):
             session.call("status")
         session.stop()
 

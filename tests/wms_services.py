@@ -6,12 +6,17 @@ BpsConfig or from ``{}``). Each ``report(<id>)`` returns the run, then advances 
 along UNREADY -> PENDING -> RUNNING -> SUCCEEDED; a job named ``fail*`` ends FAILED and its
 dependents PRUNED. ``restart`` gives a new id where the failed and pruned jobs start again
 (``fail*`` jobs then succeed); ``cancel`` marks every unfinished job DELETED.
+
+:data:`OUTAGE` stands for the WMS being down (a schedd or server killed): while it is set,
+``ping`` answers non-zero and ``report`` cannot connect; the runs stay where they were.
 """
 
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,11 +48,18 @@ class _Run:
 _RUNS: dict[str, _Run] = {}
 _LOCK = threading.Lock()
 _IDS = itertools.count(1)
+#: set: the WMS is down (ping non-zero, report raises ConnectionError)
+OUTAGE = threading.Event()
+#: when each ping answered "down" (time.monotonic()), for tests to wait on
+DOWN_PINGS: queue.SimpleQueue[float] = queue.SimpleQueue()
 
 
 def reset() -> None:
     with _LOCK:
         _RUNS.clear()
+    OUTAGE.clear()
+    while not DOWN_PINGS.empty():
+        DOWN_PINGS.get_nowait()
 
 
 class SteppingWorkflow(BaseWmsWorkflow):  # type: ignore[misc]  # lsst ctrl_bps is untyped
@@ -93,6 +105,8 @@ class SteppingService(BaseWmsService):  # type: ignore[misc]  # lsst ctrl_bps is
     def report(self, wms_workflow_id: str | None = None, user: str | None = None, hist: float = 0,
                pass_thru: str | None = None, is_global: bool = False,
                return_exit_codes: bool = False) -> tuple[list[WmsRunReport], str]:
+        if OUTAGE.is_set():
+            raise ConnectionError("stepping WMS is down")
         with _LOCK:
             if wms_workflow_id is None:
                 return [self._summary(r) for r in _RUNS.values()], ""
@@ -166,6 +180,9 @@ class SteppingService(BaseWmsService):  # type: ignore[misc]  # lsst ctrl_bps is
             return wms_id, old.name, ""
 
     def ping(self, pass_thru: str | None) -> tuple[int, str]:
+        if OUTAGE.is_set():
+            DOWN_PINGS.put(time.monotonic())
+            return 1, "stepping WMS is down"
         return 0, ""
 
 

@@ -1,0 +1,69 @@
+"""The broker's read-only request ops over the journal: ``snapshot`` and ``replay`` (no sockets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from flowbus.schemas import Event, SchemaError, decode, snapshot_staleness
+
+from ._journal import Journal
+
+
+class Refused(Exception):
+    """A request answered with ``{"ok": false, "code": code, "error": message}``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+def held(journal: Journal, topic: str) -> Event | None:
+    """The latest event of a snapshot slot, decoded (None: none held, or undecodable)."""
+    entry = journal.snapshot.get(topic)
+    try:
+        return decode(entry[2], topic) if entry is not None else None
+    except SchemaError:
+        return None
+
+
+def snapshot(journal: Journal, req: dict[str, Any]) -> dict[str, Any]:
+    """The latest event of every slot under ``prefixes``; ``stale``: per source whose held resource
+    states no longer count as current, why and since when; ``stale_topics``: the topics of those
+    states (see ``flowbus.schemas._freshness``)."""
+    prefixes = tuple(str(p) for p in req.get("prefixes") or ("",))
+    hits = [(topic, src, seq, payload) for topic, (src, seq, payload) in journal.snapshot.items()
+            if topic.startswith(prefixes)]
+    stale, stale_topics = snapshot_staleness(((t, s, q) for t, s, q, _ in hits), lambda t: held(journal, t))
+    return {"events": [p for *_, p in hits], "stale": {s: msgspec.to_builtins(st) for s, st in stale.items()},
+            "stale_topics": stale_topics}
+
+
+def replay(journal: Journal, req: dict[str, Any]) -> dict[str, Any]:
+    """A source's events ``from``..``to`` (at most ``limit``) under ``prefixes``, or only their
+    seqs (``seqs_only``)."""
+    source = req.get("source")
+    st = journal.source(str(source))
+    if st is None:
+        raise Refused("unknown_source", f"unknown source {source!r}")
+    try:
+        first, last = int(req["from"]), int(req.get("to", st.last_seq))
+        limit = max(1, min(int(req.get("limit", 10_000)), 100_000))
+    except (KeyError, TypeError, ValueError):
+        raise Refused("bad_request", "replay needs integer 'from' (and optional 'to', 'limit')") from None
+    if first < 1 or last < first - 1 or last > st.last_seq:
+        raise Refused("bad_range", f"impossible range {first}..{last} for source {source!r} (last seq {st.last_seq})")
+    if first < st.oldest:
+        raise Refused("evicted", f"source {source!r} keeps seq {st.oldest}..{st.last_seq}; "
+                                 f"{first}..{st.oldest - 1} were evicted")
+    through = min(last, first + limit - 1)
+    prefixes = tuple(str(p) for p in req.get("prefixes") or ("",))
+    if req.get("seqs_only"):
+        # a probe: which seqs in the range match (a subscriber that has some of them live then
+        # fetches only the ones it misses)
+        seqs = [q for q, topic, _p in journal.replay(st, first, through) if topic.startswith(prefixes)]
+        return {"seqs": seqs, "through": through, "last": st.last_seq, "oldest": st.oldest}
+    events = [p for _seq, topic, p in journal.replay(st, first, through) if topic.startswith(prefixes)]
+    return {"events": events, "through": through, "last": st.last_seq, "oldest": st.oldest}
