@@ -331,7 +331,7 @@ class TestRecovery:
         run.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
         _break(run)
         gave = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, RecoveryGaveUp)), None), 30, "gave up")
-        assert "recovery = none" in gave.reason
+        assert "recovery disabled" in gave.reason
         assert not run.rec.of(Disconnected)[0].will_retry
         with pytest.raises(BackendUnavailable, match=r"^workflows: session 's0' gave up reconnecting \(.*engine loop"):
             run.call("workflows")

@@ -53,7 +53,6 @@ from flowbus.schemas import (
     BackendProtocolError,
     BackendRejected,
     BackendUnavailable,
-    Disconnected,
     Event,
     Observed,
     RecoveryAttempted,
@@ -217,17 +216,9 @@ class SomaSession(SessionBase):
         self._fails = 0
         self._killed = self._end_old()
 
-    def _go_down(self, reason: str, *, will_retry: bool) -> None:
-        # The base always retries; recovery = none never does. Wanted in SessionBase: a policy
-        # that makes _go_down publish will_retry=False and give up at once (see the port's report).
-        if not (will_retry and self.config.recovery == "none"):
-            super()._go_down(reason, will_retry=will_retry)
-            return
-        self._log.warning("soma.recovery.refused", reason=reason, recovery="none")
-        self._publish([self._ev(Disconnected, reason=reason, will_retry=False),
-                       self._ev(RecoveryGaveUp, attempts=0, reason=f"recovery = none: {reason}")])
-        self._down_reason = reason
-        self._phase = Phase.DEAD
+    def _will_retry(self) -> bool:
+        """``recovery = none`` makes a loss final (DEAD, ``Disconnected(will_retry=False)``)."""
+        return self.config.recovery != "none"
 
     def _close(self, was_up: bool) -> None:
         """Stop the workflows this controller runs (soma's kill, bounded by ``stop-timeout``),
