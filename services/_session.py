@@ -328,7 +328,8 @@ class SessionBase:
 
     def _go_dead(self, reason: str) -> None:
         """Lost for good without retrying (see :meth:`_will_retry`)."""
-        self._publish([self._ev(Disconnected, reason=reason, will_retry=False)])
+        self._publish([self._ev(Disconnected, reason=reason, will_retry=False),
+                       self._ev(RecoveryGaveUp, attempts=0, reason=f"recovery disabled: {reason}")])
         self._down_reason = reason
         self._phase = Phase.DEAD
         self._gave_up()

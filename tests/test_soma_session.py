@@ -10,7 +10,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 import psutil
@@ -183,7 +183,7 @@ class TestObservation:
         """A soma workflow built with soma's own classes (a BarrierJob between two jobs) runs from its JSON form."""
         from soma_workflow.client import BarrierJob, Job, Workflow
 
-        from flowbus.services._soma_wf import serialize
+        from flowbus.services.soma._wf import serialize
 
         a, bar, c = Job(command=["true"], name="a"), BarrierJob(name="bar"), Job(command=["true"], name="c")
         run = soma_session()
@@ -210,7 +210,7 @@ class TestStateMapping:
     ])
     def test_job_state(self, status: str, exit_info: Any, state: State | None) -> None:
         """Each pair gives its state; done/failed without exit information gives None (held back)."""
-        from flowbus.services._soma_wf import job_state
+        from flowbus.services.soma._wf import job_state
 
         assert job_state(status, exit_info)[0] is state
 
@@ -331,10 +331,11 @@ class TestRecovery:
         run.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
         _break(run)
         gave = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, RecoveryGaveUp)), None), 30, "gave up")
-        assert "recovery = none" in gave.reason
+        assert "recovery disabled" in gave.reason
         assert not run.rec.of(Disconnected)[0].will_retry
-        with pytest.raises(BackendUnavailable, match="has no controller"):
+        with pytest.raises(BackendUnavailable, match=r"^workflows: session 's0' gave up reconnecting \(.*engine loop"):
             run.call("workflows")
+        assert run.session.phase == "dead"
 
     @pytest.mark.timeout(150)
     def test_next_incarnation_recovers_orphans(self, soma_session: Session, tmp_path: Path) -> None:
@@ -427,6 +428,7 @@ class TestBadInput:
         for args, kwargs, exc, text in bad:
             with pytest.raises(exc) as info:
                 run.call(*args, **kwargs)
+            assert str(info.value).startswith("session 's0': "), (args, str(info.value))
             if text:
                 assert text in str(info.value), (args, str(info.value))
         n = len(run.rec.events)
@@ -481,13 +483,64 @@ class TestLifecycle:
         assert run.final(str(wf)).state is State.COMPLETE
         assert any(p.name.startswith("db") for p in swf_dir.iterdir())
 
+    @pytest.mark.timeout(60)
     def test_start_failure_is_clear_and_leaves_nothing(self, tmp_path: Path) -> None:
-        """A directory that cannot be made: start() raises BackendUnavailable naming it; no soma thread is left."""
+        """A controller that cannot be built (its directory cannot be made): start() returns with the session
+        down, Disconnected (will retry) and call errors name the session and the cause, nothing is left running,
+        and once the cause is gone a later poll builds the controller."""
+        threads_before = {t.ident for t in threading.enumerate()}
+        children_before = live_children()
         blocker = tmp_path / "file"
         blocker.write_text("x")
-        s = SomaSession(SomaSessionConfig(name="bad", directory=str(blocker / "sub")))
-        with pytest.raises(BackendUnavailable, match="cannot start a WorkflowController"):
-            s.start(Recorder(), {})
+        rec = Recorder()
+        s = SomaSession(SomaSessionConfig(name="bad", directory=str(blocker / "sub"), poll_interval=0.05,
+                                          engine_refresh=0.05, recovery_backoff=0.05))
+        s.start(rec, {})
+        assert s.phase == "down"
+        (down,) = rec.events
+        assert isinstance(down, Disconnected) and down.will_retry and down.source == "bad"
+        assert down.reason.startswith("session 'bad': cannot start a soma WorkflowController"), down.reason
+        assert str(blocker / "sub") in down.reason, down.reason
+        with pytest.raises(BackendUnavailable,
+                           match=r"session 'bad' is disconnected \(session 'bad': cannot start a soma WorkflowController"):
+            s.call("workflows")
+        assert soma_threads() == []
+        assert {t.ident for t in threading.enumerate()} - threads_before == set()
+        assert live_children() - children_before == set()
+        # the cause goes away: a poll the backoff allows builds the controller
+        blocker.unlink()
+        wait_until(lambda: (s.poll(), s.phase == "up")[1], 30, "the session to reconnect")
+        assert [type(e) for e in rec.events] == [Disconnected, RecoveryAttempted, Connected, RecoveryAttempted,
+                                                 Resynced]
+        assert [e.action for e in rec.of(RecoveryAttempted)] == ["reconnect", "new_controller"]
+        assert s.call("workflows") == {}
+        s.stop()
+        s.kill()
+        assert soma_threads() == []
+        assert {t.ident for t in threading.enumerate()} - threads_before == set()
+        assert live_children() - children_before == set()
+
+    @pytest.mark.timeout(60)
+    @pytest.mark.parametrize("recovery", ["reattach", "none"])
+    def test_start_failure_gives_up_per_recovery_policy(self, tmp_path: Path,
+                                                         recovery: Literal["reattach", "none"]) -> None:
+        """A controller that never can be built: recovery-attempts failed reconnects, then RecoveryGaveUp;
+        recovery = none gives up at once (Disconnected without retry). Calls then say the session gave up."""
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        rec = Recorder()
+        s = SomaSession(SomaSessionConfig(name="bad", directory=str(blocker / "sub"), recovery=recovery,
+                                          recovery_attempts=2, recovery_backoff=0.01, poll_interval=0.05))
+        s.start(rec, {})
+        wait_until(lambda: (s.poll(), s.phase == "dead")[1], 30, "the session to give up")
+        down = rec.of(Disconnected)
+        assert len(down) == 1 and down[0].will_retry is (recovery != "none")
+        gave = rec.of(RecoveryGaveUp)
+        assert len(gave) == 1 and gave[0].attempts == (2 if recovery != "none" else 0)
+        assert "cannot start a soma WorkflowController" in gave[0].reason
+        assert not rec.of(Connected)
+        with pytest.raises(BackendUnavailable, match="session 'bad' gave up reconnecting"):
+            s.call("workflows")
         assert soma_threads() == []
         s.stop()
         s.kill()

@@ -4,7 +4,7 @@ Observation: each poll asks ``news_local()``; when there is news, ``sync_local()
 nodes in ``changed_node_paths`` are read (an empty list means the client got the whole
 definition: the whole tree is diffed). Changes are published with ``observed=poll``; the diff
 against ``known`` in :meth:`EcflowSession.start` and after every reconnect uses ``resync``.
-Keys are absolute node paths; the server itself is ``/`` (see :mod:`._ecflow_tree`).
+Keys are absolute node paths; the server itself is ``/`` (see :mod:`._tree`).
 
 Events: ``StateChanged`` per node (``state`` normalised, ``native`` ecFlow's display state with
 ``suspended`` as SUSPENDED, ``try_no`` from ECF_TRYNO, the aborted reason in ``detail``; a node

@@ -133,7 +133,7 @@ class Built:
 def build(cfg: SomaSessionConfig, directory: str) -> Built:
     """A new ``WorkflowController`` for ``cfg`` (``directory`` for light mode).
 
-    Raises ``BackendUnavailable`` when soma cannot start (with soma's message)."""
+    Raises ``BackendUnavailable`` naming the session when soma cannot start (with soma's message)."""
     _install_popen_shim()
     with _BUILD_LOCK:
         saved_interval = soma_engine.refreshment_interval
@@ -154,7 +154,7 @@ def build(cfg: SomaSessionConfig, directory: str) -> Built:
                                           password=cfg.password or None, config=config)
                     address = f"resource:{cfg.resource_id or 'default'}"
         except Exception as exc:
-            raise BackendUnavailable(f"soma: cannot start a WorkflowController ({cfg.mode} mode, "
+            raise BackendUnavailable(f"session {cfg.name!r}: cannot start a soma WorkflowController ({cfg.mode} mode, "
                                      f"{directory or cfg.resource_id!r}): {type(exc).__name__}: {exc}") from exc
         finally:
             soma_engine.refreshment_interval = saved_interval
