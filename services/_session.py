@@ -179,8 +179,14 @@ class SessionBase:
             return self._next_poll()
 
     def call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one operation by name (see :attr:`ops`); results are plain, msgpack-able data."""
-        return self.ops.run(self, operation, args, kwargs)
+        """Run one operation by name (see :attr:`ops`); results are plain, msgpack-able data.
+        Every error names the session and the operation: ``session 'x': <operation>: <why>``."""
+        try:
+            return self.ops.run(self, operation, args, kwargs)
+        except BackendError as exc:
+            if f"session {self.name!r}" not in str(exc):
+                exc.args = (f"session {self.name!r}: {exc}", *exc.args[1:])
+            raise
 
     def lost(self, reason: str) -> None:
         """The backend was lost, as seen by a thread of the adapter's own (a push-driven

@@ -90,7 +90,7 @@ class TestCliAgainstUp:
         r = run(["wait", "qcg/local/state/cli-job state=aborted", "--timeout", "1"], up)
         assert r.returncode == 124 and "timed out after 1 s waiting for qcg/local/state/cli-job state=aborted" in r.stderr
         r = run(["call", "local", "no-such-op"], up)
-        assert r.returncode == 1 and r.stderr.startswith("flowbus: error: unknown operation 'no-such-op'")
+        assert r.returncode == 1 and r.stderr.startswith("flowbus: error: session 'local': unknown operation 'no-such-op'")
         r = run(["stats", "--json"], up)
         assert r.returncode == 0 and json.loads(r.stdout)["stats"]["received"] > 0
 

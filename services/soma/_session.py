@@ -136,17 +136,6 @@ class SomaSession(SessionBase):
     def engine_threads(self) -> tuple[threading.Thread, ...]:
         return () if self._built is None else self._built.threads
 
-    def call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one operation (see the class docstring); results are plain data. Every error
-        names the session: ``session 'x': <operation>: <why>``."""
-        try:
-            return super().call(operation, *args, **kwargs)
-        except BackendError as exc:
-            text = str(exc)
-            if f"session {self.name!r}" not in text:
-                exc.args = (f"session {self.name!r}: {text}", *exc.args[1:])
-            raise
-
     # -- hooks ---------------------------------------------------------------------------------------
 
     def _seed(self, known: Mapping[str, Event]) -> None:
