@@ -7,7 +7,7 @@
 #    (pyproject's [tool.setuptools.package-dir]), which mypy cannot map, so it reads a tree of
 #    symlinks laid out as the installed package: .lint/tree/flowbus/{__init__.py,...,bus,schemas,...}.
 # 3. mypy over tests/ and bench/, relaxed (docs/notes/style.md item 15). Their modules are top-level
-#    (busfixtures, _common, ...: the folder itself is on sys.path), which a [[tool.mypy.overrides]]
+#    (test files in folders without __init__, support/ and bench/_common: tests/ and bench/ are on sys.path), which a [[tool.mypy.overrides]]
 #    section cannot select by folder, so the relaxation is given here as flags; flowbus is read but
 #    not reported again (--follow-imports=silent).
 # Everything it writes is under .lint/ (ignored): the tree and the caches.
@@ -77,7 +77,7 @@ run_mypy() {  # label, then mypy arguments
 run_mypy "flowbus (strict)" --cache-dir "$WORK/mypy-cache" -p flowbus
 
 # shellcheck disable=SC2207  # file names without blanks
-tests_bench=($(cd "$TREE" && ls tests/*.py bench/*.py))
+tests_bench=($(cd "$TREE" && find -L tests bench -name "*.py" -not -path "*/__pycache__/*" | sort))
 run_mypy "tests and bench (relaxed)" --cache-dir "$WORK/mypy-cache-tests" --follow-imports=silent \
   --allow-untyped-defs --allow-incomplete-defs "${tests_bench[@]}"
 

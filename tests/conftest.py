@@ -33,7 +33,7 @@ import structlog
 
 from flowbus.bus import BrokerProcess
 from flowbus.schemas import BusConfig
-from netcheck import off_loopback_listeners, process_name
+from support.netcheck import off_loopback_listeners, process_name
 
 
 @pytest.fixture(autouse=True)
