@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flowbus.services import SessionBase
 from flowbus.services.ecflow import EcflowSession
 from flowbus.services.guiserver import GuiserverSession
 from flowbus.services.qcg import QcgSession
@@ -25,7 +26,7 @@ from flowbus.services.wms import WmsSession
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = ROOT / "docs" / "backends"
-SESSIONS = {"ecflow": EcflowSession, "guiserver": GuiserverSession, "qcg": QcgSession, "soma": SomaSession,
+SESSIONS: dict[str, type[SessionBase]] = {"ecflow": EcflowSession, "guiserver": GuiserverSession, "qcg": QcgSession, "soma": SomaSession,
             "wms": WmsSession}
 NOT_REACHABLE = "—"
 TEST_REF = re.compile(r"`?(tests/[\w/]+\.py)::([\w:]+)`?")
