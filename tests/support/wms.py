@@ -90,7 +90,7 @@ class SteppingService(BaseWmsService):  # type: ignore[misc]  # lsst ctrl_bps is
 
     def prepare(self, config: BpsConfig, generic_workflow: GenericWorkflow, out_prefix: str | None = None) -> SteppingWorkflow:
         path = out_prefix or config["submitPath"]
-        wf = SteppingWorkflow.from_generic_workflow(config, generic_workflow, path, "wms_services.SteppingService")
+        wf = SteppingWorkflow.from_generic_workflow(config, generic_workflow, path, "support.wms.SteppingService")
         wf.write(path)
         return wf
 

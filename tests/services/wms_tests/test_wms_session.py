@@ -35,10 +35,10 @@ from flowbus.schemas import (
 from flowbus.services import BackendSession
 from flowbus.services.wms import WmsSession
 from flowbus.services.wms._parsl import PARSL_LOCK
-from support import wms as wms_services
+from support import wms as stepping
 from support.recorder import Recorder
 
-STEPPING = "wms_services.SteppingService"
+STEPPING = "support.wms.SteppingService"
 
 
 class Running:
@@ -298,7 +298,7 @@ class TestParsl:
         with pytest.raises(BackendRejected, match=r"cannot import 'no_such_module'|no_such_module") as err:
             w.call("submit_workflow", good, bps_config={"site": {"local": {"class": "no_such_module.Site"}}})
         assert "prepare" in str(err.value)
-        broken = w.call("submit_workflow", good, bps_config={"site": {"local": {"class": "wms_services.BrokenSite"}}})
+        broken = w.call("submit_workflow", good, bps_config={"site": {"local": {"class": "support.wms.BrokenSite"}}})
         bad = w.final(broken["wms_id"])
         assert bad.native == "FAILED" and "executor refuses to start" in bad.detail
         assert not PARSL_LOCK.locked()
@@ -371,7 +371,7 @@ class TestReportPolling:
 
     def test_states_move_on_each_report(self, wms: Callable[..., Running]) -> None:
         """Each report moves the jobs; the session publishes every step, FAILED and PRUNED included."""
-        wms_services.reset()
+        stepping.reset()
         w = wms(service_class=STEPPING, report_interval=0.05)
         r = w.call("submit_workflow", wf(
             "steps", {"name": "a", "command": ["true"]},
@@ -386,9 +386,9 @@ class TestReportPolling:
         assert w.natives(f"{wid}/fail1")[-3:] == ["PENDING", "RUNNING", "FAILED"]
         assert w.natives(f"{wid}/c")[-1] == "PRUNED" and w.natives(f"{wid}/d")[-1] == "SUCCEEDED"
         assert all(e.observed is Observed.POLL for e in w.rec.of(StateChanged))
-        reports = wms_services._RUNS[wid].reports
+        reports = stepping._RUNS[wid].reports
         time.sleep(0.3)  # a final run is no longer reported (the interval is 0.05 s)
-        assert wms_services._RUNS[wid].reports == reports
+        assert stepping._RUNS[wid].reports == reports
 
         mark = len(w.rec.events)
         again = w.call("restart", wid)
@@ -398,7 +398,7 @@ class TestReportPolling:
 
     def test_raw_operations_give_plain_data(self, wms: Callable[..., Running]) -> None:
         """report, list_submitted_jobs, cancel, ping, prepare+submit work raw; results are msgpack-able."""
-        wms_services.reset()
+        stepping.reset()
         w = wms(service_class=STEPPING, report_interval=60)
         prep = w.call("prepare", wf("raw", {"name": "a", "command": ["true"]}, {"name": "b", "command": ["true"], "after": ["a"]}))
         sub = w.call("submit", prep["wms_id"])
@@ -417,9 +417,9 @@ class TestReportPolling:
 
     def test_unsupported_operations_are_named(self, wms: Callable[..., Running]) -> None:
         """An operation the service does not implement names itself and the class; the session keeps going."""
-        wms_services.reset()
+        stepping.reset()
         w = wms(service_class=STEPPING)
-        with pytest.raises(UnknownOperation, match=r"get_status is not supported by wms_services.SteppingService"):
+        with pytest.raises(UnknownOperation, match=r"get_status is not supported by support.wms.SteppingService"):
             w.call("get_status", "step-1")
         with pytest.raises(UnknownOperation, match="run_submission_checks is not supported"):
             w.call("run_submission_checks")
@@ -432,7 +432,7 @@ class TestReportPolling:
 
     def test_resync_reports_known_runs(self, wms: Callable[..., Running]) -> None:
         """A new session reports the runs the journal knows and publishes the differences as resync."""
-        wms_services.reset()
+        stepping.reset()
         first = wms("w1", service_class=STEPPING, report_interval=60)
         wid = first.call("submit_workflow", wf("r", {"name": "a", "command": ["true"]}))["wms_id"]
         known = {e.key: e for e in first.rec.of(StateChanged)}
@@ -446,7 +446,7 @@ class TestReportPolling:
     def test_release_leaves_the_run_to_the_next_session(self, wms: Callable[..., Running]) -> None:
         """After release() the first session publishes nothing more; the run goes on in the WMS
         and a new session that knows it follows it to the end."""
-        wms_services.reset()
+        stepping.reset()
         first = wms("w1", service_class=STEPPING, report_interval=0.05)
         wid = first.call("submit_workflow", wf("r", {"name": "a", "command": ["true"]},
                                                {"name": "b", "command": ["true"], "after": ["a"]}))["wms_id"]
@@ -466,7 +466,7 @@ class TestReportPolling:
 
     def test_watch_a_run_submitted_elsewhere(self, wms: Callable[..., Running]) -> None:
         """watch follows a run this session did not submit."""
-        wms_services.reset()
+        stepping.reset()
         other = wms("other", service_class=STEPPING, report_interval=60)
         wid = other.call("submit_workflow", wf("x", {"name": "a", "command": ["true"]}))["wms_id"]
         w = wms("watcher", service_class=STEPPING, report_interval=0.05)
@@ -480,14 +480,14 @@ class TestReachingTheWms:
 
     @pytest.fixture(autouse=True)
     def _wms_up_again(self) -> Iterator[None]:
-        wms_services.reset()
+        stepping.reset()
         yield
-        wms_services.OUTAGE.clear()
+        stepping.OUTAGE.clear()
 
     def test_down_at_start_opens_disconnected_then_connects(self, wms: Callable[..., Running]) -> None:
         """start() against a WMS that is down returns with the session DOWN (Disconnected, will
         retry), retries with backoff, and connects once the WMS answers."""
-        wms_services.OUTAGE.set()
+        stepping.OUTAGE.set()
         t0 = time.monotonic()
         w = wms("w1", service_class=STEPPING, report_interval=0.05)
         assert time.monotonic() - t0 < 5
@@ -497,11 +497,11 @@ class TestReachingTheWms:
         with pytest.raises(BackendUnavailable, match="submit_workflow: session 'w1' is disconnected"):
             w.call("submit_workflow", wf("x", {"name": "a", "command": ["true"]}))
         # the start's ping, then two reconnects, each after a longer backoff (0.05 s, then 0.1 s)
-        pinged = [wms_services.DOWN_PINGS.get(timeout=10) for _ in range(3)]
+        pinged = [stepping.DOWN_PINGS.get(timeout=10) for _ in range(3)]
         assert pinged[1] - pinged[0] >= 0.045 and pinged[2] - pinged[1] >= 0.095, pinged
         assert not w.rec.of(Connected)
         mark = len(w.rec.events)
-        wms_services.OUTAGE.clear()
+        stepping.OUTAGE.clear()
         w.rec.wait_for(lambda ev: [e for e in ev[mark:] if isinstance(e, Resynced)], 10, "Resynced")
         after = [type(e) for e in w.rec.events[mark:]]
         assert after[after.index(Connected) - 1] is RecoveryAttempted and after[-1] is Resynced, after
@@ -520,16 +520,16 @@ class TestReachingTheWms:
         wid = w.call("submit_workflow", wf("chain", *chain))["wms_id"]
         w.rec.wait_for(lambda ev: "RUNNING" in w.natives(wid), 30, "the run to move")
         t0 = time.monotonic()
-        wms_services.OUTAGE.set()
+        stepping.OUTAGE.set()
         lost = w.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, Disconnected)), None), 10,
                               "Disconnected")
         assert time.monotonic() - t0 < 2.0
         assert lost.will_retry and "stepping WMS is down" in lost.reason
         with pytest.raises(BackendUnavailable, match="status: session 'w1' is disconnected"):
             w.call("status", wid)
-        assert wms_services._RUNS[wid].states["j5"].name == "UNREADY"  # the WMS kept the run
+        assert stepping._RUNS[wid].states["j5"].name == "UNREADY"  # the WMS kept the run
         mark = len(w.rec.events)
-        wms_services.OUTAGE.clear()
+        stepping.OUTAGE.clear()
         resynced = w.rec.wait_for(lambda ev: next((e for e in ev[mark:] if isinstance(e, Resynced)), None), 10,
                                   "Resynced")
         after = w.rec.events[mark:]
@@ -596,8 +596,8 @@ class TestBadInput:
 
     @pytest.mark.parametrize(("path", "needle"), [
         ("no_such_pkg.Service", "cannot import 'no_such_pkg': ModuleNotFoundError"),
-        ("wms_services.Missing", "has no attribute 'Missing'"),
-        ("wms_services.NotAService", "not a subclass of lsst.ctrl.bps.BaseWmsService"),
+        ("support.wms.Missing", "has no attribute 'Missing'"),
+        ("support.wms.NotAService", "not a subclass of lsst.ctrl.bps.BaseWmsService"),
     ])
     def test_bad_service_class_at_start(self, path: str, needle: str, tmp_path: Path) -> None:
         """A service class that cannot be used fails start() naming the session, the class path
