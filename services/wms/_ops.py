@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from flowbus.schemas import BackendRejected, Observed, UnknownOperation, parse_workflow
+from flowbus.schemas import BackendError, BackendRejected, Observed, UnknownOperation, parse_workflow
 
 from .._ops import Operations
 from ._build import base_config, check_session_keys, generic_workflow, new_submit_path, parsl_guard
@@ -61,6 +61,13 @@ def prepare(session: WmsSession, description: Any, bps_config: Mapping[str, Any]
         path = new_submit_path(session._root, spec.name)
         gw = generic_workflow(spec)
         config = base_config(session.config, path, bps_config, parsl_guard(path) if session.is_parsl else "")
+    if {**session.config.bps_config, **(bps_config or {})}.get("runWmsSubmissionChecks", True):
+        # as BPS: the plugin's checks first, on a service built from this submission's config
+        cls = session._cls
+        assert cls is not None  # set by the first open, before the session is UP
+        with wms_errors("prepare", session.class_path):
+            service = cls(config)
+        _submission_checks(session, service, "prepare")
     wf = session._svc_call(session._service, "prepare", config, gw, out_prefix=path)
     with session._lock:
         session._prepared[path] = wf
@@ -206,9 +213,22 @@ def ping(session: WmsSession, pass_thru: str | None = None) -> dict[str, Any]:
 
 @OPS.op
 def run_submission_checks(session: WmsSession) -> dict[str, Any]:
+    """The service's own checks, as BPS runs them before a submission: ``{"ok": True, "checked":
+    False}`` when the plugin has none (BPS skips them), ``BackendRejected`` naming why when they
+    fail (BPS halts the submission)."""
     session._require_up("run_submission_checks")
-    session._svc_call(session._service, "run_submission_checks")
-    return {"ok": True}
+    return _submission_checks(session, session._service, "run_submission_checks")
+
+
+def _submission_checks(session: WmsSession, service: Any, operation: str) -> dict[str, Any]:
+    try:
+        session._svc_call(service, "run_submission_checks")
+    except UnknownOperation:
+        return {"ok": True, "checked": False,
+                "detail": f"{session.class_path} has no submission checks (BPS skips them)"}
+    except BackendError as exc:
+        raise BackendRejected(f"{operation}: the submission checks of {session.class_path} failed: {exc}") from exc
+    return {"ok": True, "checked": True, "detail": ""}
 
 
 @OPS.op

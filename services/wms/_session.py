@@ -51,6 +51,7 @@ from flowbus.schemas import (
     BackendError,
     BackendRejected,
     BackendUnavailable,
+    ErrorEvent,
     Event,
     Observed,
     UnknownOperation,
@@ -68,6 +69,8 @@ from ._parsl import ParslRun, is_parsl_service
 #: how long a Parsl thread's job-end callback waits at a time for the lock before it looks
 #: whether the session is closing (then the closing thread observes the run itself)
 _CALLBACK_WAIT_S = 0.05
+#: report() failures in a row (not connection errors: those are a loss at once) that make the WMS lost
+_REPORT_FAILS = 3
 
 
 def _private_temp_root() -> str:
@@ -129,6 +132,7 @@ class WmsSession(SessionBase):
         self._has_ping = False
         self._next_report = 0.0
         self._observing = False
+        self._report_fails = 0
 
     @property
     def address(self) -> str:
@@ -194,7 +198,22 @@ class WmsSession(SessionBase):
             except BackendUnavailable:
                 raise
             except BackendError as exc:
-                self._log.warning("wms.report.failed", wms_id=wms_id, error=str(exc))
+                self._report_failed(wms_id, exc)
+            else:
+                self._report_fails = 0
+
+    def _report_failed(self, wms_id: str, exc: BackendError) -> None:
+        """A report() that raised: an ``ErrorEvent`` at the first failure in a row; after
+        :data:`_REPORT_FAILS` in a row the WMS counts as lost (``Disconnected``, then reconnects,
+        which succeed once report() answers again)."""
+        self._report_fails += 1
+        self._log.warning("wms.report.failed", wms_id=wms_id, error=str(exc), fails=self._report_fails)
+        if self._report_fails == 1:
+            self._publish([self._ev(ErrorEvent, key=wms_id, error_type=f"flowbus.schemas.{type(exc).__name__}",
+                                    message=str(exc), operation="report")])
+        if self._report_fails >= _REPORT_FAILS:
+            self._report_fails = 0
+            raise BackendUnavailable(f"report() failed {_REPORT_FAILS} times in a row: {exc}") from exc
 
     def _drop(self) -> None:
         self._service = self._query = None
@@ -276,8 +295,8 @@ class WmsSession(SessionBase):
                     events += self._report(wms_id, observed)
                 except BackendUnavailable:
                     raise
-                except BackendError as exc:  # watched: the next poll reports it again
-                    self._log.warning("wms.report.failed", wms_id=wms_id, error=str(exc))
+                except BackendError as exc:  # the WMS is not back until it reports again
+                    raise BackendUnavailable(f"report({wms_id!r}) while resyncing: {exc}") from exc
                 continue
             lost = ("its runner ended with the previous session; restart(wms_id) re-runs the unfinished jobs"
                     if self.is_parsl else f"{self.class_path} has no report(): state unknown")

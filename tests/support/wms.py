@@ -52,12 +52,21 @@ _IDS = itertools.count(1)
 OUTAGE = threading.Event()
 #: when each ping answered "down" (time.monotonic()), for tests to wait on
 DOWN_PINGS: queue.SimpleQueue[float] = queue.SimpleQueue()
+#: set: report() raises RuntimeError (the service answers pings but its reports break)
+REPORT_BROKEN = threading.Event()
+#: set: run_submission_checks() raises (as a plugin does without, e.g., a proxy certificate)
+CHECKS_FAIL = threading.Event()
+#: how many times run_submission_checks() ran
+CHECKS_RUN: list[float] = []
 
 
 def reset() -> None:
     with _LOCK:
         _RUNS.clear()
     OUTAGE.clear()
+    REPORT_BROKEN.clear()
+    CHECKS_FAIL.clear()
+    CHECKS_RUN.clear()
     while not DOWN_PINGS.empty():
         DOWN_PINGS.get_nowait()
 
@@ -107,6 +116,8 @@ class SteppingService(BaseWmsService):  # type: ignore[misc]  # lsst ctrl_bps is
                return_exit_codes: bool = False) -> tuple[list[WmsRunReport], str]:
         if OUTAGE.is_set():
             raise ConnectionError("stepping WMS is down")
+        if REPORT_BROKEN.is_set():
+            raise RuntimeError("stepping WMS report broke")
         with _LOCK:
             if wms_workflow_id is None:
                 return [self._summary(r) for r in _RUNS.values()], ""
@@ -179,11 +190,28 @@ class SteppingService(BaseWmsService):  # type: ignore[misc]  # lsst ctrl_bps is
             _RUNS[wms_id] = _Run(wms_id, old.name, old.path, dict(old.parents), states, restarted=True)
             return wms_id, old.name, ""
 
+    def run_submission_checks(self) -> None:
+        CHECKS_RUN.append(time.monotonic())
+        if CHECKS_FAIL.is_set():
+            raise RuntimeError("no proxy certificate found")
+
     def ping(self, pass_thru: str | None) -> tuple[int, str]:
         if OUTAGE.is_set():
             DOWN_PINGS.put(time.monotonic())
             return 1, "stepping WMS is down"
         return 0, ""
+
+
+class OlderService(SteppingService):
+    """A plugin written against an older BaseWmsService: its report() has no ``is_global`` or
+    ``return_exit_codes``, and it has no submission checks."""
+
+    def report(self, wms_workflow_id: str | None = None, user: str | None = None, hist: float = 0,  # type: ignore[override]  # the older signature on purpose
+               pass_thru: str | None = None) -> tuple[list[WmsRunReport], str]:
+        return super().report(wms_workflow_id, user, hist, pass_thru)
+
+    def run_submission_checks(self) -> None:
+        raise NotImplementedError
 
 
 class NotAService:

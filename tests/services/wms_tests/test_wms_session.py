@@ -23,6 +23,7 @@ from flowbus.schemas import (
     ConfigError,
     Connected,
     Disconnected,
+    ErrorEvent,
     Observed,
     RecoveryAttempted,
     Resynced,
@@ -39,6 +40,7 @@ from support import wms as stepping
 from support.recorder import Recorder
 
 STEPPING = "support.wms.SteppingService"
+OLDER = "support.wms.OlderService"
 
 
 class Running:
@@ -421,11 +423,10 @@ class TestReportPolling:
         w = wms(service_class=STEPPING)
         with pytest.raises(UnknownOperation, match=r"get_status is not supported by support.wms.SteppingService"):
             w.call("get_status", "step-1")
-        with pytest.raises(UnknownOperation, match="run_submission_checks is not supported"):
-            w.call("run_submission_checks")
         p = wms("w2")
+        assert p.call("run_submission_checks")["checked"] is False  # none in the plugin: BPS skips them
         for op, args in [("report", ()), ("ping", ()), ("list_submitted_jobs", ()), ("get_status", ("x",)),
-                         ("run_submission_checks", ()), ("watch", ("x",))]:
+                         ("watch", ("x",))]:
             with pytest.raises(UnknownOperation, match=r"not supported by lsst.ctrl.bps.parsl.ParslService"):
                 p.call(op, *args)
         assert w.call("ping")["status"] == 0
@@ -541,6 +542,66 @@ class TestReachingTheWms:
         assert resynced.changed == len(diff)
         assert w.final(wid, timeout=30).native == "SUCCEEDED"
         assert w.call("status", wid)["jobs"]["j5"] == "SUCCEEDED"
+
+    def test_failing_report_is_an_error_then_a_loss_then_recovers(self, wms: Callable[..., Running]) -> None:
+        """report() raising (the WMS answers pings): one ErrorEvent naming report and the run, then,
+        after three failures in a row, Disconnected (will retry); reconnects fail while report()
+        does (RecoveryAttempted ok=False); once it answers, Connected and Resynced, and the run is
+        followed to its end."""
+        w = wms("w1", service_class=STEPPING, report_interval=0.05)
+        wid = w.call("submit_workflow", wf("x", {"name": "a", "command": ["true"]}, {"name": "b", "command": ["true"],
+                                                                                      "after": ["a"]}))["wms_id"]
+        w.rec.wait_for(lambda ev: "PENDING" in w.natives(wid) or "RUNNING" in w.natives(wid) or None, 30,
+                       "the run to move")
+        mark = len(w.rec.events)
+        stepping.REPORT_BROKEN.set()
+        lost = w.rec.wait_for(lambda ev: next((e for e in ev[mark:] if isinstance(e, Disconnected)), None), 10,
+                              "Disconnected")
+        assert lost.will_retry and "report() failed 3 times in a row" in lost.reason, lost
+        errors = [e for e in w.rec.events[mark:] if isinstance(e, ErrorEvent)]
+        assert len(errors) == 1 and errors[0].operation == "report" and errors[0].key == wid, errors
+        assert "stepping WMS report broke" in errors[0].message
+        w.rec.wait_for(lambda ev: next((e for e in ev[mark:] if isinstance(e, RecoveryAttempted) and not e.ok), None),
+                       10, "a failed reconnect")
+        back = len(w.rec.events)
+        stepping.REPORT_BROKEN.clear()
+        w.rec.wait_for(lambda ev: next((e for e in ev[back:] if isinstance(e, Resynced)), None), 10, "Resynced")
+        assert w.final(wid, timeout=30).native == "SUCCEEDED"
+
+    def test_submission_checks_as_bps_runs_them(self, wms: Callable[..., Running]) -> None:
+        """run_submission_checks: a failing check is BackendRejected naming why, and halts a
+        submission before anything is prepared; runWmsSubmissionChecks = false skips them; a
+        plugin without checks passes (as BPS skips them)."""
+        w = wms("w1", service_class=STEPPING, report_interval=0.05)
+        assert w.call("run_submission_checks") == {"ok": True, "checked": True, "detail": ""}
+        stepping.CHECKS_FAIL.set()
+        with pytest.raises(BackendRejected, match=r"run_submission_checks: the submission checks of "
+                                                  r"support.wms.SteppingService failed: .*no proxy certificate"):
+            w.call("run_submission_checks")
+        before = len(stepping._RUNS)
+        with pytest.raises(BackendRejected, match=r"prepare: the submission checks .* no proxy certificate"):
+            w.call("submit_workflow", wf("x", {"name": "a", "command": ["true"]}))
+        assert len(stepping._RUNS) == before
+        ran = len(stepping.CHECKS_RUN)
+        wid = w.call("submit_workflow", wf("x", {"name": "a", "command": ["true"]}),
+                     bps_config={"runWmsSubmissionChecks": False})["wms_id"]
+        assert len(stepping.CHECKS_RUN) == ran
+        assert w.final(wid, timeout=30).native == "SUCCEEDED"
+        older = wms("w2", service_class=OLDER, report_interval=0.05)
+        assert older.call("run_submission_checks")["checked"] is False
+        assert older.final(older.call("submit_workflow", wf("y", {"name": "a", "command": ["true"]}))["wms_id"],
+                           timeout=30).native == "SUCCEEDED"
+
+    def test_arguments_follow_the_plugins_signature(self, wms: Callable[..., Running]) -> None:
+        """A plugin whose report() lacks is_global/return_exit_codes still reports (they are left
+        out at their documented defaults); setting one it does not take is refused, naming it."""
+        w = wms("w1", service_class=OLDER, report_interval=0.05)
+        wid = w.call("submit_workflow", wf("x", {"name": "a", "command": ["true"]}))["wms_id"]
+        assert w.call("report", wid)["runs"][0]["wms_id"] == wid
+        with pytest.raises(BackendRejected, match=r"report: support.wms.OlderService.report\(\) does not take "
+                                                  r"'is_global'"):
+            w.call("report", wid, is_global=True)
+        assert w.final(wid, timeout=30).native == "SUCCEEDED"
 
     def test_bps_config_cannot_change_what_the_session_observes(self, wms: Callable[..., Running],
                                                                  tmp_path: Path) -> None:
