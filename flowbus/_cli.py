@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     br.add_argument("--journal-dir", help="on-disk journal directory (overrides the config)")
 
     w = with_address(sub.add_parser("watch", help="stream live events"))
-    w.add_argument("prefix", nargs="*", default=[""], help="topic prefixes, e.g. qcg/ or qcg/local/state/")
+    w.add_argument("prefix", nargs="*", default=[""], metavar="match",
+                   help="topic prefixes (qcg/, qcg/local/state/) or match expressions as wait takes them "
+                        "('qcg/*/state/ state=aborted')")
     w.add_argument("--json", action="store_true", help="JSON lines for scripts")
     w.add_argument("--snapshot", action="store_true", help="first print the current state")
     w.add_argument("--replay", action="store_true", help="first print everything the journal holds")
@@ -198,22 +200,58 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch_filters(exprs: list[str]) -> list[Any]:
+    """What ``watch`` keeps: a plain prefix (no wildcard, no condition: ``qcg/``,
+    ``qcg/local/state/``) keeps every topic below it, as it always did; anything else is a match
+    expression as ``wait`` takes it, where a glob ending in ``/`` covers everything below it
+    (``qcg/*/state/``). Each is checked as it is parsed (a typo is refused at once)."""
+    from flowbus.bus import Match
+
+    out = []
+    for expr in exprs or [""]:
+        head, *conds = expr.split() or [""]
+        if head.endswith("/") and any(ch in head for ch in "*?["):
+            head += "*"
+        m = Match(" ".join([head or "*", *conds]))
+        if not conds and m.prefix == m.glob:
+            m = Match(m.glob + "*") if not any(ch in m.glob for ch in "*?[") else m
+        out.append(m)
+    return out
+
+
+def _check_sessions(client: Any, *matches: Any) -> None:
+    """Refuse a match naming a session the running ``flowbus up`` does not have (did-you-mean);
+    nothing is checked when no ``flowbus up`` answers here."""
+    try:
+        names = client.command("sessions", timeout=5.0)
+    except FlowbusError:
+        return
+    if not isinstance(names, dict):
+        return
+    for m in matches:
+        m.check_names(sorted(names))
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     import time
 
     from flowbus._render import print_event
 
+    matches = _watch_filters(args.prefix)
     start = "replay" if args.replay else "snapshot" if args.snapshot else "live"
-    with _client(args) as client, client.subscribe(args.prefix, start="journal" if start == "replay" else start) as sub:
-        n, end = 0, (time.monotonic() + args.duration) if args.duration else None
-        while args.count is None or n < args.count:
-            left = None if end is None else end - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            ev = sub.recv(left if left is not None else 1.0)
-            if ev is not None:
-                print_event(ev, args.json)
-                n += 1
+    with _client(args) as client:
+        _check_sessions(client, *matches)
+        prefixes = sorted({m.prefix for m in matches})
+        with client.subscribe(prefixes, start="journal" if start == "replay" else start) as sub:
+            n, end = 0, (time.monotonic() + args.duration) if args.duration else None
+            while args.count is None or n < args.count:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                ev = sub.recv(left if left is not None else 1.0)
+                if ev is not None and any(m(ev) for m in matches):
+                    print_event(ev, args.json)
+                    n += 1
     return 0
 
 
@@ -231,9 +269,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     from flowbus._render import print_event
+    from flowbus.bus import Match
 
+    match = Match(args.match)  # a typo is refused before anything connects
     with _client(args) as client:
-        ev = client.wait(args.match, timeout=args.timeout)
+        _check_sessions(client, match)
+        ev = client.wait(match, timeout=args.timeout)
     print_event(ev, args.json)
     return 0
 

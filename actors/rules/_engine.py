@@ -12,7 +12,6 @@ Idempotency: every rule keeps, per source, the highest seq it consumed; an event
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +22,6 @@ import msgspec
 from flowbus.bus import Match
 from flowbus.schemas import (
     TAGS,
-    Backend,
     CallAction,
     ConfigError,
     Event,
@@ -48,7 +46,6 @@ from ._conditions import (
     trig_of,
 )
 
-_BACKENDS = frozenset(b.value for b in Backend)
 _REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
 
 
@@ -84,27 +81,13 @@ class Catalog:
 
 
 def check_match(text: str, catalog: Catalog) -> Match:
-    """Parse a match expression and check the backend and source it names (ConfigError)."""
+    """Parse a match expression and check it, the sessions it names included (ConfigError)."""
     try:
         m = Match(text)
+        if catalog.sessions is not None:
+            m.check_sessions(catalog.sessions)
     except MatchSyntaxError as exc:
         raise ConfigError(f"invalid match expression: {exc}") from None
-    segs = m.glob.split("/")
-    backend = segs[0]
-    literal = not any(ch in backend for ch in "*?[")
-    if literal and backend not in _BACKENDS:
-        raise ConfigError(f"{text!r}: unknown backend {backend!r} (known: {', '.join(sorted(_BACKENDS))})")
-    if literal and backend != Backend.FLOWBUS.value and len(segs) > 1 and catalog.sessions is not None:
-        source = segs[1]
-        if source and not any(ch in source for ch in "*?["):
-            mine = sorted(s for s, b in catalog.sessions.items() if b == backend)
-            if source not in mine:
-                raise ConfigError(f"{text!r}: unknown {backend} session {source!r} "
-                                  f"(configured: {', '.join(mine) or 'none'})")
-        elif source:
-            mine = [s for s, b in catalog.sessions.items() if b == backend]
-            if not any(fnmatch.fnmatchcase(s, source) for s in mine):
-                raise ConfigError(f"{text!r}: no {backend} session matches {source!r}")
     return m
 
 

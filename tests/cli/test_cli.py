@@ -93,6 +93,16 @@ class TestCliAgainstUp:
         assert r.returncode == 1 and r.stderr.startswith("flowbus: error: session 'local': unknown operation 'no-such-op'")
         r = run(["stats", "--json"], up)
         assert r.returncode == 0 and json.loads(r.stdout)["stats"]["received"] > 0
+        # typos are refused at once, naming the known values; watch takes wait's expressions
+        for match, needle in [("qcg/lcoal/state/cli-job", "unknown session 'lcoal'"),
+                              ("qcg/local/state/cli-job state=complet", "did you mean 'complete'?"),
+                              ("qcg/local/state/cli-job stat=complete", "did you mean 'state'?")]:
+            t0 = time.monotonic()
+            r = run(["wait", match, "--timeout", "60"], up)
+            assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert time.monotonic() - t0 < 30
+        r = run(["watch", "qcg/*/state/ state=aborted", "--snapshot", "--json", "--count", "1", "--for", "30"], up)
+        assert r.returncode == 0 and json.loads(r.stdout)["state"] == "aborted", r.stderr
 
     @pytest.mark.timeout(420)
     def test_up_restarts_a_dead_broker(self, up: dict[str, str]) -> None:
