@@ -103,7 +103,7 @@ class Match:
         segs = glob.split("/")
         if _literal(segs[0]) and segs[0] not in BACKENDS:
             raise _unknown("backend", segs[0], BACKENDS, self.text)
-        if len(segs) > 2 and _literal(segs[2]) and segs[2] not in FAMILIES:
+        if len(segs) > 2 and segs[2] and _literal(segs[2]) and segs[2] not in FAMILIES:
             raise _unknown("family", segs[2], FAMILIES, self.text)
 
     def check_names(self, names: Iterable[str]) -> None:

@@ -63,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--for", dest="duration", type=float, metavar="S", help="exit after S seconds")
 
     st = with_address(sub.add_parser("status", help="current state of every known resource (stale ones marked)"))
-    st.add_argument("prefix", nargs="?", default="", help="topic prefix")
+    st.add_argument("prefix", nargs="?", default="", metavar="match",
+                    help="a topic prefix (qcg/local/) or a match expression ('qcg/*/state/ final=false')")
+    st.add_argument("--state", help="only these states, comma-separated (e.g. aborted,active)")
+    st.add_argument("--colour", choices=["auto", "always", "never"], default="auto",
+                    help="colour the table (auto: when stdout is a terminal)")
     st.add_argument("--json", action="store_true")
 
     wt = with_address(sub.add_parser("wait", help="block until an event or state matches"))
@@ -257,13 +261,19 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from flowbus._render import event_json, print_table
+    from flowbus.bus import Match
 
+    (match,) = _watch_filters([args.prefix])
+    if args.state:
+        match = Match(f"{match.text} state={'|'.join(s.strip() for s in args.state.split(','))}")
     with _client(args) as client:
-        snap = client.snapshot(args.prefix)
+        _check_sessions(client, match)
+        snap = client.snapshot(match.prefix)
+    events = [e for e in snap.events if match(e)]
     if args.json:
-        print("[" + ",\n".join(event_json(e, snap) for e in snap.events) + "]")
+        print("[" + ",\n".join(event_json(e, snap) for e in events) + "]")
     else:
-        print_table(snap.events, snapshot=snap)
+        print_table(events, snapshot=snap, colour=None if args.colour == "auto" else args.colour == "always")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -101,10 +102,43 @@ def print_event(ev: Event, as_json: bool = False, out: TextIO = sys.stdout, colo
     out.flush()
 
 
-def print_table(events: list[Event], out: TextIO = sys.stdout, snapshot: Snapshot | None = None) -> None:
-    """One row per event; with ``snapshot``, a last column marks the stale ones (``stale since
-    <time> (<why>)``: the row is the last state known, not a current one)."""
-    rows = [("BACKEND", "SOURCE", "KEY", "KIND", "STATE", "NATIVE", "SEQ", "OBSERVED", "FRESHNESS")]
+def age_text(ns: int, now_ns: int) -> str:
+    """How long ago ``ns`` was: ``42s``, ``5m03s``, ``2h14m``, ``3d04h`` (``-`` when unknown)."""
+    if not ns:
+        return "-"
+    left = max(0, (now_ns - ns) // 1_000_000_000)
+    if left < 60:
+        return f"{left}s"
+    if left < 3600:
+        return f"{left // 60}m{left % 60:02d}s"
+    if left < 86400:
+        return f"{left // 3600}h{left % 3600 // 60:02d}m"
+    return f"{left // 86400}d{left % 86400 // 3600:02d}h"
+
+
+def _reason(ev: Event) -> str:
+    """Why a resource is in its state, when the backend said (a failed job's exit, a log line)."""
+    if isinstance(ev, StateChanged):
+        return ev.detail
+    if isinstance(ev, Disconnected):
+        return ev.reason
+    if isinstance(ev, (ErrorEvent, LogLine)):
+        return ev.message
+    return ""
+
+
+def print_table(events: Sequence[Event], out: TextIO = sys.stdout, snapshot: Snapshot | None = None,
+                colour: bool | None = None, now_ns: int | None = None) -> None:
+    """One row per event: what it is, its state, how long ago it was reached (AGE) and why
+    (REASON); with ``snapshot``, the last column marks the stale ones (``stale since <time>
+    (<why>)``: the row is the last state known, not a current one). Colours (states; stale rows
+    dimmed) when ``out`` is a terminal, unless ``colour`` says otherwise."""
+    import time
+
+    on = out.isatty() if colour is None else colour
+    now = time.time_ns() if now_ns is None else now_ns
+    rows = [("BACKEND", "SOURCE", "KEY", "KIND", "STATE", "NATIVE", "AGE", "SEQ", "OBSERVED", "REASON", "FRESHNESS")]
+    codes = [""]
     for ev in events:
         st = snapshot.staleness(ev) if snapshot is not None else None
         if isinstance(ev, StateChanged):
@@ -113,8 +147,19 @@ def print_table(events: list[Event], out: TextIO = sys.stdout, snapshot: Snapsho
             kind, state, native = f"{ev.kind}:{ev.name}", str(ev.value), ""
         else:
             kind, state, native = tag_of(ev), describe(ev)[0], ""
-        rows.append((ev.backend, ev.source, ev.key or "-", kind, state, native, str(ev.seq), ev.observed.value,
+        reason = " ".join(_reason(ev).split())
+        rows.append((ev.backend, ev.source, ev.key or "-", kind, state, native, age_text(ev.time, now), str(ev.seq),
+                     ev.observed.value, reason[:60] + ("..." if len(reason) > 60 else ""),
                      stale_text(st) if st is not None else ""))
+        codes.append("2" if st is not None else describe(ev)[1])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() + "\n")
+    for i, (r, code) in enumerate(zip(rows, codes, strict=True)):
+        cells = [c.ljust(w) for c, w in zip(r, widths, strict=True)]
+        cells[-1] = cells[-1].rstrip()
+        if on and i == 0:
+            cells = [_c(c, "1", on) for c in cells]  # the header bold
+        elif on and code == "2":
+            cells = [_c(c, "2", on) for c in cells]  # a stale row dimmed
+        elif on:
+            cells[4] = _c(cells[4], code, on)  # the state in its colour
+        out.write("  ".join(cells).rstrip() + "\n")

@@ -16,6 +16,7 @@ from flowbus.schemas import MatchSyntaxError, State, StateChanged
     ("qcg/local/state/ens type=stat", "unknown type value 'stat'"),
     ("qgc/local/state/ens", "unknown backend 'qgc'"),
     ("qcg/local/stat/ens", "unknown family 'stat'"),
+    ("qcg/local/stat/", "unknown family 'stat'"),
     ("qcg/[/state/a", "'[' without its ']'"),
 ])
 def test_typos_are_refused_with_the_known_values(expr: str, needle: str) -> None:
@@ -51,3 +52,9 @@ def test_sessions_are_checked_against_a_running_config() -> None:
     with pytest.raises(MatchSyntaxError, match=r"unknown session 'e2'.*did you mean 'e1'"):
         Match("ecflow/e2/state/a").check_names(sessions)
     Match("flowbus/broker/bus/liveness/local").check_names(sessions)
+
+
+def test_prefix_like_globs_are_accepted() -> None:
+    """A glob that stops at a slash (the CLI's prefixes) names no family yet: accepted."""
+    for text in ("qcg/", "qcg/s1/", "qcg/s1/state/", "flowbus/broker/bus/"):
+        assert Match(text).prefix == text

@@ -101,6 +101,12 @@ class TestCliAgainstUp:
             r = run(["wait", match, "--timeout", "60"], up)
             assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
             assert time.monotonic() - t0 < 30
+        r = run(["status", "qcg/*/state/", "--state", "aborted", "--json"], up)
+        rows = json.loads(r.stdout)
+        assert r.returncode == 0 and rows and {e["state"] for e in rows} == {"aborted"}, r.stderr
+        assert "demo-broken" in {e["key"] for e in rows}
+        r = run(["status", "qcg/local/state/", "--state", "abortd"], up)
+        assert r.returncode == 1 and "did you mean 'aborted'?" in r.stderr, r.stderr
         r = run(["watch", "qcg/*/state/ state=aborted", "--snapshot", "--json", "--count", "1", "--for", "30"], up)
         assert r.returncode == 0 and json.loads(r.stdout)["state"] == "aborted", r.stderr
 
