@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true", help="submit a small QCG job set once everything runs")
     up.add_argument("--duration", type=float, metavar="S", help="stop by itself after S seconds")
     up.add_argument("--json", action="store_true", help="events as JSON lines")
+    up.add_argument("--heartbeats", action="store_true", help="show the sessions' heartbeats too (every 10 s each)")
     up.add_argument("--address", metavar="ADDR", help="join this Ray cluster instead of the config's [ray] address: "
                     "host:port (its GCS), auto, or ray://host:10001")
     up.add_argument("--broker", metavar="tcp://HOST:PORT", help="use this running broker (its request endpoint) "
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="topic prefixes (qcg/, qcg/local/state/) or match expressions as wait takes them "
                         "('qcg/*/state/ state=aborted')")
     w.add_argument("--json", action="store_true", help="JSON lines for scripts")
+    w.add_argument("--heartbeats", action="store_true", help="show the sessions' heartbeats too")
     w.add_argument("--snapshot", action="store_true", help="first print the current state")
     w.add_argument("--replay", action="store_true", help="first print everything the journal holds")
     w.add_argument("--count", type=int, help="exit after N events")
@@ -253,7 +255,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 if left is not None and left <= 0:
                     break
                 ev = sub.recv(left if left is not None else 1.0)
-                if ev is not None and any(m(ev) for m in matches):
+                if ev is not None and any(m(ev) for m in matches) and (args.heartbeats or ev.FAMILY != "heartbeat"):
                     print_event(ev, args.json)
                     n += 1
     return 0
@@ -436,7 +438,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     configure(config.log.level, config.log.json)
     return run_up(config, fresh=args.fresh, demo=args.demo, duration=args.duration, as_json=args.json,
                   config_path=str(Path(args.config).resolve()) if args.config else None,
-                  ray_address=args.address, broker_address=args.broker)
+                  ray_address=args.address, broker_address=args.broker, heartbeats=args.heartbeats)
 
 
 _COMMANDS = {

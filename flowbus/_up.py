@@ -20,7 +20,7 @@ import structlog
 
 from flowbus._render import print_event
 from flowbus._runfile import read_runfile, runfile_path, write_private
-from flowbus.schemas import FlowbusConfig, FlowbusError
+from flowbus.schemas import FlowbusConfig, FlowbusError, Heartbeat
 
 log = structlog.get_logger("flowbus.up")
 
@@ -153,9 +153,10 @@ def _ray_error(exc: BaseException) -> BaseException:
 
 def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, duration: float | None = None,
            as_json: bool = False, config_path: str | None = None, ray_address: str | None = None,
-           broker_address: str | None = None) -> int:
+           broker_address: str | None = None, heartbeats: bool = False) -> int:
     """Run everything; ``ray_address`` joins an existing Ray cluster (overrides ``[ray] address``),
-    ``broker_address`` uses a running broker (its request endpoint) instead of starting one."""
+    ``broker_address`` uses a running broker (its request endpoint) instead of starting one;
+    the sessions' heartbeats are shown only with ``heartbeats``."""
     from flowbus.bus import BrokerProcess, Client
 
     if ray_address:
@@ -247,7 +248,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
                 write_private(runfile, json.dumps(run, indent=2))
                 _step("broker back")
             ev = view.recv(0.5)
-            if ev is not None:
+            if ev is not None and (heartbeats or not isinstance(ev, Heartbeat)):
                 print_event(ev, as_json)
         view.close()
         client.close()

@@ -60,6 +60,8 @@ wd = "{tmp_path / 'qcg'}"
         out = proc.stdout.read() if proc.stdout else ""
         env["UP_OUT"] = out
         assert code == 0, f"flowbus up exited {code}: {Path(env['UP_ERR']).read_text()[-2000:]}"
+        shown = [json.loads(line)["type"] for line in out.splitlines() if line.startswith("{")]
+        assert "connected" in shown and "heartbeat" not in shown, "heartbeats are shown only with --heartbeats"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in descendants):
             time.sleep(0.2)
