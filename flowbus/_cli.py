@@ -404,6 +404,12 @@ def cmd_call(args: argparse.Namespace) -> int:
         print(result)  # text as it is (a suite definition, a log), not a JSON string with \n escapes
     else:
         print(json.dumps(result, indent=2, default=str))
+    errors = result.get("errors") if isinstance(result, dict) else None
+    if errors:  # the call ran, but the backend refused some of its items (e.g. QCG's cancel of a finished job)
+        items = errors.items() if isinstance(errors, dict) else ((str(e), "") for e in errors)
+        what = "; ".join(f"{k}: {v}" if v else k for k, v in items)
+        sys.stderr.write(f"flowbus: error: {args.operation} on {args.session!r} failed for some items: {what}\n")
+        return 1
     return 0
 
 

@@ -87,6 +87,9 @@ class TestCliAgainstUp:
         assert r.returncode == 0 and "cli-job" in r.stdout, r.stderr
         r = run(["call", "local", "status", '[["cli-job"]]'], up)
         assert r.returncode == 0 and "SUCCEED" in r.stdout, r.stderr
+        r = run(["call", "local", "cancel", '[["cli-job"]]'], up)  # finished: QCG refuses it, per job
+        assert r.returncode == 1 and "cancel on 'local' failed for some items: cli-job" in r.stderr, (r.stdout, r.stderr)
+        assert json.loads(r.stdout)["errors"]
         r = run(["watch", "qcg/local/state/cli-job", "--snapshot", "--json", "--count", "1"], up)
         assert r.returncode == 0 and json.loads(r.stdout)["key"] == "cli-job", r.stderr
         r = run(["wait", "qcg/local/state/cli-job state=aborted", "--timeout", "1"], up)
