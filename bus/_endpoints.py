@@ -19,6 +19,21 @@ READ_ONLY = ("request", "publish")
 _IPC_PATH_MAX = 100  # a Unix socket path has ~107 bytes; keep room
 
 
+def check_endpoint(address: str, what: str = "address") -> str:
+    """``address`` when it is an endpoint flowbus can connect to (``tcp://HOST:PORT`` with a port
+    in 1..65535, or ``ipc://PATH``); else ``ConfigError`` naming it and the right form."""
+    text = str(address).strip()
+    if text.startswith("ipc://") and len(text) > len("ipc://"):
+        return text
+    if text.startswith("tcp://"):
+        host, _, port = text[len("tcp://"):].rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return text
+        raise ConfigError(f"{what} {address!r}: expected tcp://HOST:PORT with a port in 1..65535")
+    hint = f" (did you mean 'tcp://{text}'?)" if ":" in text and "://" not in text else ""
+    raise ConfigError(f"{what} {address!r}: expected tcp://HOST:PORT or ipc://PATH{hint}")
+
+
 def tcp_targets(cfg: BusConfig) -> dict[str, str]:
     """``{socket name: tcp://host:port}`` (port 0: any free port)."""
     ports = {"request": cfg.request_port, "publish": cfg.publish_port, "ingest": cfg.ingest_port,

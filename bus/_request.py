@@ -11,6 +11,7 @@ from flowbus.schemas import BusBroken, BusClosed, BusRequestError
 
 from . import _framing as fr
 from ._command_client import probe
+from ._endpoints import check_endpoint
 
 if TYPE_CHECKING:
     from ._curve import ClientCurve
@@ -21,7 +22,7 @@ class Requester:
 
     def __init__(self, ctx: zmq.Context[Any], address: str, curve: ClientCurve | None = None,
                  timeout: float = 5.0) -> None:
-        self.ctx, self.address, self.curve, self.timeout = ctx, address, curve, timeout
+        self.ctx, self.address, self.curve, self.timeout = ctx, check_endpoint(address), curve, timeout
         self._ids = itertools.count(1)
         self._sock: zmq.Socket[Any] | None = None
         self._closed = False

@@ -15,6 +15,17 @@ if TYPE_CHECKING:
     from flowbus.schemas import FlowbusConfig
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0..65535)")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowbus",
                                 description="One typed, replayable event stream over workflow managers.")
@@ -108,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     em = sub.add_parser("emulate", help="run a backend emulator in the foreground (for demos and tests)")
     em_sub = em.add_subparsers(dest="backend", required=True, metavar="BACKEND")
     gs = em_sub.add_parser("guiserver", help="a protocol-faithful DiFX guiServer on 127.0.0.1 that runs nothing")
-    gs.add_argument("--port", type=int, default=50200, help="TCP port (0: any free port; default 50200)")
+    gs.add_argument("--port", type=_port, default=50200, help="TCP port (0: any free port; default 50200)")
     gs.add_argument("--sandbox", default=None, help="directory that stands in for the server's file system")
     gs.add_argument("--crash-after-job", action="store_true", help="reproduce the real server's crash after a job")
 

@@ -154,6 +154,21 @@ class TestCliErrors:
         assert r.returncode == 0 and r.stdout.startswith("usage: flowbus") and "watch" in r.stdout
 
     @pytest.mark.timeout(60)
+    def test_bad_addresses_and_ports_are_one_line(self) -> None:
+        """An address without tcp:// (flag or $FLOWBUS_ADDRESS), garbage, a port out of range:
+        one line naming it and the right form, no traceback."""
+        env = dict(os.environ)
+        for args, needle in [(["stats", "--address", "127.0.0.1:7760"], "did you mean 'tcp://127.0.0.1:7760'?"),
+                             (["stats", "--address", "garbage"], "expected tcp://HOST:PORT or ipc://PATH"),
+                             (["status", "--address", "tcp://127.0.0.1:99999"], "a port in 1..65535")]:
+            r = run(args, env)
+            assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        r = run(["status"], {**env, "FLOWBUS_ADDRESS": "localhost:1"})
+        assert r.returncode == 1 and "did you mean 'tcp://localhost:1'?" in r.stderr, r.stderr
+        r = run(["emulate", "guiserver", "--port", "99999"], env)
+        assert r.returncode == 2 and "99999 is not a port" in r.stderr and "Traceback" not in r.stderr
+
+    @pytest.mark.timeout(60)
     def test_a_closed_pipe_is_not_a_traceback(self) -> None:
         """`flowbus --help | head -1`-style early exits of the reader end quietly."""
         proc = subprocess.Popen([*FLOWBUS, "emulate", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
