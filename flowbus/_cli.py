@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"flowbus {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
+    def command(name: str, about: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=about, description=about)
+
     def with_address(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--address", help="broker request endpoint (default: $FLOWBUS_ADDRESS, the running "
                         "`flowbus up`, or ipc://<state-dir>/bus/request)")
@@ -42,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--timeout-connect", type=float, default=5.0, metavar="S", help=argparse.SUPPRESS)
         return sp
 
-    up = sub.add_parser("up", help="run broker, Ray and the configured sessions; show events live")
+    up = command("up", "run broker, Ray and the configured sessions; show events live")
     up.add_argument("--config", help="TOML config file (default: the embedded default, a local QCG manager)")
     up.add_argument("--fresh", action="store_true", help="start with an empty journal")
     up.add_argument("--demo", action="store_true", help="submit a small QCG job set once everything runs")
@@ -54,17 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--broker", metavar="tcp://HOST:PORT", help="use this running broker (its request endpoint) "
                     "instead of starting one")
 
-    dm = sub.add_parser("demo", help="run a cross-backend pipeline once on a private embedded stack, live")
+    dm = command("demo", "run a cross-backend pipeline once on a private embedded stack, live")
     dm.add_argument("--json", action="store_true", help="events and the final summary as JSON lines")
     dm.add_argument("--keep-going", action="store_true", help="run the later stages even after one failed")
     dm.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds (default 300)")
 
-    br = sub.add_parser("broker", help="run only the bus broker (foreground)")
+    br = command("broker", "run only the bus broker (foreground)")
     br.add_argument("--config", help="TOML config file (its [bus] table)")
     br.add_argument("--config-json", help=argparse.SUPPRESS)
     br.add_argument("--journal-dir", help="on-disk journal directory (overrides the config)")
 
-    w = with_address(sub.add_parser("watch", help="stream live events"))
+    w = with_address(command("watch", "stream live events"))
     w.add_argument("prefix", nargs="*", default=[""], metavar="match",
                    help="topic prefixes (qcg/, qcg/local/state/) or match expressions as wait takes them "
                         "('qcg/*/state/ state=aborted')")
@@ -75,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--count", type=int, help="exit after N events")
     w.add_argument("--for", dest="duration", type=float, metavar="S", help="exit after S seconds")
 
-    st = with_address(sub.add_parser("status", help="current state of every known resource (stale ones marked)"))
+    st = with_address(command("status", "current state of every known resource (stale ones marked)"))
     st.add_argument("prefix", nargs="?", default="", metavar="match",
                     help="a topic prefix (qcg/local/) or a match expression ('qcg/*/state/ final=false')")
     st.add_argument("--state", help="only these states, comma-separated (e.g. aborted,active)")
@@ -83,12 +86,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="colour the table (auto: when stdout is a terminal)")
     st.add_argument("--json", action="store_true")
 
-    wt = with_address(sub.add_parser("wait", help="block until an event or state matches"))
+    wt = with_address(command("wait", "block until an event or state matches"))
     wt.add_argument("match", help="e.g. 'qcg/local/state/job1 state=complete|aborted'")
     wt.add_argument("--timeout", type=float, default=30.0, help="seconds; on a timeout the exit status is 124")
     wt.add_argument("--json", action="store_true")
 
-    sm = with_address(sub.add_parser("submit", help="submit work to a backend session"))
+    sm = with_address(command("submit", "submit work to a backend session"))
     sm.add_argument("--timeout", type=float, default=300.0, metavar="S", help=argparse.SUPPRESS)
     sm_sub = sm.add_subparsers(dest="backend", required=True, metavar="BACKEND")
     q = sm_sub.add_parser("qcg", help="submit QCG-PilotJob jobs")
@@ -105,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--stdout")
     q.add_argument("--stderr")
 
-    c = with_address(sub.add_parser("call", help="run any operation of a session, e.g. `flowbus call local list`"))
+    c = with_address(command("call", "run any operation of a session, e.g. `flowbus call local list`"))
     c.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds (default 300)")
     c.add_argument("--json", action="store_true", help="the result as JSON even when it is a string")
     c.add_argument("session")
@@ -113,24 +116,50 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("args", nargs="?", default="[]", help="JSON list of positional arguments")
     c.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
 
-    rl = with_address(sub.add_parser("rules", help="the orchestrator's rules and policies: progress, rejected ones"))
+    rl = with_address(command("rules", "the orchestrator's rules and policies: progress, rejected ones"))
     rl.add_argument("--json", action="store_true")
 
-    em = sub.add_parser("emulate", help="run a backend emulator in the foreground (for demos and tests)")
+    em = command("emulate", "run a backend emulator in the foreground (for demos and tests)")
     em_sub = em.add_subparsers(dest="backend", required=True, metavar="BACKEND")
     gs = em_sub.add_parser("guiserver", help="a protocol-faithful DiFX guiServer on 127.0.0.1 that runs nothing")
     gs.add_argument("--port", type=_port, default=50200, help="TCP port (0: any free port; default 50200)")
     gs.add_argument("--sandbox", default=None, help="directory that stands in for the server's file system")
     gs.add_argument("--crash-after-job", action="store_true", help="reproduce the real server's crash after a job")
 
-    k = sub.add_parser("keys", help="make a CurveZMQ key pair")
+    k = command("keys", "make a CurveZMQ key pair")
     k.add_argument("--dir", default=".", help="where to write NAME.key and NAME.key_secret")
     k.add_argument("--name", default="flowbus")
     k.add_argument("--force", action="store_true", help="replace NAME.key and NAME.key_secret if they exist")
 
-    s = with_address(sub.add_parser("stats", help="broker statistics"))
+    s = with_address(command("stats", "broker statistics"))
     s.add_argument("--json", action="store_true")
+    for name, parser in sub.choices.items():  # each subcommand's --help ends with examples
+        parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
+
+
+#: one or more runnable examples per subcommand, shown by ``flowbus <command> --help``
+EXAMPLES: dict[str, list[str]] = {
+    "up": ["flowbus up                              # the embedded default: a local QCG manager",
+           "flowbus up --config flowbus.toml --demo # your sessions, and a small demo job set"],
+    "demo": ["flowbus demo                            # ecFlow, QCG, soma, WMS and DiFX stages, live"],
+    "broker": ["flowbus broker --config flowbus.toml    # only the bus, in the foreground"],
+    "watch": ["flowbus watch qcg/                      # every QCG event, live",
+              "flowbus watch 'qcg/*/state/ state=aborted' --snapshot"],
+    "status": ["flowbus status                          # every resource: state, age, reason, stale marks",
+               "flowbus status 'qcg/*/state/' --state aborted,active --json"],
+    "wait": ["flowbus wait 'qcg/local/state/ens state=complete|aborted' --timeout 600   # 124 on timeout"],
+    "submit": ["flowbus submit qcg --exec /bin/sleep --arg 5 --name nap",
+               "flowbus submit qcg --jobs-file jobs.json"],
+    "call": ["flowbus call local list",
+             "flowbus call local cancel '[[\"nap\"]]'",
+             "flowbus call ops get_defs               # text results are printed as they are"],
+    "rules": ["flowbus rules --json"],
+    "emulate": ["flowbus emulate guiserver --port 50200"],
+    "keys": ["flowbus keys --dir ~/.flowbus --name broker"],
+    "stats": ["flowbus stats --json"],
+}
 
 
 #: commands that can run without the logging set-up (it costs ~50 ms of imports): the fast path

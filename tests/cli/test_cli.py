@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -236,3 +237,22 @@ class TestCliErrors:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
 
+
+
+class TestHelp:
+    def test_every_command_describes_itself_with_examples_that_parse(self) -> None:
+        """Each subcommand's --help has a description and examples; every example is a command
+        line the parser accepts (so the help cannot show a form that no longer exists)."""
+        import shlex
+
+        from flowbus._cli import EXAMPLES, _parser
+
+        parser = _parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # the subcommands
+        assert set(EXAMPLES) == set(sub.choices)
+        for name, command in sub.choices.items():
+            assert command.description and "examples:" in (command.epilog or ""), name
+            for line in EXAMPLES[name]:
+                argv = shlex.split(line, comments=True)
+                assert argv[:2] == ["flowbus", name], line
+                parser.parse_args(argv[1:])  # SystemExit (exit 2) on a form the parser refuses
