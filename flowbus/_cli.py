@@ -1,9 +1,11 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: this command completes itself)
 """The ``flowbus`` command: up, broker, watch, status, wait, submit, call, emulate, keys, stats."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = _parser()
+    if argv is None and "_ARGCOMPLETE" in os.environ:  # a shell asks for completions (argcomplete)
+        import argcomplete
+
+        argcomplete.autocomplete(parser)  # answers through fd 8 and exits
     args = parser.parse_args(argv)
     if args.cmd is None:  # bare `flowbus`: what it can do
         parser.print_help()

@@ -256,3 +256,13 @@ class TestHelp:
                 argv = shlex.split(line, comments=True)
                 assert argv[:2] == ["flowbus", name], line
                 parser.parse_args(argv[1:])  # SystemExit (exit 2) on a form the parser refuses
+
+    def test_the_shell_completes_subcommands(self, tmp_path: Path) -> None:
+        """argcomplete's protocol, as bash runs it after `eval "$(register-python-argcomplete flowbus)"`."""
+        out = tmp_path / "completions"
+        env = {**os.environ, "_ARGCOMPLETE": "1", "COMP_LINE": "flowbus st", "COMP_POINT": "10",
+               "_ARGCOMPLETE_IFS": "\n", "_ARGCOMPLETE_STDOUT_FILENAME": str(out)}
+        r = subprocess.run([str(Path(sys.executable).parent / "flowbus")], env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert out.read_text().split() == ["status", "stats"]
