@@ -59,6 +59,38 @@ def stale_text(st: Staleness) -> str:
     return f"stale since {_clock(st.since_time)} ({st.describe()})"
 
 
+def bar(percent: float, width: int = 20) -> str:
+    """``[##########----------]  50%``."""
+    done = round(max(0.0, min(100.0, percent)) / 100 * width)
+    return f"[{'#' * done}{'-' * (width - done)}] {percent:3.0f}%"
+
+
+class Condenser:
+    """What a human live view leaves out, so that a running correlation shows one line per tick
+    (its progress bar): heartbeats, per-antenna weights, the info lines of a job whose progress is
+    shown, and the key-less copies of a job's info lines. Warnings, errors and every state change
+    are always shown; JSON output is never condensed."""
+
+    def __init__(self) -> None:
+        self._progressing: set[tuple[str, str]] = set()
+        self.hidden = 0
+
+    def shows(self, ev: Event) -> bool:
+        where = (ev.source, ev.key)
+        if isinstance(ev, AttributeChanged) and ev.kind == "progress":
+            self._progressing.add(where)
+            return True
+        if isinstance(ev, StateChanged) and ev.state.final:
+            self._progressing.discard(where)
+        quiet = (ev.FAMILY == "heartbeat"
+                 or (isinstance(ev, AttributeChanged) and ev.kind == "weight")
+                 or (isinstance(ev, LogLine) and ev.level == "info"
+                     and (where in self._progressing
+                          or (not ev.key and any(s == ev.source for s, _ in self._progressing)))))
+        self.hidden += quiet
+        return not quiet
+
+
 def describe(ev: Event) -> tuple[str, str]:
     """(short text, colour code) for one event."""
     if isinstance(ev, StateChanged):
@@ -67,6 +99,8 @@ def describe(ev: Event) -> tuple[str, str]:
         detail = f"  {ev.detail}" if ev.detail else ""
         return f"{prev}{ev.state.value} ({ev.native}){extra}{detail}", _COLOURS.get(ev.state.value, "0")
     if isinstance(ev, AttributeChanged):
+        if ev.kind == "progress" and isinstance(ev.value, (int, float)) and not isinstance(ev.value, bool):
+            return f"progress {bar(float(ev.value))}", "36"
         return f"{ev.kind} {ev.name} = {ev.value!r}", "0"
     if isinstance(ev, LogLine):
         return f"[{ev.level}] {ev.message}", "31" if ev.level in ("error", "alert") else "0"

@@ -1,5 +1,6 @@
 """The demo's live view and event record: one subscription to everything, printed as it comes
-(heartbeats counted, not shown) and kept for the summary's per-stage counts."""
+(condensed for people: heartbeats, weights and a correlating job's info lines left out, its
+progress a bar) and kept for the summary's per-stage counts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from flowbus._render import print_event
+from flowbus._render import Condenser, print_event
 from flowbus.schemas import Event, Heartbeat, RecoveryAttempted
 
 
@@ -49,6 +50,7 @@ class LiveView:
         self._seen = threading.Condition(self._lock)
         self._last: dict[str, int] = {}
         self._stop = threading.Event()
+        self._condenser = Condenser()
         self._thread = threading.Thread(target=self._run, name="flowbus-demo-view", daemon=True)
 
     def start(self) -> LiveView:
@@ -66,8 +68,10 @@ class LiveView:
                     self.events.append(ev)
                     self._last[ev.source] = max(self._last.get(ev.source, 0), ev.seq)
                     self._seen.notify_all()
-                if not isinstance(ev, Heartbeat):
-                    print_event(ev, self.as_json, self.out)
+                if self.as_json and not isinstance(ev, Heartbeat):
+                    print_event(ev, True, self.out)
+                elif not self.as_json and self._condenser.shows(ev):
+                    print_event(ev, False, self.out)
 
     def wait_seen(self, ev: Event | None, timeout: float = 3.0) -> bool:
         """Until the view has shown ``ev`` (so stage lines follow the events they report on)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from flowbus._render import age_text, print_table
-from flowbus.schemas import Snapshot, Staleness, State, StateChanged
+from flowbus.schemas import Event, Snapshot, Staleness, State, StateChanged
 
 NOW = 1_800_000_000 * 10**9
 
@@ -41,3 +41,25 @@ def test_colours_and_stale_rows() -> None:
     _, a, b = out.getvalue().splitlines()
     assert "\x1b[2m" in a and "stale since" in a and "(disconnected: refused)" in a  # dimmed, marked
     assert "\x1b[32m" in b and "stale since" not in b  # complete in green
+
+
+def test_a_correlating_job_shows_one_line_per_tick() -> None:
+    """The human live view (demo): per DiFX tick only the progress bar; warnings and states always."""
+    from flowbus._render import Condenser, bar, describe
+    from flowbus.schemas import AttributeChanged, Heartbeat, LogLine
+
+    def ev(cls: type, key: str = "job", **kw: object) -> Event:
+        made: Event = cls(source="difx", backend="guiserver", key=key, **kw)
+        return made
+
+    tick = [ev(LogLine, level="info", message="tick 2"), ev(LogLine, key="", level="info", message="mpifxcorr... tick 2"),
+            ev(AttributeChanged, kind="weight", name="ant0", value=0.95),
+            ev(AttributeChanged, kind="progress", name="percent", value=20.0)]
+    c = Condenser()
+    first = [ev(AttributeChanged, kind="progress", name="percent", value=10.0)]
+    shown = [e for e in [*first, *tick, ev(LogLine, key="", level="warning", message="mpifxcorr complete"),
+                         ev(StateChanged, state=State.COMPLETE, native="ENDED_GRACEFULLY"), ev(Heartbeat, key="")]
+             if c.shows(e)]
+    assert [type(e).__name__ for e in shown] == ["AttributeChanged", "AttributeChanged", "LogLine", "StateChanged"]
+    assert c.hidden == 4
+    assert describe(shown[1])[0] == f"progress {bar(20.0)}" == "progress [####----------------]  20%"
