@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from flowbus._metrics import BusMetrics
 from flowbus._render import print_event
 from flowbus._runfile import read_runfile, runfile_path, write_private
 from flowbus.schemas import FlowbusConfig, FlowbusError, Heartbeat
@@ -181,6 +182,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
     supervisor: Any = None
     orchestrator: Any = None
     commands: Any = None
+    metrics = BusMetrics()
+    metrics_server: Any = None
     ray_started = False
     try:
         t0 = time.monotonic()
@@ -225,7 +228,14 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         commands = CommandServer(same_host(str(client.info["command"]), endpoints["request"]),
                                  _command_handler(supervisor, orchestrator),
                                  curve=ClientCurve.from_config(config.bus.curve), grant_key=_readable_key(key_file))
+        if config.metrics.port >= 0:
+            from flowbus._metrics import MetricsServer
+
+            metrics_server = MetricsServer(metrics, client.stats, state, config.metrics.host,
+                                           config.metrics.port).start()
+            _step(f"metrics at {metrics_server.url} (bearer token in {metrics_server.token_file})")
         write_private(runfile, json.dumps({
+            "metrics": metrics_server.url if metrics_server else None,
             **endpoints, "command": client.info.get("command"), "ray_address": ray_address,
             "namespace": config.ray.namespace, "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},
             "broker_pid": broker.proc.pid if broker and broker.proc else None, "config": config_path,
@@ -248,6 +258,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
                 write_private(runfile, json.dumps(run, indent=2))
                 _step("broker back")
             ev = view.recv(0.5)
+            if ev is not None:
+                metrics.apply(ev)
             if ev is not None and (heartbeats or not isinstance(ev, Heartbeat)):
                 print_event(ev, as_json)
         view.close()
@@ -259,6 +271,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         _step("stopping ...")
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
         try:
+            if metrics_server is not None:
+                metrics_server.stop()
             if commands is not None:
                 commands.close()
             if orchestrator is not None:

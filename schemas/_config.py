@@ -341,12 +341,22 @@ class LogConfig(_Conf, frozen=True):
     json: bool = False
 
 
+class MetricsConfig(_Conf, frozen=True):
+    """``[metrics]``: Prometheus metrics of ``flowbus up`` (docs/metrics.md). ``port = -1`` (the
+    default) serves none; ``0`` a free port (written to run.json). Every scrape must carry the
+    token of ``<state-dir>/metrics.token``."""
+
+    port: int = -1
+    host: str = "127.0.0.1"
+
+
 class FlowbusConfig(_Conf, frozen=True):
     """The whole configuration file."""
 
     bus: BusConfig = BusConfig()
     ray: RayConfig = RayConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
     sessions: list[SessionConfig] = []
     #: where runtime files (addresses, journals, QCG working dirs) go
     state_dir: str = ""
@@ -408,6 +418,8 @@ def parse_config(data: dict[str, Any], origin: str = "<config>", env: Mapping[st
 
 
 def _check(cfg: FlowbusConfig, origin: str) -> None:
+    if not -1 <= cfg.metrics.port <= 65535:
+        raise ConfigError(f"{origin}: metrics.port: {cfg.metrics.port} is not a port (-1: off, 0: any free port)")
     names = [s.name for s in cfg.sessions]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,8 @@ def up(tmp_path: Path) -> Iterator[dict[str, str]]:
 state-dir = "{tmp_path / 'state'}"
 [ray]
 namespace = "flowbus-cli-test"
+[metrics]
+port = 0
 [[sessions]]
 backend = "qcg"
 name = "local"
@@ -99,6 +102,27 @@ class TestCliAgainstUp:
         assert r.returncode == 1 and r.stderr.startswith("flowbus: error: session 'local': unknown operation 'no-such-op'")
         r = run(["stats", "--json"], up)
         assert r.returncode == 0 and json.loads(r.stdout)["stats"]["received"] > 0
+        # Prometheus: the owner's token is required; the metrics name sessions, events and the broker
+        import urllib.error
+        import urllib.request
+
+        run_info = json.loads((Path(up["FLOWBUS_STATE_DIR"]) / "run.json").read_text())
+        url = run_info["metrics"]
+        assert url.startswith("http://127.0.0.1:")
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(url, timeout=10)  # noqa: S310 - the http:// URL flowbus up wrote
+        assert denied.value.code == 401
+        token = (Path(up["FLOWBUS_STATE_DIR"]) / "metrics.token").read_text().strip()
+        scrape = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310 - http://
+        with urllib.request.urlopen(scrape, timeout=10) as reply:  # noqa: S310 - the URL flowbus up wrote
+            text = reply.read().decode()
+        assert 'flowbus_session_up{backend="qcg",source="local"} 1.0' in text
+        assert 'flowbus_events_total{backend="qcg",source="local",type="state"}' in text
+        assert "flowbus_broker_up 1.0" in text and 'flowbus_broker_total{counter="received"}' in text
+        doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+        documented = set(re.findall(r"`(flowbus_[a-z_]+)`", doc))
+        assert documented and all(f"# TYPE {name} " in text for name in documented), \
+            sorted(n for n in documented if f"# TYPE {n} " not in text)
         # typos are refused at once, naming the known values; watch takes wait's expressions
         for match, needle in [("qcg/lcoal/state/cli-job", "unknown session 'lcoal'"),
                               ("qcg/local/state/cli-job state=complet", "did you mean 'complete'?"),
