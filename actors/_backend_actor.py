@@ -276,6 +276,14 @@ class BackendActorImpl:
 
         return await loop.run_in_executor(self._pool, run)
 
+    async def bound(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any]) -> float | None:
+        """The operation's own time bound (see ``SessionBase.bound``), or None."""
+        hosted = self._hosted.get(session)
+        if hosted is None:
+            raise UnknownSession(session)
+        bound = getattr(hosted.session, "bound", None)
+        return bound(operation, args, kwargs) if bound is not None else None
+
     async def operations(self, session: str) -> list[str]:
         await self.start()
         hosted = self._hosted.get(session)

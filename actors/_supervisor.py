@@ -371,6 +371,15 @@ class SupervisorImpl:
                                     for n, q in self.quarantined.items()},
                     "retired": list(self.retired), "restarts": dict(self.restarts)}
 
+    def bound(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any]) -> float | None:
+        """The operation's own time bound, asked of the actor hosting ``session``."""
+        with self._lock:
+            handle = self.actors.get(self.placement.get(session, ""))
+        if handle is None:
+            raise UnknownSession(session, sorted(self.placement))
+        result: float | None = ray.get(handle.bound.remote(session, operation, args, kwargs), timeout=30)
+        return result
+
     def call(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any],
              timeout: float = 120.0) -> Any:
         with self._lock:

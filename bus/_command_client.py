@@ -72,19 +72,24 @@ class Commander:
         sock = self._sock
         rid = next(self._ids)
         sock.send(msgpack.packb({"op": op, "id": rid, "timeout": timeout, **args}, use_bin_type=True))
-        deadline = time.monotonic() + timeout + 5.0
+        started = time.monotonic()
+        deadline = started + timeout + 5.0
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(int(left * 1000), zmq.POLLIN):
                 self._sock = None
                 sock.close(0)
-                raise BusBroken(f"no answer to {op!r} from {self.endpoint} within {timeout + 5:g} s")
+                raise BusBroken(f"no answer to {op!r} from {self.endpoint} within "
+                                f"{deadline - started:.0f} s")
             try:
                 reply = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False)
             except (ValueError, msgpack.UnpackException) as exc:
                 raise BusBroken(f"a reply from {self.endpoint} that is not msgpack: {exc}") from None
             if not isinstance(reply, dict) or reply.get("id") != rid:
                 continue  # a late answer to an earlier call
+            if "extend" in reply:  # the operation's own bound is longer than our limit: wait for it
+                deadline = max(deadline, time.monotonic() + float(reply["extend"]) + 5.0)
+                continue
             if not reply.get("ok"):
                 raise rebuild_error(reply)
             return reply.get("result")

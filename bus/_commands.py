@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import os
 import queue
 import threading
@@ -180,9 +181,12 @@ class CommandServer:
     (a slow command does not hold up the others). ``handler`` raises FlowbusError for failures the
     caller should see as ours; anything else is reported by type name and message."""
 
-    def __init__(self, endpoint: str, handler: Callable[[dict[str, Any]], Any], *, curve: ClientCurve | None = None,
+    def __init__(self, endpoint: str, handler: Callable[..., Any], *, curve: ClientCurve | None = None,
                  grant_key: bytes | None = None, workers: int = 16) -> None:
         self.endpoint, self.handler, self.curve = endpoint, handler, curve
+        #: a handler taking a second argument gets ``extend(seconds)``: it tells the caller, before
+        #: a long command, to wait that long (the operation's own bound) instead of its own limit
+        self._takes_extend = len(inspect.signature(handler).parameters) >= 2
         self._proof = worker_proof(grant_key)
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="flowbus-command")
@@ -237,11 +241,20 @@ class CommandServer:
             if not isinstance(req, dict):
                 raise FlowbusError("a command is a msgpack map")
             rid = req.get("id")
-            reply: dict[str, Any] = {"id": rid, "ok": True, "result": self.handler(req)}
-            data = encoder.encode(reply)
+            if self._takes_extend:
+                def extend(seconds: float) -> None:
+                    self._send(client, encoder.encode({"id": rid, "ok": True, "extend": float(seconds)}))
+
+                result = self.handler(req, extend)
+            else:
+                result = self.handler(req)
+            data = encoder.encode({"id": rid, "ok": True, "result": result})
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller as one line
             data = encoder.encode(error_reply(rid, exc))
         self.served += 1
+        self._send(client, data)
+
+    def _send(self, client: bytes, data: bytes) -> None:
         self._out.put([WORKER, REPLY, client, data])
         try:
             os.eventfd_write(self._wake_fd, 1)

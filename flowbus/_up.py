@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,10 @@ def _readable_key(path: str) -> bytes | None:
         return None
 
 
+#: what a command waits beyond an operation's own bound (the round trip, the events' journaling)
+_BOUND_MARGIN_S = 10.0
+
+
 def _command_handler(supervisor: Any, orchestrator: Any) -> Any:
     """What the command server runs for ``flowbus call``/``Client.call``: the Supervisor's call
     (so a session that moved is reached), the session list, the rules' progress."""
@@ -112,7 +117,7 @@ def _command_handler(supervisor: Any, orchestrator: Any) -> Any:
 
     from flowbus.schemas import BackendTimeout
 
-    def handle(req: dict[str, Any]) -> Any:
+    def handle(req: dict[str, Any], extend: Callable[[float], None]) -> Any:
         op = req.get("op")
         timeout = float(req.get("timeout") or 300.0)
         try:
@@ -121,6 +126,11 @@ def _command_handler(supervisor: Any, orchestrator: Any) -> Any:
                 args, kwargs = req.get("args") or [], req.get("kwargs") or {}
                 if not isinstance(args, list) or not isinstance(kwargs, dict):
                     raise FlowbusError("call: args must be a list and kwargs a map")
+                # never below the operation's own bound (e.g. wait4(..., timeout=600) under --timeout 300)
+                own = ray.get(supervisor.bound.remote(session, operation, args, kwargs), timeout=60)
+                if own is not None and own + _BOUND_MARGIN_S > timeout:
+                    timeout = own + _BOUND_MARGIN_S
+                    extend(timeout)
                 ref = supervisor.call.remote(session, operation, args, kwargs, timeout)
                 try:
                     return ray.get(ref, timeout=timeout + 5)

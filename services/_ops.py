@@ -59,6 +59,22 @@ class Operations(Generic[S]):
     def table(self) -> Mapping[str, Callable[..., Any]]:
         return dict(self._table)
 
+    def bound(self, operation: str, args: tuple[Any, ...] | list[Any], kwargs: Mapping[str, Any]) -> float | None:
+        """How long ``operation`` with these arguments may take by its own ``timeout`` argument
+        (given, or its default), or None when it has none (or the arguments do not fit)."""
+        sig = self._signatures.get(operation)
+        if sig is None or "timeout" not in sig.parameters:
+            return None
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        value = bound.arguments.get("timeout")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            return None
+        return float(value)
+
     def run(self, session: S, operation: str, args: tuple[Any, ...] | list[Any],
             kwargs: Mapping[str, Any]) -> Any:
         func = self._table.get(operation)

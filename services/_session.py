@@ -195,6 +195,11 @@ class SessionBase:
             if self._phase is Phase.UP:
                 self._on_lost(reason)
 
+    def bound(self, operation: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> float | None:
+        """The operation's own time bound for these arguments (its ``timeout``), if it has one:
+        a command that runs it waits at least that long."""
+        return self.ops.bound(operation, list(args), kwargs)
+
     def stop(self) -> None:
         """Graceful: end the backend session (see :meth:`_close`), then ``Disconnected``."""
         self._closing = True

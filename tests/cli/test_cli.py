@@ -91,6 +91,11 @@ class TestCliAgainstUp:
         assert r.returncode == 0 and "cli-job" in r.stdout, r.stderr
         r = run(["call", "local", "status", '[["cli-job"]]'], up)
         assert r.returncode == 0 and "SUCCEED" in r.stdout, r.stderr
+        # a command's limit is never below the operation's own bound: wait4(timeout=30) under --timeout 1
+        r = run(["submit", "qcg", "--exec", "/bin/sleep", "--arg", "3", "--name", "long-one"], up)
+        assert r.returncode == 0, r.stderr
+        r = run(["call", "local", "wait4", '[["long-one"], 30]', "--timeout", "1"], up, 90)
+        assert r.returncode == 0 and "SUCCEED" in r.stdout, r.stderr
         r = run(["call", "local", "cancel", '[["cli-job"]]'], up)  # finished: QCG refuses it, per job
         assert r.returncode == 1 and "cancel on 'local' failed for some items: cli-job" in r.stderr, (r.stdout, r.stderr)
         assert json.loads(r.stdout)["errors"]

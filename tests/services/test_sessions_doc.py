@@ -57,3 +57,25 @@ def test_an_operations_error_names_the_operation() -> None:
     with pytest.raises(BackendRejected) as info:
         ops.run(object(), "requeue", [], {})
     assert str(info.value) == "requeue: refused"
+
+
+def test_an_operations_own_time_bound() -> None:
+    """Operations.bound: the ``timeout`` an operation will wait (given or by default), which a
+    command running it waits at least; None without one or for arguments that do not fit."""
+    from flowbus.services import Operations
+
+    ops: Operations[object] = Operations("doc")
+
+    @ops.op
+    def wait_job(session: object, job: str, timeout: float = 60.0) -> None: ...
+
+    @ops.op
+    def wait_forever(session: object, job: str, timeout: float | None = None) -> None: ...
+
+    @ops.op
+    def stop(session: object) -> None: ...
+
+    assert ops.bound("wait_job", ["j"], {}) == 60.0
+    assert ops.bound("wait_job", ["j", 600], {}) == 600.0 == ops.bound("wait_job", [], {"job": "j", "timeout": 600})
+    assert ops.bound("wait_forever", ["j"], {}) is None and ops.bound("stop", [], {}) is None
+    assert ops.bound("wait_job", [], {}) is None and ops.bound("nope", [], {}) is None
