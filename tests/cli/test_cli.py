@@ -107,6 +107,12 @@ class TestCliAgainstUp:
         assert r.returncode == 1 and r.stderr.startswith("flowbus: error: session 'local': unknown operation 'no-such-op'")
         r = run(["stats", "--json"], up)
         assert r.returncode == 0 and json.loads(r.stdout)["stats"]["received"] > 0
+        # the README's Python tour, as written
+        readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+        tour = re.search(r"```python\n(.*?)```", readme, re.S)
+        assert tour is not None
+        r = subprocess.run([sys.executable, "-c", tour.group(1)], env=up, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "State.COMPLETE", (r.stdout, r.stderr[-2000:])
         # Prometheus: the owner's token is required; the metrics name sessions, events and the broker
         import urllib.error
         import urllib.request
