@@ -56,6 +56,7 @@ from flowbus.schemas import (
 from .._base import map_errors
 from .._ops import Operations
 from .._session import IDLE_S, Opened, Phase, SessionBase
+from . import _forms as forms
 from ._client import QCG_ERRORS, ManagerGone, kill_pids
 from ._jobs import FINAL_NATIVE, JobBook
 from ._link import Client, Link, Liveness, host_is_loopback, kill_link, open_local, open_remote
@@ -86,12 +87,15 @@ class QcgSession(SessionBase):
     """A session with one QCG-PilotJob manager (implements ``BackendSession``).
 
     Operations (:meth:`call`, see :mod:`._ops`): ``submit(jobs: list[dict]) -> list[str]`` (each
-    dict is the keyword set of ``qcg.pilotjob.api.job.Jobs.add``), ``list()``, ``status(names)``,
-    ``info(names, **params)``, ``info_parsed(names, **params)``, ``remove(names) -> dict``,
+    dict the keyword set of ``qcg.pilotjob.api.job.Jobs.add`` or QCG's own job JSON as
+    ``Jobs.add_std`` takes it; an ``after`` naming no job of the batch or the manager is refused
+    before anything is submitted), ``list()``, ``status(names)``, ``info(names, **params)``,
+    ``info_parsed(names, **params)``, ``remove(names) -> dict`` (publishes ``REMOVED``),
     ``cancel(names) -> dict``, ``resubmit(name) -> list[str]`` (remove a finished job and submit
     it again from the spec this session submitted it with), ``resources()``, ``system_status()``,
     ``finish()`` (mode ``connect`` only: a manager the session owns ends with ``stop()``),
-    ``wait4(names, timeout=None)``, ``wait4all(timeout=None)``. ``names`` is a str or a list.
+    ``wait4(names, timeout=None)``, ``wait4all(timeout=None)``,
+    ``wait4_any_job_finish(timeout=None) -> [key, state]``. ``names`` is a str or a list.
 
     Errors: ``BackendRejected`` (the manager refused; its message is in the text),
     ``BackendTimeout`` (no reply within ``request_timeout``), ``BackendUnavailable`` (no manager,
@@ -452,7 +456,7 @@ class QcgSession(SessionBase):
         each job first."""
         batch = Jobs()
         for spec in specs:
-            batch.add(**spec)
+            forms.add(batch, spec)
         submitted = [str(n) for n in client.submit(batch)]
         self._book.record(specs)
         self._save_specs()
