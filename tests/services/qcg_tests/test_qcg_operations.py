@@ -121,6 +121,19 @@ class TestWaitAny:
             run.call("wait4_any_job_finish", timeout=0.2)
 
 
+@pytest.mark.qcg
+@pytest.mark.timeout(60)
+class TestQueries:
+    def test_info_and_wait4all(self, qcg: Callable[..., Running]) -> None:
+        """wait4all returns every job's final QCG state; info is the manager's jobInfo reply,
+        iterations included with withChilds."""
+        run = qcg()
+        run.call("submit", [{"name": "it", "exec": "/bin/true", "iteration": 2}, {"name": "bad", "exec": "/bin/false"}])
+        assert run.call("wait4all", timeout=15) == {"it": "SUCCEED", "bad": "FAILED"}
+        data = run.call("info", "it", withChilds=True)["jobs"]["it"]["data"]
+        assert data["status"] == "SUCCEED" and [c["iteration"] for c in data["childs"]] == [0, 1]
+
+
 class TestForms:
     def test_dependencies_of_both_forms(self) -> None:
         """deps/with_deps read and rewrite after (keyword form) and dependencies.after (JSON)."""
