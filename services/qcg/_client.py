@@ -122,6 +122,8 @@ class _TimeoutClient:
                     raise ManagerGone(f"{data.get('request')}: {gone_why}")
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    if sock.poll(0):  # answered while this process could not look
+                        break
                     raise zmq.Again
                 if sock.poll(int(min(_SLICE_S, left) * 1000) + 1):
                     break

@@ -85,6 +85,8 @@ class Prober:
         while not self._closed.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
+                if sock.poll(0):  # answered while this process could not look (e.g. it was stopped)
+                    return True
                 self.verdict = (f"QCG manager {self.address} did not answer a liveness probe within "
                                 f"{self.timeout:g} s (dead or frozen)")
                 return False

@@ -11,13 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zmq
 
 from flowbus.schemas import BackendUnavailable, Connected, Disconnected, State
+from flowbus.services.qcg._probe import Prober
 from support.qcg import (
     DEFAULTS,
     Running,
@@ -56,6 +60,61 @@ def reported_after(run: Running, t0: float) -> tuple[Disconnected, float]:
 def test_the_default_bound_is_under_two_seconds() -> None:
     """The defaults keep the liveness bound under 2 s."""
     assert BOUND_S < 2.0, BOUND_S
+
+
+@pytest.mark.timeout(30)
+class TestProber:
+    @contextlib.contextmanager
+    def rep(self, answer: bool) -> Iterator[str]:
+        """A REP socket on 127.0.0.1 that answers every request (``answer``) or none."""
+        ctx: zmq.Context[Any] = zmq.Context()
+        sock = ctx.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        done = threading.Event()
+
+        def serve() -> None:
+            while not done.is_set():
+                if sock.poll(20) and answer:
+                    sock.recv()
+                    sock.send(b'{"code": 0}')
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        try:
+            yield f"tcp://127.0.0.1:{port}"
+        finally:
+            done.set()
+            server.join(2)
+            sock.close(0)
+            ctx.term()
+
+    def test_a_silent_peer_gets_a_verdict_within_interval_plus_timeout(self) -> None:
+        """A peer that never answers is named by the verdict within interval + timeout."""
+        with self.rep(answer=False) as address:
+            prober = Prober(address, interval=0.1, timeout=0.3).start()
+            t0 = time.monotonic()
+            try:
+                while not prober.verdict:
+                    assert time.monotonic() - t0 < 3.0, "no verdict"
+                    time.sleep(0.01)
+                took = time.monotonic() - t0
+            finally:
+                prober.close()
+            assert took < 0.1 + 0.3 + 0.5 and "within 0.3 s" in prober.verdict and address in prober.verdict
+
+    def test_an_answering_peer_gets_none(self) -> None:
+        """A peer that answers is probed again and again and never blamed."""
+        with self.rep(answer=True) as address:
+            prober = Prober(address, interval=0.02, timeout=1.0).start()
+            try:
+                deadline = time.monotonic() + 5
+                while prober.answered < 10:
+                    assert time.monotonic() < deadline, f"only {prober.answered} probes answered"
+                    time.sleep(0.01)
+            finally:
+                prober.close()
+            assert prober.verdict == ""
 
 
 @pytest.mark.qcg
