@@ -170,6 +170,12 @@ class QcgSessionConfig(_Conf, frozen=True, tag="qcg", tag_field="backend"):
     request_timeout: float = 2.0
     #: seconds between status() reconciliations
     reconcile_interval: float = 2.0
+    #: seconds between two liveness probes of the manager (a ``status`` request on a socket of
+    #: its own; 0 = no probe); a manager that is dead or frozen (SIGSTOP) is reported
+    #: (``Disconnected``) within ``liveness-interval + liveness-timeout`` + 50 ms
+    liveness_interval: float = 0.2
+    #: seconds a liveness probe waits for the reply before the manager is declared lost
+    liveness_timeout: float = 1.4
     #: what to do when the manager dies: report only, start a new one, or also resubmit
     recovery: Literal["none", "restart", "resubmit"] = "resubmit"
     #: attempts before giving up, and the first backoff in seconds (doubling)

@@ -9,10 +9,11 @@ operations).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psutil
@@ -28,6 +29,8 @@ log = structlog.get_logger("flowbus.qcg")
 
 #: what every QCG service started from this process binds (REP and PUB sockets)
 LOOPBACK = "127.0.0.1"
+#: the slice in which a request's wait for its reply checks the liveness verdict
+_SLICE_S = 0.05
 
 
 class ManagerRefused(Exception):
@@ -63,7 +66,8 @@ QCG_ERRORS: Mapping[type[BaseException], type[BackendError]] = {
 class _TimeoutClient:
     """Mixin for QCG's ``Manager``: bounded requests, no private SUB socket, clean teardown.
 
-    * every request gives up after ``timeout_s`` (``ManagerTimeout``) and the REQ socket is
+    * every request gives up after ``timeout_s`` (``ManagerTimeout``), or as soon as a watched
+      liveness verdict names a reason (``ManagerGone``, see :meth:`watch`), and the REQ socket is
       recreated, so the next request does not fail with EFSM;
     * refusals become ``ManagerRefused`` carrying the manager's message;
     * QCG's own SUB socket (which buffers stale events forever) is never opened: the session
@@ -76,6 +80,7 @@ class _TimeoutClient:
     _address: str
     _publisher_address: str | None
     _timeout_ms: int
+    _verdict: Callable[[], str] | None = None
     system_info: dict[str, Any]
 
     def _connect(self) -> None:
@@ -95,10 +100,34 @@ class _TimeoutClient:
         self._zmq_socket = self._zmq_ctx.socket(zmq.REQ)
         self._zmq_socket.connect(self._address)
 
+    def watch(self, verdict: Callable[[], str]) -> None:
+        """Cut a request short as soon as ``verdict()`` names a reason (a liveness probe found
+        the manager dead or frozen): it then raises ``ManagerGone`` with that reason."""
+        self._verdict = verdict
+
     def _send_and_validate_result(self, data: dict[str, Any], valid_method: Any = None) -> Any:
+        """QCG's request/reply, with the wait bounded and interruptible (QCG's blocks forever)."""
+        validate = valid_method or Manager._validate_response
+        self._assure_connected()  # type: ignore[attr-defined]  # from qcg's Manager
+        sock = self._zmq_socket
+        assert sock is not None
+        verdict = self._verdict
         try:
-            # the base class is qcg's, untyped
-            return super()._send_and_validate_result(data, valid_method)  # type: ignore[misc]
+            sock.send(json.dumps(data).encode())
+            deadline = time.monotonic() + self._timeout_ms / 1000
+            while True:
+                gone_why = verdict() if verdict is not None else ""
+                if gone_why:
+                    self._reset_socket()
+                    raise ManagerGone(f"{data.get('request')}: {gone_why}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if sock.poll(0):  # answered while this process could not look
+                        break
+                    raise zmq.Again
+                if sock.poll(int(min(_SLICE_S, left) * 1000) + 1):
+                    break
+            reply = sock.recv(zmq.NOBLOCK)
         except zmq.Again:
             self._reset_socket()
             raise ManagerTimeout(f"no reply from QCG manager {self._address} within "
@@ -106,6 +135,8 @@ class _TimeoutClient:
         except zmq.ZMQError:
             self._reset_socket()
             raise
+        try:
+            return validate(json.loads(reply))
         except qcg_errors.ConnectionError as exc:
             text = str(exc.args[0]) if exc.args else str(exc)
             if text.startswith("Request failed"):

@@ -8,11 +8,14 @@ events; it never talks to the manager.
 from __future__ import annotations
 
 import copy
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from flowbus.schemas import Event, Observed, State, StateChanged
+
+from . import _forms as forms
 
 #: QCG native state -> normalised state
 STATE_OF: Mapping[str, State] = {
@@ -26,6 +29,12 @@ STATE_OF: Mapping[str, State] = {
 }
 #: the native word for a job the manager does not know any more
 LOST = "LOST"
+#: the native word for a job the session removed from the manager (``remove``)
+REMOVED = "REMOVED"
+#: the states after which a key is no longer the manager's (published with ``state`` unknown)
+GONE_NATIVE = frozenset({LOST, REMOVED})
+#: finished keys remembered for ``wait4_any_job_finish``
+_FINISHES_KEPT = 10_000
 FINAL_NATIVE = frozenset({"SUCCEED", "FAILED", "CANCELED", "OMITTED"})
 _RANK: Mapping[str, int] = {"QUEUED": 0, "SCHEDULED": 1, "EXECUTING": 2,
                             "SUCCEED": 3, "FAILED": 3, "CANCELED": 3, "OMITTED": 3}
@@ -133,6 +142,10 @@ class JobBook:
         self.removed: set[str] = set()
         self.suspect: set[str] = set()
         self.iterative: set[str] = set()
+        #: every key that reached a final state, in order, as ``(key, native)``, and how many
+        #: did so far (``wait4_any_job_finish`` waits for the count to move)
+        self.finishes: deque[tuple[str, str]] = deque(maxlen=_FINISHES_KEPT)
+        self.finished = 0
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -174,13 +187,19 @@ class JobBook:
         return [k for k in self.last if self._parent(k) in wanted]
 
     def unfinished(self) -> list[str]:
-        return [k for k, s in self.last.items() if not s.final]
+        return [k for k, s in self.last.items() if not s.final and s.native not in GONE_NATIVE]
+
+    def finish_since(self, count: int) -> tuple[str, str] | None:
+        """The first ``(key, native)`` that finished after ``count`` finishes, or None."""
+        if self.finished <= count:
+            return None
+        return self.finishes[max(0, len(self.finishes) - (self.finished - count))]
 
     # -- events ----------------------------------------------------------------------------------
 
     def _event(self, key: str, native: str, observed: Observed, prev: Seen | None, detail: str = "",
                exit_code: int | None = None) -> StateChanged:
-        state = State.UNKNOWN if native == LOST else state_of(native)
+        state = State.UNKNOWN if native in GONE_NATIVE else state_of(native)
         attrs: dict[str, str | int | float | bool | None] = {}
         parent = self._parent(key)
         if parent != key:
@@ -189,6 +208,9 @@ class JobBook:
         if exit_code is not None:
             attrs["exit_code"] = exit_code
         self.last[key] = Seen(state, native)
+        if state.final and not (prev is not None and prev.final):
+            self.finishes.append((key, native))
+            self.finished += 1
         return StateChanged(source=self.source, backend="qcg", key=key, observed=observed, state=state,
                             native=native, previous=prev.state if prev else None,
                             native_previous=prev.native if prev else "", detail=detail, attrs=attrs)
@@ -226,12 +248,22 @@ class JobBook:
             self.removed.add(name)
             self.suspect.discard(name)
 
+    def removal(self, names: Iterable[str], detail: str) -> list[StateChanged]:
+        """``unknown``/``REMOVED`` for each key of the ``names`` (a job and its iterations) the
+        manager removed (``observed=poll``: the manager's reply says so)."""
+        out: list[StateChanged] = []
+        for key in self.keys_of(names):
+            prev = self.last[key]
+            if prev.native != REMOVED:
+                out.append(self._event(key, REMOVED, Observed.POLL, prev, detail))
+        return out
+
     def lost(self, keys: Iterable[str], observed: Observed, detail: str) -> list[StateChanged]:
-        """``unknown``/``LOST`` for each key not already final or lost."""
+        """``unknown``/``LOST`` for each key not already final, lost or removed."""
         out: list[StateChanged] = []
         for key in keys:
             prev = self.last.get(key)
-            if prev is None or prev.final or prev.native == LOST:
+            if prev is None or prev.final or prev.native in GONE_NATIVE:
                 continue
             out.append(self._event(key, LOST, observed, prev, detail))
         return out
@@ -261,17 +293,10 @@ class JobBook:
         """A copy of ``name``'s recorded spec to submit again: ``after`` entries naming jobs
         that SUCCEEDED are dropped (a fresh manager does not know them; one that still holds
         them would have nothing to wait for). KeyError when no spec is recorded."""
-        spec = copy.deepcopy(self.specs[name])
-        after = spec.get("after")
-        if after is not None:
-            deps = [after] if isinstance(after, str) else list(after)
-            deps = [d for d in deps if (s := self.last.get(d)) is None or s.native != "SUCCEED"]
-            if deps:
-                spec["after"] = deps
-            else:
-                del spec["after"]
-        return spec
+        spec = self.specs[name]
+        after = [d for d in forms.deps(spec) if (s := self.last.get(d)) is None or s.native != "SUCCEED"]
+        return forms.with_deps(spec, after)
 
 
-__all__ = ["FINAL_NATIVE", "LOST", "STATE_OF", "JobBook", "Obs", "Seen", "Snapshot", "key_of",
+__all__ = ["FINAL_NATIVE", "GONE_NATIVE", "LOST", "REMOVED", "STATE_OF", "JobBook", "Obs", "Seen", "Snapshot", "key_of",
            "obs_from_info", "obs_from_list", "split_key", "state_of"]

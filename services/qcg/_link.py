@@ -32,6 +32,7 @@ from ._client import (
     listener_pid,
     wait_gone,
 )
+from ._probe import Prober
 from ._service import launch
 
 log = structlog.get_logger("flowbus.qcg")
@@ -53,6 +54,8 @@ class Link:
     job_pids: Pids = field(default_factory=dict)
     #: the service process when this session launched it (polled, so it is reaped)
     proc: subprocess.Popen[bytes] | None = None
+    #: the liveness probe (None when probing is off)
+    prober: Prober | None = None
 
     @property
     def address(self) -> str:
@@ -72,7 +75,7 @@ class Link:
             return ""
         if self.service_pid is not None and gone(self.service_pid, self.service_ctime):
             return f"manager process {self.service_pid} is gone"
-        return ""
+        return self.prober.verdict if self.prober is not None else ""
 
     def track(self) -> None:
         """Record the service's current descendants (kept as they were if the service is gone)."""
@@ -88,12 +91,13 @@ class Link:
         found.update(_by_environment(self.address, exclude={self.service_pid or -1}))
         return found
 
-    def stop_service(self, grace_s: float) -> None:
-        """Make sure the manager process has ended: wait ``grace_s``, then SIGTERM, then SIGKILL."""
+    def stop_service(self, grace_s: float, *, hard: bool = False) -> None:
+        """Make sure the manager process has ended: wait ``grace_s``, then SIGTERM, then SIGKILL
+        (``hard``: SIGKILL at once, for a frozen manager, which would not act on SIGTERM)."""
         pid, ctime = self.service_pid, self.service_ctime
         if pid is None or wait_gone(pid, ctime, grace_s):
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig in (signal.SIGKILL,) if hard else (signal.SIGTERM, signal.SIGKILL):
             if gone(pid, ctime):
                 return
             try:
@@ -105,7 +109,9 @@ class Link:
             self.proc.poll()  # reap it
 
     def close(self) -> None:
-        """Close sockets, the client context and QCG's log handler; never raises."""
+        """Close the probe, sockets, the client context and QCG's log handler; never raises."""
+        if self.prober is not None:
+            self.prober.close()
         if self.sub is not None:
             try:
                 self.sub.close()
@@ -138,7 +144,16 @@ def _client_cfg(wdir: Path, timeout_s: float) -> dict[str, Any]:
     return {"wdir": str(wdir), "poll_delay": 0.5, "init_timeout": max(10, int(timeout_s * 10))}
 
 
-def open_local(wdir: Path, nodes: str, timeout_s: float) -> Link:
+@dataclass(frozen=True)
+class Liveness:
+    """How a link probes its manager: every ``interval`` seconds, ``timeout`` seconds for the
+    reply (``interval`` 0: no probe)."""
+
+    interval: float = 0.0
+    timeout: float = 1.0
+
+
+def open_local(wdir: Path, nodes: str, timeout_s: float, liveness: Liveness | None = None) -> Link:
     """Start a manager bound to 127.0.0.1 with ``--wd wdir --nodes nodes`` as a process of its own.
 
     Not QCG's ``LocalManager``: it forks the caller, and a fork of a Ray worker keeps the worker's
@@ -151,7 +166,7 @@ def open_local(wdir: Path, nodes: str, timeout_s: float) -> Link:
     except (OSError, RuntimeError) as exc:
         raise BackendUnavailable(f"start-manager: {exc}") from exc
     try:
-        link = open_remote(address, wdir, timeout_s, owned=True)
+        link = open_remote(address, wdir, timeout_s, owned=True, liveness=liveness)
     except BaseException:
         proc.kill()
         proc.wait(5)
@@ -161,8 +176,9 @@ def open_local(wdir: Path, nodes: str, timeout_s: float) -> Link:
     return link
 
 
-def open_remote(address: str, wdir: Path, timeout_s: float, owned: bool) -> Link:
-    """Connect to a running manager (one ``status`` round trip, bounded by ``timeout_s``).
+def open_remote(address: str, wdir: Path, timeout_s: float, owned: bool, liveness: Liveness | None = None) -> Link:
+    """Connect to a running manager (one ``status`` round trip, bounded by ``timeout_s``), and
+    start probing it (``liveness``).
 
     ``owned`` managers (a previous incarnation's LocalManager) get their service pid looked up
     by listening port, so liveness and orphan cleanup work as for our own.
@@ -175,6 +191,9 @@ def open_remote(address: str, wdir: Path, timeout_s: float, owned: bool) -> Link
         client.close()
         raise
     link = Link(client=client, sub=sub, owned=owned)
+    if liveness is not None and liveness.interval > 0:
+        link.prober = Prober(client.address, liveness.interval, liveness.timeout).start()
+        client.watch(lambda: link.prober.verdict if link.prober is not None else "")
     if owned:
         pid = listener_pid(client.address)
         if pid is not None:
@@ -207,4 +226,4 @@ def kill_link(link: Link) -> list[int]:
     return killed
 
 
-__all__ = ["Client", "Link", "host_is_loopback", "kill_link", "open_local", "open_remote"]
+__all__ = ["Client", "Link", "Liveness", "host_is_loopback", "kill_link", "open_local", "open_remote"]

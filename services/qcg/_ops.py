@@ -17,8 +17,11 @@ from qcg.pilotjob.api.jobinfo import JobInfo
 from flowbus.schemas import BackendRejected, BackendTimeout, BackendUnavailable
 
 from .._ops import Operations
+from . import _forms as forms
+from ._jobs import REMOVED
 
 if TYPE_CHECKING:
+    from ._link import Client
     from ._session import QcgSession
 
 OPS: Operations[QcgSession] = Operations("qcg")
@@ -48,28 +51,58 @@ def _jobinfo(info: JobInfo) -> dict[str, Any]:
 
 @OPS.op
 def submit(session: QcgSession, jobs: list[dict[str, Any]]) -> list[str]:
-    """Submit ``jobs`` (each the keyword set of ``Jobs.add``); ``queued`` is published before it returns."""
+    """Submit ``jobs`` in one request, each in either form :mod:`._forms` describes (the
+    keyword set of ``Jobs.add``, or QCG's own job JSON as ``Jobs.add_std`` takes it); ``queued``
+    is published before it returns. An ``after`` naming a job that is neither in the batch nor
+    held by the manager is refused (``BackendRejected`` naming it) and nothing is submitted."""
     if not isinstance(jobs, (list, tuple)) or not all(isinstance(j, Mapping) for j in jobs):
-        raise BackendRejected("submit: expects a list of job dicts (Jobs.add keywords)")
+        raise BackendRejected("submit: expects a list of job dicts (Jobs.add keywords or QCG job JSON)")
     specs = [dict(j) for j in jobs]
     names = [s.get("name") for s in specs]
     if not all(isinstance(n, str) and n and ":" not in n for n in names) or len(set(names)) != len(names):
         raise BackendRejected(f"submit: every job needs a unique 'name' without ':' (got {names})")
+    for spec in specs:
+        why = forms.problem(spec)
+        if why:
+            raise BackendRejected(f"submit: job {spec['name']!r}: {why}")
     with session._using("submit") as client:
+        _check_after(session, client, specs)
         return session._submit(client, specs)
+
+
+def _check_after(session: QcgSession, client: Client, specs: list[dict[str, Any]]) -> None:
+    """Refuse ``after`` entries naming a job neither in ``specs`` nor held by the manager (QCG
+    would take the batch and leave the dependant ``OMITTED``). Jobs the session saw on this
+    manager count without asking; for the others the manager's list is read once."""
+    book = session._book
+    batch = {str(s["name"]) for s in specs}
+    wanted = {(str(s["name"]), dep) for s in specs for dep in forms.deps(s)
+              if forms.dep_job(dep) not in batch}
+    unsure = {forms.dep_job(dep) for _, dep in wanted} - (book.seen - book.removed)
+    if not unsure:
+        return
+    held = set(client.list())
+    missing = [(job, dep) for job, dep in sorted(wanted) if forms.dep_job(dep) in unsure - held]
+    if missing:
+        named = ", ".join(f"{dep!r} (after of job {job!r})" for job, dep in missing)
+        raise BackendRejected(f"submit: {named}: no such job in this batch nor in QCG manager "
+                              f"{session.instance_id}; nothing was submitted")
 
 
 @OPS.op
 def remove(session: QcgSession, names: str | list[str]) -> dict[str, Any]:
     """Remove finished jobs so their names can be reused. Returns the manager's reply,
-    ``{'removed': n, 'errors': {name: message}}`` (QCG's own client drops the errors)."""
+    ``{'removed': n, 'errors': {name: message}}`` (QCG's own client drops the errors). Each
+    job removed (and each of its iterations) is published as ``unknown``/``REMOVED``."""
     job_names = _names(names)
     with session._using("remove") as client:
         reply = client.send_request({"request": "removeJob", "jobNames": job_names})
         data = dict(reply.get("data") or {})
         refused = data.get("errors") or {}
-        session._book.forget([n for n in job_names if n not in refused])
+        gone = [n for n in job_names if n not in refused]
+        session._book.forget(gone)
         session._save_specs()
+        session._tell(session._book.removal(gone, f"removed from QCG manager {session.instance_id}"))
     return data
 
 
@@ -178,7 +211,8 @@ def finish(session: QcgSession) -> None:
 @OPS.op
 def wait4(session: QcgSession, names: str | list[str], timeout: float | None = None) -> dict[str, str]:
     """Wait until every named job is final, from the session's own view (not QCG's wait4,
-    which can return on stale events). Returns name -> QCG state."""
+    which can return on stale events). Returns name -> QCG state (``REMOVED`` for a job
+    removed meanwhile)."""
     job_names = _names(names)
     with session._changed:
         unknown = [n for n in job_names if n not in session._book.last]
@@ -195,11 +229,31 @@ def wait4all(session: QcgSession, timeout: float | None = None) -> dict[str, str
         return _wait(session, names, timeout, "wait4all")
 
 
+@OPS.op
+def wait4_any_job_finish(session: QcgSession, timeout: float | None = None) -> list[str]:
+    """Wait until a job or an iteration finishes after this call (QCG's own returns at once on
+    a stale event of a job long finished) and return ``[key, QCG state]``, e.g.
+    ``["a", "SUCCEED"]`` or ``["it:2", "FAILED"]``. Jobs submitted while it waits count.
+    ``BackendTimeout`` after ``timeout`` seconds; ``BackendUnavailable`` if the session ends."""
+    book = session._book
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with session._changed:
+        since = book.finished
+        while (got := book.finish_since(since)) is None:
+            if session.phase in ("dead", "closed"):
+                raise BackendUnavailable(f"wait4_any_job_finish: session {session.name!r} is {session.phase}")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise BackendTimeout(f"wait4_any_job_finish: no job finished within {timeout:g} s")
+            session._changed.wait(remaining)
+        return list(got)
+
+
 def _wait(session: QcgSession, names: list[str], timeout: float | None, operation: str) -> dict[str, str]:
     book = session._book
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        pending = [n for n in names if not book.is_final(n)]
+        pending = [n for n in names if not book.is_final(n) and not ((s := book.last.get(n)) and s.native == REMOVED)]
         if not pending:
             return {n: book.last[n].native for n in names}
         if session.phase in ("dead", "closed"):

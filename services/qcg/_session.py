@@ -5,12 +5,15 @@ Observation: QCG's status publisher through our own SUB socket (``observed=push`
 with ``list()``/``info()`` after every (re)connect (``resync``) and every ``reconcile_interval``
 (``poll``); see :mod:`._jobs` for what counts as a change.
 
-Liveness: a manager process this session started is checked at every poll (every 50 ms while
-up), so its death is published as ``Disconnected`` within about 50 ms plus the clean-up of its
-orphaned job processes (well under 1 s). An adopted local manager is checked by its pid the same
-way. A manager seen only over the network (mode ``connect``) is lost at its first failed
-reconciliation, so within ``reconcile_interval + request_timeout``; a local manager that is alive
-but does not answer (e.g. SIGSTOPped) after three failed reconciliations in a row.
+Liveness: a probe of its own (:mod:`._probe`) asks the manager's status every
+``liveness_interval`` seconds and declares it lost when a reply takes longer than
+``liveness_timeout``; a request of the session's that hangs on that manager is cut short by the
+verdict. A dead or frozen (e.g. SIGSTOPped) manager is so published as ``Disconnected`` within
+``liveness_interval + liveness_timeout`` plus one poll (50 ms), 1.65 s with the defaults, in both
+modes. A manager process this session started (or adopted locally, by pid) is also checked at
+every poll, so its death is seen within about 50 ms. With the probe off (``liveness_interval``
+0), a manager seen only over the network is lost at its first failed reconciliation, a local one
+that is alive but does not answer after three failed reconciliations in a row.
 
 Recovery (``recovery``): ``none`` makes the loss final (``Disconnected(will_retry=False)``, the
 unfinished jobs of a manager of ours ``LOST``); ``restart`` starts a new manager (mode ``local``;
@@ -53,9 +56,10 @@ from flowbus.schemas import (
 from .._base import map_errors
 from .._ops import Operations
 from .._session import IDLE_S, Opened, Phase, SessionBase
+from . import _forms as forms
 from ._client import QCG_ERRORS, ManagerGone, kill_pids
 from ._jobs import FINAL_NATIVE, JobBook
-from ._link import Client, Link, host_is_loopback, kill_link, open_local, open_remote
+from ._link import Client, Link, Liveness, host_is_loopback, kill_link, open_local, open_remote
 from ._observe import drain, reconcile, snapshot
 from ._ops import OPS
 from ._specs import STATE_DIR, WorkDir
@@ -83,12 +87,15 @@ class QcgSession(SessionBase):
     """A session with one QCG-PilotJob manager (implements ``BackendSession``).
 
     Operations (:meth:`call`, see :mod:`._ops`): ``submit(jobs: list[dict]) -> list[str]`` (each
-    dict is the keyword set of ``qcg.pilotjob.api.job.Jobs.add``), ``list()``, ``status(names)``,
-    ``info(names, **params)``, ``info_parsed(names, **params)``, ``remove(names) -> dict``,
+    dict the keyword set of ``qcg.pilotjob.api.job.Jobs.add`` or QCG's own job JSON as
+    ``Jobs.add_std`` takes it; an ``after`` naming no job of the batch or the manager is refused
+    before anything is submitted), ``list()``, ``status(names)``, ``info(names, **params)``,
+    ``info_parsed(names, **params)``, ``remove(names) -> dict`` (publishes ``REMOVED``),
     ``cancel(names) -> dict``, ``resubmit(name) -> list[str]`` (remove a finished job and submit
     it again from the spec this session submitted it with), ``resources()``, ``system_status()``,
     ``finish()`` (mode ``connect`` only: a manager the session owns ends with ``stop()``),
-    ``wait4(names, timeout=None)``, ``wait4all(timeout=None)``. ``names`` is a str or a list.
+    ``wait4(names, timeout=None)``, ``wait4all(timeout=None)``,
+    ``wait4_any_job_finish(timeout=None) -> [key, state]``. ``names`` is a str or a list.
 
     Errors: ``BackendRejected`` (the manager refused; its message is in the text),
     ``BackendTimeout`` (no reply within ``request_timeout``), ``BackendUnavailable`` (no manager,
@@ -163,10 +170,10 @@ class QcgSession(SessionBase):
         adopted = link is not None
         if link is None:
             if cfg.mode == "local":
-                link = open_local(wd, cfg.nodes, cfg.request_timeout)
+                link = open_local(wd, cfg.nodes, cfg.request_timeout, self._liveness())
                 _OWNERS.add(self)
             else:
-                link = open_remote(cfg.address, wd, cfg.request_timeout, owned=False)
+                link = open_remote(cfg.address, wd, cfg.request_timeout, owned=False, liveness=self._liveness())
         try:
             if first:
                 self._load_specs(link, adopted)
@@ -206,6 +213,9 @@ class QcgSession(SessionBase):
                 self._resubmit(link, max(1, self._attempt), f"the previous QCG manager{where} is gone")
         self._wake()
 
+    def _liveness(self) -> Liveness:
+        return Liveness(self.config.liveness_interval, self.config.liveness_timeout)
+
     def _adopt(self, address: str, expected_id: str) -> Link | None:
         """A previous incarnation's manager at ``address``, if it still answers."""
         local = self.config.mode == "local"
@@ -213,7 +223,8 @@ class QcgSession(SessionBase):
             self._log.warning("qcg.manager.adopt_refused", address=address, reason="not loopback")
             return None
         try:
-            link = open_remote(address, self._wd.prepare(), self.config.request_timeout, owned=local)
+            link = open_remote(address, self._wd.prepare(), self.config.request_timeout, owned=local,
+                               liveness=self._liveness())
         except BackendError as exc:
             self._log.info("qcg.manager.adopt_failed", address=address, error=str(exc))
             return None
@@ -286,13 +297,13 @@ class QcgSession(SessionBase):
     # -- hooks: losing and recovering --------------------------------------------------------------
 
     def _lost(self, reason: str) -> None:
-        """Reap a dead (or make a hung) manager of ours dead, and kill its orphaned jobs."""
+        """Reap a dead (or SIGKILL a hung or frozen) manager of ours, and kill its orphaned jobs."""
         link, self._link = self._link, None
         if link is None:
             return
         self._log.warning("qcg.manager.died", reason=reason, address=link.address, instance=link.instance_id)
         if link.owned:
-            link.stop_service(0.0)
+            link.stop_service(0.0, hard=True)
             self._log.warning("qcg.orphans.killed", pids=kill_pids(link.orphans()))
         link.close()
         self._down_link = link
@@ -445,7 +456,7 @@ class QcgSession(SessionBase):
         each job first."""
         batch = Jobs()
         for spec in specs:
-            batch.add(**spec)
+            forms.add(batch, spec)
         submitted = [str(n) for n in client.submit(batch)]
         self._book.record(specs)
         self._save_specs()

@@ -148,7 +148,9 @@ class TestBackendActor:
 
         broker = broker_factory()
         cfg = FlowbusConfig(ray=RayConfig(namespace="flowbus-test"), sessions=[
-            QcgSessionConfig(name="frozen", wd=str(tmp_path / "a"), actor="shared", recovery="none", request_timeout=5.0),
+            # no liveness probe: its verdict would end the frozen session's hung call within 1.6 s
+            QcgSessionConfig(name="frozen", wd=str(tmp_path / "a"), actor="shared", recovery="none", request_timeout=5.0,
+                             liveness_interval=0),
             QcgSessionConfig(name="lively", wd=str(tmp_path / "b"), actor="shared")])
         sup = Supervisor.remote(msgspec.json.encode(cfg), broker.address)
         stopped: int | None = None

@@ -186,8 +186,10 @@ class TestStuckSessionInOneActor:
         from flowbus.schemas import QcgSessionConfig
 
         broker = broker_factory()
+        # no liveness probe: its verdict would end the frozen session's blocked poll within 1.6 s
         specs = [msgspec.to_builtins(QcgSessionConfig(name="frozen", wd=str(tmp_path / "a"), recovery="none",
-                                                      request_timeout=20.0, reconcile_interval=0.2)),
+                                                      request_timeout=20.0, reconcile_interval=0.2,
+                                                      liveness_interval=0)),
                  msgspec.to_builtins(QcgSessionConfig(name="lively", wd=str(tmp_path / "b")))]
         loop = asyncio.new_event_loop()
         impl = ba.BackendActorImpl("stuckt", broker.address, specs, poll_workers=2, stuck_after=1.0)

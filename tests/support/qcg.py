@@ -3,7 +3,10 @@ at teardown), `Running`, and the waits and process checks the QCG tests share.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +26,7 @@ from flowbus.schemas import (
     StateChanged,
 )
 from flowbus.services.qcg import QcgSession
+from flowbus.services.qcg._service import launch
 from support.recorder import Recorder, show  # shared with the other adapters' tests
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -77,6 +81,28 @@ def assert_opened_down(run: Running, why: str) -> None:
     assert down.will_retry and why in down.reason, down
     with pytest.raises(BackendUnavailable, match=f"list: session '{run.session.name}' is disconnected"):
         run.call("list")
+
+
+#: the defaults a user gets (the liveness tests run with these, not the fixture's faster ones)
+DEFAULTS = QcgSessionConfig(name="defaults")
+
+
+@contextlib.contextmanager
+def foreign_manager(wd: Path) -> Iterator[tuple[int, str]]:
+    """A QCG manager no session owns (as a user would start it): ``(pid, address)``. At exit it
+    is SIGCONTinued (a test may have stopped it) and SIGKILLed with its jobs, and reaped."""
+    wd.mkdir(parents=True, exist_ok=True)
+    proc, address = launch(["--log", "warning", "--wd", str(wd), "--nodes", "n1:2"], wd / "service.log", cwd=wd)
+    try:
+        yield proc.pid, address
+    finally:
+        kids = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        for pid in [proc.pid, *(k.pid for k in kids)]:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        proc.wait(10)
+        psutil.wait_procs(kids, timeout=5)
 
 
 @dataclass
