@@ -317,16 +317,16 @@ def stop_job(session: GuiserverSession, job: str) -> None:
 
 @OPS.op
 def wait_job(session: GuiserverSession, job: str, timeout: float | None = None) -> dict[str, Any]:
-    """Block until ``job`` reaches a final state; return ``{"job", "state", "native", "detail"}``.
-    Waits through reconnects (the resync may end it); ``BackendUnavailable`` once the session
-    is stopped or gave up."""
+    """Block until ``job`` reaches a final state, or ``unknown`` for good (its state was lost in a
+    server crash); return ``{"job", "state", "native", "detail"}``. Waits through reconnects (the
+    resync may end it); ``BackendUnavailable`` once the session is stopped or gave up."""
     with session._lock:
         track = session._tx.job(job)
         if track is None:
             raise BackendRejected(f"unknown job {job!r}")
-        if not session._cond.wait_for(lambda: track.state.final or session._phase in _ENDED, timeout):
+        if not session._cond.wait_for(lambda: session._tx.settled(track) or session._phase in _ENDED, timeout):
             raise BackendTimeout(f"job {job!r} not finished within {timeout} s")
-        if not track.state.final:
+        if not session._tx.settled(track):
             raise BackendUnavailable(f"wait_job: session {session.name!r} is {session.phase}; "
                                      f"job {job!r} was last {track.state.value}")
         return {"job": job, "state": track.state.value, "native": track.native, "detail": track.detail}

@@ -243,7 +243,7 @@ class GuiserverSession(SessionBase):
 
     def _lost(self, reason: str) -> None:
         self._drop()
-        self._tx.orphan_running()
+        self._tx.orphan_running(reason)
 
     def _kill(self) -> None:
         if self._lock.acquire(blocking=False):  # ours already (kill got it), or free

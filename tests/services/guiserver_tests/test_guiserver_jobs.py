@@ -227,19 +227,54 @@ class TestRecovery:
 
     def test_crash_during_job_resyncs(self, emulator: Callable[..., GuiserverEmulator],
                                       host: Callable[..., Host]) -> None:
-        """A crash mid-job: Disconnected, Connected again, settings re-applied, final state observed=resync."""
+        """A crash mid-job (the server writes .difxlog only at job end, so it stays empty): Disconnected,
+        Connected again, settings re-applied, and within that one resync the job is unknown with the
+        reason; its status is never asked for again and wait_job returns at once."""
         emu, h, inp = job_host(emulator, host, outcomes={"job_1": "slow"})
         h.session.call("relay", False)
         h.session.call("start_job", inp)
         h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 1" for x in e))
         emu.crash()
-        h.rec.wait_for(lambda e: any(isinstance(x, Disconnected) for x in e))
-        final = h.rec.final("job_1")
-        assert (final.state, final.observed, final.native) == (State.COMPLETE, Observed.RESYNC, "Done")
+        h.rec.wait_for(lambda e: sum(isinstance(x, Resynced) for x in e) == 2)
+        states = h.rec.states("job_1")
+        last = states[-1]
+        assert (last.state, last.observed, last.native, last.previous) == (
+            State.UNKNOWN, Observed.RESYNC, "NO_STATUS", State.ACTIVE)
+        assert "cannot be recovered" in last.detail and "connection closed by guiServer" in last.detail
+        resynced = h.rec.of(Resynced)[-1]
+        assert h.rec.index(last) < h.rec.index(resynced)  # within the reconnect's own resync
+        assert emu.real("/data/exp/job_1.difxlog").read_text() == ""
         assert len(h.rec.of(Connected)) == 2
         relay_settings = [p for pid, p in emu.received if pid == PacketId.RELAY]
         assert relay_settings[-1] == b"\x00\x00\x00\x00"  # relay off survived the reconnect
-        assert roundtrip(h) == ["/data/exp/job_1.difx", "/data/exp/job_1.difxlog", inp]
+        assert h.session._tx.orphans() == []  # nothing left to poll
+        asked = sum(pid == PacketId.GET_JOB_STATUS for pid, _ in emu.received)
+        assert h.session.call("wait_job", "job_1", timeout=2)["state"] == "unknown"
+        assert h.session.call("jobs") == {"job_1": "unknown"}
+        roundtrip(h)
+        assert sum(pid == PacketId.GET_JOB_STATUS for pid, _ in emu.received) == asked == 1
+
+    def test_crash_resyncs_from_a_written_difxlog(self, emulator: Callable[..., GuiserverEmulator],
+                                                   host: Callable[..., Host]) -> None:
+        """Where the .difxlog does hold the job's end (an emulator writing it line by line), the
+        resync after a crash reads the final state from it."""
+        emu, h, inp = job_host(emulator, host, outcomes={"job_1": "slow"}, difxlog_live=True)
+        h.session.call("start_job", inp)
+        h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 1" for x in e))
+        emu.crash()
+        final = h.rec.final("job_1")
+        assert (final.state, final.observed, final.native) == (State.COMPLETE, Observed.RESYNC, "Done")
+
+    def test_rerun_after_unknown(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
+        """A job lost in a crash can be started again; its new run is followed as usual."""
+        emu, h, inp = job_host(emulator, host, outcomes={"job_1": "slow"})
+        h.session.call("start_job", inp)
+        h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 1" for x in e))
+        emu.crash()
+        h.rec.wait_for(lambda e: any(isinstance(x, StateChanged) and x.state is State.UNKNOWN for x in e))
+        emu.outcomes["job_1"] = "good"
+        result = h.session.call("start_job", inp, force=True, wait=True, timeout=10)
+        assert (result["state"], result["native"]) == ("complete", "ENDED_GRACEFULLY")
 
     def test_crash_after_job(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
         """The real server's crash after every job: the job completes, then the session reconnects."""
