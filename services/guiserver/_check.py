@@ -83,6 +83,8 @@ def file_name(value: object, *, glob: bool = False) -> str:
     pattern = r"[A-Za-z0-9_.+*?-]{1,200}" if glob else r"[A-Za-z0-9_.+-]{1,200}"
     if not isinstance(value, str) or not re.fullmatch(pattern, value) or value in (".", ".."):
         raise BackendRejected(f"file {value!r}: a bare name of letters, digits and _.+-" + ("*?" if glob else ""))
+    if value.startswith("-"):
+        raise BackendRejected(f"file {value!r}: starts with '-', which the server's command would take as an option")
     return value
 
 

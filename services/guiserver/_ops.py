@@ -125,7 +125,10 @@ def cp(session: GuiserverSession, src: str, dst: str) -> None:
 
 @OPS.op
 def ls(session: GuiserverSession, path: str, args: str = "", timeout: float | None = None) -> list[str]:
-    """The paths ``ls`` prints (``args``: flags from ``-d -l -a -t -r -S -1``)."""
+    """The lines ``ls <args> <path>`` prints on the server, newline removed, as GNU ls prints
+    them (docs/protocols/guiserver.md §6.1a): a directory gives its bare entry names, a file its
+    path, a glob what the shell expands (several directories under ``<dir>:`` headers); ``-l``
+    gives ``total N`` and long lines. ``args``: flags from ``-d -l -a -t -r -S -1``."""
     target, flags = _path(session, path, glob=True), check.args(args, allowed_flags="dlatrS1")
     items = session._stream("ls", StreamKind.RAW, lambda port: _file_op(session, "ls", target, flags, port), timeout)
     return [it.data.decode(errors="replace").rstrip("\n") for it in items if it.data is not None]
@@ -189,7 +192,8 @@ def vex2difx(session: GuiserverSession, pass_path: str, file: str, calc_only: bo
              timeout: float | None = 600.0) -> list[str] | None:
     """Run vex2difx (unless ``calc_only``) and the calc command in ``pass_path`` (docs/protocols/guiserver.md §5.6).
 
-    ``file`` is the .v2d name, or with ``calc_only`` a job name or glob. Each new .input/.im
+    ``file`` is the .v2d name, or with ``calc_only`` a job name or glob that must match existing
+    ``.calc`` files (checked with ls first: the server would create one literally named). Each new .input/.im
     path is published at once as ``LogLine(stream="vex2difx.file")``; the end as
     ``StateChanged(key="vex2difx/<file>", state=complete, attrs={"files": n})``. Returns the
     paths, or None at once when ``wait`` is False (the run goes on in a thread of the session)."""
@@ -197,6 +201,10 @@ def vex2difx(session: GuiserverSession, pass_path: str, file: str, calc_only: bo
     name = check.file_name(file, glob=calc_only)
     key = f"vex2difx/{name}"
     session._require_up("vex2difx")
+    if calc_only and not ls(session, f"{where}/{name}.calc"):
+        # guiServer runs `touch <file>.calc`: a name or glob matching no .calc file would create one
+        # literally named so (e.g. `exp_*.calc`) and run the calc command on it (§6.1a)
+        raise BackendRejected(f"vex2difx: {where}/{name}.calc matches no .calc file (run vex2difx first)")
 
     def request(port: int) -> bytes:
         return encode(PacketId.COMMAND, gx.build("DifxVex2DifxRun", [

@@ -273,9 +273,12 @@ def run_vex2difx(emu: Any, c: Client, f: Mapping[str, str]) -> None:
             c.send(P.ERROR, f"vex2difx... cannot open {name}".encode())
             c.send(P.ERROR, b"vex2difx RETURNED ERRORS")
     else:
-        for inp in sorted(base.glob(f"{name}.input")):
-            inp.with_suffix(".calc").touch()
-            new_calc.append(inp.with_suffix(".calc"))
+        # `touch <file>.calc` then `rm -f <file>.im` in a shell: a glob that matches no .calc file
+        # is kept literally, so touch creates a file named e.g. `exp_*.calc` (§6.1a)
+        for calc_file in sorted(base.glob(f"{name}.calc")) or [base / f"{name}.calc"]:
+            calc_file.touch()
+            calc_file.with_suffix(".im").unlink(missing_ok=True)
+            new_calc.append(calc_file)
     c.send(P.WARNING, f"running {calc} on all new .calc files".encode())
     for path in new_calc:
         im = path.with_suffix(".im")

@@ -41,6 +41,7 @@ from ..guiserver import messages as gx
 from ..guiserver.protocol import FrameDecoder, decode_int, encode_int
 from ..guiserver.protocol import PacketId as P
 from ._jobs import Client, Job, Stream, run_job, run_machines, run_vex2difx
+from ._ls import ls_lines
 
 #: scripted job outcomes (choose per job name with ``outcomes={"job_1": "failure"}``)
 OUTCOMES = ("good", "warning", "failure", "partial", "partial_failed", "config_fail", "slow", "no_tools", "silent")
@@ -347,16 +348,12 @@ class GuiserverEmulator:
             pass  # the real server only prints these on its own stderr
 
     def _ls(self, c: Client, target: Path, f: Mapping[str, str]) -> None:
+        """``ls <arg> <path>`` as GNU ls prints it after the shell's glob expansion (stdout only):
+        operands that are files as given, a lone directory as bare entry names, several operands
+        with ``<dir>:`` headers; ``-l`` adds ``total N`` and long lines (docs/protocols/guiserver.md §6.1a)."""
         stream = Stream(c, int(f.get("port", "0")), f.get("address", ""))
-        hits = sorted(glob.glob(str(target)))
-        names: list[str] = []
-        for hit in hits:
-            if os.path.isdir(hit) and "-d" not in f.get("arg", ""):
-                names += sorted(self.client_path(os.path.join(hit, n)) for n in os.listdir(hit))
-            else:
-                names.append(self.client_path(hit))
-        for name in names:
-            stream.item((name + "\n").encode())
+        for line in ls_lines(self, target, f.get("arg", "")):
+            stream.item((line + "\n").encode())
         stream.raw(encode_int(0))
         stream.close()
 
