@@ -55,6 +55,11 @@ def _path(session: GuiserverSession, value: object, what: str = "path", glob: bo
     return check.path(value, session.config.allowed_dirs, glob=glob, what=what)
 
 
+def _target(session: GuiserverSession, value: object, what: str = "path", glob: bool = False) -> str:
+    """A path the operation deletes or overwrites: strictly inside allowed-dirs (:func:`._check.destructive`)."""
+    return check.destructive(value, session.config.allowed_dirs, glob=glob, what=what)
+
+
 def _file_op(session: GuiserverSession, op: str, path: str, arg: str = "", port: int | None = None) -> bytes:
     body: list[tuple[str, str | int]] = [("operation", op), ("path", path)]
     if arg:
@@ -67,15 +72,19 @@ def _file_op(session: GuiserverSession, op: str, path: str, arg: str = "", port:
 # -- session settings ----------------------------------------------------------------------------
 
 @OPS.op
-def version(session: GuiserverSession) -> dict[str, Any]:
-    """The server's version reply (docs/protocols/guiserver.md §3.2) and the setup path sent."""
+def version(session: GuiserverSession, environment: bool = False) -> dict[str, Any]:
+    """The server's version reply (docs/protocols/guiserver.md §3.2) and the setup path sent.
+
+    guiServer sends every variable of its environment (tokens, paths): they are returned only
+    when asked for with ``environment=True``; otherwise ``environment`` is the number of them."""
     with session._lock:
         session._require_up("version")
         info = session._conn.version if session._conn is not None else None
         if info is None:
             raise BackendUnavailable(f"version: session {session.name!r} is not connected to {session.address}")
         return {"version": info.version, "difx_base": info.difx_base, "user": info.user,
-                "versions": list(info.versions), "environment": list(info.environment),
+                "versions": list(info.versions),
+                "environment": list(info.environment) if environment is True else len(info.environment),
                 "setup_path": session.setup_path}
 
 @OPS.op
@@ -103,7 +112,7 @@ def mkdir(session: GuiserverSession, path: str) -> None:
 
 @OPS.op
 def rmdir(session: GuiserverSession, path: str) -> None:
-    session._send_op("rmdir", _file_op(session, "rmdir", _path(session, path)))
+    session._send_op("rmdir", _file_op(session, "rmdir", _target(session, path)))
 
 @OPS.op
 def touch(session: GuiserverSession, path: str) -> None:
@@ -111,17 +120,18 @@ def touch(session: GuiserverSession, path: str) -> None:
 
 @OPS.op
 def rm(session: GuiserverSession, path: str, args: str = "") -> None:
-    """``args``: flags from ``-r``/``-f``; ``path`` may be a glob."""
+    """``args``: flags from ``-r``/``-f``; ``path`` may be a glob, strictly inside allowed-dirs
+    (never ``/`` nor an allowed directory itself; nothing at all without allowed-dirs)."""
     flags = check.args(args, allowed_flags="rf")
-    session._send_op("rm", _file_op(session, "rm", _path(session, path, glob=True), flags))
+    session._send_op("rm", _file_op(session, "rm", _target(session, path, glob=True), flags))
 
 @OPS.op
 def mv(session: GuiserverSession, src: str, dst: str) -> None:
-    session._send_op("mv", _file_op(session, "mv", _path(session, src), _path(session, dst, "destination")))
+    session._send_op("mv", _file_op(session, "mv", _target(session, src), _target(session, dst, "destination")))
 
 @OPS.op
 def cp(session: GuiserverSession, src: str, dst: str) -> None:
-    session._send_op("cp", _file_op(session, "cp", _path(session, src), _path(session, dst, "destination")))
+    session._send_op("cp", _file_op(session, "cp", _path(session, src), _target(session, dst, "destination")))
 
 @OPS.op
 def ls(session: GuiserverSession, path: str, args: str = "", timeout: float | None = None) -> list[str]:
@@ -157,7 +167,7 @@ def send_file(session: GuiserverSession, path: str, data: bytes, timeout: float 
 
     guiServer writes each 1024-byte block as a C string, so everything after a NUL byte in a
     block is lost: data with NUL bytes is refused unless ``allow_nul``."""
-    dest = _path(session, path, "destination")
+    dest = _target(session, path, "destination")
     if not isinstance(data, bytes | bytearray):
         raise BackendRejected(f"send_file: data must be bytes, not {type(data).__name__}")
     if b"\x00" in data and not allow_nul:
@@ -282,7 +292,7 @@ def start_job(session: GuiserverSession, input: str, function: str = "USNO",
               force: bool = False, wait: bool = False, timeout: float | None = None) -> Any:
     """Start a DiFX job from its ``.input``; return the job name, or with ``wait`` its final state."""
     cfg = session.config
-    inp = _path(session, input, "input")
+    inp = _target(session, input, "input") if force else _path(session, input, "input")  # force: rm -rf <job>.difx
     if not inp.endswith(".input"):
         raise BackendRejected(f"input {inp!r}: expected a .input file")
     func = check.function(function)

@@ -139,3 +139,56 @@ class TestOptionLikeNames:
         with pytest.raises(BackendRejected, match="as an option"):
             h.session.call("vex2difx", "/data/exp", name)
         assert len(emu.received) == sent
+
+
+@pytest.mark.timeout(60)
+class TestDestructive:
+    """rm, rmdir, mv, cp/send_file destinations and forced jobs stay strictly inside allowed-dirs."""
+
+    @pytest.mark.parametrize(("allowed", "op", "args"), [
+        ([], "rm", ("/*", "-rf")),  # the default config: nothing destructive at all
+        ([], "rm", ("/data/exp/a",)),
+        ([], "rmdir", ("/data/exp/sub",)),
+        ([], "mv", ("/data/exp/a", "/data/exp/b")),
+        ([], "cp", ("/data/exp/a", "/data/exp/b")),
+        ([], "send_file", ("/data/exp/a", b"x")),
+        ([], "start_job", ("/data/exp/job_1.input",), ),
+        (["/"], "rm", ("/*", "-rf")),  # '/' as an allowed directory allows nothing destructive
+        (["/data"], "rm", ("/",)),
+        (["/data"], "rm", ("/data", "-rf")),  # the allowed directory itself
+        (["/data"], "rm", ("/data/",)),
+        (["/data"], "rm", ("/dat*", "-rf")),  # a glob reaching outside
+        (["/data"], "rm", ("/etc/passwd",)),
+        (["/data/exp"], "cp", ("/data/exp/a", "/data/b")),
+    ])
+    def test_refused(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host],
+                     allowed: list[str], op: str, args: tuple[object, ...]) -> None:
+        """Each call raises BackendRejected and nothing reaches the server."""
+        emu = emulator()
+        h = host(emu.port, allowed_dirs=allowed)
+        sent = len(emu.received)
+        kwargs = {"force": True} if op == "start_job" else {}
+        with pytest.raises(BackendRejected, match="allowed"):
+            h.session.call(op, *args, **kwargs)
+        assert len(emu.received) == sent
+
+    def test_inside_allowed(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
+        """Inside an allowed directory rm works, globs included."""
+        emu = emulator()
+        emu.real("/data/exp/a.txt").write_text("")
+        h = host(emu.port, allowed_dirs=["/data"])
+        h.session.call("rm", "/data/exp/*.txt")
+        assert h.session.call("ls", "/data/exp") == []
+
+
+@pytest.mark.timeout(60)
+class TestVersionEnvironment:
+    """version() hides the server's environment unless asked for."""
+
+    def test_hidden_unless_asked(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
+        """By default only the number of variables; environment=True returns them."""
+        emu = emulator(environment={"SECRET_TOKEN": "abc", "HOME": "/home/difx"})
+        h = host(emu.port)
+        info = h.session.call("version")
+        assert info["environment"] == 2 and "abc" not in repr(info)
+        assert h.session.call("version", environment=True)["environment"] == ["SECRET_TOKEN=abc", "HOME=/home/difx"]
