@@ -55,6 +55,7 @@ from flowbus.schemas import (
 from .._ops import Operations
 from .._session import Opened, Phase, SessionBase
 from . import _check as check
+from . import _ops_extra  # noqa: F401 - registers file_list and the Mark5 operations on OPS
 from ._events import JobTrack, Translator
 from ._ops import OPS
 from .protocol import (

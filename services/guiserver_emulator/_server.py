@@ -8,7 +8,7 @@
 * File operations (no reply; ``ls`` streams ``[len][path\\n]`` then 0), GET_JOB_STATUS from
   ``.difxlog`` files, fake DifxStart jobs with scripted outcomes (see :data:`OUTCOMES`) producing
   the packet sequences of docs/protocols/guiserver.md §5.1, DifxStatusMessage relays with progress MJDs,
-  DifxStop.
+  DifxStop, GENERATE_FILELIST (MJDs faked) and Mark5 operations (every unit unreachable).
 * The ``.difxlog`` is buffered as the real server does: created empty when the job reaches the run
   stage and written when the job ends, so job status says NO_STATUS while it runs and a crash
   loses its lines for good (``difxlog_live=True`` writes each line at once instead).
@@ -40,6 +40,7 @@ from flowbus.schemas import BackendProtocolError
 from ..guiserver import messages as gx
 from ..guiserver.protocol import FrameDecoder, decode_int, encode_int
 from ..guiserver.protocol import PacketId as P
+from ._extra import run_file_list, run_mark5
 from ._jobs import Client, Job, Stream, run_job, run_machines, run_vex2difx
 from ._ls import ls_lines
 
@@ -231,6 +232,8 @@ class GuiserverEmulator:
             with c.inbox_cond:
                 c.inbox.setdefault(decode_int(payload), bytearray()).extend(payload[4:])
                 c.inbox_cond.notify_all()
+        elif pid == P.GENERATE_FILELIST:
+            self._spawn(run_file_list, self, c, payload)
         elif pid == P.GET_JOB_STATUS:
             self._spawn(self._job_status, c, payload)
 
@@ -274,6 +277,8 @@ class GuiserverEmulator:
             job = self._jobs.get(f.get("input", ""))
             if job is not None:
                 job.stopped.set()
+        elif msg.type in ("DifxMk5Control", "DifxGetDirectory", "DifxMark5Copy"):
+            self._spawn(run_mark5, c, msg.type, f)
         elif msg.type == "DifxCommand":
             self.inject(payload)
         else:
