@@ -67,6 +67,8 @@ class JobTrack:
     #: its state cannot be recovered: ``unknown`` for good, no more status requests
     unrecoverable: bool = False
     failure: str = ""
+    #: timestamp + state of the last STATUS line its .difxlog held before this run ("" = none)
+    before: str = ""
     #: the last error line of its run (116), for the detail of a JOB_FAILED / ended with errors
     last_error: str = ""
     last_seen: float = field(default_factory=time.monotonic)
@@ -90,8 +92,9 @@ class Translator:
                 self._jobs[event.key] = JobTrack(event.key, str(event.attrs["input"]), state=event.state,
                                                  native=event.native, orphan=True)
 
-    def job_started(self, name: str, inp: str, port: int) -> None:
-        track = self._jobs[name] = JobTrack(name, inp, port)
+    def job_started(self, name: str, inp: str, port: int, before: str = "") -> None:
+        """``before``: the last STATUS line of the job's ``.difxlog`` before this run (see :meth:`resynced`)."""
+        track = self._jobs[name] = JobTrack(name, inp, port, before=before)
         self._by_port[port] = track
 
     def job(self, name: str) -> JobTrack | None:
@@ -272,6 +275,9 @@ class Translator:
                 del self._by_port[port]
 
     def resynced(self, track: JobTrack, row: Mapping[str, Any]) -> list[Event]:
+        if track.before and row.get("state") is not None and f"{row['timestamp']}{row['native']}" == track.before:
+            # the .difxlog is appended to: this is the previous run's last line, nothing of this run
+            row = {**row, "state": None, "native": "NO_STATUS"}
         if row.get("native") == "NO_DIFXLOG" and track.state in (State.UNKNOWN, State.QUEUED):
             # no .difxlog: the job never reached the run stage (docs/protocols/guiserver.md §5.1 step 12),
             # and never will

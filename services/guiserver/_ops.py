@@ -301,6 +301,13 @@ def start_job(session: GuiserverSession, input: str, function: str = "USNO",
     proc = check.nodes(cfg.process_nodes, "process-nodes")
     name = check.job_name(inp)
     with session._lock:
+        if session._tx.running(name):
+            raise BackendRejected(f"job {name!r} is already running")
+    # the .difxlog is appended to: remember its last STATUS line, so that a resync after a crash
+    # does not take an earlier run's end for this run's
+    before = next((f"{r['timestamp']}{r['native']}" for r in session._job_status(inp, None, "start_job")
+                   if r["job"] == name and r["state"] is not None), "")
+    with session._lock:
         session._require_up("start_job")
         if session._tx.running(name):
             raise BackendRejected(f"job {name!r} is already running")
@@ -313,7 +320,7 @@ def start_job(session: GuiserverSession, input: str, function: str = "USNO",
             body.append(("difxProgram", cfg.difx_program))
         attrs = [("manager", {"node": manager[0] if manager else ""}), ("datastream", {"nodes": " ".join(ds)}),
                  ("process", {"nodes": " ".join(proc), "threads": str(cfg.process_threads)})]
-        session._tx.job_started(name, inp, port)
+        session._tx.job_started(name, inp, port, before)
         session._send(encode(PacketId.COMMAND, gx.build("DifxStart", body, attrs)))
     return wait_job(session, name, timeout) if wait else name
 

@@ -114,11 +114,12 @@ class GuiserverEmulator:
         Running jobs finish unseen (``finish_jobs``): only their ``.difxlog`` tells the outcome."""
         self.crashes += 1
         self.crashed.set()
-        for job in list(self._jobs.values()):
+        jobs = list(self._jobs.values())
+        for job in jobs:
             job.lost = True  # the process that buffered its .difxlog is gone
-            if finish_jobs:
-                job.finish.set()
-        self._drop_all()
+        self._drop_all()  # before the jobs finish: no client may see their end
+        for job in jobs if finish_jobs else []:
+            job.finish.set()
         if self._running:
             self._spawn(self._restart)
 

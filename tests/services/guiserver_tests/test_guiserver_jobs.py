@@ -234,6 +234,7 @@ class TestRecovery:
         h.session.call("relay", False)
         h.session.call("start_job", inp)
         h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 1" for x in e))
+        asked_before = sum(pid == PacketId.GET_JOB_STATUS for pid, _ in emu.received)  # start_job asks once
         emu.crash()
         h.rec.wait_for(lambda e: sum(isinstance(x, Resynced) for x in e) == 2)
         states = h.rec.states("job_1")
@@ -252,7 +253,7 @@ class TestRecovery:
         assert h.session.call("wait_job", "job_1", timeout=2)["state"] == "unknown"
         assert h.session.call("jobs") == {"job_1": "unknown"}
         roundtrip(h)
-        assert sum(pid == PacketId.GET_JOB_STATUS for pid, _ in emu.received) == asked == 1
+        assert sum(pid == PacketId.GET_JOB_STATUS for pid, _ in emu.received) == asked == asked_before + 1
 
     def test_crash_resyncs_from_a_written_difxlog(self, emulator: Callable[..., GuiserverEmulator],
                                                    host: Callable[..., Host]) -> None:
@@ -275,6 +276,20 @@ class TestRecovery:
         emu.outcomes["job_1"] = "good"
         result = h.session.call("start_job", inp, force=True, wait=True, timeout=10)
         assert (result["state"], result["native"]) == ("complete", "ENDED_GRACEFULLY")
+
+    def test_rerun_crash_ignores_the_earlier_run(self, emulator: Callable[..., GuiserverEmulator],
+                                                 host: Callable[..., Host]) -> None:
+        """A re-run lost in a crash is unknown, not the earlier run's end still last in the appended .difxlog."""
+        emu, h, inp = job_host(emulator, host)
+        assert h.session.call("start_job", inp, wait=True, timeout=10)["state"] == "complete"
+        assert "STATUS Done" in emu.real("/data/exp/job_1.difxlog").read_text()
+        emu.outcomes["job_1"] = "slow"
+        h.session.call("start_job", inp, force=True)
+        h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 1" for x in e))
+        emu.crash()
+        h.rec.wait_for(lambda e: sum(isinstance(x, Resynced) for x in e) == 2)
+        last = h.rec.states("job_1")[-1]
+        assert (last.state, last.native, last.observed) == (State.UNKNOWN, "NO_STATUS", Observed.RESYNC)
 
     def test_crash_after_job(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
         """The real server's crash after every job: the job completes, then the session reconnects."""
