@@ -67,6 +67,9 @@ class JobTrack:
     #: its state cannot be recovered: ``unknown`` for good, no more status requests
     unrecoverable: bool = False
     failure: str = ""
+    #: status requests while orphaned: not before ``next_poll``; the gap doubles while nothing changes
+    next_poll: float = 0.0
+    poll_every: float = 0.0
     #: timestamp + state of the last STATUS line its .difxlog held before this run ("" = none)
     before: str = ""
     #: the last error line of its run (116), for the detail of a JOB_FAILED / ended with errors

@@ -318,6 +318,33 @@ class TestRecovery:
         finally:
             session.stop()
 
+    def test_quiet_orphan_backs_off(self, emulator: Callable[..., GuiserverEmulator]) -> None:
+        """A job known from the journal whose .difxlog stays empty is asked for less and less often
+        (1 s, 2 s, 4 s, ... at most a minute), not every second forever."""
+        emu = emulator()
+        emu.real("/data/exp/old.input").write_text("")
+        emu.real("/data/exp/old.difxlog").write_text("")
+        known = {"old": StateChanged(source="gs", backend="guiserver", key="old", state=State.ACTIVE,
+                                     attrs={"input": "/data/exp/old.input"})}
+        session = GuiserverSession(GuiserverSessionConfig(name="gs", port=emu.port, allowed_dirs=["/data"]))
+        session.start(Recorder(), known)  # no poller: polls are driven below
+        try:
+            track = session._tx.job("old")
+            assert track is not None and track.orphan and track.poll_every == 1.0
+
+            def asked() -> int:
+                return sum(pid == PacketId.GET_JOB_STATUS for pid, _ in emu.received)
+
+            for gap in (2.0, 4.0, 8.0):
+                count = asked()
+                session.poll()  # not due yet: nothing is sent
+                assert asked() == count
+                track.next_poll = session._next_resync = 0.0  # make it due
+                session.poll()
+                assert asked() == count + 1 and track.poll_every == gap
+        finally:
+            session.stop()
+
     def test_disconnect_during_job(self, emulator: Callable[..., GuiserverEmulator],
                                    host: Callable[..., Host]) -> None:
         """A client that vanishes mid-job crashes the (emulated) server; another session reconnects."""
