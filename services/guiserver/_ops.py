@@ -213,7 +213,8 @@ def vex2difx(session: GuiserverSession, pass_path: str, file: str, calc_only: bo
     session._require_up("vex2difx")
     if calc_only and not ls(session, f"{where}/{name}.calc"):
         # guiServer runs `touch <file>.calc`: a name or glob matching no .calc file would create one
-        # literally named so (e.g. `exp_*.calc`) and run the calc command on it (§6.1a)
+        # literally named so (e.g. `exp_*.calc`) and run the calc command on it
+        # (docs/protocols/guiserver.md §6.1a)
         raise BackendRejected(f"vex2difx: {where}/{name}.calc matches no .calc file (run vex2difx first)")
 
     def request(port: int) -> bytes:

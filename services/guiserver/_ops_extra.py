@@ -1,6 +1,7 @@
-"""More operations of :data:`._ops.OPS`: the file list (GENERATE_FILELIST, docs/protocols/guiserver.md
-§5.8) and the Mark5 operations (§5.9), which are documented pass-throughs: their arguments are
-checked (guiServer pastes them into shell commands) and the server's sub-packets are returned by name.
+"""More operations of :data:`._ops.OPS`: the file list (GENERATE_FILELIST,
+docs/protocols/guiserver.md §5.8) and the Mark5 operations (docs/protocols/guiserver.md §5.9),
+which are documented pass-throughs: their arguments are checked (guiServer pastes them into shell
+commands) and the server's sub-packets are returned by name.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The emulator's file list (GENERATE_FILELIST, docs/protocols/guiserver.md §5.8) and Mark5
-operations (§5.9). There is no Mark5 hardware and no data decoder: a data file's MJDs are faked
-from its name, and every Mark5 unit is unreachable (what the server says when mpirun cannot reach
-the host)."""
+operations (docs/protocols/guiserver.md §5.9). There is no Mark5 hardware and no data decoder: a
+data file's MJDs are faked from its position in the request, and every Mark5 unit is unreachable
+(what the server says when mpirun cannot reach the host)."""
 
 from __future__ import annotations
 

@@ -274,7 +274,7 @@ def run_vex2difx(emu: Any, c: Client, f: Mapping[str, str]) -> None:
             c.send(P.ERROR, b"vex2difx RETURNED ERRORS")
     else:
         # `touch <file>.calc` then `rm -f <file>.im` in a shell: a glob that matches no .calc file
-        # is kept literally, so touch creates a file named e.g. `exp_*.calc` (§6.1a)
+        # is kept literally, so touch creates a file named e.g. `exp_*.calc` (docs/protocols/guiserver.md §6.1a)
         for calc_file in sorted(base.glob(f"{name}.calc")) or [base / f"{name}.calc"]:
             calc_file.touch()
             calc_file.with_suffix(".im").unlink(missing_ok=True)
