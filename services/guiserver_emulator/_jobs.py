@@ -192,6 +192,12 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
     c.send(P.WARNING, f"executing: mpirun -np 3 {c.setup} {prog} {inp}\n".encode())
     s.packet(J.STARTING_DIFX)
 
+    def tell(doc: bytes) -> None:
+        """A DifxStatusMessage of the job; none once the server that ran it crashed (mpifxcorr's
+        output pipe to it is gone), so a restarted server never relays a lost job's end."""
+        if emu.difxlog_live or not job.lost:  # a line-by-line log stands for a job running on unseen
+            emu.inject(doc)
+
     def end(*packets: tuple[int, bytes]) -> bool:
         job.flush()  # the .difxlog is written when the job ends (emulated just before its terminal id)
         for pid, payload in packets:
@@ -202,7 +208,7 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
         s.packet(J.DIFX_ERROR, b"/bin/bash: line 1: mpirun: command not found")
         return end((J.DIFX_ERROR, f"{prog} FAILED".encode()), (J.JOB_FAILED, b""))
     t0, t1 = 60000.0, 60000.01
-    emu.inject(gx.status_message(name, "Starting", "starting", start_mjd=t0, stop_mjd=t1))
+    tell(gx.status_message(name, "Starting", "starting", start_mjd=t0, stop_mjd=t1))
     ticks = emu.slow_ticks if outcome == "slow" else 2
     for i in range(ticks):
         if job.stopped.is_set() or (job.finish.is_set() and outcome == "slow"):
@@ -216,22 +222,22 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
             if outcome == "failure":
                 break
         pct = (i + 1) / ticks
-        emu.inject(gx.status_message(name, "Running", f"{name} {100 * pct:.0f}%", vis_mjd=t0 + pct * (t1 - t0),
+        tell(gx.status_message(name, "Running", f"{name} {100 * pct:.0f}%", vis_mjd=t0 + pct * (t1 - t0),
                                       start_mjd=t0, stop_mjd=t1, weights=[0.95]))
         job.stopped.wait(step)
     if job.stopped.is_set():
         c.send(P.WARNING, f"{prog} terminated by user".encode())
-        emu.inject(gx.status_message(name, "Terminated", "stopped by user"))
+        tell(gx.status_message(name, "Terminated", "stopped by user"))
         return end((J.TERMINATED, b""))
     if outcome == "partial_failed":
         # the same program output as "partial", but the server's stderr thread saw the error line
         # after the stdout thread's last line (docs/protocols/guiserver.md §6.1a): JOB_FAILED
         s.packet(J.DIFX_ERROR, b"Error: disk read failed")
     if outcome in ("failure", "partial_failed"):
-        emu.inject(gx.status_message(name, "Crashed", "disk read failed"))
+        tell(gx.status_message(name, "Crashed", "disk read failed"))
         return end((J.DIFX_ERROR, f"{prog} FAILED".encode()), (J.JOB_FAILED, b""))
     out.mkdir(parents=True, exist_ok=True)
-    emu.inject(gx.status_message(name, "Done", "done", vis_mjd=t1, start_mjd=t0, stop_mjd=t1))
+    tell(gx.status_message(name, "Done", "done", vis_mjd=t1, start_mjd=t0, stop_mjd=t1))
     s.packet(J.DIFX_COMPLETE)
     if outcome == "partial":
         return end((J.JOB_ENDED_WITH_ERRORS, b""))

@@ -285,7 +285,7 @@ class TestRecovery:
         assert "STATUS Done" in emu.real("/data/exp/job_1.difxlog").read_text()
         emu.outcomes["job_1"] = "slow"
         h.session.call("start_job", inp, force=True)
-        h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 1" for x in e))
+        h.rec.wait_for(lambda e: sum(isinstance(x, LogLine) and x.message == "tick 1" for x in e) == 2)  # the re-run's
         emu.crash()
         h.rec.wait_for(lambda e: sum(isinstance(x, Resynced) for x in e) == 2)
         last = h.rec.states("job_1")[-1]
