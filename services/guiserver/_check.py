@@ -38,6 +38,21 @@ def path(value: object, allowed: Sequence[str] = (), *, glob: bool = False, what
     return value
 
 
+def destructive(value: object, allowed: Sequence[str], *, glob: bool = False, what: str = "path") -> str:
+    """A path an operation may delete or overwrite (rm, rmdir, mv, cp/send_file destinations, the
+    output a forced job removes): checked as :func:`path`, and then strictly inside one of the
+    ``allowed`` directories other than ``/``. With no such directory configured nothing may be
+    deleted or overwritten."""
+    checked = path(value, allowed, glob=glob, what=what)
+    roots = [d.rstrip("/") for d in allowed if d.rstrip("/")]
+    if not roots:
+        raise BackendRejected(f"{what} {checked!r}: deleting or overwriting needs allowed-dirs configured "
+                              "(a directory other than '/')")
+    if not any(checked.startswith(d + "/") and checked != d + "/" for d in roots):
+        raise BackendRejected(f"{what} {checked!r}: not strictly inside the allowed directories {roots}")
+    return checked
+
+
 def args(value: object, *, allowed_flags: str) -> str:
     """Option flags such as ``-r`` or ``-l -t``: only letters from ``allowed_flags``."""
     if value in ("", None):
@@ -83,6 +98,8 @@ def file_name(value: object, *, glob: bool = False) -> str:
     pattern = r"[A-Za-z0-9_.+*?-]{1,200}" if glob else r"[A-Za-z0-9_.+-]{1,200}"
     if not isinstance(value, str) or not re.fullmatch(pattern, value) or value in (".", ".."):
         raise BackendRejected(f"file {value!r}: a bare name of letters, digits and _.+-" + ("*?" if glob else ""))
+    if value.startswith("-"):
+        raise BackendRejected(f"file {value!r}: starts with '-', which the server's command would take as an option")
     return value
 
 

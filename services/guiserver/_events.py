@@ -62,7 +62,18 @@ class JobTrack:
     stop_requested: bool = False
     config_passed: bool = False
     orphan: bool = False  # its stream was lost: only GET_JOB_STATUS can tell how it ended
+    #: why its stream went away with the connection (a crash or a loss); "" while the stream is alive
+    lost: str = ""
+    #: its state cannot be recovered: ``unknown`` for good, no more status requests
+    unrecoverable: bool = False
     failure: str = ""
+    #: status requests while orphaned: not before ``next_poll``; the gap doubles while nothing changes
+    next_poll: float = 0.0
+    poll_every: float = 0.0
+    #: timestamp + state of the last STATUS line its .difxlog held before this run ("" = none)
+    before: str = ""
+    #: the last error line of its run (116), for the detail of a JOB_FAILED / ended with errors
+    last_error: str = ""
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -84,8 +95,9 @@ class Translator:
                 self._jobs[event.key] = JobTrack(event.key, str(event.attrs["input"]), state=event.state,
                                                  native=event.native, orphan=True)
 
-    def job_started(self, name: str, inp: str, port: int) -> None:
-        track = self._jobs[name] = JobTrack(name, inp, port)
+    def job_started(self, name: str, inp: str, port: int, before: str = "") -> None:
+        """``before``: the last STATUS line of the job's ``.difxlog`` before this run (see :meth:`resynced`)."""
+        track = self._jobs[name] = JobTrack(name, inp, port, before=before)
         self._by_port[port] = track
 
     def job(self, name: str) -> JobTrack | None:
@@ -93,7 +105,11 @@ class Translator:
 
     def running(self, name: str) -> bool:
         track = self._jobs.get(name)
-        return track is not None and not track.state.final and not track.orphan
+        return track is not None and not track.state.final and not track.orphan and not track.unrecoverable
+
+    def settled(self, track: JobTrack) -> bool:
+        """Nothing more will be learned of ``track``: final, or unknown for good."""
+        return track.state.final or track.unrecoverable
 
     def states(self) -> dict[str, str]:
         return {n: t.state.value for n, t in self._jobs.items()}
@@ -103,10 +119,11 @@ class Translator:
         event: Event = self._ev(StateChanged, key=key, state=state, native=native, attrs=attrs)
         return event
 
-    def orphan_running(self) -> None:
+    def orphan_running(self, reason: str) -> None:
+        """The connection went away: every unfinished job's stream went with it."""
         for track in self._jobs.values():
-            if not track.state.final:
-                track.orphan = True
+            if not track.state.final and not track.unrecoverable:
+                track.orphan, track.lost = True, reason
         self._by_port.clear()
 
     def stream_closed(self, port: int) -> None:
@@ -151,6 +168,8 @@ class Translator:
         track.last_seen = time.monotonic()
         text = p.payload.decode(errors="replace")
         if pid in _TEXT_LEVEL:
+            if pid == JobId.DIFX_ERROR and not text.endswith(" FAILED"):  # not the server's own "<prog> FAILED"
+                track.last_error = text
             return [self.log(_TEXT_LEVEL[JobId(pid)], text, "job", track.name)]
         if pid == JobId.STARTED:
             return self._move(track, State.QUEUED, "STARTED")
@@ -169,10 +188,13 @@ class Translator:
         self._by_port.pop(p.port, None)
         if pid == JobId.ENDED_GRACEFULLY:
             return self._move(track, State.COMPLETE, "ENDED_GRACEFULLY")
+        # guiServer reads stdout and stderr in two threads: an error line followed by more output
+        # ends as 120 or as 119 (docs/protocols/guiserver.md §6.1a); both name the error line
         if pid == JobId.JOB_ENDED_WITH_ERRORS:
-            return self._move(track, State.COMPLETE, "JOB_ENDED_WITH_ERRORS", "ended with errors")
+            detail = f"ended with errors: {track.last_error}" if track.last_error else "ended with errors"
+            return self._move(track, State.COMPLETE, "JOB_ENDED_WITH_ERRORS", detail)
         if pid == JobId.JOB_FAILED:
-            return self._move(track, State.ABORTED, "JOB_FAILED", track.failure)
+            return self._move(track, State.ABORTED, "JOB_FAILED", track.failure or track.last_error)
         if pid == JobId.STOPPED_AFTER_CONFIG:
             ok = track.config_passed
             return self._move(track, State.COMPLETE if ok else State.ABORTED, "STOPPED_AFTER_CONFIG",
@@ -211,7 +233,7 @@ class Translator:
         state = gx.STATUS_STATES.get(word)
         track = self._jobs.get(key)
         if state is not None and track is not None:
-            if not state.final or track.orphan:  # a live stream reports the end more precisely
+            if not state.final or track.orphan or track.unrecoverable:  # a live stream reports the end better
                 out += self._move(track, state, word, msg.fields.get("message", ""))
         elif state is not None and self._relay_states.get(key) is not state:
             self._relay_states[key] = state
@@ -256,6 +278,9 @@ class Translator:
                 del self._by_port[port]
 
     def resynced(self, track: JobTrack, row: Mapping[str, Any]) -> list[Event]:
+        if track.before and row.get("state") is not None and f"{row['timestamp']}{row['native']}" == track.before:
+            # the .difxlog is appended to: this is the previous run's last line, nothing of this run
+            row = {**row, "state": None, "native": "NO_STATUS"}
         if row.get("native") == "NO_DIFXLOG" and track.state in (State.UNKNOWN, State.QUEUED):
             # no .difxlog: the job never reached the run stage (docs/protocols/guiserver.md §5.1 step 12),
             # and never will
@@ -264,12 +289,27 @@ class Translator:
             track.orphan = False
             return events
         if row.get("state") is None:
+            if track.lost and row.get("native") in ("NO_STATUS", "NO_DIFXLOG"):
+                return self._unrecoverable(track, str(row["native"]))
             return []
         events = self._move(track, State(row["state"]), row["native"], f"from .difxlog: {row['message']}",
                             Observed.RESYNC)
         if track.state.final:
             track.orphan = False
         return events
+
+    def _unrecoverable(self, track: JobTrack, native: str) -> list[Event]:
+        """A job whose stream went with the connection and whose ``.difxlog`` holds no status:
+        guiServer writes that file only when the job ends, and a crash loses it
+        (docs/protocols/guiserver.md §6.1a), so nothing will ever tell how it ended."""
+        what = "no .difxlog" if native == "NO_DIFXLOG" else "an empty .difxlog"
+        detail = (f"state cannot be recovered: {track.lost} while the job was {track.state.value}, and the server "
+                  f"holds {what} (guiServer writes it only when a job ends; a crash loses it)")
+        previous = track.state
+        track.state, track.native, track.detail = State.UNKNOWN, native, detail
+        track.orphan, track.unrecoverable = False, True
+        return [self._ev(StateChanged, key=track.name, state=State.UNKNOWN, native=native, previous=previous,
+                         detail=detail, observed=Observed.RESYNC, attrs={"input": track.input})]
 
 
 def _num(text: str) -> float | int | str:

@@ -55,6 +55,11 @@ def _path(session: GuiserverSession, value: object, what: str = "path", glob: bo
     return check.path(value, session.config.allowed_dirs, glob=glob, what=what)
 
 
+def _target(session: GuiserverSession, value: object, what: str = "path", glob: bool = False) -> str:
+    """A path the operation deletes or overwrites: strictly inside allowed-dirs (:func:`._check.destructive`)."""
+    return check.destructive(value, session.config.allowed_dirs, glob=glob, what=what)
+
+
 def _file_op(session: GuiserverSession, op: str, path: str, arg: str = "", port: int | None = None) -> bytes:
     body: list[tuple[str, str | int]] = [("operation", op), ("path", path)]
     if arg:
@@ -67,15 +72,19 @@ def _file_op(session: GuiserverSession, op: str, path: str, arg: str = "", port:
 # -- session settings ----------------------------------------------------------------------------
 
 @OPS.op
-def version(session: GuiserverSession) -> dict[str, Any]:
-    """The server's version reply (docs/protocols/guiserver.md §3.2) and the setup path sent."""
+def version(session: GuiserverSession, environment: bool = False) -> dict[str, Any]:
+    """The server's version reply (docs/protocols/guiserver.md §3.2) and the setup path sent.
+
+    guiServer sends every variable of its environment (tokens, paths): they are returned only
+    when asked for with ``environment=True``; otherwise ``environment`` is the number of them."""
     with session._lock:
         session._require_up("version")
         info = session._conn.version if session._conn is not None else None
         if info is None:
             raise BackendUnavailable(f"version: session {session.name!r} is not connected to {session.address}")
         return {"version": info.version, "difx_base": info.difx_base, "user": info.user,
-                "versions": list(info.versions), "environment": list(info.environment),
+                "versions": list(info.versions),
+                "environment": list(info.environment) if environment is True else len(info.environment),
                 "setup_path": session.setup_path}
 
 @OPS.op
@@ -103,7 +112,7 @@ def mkdir(session: GuiserverSession, path: str) -> None:
 
 @OPS.op
 def rmdir(session: GuiserverSession, path: str) -> None:
-    session._send_op("rmdir", _file_op(session, "rmdir", _path(session, path)))
+    session._send_op("rmdir", _file_op(session, "rmdir", _target(session, path)))
 
 @OPS.op
 def touch(session: GuiserverSession, path: str) -> None:
@@ -111,21 +120,25 @@ def touch(session: GuiserverSession, path: str) -> None:
 
 @OPS.op
 def rm(session: GuiserverSession, path: str, args: str = "") -> None:
-    """``args``: flags from ``-r``/``-f``; ``path`` may be a glob."""
+    """``args``: flags from ``-r``/``-f``; ``path`` may be a glob, strictly inside allowed-dirs
+    (never ``/`` nor an allowed directory itself; nothing at all without allowed-dirs)."""
     flags = check.args(args, allowed_flags="rf")
-    session._send_op("rm", _file_op(session, "rm", _path(session, path, glob=True), flags))
+    session._send_op("rm", _file_op(session, "rm", _target(session, path, glob=True), flags))
 
 @OPS.op
 def mv(session: GuiserverSession, src: str, dst: str) -> None:
-    session._send_op("mv", _file_op(session, "mv", _path(session, src), _path(session, dst, "destination")))
+    session._send_op("mv", _file_op(session, "mv", _target(session, src), _target(session, dst, "destination")))
 
 @OPS.op
 def cp(session: GuiserverSession, src: str, dst: str) -> None:
-    session._send_op("cp", _file_op(session, "cp", _path(session, src), _path(session, dst, "destination")))
+    session._send_op("cp", _file_op(session, "cp", _path(session, src), _target(session, dst, "destination")))
 
 @OPS.op
 def ls(session: GuiserverSession, path: str, args: str = "", timeout: float | None = None) -> list[str]:
-    """The paths ``ls`` prints (``args``: flags from ``-d -l -a -t -r -S -1``)."""
+    """The lines ``ls <args> <path>`` prints on the server, newline removed, as GNU ls prints
+    them (docs/protocols/guiserver.md §6.1a): a directory gives its bare entry names, a file its
+    path, a glob what the shell expands (several directories under ``<dir>:`` headers); ``-l``
+    gives ``total N`` and long lines. ``args``: flags from ``-d -l -a -t -r -S -1``."""
     target, flags = _path(session, path, glob=True), check.args(args, allowed_flags="dlatrS1")
     items = session._stream("ls", StreamKind.RAW, lambda port: _file_op(session, "ls", target, flags, port), timeout)
     return [it.data.decode(errors="replace").rstrip("\n") for it in items if it.data is not None]
@@ -154,7 +167,7 @@ def send_file(session: GuiserverSession, path: str, data: bytes, timeout: float 
 
     guiServer writes each 1024-byte block as a C string, so everything after a NUL byte in a
     block is lost: data with NUL bytes is refused unless ``allow_nul``."""
-    dest = _path(session, path, "destination")
+    dest = _target(session, path, "destination")
     if not isinstance(data, bytes | bytearray):
         raise BackendRejected(f"send_file: data must be bytes, not {type(data).__name__}")
     if b"\x00" in data and not allow_nul:
@@ -189,7 +202,8 @@ def vex2difx(session: GuiserverSession, pass_path: str, file: str, calc_only: bo
              timeout: float | None = 600.0) -> list[str] | None:
     """Run vex2difx (unless ``calc_only``) and the calc command in ``pass_path`` (docs/protocols/guiserver.md §5.6).
 
-    ``file`` is the .v2d name, or with ``calc_only`` a job name or glob. Each new .input/.im
+    ``file`` is the .v2d name, or with ``calc_only`` a job name or glob that must match existing
+    ``.calc`` files (checked with ls first: the server would create one literally named). Each new .input/.im
     path is published at once as ``LogLine(stream="vex2difx.file")``; the end as
     ``StateChanged(key="vex2difx/<file>", state=complete, attrs={"files": n})``. Returns the
     paths, or None at once when ``wait`` is False (the run goes on in a thread of the session)."""
@@ -197,6 +211,11 @@ def vex2difx(session: GuiserverSession, pass_path: str, file: str, calc_only: bo
     name = check.file_name(file, glob=calc_only)
     key = f"vex2difx/{name}"
     session._require_up("vex2difx")
+    if calc_only and not ls(session, f"{where}/{name}.calc"):
+        # guiServer runs `touch <file>.calc`: a name or glob matching no .calc file would create one
+        # literally named so (e.g. `exp_*.calc`) and run the calc command on it
+        # (docs/protocols/guiserver.md §6.1a)
+        raise BackendRejected(f"vex2difx: {where}/{name}.calc matches no .calc file (run vex2difx first)")
 
     def request(port: int) -> bytes:
         return encode(PacketId.COMMAND, gx.build("DifxVex2DifxRun", [
@@ -274,7 +293,7 @@ def start_job(session: GuiserverSession, input: str, function: str = "USNO",
               force: bool = False, wait: bool = False, timeout: float | None = None) -> Any:
     """Start a DiFX job from its ``.input``; return the job name, or with ``wait`` its final state."""
     cfg = session.config
-    inp = _path(session, input, "input")
+    inp = _target(session, input, "input") if force else _path(session, input, "input")  # force: rm -rf <job>.difx
     if not inp.endswith(".input"):
         raise BackendRejected(f"input {inp!r}: expected a .input file")
     func = check.function(function)
@@ -282,6 +301,13 @@ def start_job(session: GuiserverSession, input: str, function: str = "USNO",
     ds = check.nodes(cfg.datastream_nodes, "datastream-nodes")
     proc = check.nodes(cfg.process_nodes, "process-nodes")
     name = check.job_name(inp)
+    with session._lock:
+        if session._tx.running(name):
+            raise BackendRejected(f"job {name!r} is already running")
+    # the .difxlog is appended to: remember its last STATUS line, so that a resync after a crash
+    # does not take an earlier run's end for this run's
+    before = next((f"{r['timestamp']}{r['native']}" for r in session._job_status(inp, None, "start_job")
+                   if r["job"] == name and r["state"] is not None), "")
     with session._lock:
         session._require_up("start_job")
         if session._tx.running(name):
@@ -295,7 +321,7 @@ def start_job(session: GuiserverSession, input: str, function: str = "USNO",
             body.append(("difxProgram", cfg.difx_program))
         attrs = [("manager", {"node": manager[0] if manager else ""}), ("datastream", {"nodes": " ".join(ds)}),
                  ("process", {"nodes": " ".join(proc), "threads": str(cfg.process_threads)})]
-        session._tx.job_started(name, inp, port)
+        session._tx.job_started(name, inp, port, before)
         session._send(encode(PacketId.COMMAND, gx.build("DifxStart", body, attrs)))
     return wait_job(session, name, timeout) if wait else name
 
@@ -317,16 +343,16 @@ def stop_job(session: GuiserverSession, job: str) -> None:
 
 @OPS.op
 def wait_job(session: GuiserverSession, job: str, timeout: float | None = None) -> dict[str, Any]:
-    """Block until ``job`` reaches a final state; return ``{"job", "state", "native", "detail"}``.
-    Waits through reconnects (the resync may end it); ``BackendUnavailable`` once the session
-    is stopped or gave up."""
+    """Block until ``job`` reaches a final state, or ``unknown`` for good (its state was lost in a
+    server crash); return ``{"job", "state", "native", "detail"}``. Waits through reconnects (the
+    resync may end it); ``BackendUnavailable`` once the session is stopped or gave up."""
     with session._lock:
         track = session._tx.job(job)
         if track is None:
             raise BackendRejected(f"unknown job {job!r}")
-        if not session._cond.wait_for(lambda: track.state.final or session._phase in _ENDED, timeout):
+        if not session._cond.wait_for(lambda: session._tx.settled(track) or session._phase in _ENDED, timeout):
             raise BackendTimeout(f"job {job!r} not finished within {timeout} s")
-        if not track.state.final:
+        if not session._tx.settled(track):
             raise BackendUnavailable(f"wait_job: session {session.name!r} is {session.phase}; "
                                      f"job {job!r} was last {track.state.value}")
         return {"job": job, "state": track.state.value, "native": track.native, "detail": track.detail}

@@ -55,6 +55,7 @@ from flowbus.schemas import (
 from .._ops import Operations
 from .._session import Opened, Phase, SessionBase
 from . import _check as check
+from . import _ops_extra  # noqa: F401 - registers file_list and the Mark5 operations on OPS
 from ._events import JobTrack, Translator
 from ._ops import OPS
 from .protocol import (
@@ -77,6 +78,8 @@ JOIN_S = 5.0
 #: while UP: seconds between two polls, and between two status requests for jobs whose stream was lost
 _POLL_S = 0.2
 _RESYNC_S = 1.0
+#: the longest gap between two status requests for a job whose .difxlog says nothing new
+_RESYNC_MAX_S = 60.0
 #: TCP keepalive probes (interval, count) after ``request-timeout`` seconds of silence
 _KEEPALIVE = (2, 3)
 _SAFE_SETUP = re.compile(r"/[A-Za-z0-9_./+@:=,%-]*")
@@ -198,7 +201,9 @@ class GuiserverSession(SessionBase):
             held, self._early = self._early or [], None
             events = [e for ev in held for e in self._tx.translate(ev)]
             for track, status in rows:
-                events += self._resynced(track, status)
+                found = self._resynced(track, status)
+                self._poll_later(track, bool(found))
+                events += found
         except BaseException as exc:
             self._drop()
             if self._phase is Phase.CLOSED and isinstance(exc, BackendError):  # stop() came during a wait
@@ -219,10 +224,12 @@ class GuiserverSession(SessionBase):
         """Hand silent job streams to the resync; ask the status of lost jobs every second."""
         if self.config.job_silence_timeout > 0:
             self._tx.silent(self.config.job_silence_timeout)
-        if not self._tx.orphans() or time.monotonic() < self._next_resync:
+        now = time.monotonic()
+        due = [t for t in self._tx.orphans() if t.next_poll <= now]
+        if not due or now < self._next_resync:
             return
-        self._next_resync = time.monotonic() + _RESYNC_S
-        for track in self._tx.orphans():
+        self._next_resync = now + _RESYNC_S
+        for track in due:
             try:
                 rows = self._status_rows(track, "resync")
             except (BackendUnavailable, BackendTimeout):
@@ -230,7 +237,9 @@ class GuiserverSession(SessionBase):
                     raise  # the server did not answer: lost
                 return  # the reader (or a failed send) already reported the loss
             if rows is not None:
-                self._publish(self._resynced(track, rows))
+                events = self._resynced(track, rows)
+                self._publish(events)
+                self._poll_later(track, bool(events))
         self._cond.notify_all()
 
     def _drop(self) -> None:
@@ -243,7 +252,7 @@ class GuiserverSession(SessionBase):
 
     def _lost(self, reason: str) -> None:
         self._drop()
-        self._tx.orphan_running()
+        self._tx.orphan_running(reason)
 
     def _kill(self) -> None:
         if self._lock.acquire(blocking=False):  # ours already (kill got it), or free
@@ -492,6 +501,13 @@ class GuiserverSession(SessionBase):
             self._log.warning("guiserver.resync.refused", job=track.name, error=str(exc))
             return None
         return self._job_status(pattern, None, operation, opening=opening)
+
+    @staticmethod
+    def _poll_later(track: JobTrack, changed: bool) -> None:
+        """The next status request for an orphan: 1 s after news, else twice the last gap (at most
+        a minute), so a job whose .difxlog stays empty is not asked for every second forever."""
+        track.poll_every = _RESYNC_S if changed or not track.poll_every else min(2 * track.poll_every, _RESYNC_MAX_S)
+        track.next_poll = time.monotonic() + track.poll_every
 
     def _resynced(self, track: JobTrack, rows: list[dict[str, Any]]) -> list[Event]:
         return [e for row in rows if row["job"] == track.name for e in self._tx.resynced(track, row)]

@@ -118,6 +118,16 @@ class Job:
     client: Client | None = None
     stopped: threading.Event = field(default_factory=threading.Event)
     finish: threading.Event = field(default_factory=threading.Event)
+    #: .difxlog lines held until the job ends (the real server buffers them; a crash loses them)
+    buffer: list[str] = field(default_factory=list)
+    #: the server "process" that ran it crashed: its buffered lines are gone
+    lost: bool = False
+
+    def flush(self) -> None:
+        if self.buffer and not self.lost:
+            with open(self.log, "a") as fh:
+                fh.write("".join(self.buffer))
+        self.buffer.clear()
 
 
 def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name: str, outcome: str) -> bool:
@@ -173,6 +183,7 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
         s.packet(J.TERMINATED)
         return False
     job = Job(name, inp, real.with_suffix(".difxlog"), c)
+    job.log.touch()  # opened for append at step 12: empty while the job runs
     emu._jobs[inp] = job
     if out.exists():
         s.packet(J.DELETING_PREVIOUS_OUTPUT)
@@ -180,13 +191,24 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
     prog = "mpifxcorr"
     c.send(P.WARNING, f"executing: mpirun -np 3 {c.setup} {prog} {inp}\n".encode())
     s.packet(J.STARTING_DIFX)
+
+    def tell(doc: bytes) -> None:
+        """A DifxStatusMessage of the job; none once the server that ran it crashed (mpifxcorr's
+        output pipe to it is gone), so a restarted server never relays a lost job's end."""
+        if emu.difxlog_live or not job.lost:  # a line-by-line log stands for a job running on unseen
+            emu.inject(doc)
+
+    def end(*packets: tuple[int, bytes]) -> bool:
+        job.flush()  # the .difxlog is written when the job ends (emulated just before its terminal id)
+        for pid, payload in packets:
+            s.packet(pid, payload)
+        return True
+
     if outcome == "no_tools":
         s.packet(J.DIFX_ERROR, b"/bin/bash: line 1: mpirun: command not found")
-        s.packet(J.DIFX_ERROR, f"{prog} FAILED".encode())
-        s.packet(J.JOB_FAILED)
-        return True
+        return end((J.DIFX_ERROR, f"{prog} FAILED".encode()), (J.JOB_FAILED, b""))
     t0, t1 = 60000.0, 60000.01
-    emu.inject(gx.status_message(name, "Starting", "starting", start_mjd=t0, stop_mjd=t1))
+    tell(gx.status_message(name, "Starting", "starting", start_mjd=t0, stop_mjd=t1))
     ticks = emu.slow_ticks if outcome == "slow" else 2
     for i in range(ticks):
         if job.stopped.is_set() or (job.finish.is_set() and outcome == "slow"):
@@ -195,33 +217,32 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
         c.send(P.INFORMATION, f"{prog}... tick {i + 1}".encode())
         if outcome == "warning" and i == 0:
             s.packet(J.DIFX_WARNING, b"WARNING: weak signal")
-        if outcome in ("failure", "partial") and i == 0:
+        if outcome in ("failure", "partial", "partial_failed") and i == 0:
             s.packet(J.DIFX_ERROR, b"Error: disk read failed")
             if outcome == "failure":
                 break
         pct = (i + 1) / ticks
-        emu.inject(gx.status_message(name, "Running", f"{name} {100 * pct:.0f}%", vis_mjd=t0 + pct * (t1 - t0),
+        tell(gx.status_message(name, "Running", f"{name} {100 * pct:.0f}%", vis_mjd=t0 + pct * (t1 - t0),
                                       start_mjd=t0, stop_mjd=t1, weights=[0.95]))
         job.stopped.wait(step)
     if job.stopped.is_set():
         c.send(P.WARNING, f"{prog} terminated by user".encode())
-        emu.inject(gx.status_message(name, "Terminated", "stopped by user"))
-        s.packet(J.TERMINATED)
-        return True
-    if outcome == "failure":
-        emu.inject(gx.status_message(name, "Crashed", "disk read failed"))
-        s.packet(J.DIFX_ERROR, f"{prog} FAILED".encode())
-        s.packet(J.JOB_FAILED)
-        return True
+        tell(gx.status_message(name, "Terminated", "stopped by user"))
+        return end((J.TERMINATED, b""))
+    if outcome == "partial_failed":
+        # the same program output as "partial", but the server's stderr thread saw the error line
+        # after the stdout thread's last line (docs/protocols/guiserver.md §6.1a): JOB_FAILED
+        s.packet(J.DIFX_ERROR, b"Error: disk read failed")
+    if outcome in ("failure", "partial_failed"):
+        tell(gx.status_message(name, "Crashed", "disk read failed"))
+        return end((J.DIFX_ERROR, f"{prog} FAILED".encode()), (J.JOB_FAILED, b""))
     out.mkdir(parents=True, exist_ok=True)
-    emu.inject(gx.status_message(name, "Done", "done", vis_mjd=t1, start_mjd=t0, stop_mjd=t1))
+    tell(gx.status_message(name, "Done", "done", vis_mjd=t1, start_mjd=t0, stop_mjd=t1))
     s.packet(J.DIFX_COMPLETE)
     if outcome == "partial":
-        s.packet(J.JOB_ENDED_WITH_ERRORS)
-    else:
-        c.send(P.WARNING, f"{prog} complete".encode())
-        s.packet(J.ENDED_GRACEFULLY)
-    return True
+        return end((J.JOB_ENDED_WITH_ERRORS, b""))
+    c.send(P.WARNING, f"{prog} complete".encode())
+    return end((J.ENDED_GRACEFULLY, b""))
 
 
 
@@ -258,9 +279,12 @@ def run_vex2difx(emu: Any, c: Client, f: Mapping[str, str]) -> None:
             c.send(P.ERROR, f"vex2difx... cannot open {name}".encode())
             c.send(P.ERROR, b"vex2difx RETURNED ERRORS")
     else:
-        for inp in sorted(base.glob(f"{name}.input")):
-            inp.with_suffix(".calc").touch()
-            new_calc.append(inp.with_suffix(".calc"))
+        # `touch <file>.calc` then `rm -f <file>.im` in a shell: a glob that matches no .calc file
+        # is kept literally, so touch creates a file named e.g. `exp_*.calc` (docs/protocols/guiserver.md §6.1a)
+        for calc_file in sorted(base.glob(f"{name}.calc")) or [base / f"{name}.calc"]:
+            calc_file.touch()
+            calc_file.with_suffix(".im").unlink(missing_ok=True)
+            new_calc.append(calc_file)
     c.send(P.WARNING, f"running {calc} on all new .calc files".encode())
     for path in new_calc:
         im = path.with_suffix(".im")

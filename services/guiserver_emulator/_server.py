@@ -8,7 +8,10 @@
 * File operations (no reply; ``ls`` streams ``[len][path\\n]`` then 0), GET_JOB_STATUS from
   ``.difxlog`` files, fake DifxStart jobs with scripted outcomes (see :data:`OUTCOMES`) producing
   the packet sequences of docs/protocols/guiserver.md §5.1, DifxStatusMessage relays with progress MJDs,
-  DifxStop.
+  DifxStop, GENERATE_FILELIST (MJDs faked) and Mark5 operations (every unit unreachable).
+* The ``.difxlog`` is buffered as the real server does: created empty when the job reaches the run
+  stage and written when the job ends, so job status says NO_STATUS while it runs and a crash
+  loses its lines for good (``difxlog_live=True`` writes each line at once instead).
 * Faithful defects on request: ``crash_after_job`` (every connection is dropped after a job that
   reached the run stage, and the listener comes back ``restart_delay`` s later) and
   ``startup_race`` (a CHANNEL_ALL_DATA_ON before the first version request is lost) and
@@ -37,10 +40,12 @@ from flowbus.schemas import BackendProtocolError
 from ..guiserver import messages as gx
 from ..guiserver.protocol import FrameDecoder, decode_int, encode_int
 from ..guiserver.protocol import PacketId as P
+from ._extra import run_file_list, run_mark5
 from ._jobs import Client, Job, Stream, run_job, run_machines, run_vex2difx
+from ._ls import ls_lines
 
 #: scripted job outcomes (choose per job name with ``outcomes={"job_1": "failure"}``)
-OUTCOMES = ("good", "warning", "failure", "partial", "config_fail", "slow", "no_tools", "silent")
+OUTCOMES = ("good", "warning", "failure", "partial", "partial_failed", "config_fail", "slow", "no_tools", "silent")
 _COMMAND_MAX = 93712
 _log = structlog.get_logger("flowbus.guiserver.emulator")
 
@@ -53,7 +58,7 @@ class GuiserverEmulator:
                  environment: Mapping[str, str] | None = None, outcomes: Mapping[str, str] | None = None,
                  step_delay: float = 0.01, slow_ticks: int = 400, crash_after_job: bool = False,
                  startup_race: bool = False, crash_on_disconnect: bool = False,
-                 restart_delay: float = 0.2) -> None:
+                 restart_delay: float = 0.2, difxlog_live: bool = False) -> None:
         self.sandbox = Path(sandbox).resolve()
         self.port = port
         self.difx_base, self.versions, self.user = difx_base, versions, user
@@ -64,6 +69,8 @@ class GuiserverEmulator:
         self.received: list[tuple[int, bytes]] = []  # every client packet, for tests
         self.crashes = 0
         self.crash_on_disconnect = crash_on_disconnect
+        #: write .difxlog lines at once (not the real server: it writes them when the job ends)
+        self.difxlog_live = difxlog_live
         #: set at every crash (tests wait on it)
         self.crashed = threading.Event()
         self._lock = threading.Lock()
@@ -107,10 +114,12 @@ class GuiserverEmulator:
         Running jobs finish unseen (``finish_jobs``): only their ``.difxlog`` tells the outcome."""
         self.crashes += 1
         self.crashed.set()
-        if finish_jobs:
-            for job in list(self._jobs.values()):
-                job.finish.set()
-        self._drop_all()
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            job.lost = True  # the process that buffered its .difxlog is gone
+        self._drop_all()  # before the jobs finish: no client may see their end
+        for job in jobs if finish_jobs else []:
+            job.finish.set()
         if self._running:
             self._spawn(self._restart)
 
@@ -224,6 +233,8 @@ class GuiserverEmulator:
             with c.inbox_cond:
                 c.inbox.setdefault(decode_int(payload), bytearray()).extend(payload[4:])
                 c.inbox_cond.notify_all()
+        elif pid == P.GENERATE_FILELIST:
+            self._spawn(run_file_list, self, c, payload)
         elif pid == P.GET_JOB_STATUS:
             self._spawn(self._job_status, c, payload)
 
@@ -267,6 +278,8 @@ class GuiserverEmulator:
             job = self._jobs.get(f.get("input", ""))
             if job is not None:
                 job.stopped.set()
+        elif msg.type in ("DifxMk5Control", "DifxGetDirectory", "DifxMark5Copy"):
+            self._spawn(run_mark5, c, msg.type, f)
         elif msg.type == "DifxCommand":
             self.inject(payload)
         else:
@@ -291,8 +304,7 @@ class GuiserverEmulator:
         if job is not None and msg is not None:
             self._log_line(job, msg)
 
-    @staticmethod
-    def _log_line(job: Job, msg: gx.DifxMessage) -> None:
+    def _log_line(self, job: Job, msg: gx.DifxMessage) -> None:
         prefix = f"{time.ctime()} {msg.mpi_id:3d} {msg.source}"
         lines = []
         if msg.type == "DifxStatusMessage":
@@ -301,9 +313,11 @@ class GuiserverEmulator:
                 lines.append(f"{prefix}  WEIGHTS " + " ".join(f"{w:4.2f}" for _, w in msg.weights))
         elif msg.type == "DifxAlertMessage" and msg.severity() <= 4:
             lines.append(f"{prefix} {gx.SEVERITIES[msg.severity()][0]}  {msg.fields.get('alertMessage', '')}")
-        if lines:
+        if lines and self.difxlog_live:  # the job runs on under mpirun, unseen after a crash
             with open(job.log, "a") as fh:
                 fh.write("\n".join(lines) + "\n")
+        elif lines and not job.lost:
+            job.buffer.append("\n".join(lines) + "\n")
 
     # -- file operations -----------------------------------------------------------------------------
 
@@ -340,16 +354,12 @@ class GuiserverEmulator:
             pass  # the real server only prints these on its own stderr
 
     def _ls(self, c: Client, target: Path, f: Mapping[str, str]) -> None:
+        """``ls <arg> <path>`` as GNU ls prints it after the shell's glob expansion (stdout only):
+        operands that are files as given, a lone directory as bare entry names, several operands
+        with ``<dir>:`` headers; ``-l`` adds ``total N`` and long lines (docs/protocols/guiserver.md §6.1a)."""
         stream = Stream(c, int(f.get("port", "0")), f.get("address", ""))
-        hits = sorted(glob.glob(str(target)))
-        names: list[str] = []
-        for hit in hits:
-            if os.path.isdir(hit) and "-d" not in f.get("arg", ""):
-                names += sorted(self.client_path(os.path.join(hit, n)) for n in os.listdir(hit))
-            else:
-                names.append(self.client_path(hit))
-        for name in names:
-            stream.item((name + "\n").encode())
+        for line in ls_lines(self, target, f.get("arg", "")):
+            stream.item((line + "\n").encode())
         stream.raw(encode_int(0))
         stream.close()
 
@@ -435,8 +445,10 @@ class GuiserverEmulator:
         try:
             ran = run_job(self, c, s, msg, inp, name, outcome)
         finally:
+            job = self._jobs.pop(inp, None)
+            if job is not None:
+                job.flush()  # the real server writes the .difxlog when the job ends
             s.close()
-            self._jobs.pop(inp, None)
         if ran and self.crash_after_job:
             self.crash(finish_jobs=False)
 

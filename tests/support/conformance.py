@@ -526,12 +526,13 @@ class Wms(Backend):
 
 # -- DiFX guiServer -----------------------------------------------------------------------------------
 
-#: the emulator as a process of its own, with job_1 a long-running job
+#: the emulator as a process of its own, with job_1 a long-running job; its .difxlog is written
+#: line by line (the real server writes it at job end), as ``truth()`` reads the running state there
 _EMULATOR = """\
 import sys, threading
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 emu = GuiserverEmulator(sys.argv[2], port=int(sys.argv[1]), outcomes={"job_1": "slow"}, slow_ticks=100000,
-                        step_delay=0.2).start()
+                        step_delay=0.2, difxlog_live=True).start()
 print("EMULATOR-READY", emu.port, flush=True)
 threading.Event().wait()
 """

@@ -67,8 +67,9 @@ def host_fixture() -> Iterator[Callable[..., Host]]:
     made: list[Host] = []
 
     def make(port: int, host_name: str = "127.0.0.1", **overrides: Any) -> Host:
-        cfg = GuiserverSessionConfig(name="gs", host=host_name, port=port, allowed_dirs=["/data", REAL_DIR],
-                                     request_timeout=5.0, reconnect_backoff=0.05, **overrides)
+        options: dict[str, Any] = {"allowed_dirs": ["/data", REAL_DIR], "request_timeout": 5.0,
+                                   "reconnect_backoff": 0.05, **overrides}
+        cfg = GuiserverSessionConfig(name="gs", host=host_name, port=port, **options)
         h = Host(GuiserverSession(cfg), Recorder()).start()
         made.append(h)
         return h

@@ -137,7 +137,7 @@ class TestJobCallbacks:
         rig.session.call("start_job", rig.job("part_1"))
         mine.wait(lambda g: bool(g["final"]))
         every.wait(lambda g: {e.key for e in g["final"]} >= {"good_1", "part_1"})
-        assert [(e.key, e.state, e.detail) for e in mine.got["final"]] == [("part_1", State.COMPLETE, "ended with errors")]
+        assert [(e.key, e.state, e.detail) for e in mine.got["final"]] == [("part_1", State.COMPLETE, "ended with errors: Error: disk read failed")]
         assert all(e.key == "part_1" for e in mine.got["error"] + mine.got["warning"])
         assert "Error: disk read failed" in [e.message for e in mine.got["error"]]
 

@@ -54,7 +54,7 @@ class TestDirectMode:
             emu.real(f"/data/exp/{name}.input").write_text("")
         h = host(emu.port, channelled=False)
         call = h.session.call
-        assert sorted(call("ls", "/data/exp")) == ["/data/exp/bad.input", "/data/exp/good.input"]
+        assert call("ls", "/data/exp") == ["bad.input", "good.input"]
         assert call("start_job", "/data/exp/good.input", wait=True, timeout=10)["native"] == "ENDED_GRACEFULLY"
         assert call("start_job", "/data/exp/bad.input", wait=True, timeout=10)["state"] == "aborted"
         rows = {r["job"]: r["state"] for r in call("job_status", "/data/exp/*.input")}
@@ -227,19 +227,69 @@ class TestRecovery:
 
     def test_crash_during_job_resyncs(self, emulator: Callable[..., GuiserverEmulator],
                                       host: Callable[..., Host]) -> None:
-        """A crash mid-job: Disconnected, Connected again, settings re-applied, final state observed=resync."""
+        """A crash mid-job (the server writes .difxlog only at job end, so it stays empty): Disconnected,
+        Connected again, settings re-applied, and within that one resync the job is unknown with the
+        reason; its status is never asked for again and wait_job returns at once."""
         emu, h, inp = job_host(emulator, host, outcomes={"job_1": "slow"})
         h.session.call("relay", False)
         h.session.call("start_job", inp)
         h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 1" for x in e))
+        asked_before = sum(pid == PacketId.GET_JOB_STATUS for pid, _ in emu.received)  # start_job asks once
         emu.crash()
-        h.rec.wait_for(lambda e: any(isinstance(x, Disconnected) for x in e))
-        final = h.rec.final("job_1")
-        assert (final.state, final.observed, final.native) == (State.COMPLETE, Observed.RESYNC, "Done")
+        h.rec.wait_for(lambda e: sum(isinstance(x, Resynced) for x in e) == 2)
+        states = h.rec.states("job_1")
+        last = states[-1]
+        assert (last.state, last.observed, last.native, last.previous) == (
+            State.UNKNOWN, Observed.RESYNC, "NO_STATUS", State.ACTIVE)
+        assert "cannot be recovered" in last.detail and "connection closed by guiServer" in last.detail
+        resynced = h.rec.of(Resynced)[-1]
+        assert h.rec.index(last) < h.rec.index(resynced)  # within the reconnect's own resync
+        assert emu.real("/data/exp/job_1.difxlog").read_text() == ""
         assert len(h.rec.of(Connected)) == 2
         relay_settings = [p for pid, p in emu.received if pid == PacketId.RELAY]
         assert relay_settings[-1] == b"\x00\x00\x00\x00"  # relay off survived the reconnect
-        assert roundtrip(h) == ["/data/exp/job_1.difx", "/data/exp/job_1.difxlog", inp]
+        assert h.session._tx.orphans() == []  # nothing left to poll
+        asked = sum(pid == PacketId.GET_JOB_STATUS for pid, _ in emu.received)
+        assert h.session.call("wait_job", "job_1", timeout=2)["state"] == "unknown"
+        assert h.session.call("jobs") == {"job_1": "unknown"}
+        roundtrip(h)
+        assert sum(pid == PacketId.GET_JOB_STATUS for pid, _ in emu.received) == asked == asked_before + 1
+
+    def test_crash_resyncs_from_a_written_difxlog(self, emulator: Callable[..., GuiserverEmulator],
+                                                   host: Callable[..., Host]) -> None:
+        """Where the .difxlog does hold the job's end (an emulator writing it line by line), the
+        resync after a crash reads the final state from it."""
+        emu, h, inp = job_host(emulator, host, outcomes={"job_1": "slow"}, difxlog_live=True)
+        h.session.call("start_job", inp)
+        h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 1" for x in e))
+        emu.crash()
+        final = h.rec.final("job_1")
+        assert (final.state, final.observed, final.native) == (State.COMPLETE, Observed.RESYNC, "Done")
+
+    def test_rerun_after_unknown(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
+        """A job lost in a crash can be started again; its new run is followed as usual."""
+        emu, h, inp = job_host(emulator, host, outcomes={"job_1": "slow"})
+        h.session.call("start_job", inp)
+        h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 1" for x in e))
+        emu.crash()
+        h.rec.wait_for(lambda e: any(isinstance(x, StateChanged) and x.state is State.UNKNOWN for x in e))
+        emu.outcomes["job_1"] = "good"
+        result = h.session.call("start_job", inp, force=True, wait=True, timeout=10)
+        assert (result["state"], result["native"]) == ("complete", "ENDED_GRACEFULLY")
+
+    def test_rerun_crash_ignores_the_earlier_run(self, emulator: Callable[..., GuiserverEmulator],
+                                                 host: Callable[..., Host]) -> None:
+        """A re-run lost in a crash is unknown, not the earlier run's end still last in the appended .difxlog."""
+        emu, h, inp = job_host(emulator, host)
+        assert h.session.call("start_job", inp, wait=True, timeout=10)["state"] == "complete"
+        assert "STATUS Done" in emu.real("/data/exp/job_1.difxlog").read_text()
+        emu.outcomes["job_1"] = "slow"
+        h.session.call("start_job", inp, force=True)
+        h.rec.wait_for(lambda e: sum(isinstance(x, LogLine) and x.message == "tick 1" for x in e) == 2)  # the re-run's
+        emu.crash()
+        h.rec.wait_for(lambda e: sum(isinstance(x, Resynced) for x in e) == 2)
+        last = h.rec.states("job_1")[-1]
+        assert (last.state, last.native, last.observed) == (State.UNKNOWN, "NO_STATUS", Observed.RESYNC)
 
     def test_crash_after_job(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
         """The real server's crash after every job: the job completes, then the session reconnects."""
@@ -247,7 +297,7 @@ class TestRecovery:
         assert h.session.call("start_job", inp, wait=True, timeout=10)["state"] == "complete"
         h.rec.wait_for(lambda e: sum(isinstance(x, Connected) for x in e) == 2)
         assert h.rec.of(Disconnected)[0].will_retry
-        assert roundtrip(h) == ["/data/exp/job_1.difx", "/data/exp/job_1.difxlog", inp]
+        assert roundtrip(h) == ["job_1.difx", "job_1.difxlog", "job_1.input"]
 
     def test_resync_known_on_start(self, emulator: Callable[..., GuiserverEmulator],
                                    host: Callable[..., Host]) -> None:
@@ -265,6 +315,33 @@ class TestRecovery:
         try:
             final = rec.final("old")
             assert (final.state, final.observed, final.previous) == (State.COMPLETE, Observed.RESYNC, State.ACTIVE)
+        finally:
+            session.stop()
+
+    def test_quiet_orphan_backs_off(self, emulator: Callable[..., GuiserverEmulator]) -> None:
+        """A job known from the journal whose .difxlog stays empty is asked for less and less often
+        (1 s, 2 s, 4 s, ... at most a minute), not every second forever."""
+        emu = emulator()
+        emu.real("/data/exp/old.input").write_text("")
+        emu.real("/data/exp/old.difxlog").write_text("")
+        known = {"old": StateChanged(source="gs", backend="guiserver", key="old", state=State.ACTIVE,
+                                     attrs={"input": "/data/exp/old.input"})}
+        session = GuiserverSession(GuiserverSessionConfig(name="gs", port=emu.port, allowed_dirs=["/data"]))
+        session.start(Recorder(), known)  # no poller: polls are driven below
+        try:
+            track = session._tx.job("old")
+            assert track is not None and track.orphan and track.poll_every == 1.0
+
+            def asked() -> int:
+                return sum(pid == PacketId.GET_JOB_STATUS for pid, _ in emu.received)
+
+            for gap in (2.0, 4.0, 8.0):
+                count = asked()
+                session.poll()  # not due yet: nothing is sent
+                assert asked() == count
+                track.next_poll = session._next_resync = 0.0  # make it due
+                session.poll()
+                assert asked() == count + 1 and track.poll_every == gap
         finally:
             session.stop()
 
