@@ -200,3 +200,46 @@ class TestFileDeclarations:
             {"name": "a", "command": ["true"], "outputs": ["/f"]},
             {"name": "b", "command": ["true"], "after": ["a"]},
             {"name": "c", "command": ["true"], "after": ["b"], "inputs": ["/f"]}]})
+
+
+def slow_then(flag: Path) -> dict[str, Any]:
+    """``slow`` sleeps 30 s unless ``flag`` exists; ``after`` runs when it succeeded."""
+    return {"name": "ctl", "jobs": [{"name": "slow", "command": ["bash", "-c", f"test -e {flag} || sleep 30"]},
+                                    {"name": "after", "command": ["true"], "after": ["slow"]}]}
+
+
+class TestJobControl:
+    """stop_jobs and restart_jobs act on single jobs of a running workflow."""
+
+    @pytest.mark.timeout(90)
+    def test_stop_jobs(self, soma_session: Session, tmp_path: Path) -> None:
+        """A running job stopped by stop_jobs is CANCELLED (killed_by_user); the job after it never runs."""
+        run = soma_session()
+        wf = run.call("submit_workflow", slow_then(tmp_path / "flag"))
+        ids = run.call("job_ids", wf)
+        run.state(f"{wf}/slow", lambda e: e.native == "running", 30, "slow running")
+        assert run.call("stop_jobs", wf, [ids["slow"]]) is True
+        slow = run.final(f"{wf}/slow", 30)
+        assert (slow.state, slow.native, slow.attrs["exit_status"]) == (State.CANCELLED, "failed", "killed_by_user")
+        assert run.final(f"{wf}/after", 30).attrs["exit_status"] == "aborted_before_running"
+        assert run.final(str(wf), 30).state is State.CANCELLED
+
+    @pytest.mark.timeout(90)
+    def test_restart_jobs(self, soma_session: Session, tmp_path: Path) -> None:
+        """restart_jobs kills a running job of a workflow in progress and runs it again (and what follows it)."""
+        run = soma_session()
+        flag, hold = tmp_path / "flag", tmp_path / "hold"
+        spec = slow_then(flag)
+        # soma restarts jobs only while their workflow is in progress: a second job keeps it so
+        spec["jobs"].append({"name": "hold", "command": ["bash", "-c", f"while [ ! -e {hold} ]; do sleep 0.05; done"]})
+        wf = run.call("submit_workflow", spec)
+        ids = run.call("job_ids", wf)
+        run.state(f"{wf}/slow", lambda e: e.native == "running", 30, "slow running")
+        flag.touch()
+        assert run.call("restart_jobs", wf, [ids["slow"]]) is True
+        # the first run sleeps 30 s: success within 20 s is the second run (with the flag)
+        slow = run.state(f"{wf}/slow", lambda e: e.state is State.COMPLETE, 20, "slow run again")
+        assert (slow.attrs["exit_status"], slow.attrs["exit_value"]) == ("finished_regularly", 0)
+        run.state(f"{wf}/after", lambda e: e.state is State.COMPLETE, 60, "after run")
+        hold.touch()
+        assert run.final(str(wf), 60).state is State.COMPLETE
