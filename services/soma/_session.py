@@ -5,7 +5,9 @@ Observation: soma has no notifications. Each poll lists the controller's workflo
 information written); settled ones cost one ``workflow_status``. Differences become
 ``StateChanged`` events (``observed=poll``; ``resync`` for the comparison with ``known`` at
 start and after a recovery). Keys: ``<workflow id>`` and ``<workflow id>/<job name>``; states
-and exit information as in :mod:`._wf`. The engine loop period (``engine-refresh``) bounds
+and exit information as in :mod:`._wf`. File transfers are read too (``transfer/<id>`` for one
+registered alone, ``<workflow id>/transfer/<id>`` for a workflow's; see :mod:`._transfers`), also
+right after each transfer operation. The engine loop period (``engine-refresh``) bounds
 how fast anything changes: polling faster gains nothing.
 
 Lifecycle (:class:`~flowbus.services._session.SessionBase`): a controller that cannot be built

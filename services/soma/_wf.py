@@ -1,7 +1,8 @@
 """Workflows in and states out for :class:`~flowbus.services.soma.SomaSession`.
 
 In: a flowbus :class:`~flowbus.schemas.WorkflowSpec` (``{"name", "jobs": [{"name", "command",
-"after", "env", "cwd"}]}``) or soma's own JSON form (what ``Helper.serialize`` writes and
+"after", "env", "cwd", "inputs", "outputs"}]}``; each input or output path is one
+``FileTransfer``) or soma's own JSON form (what ``Helper.serialize`` writes and
 ``Workflow.from_dict`` reads) becomes a soma ``Workflow``.
 
 Out: ``workflow_elements_status`` snapshots become ``StateChanged`` events. Keys are

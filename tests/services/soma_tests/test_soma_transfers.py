@@ -8,6 +8,7 @@ job process is left.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,15 @@ from typing import Any
 import pytest
 import soma_workflow.errors as soma_errors
 
-from flowbus.schemas import BackendProtocolError, BackendRejected, BackendUnavailable, State, parse_workflow
+from flowbus.schemas import (
+    BackendProtocolError,
+    BackendRejected,
+    BackendUnavailable,
+    SomaSessionConfig,
+    State,
+    parse_config,
+    parse_workflow,
+)
 from flowbus.services.soma._ops import soma_errors_to_flowbus, soma_message
 from support import soma as _fx
 from support.soma import Running, latest
@@ -243,3 +252,28 @@ class TestJobControl:
         run.state(f"{wf}/after", lambda e: e.state is State.COMPLETE, 60, "after run")
         hold.touch()
         assert run.final(str(wf), 60).state is State.COMPLETE
+
+
+class TestDocsExamples:
+    """The examples of docs/backends/soma.md run."""
+
+    PAGE = Path(__file__).resolve().parents[3] / "docs" / "backends" / "soma.md"
+
+    def block(self, lang: str) -> str:
+        text = self.PAGE.read_text(encoding="utf-8")
+        return text.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+    def test_config_example_loads(self) -> None:
+        """The TOML example is a valid soma session configuration."""
+        cfg = parse_config(tomllib.loads(self.block("toml")))
+        s = cfg.sessions[0]
+        assert isinstance(s, SomaSessionConfig) and s.directory == "/data/soma" and s.recovery == "reattach"
+
+    @pytest.mark.timeout(120)
+    def test_files_example_runs(self, soma_session: Session, tmp_path: Path) -> None:
+        """The description with inputs and outputs runs end to end (its /data/ paths moved under a temporary directory)."""
+        run = soma_session()
+        (tmp_path / "in.txt").write_text("from the docs\n")
+        wf = run.call("submit_workflow", self.block("json").replace("/data/", f"{tmp_path}/"))
+        assert run.final(str(wf), 60).state is State.COMPLETE
+        assert (tmp_path / "out.txt").read_text() == "FROM THE DOCS\n"
