@@ -47,6 +47,8 @@ _ERRORS: Mapping[type[BaseException], type[BackendError]] = {
     TypeError: BackendRejected,
     ValueError: BackendRejected,
     KeyError: BackendRejected,
+    FileNotFoundError: BackendRejected,  # a client file a transfer names is missing
+    PermissionError: BackendRejected,
     OSError: BackendUnavailable,
 }
 
@@ -176,6 +178,10 @@ def register_transfer(session: SomaSession, is_input: bool, client_path: str | N
     paths. Its states are published under ``transfer/<id>``."""
     if not isinstance(is_input, bool) or (client_path is None and not client_paths):
         raise BackendRejected("register_transfer: needs is_input (bool) and client_path or client_paths")
+    paths: list[Any] = ([*client_paths] if client_paths else [client_path]) if is_input else []
+    for path in paths:
+        if not isinstance(path, str) or not os.path.exists(path):
+            raise BackendRejected(f"register_transfer: input file {path!r} does not exist")
     if isinstance(disposal_timeout, bool) or not isinstance(disposal_timeout, int) or disposal_timeout <= 0:
         raise BackendRejected(f"register_transfer: disposal_timeout must be a positive number of hours, "
                               f"got {disposal_timeout!r}")
@@ -383,9 +389,27 @@ def transfer_files(session: SomaSession, transfer_ids: list[int] | int, buffer_s
         raise BackendRejected(f"transfer_files: buffer_size must be a positive int, got {buffer_size!r}")
     try:
         with session._using("transfer_files") as wc:
-            wc.transfer_files(ids, buffer_size)
+            for tid in ids:
+                _transferable(wc, tid)
+            with quiet():  # soma prints warnings
+                wc.transfer_files(ids, buffer_size)
     finally:  # a workflow's transfers are read with it: read every workflow again
-        session._transfers_changed(list(session._seen))
+        session._transfers_changed(None)
+
+
+def _transferable(wc: Any, tid: int) -> None:
+    """Reject what soma would silently skip (nothing on either side yet) or leave half done (a
+    client file that does not exist: soma prints a warning and leaves it 'transfering')."""
+    status = wc.transfer_status(tid)[0]
+    if status == C.FILES_DO_NOT_EXIST:
+        raise BackendRejected(f"transfer_files: transfer {tid} has no file on either side yet (soma status "
+                              f"{status!r}: an output is copied back once a job of a workflow wrote it)")
+    if status in (C.FILES_ON_CLIENT, C.TRANSFERING_FROM_CLIENT_TO_CR):
+        info = [*wc.transfers([tid]).get(tid, ()), None, None, None, None]
+        client_path, client_paths = info[1], info[3]
+        for path in client_paths or [client_path]:
+            if path and not os.path.exists(path):
+                raise BackendRejected(f"transfer_files: transfer {tid}: client file {path!r} does not exist")
 
 
 @OPS.op

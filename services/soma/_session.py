@@ -359,11 +359,12 @@ class SomaSession(SessionBase):
                                *self._tracker.diff(snap, observed)]
         return events, set(snap)
 
-    def _transfers_changed(self, reread: Iterable[int] = ()) -> None:
+    def _transfers_changed(self, reread: Iterable[int] | None = ()) -> None:
         """After a transfer operation: publish the new states of the transfers registered alone
-        now (not at the next poll), and read the workflows ``reread`` again at the next poll."""
+        now (not at the next poll), and read the workflows ``reread`` (None: all) again at the
+        next poll."""
         with self._lock:
-            for wf_id in reread:
+            for wf_id in list(self._seen) if reread is None else reread:
                 if wf_id in self._seen:
                     self._seen[wf_id] = None
             if self._phase is not Phase.UP or self._built is None:

@@ -98,10 +98,30 @@ class TestStandaloneTransfers:
         with pytest.raises(BackendRejected, match=r"job_status: soma UnknownObjectError: .*4343"):
             run.call("job_status", 4343)
         with pytest.raises(BackendRejected, match="disposal_timeout must be a positive number of hours"):
-            run.call("register_transfer", True, "/x", 0)
+            run.call("register_transfer", False, "/x", 0)
         with pytest.raises(BackendRejected, match="transfer_input_files: soma UnknownObjectError"):
             run.call("transfer_input_files", 4444)
         assert not run.errors
+
+    @pytest.mark.timeout(60)
+    def test_what_soma_would_skip_is_rejected(self, soma_session: Session, tmp_path: Path) -> None:
+        """A missing input file, or an output no job wrote yet, is a BackendRejected naming it, not a silent no-op."""
+        run = soma_session()
+        missing = tmp_path / "missing.txt"
+        with pytest.raises(BackendRejected, match=f"register_transfer: input file '{missing}' does not exist"):
+            run.call("register_transfer", True, str(missing))
+        out = run.call("register_transfer", False, str(tmp_path / "out.txt"))
+        assert run.state(f"transfer/{out['transfer_id']}", lambda e: True, 30, "output registered").native == \
+            "do not exist"
+        with pytest.raises(BackendRejected, match=f"transfer {out['transfer_id']} has no file on either side yet"):
+            run.call("transfer_files", out["transfer_id"])
+        gone = tmp_path / "gone.txt"
+        gone.write_text("x")
+        tid = run.call("register_transfer", True, str(gone))["transfer_id"]
+        gone.unlink()
+        with pytest.raises(BackendRejected, match=f"transfer {tid}: client file '{gone}' does not exist"):
+            run.call("transfer_files", [tid])
+        assert run.call("transfer_status", tid)[0] == "on client side", "nothing was started"
 
     def test_empty_soma_messages_are_named(self) -> None:
         """soma errors without text are mapped with soma's type and what it wraps, never an empty message."""
