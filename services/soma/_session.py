@@ -98,9 +98,10 @@ class SomaSession(SessionBase):
     Helper functions ``list_failed_jobs``, ``delete_all_workflows``, ``transfer_input_files``,
     ``transfer_output_files``, ``serialize``.
 
-    Errors (each naming the session): ``BackendRejected`` (bad description, unknown workflow/job
-    id, bad argument), ``UnknownOperation``, ``BackendUnavailable`` (the controller is down or
-    being recovered).
+    Errors (each naming the session and the operation; a soma error carries soma's type and
+    message): ``BackendRejected`` (bad description, unknown workflow/job/transfer id, bad
+    argument, a missing client file), ``UnknownOperation``, ``BackendUnavailable`` (the
+    controller is down or being recovered; soma's engine or database failed).
     """
 
     backend = "soma"
