@@ -20,6 +20,7 @@ from flowbus.schemas import (
     BackendProtocolError,
     BackendRejected,
     BackendUnavailable,
+    RecoveryAttempted,
     SomaSessionConfig,
     State,
     parse_config,
@@ -189,6 +190,31 @@ class TestWorkflowFiles:
         assert run.state(f"{wf}/transfer/3", lambda e: e.state is State.COMPLETE, 30, "output back").attrs[
             "client_path"] == str(out)
         assert out.read_text() == "HELLO SOMA\n"
+
+    @pytest.mark.timeout(150)
+    @pytest.mark.parametrize("recovery", ["resubmit", "reattach"])
+    def test_recovered_workflow_moves_its_files(self, soma_session: Session, tmp_path: Path, recovery: str) -> None:
+        """After the controller dies, the recovered workflow (resubmitted: new id, inputs copied in again) brings its output back."""
+        run = soma_session(recovery=recovery)
+        src, out, flag = tmp_path / "in.txt", tmp_path / "out.txt", tmp_path / "flag"
+        src.write_text("again\n")
+        # first run: leave a flag and hang; the run after recovery copies its input to its output
+        script = f'if [ -e "{flag}" ]; then cp "$0" "$1"; exit 0; fi; touch "{flag}"; sleep 60'
+        wf = run.call("submit_workflow", {"name": "rec", "jobs": [
+            {"name": "a", "command": ["sh", "-c", script, str(src), str(out)], "inputs": [str(src)],
+             "outputs": [str(out)]}]})
+        run.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, 30, "a running")
+        built = run.session._built
+        assert built is not None and built.engine is not None
+        built.engine.engine_loop.stop_loop()  # the controller dies
+        att = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, RecoveryAttempted)
+                                                and e.key == str(wf)), None), 60, "workflow recovery")
+        assert att.action == recovery and att.ok, att.detail
+        new_id = int(att.detail.rsplit(" ", 1)[1]) if recovery == "resubmit" else wf
+        assert run.final(str(new_id), 90).state is State.COMPLETE
+        assert out.read_text() == "again\n"
+        back = [e for k, e in latest(run.rec).items() if k.startswith(f"{new_id}/transfer/")]
+        assert len(back) == 2 and all(e.state is State.COMPLETE for e in back)
 
     @pytest.mark.timeout(60)
     def test_missing_input_is_rejected_before_submission(self, soma_session: Session, tmp_path: Path) -> None:
