@@ -324,7 +324,11 @@ class SomaSession(SessionBase):
                         snap = self._outputs_back(wc, wf_id, names, snap)
             except BackendRejected:  # deleted between the listing and the read
                 continue
+            # jobs, then files, then the workflow: its final state comes after its outputs are back
+            own = snap.resources.pop(str(wf_id), None)
             snap.resources.update(workflow_transfers(wf_id, snap.transfers))
+            if own is not None:
+                snap.resources[str(wf_id)] = own
             self._seen[wf_id] = snap
             seen_keys.update(snap.resources)
             seen_keys.update(snap.pending)
