@@ -56,6 +56,7 @@ from flowbus.schemas import (
     BackendProtocolError,
     BackendRejected,
     BackendUnavailable,
+    ErrorEvent,
     Event,
     Observed,
     RecoveryAttempted,
@@ -65,7 +66,7 @@ from flowbus.schemas import (
 
 from .._ops import Operations
 from .._session import Opened, Phase, SessionBase
-from ._engine import Built, build, create_time, kill_tree, load_pids, save_pids
+from ._engine import Built, build, create_time, kill_tree, load_pids, quiet, save_pids
 from ._ops import OPS, soma_errors_to_flowbus
 from ._transfers import PREFIX as TRANSFER_PREFIX
 from ._transfers import read_standalone, workflow_transfers
@@ -321,7 +322,7 @@ class SomaSession(SessionBase):
                         names = self._names[wf_id] = job_names(wc, wf_id)
                     snap = read_workflow(wc, wf_id, names)
                     if snap.settled and self._auto.get(wf_id):
-                        snap = self._outputs_back(wc, wf_id, names, snap)
+                        snap = self._outputs_back(wc, wf_id, names, snap, events)
             except BackendRejected:  # deleted between the listing and the read
                 continue
             # jobs, then files, then the workflow: its final state comes after its outputs are back
@@ -341,17 +342,21 @@ class SomaSession(SessionBase):
             events += self._tracker.gone(stale, observed, "not known to the soma-workflow controller")
         return events, len(seen_keys)
 
-    def _outputs_back(self, wc: Any, wf_id: int, names: Mapping[int, str], snap: WfSnap) -> WfSnap:
+    def _outputs_back(self, wc: Any, wf_id: int, names: Mapping[int, str], snap: WfSnap,
+                      events: list[Event]) -> WfSnap:
         """Copy a done workflow's output files back to their client paths (``submit_workflow``
-        with ``transfer``): once; a failure is logged and the files stay for
-        ``transfer_output_files``. Returns the workflow read again."""
+        with ``transfer``), once. A failure is an ``ErrorEvent`` (key: the workflow; soma's
+        message) and the files stay for ``transfer_output_files``. Returns the workflow read
+        again."""
         self._auto[wf_id] = False
         try:
-            with soma_errors_to_flowbus("transfer_output_files"):
+            with soma_errors_to_flowbus("transfer_output_files"), quiet():
                 Helper.transfer_output_files(wf_id, wc)
         except BackendError as exc:
             self._log.warning("soma.outputs.failed", workflow_id=wf_id, error=str(exc))
-            return snap
+            events.append(self._ev(ErrorEvent, key=str(wf_id), operation="transfer_output_files",
+                                   observed=Observed.POLL, error_type=f"flowbus.schemas.{type(exc).__name__}",
+                                   message=f"workflow {wf_id}: {exc}", args=[str(a) for a in exc.args]))
         return read_workflow(wc, wf_id, names)
 
     def _scan_transfers(self, observed: Observed) -> tuple[list[Event], set[str]]:

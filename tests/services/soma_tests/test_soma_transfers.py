@@ -20,6 +20,8 @@ from flowbus.schemas import (
     BackendProtocolError,
     BackendRejected,
     BackendUnavailable,
+    ErrorEvent,
+    Observed,
     RecoveryAttempted,
     SomaSessionConfig,
     State,
@@ -164,7 +166,6 @@ class TestWorkflowFiles:
         assert all((e.state, e.native) == (State.COMPLETE, "on both sides") for e in transfers.values())
         assert all(e.attrs["workflow_id"] == wf for e in transfers.values())
         out_key = next(k for k, e in transfers.items() if e.attrs["client_path"] == str(out))
-        assert run.rec.states(out_key)[0].native == "do not exist"
         # the engine-side copies are not the client paths: soma substituted them in the commands
         assert all(e.attrs["engine_path"] != e.attrs["client_path"] for e in transfers.values())
         rows = run.call("workflow_elements_status", wf)[1]
@@ -218,6 +219,26 @@ class TestWorkflowFiles:
         assert out.read_text() == "again\n"
         back = [e for k, e in latest(run.rec).items() if k.startswith(f"{new_id}/transfer/")]
         assert len(back) == 2 and all(e.state is State.COMPLETE for e in back)
+
+    @pytest.mark.timeout(90)
+    def test_output_that_cannot_come_back_is_an_error_event(self, soma_session: Session, tmp_path: Path) -> None:
+        """An output whose client directory is now a file: ErrorEvent on the workflow with soma's words; the file stays on soma's side."""
+        run = soma_session()
+        sub = tmp_path / "sub"
+        sub.mkdir()
+        out = sub / "out.txt"
+        # the job turns the client directory of its own output into a file, then writes the output
+        wf = run.call("submit_workflow", {"name": "lost", "jobs": [
+            {"name": "a", "command": ["sh", "-c", f'rm -r "{sub}"; touch "{sub}"; echo x > "$0"', str(out)],
+             "outputs": [str(out)]}]})
+        err = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, ErrorEvent)), None), 60, "ErrorEvent")
+        assert err.key == str(wf) and err.operation == "transfer_output_files"
+        assert err.message.startswith(f"workflow {wf}: transfer_output_files: soma FileExistsError: ") and \
+            f"File exists: '{sub}'" in err.message, err.message
+        assert err.observed is Observed.POLL
+        assert run.final(str(wf), 30).state is State.COMPLETE
+        key = next(k for k in latest(run.rec) if k.startswith(f"{wf}/transfer/"))
+        assert latest(run.rec)[key].native != "on both sides"
 
     @pytest.mark.timeout(60)
     def test_missing_input_is_rejected_before_submission(self, soma_session: Session, tmp_path: Path) -> None:
