@@ -241,6 +241,21 @@ class TestWorkflowFiles:
         assert latest(run.rec)[key].native != "on both sides"
 
     @pytest.mark.timeout(60)
+    def test_shared_resource_path_needs_a_translation(self, soma_session: Session) -> None:
+        """A soma-form workflow with a SharedResourcePath: light mode has no translation, and the error is soma's own."""
+        from soma_workflow.client import Job, SharedResourcePath, Workflow
+
+        from flowbus.services.soma._wf import serialize
+
+        run = soma_session()
+        wf = Workflow([Job(["cat", SharedResourcePath("a.txt", "ns", "uuid1")], name="a")], name="srp")
+        with pytest.raises(BackendRejected) as info:
+            run.call("submit_workflow", serialize(wf))
+        assert str(info.value) == ("session 's0': submit_workflow: soma JobError: Could not submit workflows or jobs "
+                                   "with shared resource path: no translation found in the configuration file.")
+        assert run.call("workflows") == {}
+
+    @pytest.mark.timeout(60)
     def test_missing_input_is_rejected_before_submission(self, soma_session: Session, tmp_path: Path) -> None:
         """An input file that does not exist is a BackendRejected naming it; nothing is submitted."""
         run = soma_session()
