@@ -199,7 +199,7 @@ def build(cfg: SomaSessionConfig, directory: str) -> Built:
                     address = f"resource:{cfg.resource_id or 'default'}"
         except Exception as exc:
             raise BackendUnavailable(f"session {cfg.name!r}: cannot start a soma WorkflowController ({cfg.mode} mode, "
-                                     f"{directory or cfg.resource_id!r}): {type(exc).__name__}: {exc}") from exc
+                                     f"{directory or cfg.resource_id!r}): soma {soma_message(exc)}") from exc
         finally:
             soma_engine.refreshment_interval = saved_interval
             if saved_env is None:
@@ -245,6 +245,23 @@ def kill_tree(pid: int, create_time: float | None = None) -> bool:
             p.kill()
     psutil.wait_procs(list(victims.values()), timeout=3.0)
     return bool(victims)
+
+
+def soma_message(exc: BaseException) -> str:
+    """soma's own words for ``exc``: its type and message; when soma gave none (a
+    ``DatabaseError`` wrapping a ``StopIteration``), those of the exception it wraps."""
+    seen: set[int] = set()
+    chain: list[str] = []
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur).strip()
+        chain.append(type(cur).__name__)
+        if text:
+            return f"{' from '.join(chain)}: {text}"
+        inner = next((a for a in cur.args if isinstance(a, BaseException)), None)
+        cur = inner or cur.__cause__ or cur.__context__
+    return f"{' from '.join(chain)} (soma gave no message)"
 
 
 # -- the PID record (survives the process: a later incarnation kills what this one left) ----------
@@ -306,4 +323,4 @@ def quiet() -> Iterator[None]:
                 _saved_stdout = None
 
 
-__all__ = ["Built", "build", "create_time", "kill_tree", "load_pids", "quiet", "save_pids"]
+__all__ = ["Built", "build", "create_time", "kill_tree", "load_pids", "quiet", "save_pids", "soma_message"]

@@ -22,7 +22,7 @@ from soma_workflow.engine_types import EngineTransfer
 from flowbus.schemas import BackendError, BackendProtocolError, BackendRejected, BackendUnavailable
 
 from .._ops import Operations
-from ._engine import quiet
+from ._engine import quiet, soma_message
 from ._wf import has_files, job_names, plain, to_workflow
 from ._wf import serialize as soma_form
 
@@ -51,23 +51,6 @@ _ERRORS: Mapping[type[BaseException], type[BackendError]] = {
     PermissionError: BackendRejected,
     OSError: BackendUnavailable,
 }
-
-
-def soma_message(exc: BaseException) -> str:
-    """soma's own words for ``exc``: its type and message; when soma gave none (a
-    ``DatabaseError`` wrapping a ``StopIteration``), those of the exception it wraps."""
-    seen: set[int] = set()
-    chain: list[str] = []
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        text = str(cur).strip()
-        chain.append(type(cur).__name__)
-        if text:
-            return f"{' from '.join(chain)}: {text}"
-        inner = next((a for a in cur.args if isinstance(a, BaseException)), None)
-        cur = inner or cur.__cause__ or cur.__context__
-    return f"{' from '.join(chain)} (soma gave no message)"
 
 
 @contextlib.contextmanager
@@ -147,7 +130,7 @@ def submit_workflow(session: SomaSession, workflow: Any, expiration_date: str | 
     session._submitted(wf_id, record, transfer=bool(transfer), outputs=outputs)
     if inputs:
         try:
-            with session._using("submit_workflow") as wc:
+            with session._using("submit_workflow") as wc, quiet():  # soma prints warnings
                 Helper.transfer_input_files(wf_id, wc)
         except BackendError as exc:
             exc.args = (f"{exc} (workflow {wf_id} was submitted; its jobs wait for their input files: "
@@ -449,7 +432,7 @@ def delete_all_workflows(session: SomaSession, force: bool = True) -> bool:
 def transfer_input_files(session: SomaSession, workflow_id: int, buffer_size: int = 512**2) -> None:
     wf_id = _checked(session, workflow_id, "transfer_input_files")
     try:
-        with session._using("transfer_input_files") as wc:
+        with session._using("transfer_input_files") as wc, quiet():  # soma prints warnings
             Helper.transfer_input_files(wf_id, wc, int(buffer_size))
     finally:
         session._transfers_changed([wf_id])
@@ -459,7 +442,7 @@ def transfer_input_files(session: SomaSession, workflow_id: int, buffer_size: in
 def transfer_output_files(session: SomaSession, workflow_id: int, buffer_size: int = 512**2) -> None:
     wf_id = _checked(session, workflow_id, "transfer_output_files")
     try:
-        with session._using("transfer_output_files") as wc:
+        with session._using("transfer_output_files") as wc, quiet():  # soma prints warnings
             Helper.transfer_output_files(wf_id, wc, int(buffer_size))
     finally:
         session._transfers_changed([wf_id])
@@ -504,4 +487,4 @@ def _tail(path: str, max_bytes: int) -> str:
         return ""
 
 
-__all__ = ["MAX_WAIT_S", "OPS", "soma_errors_to_flowbus"]
+__all__ = ["MAX_WAIT_S", "OPS", "soma_errors_to_flowbus", "soma_message"]

@@ -66,7 +66,7 @@ from flowbus.schemas import (
 
 from .._ops import Operations
 from .._session import Opened, Phase, SessionBase
-from ._engine import Built, build, create_time, kill_tree, load_pids, quiet, save_pids
+from ._engine import Built, build, create_time, kill_tree, load_pids, quiet, save_pids, soma_message
 from ._ops import OPS, soma_errors_to_flowbus
 from ._transfers import PREFIX as TRANSFER_PREFIX
 from ._transfers import read_standalone, workflow_transfers
@@ -183,7 +183,7 @@ class SomaSession(SessionBase):
             if isinstance(exc, BackendUnavailable):
                 raise
             raise BackendUnavailable(f"session {self.name!r}: cannot open the soma controller: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+                                     f"{soma_message(exc)}") from exc
         self._killed = []
         self._fails = 0
         return Opened(self.address, f"soma-workflow {_version()} {self.config.mode} mode", events, resources,

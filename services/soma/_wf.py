@@ -28,6 +28,8 @@ from soma_workflow.client import FileTransfer, Job, Workflow
 
 from flowbus.schemas import BackendRejected, Event, Observed, State, StateChanged, WorkflowSpec, parse_workflow
 
+from ._engine import soma_message
+
 Scalar = str | int | float | bool | None
 
 #: job status -> normalised state, for statuses that do not need the exit information
@@ -99,7 +101,7 @@ def to_workflow(data: Any, where: str = "submit_workflow") -> Workflow:
             wf = Workflow.from_dict(soma_utils.from_json(dict(data)))
         except Exception as exc:  # noqa: BLE001  (soma raises anything for a bad dict)
             raise BackendRejected(f"{where}: not a valid soma-workflow workflow dict: "
-                                  f"{type(exc).__name__}: {exc}") from None
+                                  f"soma {soma_message(exc)}") from None
         if not wf.jobs:
             raise BackendRejected(f"{where}: soma workflow {wf.name!r} has no jobs")
         for j in wf.jobs:
