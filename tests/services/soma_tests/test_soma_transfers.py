@@ -176,6 +176,17 @@ class TestWorkflowFiles:
         assert gone.detail == "workflow deleted"
 
     @pytest.mark.timeout(120)
+    def test_soma_form_with_file_transfers(self, soma_session: Session, tmp_path: Path) -> None:
+        """soma's own JSON form with FileTransfers (here from the serialize operation) moves its files the same way."""
+        run = soma_session()
+        spec, _src, _mid, out = files_workflow(tmp_path)
+        soma_form = run.call("serialize", spec)
+        assert len(soma_form["serialized_file_transfers"]) == 3
+        wf = run.call("submit_workflow", soma_form)
+        assert run.final(str(wf), 60).state is State.COMPLETE
+        assert out.read_text() == "HELLO SOMA\n"
+
+    @pytest.mark.timeout(120)
     def test_transfer_false_leaves_the_files_to_the_caller(self, soma_session: Session, tmp_path: Path) -> None:
         """Without transfer the jobs wait for their inputs until transfer_input_files; outputs come back on transfer_output_files."""
         run = soma_session()
