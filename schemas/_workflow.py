@@ -30,6 +30,14 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     env: dict[str, str] = {}
     #: working directory ("" = the backend's default)
     cwd: str = ""
+    #: absolute paths of files the job reads. A backend that moves files (soma-workflow) copies
+    #: each to where the job runs before it starts; a ``command`` argument equal to one of these
+    #: paths stands for the file there. Elsewhere the paths are used as they are.
+    inputs: list[str] = []
+    #: absolute paths of files the job writes: copied back to these paths once the workflow is
+    #: done (soma-workflow); a ``command`` argument equal to one stands for the file. At most one
+    #: job writes a given path, and a job that reads it must come after that job.
+    outputs: list[str] = []
 
 
 class WorkflowSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -99,7 +107,37 @@ def parse_workflow(data: Any, where: str = "workflow") -> WorkflowSpec:
     if len(spec.order()) != len(spec.jobs):
         stuck = sorted(j.name for j in spec.jobs if j.name not in {o.name for o in spec.order()})
         raise BackendRejected(f"{where} {spec.name!r}: dependency cycle among {', '.join(stuck)}")
+    _check_files(spec, where)
     return spec
+
+
+def _check_files(spec: WorkflowSpec, where: str) -> None:
+    """Input and output paths: absolute, once per job, one writer each, read after written."""
+    writer: dict[str, str] = {}
+    for i, job in enumerate(spec.jobs):
+        at = f"{where} {spec.name!r}: jobs[{i}] ({job.name})"
+        for kind, paths in (("inputs", job.inputs), ("outputs", job.outputs)):
+            for path in paths:
+                if not path.startswith("/") or "\0" in path:
+                    raise BackendRejected(f"{at}: {kind} path {path!r} must be absolute")
+            if len(set(paths)) != len(paths):
+                raise BackendRejected(f"{at}: {kind} lists a path twice")
+        both = sorted(set(job.inputs) & set(job.outputs))
+        if both:
+            raise BackendRejected(f"{at}: {both[0]!r} is both an input and an output")
+        for path in job.outputs:
+            if path in writer:
+                raise BackendRejected(f"{at}: output {path!r} is also written by job {writer[path]!r}")
+            writer[path] = job.name
+    ancestors: dict[str, set[str]] = {}
+    for job in spec.order():
+        ancestors[job.name] = set(job.after).union(*(ancestors[d] for d in job.after))
+    for i, job in enumerate(spec.jobs):
+        for path in job.inputs:
+            w = writer.get(path)
+            if w is not None and w not in ancestors[job.name]:
+                raise BackendRejected(f"{where} {spec.name!r}: jobs[{i}] ({job.name}): reads {path!r}, which job "
+                                      f"{w!r} writes, but does not come after it (add it to 'after')")
 
 
 __all__ = ["JobSpec", "WorkflowSpec", "parse_workflow"]

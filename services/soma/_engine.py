@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
+import soma_workflow.database_server as soma_db
 import soma_workflow.engine as soma_engine
 import soma_workflow.schedulers.local_scheduler as soma_local
 import structlog
 from soma_workflow import configuration as soma_configuration
 from soma_workflow.client import WorkflowController
+from soma_workflow.errors import DatabaseError, UnknownObjectError
 
 from flowbus.schemas import BackendUnavailable, SomaSessionConfig
 
@@ -63,6 +65,47 @@ def _install_popen_shim() -> None:
         return
     shim = types.SimpleNamespace(Popen=_popen_new_session, PIPE=subprocess.PIPE, _flowbus_shim=True)
     soma_local.subprocess = shim
+
+
+def _check_row(what: str, table: str, column: str) -> Any:
+    """soma 6.0.13's ``_check_transfer`` / ``_check_temporary`` with their bug fixed: an unknown
+    id reached ``.with_traceback(sys.exc_info[2])`` (no call), so soma raised ``TypeError:
+    'builtin_function_or_method' object is not subscriptable`` instead of its own
+    ``UnknownObjectError`` (and left the connection open). Same query, same message."""
+
+    def check(self: Any, connection: Any, cursor: Any, ident: Any, user_id: Any) -> None:
+        try:
+            row = next(cursor.execute(f"SELECT {column} FROM {table} WHERE {column}=? and user_id=? LIMIT 1",  # noqa: S608 - fixed names
+                                      [ident, user_id]), None)
+        except Exception as exc:
+            cursor.close()
+            connection.close()
+            raise DatabaseError(exc) from exc
+        if row is None:
+            cursor.close()
+            connection.close()
+            raise UnknownObjectError(f"The {what} {ident!r} is not valid or does not belong to user {user_id!r}")
+
+    return check
+
+
+def _signal_transfer_ended(self: Any, transfer_id: Any, workflow_id: Any) -> None:
+    """soma 6.0.13's ``signalTransferEnded`` skips ``workflow_id == -1`` but a transfer
+    registered alone has ``None``: soma then failed with an empty ``DatabaseError`` (from
+    ``StopIteration``) after the file was copied. Alone, there is no workflow to tell."""
+    if workflow_id is not None and workflow_id != -1:
+        self._database_server.add_workflow_ended_transfer(workflow_id, transfer_id)
+
+
+def _install_soma_fixes() -> None:
+    """Fix, once per process, the soma-workflow 6.0.13 bugs the transfer operations hit."""
+    cls = soma_db.WorkflowDatabaseServer
+    if getattr(cls, "_flowbus_fixed", False):
+        return
+    cls._check_transfer = _check_row("transfer", "transfers", "id")
+    cls._check_temporary = _check_row("temporary path", "temporary_paths", "temp_path_id")
+    soma_engine.WorkflowEngine.signalTransferEnded = _signal_transfer_ended
+    cls._flowbus_fixed = True
 
 
 @dataclass
@@ -135,6 +178,7 @@ def build(cfg: SomaSessionConfig, directory: str) -> Built:
 
     Raises ``BackendUnavailable`` naming the session when soma cannot start (with soma's message)."""
     _install_popen_shim()
+    _install_soma_fixes()
     with _BUILD_LOCK:
         saved_interval = soma_engine.refreshment_interval
         saved_env = os.environ.get("SOMA_WORKFLOW_CONFIG")
@@ -155,7 +199,7 @@ def build(cfg: SomaSessionConfig, directory: str) -> Built:
                     address = f"resource:{cfg.resource_id or 'default'}"
         except Exception as exc:
             raise BackendUnavailable(f"session {cfg.name!r}: cannot start a soma WorkflowController ({cfg.mode} mode, "
-                                     f"{directory or cfg.resource_id!r}): {type(exc).__name__}: {exc}") from exc
+                                     f"{directory or cfg.resource_id!r}): soma {soma_message(exc)}") from exc
         finally:
             soma_engine.refreshment_interval = saved_interval
             if saved_env is None:
@@ -201,6 +245,23 @@ def kill_tree(pid: int, create_time: float | None = None) -> bool:
             p.kill()
     psutil.wait_procs(list(victims.values()), timeout=3.0)
     return bool(victims)
+
+
+def soma_message(exc: BaseException) -> str:
+    """soma's own words for ``exc``: its type and message; when soma gave none (a
+    ``DatabaseError`` wrapping a ``StopIteration``), those of the exception it wraps."""
+    seen: set[int] = set()
+    chain: list[str] = []
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur).strip()
+        chain.append(type(cur).__name__)
+        if text:
+            return f"{' from '.join(chain)}: {text}"
+        inner = next((a for a in cur.args if isinstance(a, BaseException)), None)
+        cur = inner or cur.__cause__ or cur.__context__
+    return f"{' from '.join(chain)} (soma gave no message)"
 
 
 # -- the PID record (survives the process: a later incarnation kills what this one left) ----------
@@ -262,4 +323,4 @@ def quiet() -> Iterator[None]:
                 _saved_stdout = None
 
 
-__all__ = ["Built", "build", "create_time", "kill_tree", "load_pids", "quiet", "save_pids"]
+__all__ = ["Built", "build", "create_time", "kill_tree", "load_pids", "quiet", "save_pids", "soma_message"]

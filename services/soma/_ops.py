@@ -14,16 +14,16 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import soma_workflow.constants as C  # noqa: N812 - soma's constants module, named like them
 import soma_workflow.errors as soma_errors
 from soma_workflow.client import FileTransfer, Helper
 from soma_workflow.engine_types import EngineTransfer
 
-from flowbus.schemas import BackendError, BackendRejected, BackendUnavailable
+from flowbus.schemas import BackendError, BackendProtocolError, BackendRejected, BackendUnavailable
 
-from .._base import map_errors
 from .._ops import Operations
-from ._engine import quiet
-from ._wf import job_names, plain, to_workflow
+from ._engine import quiet, soma_message
+from ._wf import has_files, job_names, plain, to_workflow
 from ._wf import serialize as soma_form
 
 if TYPE_CHECKING:
@@ -47,22 +47,33 @@ _ERRORS: Mapping[type[BaseException], type[BackendError]] = {
     TypeError: BackendRejected,
     ValueError: BackendRejected,
     KeyError: BackendRejected,
+    FileNotFoundError: BackendRejected,  # a client file a transfer names is missing
+    PermissionError: BackendRejected,
     OSError: BackendUnavailable,
 }
 
 
 @contextlib.contextmanager
 def soma_errors_to_flowbus(operation: str) -> Iterator[None]:
-    """soma's exceptions as flowbus ones (original chained)."""
-    with map_errors(_ERRORS, operation):
+    """soma's exceptions as flowbus ones, each carrying soma's message (original chained)."""
+    try:
         yield
+    except BackendError:
+        raise
+    except Exception as exc:
+        dst = next((d for src, d in _ERRORS.items() if isinstance(exc, src)), BackendProtocolError)
+        raise dst(f"{operation}: soma {soma_message(exc)}") from exc
 
 
 def _id(value: Any, what: str, operation: str) -> int:
-    """An integer id; a workflow id may also be an event key (``"7"`` or ``"7/<job>"``)."""
+    """An integer id; a workflow id may also be an event key (``"7"`` or ``"7/<job>"``), a
+    transfer id too (``"transfer/3"``, ``"7/transfer/3"``)."""
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, str) and value.strip().isdigit():
             return int(value)
+        if what == "transfer_id" and isinstance(value, str) and "transfer/" in value \
+                and value.rsplit("/", 1)[1].isdigit():
+            return int(value.rsplit("/", 1)[1])
         if what == "workflow_id" and isinstance(value, str) and value.split("/", 1)[0].isdigit():
             return int(value.split("/", 1)[0])
         raise BackendRejected(f"{operation}: {what} must be an integer id, got {value!r}")
@@ -96,16 +107,37 @@ def _checked(session: SomaSession, workflow_id: Any, operation: str) -> int:
 
 @OPS.op
 def submit_workflow(session: SomaSession, workflow: Any, expiration_date: str | None = None, name: str | None = None,
-                    queue: str | None = None) -> int:
-    """Submit a flowbus ``WorkflowSpec`` dict/JSON or soma's JSON form; returns the workflow id."""
+                    queue: str | None = None, transfer: bool = True) -> int:
+    """Submit a flowbus ``WorkflowSpec`` dict/JSON or soma's JSON form; returns the workflow id.
+
+    With ``transfer`` (the default) the session moves the files the jobs reference: the input
+    files right after submission (each must exist), the output files once the workflow is done
+    (at the poll that sees it done). Without it, ``transfer_input_files`` /
+    ``transfer_output_files`` / ``transfer_files`` are the caller's to call, as in soma."""
     wf = to_workflow(workflow, "submit_workflow")
     expires = _date(expiration_date, "submit_workflow") if expiration_date is not None else None
     if name is not None and not isinstance(name, str):
         raise BackendRejected(f"submit_workflow: name must be a str, got {name!r}")
+    inputs, outputs = has_files(wf) if transfer else (False, False)
+    if inputs:
+        for ft in {id(f): f for j in wf.jobs for f in (j.referenced_input_files or ())}.values():
+            path = getattr(ft, "client_path", None)
+            if getattr(ft, "initial_status", None) == C.FILES_ON_CLIENT and path and not os.access(path, os.R_OK):
+                raise BackendRejected(f"submit_workflow: input file {path!r} does not exist or cannot be read")
     record = soma_form(wf)
     with session._using("submit_workflow") as wc:
         wf_id = int(wc.submit_workflow(wf, expiration_date=expires, name=name or wf.name, queue=queue))
-    session._submitted(wf_id, record)
+    session._submitted(wf_id, record, transfer=bool(transfer), outputs=outputs)
+    if inputs:
+        try:
+            with session._using("submit_workflow") as wc, quiet():  # soma prints warnings
+                Helper.transfer_input_files(wf_id, wc)
+        except BackendError as exc:
+            exc.args = (f"{exc} (workflow {wf_id} was submitted; its jobs wait for their input files: "
+                        f"transfer_input_files({wf_id}) tries again)", *exc.args[1:])
+            raise
+        finally:
+            session._transfers_changed([wf_id])
     return wf_id
 
 
@@ -125,25 +157,35 @@ def submit(session: SomaSession, workflow: Any, name: str | None = None) -> int:
 @OPS.op
 def register_transfer(session: SomaSession, is_input: bool, client_path: str | None = None, disposal_timeout: int = 168,
                       name: str | None = None, client_paths: list[str] | None = None) -> dict[str, Any]:
-    """Register a ``FileTransfer``; returns its id and paths."""
+    """Register a ``FileTransfer``; returns its id (what the other transfer operations take) and
+    paths. Its states are published under ``transfer/<id>``."""
     if not isinstance(is_input, bool) or (client_path is None and not client_paths):
         raise BackendRejected("register_transfer: needs is_input (bool) and client_path or client_paths")
+    paths: list[Any] = ([*client_paths] if client_paths else [client_path]) if is_input else []
+    for path in paths:
+        if not isinstance(path, str) or not os.path.exists(path):
+            raise BackendRejected(f"register_transfer: input file {path!r} does not exist")
+    if isinstance(disposal_timeout, bool) or not isinstance(disposal_timeout, int) or disposal_timeout <= 0:
+        raise BackendRejected(f"register_transfer: disposal_timeout must be a positive number of hours, "
+                              f"got {disposal_timeout!r}")
     with session._using("register_transfer") as wc:
-        ft = FileTransfer(is_input, client_path, int(disposal_timeout), name, client_paths)
+        ft = FileTransfer(is_input, client_path, disposal_timeout, name, client_paths)
         eng = getattr(wc, "_engine_proxy", None)
         if eng is not None and hasattr(eng, "_database_server"):
             # soma 6.0.13's EngineTransfer reads ``disposal_timeout`` (always None) where
             # FileTransfer stored ``_disposal_timeout``: do what WorkflowEngine.register_transfer
             # does, with the expiration date given
-            expires = datetime.datetime.now() + datetime.timedelta(hours=int(disposal_timeout))
+            expires = datetime.datetime.now() + datetime.timedelta(hours=disposal_timeout)
             et = eng._database_server.add_transfer(EngineTransfer(ft), eng._user_id, expires)
             if et.client_paths:
                 os.mkdir(et.engine_path)
         else:
             et = wc.register_transfer(ft)
-        return {"transfer_id": plain(getattr(et, "transfer_id", None)), "engine_path": plain(et.engine_path),
-                "client_path": plain(et.client_path), "client_paths": plain(et.client_paths),
-                "status": plain(getattr(et, "status", None))}
+        out = {"transfer_id": plain(getattr(et, "transfer_id", None)), "engine_path": plain(et.engine_path),
+               "client_path": plain(et.client_path), "client_paths": plain(et.client_paths),
+               "status": plain(getattr(et, "status", None))}
+    session._transfers_changed()
+    return out
 
 
 # -- retrieval ---------------------------------------------------------------------------------
@@ -191,9 +233,12 @@ def jobs(session: SomaSession, job_ids: list[int] | None = None) -> dict[str, An
 
 
 @OPS.op
-def transfers(session: SomaSession, transfer_ids: list[str] | None = None) -> dict[str, Any]:
+def transfers(session: SomaSession, transfer_ids: list[int] | None = None) -> dict[str, Any]:
+    """Transfer id -> (engine path, client path, expiration date, client paths) of the
+    transfers registered alone (or of ``transfer_ids``)."""
+    ids = None if transfer_ids is None else _ids(transfer_ids, "transfer_id", "transfers")
     with session._using("transfers") as wc:
-        return plain(wc.transfers(transfer_ids))  # type: ignore[no-any-return]  # soma is untyped
+        return plain(wc.transfers(ids))  # type: ignore[no-any-return]  # soma is untyped
 
 
 @OPS.op
@@ -226,9 +271,11 @@ def job_termination_status(session: SomaSession, job_id: int) -> list[Any]:
 
 
 @OPS.op
-def transfer_status(session: SomaSession, transfer_id: str) -> list[Any]:
+def transfer_status(session: SomaSession, transfer_id: int) -> list[Any]:
+    """``[status, progression]`` of a transfer (its id as ``register_transfer`` returns it)."""
+    tid = _id(transfer_id, "transfer_id", "transfer_status")
     with session._using("transfer_status") as wc:
-        return plain(wc.transfer_status(transfer_id))  # type: ignore[no-any-return]  # soma is untyped
+        return plain(wc.transfer_status(tid))  # type: ignore[no-any-return]  # soma is untyped
 
 
 @OPS.op
@@ -317,15 +364,45 @@ def wait_job(session: SomaSession, job_ids: list[int], timeout: float = 60.0) ->
 # -- transfers ---------------------------------------------------------------------------------
 
 @OPS.op
-def transfer_files(session: SomaSession, transfer_ids: list[str] | str, buffer_size: int = 512**2) -> None:
-    with session._using("transfer_files") as wc:
-        wc.transfer_files(transfer_ids, int(buffer_size))
+def transfer_files(session: SomaSession, transfer_ids: list[int] | int, buffer_size: int = 512**2) -> None:
+    """Copy the files of one transfer or several: inputs to the computing resource, outputs
+    back to the client (soma picks the direction from the transfer's status)."""
+    ids = _ids(transfer_ids, "transfer_id", "transfer_files")
+    if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size <= 0:
+        raise BackendRejected(f"transfer_files: buffer_size must be a positive int, got {buffer_size!r}")
+    try:
+        with session._using("transfer_files") as wc:
+            for tid in ids:
+                _transferable(wc, tid)
+            with quiet():  # soma prints warnings
+                wc.transfer_files(ids, buffer_size)
+    finally:  # a workflow's transfers are read with it: read every workflow again
+        session._transfers_changed(None)
+
+
+def _transferable(wc: Any, tid: int) -> None:
+    """Reject what soma would silently skip (nothing on either side yet) or leave half done (a
+    client file that does not exist: soma prints a warning and leaves it 'transfering')."""
+    status = wc.transfer_status(tid)[0]
+    if status == C.FILES_DO_NOT_EXIST:
+        raise BackendRejected(f"transfer_files: transfer {tid} has no file on either side yet (soma status "
+                              f"{status!r}: an output is copied back once a job of a workflow wrote it)")
+    if status in (C.FILES_ON_CLIENT, C.TRANSFERING_FROM_CLIENT_TO_CR):
+        info = [*wc.transfers([tid]).get(tid, ()), None, None, None, None]
+        client_path, client_paths = info[1], info[3]
+        for path in client_paths or [client_path]:
+            if path and not os.path.exists(path):
+                raise BackendRejected(f"transfer_files: transfer {tid}: client file {path!r} does not exist")
 
 
 @OPS.op
-def delete_transfer(session: SomaSession, transfer_id: str) -> None:
+def delete_transfer(session: SomaSession, transfer_id: int) -> None:
+    """Delete a transfer: soma expires it and disposes of its files once no job needs them; it
+    is published as gone (``UNKNOWN``, ``native=""``)."""
+    tid = _id(transfer_id, "transfer_id", "delete_transfer")
     with session._using("delete_transfer") as wc:
-        wc.delete_transfer(transfer_id)
+        wc.delete_transfer(tid)
+    session._transfers_changed()
 
 
 # -- Helper ------------------------------------------------------------------------------------
@@ -354,15 +431,21 @@ def delete_all_workflows(session: SomaSession, force: bool = True) -> bool:
 @OPS.op
 def transfer_input_files(session: SomaSession, workflow_id: int, buffer_size: int = 512**2) -> None:
     wf_id = _checked(session, workflow_id, "transfer_input_files")
-    with session._using("transfer_input_files") as wc:
-        Helper.transfer_input_files(wf_id, wc, int(buffer_size))
+    try:
+        with session._using("transfer_input_files") as wc, quiet():  # soma prints warnings
+            Helper.transfer_input_files(wf_id, wc, int(buffer_size))
+    finally:
+        session._transfers_changed([wf_id])
 
 
 @OPS.op
 def transfer_output_files(session: SomaSession, workflow_id: int, buffer_size: int = 512**2) -> None:
     wf_id = _checked(session, workflow_id, "transfer_output_files")
-    with session._using("transfer_output_files") as wc:
-        Helper.transfer_output_files(wf_id, wc, int(buffer_size))
+    try:
+        with session._using("transfer_output_files") as wc, quiet():  # soma prints warnings
+            Helper.transfer_output_files(wf_id, wc, int(buffer_size))
+    finally:
+        session._transfers_changed([wf_id])
 
 
 @OPS.op
@@ -404,4 +487,4 @@ def _tail(path: str, max_bytes: int) -> str:
         return ""
 
 
-__all__ = ["MAX_WAIT_S", "OPS", "soma_errors_to_flowbus"]
+__all__ = ["MAX_WAIT_S", "OPS", "soma_errors_to_flowbus", "soma_message"]

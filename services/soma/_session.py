@@ -5,7 +5,9 @@ Observation: soma has no notifications. Each poll lists the controller's workflo
 information written); settled ones cost one ``workflow_status``. Differences become
 ``StateChanged`` events (``observed=poll``; ``resync`` for the comparison with ``known`` at
 start and after a recovery). Keys: ``<workflow id>`` and ``<workflow id>/<job name>``; states
-and exit information as in :mod:`._wf`. The engine loop period (``engine-refresh``) bounds
+and exit information as in :mod:`._wf`. File transfers are read too (``transfer/<id>`` for one
+registered alone, ``<workflow id>/transfer/<id>`` for a workflow's; see :mod:`._transfers`), also
+right after each transfer operation. The engine loop period (``engine-refresh``) bounds
 how fast anything changes: polling faster gains nothing.
 
 Lifecycle (:class:`~flowbus.services._session.SessionBase`): a controller that cannot be built
@@ -43,16 +45,18 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import soma_workflow.constants as C  # noqa: N812 - C.DONE, C.FAILED: constants, named like them
+from soma_workflow.client import Helper
 
 from flowbus.schemas import (
     BackendError,
     BackendProtocolError,
     BackendRejected,
     BackendUnavailable,
+    ErrorEvent,
     Event,
     Observed,
     RecoveryAttempted,
@@ -62,9 +66,11 @@ from flowbus.schemas import (
 
 from .._ops import Operations
 from .._session import Opened, Phase, SessionBase
-from ._engine import Built, build, create_time, kill_tree, load_pids, save_pids
+from ._engine import Built, build, create_time, kill_tree, load_pids, quiet, save_pids, soma_message
 from ._ops import OPS, soma_errors_to_flowbus
-from ._wf import Tracker, WfSnap, from_record, job_names, read_workflow, serialize
+from ._transfers import PREFIX as TRANSFER_PREFIX
+from ._transfers import read_standalone, workflow_transfers
+from ._wf import Tracker, WfSnap, from_record, has_files, job_names, read_workflow, serialize
 
 #: polls that fail in a row before the controller counts as lost
 _FAILS_BEFORE_LOST = 3
@@ -93,9 +99,10 @@ class SomaSession(SessionBase):
     Helper functions ``list_failed_jobs``, ``delete_all_workflows``, ``transfer_input_files``,
     ``transfer_output_files``, ``serialize``.
 
-    Errors (each naming the session): ``BackendRejected`` (bad description, unknown workflow/job
-    id, bad argument), ``UnknownOperation``, ``BackendUnavailable`` (the controller is down or
-    being recovered).
+    Errors (each naming the session and the operation; a soma error carries soma's type and
+    message): ``BackendRejected`` (bad description, unknown workflow/job/transfer id, bad
+    argument, a missing client file), ``UnknownOperation``, ``BackendUnavailable`` (the
+    controller is down or being recovered; soma's engine or database failed).
     """
 
     backend = "soma"
@@ -117,6 +124,9 @@ class SomaSession(SessionBase):
         self._records: dict[int, dict[str, Any]] = {}
         #: soma job id -> (pid, process create time) of running jobs
         self._pids: dict[int, tuple[int, float]] = {}
+        #: workflows the session moves files for (``submit_workflow`` with ``transfer``) -> whether
+        #: their output files are still to be copied back (once they are done)
+        self._auto: dict[int, bool] = {}
         #: job pids the last loss killed (reported by the next ``new_controller``)
         self._killed: list[int] = []
         self._fails = 0
@@ -173,7 +183,7 @@ class SomaSession(SessionBase):
             if isinstance(exc, BackendUnavailable):
                 raise
             raise BackendUnavailable(f"session {self.name!r}: cannot open the soma controller: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+                                     f"{soma_message(exc)}") from exc
         self._killed = []
         self._fails = 0
         return Opened(self.address, f"soma-workflow {_version()} {self.config.mode} mode", events, resources,
@@ -272,10 +282,12 @@ class SomaSession(SessionBase):
         built = self._built
         return self._phase is Phase.UP and built is not None and built.controller is wc
 
-    def _submitted(self, wf_id: int, soma_dict: dict[str, Any]) -> None:
+    def _submitted(self, wf_id: int, soma_dict: dict[str, Any], transfer: bool = False, outputs: bool = False) -> None:
         with self._lock:
             self._records[wf_id] = soma_dict
             self._seen[wf_id] = None
+            if transfer:
+                self._auto[wf_id] = outputs
 
     def _watch(self, wf_id: int) -> None:
         """Read ``wf_id`` again at the next poll (restarted, deleted: the poll notices it is gone)."""
@@ -297,6 +309,7 @@ class SomaSession(SessionBase):
             self._seen.pop(wf_id, None)
             self._names.pop(wf_id, None)
             self._records.pop(wf_id, None)
+            self._auto.pop(wf_id, None)
         for wf_id in ids:
             last = self._seen.get(wf_id)
             try:
@@ -308,16 +321,70 @@ class SomaSession(SessionBase):
                     if names is None:
                         names = self._names[wf_id] = job_names(wc, wf_id)
                     snap = read_workflow(wc, wf_id, names)
+                    if snap.settled and self._auto.get(wf_id):
+                        snap = self._outputs_back(wc, wf_id, names, snap, events)
             except BackendRejected:  # deleted between the listing and the read
                 continue
+            # jobs, then files, then the workflow: its final state comes after its outputs are back
+            own = snap.resources.pop(str(wf_id), None)
+            snap.resources.update(workflow_transfers(wf_id, snap.transfers))
+            if own is not None:
+                snap.resources[str(wf_id)] = own
             self._seen[wf_id] = snap
             seen_keys.update(snap.resources)
             seen_keys.update(snap.pending)
             events += self._tracker.diff(snap.resources, observed)
+        transfer_events, transfer_keys = self._scan_transfers(observed)
+        events += transfer_events
+        seen_keys.update(transfer_keys)
         if full:
             stale = [k for k in self._tracker.last if k not in seen_keys]
             events += self._tracker.gone(stale, observed, "not known to the soma-workflow controller")
         return events, len(seen_keys)
+
+    def _outputs_back(self, wc: Any, wf_id: int, names: Mapping[int, str], snap: WfSnap,
+                      events: list[Event]) -> WfSnap:
+        """Copy a done workflow's output files back to their client paths (``submit_workflow``
+        with ``transfer``), once. A failure is an ``ErrorEvent`` (key: the workflow; soma's
+        message) and the files stay for ``transfer_output_files``. Returns the workflow read
+        again."""
+        self._auto[wf_id] = False
+        try:
+            with soma_errors_to_flowbus("transfer_output_files"), quiet():
+                Helper.transfer_output_files(wf_id, wc)
+        except BackendError as exc:
+            self._log.warning("soma.outputs.failed", workflow_id=wf_id, error=str(exc))
+            events.append(self._ev(ErrorEvent, key=str(wf_id), operation="transfer_output_files",
+                                   observed=Observed.POLL, error_type=f"flowbus.schemas.{type(exc).__name__}",
+                                   message=f"workflow {wf_id}: {exc}", args=[str(a) for a in exc.args]))
+        return read_workflow(wc, wf_id, names)
+
+    def _scan_transfers(self, observed: Observed) -> tuple[list[Event], set[str]]:
+        """The transfers registered alone: what changed, and their keys (deleted ones go)."""
+        assert self._built is not None
+        with soma_errors_to_flowbus("poll"):
+            snap = read_standalone(self._built.controller)
+        gone = [k for k in self._tracker.last if k.startswith(TRANSFER_PREFIX) and k not in snap]
+        events: list[Event] = [*self._tracker.gone(gone, observed, "transfer deleted"),
+                               *self._tracker.diff(snap, observed)]
+        return events, set(snap)
+
+    def _transfers_changed(self, reread: Iterable[int] | None = ()) -> None:
+        """After a transfer operation: publish the new states of the transfers registered alone
+        now (not at the next poll), and read the workflows ``reread`` (None: all) again at the
+        next poll."""
+        with self._lock:
+            for wf_id in list(self._seen) if reread is None else reread:
+                if wf_id in self._seen:
+                    self._seen[wf_id] = None
+            if self._phase is not Phase.UP or self._built is None:
+                return
+            try:
+                events, _ = self._scan_transfers(Observed.POLL)
+            except BackendError as exc:  # the next poll tries again
+                self._log.warning("soma.transfers.read_failed", error=str(exc))
+                return
+            self._publish(events)
 
     def _record_pids(self) -> None:
         """Keep soma job id -> (pid, create time) of running jobs, on disk too (light mode)."""
@@ -381,7 +448,12 @@ class SomaSession(SessionBase):
                     else:
                         record = self._records.get(wf_id) or serialize(wc.workflow(wf_id))
                         eng._database_server.delete_workflow(wf_id)  # the new engine does not own it
-                        new_id = int(wc.submit_workflow(from_record(record), name=record.get("name")))
+                        rebuilt = from_record(record)
+                        new_id = int(wc.submit_workflow(rebuilt, name=record.get("name")))
+                        if self._auto.pop(wf_id, None) is not None:  # submitted with transfer: so is this one
+                            inputs, self._auto[new_id] = has_files(rebuilt)
+                            if inputs:
+                                Helper.transfer_input_files(new_id, wc)
                         self._records.pop(wf_id, None)
                         self._records[new_id] = record
                         self._seen[new_id] = None

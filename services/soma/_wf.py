@@ -1,7 +1,8 @@
 """Workflows in and states out for :class:`~flowbus.services.soma.SomaSession`.
 
 In: a flowbus :class:`~flowbus.schemas.WorkflowSpec` (``{"name", "jobs": [{"name", "command",
-"after", "env", "cwd"}]}``) or soma's own JSON form (what ``Helper.serialize`` writes and
+"after", "env", "cwd", "inputs", "outputs"}]}``; each input or output path is one
+``FileTransfer``) or soma's own JSON form (what ``Helper.serialize`` writes and
 ``Workflow.from_dict`` reads) becomes a soma ``Workflow``.
 
 Out: ``workflow_elements_status`` snapshots become ``StateChanged`` events. Keys are
@@ -16,15 +17,18 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import soma_workflow.constants as C  # noqa: N812 - C.DONE, C.FAILED: constants, named like them
 from soma_workflow import utils as soma_utils
-from soma_workflow.client import Job, Workflow
+from soma_workflow.client import FileTransfer, Job, Workflow
 
 from flowbus.schemas import BackendRejected, Event, Observed, State, StateChanged, WorkflowSpec, parse_workflow
+
+from ._engine import soma_message
 
 Scalar = str | int | float | bool | None
 
@@ -58,11 +62,23 @@ _WF = {
 
 
 def from_spec(spec: WorkflowSpec) -> Workflow:
-    """A soma ``Workflow`` for a validated flowbus description."""
+    """A soma ``Workflow`` for a validated flowbus description. Each path a job lists in
+    ``inputs`` / ``outputs`` becomes one soma ``FileTransfer`` (an input when no job writes it),
+    referenced by the jobs that read or write it; a command argument equal to the path is that
+    ``FileTransfer`` (soma puts the file's path where the job runs in its place)."""
+    written = {p for j in spec.jobs for p in j.outputs}
+    files: dict[str, FileTransfer] = {}
+    for j in spec.jobs:
+        for path in [*j.inputs, *j.outputs]:
+            if path not in files:
+                files[path] = FileTransfer(path not in written, path, name=os.path.basename(path) or "file")
     jobs: dict[str, Job] = {}
     for j in spec.jobs:
-        jobs[j.name] = Job(command=list(j.command), name=j.name, env=dict(j.env) or None,
-                           working_directory=j.cwd or None)
+        mine = set(j.inputs) | set(j.outputs)
+        command: list[Any] = [files[a] if a in mine else a for a in j.command]
+        jobs[j.name] = Job(command=command, name=j.name, env=dict(j.env) or None, working_directory=j.cwd or None,
+                           referenced_input_files=[files[p] for p in j.inputs] or None,
+                           referenced_output_files=[files[p] for p in j.outputs] or None)
     deps = [(jobs[d], jobs[j.name]) for j in spec.jobs for d in j.after]
     return Workflow(list(jobs.values()), dependencies=deps, name=spec.name)
 
@@ -85,7 +101,7 @@ def to_workflow(data: Any, where: str = "submit_workflow") -> Workflow:
             wf = Workflow.from_dict(soma_utils.from_json(dict(data)))
         except Exception as exc:  # noqa: BLE001  (soma raises anything for a bad dict)
             raise BackendRejected(f"{where}: not a valid soma-workflow workflow dict: "
-                                  f"{type(exc).__name__}: {exc}") from None
+                                  f"soma {soma_message(exc)}") from None
         if not wf.jobs:
             raise BackendRejected(f"{where}: soma workflow {wf.name!r} has no jobs")
         for j in wf.jobs:
@@ -93,6 +109,13 @@ def to_workflow(data: Any, where: str = "submit_workflow") -> Workflow:
                 raise BackendRejected(f"{where}: soma workflow {wf.name!r}: job {j.name!r} has an empty command")
         return wf
     return from_spec(parse_workflow(data, where))
+
+
+def has_files(wf: Workflow) -> tuple[bool, bool]:
+    """Whether jobs of ``wf`` reference (input files, output files)."""
+    jobs = getattr(wf, "jobs", None) or []
+    return (any(getattr(j, "referenced_input_files", None) for j in jobs),
+            any(getattr(j, "referenced_output_files", None) for j in jobs))
 
 
 def serialize(wf: Workflow) -> dict[str, Any]:
@@ -177,6 +200,8 @@ class WfSnap:
     resources: dict[str, Obs] = field(default_factory=dict)
     #: keys held back (done/failed without exit information)
     pending: set[str] = field(default_factory=set)
+    #: the workflow's file transfers as soma lists them (see :mod:`._transfers`)
+    transfers: Any = ()
 
     @property
     def settled(self) -> bool:
@@ -186,8 +211,8 @@ class WfSnap:
 
 def read_workflow(wc: Any, wf_id: int, names: Mapping[int, str]) -> WfSnap:
     """``workflow_elements_status`` as observations (``names``: soma job id -> key suffix)."""
-    jobs, _transfers, status, _date, _tmp = wc.workflow_elements_status(wf_id)[:5]
-    snap = WfSnap(wf_id, str(status))
+    jobs, transfers, status, _date, _tmp = wc.workflow_elements_status(wf_id)[:5]
+    snap = WfSnap(wf_id, str(status), transfers=transfers)
     states: list[State] = []
     for row in jobs:
         job_id, jstatus, _queue, exit_info, _dates = row[:5]
@@ -268,5 +293,5 @@ def from_record(record: Mapping[str, Any]) -> Workflow:
     return Workflow.from_dict(soma_utils.from_json(dict(record)))
 
 
-__all__ = ["Obs", "Tracker", "WfSnap", "from_record", "job_names", "job_state", "plain", "read_workflow", "serialize",
-           "to_workflow"]
+__all__ = ["Obs", "Tracker", "WfSnap", "from_record", "has_files", "job_names", "job_state", "plain", "read_workflow",
+           "serialize", "to_workflow"]

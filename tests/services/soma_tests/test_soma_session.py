@@ -616,6 +616,16 @@ class TestInActor:
             assert isinstance(done, StateChanged) and done.native == "workflow_done"
             j1 = client.wait(f"soma/sm/state/{wf}/j1 state=complete", timeout=10)
             assert cast(StateChanged, j1).attrs["exit_value"] == 0
+            # a transfer's states reach the bus and its snapshot (what `flowbus status` shows) like a job's
+            (tmp_path / "t.txt").write_text("t\n")
+            tid = ray.get(actor.call.remote("sm", "register_transfer", True, str(tmp_path / "t.txt")),
+                          timeout=60)["transfer_id"]
+            ray.get(actor.call.remote("sm", "transfer_files", tid), timeout=60)
+            client.wait(f"soma/sm/state/transfer/{tid} state=complete", timeout=30)
+            snap = {e.key: e for e in client.status("soma/sm/state/transfer/") if isinstance(e, StateChanged)}
+            assert (snap[f"transfer/{tid}"].state, snap[f"transfer/{tid}"].native) == (State.COMPLETE, "on both sides")
+            with pytest.raises(Exception, match="soma UnknownObjectError: The transfer 999 is not valid"):
+                ray.get(actor.call.remote("sm", "transfer_status", 999), timeout=60)
             # a long job is running when the session is removed
             wf2 = ray.get(actor.call.remote("sm", "submit_workflow", {"name": "long", "jobs": [
                 {"name": "a", "command": ["sleep", "60"]}]}), timeout=60)
