@@ -127,6 +127,7 @@ class EcflowSession(SessionBase):
                 client.sync_local()
                 defs = client.get_defs()
             snap = read_full(defs)
+            self._auto_added(snap.suites)
             version = str(client.server_version())
             self._server_pid = server_pid(defs)
         self._next_clear_log = time.monotonic() + self.config.clear_log_interval
@@ -231,7 +232,15 @@ class EcflowSession(SessionBase):
                 self._restarted(f"server restarted between polls (pid {self._server_pid} -> {pid})", "")
                 return
         snap = read_full(defs) if not paths else read_paths(defs, paths)
+        self._auto_added(snap.suites)
         self._publish(self._tree.diff(snap, Observed.POLL))
+
+    def _auto_added(self, suites: list[str]) -> None:
+        """With ``auto_add``, suites the server added to the handle are remembered with it, so a
+        restarted server gets them back (a new registration only auto-adds suites created later)."""
+        if self._handle is not None and self._handle[0]:
+            auto, names = self._handle
+            self._handle = (auto, [*names, *(s for s in suites if s not in names)])
 
     def _restarted(self, reason: str, action: str) -> None:
         """The server restarted unseen (a new pid, or our handle is unknown to it): report the
