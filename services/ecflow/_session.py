@@ -8,7 +8,9 @@ Keys are absolute node paths; the server itself is ``/`` (see :mod:`._tree`).
 
 Events: ``StateChanged`` per node (``state`` normalised, ``native`` ecFlow's display state with
 ``suspended`` as SUSPENDED, ``try_no`` from ECF_TRYNO, the aborted reason in ``detail``; a node
-that disappears goes UNKNOWN with ``native=""``), ``AttributeChanged`` per event/meter/label
+that disappears goes UNKNOWN with ``native=""``; a task found in the same state on a new job run,
+e.g. aborted, requeued and aborted again between two polls, is published again with
+``attrs={"rerun": True}``), ``AttributeChanged`` per event/meter/label
 (``kind`` "event"/"meter"/"label"). The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
 state is a ``StateChanged`` (ACTIVE/SUSPENDED/SUSPENDED) and each suite an ``AttributeChanged``
 with ``kind="suite"`` (True while loaded, False once deleted).

@@ -9,6 +9,7 @@ RUNNING and SUSPENDED for HALTED and SHUTDOWN, and its suites are ``AttributeCha
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,11 +38,23 @@ AttrKey = tuple[str, str, str]  # (node path, kind, name)
 
 @dataclass(frozen=True)
 class NodeObs:
-    """One node as last seen: ecFlow's display state, try number and aborted reason."""
+    """One node as last seen: ecFlow's display state, try number, aborted reason, and for a task
+    a token of its current job run (new at each submission: see :func:`moved`)."""
 
     native: str
     try_no: int = 0
     reason: str = ""
+    run: str = ""
+
+
+def moved(old: NodeObs | None, new: NodeObs) -> bool:
+    """Whether ``new`` is a transition to publish. The same state with a new job run means the
+    task went through other states between two reads (aborted, requeued, aborted again within
+    one poll): that is a transition too, or a retry policy would miss the second abort. A run
+    token unknown on one side (seeded from the journal) is not a change."""
+    if old is None or (old.native, old.try_no, old.reason) != (new.native, new.try_no, new.reason):
+        return True
+    return bool(old.run and new.run and old.run != new.run)
 
 
 @dataclass
@@ -64,18 +77,29 @@ def state_of(native: str) -> State:
 def _read_node(node: Any, snap: Snapshot) -> None:
     path = node.get_abs_node_path()
     native = str(node.get_dstate())
-    try_no, reason = 0, ""
+    try_no, reason, run = 0, "", ""
     if isinstance(node, ecflow.Submittable):
         try_no = int(node.get_int_try_no())
         if native == "aborted":
             reason = node.get_aborted_reason()
-    snap.nodes[path] = NodeObs(native, try_no, reason)
+        run = _run_token(node)
+    snap.nodes[path] = NodeObs(native, try_no, reason, run)
     for ev in node.events:
         snap.attrs[(path, "event", ev.name_or_number())] = bool(ev.value())
     for meter in node.meters:
         snap.attrs[(path, "meter", meter.name())] = int(meter.value())
     for label in node.labels:
         snap.attrs[(path, "label", label.name())] = label.new_value() or label.value()
+
+
+def _run_token(task: Any) -> str:
+    """The job run a task is on: the server draws a new jobs password (ECF_PASS) at every
+    submission, and the job's process id (ECF_RID) comes with its init. Kept as a digest: the
+    password itself lets a process talk to the server as the job."""
+    passwd, rid = task.get_jobs_password(), task.get_process_or_remote_id()
+    if not passwd and not rid:
+        return ""
+    return hashlib.blake2s(f"{passwd}\0{rid}".encode(), digest_size=8).hexdigest()
 
 
 def _read_server(defs: Any, snap: Snapshot) -> None:
@@ -171,12 +195,15 @@ class Tree:
                 known_by_node.setdefault(akey[0], []).append(akey)
         for path, obs in snap.nodes.items():
             old = self.nodes.get(path)
-            if old != obs:
+            if moved(old, obs):
+                rerun = old is not None and (old.native, old.try_no, old.reason) == (obs.native, obs.try_no, obs.reason)
                 out.append(StateChanged(source=self.source, backend="ecflow", key=path, observed=observed,
                                         state=state_of(obs.native), native=obs.native,
                                         previous=state_of(old.native) if old else None,
                                         native_previous=old.native if old else "",
-                                        try_no=obs.try_no, detail=obs.reason))
+                                        try_no=obs.try_no, detail=obs.reason,
+                                        attrs={"rerun": True} if rerun else {}))
+            if old != obs:
                 self.nodes[path] = obs
             seen = set()
             for akey, value in by_node.get(path, ()):
@@ -207,4 +234,4 @@ class Tree:
                                 name=name, value=value, previous=previous)
 
 
-__all__ = ["SERVER_KEY", "NodeObs", "Snapshot", "Tree", "read_full", "read_paths", "server_pid", "state_of"]
+__all__ = ["SERVER_KEY", "NodeObs", "Snapshot", "Tree", "moved", "read_full", "read_paths", "server_pid", "state_of"]
