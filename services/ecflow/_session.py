@@ -10,8 +10,11 @@ Events: ``StateChanged`` per node (``state`` normalised, ``native`` ecFlow's dis
 ``suspended`` as SUSPENDED, ``try_no`` from ECF_TRYNO, the aborted reason in ``detail``; a node
 that disappears goes UNKNOWN with ``native=""``; a task found in the same state on a new job run,
 e.g. aborted, requeued and aborted again between two polls, is published again with
-``attrs={"rerun": True}``), ``AttributeChanged`` per event/meter/label
-(``kind`` "event"/"meter"/"label"). The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
+``attrs={"rerun": True}``), ``AttributeChanged`` per attribute (``kind`` "event", "meter",
+"label", "variable", "repeat", "limit", "limit_max", "flag" (names "late" and "zombie", True
+once set, False once cleared), "trigger"/"complete" (name "expression", the text),
+"time"/"today"/"date"/"day"/"cron" (name the attribute's text, value True)); an attribute
+deleted is published with ``value=None``. The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
 state is a ``StateChanged`` (ACTIVE/SUSPENDED/SUSPENDED) and each suite an ``AttributeChanged``
 with ``kind="suite"`` (True while loaded, False once deleted).
 

@@ -5,6 +5,11 @@ Keys are absolute node paths (``/suite/family/task``). The server itself is the 
 state (``RUNNING``/``HALTED``/``SHUTDOWN``) is a ``StateChanged`` with ``state`` ACTIVE for
 RUNNING and SUSPENDED for HALTED and SHUTDOWN, and its suites are ``AttributeChanged`` with
 ``kind="suite"`` (``value`` True while the suite is loaded, False once deleted).
+
+A node's attributes are ``(path, kind, name) -> value``: events, meters, labels, variables,
+the repeat's current value, limits (``limit`` and ``limit_max``), the ``late``/``zombie`` flags
+(present only while set), trigger/complete expressions and time attributes. One that disappears
+is published with ``value=None`` (a flag with ``False``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ _NATIVE = {
 _SERVER = {"RUNNING": State.ACTIVE, "HALTED": State.SUSPENDED, "SHUTDOWN": State.SUSPENDED}
 
 Scalar = str | int | float | bool | None
+#: node flags published as ``AttributeChanged(kind="flag")``
+_FLAGS = (("late", ecflow.FlagType.late), ("zombie", ecflow.FlagType.zombie))
 AttrKey = tuple[str, str, str]  # (node path, kind, name)
 
 
@@ -90,6 +97,42 @@ def _read_node(node: Any, snap: Snapshot) -> None:
         snap.attrs[(path, "meter", meter.name())] = int(meter.value())
     for label in node.labels:
         snap.attrs[(path, "label", label.name())] = label.new_value() or label.value()
+    _read_more(node, path, snap.attrs)
+
+
+def _read_more(node: Any, path: str, attrs: dict[AttrKey, Scalar]) -> None:
+    """Variables, the repeat, limits, the late and zombie flags, expressions and time attributes."""
+    for var in node.variables:
+        attrs[(path, "variable", var.name())] = var.value()
+    repeat = node.get_repeat()
+    if not repeat.empty():
+        attrs[(path, "repeat", repeat.name())] = _repeat_value(node, repeat)
+    for limit in node.limits:
+        attrs[(path, "limit", limit.name())] = int(limit.value())
+        attrs[(path, "limit_max", limit.name())] = int(limit.limit())
+    flag = node.get_flag()
+    for name, kind in _FLAGS:  # only while set: a cleared flag is published False (see Tree.diff)
+        if flag.is_set(kind):
+            attrs[(path, "flag", name)] = True
+    for kind, expr in (("trigger", node.get_trigger()), ("complete", node.get_complete())):
+        if expr is not None:
+            attrs[(path, kind, "expression")] = str(expr)
+    for kind, items in (("time", node.times), ("today", node.todays), ("date", node.dates), ("day", node.days),
+                        ("cron", node.crons)):
+        for item in items:
+            attrs[(path, kind, str(item))] = True
+
+
+def _repeat_value(node: Any, repeat: Any) -> Scalar:
+    """The current value: an int for integer, date and day repeats, the text for enumerated and
+    string repeats (whose ``value()`` is only the index; the client's generated variable holding
+    the text is stale after an incremental sync until it is updated)."""
+    index = int(repeat.value())
+    if not str(repeat).startswith(("repeat enumerated", "repeat string")):
+        return index
+    node.update_generated_variables()
+    var = node.find_gen_variable(repeat.name())
+    return index if var.empty() else str(var.value())
 
 
 def _run_token(task: Any) -> str:
@@ -145,6 +188,11 @@ def server_pid(defs: Any) -> str:
     return ""
 
 
+def _present(ev: AttributeChanged) -> bool:
+    """Whether a journal event says the attribute exists: not deleted (None), not a cleared flag."""
+    return ev.value is not None and not (ev.kind == "flag" and ev.value is False)
+
+
 class Tree:
     """The last published state of every node, attribute, suite and of the server."""
 
@@ -165,7 +213,7 @@ class Tree:
             elif isinstance(ev, AttributeChanged) and ev.key == SERVER_KEY and ev.kind == "suite":
                 if ev.value:
                     self.suites.add(ev.name)
-            elif isinstance(ev, AttributeChanged) and ev.key.startswith("/"):
+            elif isinstance(ev, AttributeChanged) and ev.key.startswith("/") and _present(ev):
                 self.attrs[(ev.key, ev.kind, ev.name)] = ev.value
 
     def diff(self, snap: Snapshot, observed: Observed,
@@ -212,7 +260,8 @@ class Tree:
                     out.append(self._attr(path, akey[1], akey[2], value, self.attrs.get(akey), observed))
                     self.attrs[akey] = value
             for akey in [k for k in known_by_node.get(path, ()) if k not in seen]:
-                del self.attrs[akey]  # attribute deleted by alter: nothing to publish
+                gone_value = False if akey[1] == "flag" else None  # a flag cleared, anything else deleted
+                out.append(self._attr(path, akey[1], akey[2], gone_value, self.attrs.pop(akey), observed))
         if snap.full:
             gone = [p for p in self.nodes if p not in snap.nodes]
         else:
