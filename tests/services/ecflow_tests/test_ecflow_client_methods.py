@@ -120,7 +120,14 @@ def _flush_then_log(run: Running, _server: EcfServer) -> None:
     run.call("client", "log_msg", "flowbus-after-flush")
 
 
+def _kill_active(run: Running, server: EcfServer) -> None:
+    run.call("resume", "/o/slow")
+    run.rec.wait_for(reached("/o/slow", State.ACTIVE), 20, "slow active")
+    run.call("kill", "/o/slow")
+
+
 CASES = [
+    Case("kill", _kill_active, state("/o/slow", "aborted")),
     Case("delete_all", lambda run, s: run.call("client", "delete_all", True), lambda s: defs_of(s) is None
          or not list(defs_of(s).suites)),
     Case("order", lambda run, s: run.call("client", "order", "/o/f", "bottom"), lambda s: children(s, "/o")[-1] == "f"),
@@ -238,3 +245,25 @@ class TestClientMethods:
             assert time.monotonic() < deadline, "zombie not removed"
             time.sleep(0.05)
         assert server_states(server)["/o/slow"] == "complete"
+
+    @pytest.mark.timeout(60)
+    def test_check_status_and_server_debug(self, ecf_server: Server, ecflow_session: Session) -> None:
+        """check reports a trigger on an extern node the server lacks; status is refused for a task
+        of a suite not begun, in the server's words; debug_server_on makes the server write to its stdout."""
+        server = ecf_server()
+        run = ecflow_session(server.port)
+        run.call("load", "extern /nosuch/x\n" + write_suite(server, "c", "task t\n  trigger /nosuch/x == complete\n",
+                                                             {"t": "true\n"}))
+        for args in (("/c",), ()):
+            assert "Could not find referenced node, using absolute path '/nosuch/x" in run.call("check", *args)
+        with pytest.raises(BackendRejected, match=r"must be .begun. first"):
+            run.call("client", "status", "/c/t")
+        out = server.home / "server.out"
+        size = out.stat().st_size
+        run.call("client", "debug_server_on")
+        run.call("ping")
+        run.call("client", "debug_server_off")
+        deadline = time.monotonic() + 10
+        while out.stat().st_size == size:
+            assert time.monotonic() < deadline, "the server wrote no debug output"
+            time.sleep(0.05)
