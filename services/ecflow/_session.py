@@ -236,7 +236,7 @@ class EcflowSession(SessionBase):
             if pid and self._server_pid and pid != self._server_pid:
                 self._restarted(f"server restarted between polls (pid {self._server_pid} -> {pid})", "")
                 return
-        snap = read_full(defs) if not paths else read_paths(defs, paths)
+        snap = read_full(defs) if not paths else read_paths(defs, paths, self._tree.children)
         self._auto_added(snap.suites)
         self._publish(self._tree.diff(snap, Observed.POLL))
 

@@ -15,7 +15,7 @@ is published with ``value=None`` (a flag with ``False``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,8 +161,12 @@ def read_full(defs: Any) -> Snapshot:
     return snap
 
 
-def read_paths(defs: Any, paths: Iterable[str]) -> Snapshot:
-    """Only ``paths`` (``changed_node_paths`` after an incremental sync), plus the server."""
+def read_paths(defs: Any, paths: Iterable[str], known_children: Callable[[str], set[str]] | None = None) -> Snapshot:
+    """Only ``paths`` (``changed_node_paths`` after an incremental sync), plus the server.
+
+    ecFlow reports a node added under, or removed from, a parent that stays (``plug``, ``delete``
+    of a task) only as the parent's path: with ``known_children`` (the child paths last seen of a
+    node) a new child's whole subtree is read and a vanished child is recorded gone."""
     snap = Snapshot(full=False)
     if defs is None:
         return read_full(defs)
@@ -173,8 +177,20 @@ def read_paths(defs: Any, paths: Iterable[str]) -> Snapshot:
         node = defs.find_abs_node(path)
         if node is None:  # careful: bool(task) is False
             snap.gone.append(path)
-        else:
-            _read_node(node, snap)
+            continue
+        _read_node(node, snap)
+        if known_children is None:
+            continue
+        known = known_children(path)
+        current = set()
+        for child in node.nodes:
+            child_path = child.get_abs_node_path()
+            current.add(child_path)
+            if child_path not in known:
+                _read_node(child, snap)
+                for below in child.get_all_nodes():
+                    _read_node(below, snap)
+        snap.gone.extend(sorted(known - current))
     return snap
 
 
@@ -202,6 +218,22 @@ class Tree:
         self.attrs: dict[AttrKey, Scalar] = {}
         self.suites: set[str] = set()
         self.server = ""
+        #: parent path -> the child paths known (suites are children of the server's suite list)
+        self.kids: dict[str, set[str]] = {}
+
+    def children(self, path: str) -> set[str]:
+        """The child paths of ``path`` last seen."""
+        return self.kids.get(path, set())
+
+    def _put(self, path: str, obs: NodeObs) -> None:
+        if path not in self.nodes:
+            self.kids.setdefault(path.rsplit("/", 1)[0], set()).add(path)
+        self.nodes[path] = obs
+
+    def _pop(self, path: str) -> NodeObs:
+        parent = path.rsplit("/", 1)[0]
+        self.kids.get(parent, set()).discard(path)
+        return self.nodes.pop(path)
 
     def seed(self, known: Mapping[str, Event]) -> None:
         """Start from the bus journal's latest events for this source."""
@@ -209,7 +241,7 @@ class Tree:
             if isinstance(ev, StateChanged) and ev.key == SERVER_KEY:
                 self.server = ev.native
             elif isinstance(ev, StateChanged) and ev.key.startswith("/") and ev.native:
-                self.nodes[ev.key] = NodeObs(ev.native, ev.try_no, ev.detail if ev.native == "aborted" else "")
+                self._put(ev.key, NodeObs(ev.native, ev.try_no, ev.detail if ev.native == "aborted" else ""))
             elif isinstance(ev, AttributeChanged) and ev.key == SERVER_KEY and ev.kind == "suite":
                 if ev.value:
                     self.suites.add(ev.name)
@@ -252,7 +284,7 @@ class Tree:
                                         try_no=obs.try_no, detail=obs.reason,
                                         attrs={"rerun": True} if rerun else {}))
             if old != obs:
-                self.nodes[path] = obs
+                self._put(path, obs)
             seen = set()
             for akey, value in by_node.get(path, ()):
                 seen.add(akey)
@@ -267,7 +299,7 @@ class Tree:
         else:
             gone = [p for p in self.nodes if any(p == g or p.startswith(g + "/") for g in snap.gone)]
         for path in gone:
-            old = self.nodes.pop(path)
+            old = self._pop(path)
             out.append(StateChanged(source=self.source, backend="ecflow", key=path, observed=observed,
                                     state=State.UNKNOWN, previous=state_of(old.native), native_previous=old.native,
                                     try_no=old.try_no, detail=gone_reason))

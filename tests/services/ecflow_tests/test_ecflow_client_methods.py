@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from flowbus.schemas import BackendRejected, State
+from flowbus.schemas import BackendRejected, State, StateChanged
 from support import ecflow as _fx
 from support.ecflow import EcfServer, Running, ecflow, reached, server_states, write_suite
+from support.recorder import show
 
 ecf_server = _fx.ecf_server
 ecflow_session = _fx.ecflow_session
@@ -267,3 +268,35 @@ class TestClientMethods:
         while out.stat().st_size == size:
             assert time.monotonic() < deadline, "the server wrote no debug output"
             time.sleep(0.05)
+
+    @pytest.mark.timeout(60)
+    def test_archive_restore_plug_events(self, ecf_server: Server, ecflow_session: Session) -> None:
+        """Archived children are published removed, restored ones come back, plugged nodes move paths,
+        and a task deleted from a suite that stays is removed."""
+        server = ecf_server()
+        run = ecflow_session(server.port)
+        run.call("load", write_suite(server, "o", SUITE, SCRIPTS))
+        run.call("load", write_suite(server, "p", OTHER, {}))
+        run.call("begin_all_suites")
+        run.rec.wait_for(reached("/o/f/a", State.COMPLETE), 10, "begun")
+        n = len(run.rec.events)
+        run.call("client", "archive", "/o/f")
+        gone = run.rec.wait_for(lambda es: [e for e in es[n:] if isinstance(e, StateChanged) and e.key == "/o/f/a"],
+                                10, "archived child removed")[0]
+        assert gone.state is State.UNKNOWN and gone.native == "", show(gone)
+        n = len(run.rec.events)
+        run.call("client", "restore", "/o/f")
+        back = run.rec.wait_for(lambda es: [e for e in es[n:] if isinstance(e, StateChanged) and e.key == "/o/f/a"],
+                                10, "restored child")[0]
+        assert back.native == "complete", show(back)
+        n = len(run.rec.events)
+        run.call("client", "plug", "/o/f", "/p")
+        run.rec.wait_for(lambda es: {"/p/f/a", "/o/f/a"} <= {e.key for e in es[n:] if isinstance(e, StateChanged)},
+                         10, "plugged under /p, gone from /o")
+        moved = {e.key: e.native for e in run.rec.events[n:] if isinstance(e, StateChanged)}
+        assert moved["/o/f/a"] == "" and moved["/p/f/a"] != "", moved
+        n = len(run.rec.events)
+        run.call("delete", "/p/x", True)  # a task of a suite that stays: ecFlow reports only '/p' changed
+        removed = run.rec.wait_for(lambda es: [e for e in es[n:] if isinstance(e, StateChanged) and e.key == "/p/x"],
+                                   10, "deleted task removed")[0]
+        assert removed.state is State.UNKNOWN and removed.native == "", show(removed)
