@@ -81,10 +81,14 @@ class EcflowSession(SessionBase):
     ``get_file(path, file_type="script", max_lines=10000) -> str``, ``get_defs() -> str``,
     ``suites() -> list[str]``, ``checkpt(mode=None, interval=0, alarm=0)``,
     ``restore_from_checkpt()``, ``halt_server()``, ``restart_server()``, ``shutdown_server()``,
-    ``terminate_server()``, ``ping()``, ``server_version() -> str``, ``stats()``,
-    ``ch_register(auto_add, suites) -> int`` and ``client(method, *args, **kwargs)``, which
-    reaches any other public ``ecflow.Client`` method (zombie_*, free_*_dep, order, edit_script_*,
-    get_log, job_generation, ...) with its result as plain data (``Defs`` as text).
+    ``terminate_server()``, ``ping()``, ``server_version() -> str``, ``stats() -> str``,
+    ``ch_register(auto_add, suites) -> int``, ``ch_add(suites)``, ``ch_remove(suites)``,
+    ``ch_auto_add(auto_add)``, ``ch_drop()``, ``ch_suites() -> str`` (the handle's suites are
+    remembered and registered again after a server restart) and
+    ``client(method, *args, **kwargs)``, which reaches the other public ``ecflow.Client`` methods
+    (zombie_*, free_*_dep, order, edit_script_*, get_log, job_generation, ...) with their result
+    as plain data (``Defs`` as text), except those that would change the session's client and
+    the child commands (see docs/backends/ecflow.md).
 
     Errors: ``BackendRejected`` (the server refused; its message is in the text),
     ``BackendUnavailable`` (no server, or it is being reconnected), ``BackendTimeout``,

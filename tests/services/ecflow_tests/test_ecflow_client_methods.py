@@ -129,6 +129,9 @@ def _kill_active(run: Running, server: EcfServer) -> None:
 
 CASES = [
     Case("kill", _kill_active, state("/o/slow", "aborted")),
+    Case("replace", lambda run, s: run.call("replace", "/o/hold", write_suite(s, "o", SUITE.replace(
+        'label info ""', 'label info "replaced"'), SCRIPTS)), lambda s: any(
+        lb.value() == "replaced" for lb in defs_of(s).find_abs_node("/o/hold").labels)),
     Case("delete_all", lambda run, s: run.call("client", "delete_all", True), lambda s: defs_of(s) is None
          or not list(defs_of(s).suites)),
     Case("order", lambda run, s: run.call("client", "order", "/o/f", "bottom"), lambda s: children(s, "/o")[-1] == "f"),
@@ -239,7 +242,7 @@ class TestClientMethods:
         run.call("client", "zombie_fail", "/o/slow")
         assert "fail" in run.call("client", "zombie_get", 0)[0]
         for action in ("zombie_block", "zombie_fob", "zombie_adopt"):
-            run.call("client", action, "/o/slow")
+            run.call("client", action, "/o/slow")  # accepted; the effect on the job is not checked here
         run.call("client", "zombie_kill", "/o/slow")
         run.call("client", "zombie_remove", "/o/slow")
         while run.call("client", "zombie_get", 0):
