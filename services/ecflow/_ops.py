@@ -286,21 +286,24 @@ def ch_suites(session: EcflowSession) -> str:
 def _handle_method(session: EcflowSession, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``client("ch_add"|"ch_remove"|"ch_auto_add"|"ch_drop"|"ch_drop_user", ...)``: on the
     session's own handle (no handle argument, or its number) the typed operation runs, so the
-    change is remembered; another client's handle is passed through as it is."""
-    if method == "ch_drop_user":
-        result = _passed(session, method, args, kwargs)
+    change is remembered; another client's handle is passed through as it is. One hold of the
+    session's lock: the handle cannot change between the check and the call."""
+    with session._lock:
+        if method == "ch_drop_user":
+            result = _passed(session, method, args, kwargs)
+            with session._using(method) as client:
+                if session._handle is not None and client.ch_handle() not in parse_handles(printed(client.ch_suites)):
+                    session._handle = None  # ours was among them
+                    client.reset()
+            return result
+        given = len(args) == _WITH_HANDLE[method]  # ecFlow's overloads: (handle, ...) or (...)
         with session._using(method) as client:
-            if session._handle is not None and client.ch_handle() not in parse_handles(printed(client.ch_suites)):
-                session._handle = None  # ours was among them
-                client.reset()
-        return result
-    given = len(args) == _WITH_HANDLE[method]  # ecFlow's overloads: (handle, ...) or (...)
-    with session._using(method) as client:
-        own = session._handle is not None and (not given or args[0] == client.ch_handle())
-    if not own or kwargs:
-        return _passed(session, method, args, kwargs)
-    typed: dict[str, Any] = {"ch_add": ch_add, "ch_remove": ch_remove, "ch_auto_add": ch_auto_add, "ch_drop": ch_drop}
-    return typed[method](session, *(args[1:] if given else args))
+            own = session._handle is not None and (not given or args[0] == client.ch_handle())
+        if not own or kwargs:
+            return _passed(session, method, args, kwargs)
+        typed: dict[str, Any] = {"ch_add": ch_add, "ch_remove": ch_remove, "ch_auto_add": ch_auto_add,
+                                 "ch_drop": ch_drop}
+        return typed[method](session, *(args[1:] if given else args))
 
 
 def _passed(session: EcflowSession, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
