@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from flowbus.schemas import BackendRejected, RecoveryAttempted, Resynced, State
-from flowbus.services.ecflow._stdout import parse_handles
+from flowbus.services.ecflow._stdout import parse_handles, printed
 from support import ecflow as _fx
 from support.ecflow import CLIENT_BIN, EcfServer, Running, reached, write_suite
 from support.recorder import show
@@ -114,3 +114,16 @@ class TestPrinted:
         assert "Server statistics" not in leaked and "handle" not in leaked, leaked
         print("after")  # fd 1 is back where it was
         assert capfd.readouterr().out == "after\n"
+
+    def test_capture_restores_fd1_on_error(self, capfd: pytest.CaptureFixture[str]) -> None:
+        """What a call writes to fd 1 (C stdio included) is returned; an exception leaves fd 1 where it was."""
+        import ctypes
+        import os
+
+        libc = ctypes.CDLL(None)
+        assert printed(lambda: (os.write(1, b"raw "), libc.printf(b"stdio"))) == "raw stdio"
+        with pytest.raises(RuntimeError, match="boom"):
+            printed(lambda: (os.write(1, b"lost"), (_ for _ in ()).throw(RuntimeError("boom"))))
+        capfd.readouterr()
+        os.write(1, b"back\n")
+        assert capfd.readouterr().out == "back\n"
