@@ -15,6 +15,7 @@ from flowbus.schemas import BackendRejected
 
 from .._ops import Operations
 from ._errors import as_enum, as_str, plain
+from ._stdout import parse_handles, printed
 
 if TYPE_CHECKING:
     from ._session import EcflowSession
@@ -174,9 +175,11 @@ def server_version(session: EcflowSession) -> str:
     return str(_simple(session, "server_version"))
 
 @OPS.op
-def stats(session: EcflowSession) -> None:
-    """ecFlow prints the statistics on this process's stdout; nothing is returned."""
-    _simple(session, "stats")
+def stats(session: EcflowSession) -> str:
+    """The server's statistics, as the text ``ecflow_client --stats`` shows (ecFlow prints them
+    on fd 1; they are captured there, see :mod:`._stdout`)."""
+    with session._using("stats") as client:
+        return printed(client.stats)
 
 @OPS.op
 def checkpt(session: EcflowSession, mode: str | None = None, interval: int = 0, alarm: int = 0) -> None:
@@ -209,14 +212,103 @@ def terminate_server(session: EcflowSession) -> None:
     """Ends the server process: the session then reports it lost and reconnects."""
     _simple(session, "terminate_server")
 
+#: how many arguments the handle methods take when the first is a handle number
+_WITH_HANDLE = {"ch_add": 2, "ch_remove": 2, "ch_auto_add": 2, "ch_drop": 1}
+
+# -- the session's change handle ------------------------------------------------------------------
+# What the handle holds is remembered (session._handle: auto_add, suite names) and registered
+# again when the server restarts and forgets it.
+
+def _names(suites: Any, operation: str) -> list[str]:
+    if not isinstance(suites, (list, tuple)):
+        raise BackendRejected(f"{operation}: expects a list of suite names, got {suites!r}")
+    return list(dict.fromkeys(as_str(s, operation) for s in suites))
+
+
+def _own_handle(session: EcflowSession, client: Any, operation: str) -> tuple[int, bool, list[str]]:
+    if session._handle is None:
+        raise BackendRejected(f"{operation}: the session has no change handle (call ch_register first)")
+    return int(client.ch_handle()), *session._handle
+
 @OPS.op
 def ch_register(session: EcflowSession, auto_add: bool, suites: list[str]) -> int:
-    """Observe only ``suites`` through a client handle (re-registered after a server restart)."""
-    names = [as_str(s, "ch_register") for s in suites]
+    """Observe only ``suites`` (and, with ``auto_add``, suites created later) through a client
+    handle; the set is remembered and registered again after a server restart. Returns the handle."""
+    names = _names(suites, "ch_register")
     with session._using("ch_register") as client:
         client.ch_register(bool(auto_add), names)
         session._handle = (bool(auto_add), names)
         return int(client.ch_handle())
+
+@OPS.op
+def ch_add(session: EcflowSession, suites: list[str]) -> None:
+    """Add ``suites`` to the session's handle (remembered)."""
+    names = _names(suites, "ch_add")
+    with session._using("ch_add") as client:
+        handle, auto, known = _own_handle(session, client, "ch_add")
+        client.ch_add(handle, names)
+        session._handle = (auto, [*known, *(n for n in names if n not in known)])
+
+@OPS.op
+def ch_remove(session: EcflowSession, suites: list[str]) -> None:
+    """Remove ``suites`` from the session's handle (remembered)."""
+    names = _names(suites, "ch_remove")
+    with session._using("ch_remove") as client:
+        handle, auto, known = _own_handle(session, client, "ch_remove")
+        client.ch_remove(handle, names)
+        session._handle = (auto, [n for n in known if n not in names])
+
+@OPS.op
+def ch_auto_add(session: EcflowSession, auto_add: bool) -> None:
+    """Whether suites created later join the session's handle (remembered)."""
+    with session._using("ch_auto_add") as client:
+        handle, _auto, known = _own_handle(session, client, "ch_auto_add")
+        client.ch_auto_add(handle, bool(auto_add))
+        session._handle = (bool(auto_add), known)
+
+@OPS.op
+def ch_drop(session: EcflowSession) -> None:
+    """Drop the session's handle: the session observes every suite again."""
+    with session._using("ch_drop") as client:
+        _own_handle(session, client, "ch_drop")
+        client.ch_drop()
+        session._handle = None
+        client.reset()  # the next sync is full: the suites outside the handle come back
+
+@OPS.op
+def ch_suites(session: EcflowSession) -> str:
+    """Every handle registered on the server with its suites, as ``ecflow_client --ch_suites``
+    shows them (``User handle suites``, one line per handle; captured from fd 1)."""
+    with session._using("ch_suites") as client:
+        return printed(client.ch_suites)
+
+
+def _handle_method(session: EcflowSession, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``client("ch_add"|"ch_remove"|"ch_auto_add"|"ch_drop"|"ch_drop_user", ...)``: on the
+    session's own handle (no handle argument, or its number) the typed operation runs, so the
+    change is remembered; another client's handle is passed through as it is. One hold of the
+    session's lock: the handle cannot change between the check and the call."""
+    with session._lock:
+        if method == "ch_drop_user":
+            result = _passed(session, method, args, kwargs)
+            with session._using(method) as client:
+                if session._handle is not None and client.ch_handle() not in parse_handles(printed(client.ch_suites)):
+                    session._handle = None  # ours was among them
+                    client.reset()
+            return result
+        given = len(args) == _WITH_HANDLE[method]  # ecFlow's overloads: (handle, ...) or (...)
+        with session._using(method) as client:
+            own = session._handle is not None and (not given or args[0] == client.ch_handle())
+        if not own or kwargs:
+            return _passed(session, method, args, kwargs)
+        typed: dict[str, Any] = {"ch_add": ch_add, "ch_remove": ch_remove, "ch_auto_add": ch_auto_add,
+                                 "ch_drop": ch_drop}
+        return typed[method](session, *(args[1:] if given else args))
+
+
+def _passed(session: EcflowSession, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with session._using(method) as client:
+        return plain(getattr(client, method)(*args, **kwargs))
 
 # -- anything else -----------------------------------------------------------------------------
 
@@ -230,10 +322,12 @@ def client(session: EcflowSession, method: str, *args: Any, **kwargs: Any) -> An
         raise BackendRejected(f"client: {method!r} is refused on session {session.name!r}: {why}")
     if method == "ch_register":
         return ch_register(session, *args, **kwargs)
+    if method in ("stats", "ch_suites"):
+        return OPS.table()[method](session, *args, **kwargs)
+    if method in ("ch_add", "ch_remove", "ch_auto_add", "ch_drop", "ch_drop_user"):
+        return _handle_method(session, method, args, kwargs)
     with session._using(method) as client:
         result = plain(getattr(client, method)(*args, **kwargs))
-        if method == "ch_drop":
-            session._handle = None
         if method == "get_server_defs":  # swapped the defs poll() diffs: no news would follow
             session._refresh(client)
         return result

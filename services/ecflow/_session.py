@@ -8,8 +8,13 @@ Keys are absolute node paths; the server itself is ``/`` (see :mod:`._tree`).
 
 Events: ``StateChanged`` per node (``state`` normalised, ``native`` ecFlow's display state with
 ``suspended`` as SUSPENDED, ``try_no`` from ECF_TRYNO, the aborted reason in ``detail``; a node
-that disappears goes UNKNOWN with ``native=""``), ``AttributeChanged`` per event/meter/label
-(``kind`` "event"/"meter"/"label"). The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
+that disappears goes UNKNOWN with ``native=""``; a task found in the same state on a new job run,
+e.g. aborted, requeued and aborted again between two polls, is published again with
+``attrs={"rerun": True}``), ``AttributeChanged`` per attribute (``kind`` "event", "meter",
+"label", "variable", "repeat", "limit", "limit_max", "flag" (names "late" and "zombie", True
+once set, False once cleared), "trigger"/"complete" (name "expression", the text),
+"time"/"today"/"date"/"day"/"cron" (name the attribute's text, value True)); an attribute
+deleted is published with ``value=None``. The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
 state is a ``StateChanged`` (ACTIVE/SUSPENDED/SUSPENDED) and each suite an ``AttributeChanged``
 with ``kind="suite"`` (True while loaded, False once deleted).
 
@@ -76,10 +81,14 @@ class EcflowSession(SessionBase):
     ``get_file(path, file_type="script", max_lines=10000) -> str``, ``get_defs() -> str``,
     ``suites() -> list[str]``, ``checkpt(mode=None, interval=0, alarm=0)``,
     ``restore_from_checkpt()``, ``halt_server()``, ``restart_server()``, ``shutdown_server()``,
-    ``terminate_server()``, ``ping()``, ``server_version() -> str``, ``stats()``,
-    ``ch_register(auto_add, suites) -> int`` and ``client(method, *args, **kwargs)``, which
-    reaches any other public ``ecflow.Client`` method (zombie_*, free_*_dep, order, edit_script_*,
-    get_log, job_generation, ...) with its result as plain data (``Defs`` as text).
+    ``terminate_server()``, ``ping()``, ``server_version() -> str``, ``stats() -> str``,
+    ``ch_register(auto_add, suites) -> int``, ``ch_add(suites)``, ``ch_remove(suites)``,
+    ``ch_auto_add(auto_add)``, ``ch_drop()``, ``ch_suites() -> str`` (the handle's suites are
+    remembered and registered again after a server restart) and
+    ``client(method, *args, **kwargs)``, which reaches the other public ``ecflow.Client`` methods
+    (zombie_*, free_*_dep, order, edit_script_*, get_log, job_generation, ...) with their result
+    as plain data (``Defs`` as text), except those that would change the session's client and
+    the child commands (see docs/backends/ecflow.md).
 
     Errors: ``BackendRejected`` (the server refused; its message is in the text),
     ``BackendUnavailable`` (no server, or it is being reconnected), ``BackendTimeout``,
@@ -127,6 +136,7 @@ class EcflowSession(SessionBase):
                 client.sync_local()
                 defs = client.get_defs()
             snap = read_full(defs)
+            self._auto_added(snap.suites)
             version = str(client.server_version())
             self._server_pid = server_pid(defs)
         self._next_clear_log = time.monotonic() + self.config.clear_log_interval
@@ -230,8 +240,16 @@ class EcflowSession(SessionBase):
             if pid and self._server_pid and pid != self._server_pid:
                 self._restarted(f"server restarted between polls (pid {self._server_pid} -> {pid})", "")
                 return
-        snap = read_full(defs) if not paths else read_paths(defs, paths)
+        snap = read_full(defs) if not paths else read_paths(defs, paths, self._tree.children)
+        self._auto_added(snap.suites)
         self._publish(self._tree.diff(snap, Observed.POLL))
+
+    def _auto_added(self, suites: list[str]) -> None:
+        """With ``auto_add``, suites the server added to the handle are remembered with it, so a
+        restarted server gets them back (a new registration only auto-adds suites created later)."""
+        if self._handle is not None and self._handle[0]:
+            auto, names = self._handle
+            self._handle = (auto, [*names, *(s for s in suites if s not in names)])
 
     def _restarted(self, reason: str, action: str) -> None:
         """The server restarted unseen (a new pid, or our handle is unknown to it): report the

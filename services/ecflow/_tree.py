@@ -5,11 +5,17 @@ Keys are absolute node paths (``/suite/family/task``). The server itself is the 
 state (``RUNNING``/``HALTED``/``SHUTDOWN``) is a ``StateChanged`` with ``state`` ACTIVE for
 RUNNING and SUSPENDED for HALTED and SHUTDOWN, and its suites are ``AttributeChanged`` with
 ``kind="suite"`` (``value`` True while the suite is loaded, False once deleted).
+
+A node's attributes are ``(path, kind, name) -> value``: events, meters, labels, variables,
+the repeat's current value, limits (``limit`` and ``limit_max``), the ``late``/``zombie`` flags
+(present only while set), trigger/complete expressions and time attributes. One that disappears
+is published with ``value=None`` (a flag with ``False``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,16 +38,30 @@ _NATIVE = {
 _SERVER = {"RUNNING": State.ACTIVE, "HALTED": State.SUSPENDED, "SHUTDOWN": State.SUSPENDED}
 
 Scalar = str | int | float | bool | None
+#: node flags published as ``AttributeChanged(kind="flag")``
+_FLAGS = (("late", ecflow.FlagType.late), ("zombie", ecflow.FlagType.zombie))
 AttrKey = tuple[str, str, str]  # (node path, kind, name)
 
 
 @dataclass(frozen=True)
 class NodeObs:
-    """One node as last seen: ecFlow's display state, try number and aborted reason."""
+    """One node as last seen: ecFlow's display state, try number, aborted reason, and for a task
+    a token of its current job run (new at each submission: see :func:`moved`)."""
 
     native: str
     try_no: int = 0
     reason: str = ""
+    run: str = ""
+
+
+def moved(old: NodeObs | None, new: NodeObs) -> bool:
+    """Whether ``new`` is a transition to publish. The same state with a new job run means the
+    task went through other states between two reads (aborted, requeued, aborted again within
+    one poll): that is a transition too, or a retry policy would miss the second abort. A run
+    token unknown on one side (seeded from the journal) is not a change."""
+    if old is None or (old.native, old.try_no, old.reason) != (new.native, new.try_no, new.reason):
+        return True
+    return bool(old.run and new.run and old.run != new.run)
 
 
 @dataclass
@@ -64,18 +84,65 @@ def state_of(native: str) -> State:
 def _read_node(node: Any, snap: Snapshot) -> None:
     path = node.get_abs_node_path()
     native = str(node.get_dstate())
-    try_no, reason = 0, ""
+    try_no, reason, run = 0, "", ""
     if isinstance(node, ecflow.Submittable):
         try_no = int(node.get_int_try_no())
         if native == "aborted":
             reason = node.get_aborted_reason()
-    snap.nodes[path] = NodeObs(native, try_no, reason)
+        run = _run_token(node)
+    snap.nodes[path] = NodeObs(native, try_no, reason, run)
     for ev in node.events:
         snap.attrs[(path, "event", ev.name_or_number())] = bool(ev.value())
     for meter in node.meters:
         snap.attrs[(path, "meter", meter.name())] = int(meter.value())
     for label in node.labels:
         snap.attrs[(path, "label", label.name())] = label.new_value() or label.value()
+    _read_more(node, path, snap.attrs)
+
+
+def _read_more(node: Any, path: str, attrs: dict[AttrKey, Scalar]) -> None:
+    """Variables, the repeat, limits, the late and zombie flags, expressions and time attributes."""
+    for var in node.variables:
+        attrs[(path, "variable", var.name())] = var.value()
+    repeat = node.get_repeat()
+    if not repeat.empty():
+        attrs[(path, "repeat", repeat.name())] = _repeat_value(node, repeat)
+    for limit in node.limits:
+        attrs[(path, "limit", limit.name())] = int(limit.value())
+        attrs[(path, "limit_max", limit.name())] = int(limit.limit())
+    flag = node.get_flag()
+    for name, kind in _FLAGS:  # only while set: a cleared flag is published False (see Tree.diff)
+        if flag.is_set(kind):
+            attrs[(path, "flag", name)] = True
+    for kind, expr in (("trigger", node.get_trigger()), ("complete", node.get_complete())):
+        if expr is not None:
+            attrs[(path, kind, "expression")] = str(expr)
+    for kind, items in (("time", node.times), ("today", node.todays), ("date", node.dates), ("day", node.days),
+                        ("cron", node.crons)):
+        for item in items:
+            attrs[(path, kind, str(item))] = True
+
+
+def _repeat_value(node: Any, repeat: Any) -> Scalar:
+    """The current value: an int for integer, date and day repeats, the text for enumerated and
+    string repeats (whose ``value()`` is only the index; the client's generated variable holding
+    the text is stale after an incremental sync until it is updated)."""
+    index = int(repeat.value())
+    if not str(repeat).startswith(("repeat enumerated", "repeat string")):
+        return index
+    node.update_generated_variables()
+    var = node.find_gen_variable(repeat.name())
+    return index if var.empty() else str(var.value())
+
+
+def _run_token(task: Any) -> str:
+    """The job run a task is on: the server draws a new jobs password (ECF_PASS) at every
+    submission, and the job's process id (ECF_RID) comes with its init. Kept as a digest: the
+    password itself lets a process talk to the server as the job."""
+    passwd, rid = task.get_jobs_password(), task.get_process_or_remote_id()
+    if not passwd and not rid:
+        return ""
+    return hashlib.blake2s(f"{passwd}\0{rid}".encode(), digest_size=8).hexdigest()
 
 
 def _read_server(defs: Any, snap: Snapshot) -> None:
@@ -94,8 +161,12 @@ def read_full(defs: Any) -> Snapshot:
     return snap
 
 
-def read_paths(defs: Any, paths: Iterable[str]) -> Snapshot:
-    """Only ``paths`` (``changed_node_paths`` after an incremental sync), plus the server."""
+def read_paths(defs: Any, paths: Iterable[str], known_children: Callable[[str], set[str]] | None = None) -> Snapshot:
+    """Only ``paths`` (``changed_node_paths`` after an incremental sync), plus the server.
+
+    ecFlow reports a node added under, or removed from, a parent that stays (``plug``, ``delete``
+    of a task) only as the parent's path: with ``known_children`` (the child paths last seen of a
+    node) a new child's whole subtree is read and a vanished child is recorded gone."""
     snap = Snapshot(full=False)
     if defs is None:
         return read_full(defs)
@@ -106,8 +177,20 @@ def read_paths(defs: Any, paths: Iterable[str]) -> Snapshot:
         node = defs.find_abs_node(path)
         if node is None:  # careful: bool(task) is False
             snap.gone.append(path)
-        else:
-            _read_node(node, snap)
+            continue
+        _read_node(node, snap)
+        if known_children is None:
+            continue
+        known = known_children(path)
+        current = set()
+        for child in node.nodes:
+            child_path = child.get_abs_node_path()
+            current.add(child_path)
+            if child_path not in known:
+                _read_node(child, snap)
+                for below in child.get_all_nodes():
+                    _read_node(below, snap)
+        snap.gone.extend(sorted(known - current))
     return snap
 
 
@@ -121,6 +204,11 @@ def server_pid(defs: Any) -> str:
     return ""
 
 
+def _present(ev: AttributeChanged) -> bool:
+    """Whether a journal event says the attribute exists: not deleted (None), not a cleared flag."""
+    return ev.value is not None and not (ev.kind == "flag" and ev.value is False)
+
+
 class Tree:
     """The last published state of every node, attribute, suite and of the server."""
 
@@ -130,6 +218,22 @@ class Tree:
         self.attrs: dict[AttrKey, Scalar] = {}
         self.suites: set[str] = set()
         self.server = ""
+        #: parent path -> the child paths known (suites are children of the server's suite list)
+        self.kids: dict[str, set[str]] = {}
+
+    def children(self, path: str) -> set[str]:
+        """The child paths of ``path`` last seen."""
+        return self.kids.get(path, set())
+
+    def _put(self, path: str, obs: NodeObs) -> None:
+        if path not in self.nodes:
+            self.kids.setdefault(path.rsplit("/", 1)[0], set()).add(path)
+        self.nodes[path] = obs
+
+    def _pop(self, path: str) -> NodeObs:
+        parent = path.rsplit("/", 1)[0]
+        self.kids.get(parent, set()).discard(path)
+        return self.nodes.pop(path)
 
     def seed(self, known: Mapping[str, Event]) -> None:
         """Start from the bus journal's latest events for this source."""
@@ -137,11 +241,11 @@ class Tree:
             if isinstance(ev, StateChanged) and ev.key == SERVER_KEY:
                 self.server = ev.native
             elif isinstance(ev, StateChanged) and ev.key.startswith("/") and ev.native:
-                self.nodes[ev.key] = NodeObs(ev.native, ev.try_no, ev.detail if ev.native == "aborted" else "")
+                self._put(ev.key, NodeObs(ev.native, ev.try_no, ev.detail if ev.native == "aborted" else ""))
             elif isinstance(ev, AttributeChanged) and ev.key == SERVER_KEY and ev.kind == "suite":
                 if ev.value:
                     self.suites.add(ev.name)
-            elif isinstance(ev, AttributeChanged) and ev.key.startswith("/"):
+            elif isinstance(ev, AttributeChanged) and ev.key.startswith("/") and _present(ev):
                 self.attrs[(ev.key, ev.kind, ev.name)] = ev.value
 
     def diff(self, snap: Snapshot, observed: Observed,
@@ -171,13 +275,16 @@ class Tree:
                 known_by_node.setdefault(akey[0], []).append(akey)
         for path, obs in snap.nodes.items():
             old = self.nodes.get(path)
-            if old != obs:
+            if moved(old, obs):
+                rerun = old is not None and (old.native, old.try_no, old.reason) == (obs.native, obs.try_no, obs.reason)
                 out.append(StateChanged(source=self.source, backend="ecflow", key=path, observed=observed,
                                         state=state_of(obs.native), native=obs.native,
                                         previous=state_of(old.native) if old else None,
                                         native_previous=old.native if old else "",
-                                        try_no=obs.try_no, detail=obs.reason))
-                self.nodes[path] = obs
+                                        try_no=obs.try_no, detail=obs.reason,
+                                        attrs={"rerun": True} if rerun else {}))
+            if old != obs:
+                self._put(path, obs)
             seen = set()
             for akey, value in by_node.get(path, ()):
                 seen.add(akey)
@@ -185,13 +292,14 @@ class Tree:
                     out.append(self._attr(path, akey[1], akey[2], value, self.attrs.get(akey), observed))
                     self.attrs[akey] = value
             for akey in [k for k in known_by_node.get(path, ()) if k not in seen]:
-                del self.attrs[akey]  # attribute deleted by alter: nothing to publish
+                gone_value = False if akey[1] == "flag" else None  # a flag cleared, anything else deleted
+                out.append(self._attr(path, akey[1], akey[2], gone_value, self.attrs.pop(akey), observed))
         if snap.full:
             gone = [p for p in self.nodes if p not in snap.nodes]
         else:
             gone = [p for p in self.nodes if any(p == g or p.startswith(g + "/") for g in snap.gone)]
         for path in gone:
-            old = self.nodes.pop(path)
+            old = self._pop(path)
             out.append(StateChanged(source=self.source, backend="ecflow", key=path, observed=observed,
                                     state=State.UNKNOWN, previous=state_of(old.native), native_previous=old.native,
                                     try_no=old.try_no, detail=gone_reason))
@@ -207,4 +315,4 @@ class Tree:
                                 name=name, value=value, previous=previous)
 
 
-__all__ = ["SERVER_KEY", "NodeObs", "Snapshot", "Tree", "read_full", "read_paths", "server_pid", "state_of"]
+__all__ = ["SERVER_KEY", "NodeObs", "Snapshot", "Tree", "moved", "read_full", "read_paths", "server_pid", "state_of"]

@@ -39,13 +39,29 @@ class TestTreeDiff:
 
     @pytest.mark.timeout(30)
     def test_changed_and_deleted_attributes(self) -> None:
-        """A changed label is one AttributeChanged; an attribute gone from a node is forgotten, not published."""
+        """A changed label is one AttributeChanged; an attribute gone from a node is published with value None."""
         tree = Tree("e")
         tree.diff(_snapshot(3), Observed.POLL)
         snap = _snapshot(3, label="x")
         snap.attrs = {k: v for k, v in snap.attrs.items() if not (k[0] == "/s/t1" and k[1] == "meter")}
         events = tree.diff(snap, Observed.POLL)
+        deleted = [e for e in events if isinstance(e, AttributeChanged) and e.kind == "meter"]
+        assert [(e.key, e.name, e.value, e.previous) for e in deleted] == [("/s/t1", "m", None, 0)]
+        events = [e for e in events if e not in deleted]
         assert all(isinstance(e, AttributeChanged) and e.kind == "label" and e.value == "x" for e in events)
         assert sorted(e.key for e in events) == ["/s/t0", "/s/t1", "/s/t2"]
         assert ("/s/t1", "meter", "m") not in tree.attrs and ("/s/t0", "meter", "m") in tree.attrs
         assert not [e for e in events if isinstance(e, StateChanged)]
+
+    def test_new_run_in_the_same_state_is_a_transition(self) -> None:
+        """Same state and try number on a new job run is published (marked rerun); an unknown run token is not."""
+        tree = Tree("e")
+        tree.diff(Snapshot(full=True, server="RUNNING", suites=["s"], nodes={"/s/t": NodeObs("aborted", 1, "trap")}),
+                  Observed.RESYNC)
+        same = Snapshot(full=False, server="RUNNING", suites=["s"], nodes={"/s/t": NodeObs("aborted", 1, "trap", "r1")})
+        assert tree.diff(same, Observed.POLL) == [], "a token learnt for the first time is no transition"
+        again = Snapshot(full=False, server="RUNNING", suites=["s"], nodes={"/s/t": NodeObs("aborted", 1, "trap", "r2")})
+        events = tree.diff(again, Observed.POLL)
+        assert [(type(e).__name__, e.key, getattr(e, "attrs", None)) for e in events] == [
+            ("StateChanged", "/s/t", {"rerun": True})]
+        assert tree.diff(again, Observed.POLL) == []
