@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         Supervisor,
         SupervisorImpl,
         actor_pid,
+        call_through,
         plan,
         supervisor_options,
         wait_started,
@@ -38,7 +39,7 @@ _WHERE = {
     "ActorPlan": "_placement", "check_fit": "_placement", "make_plan": "_placement", "probe_address": "_placement",
     "ensure_token": "_ray", "join_ray": "_ray", "ray_auth_env": "_ray", "start_ray": "_ray", "stop_ray": "_ray",
     "ACTOR_PREFIX": "_supervisor", "SUPERVISOR_NAME": "_supervisor", "Supervisor": "_supervisor",
-    "SupervisorImpl": "_supervisor", "actor_pid": "_supervisor", "plan": "_supervisor",
+    "SupervisorImpl": "_supervisor", "actor_pid": "_supervisor", "call_through": "_supervisor", "plan": "_supervisor",
     "supervisor_options": "_supervisor", "wait_started": "_supervisor",
 }
 
@@ -56,6 +57,7 @@ __all__ = [
     "Supervisor",
     "SupervisorImpl",
     "actor_pid",
+    "call_through",
     "check_fit",
     "ensure_token",
     "join_ray",

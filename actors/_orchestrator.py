@@ -25,6 +25,7 @@ import ray
 from flowbus.bus import ClientCurve, grant_key_file, load_grant_key, make_grant
 from flowbus.schemas import Backend, FlowbusConfig
 
+from ._supervisor import call_through
 from .rules import (
     CHECKPOINT_FILE,
     ORCHESTRATOR_NAME,
@@ -71,8 +72,7 @@ class OrchestratorImpl:
     def _call(self, spec: CallSpec) -> Any:
         if self._supervisor is None:
             self._supervisor = ray.get_actor(self.supervisor_name)
-        return ray.get(self._supervisor.call.remote(spec.session, spec.operation, spec.args, spec.kwargs, spec.timeout),
-                       timeout=spec.timeout + 10)
+        return call_through(self._supervisor, spec.session, spec.operation, spec.args, spec.kwargs, spec.timeout)
 
     def start(self) -> dict[str, Any]:
         """Compile the rules (bad ones are rejected by name), resume, and follow the bus (idempotent)."""

@@ -380,6 +380,11 @@ class SupervisorImpl:
         result: float | None = ray.get(handle.bound.remote(session, operation, args, kwargs), timeout=30)
         return result
 
+    def limit(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any], timeout: float) -> float:
+        """``timeout``, raised to the operation's own bound (+ a margin) when that is longer."""
+        own = self.bound(session, operation, args, kwargs)
+        return max(timeout, own + BOUND_MARGIN_S) if own is not None else timeout
+
     def call(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any],
              timeout: float = 120.0) -> Any:
         with self._lock:
@@ -448,3 +453,15 @@ def wait_started(handle: Any, timeout: float = 60.0) -> dict[str, Any]:
             last = exc
         time.sleep(0.2)
     raise TimeoutError(f"actor did not report started within {timeout:g} s (last: {last})")
+
+
+#: what a command waits beyond an operation's own bound (the round trip, journaling its events)
+BOUND_MARGIN_S = 10.0
+
+
+def call_through(supervisor: Any, session: str, operation: str, args: list[Any], kwargs: dict[str, Any],
+                 timeout: float) -> Any:
+    """Run an operation through the Supervisor actor ``supervisor``, waiting at least the
+    operation's own bound (its ``timeout`` argument), never less than ``timeout``."""
+    limit = ray.get(supervisor.limit.remote(session, operation, args, kwargs, timeout), timeout=60)
+    return ray.get(supervisor.call.remote(session, operation, args, kwargs, limit), timeout=limit + 10)

@@ -105,10 +105,6 @@ def _readable_key(path: str) -> bytes | None:
         return None
 
 
-#: what a command waits beyond an operation's own bound (the round trip, the events' journaling)
-_BOUND_MARGIN_S = 10.0
-
-
 def _command_handler(supervisor: Any, orchestrator: Any) -> Any:
     """What the command server runs for ``flowbus call``/``Client.call``: the Supervisor's call
     (so a session that moved is reached), the session list, the rules' progress."""
@@ -127,9 +123,9 @@ def _command_handler(supervisor: Any, orchestrator: Any) -> Any:
                 if not isinstance(args, list) or not isinstance(kwargs, dict):
                     raise FlowbusError("call: args must be a list and kwargs a map")
                 # never below the operation's own bound (e.g. wait4(..., timeout=600) under --timeout 300)
-                own = ray.get(supervisor.bound.remote(session, operation, args, kwargs), timeout=60)
-                if own is not None and own + _BOUND_MARGIN_S > timeout:
-                    timeout = own + _BOUND_MARGIN_S
+                limit = float(ray.get(supervisor.limit.remote(session, operation, args, kwargs, timeout), timeout=60))
+                if limit > timeout:
+                    timeout = limit
                     extend(timeout)
                 ref = supervisor.call.remote(session, operation, args, kwargs, timeout)
                 try:

@@ -61,13 +61,14 @@ def supervisor_caller(name: str = "flowbus-supervisor") -> Callable[[CallSpec], 
     """Run calls through the Supervisor actor ``name`` (Ray must be joined: ``flowbus.actors.join_ray``)."""
     import ray
 
+    from flowbus.actors import call_through
+
     handle: list[Any] = []
 
     def call(spec: CallSpec) -> Any:
         if not handle:
             handle.append(ray.get_actor(name))
-        return ray.get(handle[0].call.remote(spec.session, spec.operation, spec.args, spec.kwargs, spec.timeout),
-                       timeout=spec.timeout + 10)
+        return call_through(handle[0], spec.session, spec.operation, spec.args, spec.kwargs, spec.timeout)
 
     return call
 
