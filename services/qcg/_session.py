@@ -64,6 +64,9 @@ from ._observe import drain, reconcile, snapshot
 from ._ops import OPS
 from ._specs import STATE_DIR, WorkDir
 
+#: how long a manager of ours may take to end after ``finish`` before it is terminated
+_FINISH_GRACE_S = 0.5
+
 #: seconds between two polls while up (the publisher is drained that often)
 _POLL_S = 0.05
 #: seconds stop() waits for cancelled jobs to end before finishing the manager
@@ -419,7 +422,9 @@ class QcgSession(SessionBase):
                 link.client._send_finish()
         except BackendError as exc:
             self._log.warning("qcg.manager.finish_failed", error=str(exc))
-        link.stop_service(10.0)
+        # QCG's finish idles 2 s, then 1 s more closing its loop; with every job ended and the
+        # session's own work dir, nothing is lost by ending the manager after a short grace
+        link.stop_service(_FINISH_GRACE_S)
         killed = kill_pids(leftovers)
         self._wd.drop_specs()
         self._log.info("qcg.manager.finished", address=link.address, stragglers_killed=killed)
