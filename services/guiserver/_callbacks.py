@@ -7,7 +7,10 @@ What the guiServer session publishes (``_events``) and what each callback is giv
 * ``on_warning(LogLine)``: ``level=warning`` (job ``DIFX_WARNING``, server WARNING, WARNING alerts);
 * ``on_error(LogLine)``: ``level=error`` or ``critical`` (job ``DIFX_ERROR``, server ERROR,
   ERROR/SEVERE/FATAL alerts);
-* ``on_final(StateChanged)``: the job's final state (complete, aborted, cancelled);
+* ``on_final(StateChanged)``: the job's final state (complete, aborted, cancelled), or ``unknown``
+  when a server crash lost it for good (``attrs["unrecoverable"]`` is true and ``detail`` says why:
+  nothing will tell how the job ended; should its real end still turn up, after a lost connection
+  rather than a crash, ``on_final`` is called again with it);
 * ``on_timeout()``: nothing was published about the job for ``timeout`` seconds (called once per
   silent stretch; the next event of the job re-arms it);
 * ``on_interval()``: every ``interval`` seconds while the job runs (until its final state).
@@ -88,6 +91,9 @@ class DifxCallbacks:
             for name, levels in LEVELS.items()
         }
         self.matches["final"] = Match(f"{base}/state/{_glob(slot)} type=state final=true", key)
+        #: a job whose state a server crash lost for good is as final for its callbacks
+        self.matches["lost"] = Match(f"{base}/state/{_glob(slot)} type=state state=unknown",
+                                     lambda e: _unrecoverable(e) and (key is None or key(e)))
         #: anything about the job (or the session): resets the timeout
         self.matches["activity"] = Match(f"{base}/*", key)
         self._cond = threading.Condition()
@@ -147,7 +153,7 @@ class DifxCallbacks:
         for name in ("message", "warning", "error"):
             if self.matches[name](ev):
                 self._call(name, ev)
-        if self.matches["final"](ev):
+        if self.matches["final"](ev) or self.matches["lost"](ev):
             assert isinstance(ev, StateChanged)
             with self._cond:
                 if self.job is not None:
@@ -209,3 +215,7 @@ def _glob(key: str) -> str:
 
 
 __all__ = ["LEVELS", "DifxCallbacks"]
+
+
+def _unrecoverable(ev: Event) -> bool:
+    return isinstance(ev, StateChanged) and ev.attrs.get("unrecoverable") is True

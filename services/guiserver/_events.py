@@ -309,7 +309,8 @@ class Translator:
         track.state, track.native, track.detail = State.UNKNOWN, native, detail
         track.orphan, track.unrecoverable = False, True
         return [self._ev(StateChanged, key=track.name, state=State.UNKNOWN, native=native, previous=previous,
-                         detail=detail, observed=Observed.RESYNC, attrs={"input": track.input})]
+                         detail=detail, observed=Observed.RESYNC,
+                         attrs={"input": track.input, "unrecoverable": True})]
 
 
 def _num(text: str) -> float | int | str:

@@ -128,6 +128,31 @@ class TestJobCallbacks:
         assert "Error: disk read failed" in texts and "mpifxcorr FAILED" in texts
         assert all(e.key == "fail_1" and e.level in ("error", "critical") for e in calls.got["error"])
 
+    def test_unrecoverable_after_crash_is_final(self, rig: Rig) -> None:
+        """A server crash mid-job that loses the job's end for good: on_final(unknown) with the reason,
+        once, and the timer stops (nothing more will ever come about the job)."""
+        calls = Calls()
+        cb = rig.callbacks_for("slow_1", interval=0.05, **calls.kwargs("message", "final", "interval"))
+        rig.session.call("relay", False)
+        rig.session.call("start_job", rig.job("slow_1"))
+        calls.wait(lambda g: any(e.message == "tick 1" for e in g["message"]))
+        stop = threading.Event()
+        poller = threading.Thread(target=lambda: [stop.wait(rig.session.poll()) for _ in iter(stop.is_set, True)])
+        poller.start()  # what the actor does: poll, which finds the loss, reconnects and resyncs
+        try:
+            rig.emu.crash()
+            calls.wait(lambda g: bool(g["final"]), timeout=20)
+        finally:
+            stop.set()
+            poller.join(10)
+        final = calls.got["final"][0]
+        assert final.state is State.UNKNOWN and final.attrs["unrecoverable"] is True
+        assert "cannot be recovered" in final.detail
+        assert cb.wait_final(0) is final and cb.calls["final"] == 1
+        assert cb._timer is not None
+        cb._timer.join(5)
+        assert not cb.active
+
     def test_other_jobs_filtered(self, rig: Rig) -> None:
         """Callbacks for one job ignore another job's lines and final state; job=None sees both."""
         mine, every = Calls(), Calls()
