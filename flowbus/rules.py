@@ -13,8 +13,10 @@ The same engine as the Orchestrator actor that ``flowbus up`` runs for the confi
                         lambda firing: print("fired by", firing.event["key"])])
         firing = rules.wait({"all": ["qcg/local/state/a final=true", "qcg/local/state/b final=true"]}, timeout=60)
 
-``Call`` actions need a ``caller``: :func:`supervisor_caller` runs them through the Supervisor of
-a running ``flowbus up`` (join its Ray first), or pass any ``caller(CallSpec) -> result``.
+``Call`` actions (and :meth:`Rules.call`) go through ``client``'s command path to the
+``flowbus up`` serving its bus (:func:`client_caller`, the default: no Ray needed), or pass
+``caller=supervisor_caller()`` from a process that joined its Ray, or any
+``caller(CallSpec) -> result``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,16 @@ def Publish(type: str = "log", **fields: Any) -> PublishSpec:  # noqa: N802 - re
     return PublishSpec(type=type, fields=fields)
 
 
+def client_caller(client: Client) -> Callable[[CallSpec], Any]:
+    """Run calls as ``flowbus call`` does: through ``client``'s broker to the ``flowbus up`` serving it
+    (its Supervisor finds the session wherever it runs; the wait follows the operation's own bound)."""
+
+    def call(spec: CallSpec) -> Any:
+        return client.call(spec.session, spec.operation, spec.args, spec.kwargs, timeout=spec.timeout)
+
+    return call
+
+
 def supervisor_caller(name: str = "flowbus-supervisor") -> Callable[[CallSpec], Any]:
     """Run calls through the Supervisor actor ``name`` (Ray must be joined: ``flowbus.actors.join_ray``)."""
     import ray
@@ -85,14 +97,15 @@ class Rules:
 
     ``source`` names the events it publishes (RuleFired, RecoveryAttempted, ErrorEvent, ...).
     With ``checkpoint`` (a file path) progress survives a restart of your process, as the
-    Orchestrator's does; ``sessions`` (name -> backend) lets rules be checked against them."""
+    Orchestrator's does; ``sessions`` (name -> backend) lets rules be checked against them.
+    ``caller`` runs ``Call`` actions; by default :func:`client_caller` (``client``'s ``flowbus up``)."""
 
     def __init__(self, client: Client, *, caller: Callable[[CallSpec], Any] | None = None, source: str = "rules",
                  checkpoint: str | Path | None = None, sessions: Mapping[str, str] | None = None) -> None:
         self.client = client
         self.catalog = Catalog(sessions)
-        self._core = OrchestratorCore(client.address, caller=caller, checkpoint=checkpoint, source=source,
-                                      curve=client.curve, sessions=dict(sessions or {}))
+        self._core = OrchestratorCore(client.address, caller=caller or client_caller(client), checkpoint=checkpoint,
+                                      source=source, curve=client.curve, sessions=dict(sessions or {}))
         self._started = False
 
     def add(self, name: str, when: WhenLike, then: Sequence[ActionLike] | ActionLike = ()) -> None:
@@ -185,5 +198,5 @@ def rule(client: Client, name: str, when: WhenLike, then: Sequence[ActionLike] |
     return rules.start()
 
 
-__all__ = ["ORCHESTRATOR_NAME", "Call", "CallSpec", "Firing", "Publish", "PublishSpec", "Rules", "rule",
-           "supervisor_caller"]
+__all__ = ["ORCHESTRATOR_NAME", "Call", "CallSpec", "Firing", "Publish", "PublishSpec", "Rules", "client_caller",
+           "rule", "supervisor_caller"]

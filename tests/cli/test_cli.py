@@ -16,6 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from support.docs import page_blocks
+
 FLOWBUS = [sys.executable, "-m", "flowbus"]
 
 
@@ -113,6 +115,19 @@ class TestCliAgainstUp:
         assert tour is not None
         r = subprocess.run([sys.executable, "-c", tour.group(1)], env=up, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and r.stdout.strip() == "State.COMPLETE", (r.stdout, r.stderr[-2000:])
+        # the Python examples of the docs, as written (tests/repo/test_doc_examples.py checks each runs here)
+        api, publishing = page_blocks("docs/python-api.md")
+        r = subprocess.run([sys.executable, "-c", api], env=up, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        seq, first = r.stdout.splitlines()[:2]
+        assert int(seq) > 0 and first.split()[1].startswith("State."), r.stdout
+        r = subprocess.run([sys.executable, "-c", publishing], env=up, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        r = run(["status", "flowbus/my-pipeline/state/", "--json"], up)
+        assert r.returncode == 0 and [e["state"] for e in json.loads(r.stdout)] == ["active"], (r.stdout, r.stderr)
+        (orchestration,) = page_blocks("docs/orchestration.md")
+        r = subprocess.run([sys.executable, "-c", orchestration], env=up, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "['a', 'b']", (r.stdout, r.stderr[-2000:])
         # Prometheus: the owner's token is required; the metrics name sessions, events and the broker
         import urllib.error
         import urllib.request

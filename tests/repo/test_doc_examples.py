@@ -1,9 +1,9 @@
 """Every code block of the README and docs/ is checked, so an example cannot rot: TOML parses as a
 flowbus config, each `flowbus ...` line of a shell block is a command line the CLI accepts (and
-each `bash scripts/dev.sh X` a command dev.sh has), Python compiles, YAML loads. Blocks that
-need a running stack also run in the tests named beside them (the README's tour in
-tests/cli/test_cli.py, the orchestration TOML in tests/actors/test_rules.py, the helm values in
-tests/helm/test_helm.py)."""
+each `bash scripts/dev.sh X` a command dev.sh has), Python compiles, YAML loads. Every Python
+block also runs, as written, in the test that :data:`RUNS_PYTHON` names for its page (most need
+a running stack: tests/cli/test_cli.py runs them against a real ``flowbus up``); the
+orchestration TOML runs in tests/actors/test_rules.py, the helm values in tests/helm/test_helm.py."""
 
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ import pytest
 
 from flowbus._cli import _parser
 from flowbus.schemas import ConfigError, parse_config
+from support.docs import BLOCK, ROOT, page_blocks
 
-ROOT = Path(__file__).resolve().parents[2]
 #: pages written elsewhere and copied in (notes, protocol facts): their blocks are not ours
 FOREIGN = ("docs/notes/", "docs/protocols/", "docs/DESIGN.md")
-BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 def pages() -> list[Path]:
@@ -39,6 +38,16 @@ def blocks(lang: str) -> list[Any]:
                 where = f"{p.relative_to(ROOT)}:{text[:m.start()].count(chr(10)) + 1}"
                 out.append(pytest.param(where, m.group(2), id=where))
     return out
+
+
+#: page -> the test module that runs its Python blocks as written (and names the page)
+RUNS_PYTHON = {
+    "README.md": "tests/cli/test_cli.py",
+    "docs/python-api.md": "tests/cli/test_cli.py",
+    "docs/orchestration.md": "tests/cli/test_cli.py",
+    "docs/backends/guiserver.md": "tests/services/guiserver_tests/test_gs_docs.py",
+    "docs/sessions.md": "tests/repo/test_doc_examples.py",
+}
 
 
 def dev_commands() -> set[str]:
@@ -73,8 +82,20 @@ def test_shell_lines_are_accepted(where: str, text: str) -> None:
 
 
 @pytest.mark.parametrize(("where", "text"), blocks("python"))
-def test_python_compiles(where: str, text: str) -> None:
+def test_python_compiles_and_runs_somewhere(where: str, text: str) -> None:
     compile(text, where, "exec")
+    page = where.rsplit(":", 1)[0]
+    runner = RUNS_PYTHON.get(page)
+    assert runner, f"{where}: a Python example no test runs; run it as written and name its page in RUNS_PYTHON"
+    assert page.rsplit("/", 1)[-1] in (ROOT / runner).read_text(), f"{runner} does not run the examples of {page}"
+
+
+def test_the_sessions_page_example_runs() -> None:
+    """docs/sessions.md: declaring an operation, as written."""
+    for text in page_blocks("docs/sessions.md"):
+        scope: dict[str, object] = {}
+        exec(compile(text, "docs/sessions.md", "exec"), scope)  # noqa: S102 - our own documentation
+        assert "suspend" in scope["OPS"].names()  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("where", "text"), blocks("yaml"))
