@@ -88,7 +88,11 @@ case "$cmd" in
     setup
     # ruff and mypy strict first (offline; ~30 s cold, ~1 s with the caches in .lint/): a lint error fails the run
     bash scripts/lint.sh
-    in_loopback_netns .venv/bin/python -m pytest -q "$@"
+    # two pytest workers (pytest-xdist), a test file each at a time: most tests wait on real servers,
+    # so two share the 2 cores well; FLOWBUS_TEST_WORKERS=1 runs them one by one
+    workers=${FLOWBUS_TEST_WORKERS:-2}; par=()
+    if [ "$workers" -gt 1 ]; then par=(-n "$workers" --dist loadfile); fi
+    in_loopback_netns .venv/bin/python -m pytest -q "${par[@]}" "$@"
     ;;
   setup)
     setup
