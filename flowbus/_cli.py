@@ -1,5 +1,5 @@
 # PYTHON_ARGCOMPLETE_OK  (argcomplete: this command completes itself)
-"""The ``flowbus`` command: up, broker, watch, status, wait, submit, call, emulate, keys, stats."""
+"""The ``flowbus`` command: up, broker, watch, status, wait, submit, call, logs, emulate, keys, stats."""
 
 from __future__ import annotations
 
@@ -135,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = with_address(command("stats", "broker statistics"))
     s.add_argument("--json", action="store_true")
+
+    from flowbus import _cli_logs
+
+    _cli_logs.add_arguments(with_address(command("logs", _cli_logs.ABOUT)))
+    EXAMPLES.setdefault("logs", _cli_logs.EXAMPLES)
     for name, parser in sub.choices.items():  # each subcommand's --help ends with examples
         parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -165,7 +170,7 @@ EXAMPLES: dict[str, list[str]] = {
 
 
 #: commands that can run without the logging set-up (it costs ~50 ms of imports): the fast path
-_QUIET = ("call", "submit")
+_QUIET = ("call", "submit", "logs")
 
 
 #: `wait` exit status on a timeout, as timeout(1) has it (errors are 1)
@@ -493,8 +498,14 @@ def cmd_up(args: argparse.Namespace) -> int:
                   ray_address=args.address, broker_address=args.broker, heartbeats=args.heartbeats)
 
 
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from flowbus._cli_logs import cmd_logs
+
+    return cmd_logs(args)
+
+
 _COMMANDS = {
     "up": cmd_up, "broker": cmd_broker, "watch": cmd_watch, "status": cmd_status, "wait": cmd_wait,
     "submit": cmd_submit, "call": cmd_call, "keys": cmd_keys, "stats": cmd_stats, "emulate": cmd_emulate,
-    "demo": cmd_demo, "rules": cmd_rules,
+    "demo": cmd_demo, "rules": cmd_rules, "logs": _cmd_logs,
 }

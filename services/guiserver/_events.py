@@ -26,6 +26,7 @@ from flowbus.schemas import (
     StateChanged,
 )
 
+from .._tail import TailRing
 from . import messages as gx
 from .protocol import (
     ChannelOpened,
@@ -85,6 +86,8 @@ class Translator:
         self._jobs: dict[str, JobTrack] = {}
         self._by_port: dict[int, JobTrack] = {}
         self._relay_states: dict[str, State] = {}
+        #: the DiFX messages of each job this session saw (the ``logs`` operation reads them)
+        self.messages = TailRing(max_keys=64, max_bytes=256 * 1024)
 
     # -- job bookkeeping -----------------------------------------------------------------------------
 
@@ -147,6 +150,8 @@ class Translator:
 
     def log(self, level: str, message: str, stream: str, key: str = "") -> Event:
         line: Event = self._ev(LogLine, key=key, level=level, message=message, stream=stream)
+        if stream == "job" and key:
+            self.messages.append(key, f"[{level}] {message}")
         return line
 
     def translate(self, ev: ServerEvent) -> list[Event]:

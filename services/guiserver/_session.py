@@ -57,6 +57,7 @@ from .._session import Opened, Phase, SessionBase
 from . import _check as check
 from . import _ops_extra  # noqa: F401 - registers file_list and the Mark5 operations on OPS
 from ._events import JobTrack, Translator
+from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
 from ._ops import OPS
 from .protocol import (
     STATUS_TERMINAL,

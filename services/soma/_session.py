@@ -67,6 +67,7 @@ from flowbus.schemas import (
 from .._ops import Operations
 from .._session import Opened, Phase, SessionBase
 from ._engine import Built, build, create_time, kill_tree, load_pids, quiet, save_pids, soma_message
+from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
 from ._ops import OPS, soma_errors_to_flowbus
 from ._transfers import PREFIX as TRANSFER_PREFIX
 from ._transfers import read_standalone, workflow_transfers
