@@ -59,8 +59,8 @@ from flowbus.schemas import (
 from .._ops import Operations
 from .._session import Opened, SessionBase
 from ._errors import ecflow_errors
-from ._ops import OPS
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
+from ._ops import OPS
 from ._tree import Tree, read_full, read_paths, server_pid
 
 #: the client's constructor reads its settings from the environment: one construction at a time

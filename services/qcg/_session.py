@@ -60,9 +60,9 @@ from . import _forms as forms
 from ._client import QCG_ERRORS, ManagerGone, kill_pids
 from ._jobs import FINAL_NATIVE, JobBook
 from ._link import Client, Link, Liveness, host_is_loopback, kill_link, open_local, open_remote
+from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
 from ._observe import drain, reconcile, snapshot
 from ._ops import OPS
-from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
 from ._specs import STATE_DIR, WorkDir
 
 #: how long a manager of ours may take to end after ``finish`` before it is terminated

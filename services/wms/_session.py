@@ -62,8 +62,8 @@ from .._ops import Operations
 from .._session import IDLE_S, Opened, Phase, SessionBase
 from ._build import base_config, check_session_keys, implements, load_class
 from ._errors import call_service, wms_errors
-from ._model import BACKEND, FINAL_NATIVE, JOB, WORKFLOW, Tracker, changed, job_key, state_name
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
+from ._model import BACKEND, FINAL_NATIVE, JOB, WORKFLOW, Tracker, changed, job_key, state_name
 from ._ops import OPS
 from ._parsl import ParslRun, is_parsl_service
 
