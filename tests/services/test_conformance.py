@@ -342,3 +342,37 @@ def test_stop_leaves_no_thread_or_process(harness: Backend, drive: Callable[...,
 
     wait_until(lambda: leftovers() == ([], []), 15,
                lambda: f"{harness.backend}: threads and processes of the session to end; left: {leftovers()}")
+
+
+def test_logs_answers_in_one_shape(harness: Backend, drive: Callable[..., Host]) -> None:
+    """10. ``logs`` of a running resource answers ``{key, parts: [{name, path, text, truncated}],
+    reason}`` (reason only without parts) within ``max_bytes``, as plain data; an unknown key and a
+    ``max_bytes`` outside 1..1048576 are BackendRejected naming the operation; the session goes on."""
+    harness.start_backend()
+    host = drive()
+    connected(harness, host)
+    work = harness.make_work(host.session)
+    assert "logs" in host.session.operations()
+    got = host.session.call("logs", work, max_bytes=4096)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(got)) == got, got
+    assert got["key"] == work and isinstance(got["parts"], list), got
+    for part in got["parts"]:
+        assert set(part) == {"name", "path", "text", "truncated"}, part
+        assert isinstance(part["name"], str) and part["name"] and isinstance(part["truncated"], bool), part
+        assert part["path"] is None or isinstance(part["path"], str), part
+        assert isinstance(part["text"], str) and len(part["text"].encode()) <= 4096, part
+    if got["parts"]:
+        assert "reason" not in got, got
+    else:
+        assert isinstance(got.get("reason"), str) and got["reason"], f"{harness.backend}: no parts and no reason: {got}"
+    unknown = "999999/no-such-job" if harness.backend == "soma" else "/no-such/job" if harness.backend == "ecflow" \
+        else "no-such-job"
+    for args, kwargs, what in [((unknown,), {}, "no-such"), ((work,), {"max_bytes": 0}, "max_bytes"),
+                               ((work,), {"max_bytes": 1048577}, "max_bytes")]:
+        with pytest.raises(BackendRejected) as info:
+            host.session.call("logs", *args, **kwargs)
+        assert "logs" in str(info.value), f"{harness.backend}: {info.value}"
+        if what != "no-such" or harness.backend != "soma":  # soma names the workflow id it does not know
+            assert what in str(info.value), f"{harness.backend}: {info.value}"
+    op, args, kwargs = harness.health
+    host.session.call(op, *args, **kwargs)
