@@ -90,6 +90,20 @@ class TestEcflowLogs:
         assert "talk.1" in got["reason"] and "server" in got["reason"], got["reason"]
         run.call("ping")
 
+    def test_output_only_the_server_can_read(self, ecf_server: Server, ecflow_session: Session) -> None:
+        """ECF_JOBOUT relative to the server's directory (a path that means something else here):
+        the output comes through the server's file command, with the server's path."""
+        server = ecf_server()
+        run = ecflow_session(server.port)
+        body = "family away\n  edit ECF_HOME '.'\n  task t\nendfamily\n"
+        run.call("load", write_suite(server, "rel", body, {"away/t": 'echo "sent by the server"\n'}))
+        run.call("begin_suite", "rel")
+        run.rec.wait_for(reached("/rel/away/t", State.COMPLETE), 20, "t complete")
+        assert not os.path.exists("rel/away/t.1") and (server.home / "rel" / "away" / "t.1").exists()
+        [part] = run.call("logs", "/rel/away/t")["parts"]
+        assert part["name"] == "jobout.1" and part["path"] == "./rel/away/t.1", part
+        assert "sent by the server" in part["text"] and not part["truncated"], part
+
     def test_bad_key_and_bad_max_bytes(self, ecf_server: Server, ecflow_session: Session) -> None:
         """An unknown path and an out-of-range max_bytes are BackendRejected naming logs and what was wrong."""
         _, run = loaded(ecf_server, ecflow_session)
