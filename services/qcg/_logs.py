@@ -49,6 +49,8 @@ def logs(session: QcgSession, key: str, max_bytes: int = DEFAULT_MAX_BYTES) -> d
         raise BackendRejected(f"logs: unknown job {key!r} in session {session.name!r}" if not held else
                               f"logs: job {key!r} was not submitted by session {session.name!r}: its spec "
                               "(and so its stdout/stderr) is not known here")
+    if iteration is not None and "iteration" not in spec:
+        raise BackendRejected(f"logs: unknown job {key!r} in session {session.name!r}: job {job!r} has no iterations")
     with session._using("logs") as client:
         manager_wd = str(client.system_status()["System"]["Wd"])
     wd, names = _files(spec)

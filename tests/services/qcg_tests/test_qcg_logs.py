@@ -65,5 +65,7 @@ class TestQcgLogs:
         assert got["parts"] == [] and "without stdout/stderr" in got["reason"], got
         with pytest.raises(BackendRejected, match=r"logs: unknown job 'ghost'"):
             run.call("logs", "ghost")
+        with pytest.raises(BackendRejected, match=r"logs: unknown job 'mute:1'.*no iterations"):
+            run.call("logs", "mute:1")
         with pytest.raises(BackendRejected, match=r"logs: max_bytes"):
             run.call("logs", "mute", max_bytes=2_000_000)
