@@ -8,6 +8,7 @@ keep no output the session can read: the answer says so.
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ def _files(session: WmsSession, wms_id: str, job: str) -> list[tuple[str, str]]:
     if isinstance(out, str) and isinstance(err, str):
         return [("stdout", out), ("stderr", err)]
     logs_dir = Path(wms_id) / "logs"
-    found = sorted(logs_dir.rglob(f"{job}.stdout")) if logs_dir.is_dir() else []
+    found = sorted(logs_dir.rglob(f"{glob.escape(job)}.stdout")) if logs_dir.is_dir() else []
     base = str(found[0])[:-len(".stdout")] if found else os.path.join(logs_dir, job)
     return [("stdout", base + ".stdout"), ("stderr", base + ".stderr")]
 
