@@ -140,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
 
     _cli_logs.add_arguments(with_address(command("logs", _cli_logs.ABOUT)))
     EXAMPLES.setdefault("logs", _cli_logs.EXAMPLES)
+    from flowbus.dashboard import CLI_EXAMPLES, add_cli_parser  # `flowbus dashboard` (the web stack is not imported)
+
+    add_cli_parser(sub, _port)
+    EXAMPLES.setdefault("dashboard", CLI_EXAMPLES)
     for name, parser in sub.choices.items():  # each subcommand's --help ends with examples
         parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -507,5 +511,11 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "up": cmd_up, "broker": cmd_broker, "watch": cmd_watch, "status": cmd_status, "wait": cmd_wait,
     "submit": cmd_submit, "call": cmd_call, "keys": cmd_keys, "stats": cmd_stats, "emulate": cmd_emulate,
-    "demo": cmd_demo, "rules": cmd_rules, "logs": _cmd_logs,
+    "demo": cmd_demo, "rules": cmd_rules, "logs": _cmd_logs, "dashboard": lambda args: _dashboard_run(args),
 }
+
+
+def _dashboard_run(args: argparse.Namespace) -> int:
+    from flowbus.dashboard import run_cli
+
+    return run_cli(args)

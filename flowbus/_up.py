@@ -190,6 +190,7 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
     commands: Any = None
     metrics = BusMetrics()
     metrics_server: Any = None
+    dashboard: Any = None
     ray_started = False
     try:
         t0 = time.monotonic()
@@ -240,8 +241,15 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
             metrics_server = MetricsServer(metrics, client.stats, state, config.metrics.host,
                                            config.metrics.port).start()
             _step(f"metrics at {metrics_server.url} (bearer token in {metrics_server.token_file})")
+        if config.dashboard.port >= 0:
+            from flowbus.dashboard import DashboardServer
+
+            dashboard = DashboardServer(endpoints["request"], state=state, config=config.dashboard,
+                                        curve=config.bus.curve).start()
+            _step(f"dashboard at {dashboard.login_url} (later: `flowbus dashboard` prints it)")
         write_private(runfile, json.dumps({
             "metrics": metrics_server.url if metrics_server else None,
+            "dashboard": dashboard.url if dashboard else None,
             **endpoints, "command": client.info.get("command"), "ray_address": ray_address,
             "namespace": config.ray.namespace, "placement": {s: ACTOR_PREFIX + a for s, a in placement.items()},
             "broker_pid": broker.proc.pid if broker and broker.proc else None, "config": config_path,
@@ -279,6 +287,8 @@ def run_up(config: FlowbusConfig, *, fresh: bool = False, demo: bool = False, du
         try:
             if metrics_server is not None:
                 metrics_server.stop()
+            if dashboard is not None:
+                dashboard.stop()
             if commands is not None:
                 commands.close()
             if orchestrator is not None:

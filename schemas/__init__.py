@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from ._config import (
         BusConfig,
         CurveConfig,
+        DashboardConfig,
         EcflowSessionConfig,
         FlowbusConfig,
         GuiserverSessionConfig,
@@ -102,6 +103,7 @@ _WHERE = {
     "ConfigError": "_errors",
     "Connected": "_events",
     "CurveConfig": "_config",
+    "DashboardConfig": "_config",
     "Disconnected": "_events",
     "EVENT_TYPES": "_events",
     "EcflowSessionConfig": "_config",
@@ -198,6 +200,7 @@ __all__ = [
     "ConfigError",
     "Connected",
     "CurveConfig",
+    "DashboardConfig",
     "Disconnected",
     "EcflowSessionConfig",
     "ErrorEvent",

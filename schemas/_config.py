@@ -356,6 +356,21 @@ class MetricsConfig(_Conf, frozen=True):
     host: str = "127.0.0.1"
 
 
+class DashboardConfig(_Conf, frozen=True):
+    """``[dashboard]``: the live web dashboard of ``flowbus up`` (docs/dashboard.md). ``port = -1``
+    serves none, ``0`` a free port; when the default port is taken a free one is used (the URL is
+    printed and written to run.json). Every request must carry the token of
+    ``<state-dir>/dashboard.token``. ``hours`` of timeline are kept, for at most ``max-resources``
+    resources and ``max-timeline`` state intervals; ``max-clients`` browsers at once."""
+
+    port: int = 7780
+    host: str = "127.0.0.1"
+    hours: float = 6.0
+    max_resources: int = 5000
+    max_timeline: int = 50000
+    max_clients: int = 16
+
+
 class FlowbusConfig(_Conf, frozen=True):
     """The whole configuration file."""
 
@@ -363,6 +378,7 @@ class FlowbusConfig(_Conf, frozen=True):
     ray: RayConfig = RayConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    dashboard: DashboardConfig = DashboardConfig()
     sessions: list[SessionConfig] = []
     #: where runtime files (addresses, journals, QCG working dirs) go
     state_dir: str = ""
@@ -423,9 +439,23 @@ def parse_config(data: dict[str, Any], origin: str = "<config>", env: Mapping[st
     return cfg
 
 
+def _check_dashboard(d: DashboardConfig, origin: str) -> None:
+    if not -1 <= d.port <= 65535:
+        raise ConfigError(f"{origin}: dashboard.port: {d.port} is not a port (-1: off, 0: any free port)")
+    if not is_loopback(d.host):
+        raise ConfigError(f"{origin}: dashboard.host: {d.host!r} is not a loopback address (the dashboard serves "
+                          "127.0.0.1 only; reach it from elsewhere through an SSH tunnel)")
+    if not d.hours > 0:
+        raise ConfigError(f"{origin}: dashboard.hours: {d.hours} must be more than 0")
+    for key in ("max_resources", "max_timeline", "max_clients"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"{origin}: dashboard.{key.replace('_', '-')}: {getattr(d, key)} must be at least 1")
+
+
 def _check(cfg: FlowbusConfig, origin: str) -> None:
     if not -1 <= cfg.metrics.port <= 65535:
         raise ConfigError(f"{origin}: metrics.port: {cfg.metrics.port} is not a port (-1: off, 0: any free port)")
+    _check_dashboard(cfg.dashboard, origin)
     names = [s.name for s in cfg.sessions]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
