@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,9 @@ from support.dashboard import DashboardFactory, dashboard_fixture, http_get  # n
 from flowbus.bus import CommandServer
 from flowbus.dashboard import CSP, TOKEN_FILE, bind, cookie_name
 from flowbus.schemas import FlowbusError, State
+
+#: another user cannot run the venv's python (the work tree is private): the system's is used
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 class TestGuard:
@@ -74,17 +76,18 @@ class TestGuard:
         assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
         assert dashboard.start(broker.address).token == first.token
 
-    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a request as another user")
+    @pytest.mark.skipif(os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
+                        reason="needs root (to run a request as another user) and the system's python3")
     def test_another_user_without_the_token_is_refused(self, bus: BusFactory, dashboard: DashboardFactory) -> None:
         """Another local user (uid 65534) reaches 127.0.0.1 but cannot read the token: 401."""
         dash = dashboard.start(bus.broker().address)
         code = ("import sys, urllib.request, urllib.error\n"
                 "try:\n    urllib.request.urlopen(sys.argv[1], timeout=10)\n    print(200)\n"
                 "except urllib.error.HTTPError as e:\n    print(e.code)\n")
-        out = subprocess.run([sys.executable, "-I", "-c", code, dash.url + "api/state"], user=65534, group=65534,
+        out = subprocess.run([SYSTEM_PYTHON, "-I", "-c", code, dash.url + "api/state"], user=65534, group=65534,
                              capture_output=True, text=True, timeout=60, check=True, cwd="/")
         assert out.stdout.strip() == "401"
-        denied = subprocess.run([sys.executable, "-I", "-c", f"open({dash.token_file!r}).read()"], user=65534,
+        denied = subprocess.run([SYSTEM_PYTHON, "-I", "-c", f"open({dash.token_file!r}).read()"], user=65534,
                                 group=65534, capture_output=True, text=True, timeout=60, cwd="/")
         assert denied.returncode != 0 and "Permission" in denied.stderr
 

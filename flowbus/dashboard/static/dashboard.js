@@ -35,6 +35,10 @@
     return `${Math.floor(s / 86400)}d`;
   }
 
+  function where(x) {  // session and key as one name (an ecFlow key starts with its own '/')
+    return x.key ? `${x.source}${x.key.startsWith("/") ? "" : "/"}${x.key}` : x.source;
+  }
+
   function clock(ns) {
     return ns ? new Date(ns / 1e6).toLocaleTimeString() : "";
   }
@@ -103,8 +107,7 @@
     box.replaceChildren();
     for (const s of [...sessions.values()].sort((a, b) => a.source.localeCompare(b.source))) {
       const cls = s.stale ? "stale" : s.up ? "up" : "disconnected";
-      const text = `${s.backend}/${s.source}: ${s.up ? "up" : "disconnected"}` +
-        (s.reason ? ` (${s.reason})` : "") + (s.stale ? ` \u2014 stale: ${s.stale}` : "");
+      const text = `${s.backend}/${s.source}: ` + (s.stale ? `stale (${s.stale})` : s.up ? "up" : `down (${s.reason})`);
       const e = el("span", "session " + cls, text);
       e.dataset.source = s.source;
       box.append(e);
@@ -164,7 +167,7 @@
       if (n.depth === 1) {
         const s = sessions.get(n.name);
         tr.append(el("td", "", s ? (s.up ? "up" : "disconnected") : ""), el("td"), el("td"), el("td"),
-          el("td", "reason", s ? [s.reason, s.stale && `stale: ${s.stale}`].filter(Boolean).join("; ") : ""));
+          el("td", "reason", s ? (s.stale ? `stale: ${s.stale}` : s.reason) : ""));
       } else {
         tr.append(el("td"), el("td"), el("td"), el("td"), el("td"));
       }
@@ -209,7 +212,7 @@
     const items = feed.slice(-MAX_FEED).reverse().map((f) => {
       const li = el("li", f.level);
       li.append(el("span", "when", clock(f.time) + " "),
-        document.createTextNode(`${f.backend}/${f.source}${f.key ? "/" + f.key : ""} ${f.kind}: ${f.text}`));
+        document.createTextNode(`${f.backend}/${where(f)} ${f.kind}: ${f.text}`));
       return li;
     });
     list.replaceChildren(...items);
@@ -227,7 +230,7 @@
     $("timeline-range").textContent = list.length ? `${clock(t0)} \u2013 now` : "";
     const lines = list.map((r) => {
       const line = el("div", "tl-row");
-      const label = el("div", "tl-label", `${r.source}/${r.key}`);
+      const label = el("div", "tl-label", where(r));
       label.title = r.id;
       const track = el("div", "tl-track");
       r.segments.forEach(([state, start], i) => {
@@ -251,7 +254,7 @@
 
   async function showLog(r) {
     $("log-section").hidden = false;
-    $("log-title").textContent = `Log of ${r.source}/${r.key}`;
+    $("log-title").textContent = `Log of ${where(r)}`;
     const body = $("log-body");
     body.replaceChildren(el("p", "muted", "asking the backend\u2026"));
     let answer;

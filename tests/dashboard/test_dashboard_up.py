@@ -1,0 +1,97 @@
+"""The dashboard of a real `flowbus up` (Ray, broker, a local QCG session), and `flowbus dashboard`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support.dashboard import http_get
+
+FLOWBUS = [sys.executable, "-m", "flowbus"]
+
+
+@pytest.mark.timeout(420)
+def test_up_serves_the_dashboard_and_flowbus_dashboard_prints_and_serves_it(tmp_path: Path) -> None:
+    """`flowbus up` prints the dashboard's URL and writes it to run.json; `flowbus dashboard`
+    prints it with the token; the page's API shows the demo's jobs; a job's log is asked of the
+    session through the command path; `flowbus dashboard --serve` serves a second one."""
+    cfg = tmp_path / "flowbus.toml"
+    cfg.write_text(f"""
+state-dir = "{tmp_path / 'state'}"
+[ray]
+namespace = "flowbus-dashboard-test"
+[dashboard]
+port = 0
+[[sessions]]
+backend = "qcg"
+name = "local"
+wd = "{tmp_path / 'qcg'}"
+""")
+    env = {**os.environ, "FLOWBUS_STATE_DIR": str(tmp_path / "state")}
+    env.pop("FLOWBUS_ADDRESS", None)
+    with open(tmp_path / "up.err", "w") as err:
+        proc = subprocess.Popen([*FLOWBUS, "up", "--config", str(cfg), "--demo", "--json", "--duration", "240"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    runfile = tmp_path / "state" / "run.json"
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and not runfile.exists() and proc.poll() is None:
+            time.sleep(0.2)  # waiting for another process to reach a state; no event to arm here
+        assert runfile.exists(), f"flowbus up did not start: {(tmp_path / 'up.err').read_text()[-2000:]}"
+        url = json.loads(runfile.read_text())["dashboard"]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/")
+        assert f"dashboard at {url}?token=" in (tmp_path / "up.err").read_text()
+
+        r = subprocess.run([*FLOWBUS, "dashboard"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        login = r.stdout.strip()
+        token = (tmp_path / "state" / "dashboard.token").read_text().strip()
+        assert login == f"{url}?token={token}"
+        assert http_get(url + "api/state")[0] == 401
+        status, headers, _ = http_get(login)
+        assert status == 303 and "HttpOnly" in headers["set-cookie"]
+        auth = {"Authorization": f"Bearer {token}"}
+        deadline = time.monotonic() + 60
+        keys: set[str] = set()
+        while time.monotonic() < deadline and "demo-broken" not in keys:
+            keys = {row["key"] for row in json.loads(http_get(url + "api/state", auth)[2])["rows"]}
+            time.sleep(0.2)  # polling another process's state over HTTP; no event to arm from here
+        assert "demo-broken" in keys, keys
+        status, _, body = http_get(url + "api/logs?session=local&key=demo-prepare", auth, timeout=60)
+        answer = json.loads(body)
+        # the contract: parts, or a reason the page shows as "no logs: <reason>"
+        assert status == 200 and ("parts" in answer or answer.get("error")), answer
+
+        serve = subprocess.Popen([*FLOWBUS, "dashboard", "--serve", "--port", "0", "--duration", "60"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert serve.stdout is not None
+            line = serve.stdout.readline()
+            assert line.startswith("dashboard at http://127.0.0.1:"), (line, serve.stderr.read() if serve.stderr else "")
+            second = line.split()[2]
+            assert second.endswith(f"?token={token}") and not second.startswith(url)
+            status, _, body = http_get(second.split("?")[0] + "api/state", auth)
+            assert status == 200 and "demo-broken" in body
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            assert serve.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            psutil.wait_procs(children, timeout=30)
+    assert proc.returncode == 0, (tmp_path / "up.err").read_text()[-2000:]
+    assert not runfile.exists()
