@@ -209,7 +209,8 @@ def _main(argv: list[str] | None) -> int:
     if args.cmd not in _QUIET:
         from flowbus._logging import configure
 
-        configure("warning" if args.cmd in ("watch", "status", "wait", "stats", "demo", "rules") else "info")
+        quiet = ("watch", "status", "wait", "stats", "demo", "rules", "dashboard")
+        configure("warning" if args.cmd in quiet else "info")
     try:
         return int(_COMMANDS[args.cmd](args) or 0)
     except WaitTimeout as exc:
@@ -483,6 +484,12 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard_run(args: argparse.Namespace) -> int:
+    from flowbus.dashboard import run_cli
+
+    return run_cli(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flowbus.demo import run_demo
 
@@ -511,11 +518,5 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "up": cmd_up, "broker": cmd_broker, "watch": cmd_watch, "status": cmd_status, "wait": cmd_wait,
     "submit": cmd_submit, "call": cmd_call, "keys": cmd_keys, "stats": cmd_stats, "emulate": cmd_emulate,
-    "demo": cmd_demo, "rules": cmd_rules, "logs": _cmd_logs, "dashboard": lambda args: _dashboard_run(args),
+    "demo": cmd_demo, "rules": cmd_rules, "logs": _cmd_logs, "dashboard": _dashboard_run,
 }
-
-
-def _dashboard_run(args: argparse.Namespace) -> int:
-    from flowbus.dashboard import run_cli
-
-    return run_cli(args)

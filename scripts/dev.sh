@@ -33,9 +33,11 @@ setup() {
 # symlinked into .venv (no other Debian module leaks in), and the loopback bind shim the test
 # fixtures preload into ecflow_server (it always binds 0.0.0.0) is built into .venv/lib.
 ECFLOW_DEBS="ecflow-server ecflow-client python3-ecflow"
+# the dashboard's browser tests drive Debian's headless Chromium through its chromium-driver
+BROWSER_DEBS="chromium chromium-driver"
 setup_ecflow() {
   local missing="" pkg
-  for pkg in $ECFLOW_DEBS; do
+  for pkg in $ECFLOW_DEBS $BROWSER_DEBS; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
   done
   if [ -n "$missing" ]; then
@@ -45,7 +47,7 @@ setup_ecflow() {
       # shellcheck disable=SC2086  # word splitting of the package list is intended
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >&2
     else
-      echo "dev.sh: ecFlow packages missing ($missing ); install them as root (apt-get), ecFlow tests will be skipped" >&2
+      echo "dev.sh: Debian packages missing ($missing ); install them as root (apt-get); ecFlow and browser tests will be skipped" >&2
     fi
   fi
   local site

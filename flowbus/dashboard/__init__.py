@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from flowbus.schemas import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
-    from ._command import CLI_EXAMPLES, add_cli_parser, run_cli
     from ._app import CSP, Guard, Hub, TooManyClients, cookie_name, logs_problem, make_app, parse_match
+    from ._command import CLI_EXAMPLES, add_cli_parser, run_cli
     from ._model import STATE_COLOURS, DashboardModel, row_id, visible_ops
     from ._server import DEFAULT_PORT, TOKEN_FILE, DashboardServer, bind, dashboard_token
 

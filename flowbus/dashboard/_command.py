@@ -27,10 +27,10 @@ def add_cli_parser(sub: Any, port_type: Any) -> argparse.ArgumentParser:
     """Add ``dashboard`` to the subcommands ``sub`` (argparse's subparsers action)."""
     p: argparse.ArgumentParser = sub.add_parser("dashboard", help=ABOUT, description=ABOUT)
     p.add_argument("--serve", action="store_true", help="serve a dashboard here until Ctrl-C (or --duration)")
-    p.add_argument("--port", type=port_type, help="with --serve: the port (default: [dashboard] port, 7780; 0: any)")
+    p.add_argument("--port", type=port_type, help="with --serve: the port (default: [dashboard] port; 0: any)")
     p.add_argument("--duration", type=float, metavar="S", help="with --serve: stop after S seconds")
-    p.add_argument("--address", help="with --serve: the broker's request endpoint (default: the running `flowbus up`'s)")
-    p.add_argument("--config", help="with --serve: TOML config whose [bus.curve] keys and [dashboard] table to use")
+    p.add_argument("--address", help="with --serve: the broker request endpoint (default: `flowbus up`'s)")
+    p.add_argument("--config", help="with --serve: TOML config (its [bus.curve] keys, its [dashboard] table)")
     return p
 
 
@@ -38,7 +38,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if not args.serve:
         for name in ("port", "duration", "address", "config"):
             if getattr(args, name) is not None:
-                raise FlowbusError(f"--{name} goes with --serve (without it, the running `flowbus up`'s URL is printed)")
+                raise FlowbusError(f"--{name} goes with --serve (without it the running `flowbus up`'s URL is printed)")
         return _print_url()
     return _serve(args)
 

@@ -65,7 +65,7 @@ class _Row:
         self.attrs: dict[str, AttributeChanged] = {}
         self.progress: float | None = None
         self.segments: list[list[Any]] = []  # [state, start ns]
-        self.path = [ev.backend, ev.source, *[p for p in ev.key.split("/") if p]] or [ev.key]
+        self.path = [ev.backend, ev.source, *[p for p in ev.key.split("/") if p]]
         if len(self.path) == 2:  # a key without a segment (empty or only slashes)
             self.path.append(ev.key or "(session)")
 

@@ -3,32 +3,34 @@
 from __future__ import annotations
 
 import time
-
-from support.bus import BusFactory, bus_fixture, state  # noqa: F401 - the bus fixture
-from support.dashboard import ARTIFACTS, DashboardFactory, chromium, dashboard_fixture  # noqa: F401 - fixtures
+from collections.abc import Callable
+from typing import Any
 
 from flowbus.bus import CommandServer
 from flowbus.schemas import AttributeChanged, Disconnected, RuleFired, State
+from support.bus import BusFactory, bus_fixture, state  # noqa: F401 - the bus fixture
+from support.dashboard import ARTIFACTS, DashboardFactory, chromium_fixture, dashboard_fixture  # noqa: F401 - fixtures
 
 #: a change on the bus must be on the page within this (issue 13)
 LIVE_WITHIN_S = 1.0
 
 
-def row_state(driver: object, rid: str) -> str | None:
+def row_state(driver: Any, rid: str) -> str | None:
     """The state the page shows for the resource ``rid`` (None while it has no row)."""
-    return driver.execute_script(  # type: ignore[attr-defined, no-any-return]
+    found = driver.execute_script(
         "const r = document.querySelector(`tr[data-id=\"${arguments[0]}\"]`); return r ? r.dataset.state : null;", rid)
+    return None if found is None else str(found)
 
 
-def wait_for(driver: object, predicate: object, timeout: float, what: str) -> None:
+def wait_for(driver: Any, predicate: Callable[[Any], object], timeout: float, what: str) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda d: predicate(d), message=what)  # type: ignore[operator]
+    WebDriverWait(driver, timeout, poll_frequency=0.02).until(predicate, message=what)
 
 
 class TestPage:
     def test_a_state_change_on_the_bus_shows_within_a_second(self, bus: BusFactory, dashboard: DashboardFactory,
-                                                            chromium: object) -> None:
+                                                            chromium: Any) -> None:
         """The page loads with the token, shows the tree, and a state change published on the
         real bus reaches it within a second; a screenshot is kept in build/artifacts/."""
         from selenium.webdriver.common.by import By
@@ -46,11 +48,11 @@ class TestPage:
         difx.flush(5)
         dash = dashboard.start(broker.address)
         driver = chromium
-        driver.get(dash.login_url)  # type: ignore[attr-defined]
+        driver.get(dash.login_url)
         wait_for(driver, lambda d: row_state(d, "ecflow/prod//suite/fam/t1") == "active", 15, "the page shows t1")
-        assert "token" not in driver.current_url  # type: ignore[attr-defined]  # the redirect took it out
+        assert "token" not in driver.current_url  # the redirect took it out
         assert row_state(driver, "ecflow/prod//suite/fam/t2") == "aborted"
-        body = driver.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
+        body = driver.find_element(By.TAG_NAME, "body").text
         assert "exit code 3" in body and "37%" in body
 
         pub.publish(state("prod", "/suite/fam/t1", State.COMPLETE, backend="ecflow"))
@@ -66,11 +68,11 @@ class TestPage:
                                                .get_attribute("class") or ""), 10, "the disconnected rows greyed")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "dashboard.png"
-        assert driver.save_screenshot(str(shot))  # type: ignore[attr-defined]
+        assert driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
 
     def test_the_filter_box_filters_and_names_a_typo(self, bus: BusFactory, dashboard: DashboardFactory,
-                                                      chromium: object) -> None:
+                                                      chromium: Any) -> None:
         """A match expression in the filter box keeps only what it matches; a typo is shown
         with the parser's did-you-mean and changes nothing."""
         from selenium.webdriver.common.by import By
@@ -81,9 +83,9 @@ class TestPage:
         pub.flush(5)
         dash = dashboard.start(broker.address)
         driver = chromium
-        driver.get(dash.login_url)  # type: ignore[attr-defined]
+        driver.get(dash.login_url)
         wait_for(driver, lambda d: row_state(d, "qcg/local/ok") == "complete", 15, "the page shows ok")
-        box = driver.find_element(By.ID, "filter")  # type: ignore[attr-defined]
+        box = driver.find_element(By.ID, "filter")
         box.send_keys("qcg/* stat=aborted\n")
         wait_for(driver, lambda d: "did you mean 'state'" in d.find_element(By.ID, "filter-error").text, 10,
                  "the typo named")
@@ -92,10 +94,10 @@ class TestPage:
         box.send_keys("qcg/local/state/ state=aborted\n")
         wait_for(driver, lambda d: row_state(d, "qcg/local/ok") is None, 10, "ok filtered out")
         assert row_state(driver, "qcg/local/bad") == "aborted"
-        assert driver.find_element(By.ID, "filter-error").text == ""  # type: ignore[attr-defined]
+        assert driver.find_element(By.ID, "filter-error").text == ""
 
     def test_a_click_shows_the_jobs_log_or_why_there_is_none(self, bus: BusFactory, dashboard: DashboardFactory,
-                                                            chromium: object) -> None:
+                                                            chromium: Any) -> None:
         """Clicking a job asks its session's `logs` through the command path and shows the
         parts; a backend error shows as 'no logs: <reason>'."""
         from selenium.webdriver.common.by import By
@@ -104,7 +106,7 @@ class TestPage:
 
         broker = bus.broker(grant_key_file="")
 
-        def handler(req: dict) -> object:  # the worker side of `flowbus up`, answering the logs contract
+        def handler(req: dict[str, Any]) -> object:  # the worker side of `flowbus up`, answering the logs contract
             if req["args"] == ["lost"]:
                 raise FlowbusError("job 'lost' has no output file")
             return {"key": req["args"][0], "parts": [{"name": "stdout", "path": "/w/out", "text": "line one\nline two",
@@ -117,13 +119,13 @@ class TestPage:
             pub.flush(5)
             dash = dashboard.start(broker.address)
             driver = chromium
-            driver.get(dash.login_url)  # type: ignore[attr-defined]
+            driver.get(dash.login_url)
             wait_for(driver, lambda d: row_state(d, "qcg/local/job") == "complete", 15, "the page shows job")
-            driver.find_element(By.CSS_SELECTOR, 'tr[data-id="qcg/local/job"]').click()  # type: ignore[attr-defined]
+            driver.find_element(By.CSS_SELECTOR, 'tr[data-id="qcg/local/job"]').click()
             wait_for(driver, lambda d: "line two" in d.find_element(By.ID, "log-body").text, 20, "the log shown")
-            assert "(truncated)" in driver.find_element(By.ID, "log-body").text  # type: ignore[attr-defined]
-            driver.find_element(By.CSS_SELECTOR, 'tr[data-id="qcg/local/lost"]').click()  # type: ignore[attr-defined]
+            assert "(truncated)" in driver.find_element(By.ID, "log-body").text
+            driver.find_element(By.CSS_SELECTOR, 'tr[data-id="qcg/local/lost"]').click()
             wait_for(driver, lambda d: "no logs: " in d.find_element(By.ID, "log-body").text, 20, "the reason shown")
-            assert "has no output file" in driver.find_element(By.ID, "log-body").text  # type: ignore[attr-defined]
+            assert "has no output file" in driver.find_element(By.ID, "log-body").text
         finally:
             server.close()

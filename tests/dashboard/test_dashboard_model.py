@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from flowbus.bus import Match
@@ -25,8 +27,14 @@ def st(key: str, state: State, seq: int, t: int, source: str = "prod", backend: 
     return StateChanged(source=source, backend=backend, key=key, state=state, seq=seq, time=t * S, **kw)  # type: ignore[arg-type]
 
 
-def rows(ops: list) -> dict[str, dict]:
+def rows(ops: list[Any]) -> dict[str, dict[str, Any]]:
     return {op["row"]["id"]: op["row"] for op, _ev in ops if op["op"] == "row"}
+
+
+def seg(m: DashboardModel, rid: str) -> list[Any]:
+    row = m.row(rid)
+    assert row is not None
+    return list(row["segments"])
 
 
 class TestRows:
@@ -79,12 +87,12 @@ class TestRows:
             m.apply(st("old", state, i + 1, i))
         now["t"] = 7200 * S  # two hours later: only the current interval of "old" is left
         m.apply(st("new", State.ACTIVE, 10, 7200))
-        assert m.row("ecflow/prod/old")["segments"] == [["complete", 2 * S]]
+        assert seg(m, "ecflow/prod/old") == [["complete", 2 * S]]
         for i, state in enumerate([State.SUSPENDED, State.ACTIVE, State.COMPLETE, State.ABORTED]):
             m.apply(st("new", state, 11 + i, 7201 + i))
-        total = sum(len(m.row(r)["segments"]) for r in ("ecflow/prod/old", "ecflow/prod/new"))
+        total = len(seg(m, "ecflow/prod/old")) + len(seg(m, "ecflow/prod/new"))
         assert total <= 4 + 1  # the bound, plus the current interval a row always keeps
-        assert m.row("ecflow/prod/new")["segments"][-1][0] == "aborted"
+        assert seg(m, "ecflow/prod/new")[-1][0] == "aborted"
 
 
 class TestStaleness:

@@ -9,15 +9,15 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-
-from support.bus import BusFactory, bus_fixture, state  # noqa: F401 - the bus fixture
-from support.dashboard import DashboardFactory, dashboard_fixture, http_get  # noqa: F401 - fixture
 
 from flowbus.bus import CommandServer
 from flowbus.dashboard import CSP, TOKEN_FILE, bind, cookie_name
 from flowbus.schemas import FlowbusError, State
+from support.bus import BusFactory, bus_fixture, state  # noqa: F401 - the bus fixture
+from support.dashboard import DashboardFactory, dashboard_fixture, http_get  # noqa: F401 - fixture
 
 #: another user cannot run the venv's python (the work tree is private): the system's is used
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -125,9 +125,9 @@ class TestApi:
         """/api/logs calls the session's `logs` operation through the bus' command socket, with
         max_bytes; an error of the backend comes back as the reason."""
         broker = bus.broker(grant_key_file="")
-        seen: list[dict] = []
+        seen: list[dict[str, Any]] = []
 
-        def handler(req: dict) -> object:  # the worker side of `flowbus up`, answering the logs contract
+        def handler(req: dict[str, Any]) -> object:  # the worker side of `flowbus up`, answering the logs contract
             seen.append(req)
             if req["args"] == ["gone"]:
                 raise FlowbusError("no output kept for 'gone'")
@@ -169,7 +169,7 @@ class TestPort:
                 holder.close()
 
 
-def read_sse(resp: http.client.HTTPResponse, timeout: float = 10.0) -> tuple[str, object]:
+def read_sse(resp: http.client.HTTPResponse, timeout: float = 10.0) -> tuple[str, Any]:
     """The next event of a Server-Sent Events stream (comments and retry lines skipped)."""
     deadline = time.monotonic() + timeout
     kind, data = "", ""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PACKAGES = ("flowbus", "flowbus.schemas", "flowbus.bus", "flowbus.services", "flowbus.actors", "flowbus.actors.rules",
-            "flowbus.demo")
+            "flowbus.demo", "flowbus.dashboard")
 
 #: the convenience re-exports of the top-level package: (name, package that owns it)
 ALLOWED_DUPLICATES = {
@@ -97,7 +97,7 @@ class TestExports:
         implementation in ``_underscore`` modules (services/ has one public module per backend by
         design)."""
         root = Path(str(package("flowbus").__file__)).resolve().parent.parent
-        for folder in ("bus", "schemas", "actors", "actors/rules", "flowbus/demo"):
+        for folder in ("bus", "schemas", "actors", "actors/rules", "flowbus/demo", "flowbus/dashboard"):
             public = [p.name for p in (root / folder).glob("*.py")
                       if not p.name.startswith("_") and p.name != "__init__.py"]
             assert public == [], folder

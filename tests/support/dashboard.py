@@ -68,8 +68,8 @@ def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 1
         conn.close()
 
 
-@pytest.fixture
-def chromium() -> Iterator[Any]:
+@pytest.fixture(name="chromium")
+def chromium_fixture() -> Iterator[Any]:
     """A headless Chromium under chromedriver (Selenium), quit at the end of the test."""
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
         pytest.skip("Debian's chromium and chromium-driver are not installed (bash scripts/dev.sh setup)")
