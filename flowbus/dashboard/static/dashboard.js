@@ -83,15 +83,21 @@
     }
   }
 
+  // at most five redraws a second however fast the bus goes (a tree of thousands of rows)
+  const MIN_REDRAW_MS = 200;
+  let lastRender = -MIN_REDRAW_MS;
+
   function schedule() {
     if (!scheduled) {
       scheduled = true;
-      requestAnimationFrame(render);
+      const wait = Math.max(0, MIN_REDRAW_MS - (performance.now() - lastRender));
+      setTimeout(() => requestAnimationFrame(render), wait);
     }
   }
 
   function render() {
     scheduled = false;
+    lastRender = performance.now();
     renderSessions();
     renderTree();
     renderFeed();
