@@ -27,6 +27,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import structlog
 from starlette.applications import Starlette
@@ -95,7 +96,8 @@ class Guard:
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 return _unauthorized("the token in the URL is not this dashboard's")
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-            target = request.url.path + ("?" + "&".join(f"{k}={v}" for k, v in rest) if rest else "")
+            # one leading slash: "//host" would send the browser to another site
+            target = "/" + request.url.path.lstrip("/") + ("?" + urlencode(rest) if rest else "")
             response = RedirectResponse(target, status_code=303)
             response.set_cookie(cookie_name(self.port), self.cookie, httponly=True, samesite="strict", path="/")
             return response
@@ -151,7 +153,10 @@ class Hub:
             for conn in self._conns:
                 mine = visible_ops(ops, conn.match)
                 if mine:
-                    conn.loop.call_soon_threadsafe(conn.put, mine)
+                    try:
+                        conn.loop.call_soon_threadsafe(conn.put, mine)
+                    except RuntimeError:
+                        pass  # its event loop is closed: the server is stopping
 
     def attach(self, match: Match | None) -> tuple[_Conn, Op]:
         with self.lock:
@@ -178,7 +183,10 @@ class Hub:
         with self.lock:
             self.closed = True
             for conn in self._conns:
-                conn.loop.call_soon_threadsafe(conn.put, None)
+                try:
+                    conn.loop.call_soon_threadsafe(conn.put, None)
+                except RuntimeError:
+                    pass  # its event loop is closed already
 
     def sessions(self) -> set[str]:
         """The session names a filter may name: the running config's, and every one seen."""

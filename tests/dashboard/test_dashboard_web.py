@@ -58,6 +58,8 @@ class TestGuard:
         assert status == 200 and [r["id"] for r in json.loads(body)["rows"]] == ["qcg/s1/job1"]
         status, _, body = http_get(dash.url + "api/state", {"Authorization": f"Bearer {dash.token}"})
         assert status == 200
+        status, headers, _ = http_get(f"{dash.url}/evil.example/?token={dash.token}&match=qcg/")
+        assert status == 303 and headers["location"] == "/evil.example/?match=qcg%2F"  # never to another site
 
     def test_a_foreign_host_header_is_refused(self, bus: BusFactory, dashboard: DashboardFactory) -> None:
         """A page served under another name (DNS rebinding to 127.0.0.1) gets 403, token or not."""
