@@ -144,19 +144,31 @@
   function renderTree() {
     const body = $("tree-body");
     const out = [];
-    const walk = (node) => {
+    const walk = (node, backend) => {
       const kids = [...node.children.values()].sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
       for (const n of kids) {
-        out.push(treeRow(n));
-        if (!collapsed.has(n.key)) walk(n);
+        const b = backend || n.name;
+        out.push(treeRow(n, b));
+        if (!collapsed.has(n.key)) walk(n, b);
       }
     };
-    walk(buildTree());
+    walk(buildTree(), "");
     body.replaceChildren(...out);
     $("empty").hidden = rows.size > 0;
   }
 
-  function treeRow(n) {
+  // what a node is, in its backend's words (ecFlow: suite/family/task; soma, ctrl_bps: workflow/job)
+  function kindOf(n, backend) {
+    const leaf = n.children.size === 0;
+    if (n.depth === 0) return "backend";
+    if (n.depth === 1) return "session";
+    if (backend === "ecflow") return n.depth === 2 ? "suite" : leaf ? "task" : "family";
+    if (backend === "soma" || backend === "wms") return n.depth === 2 && !leaf ? "workflow" : "job";
+    if (backend === "guiserver") return "DiFX job";
+    return leaf ? "job" : "group";
+  }
+
+  function treeRow(n, backend) {
     const r = n.row;
     const tr = el("tr", r ? "resource" : "node");
     const name = el("td", "name");
@@ -167,7 +179,7 @@
       if (collapsed.has(n.key)) collapsed.delete(n.key); else collapsed.add(n.key);
       schedule();
     });
-    name.append(toggle, document.createTextNode(n.name));
+    name.append(toggle, document.createTextNode(n.name + " "), el("span", "kind", kindOf(n, backend)));
     tr.append(name);
     if (!r) {
       if (n.depth === 1) {
