@@ -95,3 +95,15 @@ wd = "{tmp_path / 'qcg'}"
             psutil.wait_procs(children, timeout=30)
     assert proc.returncode == 0, (tmp_path / "up.err").read_text()[-2000:]
     assert not runfile.exists()
+
+
+def test_flowbus_dashboard_says_in_one_line_what_is_missing(tmp_path: Path) -> None:
+    """Without a running `flowbus up`, or with --serve's options alone, one line says why (exit 1)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    env = {**os.environ, "FLOWBUS_STATE_DIR": str(state)}
+    env.pop("FLOWBUS_ADDRESS", None)
+    for args, needle in [([], "no `flowbus up` is running here"), (["--port", "0"], "--port goes with --serve"),
+                         (["--serve", "--duration", "1"], "cannot subscribe to the bus")]:
+        r = subprocess.run([*FLOWBUS, "dashboard", *args], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
