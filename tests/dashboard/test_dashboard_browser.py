@@ -95,6 +95,11 @@ class TestPage:
         wait_for(driver, lambda d: row_state(d, "qcg/local/ok") is None, 10, "ok filtered out")
         assert row_state(driver, "qcg/local/bad") == "aborted"
         assert driver.find_element(By.ID, "filter-error").text == ""
+        assert driver.current_url.endswith("/?match=qcg%2Flocal%2Fstate%2F%20state%3Daborted")
+        driver.refresh()  # the filter is in the address: a reload (or a bookmark) keeps it
+        wait_for(driver, lambda d: row_state(d, "qcg/local/bad") == "aborted", 15, "bad shown after the reload")
+        assert row_state(driver, "qcg/local/ok") is None
+        assert driver.find_element(By.ID, "filter").get_attribute("value") == "qcg/local/state/ state=aborted"
 
     def test_a_click_shows_the_jobs_log_or_why_there_is_none(self, bus: BusFactory, dashboard: DashboardFactory,
                                                             chromium: Any) -> None:

@@ -311,6 +311,8 @@
     }
     err.textContent = "";
     filter = text;
+    // the address bar keeps the filter: a view to bookmark or share (the token never is in it)
+    history.replaceState(null, "", filter ? "?match=" + encodeURIComponent(filter) : location.pathname);
     connect();
   }
 
@@ -321,6 +323,8 @@
       for (const cell of document.querySelectorAll("td.age")) cell.textContent = ageText(cell);
       if (rows.size) renderTimeline();
     }, 1000);
+    filter = new URLSearchParams(location.search).get("match") || "";
+    $("filter").value = filter;
     connect();
   });
 })();
