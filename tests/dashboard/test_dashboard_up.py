@@ -65,10 +65,19 @@ wd = "{tmp_path / 'qcg'}"
             keys = {row["key"] for row in json.loads(http_get(url + "api/state", auth)[2])["rows"]}
             time.sleep(0.2)  # polling another process's state over HTTP; no event to arm from here
         assert "demo-broken" in keys, keys
-        status, _, body = http_get(url + "api/logs?session=local&key=demo-prepare", auth, timeout=60)
+        # a job's log, as a click asks for it: the session's `logs` operation through the command path
+        r = subprocess.run([*FLOWBUS, "submit", "qcg", "--exec", "/bin/echo", "--arg", "dash-hello", "--name",
+                            "dash-echo", "--stdout", str(tmp_path / "echo.out")], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([*FLOWBUS, "wait", "qcg/local/state/dash-echo state=complete", "--timeout", "120"], env=env,
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        status, _, body = http_get(url + "api/logs?session=local&key=dash-echo", auth, timeout=60)
         answer = json.loads(body)
-        # the contract: parts, or a reason the page shows as "no logs: <reason>"
-        assert status == 200 and ("parts" in answer or answer.get("error")), answer
+        assert status == 200 and any("dash-hello" in p["text"] for p in answer["parts"]), answer
+        _, _, body = http_get(url + "api/logs?session=local&key=demo-prepare", auth, timeout=60)
+        assert "demo-prepare" in json.loads(body)["error"]  # the backend's reason, shown as "no logs: <reason>"
 
         serve = subprocess.Popen([*FLOWBUS, "dashboard", "--serve", "--port", "0", "--duration", "60"], env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
