@@ -32,6 +32,7 @@ from .protocol import (
     ChannelOpened,
     JobId,
     Relay,
+    Pong,
     ServerEvent,
     ServerMessage,
     StatusId,
@@ -164,7 +165,7 @@ class Translator:
             return self._job_packet(track, ev) if track is not None else []
         if isinstance(ev, Unknown):
             return [self.log("debug", f"unknown packet id {ev.packet.id} ({len(ev.packet.payload)} bytes)", "server")]
-        if isinstance(ev, ChannelOpened | StreamItem | VersionInfo):
+        if isinstance(ev, ChannelOpened | StreamItem | VersionInfo | Pong):
             return []
         return []  # pragma: no cover - ServerEvent is closed
 

@@ -81,6 +81,12 @@ _POLL_S = 0.2
 _RESYNC_S = 1.0
 #: the longest gap between two status requests for a job whose .difxlog says nothing new
 _RESYNC_MAX_S = 60.0
+#: the handshake resends its version request this often until answered (a real guiServer loses the
+#: first packet of about one connection in ten, docs/protocols/guiserver.md §2.3)
+_RESEND_S = 0.5
+#: while UP: after this long without a byte from the server, a version request probes it; no answer
+#: within ``request-timeout`` is a loss (a frozen server keeps its TCP connection open)
+_SILENCE_S = 2.0
 #: TCP keepalive probes (interval, count) after ``request-timeout`` seconds of silence
 _KEEPALIVE = (2, 3)
 _SAFE_SETUP = re.compile(r"/[A-Za-z0-9_./+@:=,%-]*")
@@ -137,6 +143,9 @@ class GuiserverSession(SessionBase):
         self._relay = config.relay
         self._selection = list(config.message_selection)
         self._next_resync = 0.0
+        #: liveness: when the server last sent a byte, and when the probe now unanswered was sent
+        self._last_rx = 0.0
+        self._probe_sent: float | None = None
         #: direct mode: our listeners and guiServer's back-connections (closed with the connection)
         self._direct_socks: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
@@ -211,6 +220,7 @@ class GuiserverSession(SessionBase):
                 raise BackendRejected(f"stopped while opening: {exc}") from exc
             raise
         self._next_resync = time.monotonic() + _RESYNC_S
+        self._last_rx, self._probe_sent = time.monotonic(), None
         self._log.info("guiserver.connected", address=self.address, version=info.version)
         announce: list[Event] = []
         if cfg.setup_path == "" and cfg.difx_version not in info.versions:
@@ -223,6 +233,7 @@ class GuiserverSession(SessionBase):
 
     def _observe(self) -> None:
         """Hand silent job streams to the resync; ask the status of lost jobs every second."""
+        self._probe()
         if self.config.job_silence_timeout > 0:
             self._tx.silent(self.config.job_silence_timeout)
         now = time.monotonic()
@@ -242,6 +253,20 @@ class GuiserverSession(SessionBase):
                 self._publish(events)
                 self._poll_later(track, bool(events))
         self._cond.notify_all()
+
+    def _probe(self) -> None:
+        """A server silent for ``_SILENCE_S`` gets a version request; no byte back within
+        ``request-timeout`` is a loss (found within request-timeout + 2 s + one poll)."""
+        conn, now = self._conn, time.monotonic()
+        if conn is None or conn.state is not ConnState.READY:
+            return
+        if self._probe_sent is None:
+            if now - self._last_rx >= _SILENCE_S:
+                self._probe_sent = now
+                self._send(conn.again())
+        elif now - self._probe_sent > self.config.request_timeout:
+            raise BackendTimeout(f"{self.address}: SERVER DID NOT RESPOND to a version request within "
+                                 f"{self.config.request_timeout:g} s (silent for {now - self._last_rx:.1f} s)")
 
     def _drop(self) -> None:
         sock, self._sock, self._conn, self._early = self._sock, None, None, None
@@ -287,11 +312,22 @@ class GuiserverSession(SessionBase):
         try:
             _keepalive(sock, cfg.request_timeout)
             sock.sendall(conn.start())
+            resend, heard = time.monotonic() + _RESEND_S, False
             while conn.state is ConnState.HANDSHAKE:
-                sock.settimeout(max(0.01, deadline - time.monotonic()))
-                data = sock.recv(65536)
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError("version request")
+                if now >= resend and not heard:  # nothing back yet: the request may have been lost
+                    sock.sendall(conn.again())
+                    resend = now + _RESEND_S
+                sock.settimeout(max(0.01, min(deadline, resend) - now))
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    continue
                 if not data:
                     raise BackendUnavailable(f"{self.address} closed the connection during the handshake")
+                heard = True
                 early += conn.receive(data)
             info = conn.version
             assert info is not None
@@ -329,6 +365,7 @@ class GuiserverSession(SessionBase):
                 with self._lock:
                     if self._conn is not conn:
                         return
+                    self._last_rx, self._probe_sent = time.monotonic(), None
                     self._handle(conn.receive(data))
             with self._lock:
                 if self._conn is conn:

@@ -202,7 +202,12 @@ class Unknown:
     packet: Packet
 
 
-ServerEvent = VersionInfo | ServerMessage | Relay | ChannelOpened | StreamPacket | StreamItem | Unknown
+@dataclass(frozen=True)
+class Pong:
+    """The end of a version reply after the first (an answer to :meth:`Connection.again`)."""
+
+
+ServerEvent = VersionInfo | Pong | ServerMessage | Relay | ChannelOpened | StreamPacket | StreamItem | Unknown
 
 
 # -- framing -------------------------------------------------------------------------------------
@@ -355,11 +360,21 @@ class Connection:
         self._streams: dict[int, _Stream] = {}
         self._version = _Version()
         self.version: VersionInfo | None = None
+        #: READY: inside a further version reply (between its 8 and its 18), which is absorbed
+        self._extra_reply = False
 
     def start(self) -> bytes:
         if self.state is not ConnState.IDLE:
             raise BackendProtocolError(f"handshake already started (state {self.state.value})")
         self.state = ConnState.HANDSHAKE
+        return encode(PacketId.GUISERVER_VERSION)
+
+    def again(self) -> bytes:
+        """Another version request: during the handshake, because a real guiServer can lose the
+        first packet of a connection; when READY, as a liveness probe (a silent server). Each reply
+        after the first is absorbed and reported as one :class:`Pong`."""
+        if self.state not in (ConnState.HANDSHAKE, ConnState.READY):
+            raise BackendProtocolError(f"no version request in state {self.state.value}")
         return encode(PacketId.GUISERVER_VERSION)
 
     def expect(self, port: int, kind: StreamKind, terminal: frozenset[int] = frozenset()) -> None:
@@ -395,6 +410,15 @@ class Connection:
         pid = p.id
         if self.state is ConnState.HANDSHAKE and pid in _VERSION_IDS:
             return self._handshake(p)
+        if pid == PacketId.GUISERVER_VERSION:  # a further version reply starts (8 is only sent as that)
+            self._extra_reply = True
+            return []
+        if self._extra_reply and pid in _VERSION_IDS and (
+                pid != PacketId.WARNING or p.text().startswith("On DiFX Host ")):
+            if pid == PacketId.CHANNEL_ALL_DATA:
+                self._extra_reply = False
+                return [Pong()]
+            return []
         if pid == PacketId.RELAY:
             return [Relay(p.payload)]
         if pid in _LEVELS:

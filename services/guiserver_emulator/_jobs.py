@@ -31,6 +31,8 @@ class Client:
     #: client -> server CHANNEL_DATA, queued per port (first in, first out)
     inbox: dict[int, bytearray] = field(default_factory=dict)
     inbox_cond: threading.Condition = field(default_factory=threading.Condition)
+    #: cleared while the emulator is frozen: nothing is sent
+    thawed: threading.Event | None = None
 
     def take(self, port: int, n: int, timeout: float = 10.0) -> bytes | None:
         """``n`` bytes the client sent on ``port`` (None after ``timeout`` or a disconnect)."""
@@ -43,6 +45,8 @@ class Client:
             return out
 
     def send(self, pid: int, payload: bytes = b"") -> None:
+        if self.thawed is not None:
+            self.thawed.wait()
         if not self.alive:
             return
         try:
@@ -66,6 +70,8 @@ class Stream:
             self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
 
     def raw(self, data: bytes) -> None:
+        if self.client.thawed is not None:
+            self.client.thawed.wait()
         if self.sock is not None:
             try:
                 self.sock.sendall(data)

@@ -14,8 +14,11 @@
   loses its lines for good (``difxlog_live=True`` writes each line at once instead).
 * Faithful defects on request: ``crash_after_job`` (every connection is dropped after a job that
   reached the run stage, and the listener comes back ``restart_delay`` s later) and
-  ``startup_race`` (a CHANNEL_ALL_DATA_ON before the first version request is lost) and
+  ``startup_race`` (the first packet of every connection is lost, as a real guiServer loses it on
+  about one connection in ten, and a CHANNEL_ALL_DATA_ON before the first version request is lost) and
   ``crash_on_disconnect`` (a client that disconnects while its job runs takes the server down).
+* :meth:`GuiserverEmulator.freeze` stops the server as SIGSTOP would: connections stay open and
+  accepted, nothing is read or sent until :meth:`GuiserverEmulator.thaw`.
 
 Run one by hand: ``python -m flowbus.services.guiserver_emulator --port 50200 --sandbox DIR``
 (:func:`main`).
@@ -80,6 +83,9 @@ class GuiserverEmulator:
         self._running = False
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: cleared while frozen (every connection's reads and sends wait on it)
+        self._thawed = threading.Event()
+        self._thawed.set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -97,6 +103,7 @@ class GuiserverEmulator:
     def stop(self) -> None:
         self._running = False
         self._stopped.set()
+        self._thawed.set()
         self._drop_all()
         for job in list(self._jobs.values()):
             job.finish.set()
@@ -122,6 +129,14 @@ class GuiserverEmulator:
             job.finish.set()
         if self._running:
             self._spawn(self._restart)
+
+    def freeze(self) -> None:
+        """Stop like a SIGSTOPped server: connections stay open (new ones are still accepted by the
+        kernel), nothing is read, answered or sent until :meth:`thaw`."""
+        self._thawed.clear()
+
+    def thaw(self) -> None:
+        self._thawed.set()
 
     def _restart(self) -> None:
         if not self._stopped.wait(self.restart_delay) and self._running:
@@ -171,7 +186,7 @@ class GuiserverEmulator:
             except OSError:
                 return
             sock.settimeout(None)
-            client = Client(sock)
+            client = Client(sock, thawed=self._thawed)
             with self._lock:
                 self._clients.append(client)
             self._spawn(self._serve, client)
@@ -180,13 +195,20 @@ class GuiserverEmulator:
 
     def _serve(self, c: Client) -> None:
         frames = FrameDecoder(max_length=16 * 1024 * 1024)
+        first = True
         try:
             while c.alive:
+                self._thawed.wait()
                 data = c.sock.recv(65536)
                 if not data:
                     break
+                self._thawed.wait()
                 for p in frames.feed(data):
                     self.received.append((p.id, p.payload))
+                    if first and self.startup_race:  # the real server's receive thread lost it
+                        first = False
+                        continue
+                    first = False
                     self._dispatch(c, p.id, p.payload)
         except (OSError, BackendProtocolError):
             pass

@@ -15,6 +15,7 @@ from flowbus.services.guiserver.protocol import (
     ConnState,
     FrameDecoder,
     PacketId,
+    Pong,
     RawDecoder,
     Relay,
     ServerMessage,
@@ -113,6 +114,17 @@ class TestFraming:
         events = conn.receive(encode(999, b"??") + encode(5, b"executing: x\n"))
         assert isinstance(events[0], Unknown) and events[0].packet.id == 999
         assert events[1] == ServerMessage("warning", "executing: x\n")
+
+    def test_extra_version_reply_absorbed(self) -> None:
+        """A second version reply (a resent handshake request, or a liveness probe) ends as one
+        Pong; a server warning that arrives in the middle of it is still delivered."""
+        conn = ready()
+        assert conn.again() == encode(8)
+        no_versions = encode(5, b'On DiFX Host "/x/bin/rungeneric.*" returns empty or path does not exist\n')
+        reply = (encode(8, b"DEVELr7531") + encode(11, b"/opt/difx") + no_versions
+                 + encode(5, b"mpifxcorr complete") + encode(12, b"A=b") + encode(18))
+        assert conn.receive(reply) == [ServerMessage("warning", "mpifxcorr complete"), Pong()]
+        assert conn.receive(encode(5, b"x")) == [ServerMessage("warning", "x")]
 
     def test_relay(self) -> None:
         """RELAY packets are delivered unchanged."""

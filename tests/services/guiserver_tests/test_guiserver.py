@@ -47,6 +47,7 @@ from support.guiserver import (
     roundtrip,
     target_fixture,  # noqa: F401 - provides the `target` fixture
 )
+from support.conformance import wait_until
 from support.recorder import Recorder
 
 # -- conformance (emulator and real server) ----------------------------------------------------------
@@ -79,6 +80,48 @@ class TestHandshake:
         h = host(emulator(startup_race=True).port)
         h.session.call("touch", "/data/exp/x.input")
         assert roundtrip(h) == ["x.input"]
+
+    def test_lost_first_packet_resent(self, emulator: Callable[..., GuiserverEmulator],
+                                      host: Callable[..., Host]) -> None:
+        """A real guiServer loses the first packet of about one connection in ten (checked against
+        a real build, docs/backends/guiserver.md): the version request is sent again every 0.5 s
+        until the server answers."""
+        emu = emulator(startup_race=True)
+        h = host(emu.port)
+        assert roundtrip(h) == []
+        assert [pid for pid, _ in emu.received][:2] == [8, 8]
+
+    def test_frozen_server_disconnected(self, emulator: Callable[..., GuiserverEmulator],
+                                        host: Callable[..., Host]) -> None:
+        """A server that keeps the connection open but says nothing (SIGSTOP) gets a version
+        request after 2 s of silence; no answer within request-timeout is Disconnected, found
+        within request-timeout + 2 s (+ polls); after a thaw the session comes back."""
+        emu = emulator()
+        h = host(emu.port, request_timeout=1.0)
+        roundtrip(h)
+        before = len(emu.received)
+        emu.freeze()
+        t0 = time.monotonic()
+        gone = h.rec.wait_for(lambda e: next((x for x in e if isinstance(x, Disconnected)), None), 10,
+                              "Disconnected after the server froze")
+        took = time.monotonic() - t0
+        assert "did not respond" in gone.reason.lower()
+        assert took < 1.0 + 2.0 + 1.0, took
+        emu.thaw()
+        h.rec.wait_for(lambda e: sum(isinstance(x, Connected) for x in e) >= 2 or None, 10, "reconnected")
+        assert (8, b"") in emu.received[before:]
+
+    def test_probe_keeps_quiet_connection(self, emulator: Callable[..., GuiserverEmulator],
+                                          host: Callable[..., Host]) -> None:
+        """An idle server that answers the probe stays connected; the probe replies publish nothing."""
+        emu = emulator()
+        h = host(emu.port, request_timeout=1.0)
+        roundtrip(h)
+        n = len(h.rec.events)
+        wait_until(lambda: sum(pid == 8 for pid, _ in emu.received) >= 3 or None, 10, "two probes")
+        assert roundtrip(h) == []
+        assert not h.rec.of(Disconnected)
+        assert not [e for e in h.rec.events[n:] if isinstance(e, LogLine) and "DEVELr7531" in e.text]
 
     def test_operations_listed(self, target: tuple[Host, str]) -> None:
         """operations() names every call; unknown names raise UnknownOperation."""
