@@ -1,5 +1,6 @@
 """Shared pieces of the guiServer suites: an event recorder, a host that polls, emulator and
-session factories, and the ``target`` fixture (emulator, or a real guiServer named by
+session factories, and the ``target`` fixture (emulator, or a real guiServer: one this run starts
+from ``FLOWBUS_GUISERVER_BIN``, see :class:`RealServer`, or one named by
 ``FLOWBUS_GUISERVER=host:port`` with ``FLOWBUS_GUISERVER_DIR`` a scratch directory on it).
 
 A test module gets a fixture by importing ``<name>_fixture`` from here (pytest registers it under
@@ -7,8 +8,15 @@ its declared name)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,131 @@ from support.recorder import Recorder
 
 REAL = os.environ.get("FLOWBUS_GUISERVER", "")
 REAL_DIR = os.environ.get("FLOWBUS_GUISERVER_DIR", "/tmp/flowbus-guiserver-test")
+#: a guiServer binary built from DiFX's source (docs/backends/guiserver.md, "Checked against a real guiServer")
+REAL_BIN = os.environ.get("FLOWBUS_GUISERVER_BIN", "")
+#: direct channel mode against a real guiServer only when asked: its ``ls`` over the back-connection crashes it
+REAL_DIRECT = os.environ.get("FLOWBUS_GUISERVER_DIRECT", "") == "1"
+_TOOLS = Path(__file__).with_name("gs_tools.py")
+_SHIM = Path(sys.prefix) / "lib" / "libloopback_bind.so"
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``cond`` (the server's own state, which no event tells about) until truthy."""
+    deadline = time.monotonic() + timeout
+    while not (got := cond()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        threading.Event().wait(0.05)
+    return got
+
+
+def _loopback_only() -> bool:
+    """Whether this process runs in a network namespace whose only interface is ``lo``."""
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RealServer:
+    """A real guiServer (``FLOWBUS_GUISERVER_BIN``) on loopback, with stand-in DiFX tools.
+
+    Everything lives under ``root``: ``base/bin`` (``rungeneric.DIFX-DEVEL``, ``checkmpifxcorr``,
+    ``mpirun``, ``mpifxcorr``: :mod:`support.gs_tools`), ``home`` (``~/.guiserver.lock``),
+    ``tmp`` and ``data/exp``. guiServer always binds 0.0.0.0: in a network namespace that has only
+    ``lo`` (``scripts/dev.sh test``) that is loopback, and the namespace gets a multicast route on
+    ``lo`` so relays work; anywhere else the loopback bind shim is preloaded (TCP and UDP on
+    127.0.0.1; multicast relays then do not arrive). ``outcomes`` maps job names to emulator outcomes.
+    """
+
+    def __init__(self, binary: str, root: Path, outcomes: dict[str, str] | None = None) -> None:
+        self.binary, self.root = binary, root
+        self.base, self.data = root / "base", root / "data" / "exp"
+        self.outcomes = dict(outcomes or {})
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "guiServer.log"
+
+    def start(self) -> RealServer:
+        bindir = self.base / "bin"
+        for d in (bindir, self.root / "home", self.root / "tmp", self.data):
+            d.mkdir(parents=True, exist_ok=True)
+        (bindir / "rungeneric.DIFX-DEVEL").write_text('#!/bin/sh\nexec "$@"\n')
+        for tool in ("checkmpifxcorr", "mpifxcorr", "mpirun"):
+            (bindir / tool).write_text(f'#!/bin/sh\nexec "{sys.executable}" "{_TOOLS}" {tool} "$@"\n')
+        for f in bindir.iterdir():
+            f.chmod(0o755)
+        env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(self.root / "home"), "TMPDIR": str(self.root / "tmp"),
+               "DIFX_BASE": str(self.base), "DIFX_USER_ID": _user(), "LANG": "C",
+               "DIFX_MESSAGE_GROUP": "239.255.77.1", "DIFX_MESSAGE_PORT": str(_free_port(socket.SOCK_DGRAM)),
+               "FLOWBUS_GS_OUTCOMES": json.dumps(self.outcomes)}
+        if _loopback_only():
+            for cmd in (["ip", "link", "set", "lo", "multicast", "on"], ["ip", "route", "add", "224.0.0.0/4", "dev", "lo"]):
+                subprocess.run(cmd, capture_output=True, check=False)  # "File exists" from an earlier server is fine
+        elif _SHIM.exists():
+            env["LD_PRELOAD"] = str(_SHIM)
+        else:
+            pytest.skip("no loopback bind shim (bash scripts/dev.sh setup builds it): guiServer would bind 0.0.0.0")
+        self.port = _free_port()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([self.binary, str(self.port)], env=env, cwd=self.root, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_for(self._listening, 15, f"guiServer listening on 127.0.0.1:{self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"guiServer exited ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
+        try:
+            with open("/proc/net/tcp") as fh:
+                return any(f":{self.port:04X} " in line and line.split()[3] == "0A" for line in fh)
+        except OSError:
+            return False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """End the server and every process it started (its own process group), by PID."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+        self.proc = None
+
+
+def _user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+@pytest.fixture(name="real_server")
+def real_server_fixture(tmp_path: Path) -> Iterator[Callable[..., RealServer]]:
+    """Makes real guiServers (skipped when ``FLOWBUS_GUISERVER_BIN`` is unset); stops them all."""
+    if not REAL_BIN:
+        pytest.skip("set FLOWBUS_GUISERVER_BIN to a guiServer built from DiFX's source (docs/backends/guiserver.md)")
+    if not (os.path.isfile(REAL_BIN) and os.access(REAL_BIN, os.X_OK)) or shutil.which("bash") is None:
+        pytest.fail(f"FLOWBUS_GUISERVER_BIN={REAL_BIN!r} is not an executable file")
+    made: list[RealServer] = []
+
+    def make(**options: Any) -> RealServer:
+        srv = RealServer(REAL_BIN, tmp_path / f"real{len(made)}", **options)
+        made.append(srv)
+        return srv.start()
+
+    yield make
+    for srv in made:
+        srv.stop()
 
 
 class Host:
@@ -79,18 +212,28 @@ def host_fixture() -> Iterator[Callable[..., Host]]:
         h.close()
 
 
-@pytest.fixture(name="target", params=["emulator", "real"])
+@pytest.fixture(name="target", params=["emulator", "real", "emulator-direct", "real-direct"])
 def target_fixture(request: pytest.FixtureRequest, emulator: Callable[..., GuiserverEmulator],
            host: Callable[..., Host]) -> tuple[Host, str]:
-    """A connected session and a scratch directory, on the emulator or on a real guiServer."""
-    if request.param == "real":
+    """A connected session and a scratch directory, on the emulator or on a real guiServer, in
+    channelled mode or in direct mode (``-direct``). Direct mode against a real guiServer runs only
+    with ``FLOWBUS_GUISERVER_DIRECT=1``: its ``ls`` over the back-connection crashes the server."""
+    where, _, mode = str(request.param).partition("-")
+    channelled = mode != "direct"
+    if where == "real":
+        if not channelled and not REAL_DIRECT:
+            pytest.skip("direct mode against a real guiServer crashes it on ls (set FLOWBUS_GUISERVER_DIRECT=1)")
+        if REAL_BIN:
+            srv: RealServer = request.getfixturevalue("real_server")()
+            return host(srv.port, allowed_dirs=[str(srv.root)], channelled=channelled), str(srv.data)
         if not REAL:
-            pytest.skip("set FLOWBUS_GUISERVER=host:port to run against a real guiServer")
+            pytest.skip("set FLOWBUS_GUISERVER_BIN (a guiServer binary) or FLOWBUS_GUISERVER=host:port "
+                        "to run against a real guiServer")
         name, _, port = REAL.rpartition(":")
-        h = host(int(port), name, allow_remote=True)
+        h = host(int(port), name, allow_remote=True, channelled=channelled)
         h.session.call("mkdir", REAL_DIR)
         return h, REAL_DIR
-    return host(emulator().port), "/data/exp"
+    return host(emulator().port, channelled=channelled), "/data/exp"
 
 
 def roundtrip(h: Host, directory: str = "/data/exp") -> list[str]:

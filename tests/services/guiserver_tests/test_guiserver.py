@@ -44,10 +44,11 @@ from support.guiserver import (
     Host,
     emulator_fixture,  # noqa: F401 - provides the `emulator` fixture
     host_fixture,  # noqa: F401 - provides the `host` fixture
+    real_server_fixture,  # noqa: F401 - provides the `real_server` fixture
     roundtrip,
     target_fixture,  # noqa: F401 - provides the `target` fixture
+    wait_for,
 )
-from support.conformance import wait_until
 from support.recorder import Recorder
 
 # -- conformance (emulator and real server) ----------------------------------------------------------
@@ -118,7 +119,7 @@ class TestHandshake:
         h = host(emu.port, request_timeout=1.0)
         roundtrip(h)
         n = len(h.rec.events)
-        wait_until(lambda: sum(pid == 8 for pid, _ in emu.received) >= 3 or None, 10, "two probes")
+        wait_for(lambda: sum(pid == 8 for pid, _ in emu.received) >= 3 or None, 10, "two probes")
         assert roundtrip(h) == []
         assert not h.rec.of(Disconnected)
         assert not [e for e in h.rec.events[n:] if isinstance(e, LogLine) and "DEVELr7531" in e.text]
