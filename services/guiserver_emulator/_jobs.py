@@ -150,15 +150,17 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
     s.packet(J.RUN_CONFIG_CHECK)
     bad = outcome == "config_fail"
     if outcome == "no_tools":
+        c.send(P.WARNING, b"checkmpifxcorr... /bin/bash: line 1: checkmpifxcorr: command not found")
         s.packet(J.DIFX_WARNING, b"/bin/bash: line 1: checkmpifxcorr: command not found")
         s.packet(J.CONFIG_COMMAND_NOT_FOUND)
     else:
-        s.packet(J.DIFX_MESSAGE, f"Checking {inp}".encode())
         c.send(P.INFORMATION, f"checkmpicorr... Checking {inp}".encode())
+        s.packet(J.DIFX_MESSAGE, f"Checking {inp}".encode())
         if bad:
-            s.packet(J.DIFX_WARNING, b"Error: bad configuration")
             c.send(P.WARNING, b"checkmpifxcorr... Error: bad configuration")
+            s.packet(J.DIFX_WARNING, b"Error: bad configuration")
         else:
+            c.send(P.INFORMATION, f"checkmpicorr... No errors with input file {inp}".encode())
             s.packet(J.DIFX_MESSAGE, f"No errors with input file {inp}".encode())
     if bad:
         c.send(P.ERROR, f"Input file {inp} failed the configuration check.".encode())
@@ -169,17 +171,21 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
     if function == "CONFIG_ONLY" or (function == "BAIL_ON_CONFIG_FAIL" and bad):
         if bad:
             s.packet(J.DIFX_ERROR, b"Execution stopped")
+            c.send(P.ERROR, f"Execution of job {inp} stopped.".encode())
         s.packet(J.STOPPED_AFTER_CONFIG)
         return False
-    for attr, pid in (("manager", J.FAILURE_NO_HEADNODE), ("datastream", J.FAILURE_NO_DATASOURCES),
-                      ("process", J.FAILURE_NO_PROCESSORS)):
+    for attr, pid, what in (("manager", J.FAILURE_NO_HEADNODE, "no headnode specified."),
+                            ("datastream", J.FAILURE_NO_DATASOURCES, "no data sources specified."),
+                            ("process", J.FAILURE_NO_PROCESSORS, "no processing nodes  specified.")):
         if not _has_nodes(msg.raw, attr):
+            c.send(P.ERROR, f"DiFX start failed - {what}".encode())
             s.packet(pid)
             s.packet(J.TERMINATED)
             return False
     s.packet(J.PARAMETER_CHECK_SUCCESS)
     if outcome == "silent":  # docs/protocols/guiserver.md §5.1 step 10: statvfs failed, the stream just stops
-        c.send(P.ERROR, f"statvfs failed for {inp}".encode())
+        c.send(P.ERROR, f"statvfs failed when accessing directory {inp.rpartition('/')[0]} : it seems not to "
+                        "exist!".encode())
         return False
     out = real.with_suffix(".difx")
     force = f.get("force", "0")[:1] not in ("0", "n", "N", "f", "F", "")
@@ -194,8 +200,8 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
     if out.exists():
         s.packet(J.DELETING_PREVIOUS_OUTPUT)
         shutil.rmtree(out, ignore_errors=True)
-    prog = "mpifxcorr"
-    c.send(P.WARNING, f"executing: mpirun -np 3 {c.setup} {prog} {inp}\n".encode())
+    prog = f.get("difxProgram") or "mpifxcorr"
+    c.send(P.WARNING, f"executing: {start_command(emu, c, msg, inp, prog)}\n".encode())
     s.packet(J.STARTING_DIFX)
 
     def tell(doc: bytes) -> None:
@@ -211,7 +217,9 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
         return True
 
     if outcome == "no_tools":
+        c.send(P.ERROR, f"{prog}... /bin/bash: line 1: mpirun: command not found".encode())
         s.packet(J.DIFX_ERROR, b"/bin/bash: line 1: mpirun: command not found")
+        c.send(P.ERROR, f"{prog} FAILED".encode())
         return end((J.DIFX_ERROR, f"{prog} FAILED".encode()), (J.JOB_FAILED, b""))
     t0, t1 = 60000.0, 60000.01
     tell(gx.status_message(name, "Starting", "starting", start_mjd=t0, stop_mjd=t1))
@@ -219,11 +227,13 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
     for i in range(ticks):
         if job.stopped.is_set() or (job.finish.is_set() and outcome == "slow"):
             break
-        s.packet(J.DIFX_MESSAGE, f"tick {i + 1}".encode())
         c.send(P.INFORMATION, f"{prog}... tick {i + 1}".encode())
+        s.packet(J.DIFX_MESSAGE, f"tick {i + 1}".encode())
         if outcome == "warning" and i == 0:
+            c.send(P.WARNING, f"{prog}... WARNING: weak signal".encode())
             s.packet(J.DIFX_WARNING, b"WARNING: weak signal")
         if outcome in ("failure", "partial", "partial_failed") and i == 0:
+            c.send(P.ERROR, f"{prog}... Error: disk read failed".encode())
             s.packet(J.DIFX_ERROR, b"Error: disk read failed")
             if outcome == "failure":
                 break
@@ -238,17 +248,33 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
     if outcome == "partial_failed":
         # the same program output as "partial", but the server's stderr thread saw the error line
         # after the stdout thread's last line (docs/protocols/guiserver.md §6.1a): JOB_FAILED
+        c.send(P.ERROR, f"{prog}... Error: disk read failed".encode())
         s.packet(J.DIFX_ERROR, b"Error: disk read failed")
     if outcome in ("failure", "partial_failed"):
         tell(gx.status_message(name, "Crashed", "disk read failed"))
+        c.send(P.ERROR, f"{prog} FAILED".encode())
         return end((J.DIFX_ERROR, f"{prog} FAILED".encode()), (J.JOB_FAILED, b""))
     out.mkdir(parents=True, exist_ok=True)
     tell(gx.status_message(name, "Done", "done", vis_mjd=t1, start_mjd=t0, stop_mjd=t1))
-    s.packet(J.DIFX_COMPLETE)
-    if outcome == "partial":
-        return end((J.JOB_ENDED_WITH_ERRORS, b""))
     c.send(P.WARNING, f"{prog} complete".encode())
-    return end((J.ENDED_GRACEFULLY, b""))
+    s.packet(J.DIFX_COMPLETE)
+    return end((J.JOB_ENDED_WITH_ERRORS if outcome == "partial" else J.ENDED_GRACEFULLY, b""))
+
+
+def start_command(emu: Any, c: Client, msg: gx.DifxMessage, inp: str, prog: str) -> str:
+    """The command line the real server runs and reports in ``executing: ...`` (§5.1): ``-np`` is
+    the number of lines of ``<filebase>.machines`` (0 without one); empty parts leave their spaces."""
+    f = msg.fields
+    base = inp.rpartition(".")[0] or inp
+    machines = emu.real(f"{base}.machines")
+    n = len(machines.read_text().splitlines(keepends=True)) if machines.is_file() else 0
+    options = f.get("mpiOptions") or "--mca mpi_yield_when_idle 1 --mca rmaps seq"
+    whole = re.match(r"\s*[-+]?\d+", f.get("restartSeconds", ""))  # parsed with atoi
+    seconds = int(whole.group()) if whole else 0
+    restart = f"-r {float(seconds):f}" if seconds > 0 else ""
+    monitor = "-Mlocalhost:9999" if f.get("function") == "RUN_MONITOR" else ""
+    return (f"{f.get('mpiWrapper') or 'mpirun'} -np {n} --bynode --hostfile {base}.machines {options} {c.setup} "
+            f"{prog} {restart} {inp} {monitor}")
 
 
 
