@@ -31,8 +31,8 @@ from . import messages as gx
 from .protocol import (
     ChannelOpened,
     JobId,
-    Relay,
     Pong,
+    Relay,
     ServerEvent,
     ServerMessage,
     StatusId,

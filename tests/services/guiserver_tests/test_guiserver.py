@@ -122,7 +122,7 @@ class TestHandshake:
         wait_for(lambda: sum(pid == 8 for pid, _ in emu.received) >= 3 or None, 10, "two probes")
         assert roundtrip(h) == []
         assert not h.rec.of(Disconnected)
-        assert not [e for e in h.rec.events[n:] if isinstance(e, LogLine) and "DEVELr7531" in e.text]
+        assert not [e for e in h.rec.events[n:] if isinstance(e, LogLine) and "DEVELr7531" in e.message]
 
     def test_operations_listed(self, target: tuple[Host, str]) -> None:
         """operations() names every call; unknown names raise UnknownOperation."""
