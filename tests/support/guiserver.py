@@ -76,7 +76,10 @@ class RealServer:
         self.base, self.data = root / "base", root / "data" / "exp"
         self.outcomes = dict(outcomes or {})
         self.port = 0
+        self.env: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
+        #: process groups of earlier runs (crash): their jobs may still run, ended at stop()
+        self._groups: list[int] = []
         self.log = root / "guiServer.log"
 
     def start(self) -> RealServer:
@@ -99,9 +102,13 @@ class RealServer:
             env["LD_PRELOAD"] = str(_SHIM)
         else:
             pytest.skip("no loopback bind shim (bash scripts/dev.sh setup builds it): guiServer would bind 0.0.0.0")
+        self.env = env
         self.port = _free_port()
+        return self._launch()
+
+    def _launch(self) -> RealServer:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([self.binary, str(self.port)], env=env, cwd=self.root, stdout=log,
+            self.proc = subprocess.Popen([self.binary, str(self.port)], env=self.env, cwd=self.root, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         wait_for(self._listening, 15, f"guiServer listening on 127.0.0.1:{self.port}")
         return self
@@ -119,17 +126,30 @@ class RealServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def crash(self) -> None:
+        """SIGKILL the server process only: the jobs it started run on, as after a real crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self._groups.append(self.proc.pid)
+        self.proc = None
+
+    def restart(self) -> RealServer:
+        """Start the server again on the same port, with the same tools and environment."""
+        return self._launch()
+
     def stop(self) -> None:
-        """End the server and every process it started (its own process group), by PID."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
+        """End the server and every process it started (its process groups), by group id."""
+        if self.proc is not None:
+            self._groups.append(self.proc.pid)
+        for group in self._groups:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(group, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.proc.wait(10)
-        self.proc = None
+        if self.proc is not None:
+            self.proc.wait(10)
+        self.proc, self._groups = None, []
 
 
 def _user() -> str:

@@ -15,16 +15,18 @@ from collections.abc import Callable
 
 import pytest
 
-from flowbus.schemas import Disconnected, LogLine, StateChanged
+from flowbus.schemas import AttributeChanged, Disconnected, LogLine, Observed, Resynced, State, StateChanged
 from flowbus.services.guiserver.protocol import PacketId, encode
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 from support.guiserver import (
     Host,
     RealServer,
+    _loopback_only,
     emulator_fixture,  # noqa: F401 - provides the `emulator` fixture
     host_fixture,  # noqa: F401 - provides the `host` fixture
     real_server_fixture,  # noqa: F401 - provides the `real_server` fixture
     roundtrip,
+    wait_for,
 )
 
 #: (job outcome, DifxStart function)
@@ -154,3 +156,47 @@ class TestRealServer:
         states = [e.state.value for e in h.rec.of(StateChanged, "job_1")]
         assert "active" in states and states[-1] == "complete"
         assert any(re.fullmatch(r"tick \d", e.message) for e in h.rec.of(LogLine, "job_1"))
+
+
+@pytest.mark.timeout(120)
+class TestRealRecovery:
+    """A real guiServer buffers a job's .difxlog until the job ends, so a crash loses it."""
+
+    def test_difxlog_written_at_job_end(self, real_server: Callable[..., RealServer],
+                                        host: Callable[..., Host]) -> None:
+        """While a job runs its .difxlog exists and is empty although its status messages were
+        relayed; the lines appear when the job ends (here: stopped)."""
+        if not _loopback_only():
+            pytest.skip("multicast relays need a loopback-only network namespace (scripts/dev.sh test)")
+        srv = real_server(outcomes={"job_1": "slow"})
+        (srv.data / "job_1.input").write_text("# fake\n")
+        h = host(srv.port, allowed_dirs=[str(srv.root)])
+        h.session.call("start_job", f"{srv.data}/job_1.input")
+        h.rec.wait_for(lambda e: sum(isinstance(x, AttributeChanged) and x.key == "job_1" for x in e) >= 3 or None,
+                       30, "three relayed progress updates of job_1")
+        log = srv.data / "job_1.difxlog"
+        assert log.exists() and log.read_text() == ""
+        h.session.call("stop_job", "job_1")
+        assert h.rec.final("job_1", timeout=30).state is State.CANCELLED
+        wait_for(lambda: "STATUS Running" in log.read_text(), 10, "job_1.difxlog written at the job's end")
+
+    def test_crash_during_job_unknown(self, real_server: Callable[..., RealServer],
+                                      host: Callable[..., Host]) -> None:
+        """The real server killed mid-job and started again: the job's status is NO_STATUS (its
+        .difxlog was never written), so within the reconnect's resync it becomes unknown with
+        the reason, and its status is not asked for again."""
+        srv = real_server(outcomes={"job_1": "slow"})
+        (srv.data / "job_1.input").write_text("# fake\n")
+        h = host(srv.port, allowed_dirs=[str(srv.root)])
+        h.session.call("start_job", f"{srv.data}/job_1.input")
+        h.rec.wait_for(lambda e: any(isinstance(x, LogLine) and x.message == "tick 1" for x in e), 30, "tick 1")
+        srv.crash()
+        h.rec.wait_for(lambda e: any(isinstance(x, Disconnected) for x in e), 10, "Disconnected")
+        srv.restart()
+        h.rec.wait_for(lambda e: sum(isinstance(x, Resynced) for x in e) == 2 or None, 30, "the second Resynced")
+        last = h.rec.states("job_1")[-1]
+        assert (last.state, last.observed, last.native) == (State.UNKNOWN, Observed.RESYNC, "NO_STATUS")
+        assert "cannot be recovered" in last.detail
+        assert h.rec.index(last) < h.rec.index(h.rec.of(Resynced)[-1])
+        assert h.session._tx.orphans() == []
+        assert h.session.call("wait_job", "job_1", timeout=2)["state"] == "unknown"
