@@ -6,6 +6,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,36 +290,43 @@ def _has_nodes(raw: str, element: str) -> bool:
 
 
 def run_vex2difx(emu: Any, c: Client, f: Mapping[str, str]) -> None:
-    """DifxVex2DifxRun (docs/protocols/guiserver.md §5.6), faked: ``<stem>_1.input``/``<stem>_2.input``
-    from ``<stem>.v2d``, then one ``.im`` per new ``.calc``; the raw stream lists the new paths and ends with 0."""
+    """DifxVex2DifxRun (docs/protocols/guiserver.md §5.6), faked: ``<stem>_1``/``<stem>_2`` .input and
+    .calc from ``<stem>.v2d``, then a .im per new .calc. "New" is the real server's rule: modified in
+    or after the second the run started, so any other .input/.calc written then counts too. The raw
+    stream lists the new .input paths, then the new .im paths, and ends with 0."""
     where, name, calc = f.get("passPath", ""), f.get("file", ""), f.get("calcCommand", "calcif2")
+    stamp = int(time.time())
     stream = Stream(c, int(f.get("port", "0")), f.get("address", ""))
     base = emu.real(where)
-    new_calc: list[Path] = []
+
+    def new(suffix: str) -> list[Path]:
+        return sorted((p for p in base.glob(f"*{suffix}") if int(p.stat().st_mtime) >= stamp), key=lambda p: p.name)
+
     if f.get("calcOnly", "0") == "0":
+        c.send(P.WARNING, f"Executing: cd {where}; {c.setup} vex2difx -f {name}".encode())
         v2d = base / name
         if v2d.is_file():
-            stem = v2d.stem
             c.send(P.INFORMATION, f"vex2difx... processing {name}".encode())
-            c.send(P.WARNING, b"vex2difx complete")
             for i in (1, 2):
-                job = base / f"{stem}_{i}"
+                job = base / f"{v2d.stem}_{i}"
                 job.with_suffix(".input").write_text(f"# fake job {i} of {name}\n")
                 job.with_suffix(".calc").write_text("")
-                new_calc.append(job.with_suffix(".calc"))
-                stream.item(emu.client_path(job.with_suffix(".input")).encode())
+            c.send(P.WARNING, b"vex2difx complete")
         else:
             c.send(P.ERROR, f"vex2difx... cannot open {name}".encode())
             c.send(P.ERROR, b"vex2difx RETURNED ERRORS")
+        for inp in new(".input"):
+            stream.item(emu.client_path(inp).encode())
     else:
         # `touch <file>.calc` then `rm -f <file>.im` in a shell: a glob that matches no .calc file
         # is kept literally, so touch creates a file named e.g. `exp_*.calc` (docs/protocols/guiserver.md §6.1a)
+        c.send(P.WARNING, f"Executing: cd {where}; touch {name}.calc".encode())
+        c.send(P.WARNING, f"Executing: cd {where}; rm -f {name}.im".encode())
         for calc_file in sorted(base.glob(f"{name}.calc")) or [base / f"{name}.calc"]:
             calc_file.touch()
             calc_file.with_suffix(".im").unlink(missing_ok=True)
-            new_calc.append(calc_file)
     c.send(P.WARNING, f"running {calc} on all new .calc files".encode())
-    for path in new_calc:
+    for path in new(".calc"):
         im = path.with_suffix(".im")
         im.write_text("fake model\n")
         stream.item(emu.client_path(im).encode())

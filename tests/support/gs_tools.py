@@ -116,7 +116,28 @@ def mpirun(args: list[str]) -> int:
     return 1  # pragma: no cover
 
 
-TOOLS = {"checkmpifxcorr": checkmpifxcorr, "mpifxcorr": mpifxcorr, "mpirun": mpirun}
+def vex2difx(args: list[str]) -> int:
+    """``vex2difx -f <stem>.v2d`` in the pass directory: two jobs, each a .input and a .calc."""
+    name = args[-1]
+    if not Path(name).is_file():
+        err(f"cannot open {name}")
+        return 1
+    out(f"processing {name}")
+    stem = Path(name).stem
+    for i in (1, 2):
+        Path(f"{stem}_{i}.input").write_text(f"# fake job {i} of {name}\n")
+        Path(f"{stem}_{i}.calc").write_text("")
+    return 0
+
+
+def calcif2(args: list[str]) -> int:
+    """``calcif2 -f <job>.calc``: the job's .im."""
+    Path(args[-1]).with_suffix(".im").write_text("fake model\n")
+    return 0
+
+
+TOOLS = {"checkmpifxcorr": checkmpifxcorr, "mpifxcorr": mpifxcorr, "mpirun": mpirun, "vex2difx": vex2difx,
+         "calcif2": calcif2}
 
 if __name__ == "__main__":
     sys.exit(TOOLS[sys.argv[1]](sys.argv[2:]))

@@ -64,7 +64,7 @@ class RealServer:
     """A real guiServer (``FLOWBUS_GUISERVER_BIN``) on loopback, with stand-in DiFX tools.
 
     Everything lives under ``root``: ``base/bin`` (``rungeneric.DIFX-DEVEL``, ``checkmpifxcorr``,
-    ``mpirun``, ``mpifxcorr``: :mod:`support.gs_tools`), ``home`` (``~/.guiserver.lock``),
+    ``mpirun``, ``mpifxcorr``, ``vex2difx``, ``calcif2``: :mod:`support.gs_tools`), ``home`` (``~/.guiserver.lock``),
     ``tmp`` and ``data/exp``. guiServer always binds 0.0.0.0: in a network namespace that has only
     ``lo`` (``scripts/dev.sh test``) that is loopback, and the namespace gets a multicast route on
     ``lo`` so relays work; anywhere else the loopback bind shim is preloaded (TCP and UDP on
@@ -87,7 +87,7 @@ class RealServer:
         for d in (bindir, self.root / "home", self.root / "tmp", self.data):
             d.mkdir(parents=True, exist_ok=True)
         (bindir / "rungeneric.DIFX-DEVEL").write_text('#!/bin/sh\nexec "$@"\n')
-        for tool in ("checkmpifxcorr", "mpifxcorr", "mpirun"):
+        for tool in ("checkmpifxcorr", "mpifxcorr", "mpirun", "vex2difx", "calcif2"):
             (bindir / tool).write_text(f'#!/bin/sh\nexec "{sys.executable}" "{_TOOLS}" {tool} "$@"\n')
         for f in bindir.iterdir():
             f.chmod(0o755)

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import pytest
 
 from flowbus.schemas import AttributeChanged, Disconnected, LogLine, Observed, Resynced, State, StateChanged
-from flowbus.services.guiserver.protocol import PacketId, encode
+from flowbus.services.guiserver import messages as gx
+from flowbus.services.guiserver.protocol import Connection, ConnState, PacketId, StreamKind, encode
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 from support.guiserver import (
     Host,
@@ -46,14 +47,29 @@ def _job(h: Host, d: str, name: str, function: str, setup: str) -> tuple[str, li
 
 
 def _both(emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host],
-          real_server: Callable[..., RealServer], outcome: str, **config: str) -> tuple[Host, str, Host, str]:
+          real_server: Callable[..., RealServer], outcome: str, job: bool = True,
+          **config: str) -> tuple[Host, str, Host, str]:
+    """An emulator and a real server, each with ``job_1.input`` (unless not ``job``), and a session on each."""
     emu = emulator(outcomes={"job_1": outcome})
-    emu.real("/data/exp/job_1.input").write_text("# fake\n")
     srv = real_server(outcomes={"job_1": outcome})
-    (srv.data / "job_1.input").write_text("# fake\n")
+    if job:
+        emu.real("/data/exp/job_1.input").write_text("# fake\n")
+        (srv.data / "job_1.input").write_text("# fake\n")
     he = host(emu.port, **config)
     hr = host(srv.port, allowed_dirs=[str(srv.root)], **config)
     return he, "/data/exp", hr, str(srv.data)
+
+
+def _ready(s: socket.socket, conn: Connection) -> bool:
+    """Read what is there; whether the handshake is complete (re-asks while nothing came back)."""
+    s.settimeout(0.5)
+    try:
+        data = s.recv(65536)
+    except TimeoutError:
+        s.sendall(conn.again())  # the real server may have lost the first request
+        return False
+    conn.receive(data)
+    return conn.state is ConnState.READY
 
 
 @pytest.mark.timeout(120)
@@ -77,6 +93,24 @@ class TestSameAsEmulator:
         he, de, hr, dr = _both(emulator, host, real_server, "good")
         assert (_job(he, de, "nosuch", "USNO", he.session.setup_path)
                 == _job(hr, dr, "nosuch", "USNO", hr.session.setup_path))
+
+
+    @pytest.mark.parametrize("present", [True, False])
+    def test_vex2difx(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host],
+                      real_server: Callable[..., RealServer], present: bool) -> None:
+        """vex2difx then calc (and a .v2d that is missing): the same new files, the same texts."""
+        he, de, hr, dr = _both(emulator, host, real_server, "good", job=False)
+        results = []
+        for h, d in ((he, de), (hr, dr)):
+            if present:
+                h.session.call("send_file", f"{d}/exp.v2d", b"vex = exp.vex\n")
+            paths = h.session.call("vex2difx", d, "exp.v2d")
+            lines = sorted((e.level, e.message.replace(h.session.setup_path, "<setup>").replace(d, "<dir>"))
+                           for e in h.rec.of(LogLine) if e.stream == "server")
+            results.append(([p.replace(d, "<dir>") for p in paths], lines))
+        assert results[1] == results[0]
+        if present:
+            assert results[0][0] == ["<dir>/exp_1.input", "<dir>/exp_2.input", "<dir>/exp_1.im", "<dir>/exp_2.im"]
 
 
 @pytest.mark.timeout(120)
@@ -129,6 +163,25 @@ class TestRealServer:
             assert "did not respond" in gone.reason.lower()
         finally:
             os.kill(srv.proc.pid, signal.SIGCONT)
+
+    def test_calc_glob_kept_literally(self, real_server: Callable[..., RealServer]) -> None:
+        """A calc-only run whose glob matches no .calc file makes the real server create files
+        literally named ``exp_*.calc`` and ``exp_*.im`` (why the session refuses such a glob, and
+        what the emulator reproduces). Sent on a bare connection: the session would refuse it."""
+        srv = real_server()
+        doc = gx.build("DifxVex2DifxRun", [("passPath", str(srv.data)), ("file", "exp_*"), ("calcOnly", 1),
+                                           ("calcCommand", "calcif2"), ("port", 23456)])
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            conn = Connection()
+            s.sendall(conn.start())
+            wait_for(lambda: _ready(s, conn), 10, "the version reply")
+            s.sendall(encode(PacketId.CHANNEL_ALL_DATA_ON))
+            conn.expect(23456, StreamKind.RAW)
+            s.sendall(encode(PacketId.COMMAND, doc))
+            s.settimeout(10)
+            while not conn.stream_done(23456):
+                conn.receive(s.recv(65536))
+        assert (srv.data / "exp_*.calc").exists() and (srv.data / "exp_*.im").read_text() == "fake model\n"
 
     def test_unknown_packet_ignored(self, real_server: Callable[..., RealServer]) -> None:
         """An unknown packet id is skipped and the stream stays in sync (§2.2): the version

@@ -6,8 +6,10 @@ Every test is bounded; waits are on a Condition fed by ``emit``, never sleeps.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -82,6 +84,9 @@ class TestVex2Difx:
         assert files == paths
         assert [(e.state, e.attrs) for e in h.rec.of(StateChanged, "vex2difx/exp.v2d")] == [
             (State.ACTIVE, {}), (State.COMPLETE, {"files": 4})]
+        # "new" .calc files are those modified in or after the run's first second (the real server's
+        # rule): exp_2.calc, written a moment ago, would count too, so it is made older first
+        os.utime(emu.real("/data/exp/exp_2.calc"), (time.time() - 10, time.time() - 10))
         assert h.session.call("vex2difx", "/data/exp", "exp_1*", calc_only=True) == ["/data/exp/exp_1.im"]
 
     def test_not_blocking(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
