@@ -345,8 +345,10 @@ def run_machines(emu: Any, c: Client, msg: gx.DifxMessage) -> None:
     head = _attr_nodes(msg.raw, "manager")
     ds = _attr_nodes(msg.raw, "datastream")
     procs = _attr_nodes(msg.raw, "process")
-    for nodes, pid in ((head, 105), (ds, 106), (procs, 107)):
+    for nodes, pid, what in ((head, 105, "no headnode specified."), (ds, 106, "no data sources specified."),
+                             (procs, 107, "no processing nodes  specified.")):
         if not nodes:
+            c.send(P.ERROR, f"Machines specification failed - {what}".encode())
             stream.packet(pid)
             stream.packet(100)
             stream.close()
@@ -355,10 +357,12 @@ def run_machines(emu: Any, c: Client, msg: gx.DifxMessage) -> None:
     base = inp.removesuffix(".input")
     machines, threads = f.get("machinesFile") or base + ".machines", f.get("threadsFile") or base + ".threads"
     if not f.get("machinesFile"):
+        c.send(P.WARNING, b"No machines file specified - generating path from input file.")
         stream.packet(108)
-    if not f.get("threadsFile"):
-        stream.packet(109)
     stream.packet(111, machines.encode())
+    if not f.get("threadsFile"):
+        c.send(P.WARNING, b"No threads file specified - generating path from input file.")
+        stream.packet(109)
     stream.packet(110, threads.encode())
     stream.packet(104)
     hname = head[0][0]

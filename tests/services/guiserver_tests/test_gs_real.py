@@ -113,6 +113,21 @@ class TestSameAsEmulator:
             assert results[0][0] == ["<dir>/exp_1.input", "<dir>/exp_2.input", "<dir>/exp_1.im", "<dir>/exp_2.im"]
 
 
+    @pytest.mark.parametrize("processes", [["hostA"], []])
+    def test_machines(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host],
+                      real_server: Callable[..., RealServer], processes: list[str]) -> None:
+        """A machines definition: the same sub-packets, files, contents and server texts (and the
+        same refusal without process nodes)."""
+        he, de, hr, dr = _both(emulator, host, real_server, "good")
+        results = []
+        for h, d in ((he, de), (hr, dr)):
+            out = h.session.call("machines", f"{d}/job_1.input", manager="hostA", datastreams=["hostB", "hostC"],
+                                 processes=processes, threads=4)
+            out["log"] = [(e.level, e.message) for e in h.rec.of(LogLine) if e.stream == "server"]
+            results.append({k: v.replace(d, "<dir>") if isinstance(v, str) else v for k, v in out.items()})
+        assert results[1] == results[0]
+
+
 @pytest.mark.timeout(120)
 class TestRealServer:
     """Behaviour of the real server that the session must survive."""
