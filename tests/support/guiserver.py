@@ -116,9 +116,12 @@ class RealServer:
     def _listening(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"guiServer exited ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
+        return self._port_listening()
+
+    def _port_listening(self) -> bool:
         try:
             with open("/proc/net/tcp") as fh:
-                return any(f":{self.port:04X} " in line and line.split()[3] == "0A" for line in fh)
+                return any(line.split()[1].endswith(f":{self.port:04X}") and line.split()[3] == "0A" for line in fh)
         except OSError:
             return False
 
@@ -135,7 +138,10 @@ class RealServer:
         self.proc = None
 
     def restart(self) -> RealServer:
-        """Start the server again on the same port, with the same tools and environment."""
+        """Start the server again on the same port, with the same tools and environment, once the
+        port is free: the crashed server's job processes inherited its listening socket and hold
+        it until they die (on their next write to the gone server)."""
+        wait_for(lambda: not self._port_listening(), 15, f"port {self.port} released by the crashed server's jobs")
         return self._launch()
 
     def stop(self) -> None:
