@@ -174,7 +174,7 @@ class TestRealServer:
             t0 = time.monotonic()
             gone = h.rec.wait_for(lambda e: next((x for x in e if isinstance(x, Disconnected)), None), 10,
                                   "Disconnected after SIGSTOP")
-            assert time.monotonic() - t0 < 4.0
+            assert time.monotonic() - t0 < 1.0 + 2.0 + 1.5  # request-timeout + 2 s + polls and scheduling
             assert "did not respond" in gone.reason.lower()
         finally:
             os.kill(srv.proc.pid, signal.SIGCONT)
