@@ -111,6 +111,15 @@ class RealServer:
             self.proc = subprocess.Popen([self.binary, str(self.port)], env=self.env, cwd=self.root, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         wait_for(self._listening, 15, f"guiServer listening on 127.0.0.1:{self.port}")
+        if not _loopback_only():  # the shim must have kept it on loopback
+            import psutil
+
+            from support.netcheck import off_loopback_listeners
+
+            bad = off_loopback_listeners(psutil.Process(self.proc.pid))
+            if bad:
+                self.stop()
+                pytest.fail(f"guiServer listens beyond loopback: {bad}")
         return self
 
     def _listening(self) -> bool:
