@@ -97,7 +97,7 @@ class TestMoreAttributes:
         run = ecflow_session(server.port)
         run.call("load", write_suite(server, "x", SUITE + EXTRAS[0], {}))
         attr(run, "/x/g/u", "defstatus", "defstatus", "complete")
-        expected = {
+        expected: dict[int, dict[tuple[str, str, str], Scalar]] = {
             1: {("/x/g", "autocancel", "autocancel"): "autocancel +01:00",
                 ("/x/g/h", "autoarchive", "autoarchive"): "autoarchive +01:00",
                 ("/x/g", "autorestore", "autorestore"): "autorestore /x/f",

@@ -5,7 +5,8 @@ run token carried by the events so a session seeded from the journal still tells
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import pytest
 
@@ -28,14 +29,14 @@ def _tree(nodes: dict[str, NodeObs]) -> Tree:
     return tree
 
 
-def _reruns(events: list[Event]) -> list[str]:
+def _reruns(events: Sequence[Event]) -> list[str]:
     return [e.key for e in events if isinstance(e, StateChanged) and e.attrs.get("rerun")]
 
 
 class TestRule:
     """The family/suite rule on synthetic reads."""
 
-    BASE = {"/s": NodeObs("aborted"), "/s/f": NodeObs("aborted"), "/s/f/a": NodeObs("aborted", 1, "trap", "r1"),
+    BASE: ClassVar[dict[str, NodeObs]] = {"/s": NodeObs("aborted"), "/s/f": NodeObs("aborted"), "/s/f/a": NodeObs("aborted", 1, "trap", "r1"),
             "/s/f/b": NodeObs("complete", 1, "", "r9"), "/s/g": NodeObs("complete")}
 
     def test_family_and_suite_go_round_with_their_only_aborted_task(self) -> None:
@@ -43,7 +44,7 @@ class TestRule:
         events = tree.diff(Snapshot(full=False, server="RUNNING", suites=["s"],
                                     nodes={"/s/f/a": NodeObs("aborted", 1, "trap", "r2")}), Observed.POLL)
         assert _reruns(events) == ["/s/f/a", "/s/f", "/s"], [show(e) for e in events]
-        family = [e for e in events if isinstance(e, StateChanged) and e.key == "/s/f"][0]
+        family = next(e for e in events if isinstance(e, StateChanged) and e.key == "/s/f")
         assert family.state is family.previous is State.ABORTED and family.attrs == {"rerun": True}
 
     def test_a_sibling_holding_the_state_keeps_the_family(self) -> None:
@@ -70,7 +71,7 @@ class TestRule:
         """Events carry attrs.run; a tree seeded from them tells the same run from a new one."""
         journal = {f"k{i}": e for i, e in enumerate(Tree("e").diff(
             Snapshot(full=True, server="RUNNING", suites=["s"], nodes=dict(self.BASE)), Observed.RESYNC))}
-        task = [e for e in journal.values() if isinstance(e, StateChanged) and e.key == "/s/f/a"][0]
+        task = next(e for e in journal.values() if isinstance(e, StateChanged) and e.key == "/s/f/a")
         assert task.attrs == {"run": "r1"}
         seeded = Tree("e")
         seeded.seed(journal)

@@ -573,7 +573,10 @@ class TestTree:
         retry = tree.diff(Snapshot(full=False, server="RUNNING", suites=["a"],
                                    nodes={"/a/f/t": NodeObs("aborted", 2, "trap")},
                                    attrs={("/a/f/t", "meter", "m"): 3}), Observed.POLL)
-        assert [(type(e).__name__, e.key) for e in retry] == [("StateChanged", "/a/f/t"), ("AttributeChanged", "/a/f/t")]
+        # the retry left aborted and came back: the task, then its family and suite (no sibling held aborted)
+        assert [(type(e).__name__, e.key) for e in retry] == [("StateChanged", "/a/f/t"), ("AttributeChanged", "/a/f/t"),
+                                                              ("StateChanged", "/a/f"), ("StateChanged", "/a")]
+        assert all(e.attrs == {"rerun": True} for e in retry[2:] if isinstance(e, StateChanged))
         assert cast(StateChanged, retry[0]).try_no == 2
         assert cast(AttributeChanged, retry[1]).previous == 1 and cast(AttributeChanged, retry[1]).value == 3
         gone = tree.diff(Snapshot(full=False, server="RUNNING", suites=["a"], gone=["/a/f"]), Observed.POLL)

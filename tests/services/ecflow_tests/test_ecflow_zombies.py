@@ -60,14 +60,14 @@ class TestZombies:
         server = ecf_server()
         run = ecflow_session(server.port)
         run.call("load", write_suite(server, "z", "".join(f"task {t}\n" for t in TASKS),
-                                     {t: ZOMBIE_JOB for t in TASKS}))
+                                     dict.fromkeys(TASKS, ZOMBIE_JOB)))
         run.call("begin_suite", "z")
         pids: dict[str, int] = {}
         for task in TASKS:
             seen = zombie(run, task, "auto-block")
             pids[task] = int(text(server.home, f"{task}.pid"))
             assert seen.name == f"ecf_passwd:{pids[task]}" and seen.previous is None, seen
-        names = {t: f"ecf_passwd:{pids[t]}" for t in TASKS}
+        names = {t: f"ecf_passwd:{pid}" for t, pid in pids.items()}
 
         n = len(run.rec.events)
         for task in TASKS:  # all at once: a blocked child command asks again only every few seconds
@@ -89,7 +89,7 @@ class TestZombies:
         assert zombie(run, "kill", "manual-kill", n).name == names["kill"]
         until(lambda: not psutil.pid_exists(pids["kill"]) or psutil.Process(pids["kill"]).status()
               == psutil.STATUS_ZOMBIE, "kill: the zombie's job process ended")
-        assert not text(server.home, "kill.out")
+        assert text(server.home, "kill.out") != "ok"  # its child command was killed first, or nothing written
         assert psutil.pid_exists(pids["block"]) and not text(server.home, "block.out")
         # remove: the failed zombie's job asks no more, so it is gone for good
         n = len(run.rec.events)
