@@ -8,13 +8,16 @@ Keys are absolute node paths; the server itself is ``/`` (see :mod:`._tree`).
 
 Events: ``StateChanged`` per node (``state`` normalised, ``native`` ecFlow's display state with
 ``suspended`` as SUSPENDED, ``try_no`` from ECF_TRYNO, the aborted reason in ``detail``; a node
-that disappears goes UNKNOWN with ``native=""``; a task found in the same state on a new job run,
-e.g. aborted, requeued and aborted again between two polls, is published again with
-``attrs={"rerun": True}``), ``AttributeChanged`` per attribute (``kind`` "event", "meter",
-"label", "variable", "repeat", "limit", "limit_max", "flag" (names "late" and "zombie", True
-once set, False once cleared), "trigger"/"complete" (name "expression", the text),
-"time"/"today"/"date"/"day"/"cron" (name the attribute's text, value True)); an attribute
-deleted is published with ``value=None``. The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
+that disappears goes UNKNOWN with ``native=""``; a task's ``attrs["run"]`` is its job run token;
+a task found in the same state on a new job run or try, e.g. aborted, requeued and aborted again
+between two polls, is published again with ``attrs["rerun"] = True``, and so are its family and
+suite when they went round with it, see :mod:`._reruns`), ``AttributeChanged`` per attribute
+(``kind`` "event", "meter", "label", "variable", "repeat", "limit", "limit_max", "flag" (names
+"late" and "zombie", True once set, False once cleared), "trigger"/"complete" (name
+"expression", the text), "time"/"today"/"date"/"day"/"cron" (name the attribute's text, value
+True), and those of :mod:`._attrs`); an attribute deleted is published with ``value=None``.
+Zombies are ``AttributeChanged`` with ``kind="zombie"`` (:mod:`._zombies`), read from
+``zombie_get`` when a poll has news and at least every ``ZOMBIE_READ_INTERVAL`` seconds. The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
 state is a ``StateChanged`` (ACTIVE/SUSPENDED/SUSPENDED) and each suite an ``AttributeChanged``
 with ``kind="suite"`` (True while loaded, False once deleted).
 
