@@ -43,6 +43,7 @@ task both
   date 1.1.2099
 task slow
   defstatus suspended
+  edit ECF_STATUS_CMD 'echo %ECF_NAME% %ECF_RID% > %ECF_HOME%/status.out'
 """
 SCRIPTS = {"hold": "ecflow_client --label=info ran\n", "timed": "true\n", "dated": "true\n", "both": "true\n",
            "slow": "while true; do ecflow_client --label=info tick; sleep 0.1; done\n", "f/a": "true\n"}
@@ -127,7 +128,21 @@ def _kill_active(run: Running, server: EcfServer) -> None:
     run.call("kill", "/o/slow")
 
 
+def _status_of_active(run: Running, server: EcfServer) -> None:
+    run.call("resume", "/o/slow")
+    run.rec.wait_for(reached("/o/slow", State.ACTIVE), 20, "slow active")
+    run.call("client", "status", "/o/slow")
+
+
+def _status_ran(server: EcfServer) -> bool:
+    """ECF_STATUS_CMD ran for the job: it wrote the task's path and the job's process id."""
+    out = server.home / "status.out"
+    parts = out.read_text().split() if out.exists() else []
+    return len(parts) == 2 and parts[0] == "/o/slow" and parts[1].isdigit()
+
+
 CASES = [
+    Case("status", _status_of_active, _status_ran),
     Case("kill", _kill_active, state("/o/slow", "aborted")),
     Case("replace", lambda run, s: run.call("replace", "/o/hold", write_suite(s, "o", SUITE.replace(
         'label info ""', 'label info "replaced"'), SCRIPTS)), lambda s: any(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -185,6 +186,10 @@ class TestControl:
         for breaking in (("set_host_port", "x", "1"), ("set_user_name", "x"), ("reset",), ("enable_ssl",)):
             with pytest.raises(BackendRejected, match=rf"'{breaking[0]}' is refused on session 'e0'"):
                 run.call("client", *breaking)
+        from flowbus.services.ecflow._ops import _REFUSED
+        for name, why in _REFUSED.items():  # every one, with the reason named; nothing reaches the client
+            with pytest.raises(BackendRejected, match=re.escape(f"'{name}' is refused on session 'e0': {why}")):
+                run.call("client", name, "x")
         assert run.call("suites") == ["g"]  # the session still works
         run.call("alter", "/g/t", "change", "event", "go", "clear")
         run.rec.wait_for(lambda es: [e for e in es if isinstance(e, AttributeChanged) and e.name == "go"
