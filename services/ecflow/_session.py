@@ -17,7 +17,8 @@ suite when they went round with it, see :mod:`._reruns`), ``AttributeChanged`` p
 "expression", the text), "time"/"today"/"date"/"day"/"cron" (name the attribute's text, value
 True), and those of :mod:`._attrs`); an attribute deleted is published with ``value=None``.
 Zombies are ``AttributeChanged`` with ``kind="zombie"`` (:mod:`._zombies`), read from
-``zombie_get`` when a poll has news and at least every ``ZOMBIE_READ_INTERVAL`` seconds. The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
+``zombie_get`` when a poll has news and at least every ``ZOMBIE_READ_INTERVAL`` seconds.
+The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
 state is a ``StateChanged`` (ACTIVE/SUSPENDED/SUSPENDED) and each suite an ``AttributeChanged``
 with ``kind="suite"`` (True while loaded, False once deleted).
 
