@@ -153,8 +153,7 @@ class EcflowSession(SessionBase):
             self._server_pid = server_pid(defs)
         self._next_clear_log = time.monotonic() + self.config.clear_log_interval
         events = self._tree.diff(snap, observed, "not known to the ecFlow server")
-        with ecflow_errors("zombie_get"):
-            events += self._zombie_news(client, observed)
+        events += self._zombie_news(client, observed)
         return Opened(self.address, f"ecflow {version}", events, len(snap.nodes))
 
     def _observe(self) -> None:
@@ -263,10 +262,19 @@ class EcflowSession(SessionBase):
 
     def _zombie_news(self, client: Any, observed: Observed) -> list[Event]:
         """The zombies that appeared, changed action or left since the last read (:mod:`._zombies`),
-        of the suites observed (a change handle leaves the others out)."""
+        of the suites observed (a change handle leaves the others out). A refused ``zombie_get``
+        (e.g. a white list without the right) is logged and publishes nothing: the poll goes on."""
         self._next_zombie_read = time.monotonic() + ZOMBIE_READ_INTERVAL
+        try:
+            with ecflow_errors("zombie_get"):
+                zombies = read_zombies(client)
+        except (BackendUnavailable, BackendTimeout):
+            raise
+        except BackendError as exc:
+            self._log.warning("ecflow.zombies.refused", error=str(exc))
+            return []
         suites = self._tree.suites
-        now = {k: v for k, v in read_zombies(client).items() if k[0].split("/")[1:2] and k[0].split("/")[1] in suites}
+        now = {k: v for k, v in zombies.items() if k[0].split("/")[1:2] and k[0].split("/")[1] in suites}
         return self._zombies.diff(now, observed)
 
     def _auto_added(self, suites: list[str]) -> None:
