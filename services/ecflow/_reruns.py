@@ -1,7 +1,10 @@
-"""Transitions that two reads of the same state hide (see :func:`._tree.moved` for tasks).
+"""Transitions that two reads of the same state hide (see :func:`._tree.moved`).
 
-A task found in the same display state with a new try number or a new job run went through
-other states between two polls: it was requeued or retried and ended where it was. Its family
+A node found in the same display state with a later state change time (the server's, 1 s
+resolution), or a task with a new try number or a new job run, went through other states
+between two polls: it was requeued or retried and ended where it was. A complete task has no
+job password left, and a task can go round within one second: then only its try number or the
+rule below tells. A task's family
 and suite went through states too, unless another child held that state all along: ecFlow
 computes a family's state from its children (aborted over active over submitted over queued
 over complete), so a family stays ``aborted`` while a requeued child runs if a sibling stays
@@ -23,14 +26,17 @@ class Obs(Protocol):
     def try_no(self) -> int: ...
     @property
     def run(self) -> str: ...
+    @property
+    def since(self) -> str: ...
 
 
 def went_round(old: Obs | None, new: Obs) -> bool:
-    """Same display state, left and reached again: a new try number or a new job run. A run
-    token unknown on one side (first sight) is not a change."""
+    """Same display state, left and reached again: a new try number, a new job run or a new state
+    change time. A run token or time unknown on one side (first sight, an older journal) is not a change."""
     if old is None or old.native != new.native:
         return False
-    return old.try_no != new.try_no or bool(old.run and new.run and old.run != new.run)
+    return (old.try_no != new.try_no or bool(old.run and new.run and old.run != new.run)
+            or bool(old.since and new.since and old.since != new.since))
 
 
 def _parent(path: str) -> str:
@@ -54,6 +60,8 @@ def ancestors_round(round_paths: Iterable[str], before: Callable[[str], Obs | No
             parent = _parent(parent)
     out: list[str] = []
     for path in sorted(candidates, key=lambda p: p.count("/"), reverse=True):
+        if path in gone:  # found going round by itself (its own state change time)
+            continue
         old, new = before(path), after.get(path)
         if old is None or new is None or old.native != new.native or new.native == "suspended":
             continue

@@ -48,13 +48,15 @@ AttrKey = tuple[str, str, str]  # (node path, kind, name)
 
 @dataclass(frozen=True)
 class NodeObs:
-    """One node as last seen: ecFlow's display state, try number, aborted reason, and for a task
-    a token of its current job run (new at each submission: see :func:`moved`)."""
+    """One node as last seen: ecFlow's display state, try number, aborted reason, for a task a
+    token of its current job run (new at each submission), and the server's time of the node's
+    last state change (1 s resolution): see :func:`moved`."""
 
     native: str
     try_no: int = 0
     reason: str = ""
     run: str = ""
+    since: str = ""
 
 
 def moved(old: NodeObs | None, new: NodeObs) -> bool:
@@ -93,7 +95,8 @@ def _read_node(node: Any, snap: Snapshot) -> None:
         if native == "aborted":
             reason = node.get_aborted_reason()
         run = _run_token(node)
-    snap.nodes[path] = NodeObs(native, try_no, reason, run)
+    since = str(node.get_state_change_time())
+    snap.nodes[path] = NodeObs(native, try_no, reason, run, "" if since == "not-a-date-time" else since)
     for ev in node.events:
         snap.attrs[(path, "event", ev.name_or_number())] = bool(ev.value())
     for meter in node.meters:
@@ -246,9 +249,9 @@ class Tree:
             if isinstance(ev, StateChanged) and ev.key == SERVER_KEY:
                 self.server = ev.native
             elif isinstance(ev, StateChanged) and ev.key.startswith("/") and ev.native:
-                run = ev.attrs.get("run", "")
+                run, since = ev.attrs.get("run", ""), ev.attrs.get("since", "")
                 self._put(ev.key, NodeObs(ev.native, ev.try_no, ev.detail if ev.native == "aborted" else "",
-                                          run if isinstance(run, str) else ""))
+                                          run if isinstance(run, str) else "", since if isinstance(since, str) else ""))
             elif isinstance(ev, AttributeChanged) and ev.key == SERVER_KEY and ev.kind == "suite":
                 if ev.value:
                     self.suites.add(ev.name)
@@ -322,9 +325,12 @@ class Tree:
         return out
 
     def _state(self, path: str, obs: NodeObs, old: NodeObs | None, observed: Observed, rerun: bool) -> StateChanged:
-        """A node's transition; ``attrs`` carries the task's job run token (``run``, seeded back
-        from the journal) and ``rerun`` when it left its state and came back (:mod:`._reruns`)."""
+        """A node's transition; ``attrs`` carries the task's job run token (``run``) and the server's
+        state change time (``since``), both seeded back from the journal, and ``rerun`` when it
+        left its state and came back (:mod:`._reruns`)."""
         attrs: dict[str, Scalar] = {"run": obs.run} if obs.run else {}
+        if obs.since:
+            attrs["since"] = obs.since
         if rerun:
             attrs["rerun"] = True
         return StateChanged(source=self.source, backend="ecflow", key=path, observed=observed,
