@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flowbus.schemas import AttributeChanged, Event, State
+from flowbus.schemas import AttributeChanged, Event, Observed, State
 from support import ecflow as _fx
 from support.ecflow import EcfServer, Running, reached, server_states, write_suite
 
@@ -114,3 +114,24 @@ class TestZombies:
         until(lambda: bool(only_a.polls) and only_a.polls[-1] > seen_at + 1.5, "only_a polled past a zombie read")
         assert server_states(server)["/z/fob"] == "active" and everything.call("client", "zombie_get", 0)
         assert not [e for e in only_a.rec.events if isinstance(e, AttributeChanged) and e.kind == "zombie"]
+
+    @pytest.mark.timeout(60)
+    def test_a_session_started_later_finds_the_zombie_on_resync(self, ecf_server: Server,
+                                                               ecflow_session: Session) -> None:
+        """A zombie already there when a session starts is published observed=resync; a session
+        seeded with that event publishes nothing for it, and its removal (value None) when it goes."""
+        server = ecf_server()
+        first = ecflow_session(server.port)
+        first.call("load", write_suite(server, "z", "task fail\n", {"fail": ZOMBIE_JOB}))
+        first.call("begin_suite", "z")
+        zombie(first, "fail", "auto-block")
+        later = ecflow_session(server.port, poll=False)
+        found = [e for e in later.rec.events if isinstance(e, AttributeChanged) and e.kind == "zombie"]
+        assert [(e.key, e.value, e.observed) for e in found] == [("/z/fail", "auto-block", Observed.RESYNC)], found
+        seeded = ecflow_session(server.port, known={e.topic(): e for e in later.rec.events})
+        assert not [e for e in seeded.rec.events if isinstance(e, AttributeChanged) and e.kind == "zombie"]
+        first.call("client", "zombie_fail", "/z/fail")  # the job's command fails and the job ends
+        until(lambda: text(server.home, "fail.out") == "failed", "fail: the child command failed")
+        seeded.call("client", "zombie_remove", "/z/fail")
+        gone = zombie(seeded, "fail", None)
+        assert gone.previous in ("auto-block", "manual-fail") and gone.observed is Observed.POLL, gone
