@@ -8,13 +8,17 @@ Keys are absolute node paths; the server itself is ``/`` (see :mod:`._tree`).
 
 Events: ``StateChanged`` per node (``state`` normalised, ``native`` ecFlow's display state with
 ``suspended`` as SUSPENDED, ``try_no`` from ECF_TRYNO, the aborted reason in ``detail``; a node
-that disappears goes UNKNOWN with ``native=""``; a task found in the same state on a new job run,
-e.g. aborted, requeued and aborted again between two polls, is published again with
-``attrs={"rerun": True}``), ``AttributeChanged`` per attribute (``kind`` "event", "meter",
-"label", "variable", "repeat", "limit", "limit_max", "flag" (names "late" and "zombie", True
-once set, False once cleared), "trigger"/"complete" (name "expression", the text),
-"time"/"today"/"date"/"day"/"cron" (name the attribute's text, value True)); an attribute
-deleted is published with ``value=None``. The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
+that disappears goes UNKNOWN with ``native=""``; a task's ``attrs["run"]`` is its job run token;
+a task found in the same state on a new job run or try, e.g. aborted, requeued and aborted again
+between two polls, is published again with ``attrs["rerun"] = True``, and so are its family and
+suite when they went round with it, see :mod:`._reruns`), ``AttributeChanged`` per attribute
+(``kind`` "event", "meter", "label", "variable", "repeat", "limit", "limit_max", "flag" (names
+"late" and "zombie", True once set, False once cleared), "trigger"/"complete" (name
+"expression", the text), "time"/"today"/"date"/"day"/"cron" (name the attribute's text, value
+True), and those of :mod:`._attrs`); an attribute deleted is published with ``value=None``.
+Zombies are ``AttributeChanged`` with ``kind="zombie"`` (:mod:`._zombies`), read from
+``zombie_get`` when a poll has news and at least every ``ZOMBIE_READ_INTERVAL`` seconds.
+The server is the key ``/``: its RUNNING/HALTED/SHUTDOWN
 state is a ``StateChanged`` (ACTIVE/SUSPENDED/SUSPENDED) and each suite an ``AttributeChanged``
 with ``kind="suite"`` (True while loaded, False once deleted).
 
@@ -62,10 +66,14 @@ from ._errors import ecflow_errors
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
 from ._ops import OPS
 from ._tree import Tree, read_full, read_paths, server_pid
+from ._zombies import Zombies
+from ._zombies import read as read_zombies
 
 #: the client's constructor reads its settings from the environment: one construction at a time
 _ENV_LOCK = threading.Lock()  # ECF_CONNECT_TIMEOUT and ECF_CUSTOM_PASSWD are read from os.environ
 _HANDLE_GONE = "does not exist in server"
+#: seconds between two reads of the zombie list when the server has no news
+ZOMBIE_READ_INTERVAL = 1.0
 
 
 class EcflowSession(SessionBase):
@@ -104,6 +112,8 @@ class EcflowSession(SessionBase):
                          reconnect_attempts=config.reconnect_attempts, start_timeout=config.timeout)
         self.config: EcflowSessionConfig = config
         self._tree = Tree(config.name)
+        self._zombies = Zombies(config.name)
+        self._next_zombie_read = 0.0
         self._client: Any = None
         self._handle: tuple[bool, list[str]] | None = None
         self._next_clear_log = 0.0
@@ -117,6 +127,7 @@ class EcflowSession(SessionBase):
 
     def _seed(self, known: Mapping[str, Event]) -> None:
         self._tree.seed(known)
+        self._zombies.seed(known)
 
     def _open(self, observed: Observed) -> Opened:
         """Ping, restart a HALTED server when configured, re-register the handle, full sync and
@@ -142,14 +153,18 @@ class EcflowSession(SessionBase):
             self._server_pid = server_pid(defs)
         self._next_clear_log = time.monotonic() + self.config.clear_log_interval
         events = self._tree.diff(snap, observed, "not known to the ecFlow server")
+        events += self._zombie_news(client, observed)
         return Opened(self.address, f"ecflow {version}", events, len(snap.nodes))
 
     def _observe(self) -> None:
         client = self._client
         try:
             with ecflow_errors("poll"):
-                if client.news_local():
+                news = client.news_local()
+                if news:
                     self._sync(client)
+                if self._client is client and (news or time.monotonic() >= self._next_zombie_read):
+                    self._publish(self._zombie_news(client, Observed.POLL))
                 if self.config.clear_log_interval > 0 and time.monotonic() >= self._next_clear_log:
                     client.clear_log()
                     self._next_clear_log = time.monotonic() + self.config.clear_log_interval
@@ -244,6 +259,23 @@ class EcflowSession(SessionBase):
         snap = read_full(defs) if not paths else read_paths(defs, paths, self._tree.children)
         self._auto_added(snap.suites)
         self._publish(self._tree.diff(snap, Observed.POLL))
+
+    def _zombie_news(self, client: Any, observed: Observed) -> list[Event]:
+        """The zombies that appeared, changed action or left since the last read (:mod:`._zombies`),
+        of the suites observed (a change handle leaves the others out). A refused ``zombie_get``
+        (e.g. a white list without the right) is logged and publishes nothing: the poll goes on."""
+        self._next_zombie_read = time.monotonic() + ZOMBIE_READ_INTERVAL
+        try:
+            with ecflow_errors("zombie_get"):
+                zombies = read_zombies(client)
+        except (BackendUnavailable, BackendTimeout):
+            raise
+        except BackendError as exc:
+            self._log.warning("ecflow.zombies.refused", error=str(exc))
+            return []
+        suites = self._tree.suites
+        now = {k: v for k, v in zombies.items() if k[0].split("/")[1:2] and k[0].split("/")[1] in suites}
+        return self._zombies.diff(now, observed)
 
     def _auto_added(self, suites: list[str]) -> None:
         """With ``auto_add``, suites the server added to the handle are remembered with it, so a

@@ -23,6 +23,9 @@ import ecflow
 
 from flowbus.schemas import AttributeChanged, Event, Observed, State, StateChanged
 
+from ._attrs import read_extra
+from ._reruns import ancestors_round, went_round
+
 #: the key of the server itself
 SERVER_KEY = "/"
 
@@ -45,23 +48,25 @@ AttrKey = tuple[str, str, str]  # (node path, kind, name)
 
 @dataclass(frozen=True)
 class NodeObs:
-    """One node as last seen: ecFlow's display state, try number, aborted reason, and for a task
-    a token of its current job run (new at each submission: see :func:`moved`)."""
+    """One node as last seen: ecFlow's display state, try number, aborted reason, for a task a
+    token of its current job run (new at each submission), and the server's time of the node's
+    last state change (1 s resolution): see :func:`moved`."""
 
     native: str
     try_no: int = 0
     reason: str = ""
     run: str = ""
+    since: str = ""
 
 
 def moved(old: NodeObs | None, new: NodeObs) -> bool:
     """Whether ``new`` is a transition to publish. The same state with a new job run means the
     task went through other states between two reads (aborted, requeued, aborted again within
-    one poll): that is a transition too, or a retry policy would miss the second abort. A run
-    token unknown on one side (seeded from the journal) is not a change."""
+    one poll): that is a transition too, or a retry policy would miss the second abort (see
+    :mod:`._reruns`, which also finds the families and suites that went round with it)."""
     if old is None or (old.native, old.try_no, old.reason) != (new.native, new.try_no, new.reason):
         return True
-    return bool(old.run and new.run and old.run != new.run)
+    return went_round(old, new)
 
 
 @dataclass
@@ -90,7 +95,8 @@ def _read_node(node: Any, snap: Snapshot) -> None:
         if native == "aborted":
             reason = node.get_aborted_reason()
         run = _run_token(node)
-    snap.nodes[path] = NodeObs(native, try_no, reason, run)
+    since = str(node.get_state_change_time())
+    snap.nodes[path] = NodeObs(native, try_no, reason, run, "" if since == "not-a-date-time" else since)
     for ev in node.events:
         snap.attrs[(path, "event", ev.name_or_number())] = bool(ev.value())
     for meter in node.meters:
@@ -101,7 +107,8 @@ def _read_node(node: Any, snap: Snapshot) -> None:
 
 
 def _read_more(node: Any, path: str, attrs: dict[AttrKey, Scalar]) -> None:
-    """Variables, the repeat, limits, the late and zombie flags, expressions and time attributes."""
+    """Variables, the repeat, limits, the late and zombie flags, expressions, time attributes and
+    the rest (:mod:`._attrs`)."""
     for var in node.variables:
         attrs[(path, "variable", var.name())] = var.value()
     repeat = node.get_repeat()
@@ -121,6 +128,7 @@ def _read_more(node: Any, path: str, attrs: dict[AttrKey, Scalar]) -> None:
                         ("cron", node.crons)):
         for item in items:
             attrs[(path, kind, str(item))] = True
+    read_extra(node, path, attrs)
 
 
 def _repeat_value(node: Any, repeat: Any) -> Scalar:
@@ -241,11 +249,13 @@ class Tree:
             if isinstance(ev, StateChanged) and ev.key == SERVER_KEY:
                 self.server = ev.native
             elif isinstance(ev, StateChanged) and ev.key.startswith("/") and ev.native:
-                self._put(ev.key, NodeObs(ev.native, ev.try_no, ev.detail if ev.native == "aborted" else ""))
+                run, since = ev.attrs.get("run", ""), ev.attrs.get("since", "")
+                self._put(ev.key, NodeObs(ev.native, ev.try_no, ev.detail if ev.native == "aborted" else "",
+                                          run if isinstance(run, str) else "", since if isinstance(since, str) else ""))
             elif isinstance(ev, AttributeChanged) and ev.key == SERVER_KEY and ev.kind == "suite":
                 if ev.value:
                     self.suites.add(ev.name)
-            elif isinstance(ev, AttributeChanged) and ev.key.startswith("/") and _present(ev):
+            elif isinstance(ev, AttributeChanged) and ev.key.startswith("/") and _present(ev) and ev.kind != "zombie":
                 self.attrs[(ev.key, ev.kind, ev.name)] = ev.value
 
     def diff(self, snap: Snapshot, observed: Observed,
@@ -273,17 +283,17 @@ class Tree:
         for akey in self.attrs:
             if akey[0] in snap.nodes:
                 known_by_node.setdefault(akey[0], []).append(akey)
+        prior: dict[str, NodeObs | None] = {}  # the nodes changed by this read, as they were
+        round_paths: list[str] = []
         for path, obs in snap.nodes.items():
             old = self.nodes.get(path)
             if moved(old, obs):
-                rerun = old is not None and (old.native, old.try_no, old.reason) == (obs.native, obs.try_no, obs.reason)
-                out.append(StateChanged(source=self.source, backend="ecflow", key=path, observed=observed,
-                                        state=state_of(obs.native), native=obs.native,
-                                        previous=state_of(old.native) if old else None,
-                                        native_previous=old.native if old else "",
-                                        try_no=obs.try_no, detail=obs.reason,
-                                        attrs={"rerun": True} if rerun else {}))
+                rerun = went_round(old, obs)
+                if rerun:
+                    round_paths.append(path)
+                out.append(self._state(path, obs, old, observed, rerun))
             if old != obs:
+                prior[path] = old
                 self._put(path, obs)
             seen = set()
             for akey, value in by_node.get(path, ()):
@@ -294,6 +304,11 @@ class Tree:
             for akey in [k for k in known_by_node.get(path, ()) if k not in seen]:
                 gone_value = False if akey[1] == "flag" else None  # a flag cleared, anything else deleted
                 out.append(self._attr(path, akey[1], akey[2], gone_value, self.attrs.pop(akey), observed))
+        if round_paths:  # families and suites that went round with their tasks (see _reruns)
+            def before(path: str) -> NodeObs | None:
+                return prior[path] if path in prior else self.nodes.get(path)
+            for path in ancestors_round(round_paths, before, self.nodes, self.children):
+                out.append(self._state(path, self.nodes[path], self.nodes[path], observed, True))
         if snap.full:
             gone = [p for p in self.nodes if p not in snap.nodes]
         else:
@@ -308,6 +323,20 @@ class Tree:
             for akey in [k for k in self.attrs if k[0] in dead]:
                 del self.attrs[akey]
         return out
+
+    def _state(self, path: str, obs: NodeObs, old: NodeObs | None, observed: Observed, rerun: bool) -> StateChanged:
+        """A node's transition; ``attrs`` carries the task's job run token (``run``) and the server's
+        state change time (``since``), both seeded back from the journal, and ``rerun`` when it
+        left its state and came back (:mod:`._reruns`)."""
+        attrs: dict[str, Scalar] = {"run": obs.run} if obs.run else {}
+        if obs.since:
+            attrs["since"] = obs.since
+        if rerun:
+            attrs["rerun"] = True
+        return StateChanged(source=self.source, backend="ecflow", key=path, observed=observed,
+                            state=state_of(obs.native), native=obs.native,
+                            previous=state_of(old.native) if old else None, native_previous=old.native if old else "",
+                            try_no=obs.try_no, detail=obs.reason, attrs=attrs)
 
     def _attr(self, key: str, kind: str, name: str, value: Scalar, previous: Scalar,
               observed: Observed) -> AttributeChanged:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from flowbus.schemas import BackendRejected, State, StateChanged
+from flowbus.schemas import AttributeChanged, BackendRejected, Disconnected, Event, State, StateChanged
 from support import ecflow as _fx
 from support.ecflow import EcfServer, Running, ecflow, reached, server_states, write_suite
 from support.recorder import show
@@ -43,6 +43,7 @@ task both
   date 1.1.2099
 task slow
   defstatus suspended
+  edit ECF_STATUS_CMD 'echo %ECF_NAME% %ECF_RID% > %ECF_HOME%/status.out'
 """
 SCRIPTS = {"hold": "ecflow_client --label=info ran\n", "timed": "true\n", "dated": "true\n", "both": "true\n",
            "slow": "while true; do ecflow_client --label=info tick; sleep 0.1; done\n", "f/a": "true\n"}
@@ -56,6 +57,17 @@ class Case:
     method: str
     act: Callable[[Running, EcfServer], Any]
     done: Callable[[EcfServer], bool]
+    #: an event the session then publishes (among those after the call), when the effect is one
+    published: Callable[[Event], bool] | None = None
+
+
+def became(key: str, state: State, native: str = "") -> Callable[[Event], bool]:
+    return lambda e: (isinstance(e, StateChanged) and e.key == key and e.state is state
+                      and (not native or e.native == native))
+
+
+def attr_is(key: str, kind: str, name: str, value: Any) -> Callable[[Event], bool]:
+    return lambda e: isinstance(e, AttributeChanged) and (e.key, e.kind, e.name, e.value) == (key, kind, name, value)
 
 
 def defs_of(server: EcfServer) -> Any:
@@ -127,32 +139,55 @@ def _kill_active(run: Running, server: EcfServer) -> None:
     run.call("kill", "/o/slow")
 
 
+def _status_of_active(run: Running, server: EcfServer) -> None:
+    run.call("resume", "/o/slow")
+    run.rec.wait_for(reached("/o/slow", State.ACTIVE), 20, "slow active")
+    run.call("client", "status", "/o/slow")
+
+
+def _status_ran(server: EcfServer) -> bool:
+    """ECF_STATUS_CMD ran for the job: it wrote the task's path and the job's process id."""
+    out = server.home / "status.out"
+    parts = out.read_text().split() if out.exists() else []
+    return len(parts) == 2 and parts[0] == "/o/slow" and parts[1].isdigit()
+
+
+#: Cases without ``published``: the node goes round to the state it was in (queued, complete,
+#: queued) with no job run, possibly within the second of its last state change: between two
+#: polls nothing tells it went anywhere (docs/backends/ecflow.md, Limits).
 CASES = [
-    Case("kill", _kill_active, state("/o/slow", "aborted")),
+    Case("status", _status_of_active, _status_ran),
+    Case("kill", _kill_active, state("/o/slow", "aborted"), became("/o/slow", State.ABORTED)),
     Case("replace", lambda run, s: run.call("replace", "/o/hold", write_suite(s, "o", SUITE.replace(
         'label info ""', 'label info "replaced"'), SCRIPTS)), lambda s: any(
-        lb.value() == "replaced" for lb in defs_of(s).find_abs_node("/o/hold").labels)),
+        lb.value() == "replaced" for lb in defs_of(s).find_abs_node("/o/hold").labels),
+         attr_is("/o/hold", "label", "info", "replaced")),
     Case("delete_all", lambda run, s: run.call("client", "delete_all", True), lambda s: defs_of(s) is None
-         or not list(defs_of(s).suites)),
+         or not list(defs_of(s).suites), attr_is("/", "suite", "o", False)),
     Case("order", lambda run, s: run.call("client", "order", "/o/f", "bottom"), lambda s: children(s, "/o")[-1] == "f"),
     Case("free_trigger_dep", lambda run, s: run.call("client", "free_trigger_dep", "/o/hold"),
-         state("/o/hold", "complete")),
-    Case("free_time_dep", lambda run, s: run.call("client", "free_time_dep", "/o/timed"), in_log("complete: /o/timed")),
-    Case("free_date_dep", lambda run, s: run.call("client", "free_date_dep", "/o/dated"), in_log("complete: /o/dated")),
-    Case("free_all_dep", lambda run, s: run.call("client", "free_all_dep", "/o/both"), in_log("complete: /o/both")),
-    Case("run", lambda run, s: run.call("run", "/o/hold"), _label_is("/o/hold", "info", "ran")),
-    Case("force_state", lambda run, s: run.call("force_state", "/o/hold", "complete"), state("/o/hold", "complete")),
+         state("/o/hold", "complete"), became("/o/hold", State.COMPLETE)),
+    Case("free_time_dep", lambda run, s: run.call("client", "free_time_dep", "/o/timed"), in_log("complete: /o/timed"),
+         became("/o/timed", State.COMPLETE)),
+    Case("free_date_dep", lambda run, s: run.call("client", "free_date_dep", "/o/dated"), in_log("complete: /o/dated")),  # no event: see below
+    Case("free_all_dep", lambda run, s: run.call("client", "free_all_dep", "/o/both"), in_log("complete: /o/both")),  # no event: see below
+    Case("run", lambda run, s: run.call("run", "/o/hold"), _label_is("/o/hold", "info", "ran"),
+         attr_is("/o/hold", "label", "info", "ran")),
+    Case("force_state", lambda run, s: run.call("force_state", "/o/hold", "complete"), state("/o/hold", "complete"),
+         became("/o/hold", State.COMPLETE)),
     Case("force_state_recursive", lambda run, s: run.call("force_state_recursive", "/o/f", "aborted"),
-         state("/o/f/a", "aborted")),
+         state("/o/f/a", "aborted"), became("/o/f/a", State.ABORTED)),
     Case("archive+restore", _archive_restore, lambda s: children(s, "/o/f") == ["a"]
          and defs_of(s).find_abs_node("/o/f").get_flag().is_set(ecflow.FlagType.restored)),
-    Case("edit_script_submit", _edit_submit, _label_is("/o/hold", "info", "edited")),
+    Case("edit_script_submit", _edit_submit, _label_is("/o/hold", "info", "edited"),
+         attr_is("/o/hold", "label", "info", "edited")),
     Case("sort_attributes", _add_zb, _sorted_variables),
     Case("plug", lambda run, s: run.call("client", "plug", "/o/f", "/p"),
          lambda s: children(s, "/p") == ["x", "f"] and "f" not in children(s, "/o")),
     Case("group", lambda run, s: run.call("client", "group", "suspend=/o/timed; alter=add variable G 1 /o/timed"),
          lambda s: server_states(s).get("/o/timed") == "suspended"
-         and any(v.name() == "G" for v in defs_of(s).find_abs_node("/o/timed").variables)),
+         and any(v.name() == "G" for v in defs_of(s).find_abs_node("/o/timed").variables),
+         attr_is("/o/timed", "variable", "G", "1")),
     Case("requeue", lambda run, s: (run.call("force_state", "/o/timed", "aborted"), run.call("requeue", "/o/timed")),
          lambda s: in_log("--requeue")(s) and server_states(s).get("/o/timed") == "queued"),
     Case("delete", lambda run, s: run.call("delete", "/o/dated", True), lambda s: "dated" not in children(s, "/o")),
@@ -161,11 +196,13 @@ CASES = [
     Case("flush_log", _flush_then_log, in_log("flowbus-after-flush")),
     Case("clear_log", lambda run, s: run.call("client", "clear_log"), lambda s: "--load" not in
          (s.home / "ecf.log").read_text()),
-    Case("halt_server", lambda run, s: run.call("halt_server"), server_state("HALTED")),
-    Case("shutdown_server", lambda run, s: run.call("shutdown_server"), server_state("SHUTDOWN")),
+    Case("halt_server", lambda run, s: run.call("halt_server"), server_state("HALTED"),
+         became("/", State.SUSPENDED, "HALTED")),
+    Case("shutdown_server", lambda run, s: run.call("shutdown_server"), server_state("SHUTDOWN"),
+         became("/", State.SUSPENDED, "SHUTDOWN")),
     Case("checkpt", lambda run, s: run.call("checkpt"), lambda s: s.check_file.exists() and "suite o" in s.check_file.read_text()),
     Case("terminate_server", lambda run, s: run.call("terminate_server"),
-         lambda s: s.proc is not None and s.proc.poll() is not None),
+         lambda s: s.proc is not None and s.proc.poll() is not None, lambda e: isinstance(e, Disconnected)),
 ]
 
 
@@ -183,11 +220,15 @@ class TestClientMethods:
         run.call("begin_all_suites")
         run.rec.wait_for(reached("/o/f/a", State.COMPLETE), 10, "suite begun")
         assert not case.done(server), f"{case.method}: the effect is there before the call"
+        n = len(run.rec.events)
         case.act(run, server)
         deadline = time.monotonic() + 20
         while not case.done(server):
             assert time.monotonic() < deadline, f"{case.method}: no effect on the server after 20 s"
             time.sleep(0.05)
+        if case.published is not None:
+            published = case.published
+            run.rec.wait_for(lambda es: [e for e in es[n:] if published(e)], 10, f"{case.method}: its event")
 
     @pytest.mark.timeout(60)
     def test_script_views_and_plain_answers(self, ecf_server: Server, ecflow_session: Session) -> None:
@@ -222,33 +263,6 @@ class TestClientMethods:
         assert "Load definition" in before, before
         run.call("client", "stats_reset")
         assert "Load definition" not in run.call("stats")
-
-    @pytest.mark.timeout(60)
-    def test_zombie_methods(self, ecf_server: Server, ecflow_session: Session) -> None:
-        """A job whose task was forced complete is a zombie: zombie_get lists it, zombie_fail marks it,
-        zombie_kill ends its job, zombie_remove removes it."""
-        server = ecf_server()
-        run = ecflow_session(server.port)
-        run.call("load", write_suite(server, "o", SUITE, SCRIPTS))
-        run.call("begin_suite", "o")
-        run.call("resume", "/o/slow")
-        run.rec.wait_for(reached("/o/slow", State.ACTIVE), 20, "slow active")
-        run.call("force_state", "/o/slow", "complete")  # the job's next child command is a zombie
-        deadline = time.monotonic() + 20
-        while not (zombies := run.call("client", "zombie_get", 0)):
-            assert time.monotonic() < deadline, "no zombie"
-            time.sleep(0.05)
-        assert len(zombies) == 1 and "/o/slow" in zombies[0], zombies
-        run.call("client", "zombie_fail", "/o/slow")
-        assert "fail" in run.call("client", "zombie_get", 0)[0]
-        for action in ("zombie_block", "zombie_fob", "zombie_adopt"):
-            run.call("client", action, "/o/slow")  # accepted; the effect on the job is not checked here
-        run.call("client", "zombie_kill", "/o/slow")
-        run.call("client", "zombie_remove", "/o/slow")
-        while run.call("client", "zombie_get", 0):
-            assert time.monotonic() < deadline, "zombie not removed"
-            time.sleep(0.05)
-        assert server_states(server)["/o/slow"] == "complete"
 
     @pytest.mark.timeout(60)
     def test_check_status_and_server_debug(self, ecf_server: Server, ecflow_session: Session) -> None:

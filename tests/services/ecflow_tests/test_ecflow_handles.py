@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from flowbus.schemas import BackendRejected, RecoveryAttempted, Resynced, State
+from flowbus.schemas import AttributeChanged, BackendRejected, RecoveryAttempted, Resynced, State, StateChanged
 from flowbus.services.ecflow._stdout import parse_handles, printed
 from support import ecflow as _fx
 from support.ecflow import CLIENT_BIN, EcfServer, Running, reached, write_suite
@@ -90,6 +90,35 @@ class TestHandle:
         run.call("alter", "/a/t", "add", "variable", "V", "1")
         run.call("suspend", "/a/t")
         run.rec.wait_for(reached("/a/t", State.SUSPENDED), 10, "a seen again without a handle")
+
+
+class TestHandleEvents:
+    """What the handle holds is what the session publishes."""
+
+    @pytest.mark.timeout(60)
+    def test_added_suites_appear_and_removed_ones_go(self, ecf_server: Server, ecflow_session: Session) -> None:
+        """Registered on a: b is not published; ch_add b publishes b's nodes and its suite; ch_remove a
+        publishes a's nodes UNKNOWN and its suite False."""
+        server = ecf_server()
+        run = ecflow_session(server.port)
+        load_suites(run, server, "a", "b")
+        run.rec.wait_for(reached("/b/t", State.COMPLETE, State.UNKNOWN), 10, "b seen before the handle")
+        run.call("ch_register", False, ["a"])
+        n = len(run.rec.events)
+        run.call("ch_add", ["b"])
+        run.call("alter", "/b/t", "add", "variable", "V", "1")
+        run.rec.wait_for(lambda es: [e for e in es[n:] if isinstance(e, AttributeChanged) and e.key == "/b/t"
+                                     and e.kind == "variable" and e.value == "1"], 10, "b observed through the handle")
+        n = len(run.rec.events)
+        run.call("ch_remove", ["a"])
+        run.call("alter", "/b/t", "change", "variable", "V", "2")  # news, so the next sync comes
+        gone = run.rec.wait_for(lambda es: [e for e in es[n:] if isinstance(e, StateChanged) and e.key == "/a/t"
+                                            and e.state is State.UNKNOWN], 10, "a's task gone")[0]
+        assert gone.native == "", show(gone)
+        suite = run.rec.wait_for(lambda es: [e for e in es[n:] if isinstance(e, AttributeChanged) and e.key == "/"
+                                             and e.kind == "suite" and e.name == "a"], 10, "suite a gone")[0]
+        assert suite.value is False, show(suite)
+        assert run.call("suites") == ["a", "b"], "the server still holds both"
 
 
 class TestPrinted:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -185,6 +186,10 @@ class TestControl:
         for breaking in (("set_host_port", "x", "1"), ("set_user_name", "x"), ("reset",), ("enable_ssl",)):
             with pytest.raises(BackendRejected, match=rf"'{breaking[0]}' is refused on session 'e0'"):
                 run.call("client", *breaking)
+        from flowbus.services.ecflow._ops import _REFUSED
+        for name, why in _REFUSED.items():  # every one, with the reason named; nothing reaches the client
+            with pytest.raises(BackendRejected, match=re.escape(f"'{name}' is refused on session 'e0': {why}")):
+                run.call("client", name, "x")
         assert run.call("suites") == ["g"]  # the session still works
         run.call("alter", "/g/t", "change", "event", "go", "clear")
         run.rec.wait_for(lambda es: [e for e in es if isinstance(e, AttributeChanged) and e.name == "go"
@@ -573,7 +578,10 @@ class TestTree:
         retry = tree.diff(Snapshot(full=False, server="RUNNING", suites=["a"],
                                    nodes={"/a/f/t": NodeObs("aborted", 2, "trap")},
                                    attrs={("/a/f/t", "meter", "m"): 3}), Observed.POLL)
-        assert [(type(e).__name__, e.key) for e in retry] == [("StateChanged", "/a/f/t"), ("AttributeChanged", "/a/f/t")]
+        # the retry left aborted and came back: the task, then its family and suite (no sibling held aborted)
+        assert [(type(e).__name__, e.key) for e in retry] == [("StateChanged", "/a/f/t"), ("AttributeChanged", "/a/f/t"),
+                                                              ("StateChanged", "/a/f"), ("StateChanged", "/a")]
+        assert all(e.attrs == {"rerun": True} for e in retry[2:] if isinstance(e, StateChanged))
         assert cast(StateChanged, retry[0]).try_no == 2
         assert cast(AttributeChanged, retry[1]).previous == 1 and cast(AttributeChanged, retry[1]).value == 3
         gone = tree.diff(Snapshot(full=False, server="RUNNING", suites=["a"], gone=["/a/f"]), Observed.POLL)

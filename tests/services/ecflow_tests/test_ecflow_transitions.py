@@ -48,7 +48,7 @@ class TestBetweenPolls:
                                               and e.key == "/x/fail"], 10, "second abort")[0]
         assert second.state is State.ABORTED and second.previous is State.ABORTED, show(second)
         assert second.try_no == first.try_no == 1 and second.detail == first.detail == "trap"
-        assert second.attrs == {"rerun": True}
+        assert second.attrs.get("rerun") is True and second.attrs.get("run") != first.attrs.get("run"), show(second)
         aborts = [e for e in run.rec.of(StateChanged, "/x/fail") if e.state is State.ABORTED]
         assert len(aborts) == 2, [show(e) for e in aborts]
 

@@ -63,5 +63,5 @@ class TestTreeDiff:
         again = Snapshot(full=False, server="RUNNING", suites=["s"], nodes={"/s/t": NodeObs("aborted", 1, "trap", "r2")})
         events = tree.diff(again, Observed.POLL)
         assert [(type(e).__name__, e.key, getattr(e, "attrs", None)) for e in events] == [
-            ("StateChanged", "/s/t", {"rerun": True})]
+            ("StateChanged", "/s/t", {"run": "r2", "rerun": True})]
         assert tree.diff(again, Observed.POLL) == []
