@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 pytest.importorskip("ecflow", reason="python3-ecflow is not installed (bash scripts/dev.sh setup)")
@@ -27,15 +25,15 @@ def _snapshot(tasks: int, label: str = "") -> Snapshot:
 class TestTreeDiff:
     """Full-tree diffs stay linear in the tree size and keep attributes exact."""
 
-    @pytest.mark.timeout(60)
+    @pytest.mark.timeout(20)
     def test_full_resync_of_a_big_tree_is_linear(self) -> None:
-        """An unchanged 20,000-task full resync takes well under a second (it was quadratic: ~25 s)."""
+        """An unchanged 20,000-task full resync yields nothing and ends within the test's bound
+        (it was quadratic: ~25 s; linear takes ~1 s; the timing itself is bench/ecflow_poll.py's)."""
         tree = Tree("e")
         first = tree.diff(_snapshot(20_000), Observed.RESYNC)
         assert len(first) == 1 + 1 + 20_001 + 60_000
-        t0 = time.monotonic()
         again = tree.diff(_snapshot(20_000), Observed.POLL)
-        assert again == [] and time.monotonic() - t0 < 2.0
+        assert again == []
 
     @pytest.mark.timeout(30)
     def test_changed_and_deleted_attributes(self) -> None:
