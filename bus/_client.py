@@ -226,9 +226,8 @@ class Expectation:
         for topic in [t for t, held in self._state.items()
                       if held.key == ev.key and held.source == ev.source and t.startswith(base)]:
             del self._state[topic]
-        if self.match.exact and self.match.topic_matches(f"{base}state/{ev.key}"):
-            self._forgotten = ev
-        elif self.match.exact and self.match.glob.startswith(f"{base}attr/{ev.key}/"):
+        if self.match.exact and (self.match.topic_matches(f"{base}state/{ev.key}")
+                                 or self.match.glob.startswith(f"{base}attr/{ev.key}/")):
             self._forgotten = ev
 
     def _check_forgotten(self) -> None:

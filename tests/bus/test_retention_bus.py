@@ -125,7 +125,7 @@ class TestBroker:
         snap = client.snapshot("qcg/s/")
         assert {e.key for e in snap.events} == {"b"}
         assert [e.key for e in snap.forgotten] == ["a"]
-        with pytest.raises(ResourceForgotten, match="qcg/s/state/a was forgotten .* ended complete"):
+        with pytest.raises(ResourceForgotten, match=r"qcg/s/state/a was forgotten .* ended complete"):
             client.wait("qcg/s/state/a final=true", timeout=20)
         assert client.wait("qcg/s/state/b final=true", timeout=5).key == "b"
         limits = client.stats()["limits"]

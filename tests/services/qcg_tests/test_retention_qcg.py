@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from flowbus.schemas import Event, Forgotten, State
+from flowbus.schemas import Event, Forgotten, State, StateChanged
 from support.qcg import Running, qcg_fixture, reached  # noqa: F401 - qcg_fixture provides `qcg`
 
 pytestmark = [pytest.mark.qcg, pytest.mark.timeout(90)]
@@ -42,8 +42,10 @@ class TestRetention:
         assert "a" not in book.last and "a" not in book.specs and "a" not in book.parent_of
         assert len(run.session.retention) == 2
         # the name can be used again: a fresh job, followed (and retained) anew
-        _run_jobs(run, ["a"])
-        assert run.rec.states("a")[-1].state is State.COMPLETE
+        run.call("submit", [{"name": "a", "exec": "/bin/true"}])
+        again = run.rec.wait_for(lambda evs: [e for e in evs if isinstance(e, StateChanged) and e.key == "a"
+                                              and e.state is State.COMPLETE][1:], 20, "the new a complete")
+        assert again[0].previous is not State.COMPLETE, "followed from queued, not as the old job"
 
     def test_forget_in_backend_off_leaves_the_manager_alone(self, qcg: Callable[..., Running]) -> None:
         run = qcg(retain_hours=0.0, retain_count=1, forget_in_backend=False)
