@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--retain-count", type=int, default=1000)
     ap.add_argument("--journal-events", type=int, default=20_000)
     ap.add_argument("--journal-max-bytes", type=int, default=16 * MIB)
+    ap.add_argument("--forgotten-kept", type=int, default=1000, help="the broker's tombstones (bus.forgotten-kept)")
     args = ap.parse_args()
 
     from flowbus._logging import configure
@@ -87,7 +88,7 @@ def main() -> None:
     journal = tmp / "journal"
     cfg = BusConfig(transport="tcp", insecure_loopback=True, host="127.0.0.1", request_port=0, publish_port=0,
                     ingest_port=0, command_port=0, journal_events=args.journal_events,
-                    journal_max_bytes=args.journal_max_bytes)
+                    journal_max_bytes=args.journal_max_bytes, forgotten_kept=args.forgotten_kept)
     broker = BrokerProcess(cfg, journal_dir=str(journal), log_path=str(tmp / "broker.log"))
     broker.start()
     assert broker.proc is not None
