@@ -350,9 +350,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     with _client(args) as client:
         stats = client.stats()
-        try:  # the orchestrator's bounds, when a `flowbus up` serves this broker
-            orch = client.command("rules", timeout=5.0)
-            stats.setdefault("limits", {})["orchestrator"] = orch.get("limits", {})
+        limits = stats.setdefault("limits", {})
+        try:  # the sessions' retention, when a `flowbus up` serves this broker
+            actors = client.command("actors", timeout=10.0)
+            limits["retention"] = {s: r for a in actors.values() for s, r in (a.get("retention") or {}).items()}
+        except FlowbusError:
+            pass
+        try:  # the orchestrator's bounds
+            limits["orchestrator"] = client.command("rules", timeout=5.0).get("limits", {})
         except FlowbusError:
             pass
     print(json.dumps(stats, indent=None if args.json else 2, sort_keys=True))
