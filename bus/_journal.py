@@ -494,9 +494,11 @@ class Journal:
         for s in self.sources.values():
             base = s.ring[0][0] - 1 if s.ring else s.last_seq
             yield _frame(enc(_Register(s.source, s.backend, s.epoch, base, s.owner)))
-        in_ring = {(s.source, seq) for s in self.sources.values() for seq, _, _ in s.ring}
+        # a ring is gapless, so a snapshot entry is in it when its seq is not older than the
+        # ring's oldest (no set of every ring entry: compaction allocates little)
+        oldest = {s.source: s.oldest for s in self.sources.values()}
         for topic, (src, seq, payload) in sorted(self.snapshot.items(), key=lambda kv: kv[1][1]):
-            if (src, seq) not in in_ring:
+            if seq < oldest[src]:
                 yield _frame(enc(_Event(src, self.sources[src].epoch, seq, topic, True, payload)))
         for s in self.sources.values():
             for seq, topic, payload in s.ring:
