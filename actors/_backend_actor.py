@@ -297,7 +297,10 @@ class BackendActorImpl:
                 "sessions": sorted(self._hosted), "bus_connected": bool(pub and pub.connected()),
                 "publisher": dict(pub.stats) if pub else {},
                 "stuck": sched.stuck() if sched else {},
-                "scheduler": sched.info() if sched else {}}
+                "scheduler": sched.info() if sched else {},
+                # per session: retain-hours/-count, how many finished resources are held, forgotten
+                "retention": {n: r.limits() for n, h in self._hosted.items()
+                              if (r := getattr(h.session, "retention", None)) is not None}}
 
     async def remove_session(self, session: str) -> None:
         hosted = self._hosted.pop(session, None)

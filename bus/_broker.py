@@ -39,7 +39,7 @@ from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
 from ._endpoints import chmod_ipc, ipc_targets, tcp_targets
 from ._grant import check_grant, load_grant_key
 from ._journal import Journal, SourceLog
-from ._queries import Refused, held, replay, snapshot
+from ._queries import Refused, held, limits, replay, snapshot
 
 log = structlog.get_logger("flowbus.broker")
 
@@ -66,7 +66,8 @@ class Broker:
         self.config = config
         self.broker_id = uuid.uuid4().hex[:12]
         self.journal = Journal(config.journal_events,
-                               journal_dir if journal_dir is not None else config.journal_dir or None)
+                               journal_dir if journal_dir is not None else config.journal_dir or None,
+                               config.journal_max_bytes, config.forgotten_kept)
         self.stats: Counter[str] = Counter()
         self.endpoints: dict[str, str] = {}
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyEvent)
@@ -420,7 +421,7 @@ class Broker:
                                 time=time.time_ns(), error_type="flowbus.bus.InvalidEvent",
                                 message=f"{reason}: {exc}", operation="publish")
                 payload, topic = encode(ev), ev.topic()  # noqa: PLW2901 - the slot carries the error instead
-            journal.append(st, seq, topic, ev.STATEFUL, payload)
+            journal.append(st, seq, topic, ev.STATEFUL, payload, ev.key)
             out.append((topic, payload))
         if payloads:
             self._dirty.add(source)
@@ -574,7 +575,8 @@ class Broker:
         if op == "stats":
             return {"stats": dict(self.stats), "subscriptions": sorted(self._subs),
                     "sources": len(self.journal.sources), "journal_events": len(self.journal),
-                    "lost": sorted(self._lost), "broker_id": self.broker_id}
+                    "lost": sorted(self._lost), "broker_id": self.broker_id,
+                    "limits": limits(self.journal, self.config, len(self._subs), len(self._heard))}
         if op == "snapshot":
             return {**snapshot(self.journal, req), "sources": self._marks(), "broker_id": self.broker_id}
         if op == "replay":

@@ -18,7 +18,9 @@ from flowbus.schemas import (
     BusBroken,
     CurveConfig,
     Event,
+    Forgotten,
     Freshness,
+    ResourceForgotten,
     Snapshot,
     Staleness,
     WaitTimeout,
@@ -98,7 +100,7 @@ class Client:
         reply = self._call("snapshot", prefixes=prefixes)
         events = sorted((decode(p) for p in reply["events"]), key=lambda e: (e.backend, e.source, e.key, e.seq))
         stale = {str(s): msgspec.convert(v, Staleness) for s, v in (reply.get("stale") or {}).items()}
-        return Snapshot(events=events, stale=stale)
+        return Snapshot(events=events, stale=stale, forgotten=[decode(p) for p in reply.get("forgotten") or ()])
 
     def marks(self) -> dict[str, list[Any]]:
         """Per source: [backend, epoch, last seq, oldest seq held]."""
@@ -145,6 +147,18 @@ class Client:
         self.close()
 
 
+def forgotten_prefixes(prefix: str) -> list[str]:
+    """The ``Forgotten`` topics a wait under ``prefix`` (a resource's state or attributes) must
+    follow besides it (none when ``prefix`` already covers them)."""
+    parts = prefix.split("/", 3)
+    if len(parts) < 3 or parts[2] not in ("state", "attr"):
+        return []
+    key = parts[3] if len(parts) > 3 else ""
+    if parts[2] == "attr":
+        key = ""  # attribute slots are key/kind/name: the key alone is not known from a prefix
+    return [f"{parts[0]}/{parts[1]}/forgotten/{key}"]
+
+
 class Expectation:
     """A wait armed before the caller acts.
 
@@ -165,13 +179,18 @@ class Expectation:
         self._state: dict[str, Event] = {}
         self._fresh = Freshness()
         self._fresher = False  # a source's staleness changed since held states were last looked at
+        #: the awaited resource was forgotten by its session (only for a wait on one resource)
+        self._forgotten: Forgotten | None = None
 
     def __enter__(self) -> Expectation:
         self._deadline = time.monotonic() + self.timeout
-        prefixes = [self.match.prefix, *watch_prefixes(self.match.prefix)]
+        prefixes = [self.match.prefix, *watch_prefixes(self.match.prefix), *forgotten_prefixes(self.match.prefix)]
         self._sub = self.client.subscribe(prefixes)
         try:
-            for ev in self.client.snapshot(prefixes).events:
+            snap = self.client.snapshot(prefixes)
+            for ev in snap.forgotten:
+                self._apply(ev)
+            for ev in snap.events:
                 self._apply(ev)
         except BaseException:
             self._sub.close()
@@ -188,12 +207,34 @@ class Expectation:
             sub.close()
 
     def _apply(self, ev: Event) -> bool:
+        if isinstance(ev, Forgotten):
+            self._forget(ev)
+            return False
+        if self._forgotten is not None and ev.STATEFUL and ev.key == self._forgotten.key:
+            self._forgotten = None  # the name was used again
         held = self._state.get(ev.topic())
         if ev.STATEFUL and (held is None or (held.source, held.seq) <= (ev.source, ev.seq) or held.source != ev.source):
             self._state[ev.topic()] = ev
         if self._fresh.apply(ev):
             self._fresher = True
         return self.match(ev)
+
+    def _forget(self, ev: Forgotten) -> None:
+        """Drop the forgotten resource's held states (the cache stays bounded by retention);
+        remember it when it is the one resource this wait is about."""
+        base = f"{ev.backend}/{ev.source}/"
+        for topic in [t for t, held in self._state.items()
+                      if held.key == ev.key and held.source == ev.source and t.startswith(base)]:
+            del self._state[topic]
+        if self.match.exact and (self.match.topic_matches(f"{base}state/{ev.key}")
+                                 or self.match.glob.startswith(f"{base}attr/{ev.key}/")):
+            self._forgotten = ev
+
+    def _check_forgotten(self) -> None:
+        gone = self._forgotten
+        if gone is not None:
+            last = gone.last_state.value if gone.last_state is not None else ""
+            raise ResourceForgotten(str(self.match), f"{gone.backend}/{gone.source}/state/{gone.key}", last)
 
     def _current(self) -> Event | None:
         """A held state that matches and is not stale."""
@@ -223,6 +264,7 @@ class Expectation:
         found = self._current()
         if found is not None:
             return found
+        self._check_forgotten()
         while True:
             left = self._deadline - time.monotonic()
             if left <= 0:
@@ -232,6 +274,7 @@ class Expectation:
                 continue
             if self._apply(ev):
                 return ev
+            self._check_forgotten()
             if self._fresher and (found := self._current()) is not None:
                 return found  # a resync ended (or the publisher is back): held states count again
 

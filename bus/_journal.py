@@ -40,6 +40,8 @@ import structlog
 
 from flowbus.schemas import BusError, ErrorEvent, encode
 
+from ._tombstones import Tombstones, forgotten_key
+
 log = structlog.get_logger("flowbus.journal")
 
 _MAGIC = b"\x89FBJ\r\n\x1a\n"
@@ -168,8 +170,10 @@ class Journal:
     """
 
     def __init__(self, capacity: int = 200_000, directory: str | os.PathLike[str] | None = None,
-                 compact_bytes: int = 256 * 1024 * 1024) -> None:
+                 compact_bytes: int = 256 * 1024 * 1024, forgotten_kept: int = 10_000) -> None:
         self.capacity = max(1, capacity)
+        #: snapshot slots per resource, and tombstones of forgotten resources (bus/_tombstones.py)
+        self.tombstones = Tombstones(forgotten_kept)
         self.sources: dict[str, SourceLog] = {}
         #: topic -> (source, seq, payload) of the latest stateful event per slot
         self.snapshot: dict[str, tuple[str, int, bytes]] = {}
@@ -183,6 +187,7 @@ class Journal:
         self._fd: int | None = None
         self._path: Path | None = None
         self._compact_bytes = compact_bytes
+        self._compacted_bytes = 0  # the file's size after the last compaction
         self._last_off: dict[str, int] = {}  # at load: file offset of each source's last record
         self._rewrite = False  # at load: the file needs rewriting (old format, damage)
         if directory:
@@ -222,9 +227,11 @@ class Journal:
                 _Register(name, log_.backend, epoch, log_.last_seq, log_.owner))))
         return log_
 
-    def append(self, log_: SourceLog, seq: int, topic: str, stateful: bool, payload: bytes) -> None:
-        """Append the next event of a source (``seq == last_seq + 1`` is the caller's job)."""
-        self._push(log_, seq, topic, stateful, payload)
+    def append(self, log_: SourceLog, seq: int, topic: str, stateful: bool, payload: bytes,
+               key: str | None = None) -> None:
+        """Append the next event of a source (``seq == last_seq + 1`` is the caller's job);
+        ``key`` is the event's (decoded from the payload when not given)."""
+        self._push(log_, seq, topic, stateful, payload, key)
         if self._fd is not None:
             self._pending.append(_frame(_ENCODER.encode((0, log_.source, log_.epoch, seq, topic, stateful, payload))))
 
@@ -235,16 +242,24 @@ class Journal:
         data = b"".join(self._pending)
         self._pending.clear()
         _write_all(self._fd, data)
-        if self._path is not None and os.fstat(self._fd).st_size > self._compact_bytes:
-            self.compact()
+        if self._path is not None and os.fstat(self._fd).st_size > max(self._compact_bytes, 2 * self._compacted_bytes):
+            self.compact()  # (never again at once when what it keeps is itself over the limit)
 
-    def _push(self, log_: SourceLog, seq: int, topic: str, stateful: bool, payload: bytes) -> None:
+    def file_bytes(self) -> int:
+        """The size of the on-disk journal (0 when in memory only)."""
+        return os.fstat(self._fd).st_size if self._fd is not None else 0
+
+    def _push(self, log_: SourceLog, seq: int, topic: str, stateful: bool, payload: bytes,
+              key: str | None = None) -> None:
         log_.last_seq = seq
         log_.ring.append((seq, topic, payload))
         self._order.append(log_)
         self._size += 1
         if stateful:
             self.snapshot[topic] = (log_.source, seq, payload)
+            self.tombstones.index(log_.source, topic, payload, key)
+        elif (gone := forgotten_key(log_.source, topic)) is not None:
+            self.tombstones.forget(self.snapshot, log_.source, gone, topic, payload, seq)
         if self._size > self.capacity:
             victim = self._order.popleft()
             victim.ring.popleft()
@@ -369,6 +384,7 @@ class Journal:
             held = self.snapshot.get(rec.topic)
             if rec.stateful and (held is None or held[1] <= rec.seq):
                 self.snapshot[rec.topic] = (log_.source, rec.seq, rec.payload)
+                self.tombstones.index(log_.source, rec.topic, rec.payload)
         else:
             if rec.seq > log_.last_seq + 1:
                 self._bridge(log_, rec.seq - 1, off, rec.epoch, seen)
@@ -467,7 +483,8 @@ class Journal:
             os.close(dfd)
         os.close(self._fd)
         self._fd = self._open(self._path)
-        log.info("journal.compacted", path=str(self._path), bytes=self._path.stat().st_size)
+        self._compacted_bytes = self._path.stat().st_size
+        log.info("journal.compacted", path=str(self._path), bytes=self._compacted_bytes)
 
     def _compacted(self) -> Iterator[bytes]:
         """The header, each source's base, snapshot entries older than the rings, the rings, and
@@ -477,9 +494,11 @@ class Journal:
         for s in self.sources.values():
             base = s.ring[0][0] - 1 if s.ring else s.last_seq
             yield _frame(enc(_Register(s.source, s.backend, s.epoch, base, s.owner)))
-        in_ring = {(s.source, seq) for s in self.sources.values() for seq, _, _ in s.ring}
+        # a ring is gapless, so a snapshot entry is in it when its seq is not older than the
+        # ring's oldest (no set of every ring entry: compaction allocates little)
+        oldest = {s.source: s.oldest for s in self.sources.values()}
         for topic, (src, seq, payload) in sorted(self.snapshot.items(), key=lambda kv: kv[1][1]):
-            if (src, seq) not in in_ring:
+            if seq < oldest[src]:
                 yield _frame(enc(_Event(src, self.sources[src].epoch, seq, topic, True, payload)))
         for s in self.sources.values():
             for seq, topic, payload in s.ring:

@@ -131,6 +131,11 @@ class Match:
             raise MatchSyntaxError(f"no {backend} session matches {source!r} in {self.text!r} "
                                    f"(configured: {', '.join(mine) or 'none'})")
 
+    @property
+    def exact(self) -> bool:
+        """The glob is a literal topic (the match is about one slot)."""
+        return self._exact
+
     def topic_matches(self, topic: str) -> bool:
         return topic == self.glob if self._exact else fnmatch.fnmatchcase(topic, self.glob)
 
@@ -141,6 +146,8 @@ class Match:
             if field == "type":
                 got = tag_of(ev)
             elif field == "final":
+                if tag_of(ev) == "forgotten":
+                    return False  # neither final nor not: the resource is gone (docs/retention.md)
                 state = getattr(ev, "state", None)
                 got = _text(isinstance(state, State) and state.final)
             else:

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from flowbus.schemas import Event, SchemaError, decode, snapshot_staleness
+from flowbus.schemas import BusConfig, Event, SchemaError, decode, snapshot_staleness
 
 from ._journal import Journal
 
@@ -38,7 +38,22 @@ def snapshot(journal: Journal, req: dict[str, Any]) -> dict[str, Any]:
             if topic.startswith(prefixes)]
     stale, stale_topics = snapshot_staleness(((t, s, q) for t, s, q, _ in hits), lambda t: held(journal, t))
     return {"events": [p for *_, p in hits], "stale": {s: msgspec.to_builtins(st) for s, st in stale.items()},
-            "stale_topics": stale_topics}
+            "stale_topics": stale_topics, "forgotten": journal.tombstones.under(prefixes)}
+
+
+def limits(journal: Journal, config: BusConfig, subscriptions: int, heard: int) -> dict[str, Any]:
+    """Every bound the broker keeps, with how much of it is used (``flowbus stats``)."""
+    return {
+        "journal_events": {"limit": journal.capacity, "used": len(journal)},
+        "journal_file_bytes": {"limit": config.journal_max_bytes, "used": journal.file_bytes()},
+        "snapshot_slots": {"limit": None, "used": len(journal.snapshot),
+                           "bounded_by": "session retention (retain-hours, retain-count)"},
+        "forgotten_kept": {"limit": journal.tombstones.kept, "used": len(journal.tombstones.stones),
+                           "forgotten": journal.tombstones.count},
+        "subscriptions": {"limit": config.max_subscriptions, "used": subscriptions},
+        "sources": {"limit": None, "used": len(journal.sources), "heard": heard,
+                    "bounded_by": "configured sessions and publishers"},
+    }
 
 
 def replay(journal: Journal, req: dict[str, Any]) -> dict[str, Any]:

@@ -350,6 +350,16 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     with _client(args) as client:
         stats = client.stats()
+        limits = stats.setdefault("limits", {})
+        try:  # the sessions' retention, when a `flowbus up` serves this broker
+            actors = client.command("actors", timeout=10.0)
+            limits["retention"] = {s: r for a in actors.values() for s, r in (a.get("retention") or {}).items()}
+        except FlowbusError:
+            pass
+        try:  # the orchestrator's bounds
+            limits["orchestrator"] = client.command("rules", timeout=5.0).get("limits", {})
+        except FlowbusError:
+            pass
     print(json.dumps(stats, indent=None if args.json else 2, sort_keys=True))
     return 0
 
@@ -503,7 +513,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     config: FlowbusConfig = load_config(args.config)
     from flowbus._logging import configure
 
-    configure(config.log.level, config.log.json)
+    configure(config.log.level, config.log.json, config.log.file, config.log.max_bytes, config.log.backups)
     return run_up(config, fresh=args.fresh, demo=args.demo, duration=args.duration, as_json=args.json,
                   config_path=str(Path(args.config).resolve()) if args.config else None,
                   ray_address=args.address, broker_address=args.broker, heartbeats=args.heartbeats)

@@ -135,11 +135,13 @@ def _command_handler(supervisor: Any, orchestrator: Any) -> Any:
                                          "(raise it with --timeout)") from None
             if op == "sessions":
                 return ray.get(supervisor.sessions.remote(), timeout=30)
+            if op == "actors":
+                return ray.get(supervisor.status.remote(), timeout=30)
             if op == "rules":
                 if orchestrator is None:
                     raise FlowbusError("no orchestrator is running (the config has no [[rules]] or [[policies]])")
                 return ray.get(orchestrator.status.remote(), timeout=60)
-            raise FlowbusError(f"unknown command {op!r} (call, sessions, rules)")
+            raise FlowbusError(f"unknown command {op!r} (call, sessions, actors, rules)")
         except ray.exceptions.RayTaskError as exc:
             cause = _ray_error(exc)
             if isinstance(cause, FlowbusError):

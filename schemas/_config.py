@@ -75,6 +75,11 @@ class BusConfig(_Conf, frozen=True):
     journal_dir: str = ""
     #: events kept in memory for replay
     journal_events: int = 200_000
+    #: the on-disk journal is rewritten (compacted: registrations, snapshot, ring) when its
+    #: file grows past this many bytes; it never holds more than one compaction's worth
+    journal_max_bytes: int = 256 * 1024 * 1024
+    #: tombstones of forgotten resources the broker keeps for late joiners' waits
+    forgotten_kept: int = 10_000
     #: largest frame accepted, in bytes (larger messages are refused by the transport itself)
     max_frame_bytes: int = 4 * 1024 * 1024
     #: largest subscription topic accepted, in bytes
@@ -155,7 +160,27 @@ class RayConfig(_Conf, frozen=True):
     start_timeout: float = 120.0
 
 
-class QcgSessionConfig(_Conf, frozen=True, tag="qcg", tag_field="backend"):
+class RetentionConfig(_Conf, frozen=True, kw_only=True):
+    """What every session config has: how long the session remembers finished resources
+    (docs/retention.md). A final resource is forgotten once it is older than ``retain-hours``
+    *and* not among the last ``retain-count`` finished ones, whichever keeps more."""
+
+    #: hours a finished resource is kept at least (0 = only the count limit applies)
+    retain_hours: float = 24.0
+    #: finished resources always kept, the newest first (0 = only the age limit applies)
+    retain_count: int = 10_000
+    #: also ask the backend to forget what the session forgets (QCG ``remove``, soma
+    #: ``delete_workflow``, WMS run directories the session submitted); ``None`` = the
+    #: backend's default (on for QCG and WMS, off for soma, never for ecFlow suites)
+    forget_in_backend: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.retain_hours < 0 or self.retain_count < 0:
+            raise ValueError(f"retain-hours and retain-count must be >= 0 (got {self.retain_hours:g}, "
+                             f"{self.retain_count})")
+
+
+class QcgSessionConfig(RetentionConfig, frozen=True, tag="qcg", tag_field="backend"):
     """A QCG-PilotJob session: a manager we start (its own process, on 127.0.0.1), or an existing one by address."""
 
     name: str
@@ -189,7 +214,7 @@ def _localhost() -> list[str]:
     return ["localhost"]
 
 
-class GuiserverSessionConfig(_Conf, frozen=True, tag="guiserver", tag_field="backend"):
+class GuiserverSessionConfig(RetentionConfig, frozen=True, tag="guiserver", tag_field="backend"):
     """A DiFX guiServer link: one TCP connection, channelled mode, version handshake first.
 
     Command fields that guiServer runs in a shell (setup path, mpi wrapper, difx program) come
@@ -238,7 +263,7 @@ class GuiserverSessionConfig(_Conf, frozen=True, tag="guiserver", tag_field="bac
 
 
 
-class EcflowSessionConfig(_Conf, frozen=True, tag="ecflow", tag_field="backend"):
+class EcflowSessionConfig(RetentionConfig, frozen=True, tag="ecflow", tag_field="backend"):
     """An ecFlow session: one running ``ecflow_server`` reached at ``host:port``.
 
     Every poll is one ``news_local`` request (plus a ``sync_local`` when there is news), and the
@@ -274,7 +299,7 @@ class EcflowSessionConfig(_Conf, frozen=True, tag="ecflow", tag_field="backend")
     actor: str = ""
 
 
-class SomaSessionConfig(_Conf, frozen=True, tag="soma", tag_field="backend"):
+class SomaSessionConfig(RetentionConfig, frozen=True, tag="soma", tag_field="backend"):
     """A soma-workflow session: one WorkflowController (isolated light mode in a per-session
     directory by default, or a configured resource)."""
 
@@ -311,7 +336,7 @@ class SomaSessionConfig(_Conf, frozen=True, tag="soma", tag_field="backend"):
     actor: str = ""
 
 
-class WmsSessionConfig(_Conf, frozen=True, tag="wms", tag_field="backend"):
+class WmsSessionConfig(RetentionConfig, frozen=True, tag="wms", tag_field="backend"):
     """An LSST ctrl_bps WMS service session: any ``BaseWmsService`` chosen by class path."""
 
     name: str
@@ -345,6 +370,12 @@ SessionConfig = QcgSessionConfig | GuiserverSessionConfig | EcflowSessionConfig 
 class LogConfig(_Conf, frozen=True):
     level: str = "info"
     json: bool = False
+    #: also write the log to this file ("" = stderr only), rotated at ``max-bytes``
+    file: str = ""
+    #: size at which the log file is rotated (``file.1`` ... ``file.<backups>``)
+    max_bytes: int = 64 * 1024 * 1024
+    #: rotated files kept
+    backups: int = 5
 
 
 class MetricsConfig(_Conf, frozen=True):

@@ -77,6 +77,22 @@ class WaitTimeout(FlowbusError, TimeoutError):
         return f"{text} ({self.detail})" if self.detail else text
 
 
+class ResourceForgotten(FlowbusError, LookupError):
+    """A wait named a resource its session has forgotten (retention passed after it ended):
+    no event about it will come again. The message names the wait and what it ended as."""
+
+    def __init__(self, awaited: str, topic: str, last_state: str = "") -> None:
+        super().__init__(awaited, topic, last_state)
+        self.awaited = awaited
+        self.topic = topic
+        self.last_state = last_state
+
+    def __str__(self) -> str:
+        ended = f" after it ended {self.last_state}" if self.last_state else ""
+        return (f"waiting for {self.awaited}: {self.topic} was forgotten by its session{ended} "
+                "(retention passed; see docs/retention.md)")
+
+
 # -- backends ------------------------------------------------------------------------------------
 
 

@@ -190,6 +190,22 @@ class ErrorEvent(Event, tag="error", frozen=True, kw_only=True):
     FAMILY: ClassVar[str] = "error"
 
 
+# -- retention -----------------------------------------------------------------------------------
+
+
+class Forgotten(Event, tag="forgotten", frozen=True, kw_only=True):
+    """The session forgot the final resource ``key`` (its retention passed): the broker drops the
+    key's state and attributes from the snapshot and keeps a tombstone, and a wait on the key
+    raises ``ResourceForgotten`` instead of hanging. ``last_state``/``last_native`` are what the
+    resource ended as; ``in_backend`` says whether the backend was asked to forget it too."""
+
+    last_state: State | None = None
+    last_native: str = ""
+    in_backend: bool = False
+
+    FAMILY: ClassVar[str] = "forgotten"
+
+
 # -- the bus itself ------------------------------------------------------------------------------
 
 
@@ -242,6 +258,7 @@ AnyEvent = (
     | PublisherLost
     | PublisherBack
     | SubscriberLagged
+    | Forgotten
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__

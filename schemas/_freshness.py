@@ -193,6 +193,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
 
     events: list[Event]
     stale: dict[str, Staleness] = {}
+    #: tombstones of resources under the prefixes that their sessions forgot (``Forgotten``)
+    forgotten: list[Event] = []
 
     def staleness(self, ev: Event) -> Staleness | None:
         """Why ``ev`` is stale, or None when it counts as current."""

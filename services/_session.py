@@ -47,6 +47,7 @@ from flowbus.schemas import (
     Connected,
     Disconnected,
     Event,
+    Forgotten,
     Observed,
     RecoveryAttempted,
     RecoveryGaveUp,
@@ -55,6 +56,7 @@ from flowbus.schemas import (
 
 from ._base import Backoff, Emit
 from ._ops import Operations
+from ._retention import Retention, Retired
 
 #: how long an idle session (not UP, not reconnecting) waits before its next poll
 IDLE_S = 0.5
@@ -95,6 +97,9 @@ class SessionBase:
     backend: str
     #: the operations :meth:`call` runs (a per-backend :class:`Operations` table)
     ops: ClassVar[Operations[Any]]
+    #: whether the backend is asked to forget what the session forgets when the config leaves
+    #: ``forget-in-backend`` unset (see :meth:`_forget`)
+    forget_in_backend_default: ClassVar[bool] = False
 
     def __init__(self, config: Any, *, backoff_first: float = 1.0, reconnect_attempts: int = 0,
                  start_timeout: float = 0.0) -> None:
@@ -113,6 +118,8 @@ class SessionBase:
         self._previous_address: str | None = None
         #: set (before any ending hook runs) by stop/release/kill; other threads read it lock-free
         self._closing = False
+        #: finished resources, forgotten after the config's retention (services/_retention.py)
+        self.retention = Retention.of(config)
 
     # -- introspection -----------------------------------------------------------------------------
 
@@ -140,6 +147,7 @@ class SessionBase:
                 raise BackendRejected(f"start: session {self.name!r} was already started")
             self._emit = emit
             self._previous_address = previous_address
+            self.retention.seed(known)
             self._seed(known)
             deadline = time.monotonic() + max(0.0, self._start_timeout)
             while True:
@@ -174,6 +182,8 @@ class SessionBase:
                     self._observe()
                 except (BackendUnavailable, BackendTimeout) as exc:
                     self._on_lost(str(exc))
+                else:
+                    self._retire()
             elif self._phase is Phase.DOWN and self._backoff.ready():
                 self._reconnect()
             return self._next_poll()
@@ -289,6 +299,11 @@ class SessionBase:
     def _ended(self) -> None:
         """After ``stop``/``release``, with the lock released (e.g. join threads that need it)."""
 
+    def _forget(self, retired: Sequence[Retired], in_backend: bool) -> None:
+        """Retention passed for these finished resources: drop them from the adapter's memory
+        and, when ``in_backend``, ask the backend to forget them too (the session is UP). Raise
+        a ``BackendError`` when the backend refused: the session still forgets them."""
+
     def _will_retry(self) -> bool:
         """Whether a lost (or never reached) backend is retried; ``False`` makes a loss final."""
         return True
@@ -377,6 +392,23 @@ class SessionBase:
         self._phase = Phase.DEAD
         self._gave_up()
 
+    def _retire(self) -> None:
+        """Forget the finished resources past retention (a batch per poll) and publish
+        ``Forgotten`` for each."""
+        retired = self.retention.due()
+        if not retired:
+            return
+        setting = getattr(self.config, "forget_in_backend", None)
+        in_backend = self.forget_in_backend_default if setting is None else bool(setting)
+        try:
+            self._forget(retired, in_backend)
+        except BackendError as exc:
+            self._log.warning("session.forget.backend_failed", keys=len(retired), error=str(exc))
+            in_backend = False
+        self._log.debug("session.forgot", keys=len(retired), in_backend=in_backend)
+        self._publish([self._ev(Forgotten, key=r.key, last_state=r.state, last_native=r.native,
+                                in_backend=in_backend) for r in retired])
+
     def _next_poll(self) -> float:
         if self._phase is Phase.UP:
             return self._poll_interval()
@@ -407,7 +439,9 @@ class SessionBase:
         emit = self._emit
         if emit is None:
             return
+        note = self.retention.note
         for ev in events:
+            note(ev)
             emit(ev)
 
 

@@ -41,6 +41,7 @@ from flowbus.schemas import (
     ErrorEvent,
     Event,
     FlowbusConfig,
+    Forgotten,
     LogLine,
     RecoveryAttempted,
     RecoveryGaveUp,
@@ -58,6 +59,9 @@ log = structlog.get_logger("flowbus.orchestrator")
 ORCHESTRATOR_NAME = "flowbus-orchestrator"
 ORCHESTRATOR_SOURCE = "orchestrator"
 CHECKPOINT_FILE = "checkpoint.msgpack"
+#: QCG job specs remembered per session for retries (oldest dropped first); a spec also goes
+#: when its job is forgotten (``Forgotten``: the session's retention passed)
+MAX_SPECS = 100_000
 
 #: runs one backend call; raises on failure
 Caller = Callable[[CallSpec], Any]
@@ -219,6 +223,8 @@ class OrchestratorCore:
     def _on_event(self, ev: Event) -> None:
         with self.lock:
             self.stats["events"] += 1
+            if isinstance(ev, Forgotten):
+                self._forget(ev)
             now = self.engine.now
             firings = self.engine.feed(ev)
             now = max(now, self.engine.now)
@@ -304,9 +310,29 @@ class OrchestratorCore:
                 book = self.specs.setdefault(spec.session, {})
                 for job in jobs if isinstance(jobs, list) else []:
                     if isinstance(job, dict) and isinstance(job.get("name"), str):
+                        book.pop(job["name"], None)  # a reused name is the newest
                         book[job["name"]] = msgspec.to_builtins(job)
+                while len(book) > MAX_SPECS:
+                    del book[next(iter(book))]
                 self._dirty = True
         return result
+
+    def _forget(self, ev: Forgotten) -> None:
+        """A session forgot a finished resource: so does every policy, and its spec goes (unless
+        a retry of it is still due)."""
+        due = False
+        for p in self.policies.values():
+            due = p.forget(ev.source, ev.key) or due
+        book = self.specs.get(ev.source)
+        if book is not None and not due:
+            book.pop(ev.key, None)
+        self.stats["forgotten"] = self.stats.get("forgotten", 0) + 1
+
+    def limits(self) -> dict[str, Any]:
+        """The checkpoint's bounds and how much of them is used."""
+        return {"specs": {"limit_per_session": MAX_SPECS, "used": sum(len(b) for b in self.specs.values())},
+                "policy_keys": {"used": sum(p.size() for p in self.policies.values()),
+                                "bounded_by": "session retention (Forgotten) and policy timers"}}
 
     def spec_of(self, session: str, job: str) -> dict[str, Any] | None:
         with self.lock:
@@ -420,7 +446,7 @@ class OrchestratorCore:
         with self.lock:
             return {"rules": self.engine.progress(), "policies": {n: p.progress() for n, p in self.policies.items()},
                     "rejected": dict(self.rejected), "stats": dict(self.stats), "running": self.running,
-                    "restored": self.restored}
+                    "restored": self.restored, "limits": self.limits()}
 
 
 def catalog_for(config: FlowbusConfig) -> Catalog:

@@ -166,6 +166,21 @@ class Policy:
         return self._next(corr, rec.source, rec.backend, rec.key, rec.fields, now,
                           f"attempt {rec.attempt} failed: {error}")
 
+    def forget(self, source: str, key: str) -> bool:
+        """The session forgot ``key``: drop what this policy holds about it, except a retry that
+        is still due (it runs; the resource it recreates is followed anew). True if one is due."""
+        corr = _corr(source, key)
+        if corr not in self.due:
+            self.attempts.pop(corr, None)
+        self.stalled.pop(corr, None)
+        self.gave_up.discard(corr)
+        self.skip_next.discard(corr)
+        return corr in self.due
+
+    def size(self) -> int:
+        """Per-resource entries held (the checkpoint's share of this policy)."""
+        return len(self.attempts) + len(self.due) + len(self.stalled) + len(self.gave_up) + len(self.skip_next)
+
     # -- time -----------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Recovery]:

@@ -248,6 +248,18 @@ class JobBook:
             self.removed.add(name)
             self.suspect.discard(name)
 
+    def drop(self, keys: Iterable[str]) -> None:
+        """Retention passed: forget these keys (a job and its iterations) entirely."""
+        for key in keys:
+            self.last.pop(key, None)
+            parent = self.parent_of.pop(key, key)
+            if parent == key:
+                self.specs.pop(key, None)
+                self.seen.discard(key)
+                self.removed.discard(key)
+                self.suspect.discard(key)
+                self.iterative.discard(key)
+
     def removal(self, names: Iterable[str], detail: str) -> list[StateChanged]:
         """``unknown``/``REMOVED`` for each key of the ``names`` (a job and its iterations) the
         manager removed (``observed=poll``: the manager's reply says so)."""

@@ -55,10 +55,11 @@ from flowbus.schemas import (
 
 from .._base import map_errors
 from .._ops import Operations
+from .._retention import Retired
 from .._session import IDLE_S, Opened, Phase, SessionBase
 from . import _forms as forms
 from ._client import QCG_ERRORS, ManagerGone, kill_pids
-from ._jobs import FINAL_NATIVE, JobBook
+from ._jobs import FINAL_NATIVE, JobBook, split_key
 from ._link import Client, Link, Liveness, host_is_loopback, kill_link, open_local, open_remote
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
 from ._observe import drain, reconcile, snapshot
@@ -108,6 +109,8 @@ class QcgSession(SessionBase):
 
     backend = "qcg"
     ops: ClassVar[Operations[Any]] = OPS
+    #: QCG keeps every job until it is removed: retention removes them (``removeJob``)
+    forget_in_backend_default: ClassVar[bool] = True
 
     def __init__(self, config: QcgSessionConfig) -> None:
         super().__init__(config, backoff_first=config.recovery_backoff, reconnect_attempts=config.recovery_attempts)
@@ -482,6 +485,24 @@ class QcgSession(SessionBase):
         self._publish([self._ev(Disconnected, reason="finished", will_retry=False)])
         self._phase = Phase.DEAD
         self._wake()
+
+    def _forget(self, retired: Sequence[Retired], in_backend: bool) -> None:
+        """Retention: ``removeJob`` for the finished jobs among them (never an unfinished one,
+        nor an iteration: its job is removed with all of them), then drop them from the book."""
+        keys = [r.key for r in retired]
+        jobs = [k for k in keys if split_key(k)[1] is None and self._book.is_final(k)
+                and self._book.last[k].native in FINAL_NATIVE]
+        try:
+            if in_backend and jobs and self._phase is Phase.UP:
+                with self._using("forget") as client:
+                    reply = client.send_request({"request": "removeJob", "jobNames": jobs})
+                refused = dict((reply.get("data") or {}).get("errors") or {})
+                if refused:
+                    self._log.warning("qcg.forget.refused", jobs=len(refused),
+                                      example=next(iter(refused.items())))
+        finally:
+            self._book.drop(keys)
+            self._save_specs()
 
     def _save_specs(self) -> None:
         self._wd.save(self._book.specs)

@@ -45,7 +45,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import soma_workflow.constants as C  # noqa: N812 - C.DONE, C.FAILED: constants, named like them
@@ -65,6 +65,7 @@ from flowbus.schemas import (
 )
 
 from .._ops import Operations
+from .._retention import Retired
 from .._session import Opened, Phase, SessionBase
 from ._engine import Built, build, create_time, kill_tree, load_pids, quiet, save_pids, soma_message
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
@@ -294,6 +295,24 @@ class SomaSession(SessionBase):
         """Read ``wf_id`` again at the next poll (restarted, deleted: the poll notices it is gone)."""
         with self._lock:
             self._seen[wf_id] = None
+
+    def _forget(self, retired: Sequence[Retired], in_backend: bool) -> None:
+        """Retention, opted in (``forget-in-backend = true``): ``delete_workflow`` for each finished
+        workflow, and drop it and its jobs from the session's memory. Without it the session
+        keeps its own view (soma still lists the workflow; dropping it would publish it again)."""
+        built = self._built
+        if not in_backend or built is None or self._phase is not Phase.UP:
+            return
+        for r in retired:
+            if not r.key.isdigit():
+                continue  # a job or a transfer: it goes with its workflow
+            wf_id = int(r.key)
+            with soma_errors_to_flowbus("forget"):
+                built.controller.delete_workflow(wf_id, True)
+            for mem in (self._seen, self._names, self._records, self._auto):
+                mem.pop(wf_id, None)
+            for key in self._tracker.keys_of(wf_id):
+                self._tracker.last.pop(key, None)
 
     # -- observing ---------------------------------------------------------------------------------
 

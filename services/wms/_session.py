@@ -44,7 +44,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from flowbus.schemas import (
@@ -59,6 +59,7 @@ from flowbus.schemas import (
 )
 
 from .._ops import Operations
+from .._retention import Retired
 from .._session import IDLE_S, Opened, Phase, SessionBase
 from ._build import base_config, check_session_keys, implements, load_class
 from ._errors import call_service, wms_errors
@@ -355,6 +356,15 @@ class WmsSession(SessionBase):
                 del self._runs[run.wms_id]
             run.join(5.0)
         self._publish(changed(events))
+
+    def _forget(self, retired: Sequence[Retired], in_backend: bool) -> None:
+        """Retention: a finished run is no longer observed (neither its futures nor report()),
+        so the session drops its last states; the run's files stay (they are the user's)."""
+        for r in retired:
+            seen = self._tracker.seen.get(r.key)
+            run = seen.wms_id if seen is not None and seen.wms_id else r.key
+            if run not in self._runs and run not in self._watched:
+                self._tracker.seen.pop(r.key, None)
 
     def _report_run(self, wms_id: str, observed: Observed) -> None:
         """Report one run and publish its differences (lock held)."""

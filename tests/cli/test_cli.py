@@ -109,6 +109,9 @@ class TestCliAgainstUp:
         assert r.returncode == 1 and r.stderr.startswith("flowbus: error: session 'local': unknown operation 'no-such-op'")
         r = run(["stats", "--json"], up)
         assert r.returncode == 0 and json.loads(r.stdout)["stats"]["received"] > 0
+        limits = json.loads(r.stdout)["limits"]  # every bound, with its use (docs/retention.md)
+        assert limits["retention"]["local"]["retain_count"] == 10_000 and limits["retention"]["local"]["retained"] > 0
+        assert limits["journal_events"]["limit"] == 200_000 and limits["forgotten_kept"]["limit"] == 10_000
         # the README's Python tour, as written
         readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
         tour = re.search(r"```python\n(.*?)```", readme, re.S)

@@ -62,6 +62,7 @@ STABLE_TAGS = {
     "bus.publisher_lost": "PublisherLost",
     "bus.publisher_back": "PublisherBack",
     "bus.lagged": "SubscriberLagged",
+    "forgotten": "Forgotten",
 }
 
 # -- strategies ------------------------------------------------------------------------------------
