@@ -31,6 +31,7 @@ from flowbus.schemas import (
     Disconnected,
     ErrorEvent,
     Event,
+    Forgotten,
     Freshness,
     LogLine,
     PublisherLost,
@@ -125,6 +126,11 @@ class DashboardModel:
             out.append((self._session_op(ev.source), None))
         if isinstance(ev, (StateChanged, AttributeChanged)):
             out += self._resource(ev)
+        elif isinstance(ev, Forgotten):  # retention passed: the resource leaves the tree too
+            rid = row_id(ev)
+            if self._rows.pop(rid, None) is not None:
+                self._by_source.get(ev.source, set()).discard(rid)
+                out.append(({"op": "remove", "id": rid}, None))
         item = self._feed_item(ev)
         if item is not None:
             self._feed.append((item, ev))

@@ -12,6 +12,7 @@ from flowbus.schemas import (
     AttributeChanged,
     Connected,
     Disconnected,
+    Forgotten,
     MatchSyntaxError,
     RecoveryAttempted,
     RuleFired,
@@ -56,6 +57,16 @@ class TestRows:
         m.apply(st("j", State.COMPLETE, 5, 50, backend="qcg"))
         row = rows(m.apply(st("j", State.ACTIVE, 3, 30, backend="qcg")))["qcg/prod/j"]
         assert row["state"] == "complete"
+
+    def test_a_forgotten_resource_leaves_the_tree(self) -> None:
+        """A Forgotten event (retention passed) removes the row; other rows stay."""
+        m = DashboardModel(now=lambda: 100 * S)
+        m.apply(st("j1", State.COMPLETE, 1, 10, backend="qcg"))
+        m.apply(st("j2", State.COMPLETE, 2, 11, backend="qcg"))
+        ops = m.apply(Forgotten(source="prod", backend="qcg", key="j1", seq=3, last_state=State.COMPLETE))
+        assert ({"op": "remove", "id": "qcg/prod/j1"}, None) in ops
+        assert m.row("qcg/prod/j1") is None and m.row("qcg/prod/j2") is not None
+        assert len(m) == 1
 
     def test_progress_comes_from_progress_attributes_and_is_clamped(self) -> None:
         """A DiFX progress attribute fills the row's progress bar (0..100)."""
