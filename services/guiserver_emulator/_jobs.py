@@ -263,8 +263,9 @@ def run_job(emu: Any, c: Client, s: Stream, msg: gx.DifxMessage, inp: str, name:
 
 
 def start_command(emu: Any, c: Client, msg: gx.DifxMessage, inp: str, prog: str) -> str:
-    """The command line the real server runs and reports in ``executing: ...`` (§5.1): ``-np`` is
-    the number of lines of ``<filebase>.machines`` (0 without one); empty parts leave their spaces."""
+    """The command line the real server runs and reports in ``executing: ...``
+    (docs/protocols/guiserver.md §5.1): ``-np`` is the number of lines of
+    ``<filebase>.machines`` (0 without one); empty parts leave their spaces."""
     f = msg.fields
     base = inp.rpartition(".")[0] or inp
     machines = emu.real(f"{base}.machines")

@@ -199,7 +199,7 @@ class TestRealServer:
         assert (srv.data / "exp_*.calc").exists() and (srv.data / "exp_*.im").read_text() == "fake model\n"
 
     def test_unknown_packet_ignored(self, real_server: Callable[..., RealServer]) -> None:
-        """An unknown packet id is skipped and the stream stays in sync (§2.2): the version
+        """An unknown packet id is skipped and the stream stays in sync (docs/protocols/guiserver.md §2.2): the version
         request after it is answered."""
         srv = real_server()
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
