@@ -3,7 +3,8 @@
 Sessions are polled by a :class:`~._scheduler.PollScheduler`: a heap of next-poll times feeding a
 bounded pool of worker threads (``poll_workers``, default 16). A session whose poll blocks (a
 frozen backend) holds one worker and is not rescheduled while in flight; the others go on, and
-``ping()`` names it under ``stuck``. Each session still emits a ``Heartbeat`` every
+``ping()`` names it under ``stuck``, as it names a session whose own probe finds its backend
+not answering (ecFlow's ``stuck_for()``). Each session still emits a ``Heartbeat`` every
 ``HEARTBEAT_EVERY`` seconds (after a poll that is due for one; start times are spread).
 Commands run in a separate thread pool, so the actor's event loop stays free for pings.
 
@@ -296,11 +297,22 @@ class BackendActorImpl:
         return {"actor": self.actor_name, "pid": os.getpid(), "started": self._started,
                 "sessions": sorted(self._hosted), "bus_connected": bool(pub and pub.connected()),
                 "publisher": dict(pub.stats) if pub else {},
-                "stuck": sched.stuck() if sched else {},
+                "stuck": self._stuck(),
                 "scheduler": sched.info() if sched else {},
                 # per session: retain-hours/-count, how many finished resources are held, forgotten
                 "retention": {n: r.limits() for n, h in self._hosted.items()
                               if (r := getattr(h.session, "retention", None)) is not None}}
+
+    def _stuck(self) -> dict[str, float]:
+        """Polls in flight for longer than ``stuck_after``, and sessions whose own liveness probe
+        finds their backend not answering (``stuck_for()``, e.g. ecFlow's), in seconds by name."""
+        out = self._scheduler.stuck() if self._scheduler is not None else {}
+        for name, hosted in list(self._hosted.items()):
+            stuck_for = getattr(hosted.session, "stuck_for", None)
+            since = stuck_for() if stuck_for is not None else None
+            if since is not None:
+                out[name] = max(out.get(name, 0.0), round(since, 3))
+        return out
 
     async def remove_session(self, session: str) -> None:
         hosted = self._hosted.pop(session, None)

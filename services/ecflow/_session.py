@@ -30,8 +30,15 @@ and publishes ``RecoveryAttempted``, ``Connected``, the ``resync`` diff and ``Re
 
 The GIL: ``ecflow.Client`` holds it for a whole request, retry sleeps included, so the client
 is built with one connection attempt and no retry period: a dead server costs well under a
-millisecond per poll and never stalls the other sessions of the process. A server that accepts
-but never answers holds it for ``request-timeout`` seconds (ecFlow's own default is 20 s).
+millisecond per poll. A server that accepts but never answers would hold it for
+``request-timeout`` seconds, so every poll and reconnect first pings the server on a socket of
+its own (:mod:`._probe`, GIL released while it waits, ``probe-timeout``): a server that does not
+answer is ``stuck`` (:meth:`EcflowSession.stuck_for`; no client call is made to it, operations
+are refused) and ``Disconnected`` within request-timeout + probe-timeout + poll-interval.
+
+Clean release: ``release()`` (and ``stop()``) ping the server and drop the change handle
+(``ch_drop``) when it answers; a reconnect to the same server (same ECF_PID) drops the handle
+the lost connection left there before registering a new one.
 
 Threads: :meth:`EcflowSession.poll` runs on one worker thread; :meth:`EcflowSession.call` may
 come from any thread. One lock serialises every use of the client (its defs are mutated in place
@@ -61,10 +68,11 @@ from flowbus.schemas import (
 )
 
 from .._ops import Operations
-from .._session import Opened, SessionBase
+from .._session import Opened, Phase, SessionBase
 from ._errors import ecflow_errors
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
 from ._ops import OPS
+from ._probe import Liveness
 from ._tree import Tree, read_full, read_paths, server_pid
 from ._zombies import Zombies
 from ._zombies import read as read_zombies
@@ -118,10 +126,19 @@ class EcflowSession(SessionBase):
         self._handle: tuple[bool, list[str]] | None = None
         self._next_clear_log = 0.0
         self._server_pid = ""
+        #: the change handle a lost connection left on the server, and that server's ECF_PID
+        self._stale_handle: tuple[int, str] | None = None
+        self._live = (Liveness(config.host, config.port, probe_timeout=config.probe_timeout,
+                               request_timeout=float(config.request_timeout), user=config.user or "flowbus")
+                      if config.probe_timeout > 0 and not config.ssl else None)
 
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.config.port}"
+
+    def stuck_for(self) -> float | None:
+        """Seconds the server has not answered the liveness probe, or None (read lock-free)."""
+        return self._live.stuck_for() if self._live is not None else None
 
     # -- hooks ---------------------------------------------------------------------------------------
 
@@ -132,12 +149,16 @@ class EcflowSession(SessionBase):
     def _open(self, observed: Observed) -> Opened:
         """Ping, restart a HALTED server when configured, re-register the handle, full sync and
         diff. The server is never started here: the session always talks to ``host:port``."""
+        if self._live is not None and not self._live.check():
+            raise BackendTimeout(f"connect: ecFlow server {self.address} is stuck (no answer to a ping within "
+                                 f"{self.config.probe_timeout:g} s)")
         if self._client is None:
             self._client = self._make_client()
         client = self._client
         with ecflow_errors("connect"):
             client.ping()
             client.reset()  # drops a handle the server may no longer know; next sync is full
+            self._drop_stale(client)
             if self._handle is not None:
                 client.ch_register(*self._handle)
             client.sync_local()
@@ -158,6 +179,9 @@ class EcflowSession(SessionBase):
 
     def _observe(self) -> None:
         client = self._client
+        if self._live is not None and not self._live.check():
+            self._log.warning("ecflow.server.stuck", stuck_for=round(self._live.stuck_for() or 0.0, 3))
+            return  # no client call to a stuck server: it would hold the GIL for request-timeout
         try:
             with ecflow_errors("poll"):
                 news = client.news_local()
@@ -182,22 +206,64 @@ class EcflowSession(SessionBase):
             else:
                 self._log.warning("ecflow.poll.failed", error=str(exc))
 
+    def _poll_interval(self) -> float:
+        """The poll interval, or less while a stuck server's verdict falls due sooner."""
+        interval = float(self.config.poll_interval)
+        return self._live.next_poll(interval) if self._live is not None else interval
+
     def _drop(self) -> None:
+        client = self._client
+        if client is not None and self._handle is not None and self._server_pid:
+            with contextlib.suppress(Exception):  # the client is being forgotten whatever it says
+                number = int(client.ch_handle())
+                if number:
+                    self._stale_handle = (number, self._server_pid)
         self._client = None
+
+    def _let_go(self) -> None:
+        """``release``: drop the change handle when the server answers a ping (a stuck or gone
+        server is not asked), then the client; the server and its work run on."""
+        client = self._client
+        if client is not None and self._handle is not None and self._phase is Phase.UP:
+            try:
+                if self._live is None or self._live.check():
+                    with ecflow_errors("ch_drop"):
+                        client.ch_drop()
+                        self._log.info("ecflow.handle.dropped", reason="released")
+            except BackendError as exc:
+                self._log.info("ecflow.handle.drop_failed", error=str(exc))
+        self._client = None
+
+    def _drop_stale(self, client: Any) -> None:
+        """A reconnect to the same server (same ECF_PID) drops the handle the lost connection
+        left registered there; a restarted server has no handles, and its numbers mean others'."""
+        stale = self._stale_handle
+        if stale is None:
+            return
+        number, pid = stale
+        client.sync_local()
+        self._stale_handle = None
+        if server_pid(client.get_defs()) != pid:
+            return
+        try:
+            client.ch_drop(number)
+            self._log.info("ecflow.handle.dropped", handle=number, reason="left by a lost connection")
+        except RuntimeError as exc:
+            self._log.info("ecflow.handle.drop_failed", handle=number, error=" ".join(str(exc).split()))
+        client.reset()
 
     def _close(self, was_up: bool) -> None:
         """Drop the change handle (when the server is reachable) and the client. The server (not
         ours) keeps running."""
         if self._client is not None and self._handle is not None and was_up:
             try:
+                if self._live is not None and not self._live.check():
+                    raise BackendTimeout(f"ch_drop: ecFlow server {self.address} is stuck")
                 with ecflow_errors("ch_drop"):
                     self._client.ch_drop()
             except BackendError as exc:
                 self._log.info("ecflow.handle.drop_failed", error=str(exc))
         self._client = None
-
-    # _let_go: dropping the client leaves the change handle registered: ch_drop would be a request
-    # to a server this process may no longer reach; the new session on host:port resyncs.
 
     # -- helpers for the operations --------------------------------------------------------------------
 
@@ -206,6 +272,9 @@ class EcflowSession(SessionBase):
         """The client, under the lock, with ecFlow errors mapped at this edge."""
         with self._lock:
             self._require_up(operation)
+            if self._live is not None and self._live.stuck_since is not None:
+                raise BackendUnavailable(f"{operation}: ecFlow server {self.address} is stuck (no answer to a "
+                                         f"ping for {self._live.stuck_for() or 0.0:.1f} s)")
             self._log.debug("ecflow.call.started", operation=operation)
             try:
                 with ecflow_errors(operation):

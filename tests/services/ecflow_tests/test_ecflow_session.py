@@ -251,13 +251,14 @@ class TestResync:
 
 
 class TestRelease:
-    """release() lets go of the server for a newer incarnation without telling it anything."""
+    """release() lets go of the server for a newer incarnation: nothing published, the work runs on,
+    only the session's own change handle is dropped."""
 
     @pytest.mark.timeout(60)
     def test_release_leaves_the_server_to_the_next_session(self, ecf_server: Server, ecflow_session: Session) -> None:
-        """Nothing is published and nothing is sent: the server runs on with its running task and
-        the change handle still registered; a new session on the same host:port resyncs without a
-        difference and sees the task complete."""
+        """Nothing is published: the server runs on with its running task, and the change handle the
+        session registered is dropped (no server-side state is left behind); a new session on the
+        same host:port resyncs without a difference and sees the task complete."""
         server = ecf_server()
         gate = server.home / "gate"
         first = ecflow_session(server.port)
@@ -276,7 +277,8 @@ class TestRelease:
             first.call("ping")
         assert server.proc is not None and server.proc.poll() is None
         assert server_states(server)["/rel/t"] == "active"
-        server.client().ch_drop(handle)  # raises if the handle had been dropped by release
+        with pytest.raises(RuntimeError, match="does not exist"):
+            server.client().ch_drop(handle)  # release dropped it already
         known = {e.topic(): msgspec.structs.replace(e, source="e1") for e in first.rec.events
                  if isinstance(e, (StateChanged, AttributeChanged))}
         second = ecflow_session(server.port, known=known)

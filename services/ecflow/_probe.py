@@ -1,0 +1,175 @@
+"""A GIL-free liveness probe of one ``ecflow_server``: ecFlow's own ``ping`` spoken on a socket of
+ours, so a server that stops answering (SIGSTOP, a hung VM, a relay that accepts and never
+replies) costs the session only a wait in ``recv`` with the GIL released, never a blocking
+``ecflow.Client`` call that holds the GIL of the whole process.
+
+The wire (ecFlow 5.x, cereal JSON): every message is an 8-character header, the payload length
+in hexadecimal right-aligned with spaces, then the payload. A ping is a ``ClientToServerRequest``
+holding a ``CtsCmd`` with ``api_`` 8 (PING); the server answers with a ``ServerToClientResponse``.
+Any well-framed response counts as "alive": the probe asks whether the server answers, not
+what it thinks of the request.
+
+Sans-I/O part: :func:`ping_request` and :class:`ReplyReader`; I/O part: :func:`probe` (one
+connection, one deadline for connect, send and reply). :class:`Liveness` turns the probe's
+answers into the session's verdicts: ``answered``, ``stuck`` (no answer within
+``probe-timeout``; the session then makes no client call), then lost (``BackendTimeout``) once
+the server has been stuck for ``request-timeout`` more seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from flowbus.schemas import BackendProtocolError, BackendTimeout, BackendUnavailable
+
+#: the header: payload length in hex, right-aligned in 8 characters
+HEADER_LEN = 8
+#: ecFlow's CtsCmd api number of PING
+_PING_API = 8
+#: the largest reply the probe accepts (a ping's is about 240 bytes)
+MAX_REPLY = 64 * 1024
+#: cereal's id of the first polymorphic pointer in an archive
+_FIRST_PTR = 2147483649
+
+
+def frame(payload: bytes) -> bytes:
+    """``payload`` with ecFlow's 8-character hex length header."""
+    return f"{len(payload):8x}".encode("ascii") + payload
+
+
+def ping_request(user: str, host: str) -> bytes:
+    """The framed bytes of ecFlow's PING request from ``user`` on ``host``."""
+    cmd = {"cereal_class_version": 0,
+           "value0": {"cereal_class_version": 0,
+                      "value0": {"cereal_class_version": 0, "cl_host_": host},
+                      "user_": user},
+           "api_": _PING_API}
+    body = {"21ClientToServerRequest": {"cmd_": {"polymorphic_id": _FIRST_PTR, "polymorphic_name": "CtsCmd",
+                                                 "ptr_wrapper": {"id": _FIRST_PTR, "data": cmd}}}}
+    return frame(json.dumps(body, indent=0).encode("utf-8"))
+
+
+class ReplyReader:
+    """Feed it what the socket gave; :attr:`reply` is the decoded reply once complete."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.reply: dict[str, Any] | None = None
+
+    def feed(self, data: bytes) -> bool:
+        """Add bytes; True once a whole reply was read. Raises ``BackendProtocolError`` for a
+        header that is not a length, a reply too big, or a payload that is not an ecFlow reply."""
+        self._buf += data
+        if len(self._buf) < HEADER_LEN:
+            return False
+        head = self._buf[:HEADER_LEN]
+        try:
+            size = int(head.decode("ascii").strip(), 16)
+        except (UnicodeDecodeError, ValueError):
+            raise BackendProtocolError(f"ecFlow probe: reply header {head!r} is not a hex length") from None
+        if size > MAX_REPLY:
+            raise BackendProtocolError(f"ecFlow probe: reply of {size} bytes exceeds {MAX_REPLY}")
+        if len(self._buf) < HEADER_LEN + size:
+            return False
+        try:
+            reply = json.loads(self._buf[HEADER_LEN:HEADER_LEN + size])
+        except ValueError as exc:
+            raise BackendProtocolError(f"ecFlow probe: reply is not JSON: {exc}") from None
+        if not isinstance(reply, dict) or not any("ServerToClientResponse" in k for k in reply):
+            raise BackendProtocolError(f"ecFlow probe: not an ecFlow reply: {str(reply)[:120]!r}")
+        self.reply = reply
+        return True
+
+
+def probe(host: str, port: int, timeout: float, *, user: str = "flowbus", client_host: str = "") -> float:
+    """Ping the server once on a socket of our own; the seconds it took to answer. Raises
+    ``BackendUnavailable`` (refused, reset: nobody listens), ``BackendTimeout`` (no whole reply
+    within ``timeout`` seconds: the server is stuck) or ``BackendProtocolError``."""
+    started = time.monotonic()
+    deadline = started + timeout
+    request = ping_request(user, client_host or socket.gethostname())
+    reader = ReplyReader()
+    try:
+        with socket.create_connection((host, port), timeout=max(0.001, timeout)) as sock:
+            sock.sendall(request)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+                data = sock.recv(4096)
+                if not data:
+                    raise BackendUnavailable(f"ecFlow probe: {host}:{port} closed the connection without a reply")
+                if reader.feed(data):
+                    return time.monotonic() - started
+    except TimeoutError:
+        raise BackendTimeout(f"ecFlow server {host}:{port} did not answer a ping within {timeout:g} s "
+                             "(stuck)") from None
+    except OSError as exc:
+        raise BackendUnavailable(f"ecFlow probe: {host}:{port}: {exc}") from exc
+
+
+class Liveness:
+    """The session's view of whether its server answers, from probes (see module docstring).
+
+    :meth:`check` probes once: True when the server answered, False while it is stuck (it did
+    not answer within ``probe_timeout``; the session makes no client call then), and raises
+    ``BackendTimeout`` once it has been stuck for ``request_timeout`` more seconds (``stuck``
+    then ``Disconnected`` within ``request-timeout + probe-timeout + poll-interval`` of the
+    freeze), ``BackendUnavailable`` when nobody listens. A server that answers again clears
+    the verdict.
+    """
+
+    def __init__(self, host: str, port: int, *, probe_timeout: float, request_timeout: float,
+                 user: str = "flowbus") -> None:
+        self.host, self.port, self.user = host, port, user
+        self.probe_timeout = probe_timeout
+        self.request_timeout = request_timeout
+        #: monotonic time the first unanswered probe started (None while the server answers)
+        self.stuck_since: float | None = None
+        self.answered = 0
+        self.slowest = 0.0
+        self._client_host = socket.gethostname()
+
+    @property
+    def deadline(self) -> float | None:
+        """When a stuck server is declared lost (monotonic), or None."""
+        if self.stuck_since is None:
+            return None
+        return self.stuck_since + self.probe_timeout + self.request_timeout
+
+    def stuck_for(self) -> float | None:
+        """Seconds the server has been stuck, or None."""
+        return None if self.stuck_since is None else time.monotonic() - self.stuck_since
+
+    def check(self) -> bool:
+        started = time.monotonic()
+        deadline = self.deadline
+        timeout = self.probe_timeout if deadline is None else max(0.001, min(self.probe_timeout, deadline - started))
+        try:
+            took = probe(self.host, self.port, timeout, user=self.user, client_host=self._client_host)
+        except BackendTimeout as exc:
+            if self.stuck_since is None:
+                self.stuck_since = started
+                deadline = self.deadline
+            assert deadline is not None
+            if time.monotonic() >= deadline - 0.001:
+                raise BackendTimeout(f"{exc}; stuck for {time.monotonic() - self.stuck_since:.2f} s") from None
+            return False
+        self.stuck_since = None
+        self.answered += 1
+        self.slowest = max(self.slowest, took)
+        return True
+
+    def next_poll(self, interval: float) -> float:
+        """Seconds until the next look: ``interval``, or less when a stuck verdict falls due sooner."""
+        deadline = self.deadline
+        if deadline is None:
+            return interval
+        return max(0.0, min(interval, deadline - time.monotonic()))
+
+
+__all__ = ["HEADER_LEN", "Liveness", "ReplyReader", "frame", "ping_request", "probe"]
