@@ -23,7 +23,7 @@ import socket
 import time
 from typing import Any
 
-from flowbus.schemas import BackendProtocolError, BackendTimeout, BackendUnavailable
+from flowbus.schemas import BackendError, BackendProtocolError, BackendTimeout, BackendUnavailable
 
 #: the header: payload length in hex, right-aligned in 8 characters
 HEADER_LEN = 8
@@ -132,6 +132,8 @@ class Liveness:
         self.stuck_since: float | None = None
         self.answered = 0
         self.slowest = 0.0
+        #: the stuck verdict was given (the session went DOWN): later probes wait the full timeout
+        self._lost = False
         self._client_host = socket.gethostname()
 
     @property
@@ -148,18 +150,26 @@ class Liveness:
     def check(self) -> bool:
         started = time.monotonic()
         deadline = self.deadline
-        timeout = self.probe_timeout if deadline is None else max(0.001, min(self.probe_timeout, deadline - started))
+        timeout = (self.probe_timeout if deadline is None or self._lost
+                   else max(0.001, min(self.probe_timeout, deadline - started)))
         try:
             took = probe(self.host, self.port, timeout, user=self.user, client_host=self._client_host)
         except BackendTimeout as exc:
+            if self._lost:
+                raise
             if self.stuck_since is None:
                 self.stuck_since = started
                 deadline = self.deadline
             assert deadline is not None
             if time.monotonic() >= deadline - 0.001:
+                self._lost = True
                 raise BackendTimeout(f"{exc}; stuck for {time.monotonic() - self.stuck_since:.2f} s") from None
             return False
+        except BackendError:
+            self.stuck_since, self._lost = None, False  # dead or garbled, not stuck: lost at once
+            raise
         self.stuck_since = None
+        self._lost = False
         self.answered += 1
         self.slowest = max(self.slowest, took)
         return True
@@ -167,7 +177,7 @@ class Liveness:
     def next_poll(self, interval: float) -> float:
         """Seconds until the next look: ``interval``, or less when a stuck verdict falls due sooner."""
         deadline = self.deadline
-        if deadline is None:
+        if deadline is None or self._lost:
             return interval
         return max(0.0, min(interval, deadline - time.monotonic()))
 

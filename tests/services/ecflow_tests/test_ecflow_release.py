@@ -12,13 +12,17 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from flowbus.schemas import BackendUnavailable, Connected, Disconnected, State
+from flowbus.schemas import BackendProtocolError, BackendTimeout, BackendUnavailable, Connected, Disconnected, State
+from flowbus.services.ecflow._probe import Liveness, ReplyReader, frame, ping_request, probe
 from support import ecflow as _fx
+from support import silent as _silent
 from support.ecflow import CLIENT_BIN, EcfServer, Running, reached, write_suite
 from support.recorder import show
+from support.silent import SilentServer
 
 ecf_server = _fx.ecf_server
 ecflow_session = _fx.ecflow_session
+silent_server = _silent.silent_server
 
 Server = Callable[..., EcfServer]
 Session = Callable[..., Running]
@@ -107,3 +111,45 @@ class TestCleanRelease:
         assert len(now) == 1 and now == [run.call("client", "ch_handle")], now
         run.call("suspend", "/f/t")
         run.rec.wait_for(reached("/f/t", State.SUSPENDED), 10, "seen through the new handle")
+
+
+class TestProbe:
+    """The GIL-free ping speaks ecFlow's wire and names why a server is not answering."""
+
+    @pytest.mark.timeout(30)
+    def test_probe_verdicts(self, ecf_server: Server, silent_server: Callable[[], SilentServer]) -> None:
+        """A real server answers; a silent one times out (stuck); a closed port is unavailable;
+        Liveness says stuck, then raises once stuck past request-timeout, and waits the full
+        probe timeout afterwards (a server that answers again is seen)."""
+        server = ecf_server()
+        assert probe("127.0.0.1", server.port, 2.0) < 2.0
+        quiet = silent_server()
+        with pytest.raises(BackendTimeout, match="stuck"):
+            probe("127.0.0.1", quiet.port, 0.2)
+        closed = server.port
+        server.stop()
+        with pytest.raises(BackendUnavailable):
+            probe("127.0.0.1", closed, 0.5)
+        live = Liveness("127.0.0.1", quiet.port, probe_timeout=0.1, request_timeout=0.3)
+        assert live.check() is False and live.stuck_for() is not None
+        with pytest.raises(BackendTimeout, match="stuck for"):
+            while not live.check():
+                pass
+        with pytest.raises(BackendTimeout):
+            live.check()
+        assert live.next_poll(0.1) == 0.1
+
+    def test_reply_reader_rejects_garbage(self) -> None:
+        """A header that is not a hex length, a huge length, or a payload that is not an ecFlow reply
+        is a BackendProtocolError; a reply split across reads is assembled."""
+        with pytest.raises(BackendProtocolError, match="hex length"):
+            ReplyReader().feed(b"HTTP/1.1 400")
+        with pytest.raises(BackendProtocolError, match="exceeds"):
+            ReplyReader().feed(b"ffffffff{}")
+        with pytest.raises(BackendProtocolError, match="not an ecFlow reply"):
+            ReplyReader().feed(frame(b'{"x": 1}'))
+        reader = ReplyReader()
+        whole = frame(b'{"22ServerToClientResponse": {}}')
+        assert not reader.feed(whole[:5]) and not reader.feed(whole[5:12]) and reader.feed(whole[12:])
+        assert reader.reply == {"22ServerToClientResponse": {}}
+        assert ping_request("u", "h")[:8].strip() == f"{len(ping_request('u', 'h')) - 8:x}".encode()

@@ -1,0 +1,136 @@
+"""Isolation inside one BackendActor: a backend that stops answering costs the other sessions of
+its actor nothing. Real ecflow_servers, a real broker, one BackendActorImpl (the body of the Ray
+actor, in this process so that it shares this process's GIL with the frozen session): a server
+SIGSTOPped and a server that accepts connections but never replies (tests/support/silent.py, a
+child process) are reported ``stuck`` and then ``Disconnected`` while the neighbours' changes
+keep arriving. Behaviour, not timing goals (those are in bench/scale.py, ``frozen_ratio``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from flowbus.bus import Subscriber
+from flowbus.schemas import AttributeChanged, Disconnected, EcflowSessionConfig, Event
+from support import ecflow as _fx
+from support import silent as _silent
+from support.ecflow import EcfServer
+from support.silent import SilentServer
+
+ecf_server = _fx.ecf_server
+silent_server = _silent.silent_server
+
+
+def _spec(name: str, port: int, **kw: Any) -> dict[str, Any]:
+    spec = msgspec.to_builtins(EcflowSessionConfig(name=name, host="127.0.0.1", port=port, poll_interval=0.1,
+                                                   timeout=1.0, **kw))
+    spec["backend"] = "ecflow"
+    return dict(spec)
+
+
+def _labelled(server: EcfServer) -> None:
+    path = server.home / "s.def"
+    path.write_text("suite s\n  task t\n    label info \"\"\nendsuite\n")
+    server.client().load(_fx.ecflow.Defs(str(path)))
+
+
+class _Watch:
+    """Every event from the ``ecflow/`` topics, collected while waiting for one."""
+
+    def __init__(self, sub: Subscriber) -> None:
+        self.sub, self.events = sub, list[Event]()
+
+    def until(self, pred: Callable[[Event], bool], timeout: float, what: str,
+              also: Callable[[], None] | None = None) -> Event:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for ev in self.events[seen:]:
+                if pred(ev):
+                    return ev
+            seen = len(self.events)
+            if also is not None:
+                also()
+            assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+            self.events += self.sub.recv_many(0.2)
+
+
+class TestFrozenNeighbour:
+    @pytest.mark.timeout(180)
+    def test_frozen_and_silent_servers_are_stuck_while_neighbours_events_flow(
+            self, broker_factory: Any, ecf_server: Callable[..., EcfServer],
+            silent_server: Callable[[], SilentServer]) -> None:
+        """One actor, four ecFlow sessions: two healthy servers, one SIGSTOPped after opening
+        (request-timeout 10 s, so a blocking client call would hold this process's GIL for 10 s)
+        and one silent server. The silent one opens Disconnected ("stuck"); the frozen one is
+        named by ping() under ``stuck``, and while it is, a change on each healthy server reaches
+        the bus; only then is the frozen one Disconnected. After SIGCONT it reconnects."""
+        from flowbus.actors import _backend_actor as ba
+
+        broker = broker_factory()
+        healthy = [ecf_server(), ecf_server()]
+        victim = ecf_server()
+        for s in (*healthy, victim):
+            _labelled(s)
+        quiet = silent_server()
+        assert not quiet.answers()
+        specs = [_spec("ok0", healthy[0].port), _spec("ok1", healthy[1].port),
+                 _spec("frozen", victim.port, request_timeout=10, probe_timeout=0.5),
+                 _spec("silent", quiet.port, request_timeout=10, probe_timeout=0.5)]
+        loop = asyncio.new_event_loop()
+        impl = ba.BackendActorImpl("iso", broker.address, specs, poll_workers=4, open_concurrency=4)
+        sub = Subscriber(broker.address, "ecflow/", start="live")
+        watch = _Watch(sub)
+        assert victim.proc is not None
+        stopped = False
+        try:
+            info = loop.run_until_complete(asyncio.wait_for(impl.start(), 120))
+            assert sorted(info["sessions"]) == ["frozen", "ok0", "ok1", "silent"]
+            gone = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "silent", 30,
+                               "the silent server's session to be Disconnected")
+            assert "stuck" in gone.reason, gone  # type: ignore[attr-defined]
+            assert "silent" in loop.run_until_complete(impl.ping())["stuck"]
+
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            stopped = True
+
+            def stuck_named() -> bool:
+                return "frozen" in loop.run_until_complete(impl.ping())["stuck"]
+            deadline = time.monotonic() + 20
+            while not stuck_named():
+                assert time.monotonic() < deadline, "ping() never named the frozen session under stuck"
+                watch.events += sub.recv_many(0.1)
+            for k, s in enumerate(healthy):
+                s.client().alter("/s/t", "change", "label", "info", f"during{k}")
+            def changed(k: int) -> Callable[[Event], bool]:
+                return lambda e: isinstance(e, AttributeChanged) and e.source == f"ok{k}" and e.value == f"during{k}"
+            for k in range(2):
+                watch.until(changed(k), 20, f"ok{k}'s change while frozen is stuck")
+            frozen_gone = [e for e in watch.events if isinstance(e, Disconnected) and e.source == "frozen"]
+            assert not frozen_gone, "the neighbours' changes came only after the frozen session was given up"
+            assert stuck_named()
+            lost = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "frozen", 30,
+                               "the frozen session to be Disconnected")
+            assert "stuck" in lost.reason  # type: ignore[attr-defined]
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            stopped = False
+            deadline = time.monotonic() + 30
+            while stuck_named():
+                assert time.monotonic() < deadline, "the thawed server's session stayed stuck"
+                watch.events += sub.recv_many(0.1)
+        finally:
+            sub.close()
+            if stopped:
+                os.kill(victim.proc.pid, signal.SIGCONT)
+            try:
+                loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
+            finally:
+                impl._pool.shutdown(wait=True)
+                loop.close()
