@@ -18,10 +18,18 @@ Phases (each bounded in time; every process is stopped by PID in ``finally``):
 3. light: ONE actor hosting ``--sessions`` (default 1,000) real ecFlow sessions spread over the
    running servers (several per server, poll interval ``--light-poll``): opening time, USS
    growth per session (``mib_per_session``), idle CPU, and detection latency (first session).
+4. frozen neighbour (``--frozen N`` sessions, default 32; 0 skips it): one actor, one session per
+   server; the healthy sessions' detection p99 with one server SIGSTOPped against the same run
+   without, with the ecFlow liveness probe (``frozen_ratio``) and without (``frozen_ratio_noprobe``);
+   see bench/_scale_frozen.py.
 
 Last line:
 
     BENCH scale sessions_per_actor= real_servers= p99_ms= mib_per_session= actor_per_server_mib= ...
+          servers_max= frozen_ratio= frozen_ratio_noprobe= ...
+
+``servers_max`` is the number of real servers watched at once (the main phase); a 1,000-server
+run is ``--servers 1000`` (about 1.5 GiB of servers; give it the whole machine).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from typing import Any
 import psutil
 
 from _common import BenchError, log, median, percentile
+from _scale_frozen import run_frozen
 from _scale_servers import Fleet, Server, quick_client, suite_text
 
 TASKS = 10
@@ -142,13 +151,13 @@ def proc_cpu(pids: list[int], window: float) -> float:
     return 100 * (total() - a) / window
 
 
-def ecflow_spec(name: str, port: int, poll: float) -> dict[str, Any]:
+def ecflow_spec(name: str, port: int, poll: float, **more: Any) -> dict[str, Any]:
     import msgspec
 
     from flowbus.schemas import EcflowSessionConfig
 
     spec: dict[str, Any] = msgspec.to_builtins(EcflowSessionConfig(name=name, host="127.0.0.1", port=port,
-                                                                   poll_interval=poll))
+                                                                   poll_interval=poll, **more))
     return spec
 
 
@@ -288,6 +297,19 @@ def run_light(servers: list[Server], acts: Actors, arrivals: Arrivals, args: arg
     return out
 
 
+def frozen_phase(servers: list[Server], acts: Actors, arrivals: Arrivals, a: argparse.Namespace) -> dict[str, Any]:
+    """The frozen-neighbour scenario, with the liveness probe and without (bench/_scale_frozen.py)."""
+    def measure(healthy: list[Server], changes: int, gap: float, tag: str) -> dict[str, Any]:
+        return measure_latency(healthy, arrivals, changes, gap, tag)
+
+    out: dict[str, Any] = {}
+    for key, probe in (("probe", True), ("noprobe", False)):
+        out[key] = run_frozen(servers, acts.make,
+                              lambda hs: acts.start_all(hs, timeout=600), acts.close, ecflow_spec, measure,
+                              a.frozen, max(20, a.changes // 2), max(a.gap, 0.05), a.poll, probe)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small N: a smoke run")
@@ -302,6 +324,9 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=None, help="label changes timed (default 200, quick 30)")
     ap.add_argument("--gap", type=float, default=0.04, help="mean s between two changes")
     ap.add_argument("--window", type=float, default=None, help="idle CPU window, s (default 10, quick 3)")
+    ap.add_argument("--frozen", type=int, default=None, help="sessions in the frozen-neighbour actor "
+                    "(default 32, quick 8; 0 skips it)")
+    ap.add_argument("--skip", default="", help="phases to skip, comma-separated: main,per-server,light")
     ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args()
     q = a.quick
@@ -312,6 +337,8 @@ def main() -> int:
     a.qcg = a.qcg if a.qcg is not None else (1 if q else 3)
     a.changes = a.changes if a.changes is not None else (30 if q else 200)
     a.window = a.window if a.window is not None else (3.0 if q else 10.0)
+    a.frozen = min(a.servers, a.frozen if a.frozen is not None else (8 if q else 32))
+    skip = set(filter(None, a.skip.split(",")))
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -338,12 +365,17 @@ def main() -> int:
             start_ray(RayConfig(namespace="flowbus-scale", num_cpus=2))
             acts = Actors(broker.address, "flowbus-scale")
             arrivals = Arrivals(broker.address)
-            res["main"] = run_main(servers, acts, arrivals, a, tmp)
-            acts.close()
-            res["per_server"] = run_per_server(servers[:a.compare], acts, a)
-            acts.close()
-            res["light"] = run_light(servers, acts, arrivals, a)
-            acts.close()
+            if "main" not in skip:
+                res["main"] = run_main(servers, acts, arrivals, a, tmp)
+                acts.close()
+            if "per-server" not in skip:
+                res["per_server"] = run_per_server(servers[:a.compare], acts, a)
+                acts.close()
+            if "light" not in skip:
+                res["light"] = run_light(servers, acts, arrivals, a)
+                acts.close()
+            if a.frozen >= 2:
+                res["frozen"] = frozen_phase(servers, acts, arrivals, a)
         finally:
             if arrivals is not None:
                 arrivals.close()
@@ -359,12 +391,19 @@ def main() -> int:
                         p.kill()
                 except psutil.Error:
                     pass
-    m, per, light = res["main"], res["per_server"], res["light"]
+    nan = float("nan")
+    m = res.get("main", {"servers": 0, "p99_ms": nan, "p50_ms": nan, "missed": 0, "actors": 0, "sessions": 0,
+                         "uss_mib_per_session": nan, "cpu_pct_per_session": nan})
+    per = res.get("per_server", {"uss_mib_per_actor": nan, "cpu_pct_per_actor": nan})
+    light = res.get("light", {"sessions": 0, "mib_per_session": nan, "open_ms_per_session": nan,
+                              "light_p99_ms": nan, "cpu_pct": nan})
+    fr = res.get("frozen", {"probe": {"ratio": nan}, "noprobe": {"ratio": nan}})
     res["elapsed_s"] = time.monotonic() - t_start
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2, default=str))
-    goals = {"sessions_per_actor>=1000": light["sessions"] >= 1000, "real_servers>=200": m["servers"] >= 200,
-             "p99<=1000ms": m["p99_ms"] <= 1000}
+    goals = {"sessions_per_actor>=1000": light["sessions"] >= 1000, "real_servers>=1000": m["servers"] >= 1000,
+             "p99<=1000ms": m["p99_ms"] <= 1000, "frozen_ratio<=1.1": fr["probe"]["ratio"] <= 1.1,
+             "mib_per_session<=0.2": light["mib_per_session"] <= 0.2}
     log(f"goals: {goals}; {res['elapsed_s']:.0f} s in all")
 
     def f(x: float, nd: int = 1) -> str:
@@ -375,7 +414,9 @@ def main() -> int:
           f"p50_ms={f(m['p50_ms'], 0)} missed={m['missed']} main_actors={m['actors']} main_sessions={m['sessions']} "
           f"main_mib_per_session={f(m['uss_mib_per_session'], 2)} main_cpu_pct_per_session={f(m['cpu_pct_per_session'], 3)} "
           f"light_open_ms_per_session={f(light['open_ms_per_session'])} light_p99_ms={f(light['light_p99_ms'], 0)} "
-          f"light_cpu_pct={f(light['cpu_pct'])} actor_per_server_cpu_pct={f(per['cpu_pct_per_actor'], 2)}", flush=True)
+          f"light_cpu_pct={f(light['cpu_pct'])} actor_per_server_cpu_pct={f(per['cpu_pct_per_actor'], 2)} "
+          f"servers_max={m['servers']} frozen_ratio={f(fr['probe']['ratio'], 2)} "
+          f"frozen_ratio_noprobe={f(fr['noprobe']['ratio'], 2)}", flush=True)
     return 0
 
 
