@@ -1,6 +1,7 @@
 """bench/scale.py's frozen-neighbour scenario: one actor watches ``n`` real ecflow_servers (one
 session each); the detection latency of the healthy sessions is timed with none frozen, then with
-one server SIGSTOPped (after its session is reported ``stuck``), in the same actor process:
+one server SIGSTOPped (timed from the freeze on, over ``changes * gap`` seconds), in the same
+actor process:
 ``frozen_ratio`` = p99 with the frozen neighbour / p99 without. The same is measured with the
 liveness probe off (``probe-timeout = 0``) for comparison (``frozen_ratio_noprobe``): there every
 poll of the frozen session holds the actor's GIL for ``request-timeout``.
@@ -45,10 +46,10 @@ def run_frozen(servers: list[Server], make_actor: Callable[[str, list[dict[str, 
     base = measure(healthy, changes, gap, f"{tag}-base")
     assert victim.proc is not None
     os.kill(victim.proc.pid, signal.SIGSTOP)
-    try:
-        seen = _stuck(handle, f"{tag}0", 30)
-        log(f"{tag}: server {victim.port} SIGSTOPped; reported stuck: {seen}")
+    try:  # timed from the freeze on: the stuck phase, the Disconnected one and the first reconnects
         frozen = measure(healthy, changes, gap, f"{tag}-one-frozen")
+        seen = _stuck(handle, f"{tag}0", 1.0)
+        log(f"{tag}: server {victim.port} SIGSTOPped; its session reported stuck: {seen}")
     finally:
         os.kill(victim.proc.pid, signal.SIGCONT)
     close()

@@ -306,7 +306,7 @@ def frozen_phase(servers: list[Server], acts: Actors, arrivals: Arrivals, a: arg
     for key, probe in (("probe", True), ("noprobe", False)):
         out[key] = run_frozen(servers, acts.make,
                               lambda hs: acts.start_all(hs, timeout=600), acts.close, ecflow_spec, measure,
-                              a.frozen, max(20, a.changes // 2), max(a.gap, 0.05), a.poll, probe)
+                              a.frozen, max(40, a.changes // 2), max(a.gap, 0.15), a.poll, probe)
     return out
 
 
@@ -415,7 +415,7 @@ def main() -> int:
           f"main_mib_per_session={f(m['uss_mib_per_session'], 2)} main_cpu_pct_per_session={f(m['cpu_pct_per_session'], 3)} "
           f"light_open_ms_per_session={f(light['open_ms_per_session'])} light_p99_ms={f(light['light_p99_ms'], 0)} "
           f"light_cpu_pct={f(light['cpu_pct'])} actor_per_server_cpu_pct={f(per['cpu_pct_per_actor'], 2)} "
-          f"servers_max={m['servers']} frozen_ratio={f(fr['probe']['ratio'], 2)} "
+          f"servers_max={max(m['servers'], fr.get('probe', {}).get('sessions', 0))} frozen_ratio={f(fr['probe']['ratio'], 2)} "
           f"frozen_ratio_noprobe={f(fr['noprobe']['ratio'], 2)}", flush=True)
     return 0
 
