@@ -48,6 +48,7 @@ by ``sync_local``) and of the session's bookkeeping.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import threading
 import time
@@ -82,6 +83,14 @@ _ENV_LOCK = threading.Lock()  # ECF_CONNECT_TIMEOUT and ECF_CUSTOM_PASSWD are re
 _HANDLE_GONE = "does not exist in server"
 #: seconds between two reads of the zombie list when the server has no news
 ZOMBIE_READ_INTERVAL = 1.0
+
+
+def _login() -> str:
+    """The user name ecFlow's client sends by default (the login name), for the liveness ping."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "flowbus"
 
 
 class EcflowSession(SessionBase):
@@ -129,7 +138,7 @@ class EcflowSession(SessionBase):
         #: the change handle a lost connection left on the server, and that server's ECF_PID
         self._stale_handle: tuple[int, str] | None = None
         self._live = (Liveness(config.host, config.port, probe_timeout=config.probe_timeout,
-                               request_timeout=float(config.request_timeout), user=config.user or "flowbus")
+                               request_timeout=float(config.request_timeout), user=config.user or _login())
                       if config.probe_timeout > 0 and not config.ssl else None)
 
     @property
