@@ -30,7 +30,7 @@ def _stuck(handle: Any, name: str, timeout: float) -> bool:
     return False
 
 
-def run_frozen(servers: list[Server], make_actor: Callable[[str, list[dict[str, Any]]], Any],
+def run_frozen(servers: list[Server], make_actor: Callable[[str, list[dict[str, Any]]], Any], lost: dict[str, float],
                start: Callable[[list[Any]], Any], close: Callable[[], None],
                spec: Callable[..., dict[str, Any]], measure: Callable[..., dict[str, Any]],
                n: int, changes: int, gap: float, poll: float, probe: bool) -> dict[str, Any]:
@@ -45,6 +45,7 @@ def run_frozen(servers: list[Server], make_actor: Callable[[str, list[dict[str, 
     time.sleep(2)
     base = measure(healthy, changes, gap, f"{tag}-base")
     assert victim.proc is not None
+    frozen_at = time.monotonic()
     os.kill(victim.proc.pid, signal.SIGSTOP)
     try:  # timed from the freeze on: the stuck phase, the Disconnected one and the first reconnects
         frozen = measure(healthy, changes, gap, f"{tag}-one-frozen")
@@ -54,6 +55,12 @@ def run_frozen(servers: list[Server], make_actor: Callable[[str, list[dict[str, 
         os.kill(victim.proc.pid, signal.SIGCONT)
     close()
     ratio = frozen["p99_ms"] / base["p99_ms"] if base["p99_ms"] else float("nan")
+    # stuck -> Disconnected: stated bound request-timeout + probe-timeout + poll-interval
+    gone = lost.get(f"{tag}0")
+    disconnected_s = round(gone - frozen_at, 3) if gone is not None and gone >= frozen_at else float("nan")
+    log(f"{tag}: the frozen session's Disconnected arrived {disconnected_s} s after SIGSTOP "
+        f"(bound with the probe: {1 + 0.5 + poll:g} s)")
     log(f"{tag}: healthy p99 {base['p99_ms']:.0f} ms -> {frozen['p99_ms']:.0f} ms with one of {n} frozen "
         f"(ratio {ratio:.2f}); missed {base['missed']} / {frozen['missed']}")
-    return {"sessions": n, "base": base, "frozen": frozen, "ratio": ratio, "reported_stuck": seen}
+    return {"sessions": n, "base": base, "frozen": frozen, "ratio": ratio, "reported_stuck": seen,
+            "disconnected_s": disconnected_s}

@@ -62,6 +62,8 @@ class Arrivals:
         from flowbus.bus import Subscriber
 
         self.first: dict[str, float] = {}
+        #: when each source's first Disconnected arrived
+        self.lost: dict[str, float] = {}
         self.events = 0
         self._stop = threading.Event()
         self._sub = Subscriber(address, "ecflow/", start="live", rcvhwm=1_000_000)
@@ -69,13 +71,15 @@ class Arrivals:
         self._thread.start()
 
     def _run(self) -> None:
-        from flowbus.schemas import AttributeChanged
+        from flowbus.schemas import AttributeChanged, Disconnected
 
         while not self._stop.is_set():
             for ev in self._sub.recv_many(0.2):
                 self.events += 1
                 if isinstance(ev, AttributeChanged) and ev.name == "info" and isinstance(ev.value, str):
                     self.first.setdefault(ev.value, time.monotonic())
+                elif isinstance(ev, Disconnected):
+                    self.lost.setdefault(ev.source, time.monotonic())
 
     def close(self) -> None:
         self._stop.set()
@@ -304,7 +308,7 @@ def frozen_phase(servers: list[Server], acts: Actors, arrivals: Arrivals, a: arg
 
     out: dict[str, Any] = {}
     for key, probe in (("probe", True), ("noprobe", False)):
-        out[key] = run_frozen(servers, acts.make,
+        out[key] = run_frozen(servers, acts.make, arrivals.lost,
                               lambda hs: acts.start_all(hs, timeout=600), acts.close, ecflow_spec, measure,
                               a.frozen, max(40, a.changes // 2), max(a.gap, 0.15), a.poll, probe)
     return out
@@ -416,7 +420,8 @@ def main() -> int:
           f"light_open_ms_per_session={f(light['open_ms_per_session'])} light_p99_ms={f(light['light_p99_ms'], 0)} "
           f"light_cpu_pct={f(light['cpu_pct'])} actor_per_server_cpu_pct={f(per['cpu_pct_per_actor'], 2)} "
           f"servers_max={max(m['servers'], fr.get('probe', {}).get('sessions', 0))} frozen_ratio={f(fr['probe']['ratio'], 2)} "
-          f"frozen_ratio_noprobe={f(fr['noprobe']['ratio'], 2)}", flush=True)
+          f"frozen_ratio_noprobe={f(fr['noprobe']['ratio'], 2)} "
+          f"frozen_disconnected_s={f(fr['probe'].get('disconnected_s', nan), 2)}", flush=True)
     return 0
 
 

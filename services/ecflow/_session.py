@@ -34,7 +34,9 @@ millisecond per poll. A server that accepts but never answers would hold it for
 ``request-timeout`` seconds, so every poll and reconnect first pings the server on a socket of
 its own (:mod:`._probe`, GIL released while it waits, ``probe-timeout``): a server that does not
 answer is ``stuck`` (:meth:`EcflowSession.stuck_for`; no client call is made to it, operations
-are refused) and ``Disconnected`` within request-timeout + probe-timeout + poll-interval.
+are refused) and ``Disconnected`` within request-timeout + probe-timeout + poll-interval. A
+server that freezes after answering the probe but before answering the poll's own request still
+holds the GIL for ``request-timeout`` once (see docs/backends/ecflow.md, Limits).
 
 Clean release: ``release()`` (and ``stop()``) ping the server and drop the change handle
 (``ch_drop``) when it answers; a reconnect to the same server (same ECF_PID) drops the handle
