@@ -52,16 +52,21 @@ def printed(call: Callable[[], Any]) -> str:
 
 def parse_handles(text: str) -> dict[int, tuple[str, list[str]]]:
     """``ch_suites`` text as ``{handle: (user, [suite, ...])}``: after the header
-    ``User handle suites``, one line per handle (suites may be none)."""
+    ``User handle suites``, one line per handle (suites may be none); a user's later handles
+    leave the user column out."""
     out: dict[int, tuple[str, list[str]]] = {}
     lines = text.splitlines()
     start = next((i + 1 for i, line in enumerate(lines) if line.split()[:3] == ["User", "handle", "suites"]), None)
     if start is None:
         return out
+    user = ""
     for line in lines[start:]:
         parts = line.split()
-        if len(parts) >= 2 and parts[1].isdigit():
-            out[int(parts[1])] = (parts[0], parts[2:])
+        if parts and parts[0].isdigit():  # the user is printed on its first handle's line only
+            out[int(parts[0])] = (user, parts[1:])
+        elif len(parts) >= 2 and parts[1].isdigit():
+            user = parts[0]
+            out[int(parts[1])] = (user, parts[2:])
     return out
 
 

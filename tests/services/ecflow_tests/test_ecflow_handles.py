@@ -144,6 +144,27 @@ class TestPrinted:
         print("after")  # fd 1 is back where it was
         assert capfd.readouterr().out == "after\n"
 
+    @pytest.mark.timeout(30)
+    def test_every_handle_of_one_user_is_parsed(self, ecf_server: Server, ecflow_session: Session) -> None:
+        """ecFlow prints the user only on a user's first handle line: the later handles are
+        found too, under the same user."""
+        import ecflow
+
+        server = ecf_server()
+        run = ecflow_session(server.port)
+        load_suites(run, server, "s")
+        mine = run.call("ch_register", False, ["s"])
+        other = ecflow.Client("127.0.0.1", str(server.port))
+        other.ch_register(False, [])
+        theirs = other.ch_handle()
+        try:
+            listed = parse_handles(run.call("ch_suites"))
+            assert {mine, theirs} <= set(listed), listed
+            assert listed[mine][0] == listed[theirs][0] != "", listed
+            assert (listed[mine][1], listed[theirs][1]) == (["s"], []), listed
+        finally:
+            other.ch_drop()
+
     def test_capture_restores_fd1_on_error(self, capfd: pytest.CaptureFixture[str]) -> None:
         """What a call writes to fd 1 (C stdio included) is returned; an exception leaves fd 1 where it was."""
         import ctypes
