@@ -317,3 +317,58 @@ class TestClientMethods:
         removed = run.rec.wait_for(lambda es: [e for e in es[n:] if isinstance(e, StateChanged) and e.key == "/p/x"],
                                    10, "deleted task removed")[0]
         assert removed.state is State.UNKNOWN and removed.native == "", show(removed)
+
+
+#: A task under a family whose trigger never holds: the server's own job generation (at begin,
+#: after every command, on its timer) resolves dependencies top-down and stops at the family.
+GATED = """\
+task off
+  defstatus complete
+family held
+  trigger off == aborted
+  task t
+    label info ""
+endfamily
+"""
+
+
+class TestJobGeneration:
+    """``job_generation(path)`` resolves dependencies from ``path`` downwards only (ecFlow's
+    CtsNodeCmd JOB_GEN: ``Jobs(node).generate()``), and only while the server is RUNNING."""
+
+    @pytest.mark.timeout(60)
+    def test_submits_a_task_whose_ancestors_hold_it(self, ecf_server: Server, ecflow_session: Session) -> None:
+        """A task held only by its family's trigger: job_generation on the task submits its job at
+        once (try 1, job file written, the job runs); on the family, on the whole server, and on the
+        task while the server is HALTED or SHUTDOWN, nothing is submitted."""
+        server = ecf_server()
+        run = ecflow_session(server.port)
+        run.call("load", write_suite(server, "g", GATED, {"held/t": "ecflow_client --label=info ran\n"}))
+        run.call("begin_suite", "g")
+        run.rec.wait_for(reached("/g/off", State.COMPLETE), 10, "suite begun")
+        job = server.home / "g" / "held" / "t.job1"
+
+        def untouched(when: str) -> None:
+            states = server_states(server)
+            assert states.get("/g/held/t") == "queued", f"{when}: /g/held/t is {states.get('/g/held/t')}"
+            assert not job.exists(), f"{when}: a job file was written"
+
+        untouched("after begin")
+        for halted in ("halt_server", "shutdown_server"):
+            run.call(halted)
+            run.call("client", "job_generation", "/g/held/t")
+            untouched(f"job_generation on the task after {halted}")
+        run.call("restart_server")
+        untouched("after restart_server")
+        for path in ("/g/held", "/g", ""):  # these honour the family's trigger
+            run.call("client", "job_generation", path)
+            untouched(f"job_generation({path!r})")
+        n = len(run.rec.events)
+        run.call("client", "job_generation", "/g/held/t")
+        # the command returns once the server submitted the job: no wait needed to see it
+        assert server_states(server).get("/g/held/t") in ("submitted", "active", "complete"), server_states(server)
+        assert job.exists() and "--label=info ran" in job.read_text()
+        done = run.rec.wait_for(lambda es: reached("/g/held/t", State.COMPLETE)(es[n:]), 20, "the job ran")
+        assert done.try_no == 1, show(done)
+        assert _label_is("/g/held/t", "info", "ran")(server)
+        assert server_states(server).get("/g/held") == "complete"  # the family's trigger is still false
