@@ -18,18 +18,29 @@ Scenarios, each in fresh processes (multiprocessing spawn) on 127.0.0.1:
   ``publish()`` to the last event received; loss and duplicates are counted per source seq.
 * latency: one event per ms for a few seconds, the event's ``time`` field set to ``time.time_ns()``
   just before sending; each subscriber computes ``time.time_ns() - ev.time`` (one-way, same host).
-* disk: one flowbus batched run with the journal in a temporary directory.
+* default: the default publisher (``batch_max=100``, one ``publish()`` per event), against raw
+  one event per message (``default_ratio``).
+* proxy: raw pyzmq through libzmq's C proxy (``zmq.proxy`` XSUB/XPUB in its own process), the fair
+  brokered baseline (``proxy_ratio`` = flowbus batched / proxy batched).
+* disk: flowbus batched with the journal in a temporary directory, with the default
+  ``journal-fsync = "interval"`` (``disk_ratio``) and with ``"always"`` (``disk_always_ratio``).
+* burst: 3x the publisher's window (``max_unacked``) published at once: back-pressure, counted for
+  loss (``burst_lost``).
 * redis: Redis pub/sub via redis-py, only when ``redis-server`` and ``redis`` are installed.
+  NATS JetStream and Redis Streams are not measured yet (``jetstream_ratio``/``redis_streams_ratio``
+  are ``nan``).
 
 Every number comes from this one run: ratios are flowbus/raw of back-to-back pairs (median over
 ``--reps``; the order alternates per repetition). CPU µs/event per role come from ``getrusage``
 (libzmq I/O threads included; the broker's via psutil); ``foreign`` is the machine's busy CPU not
 ours, in cores (the VM is shared: treat runs with foreign > ~0.3 as noisy). The last line is
 
-    BENCH bus batched_ratio= unbatched_ratio= p50_us= p99_us= lost= redis_ratio= [more keys]
+    BENCH bus batched_ratio= unbatched_ratio= p50_us= p99_us= lost= default_ratio= proxy_ratio=
+    disk_ratio= replayed= burst_lost= jetstream_ratio= redis_streams_ratio= [more keys]
 
-with ``p50_us``/``p99_us`` the flowbus one-way latency through the broker and ``lost`` the events
-missing at flowbus subscribers (by seq, all runs; must be 0: lossless mode).
+with ``p50_us``/``p99_us`` the flowbus one-way latency through the broker, ``lost`` the events
+missing at flowbus subscribers (by seq, all runs; must be 0: lossless mode) and ``replayed`` the
+events subscribers had replayed from the journal (0 in a clean run).
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import _redis
+from _bus_proxy import run_proxy
 from _common import (
     BACKEND,
     BATCH,
@@ -72,11 +84,15 @@ from _common import (
     wait_quiet,
 )
 
+#: the publisher window (max_unacked) of the burst run, which publishes 3x this many events
+BURST_WINDOW = 20_000
+
 # -- raw pyzmq children ---------------------------------------------------------------------------
 
 
-def raw_pub(conn: Connection, nsubs: int, n: int, batch: int, rate: float) -> None:
-    """XPUB publisher: waits for every subscriber's probe subscription, then sends ``n`` events."""
+def raw_pub(conn: Connection, nsubs: int, n: int, batch: int, rate: float, connect: str = "") -> None:
+    """XPUB publisher: waits for every subscriber's probe subscription, then sends ``n`` events
+    (binds, or connects to ``connect``: the C proxy's upstream side)."""
     import msgspec
     import zmq
 
@@ -87,8 +103,12 @@ def raw_pub(conn: Connection, nsubs: int, n: int, batch: int, rate: float) -> No
     sock.sndhwm = 0
     sock.rcvhwm = 0
     sock.linger = 0
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    conn.send(("bound", f"tcp://127.0.0.1:{port}"))
+    if connect:
+        sock.connect(connect)
+        conn.send(("bound", connect))
+    else:
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        conn.send(("bound", f"tcp://127.0.0.1:{port}"))
     seen: set[bytes] = set()
     deadline = time.monotonic() + 30
     while len(seen) < nsubs:
@@ -178,12 +198,14 @@ def raw_sub(conn: Connection, idx: int, endpoint: str, n: int, batch: int, laten
 # -- flowbus children -----------------------------------------------------------------------------
 
 
-def fb_pub(conn: Connection, address: str, n: int, batch_max: int, rate: float) -> None:
-    """A flowbus Publisher with one source; publishes ``n`` events, then waits for every ack."""
+def fb_pub(conn: Connection, address: str, n: int, batch_max: int, rate: float, per_event: bool = False,
+           max_unacked: int = 1_000_000) -> None:
+    """A flowbus Publisher with one source; publishes ``n`` events, then waits for every ack.
+    ``per_event``: one ``publish()`` per event even when ``batch_max`` > 1 (the default publisher)."""
     from flowbus.bus import Publisher
 
     make = _event_factory()
-    pub = Publisher(address, batch_max=batch_max)
+    pub = Publisher(address, batch_max=batch_max, max_unacked=max_unacked, window=min(20_000, max_unacked))
     try:
         pub.open_source(SRC, BACKEND)
         conn.send(("ready",))
@@ -197,7 +219,7 @@ def fb_pub(conn: Connection, address: str, n: int, batch_max: int, rate: float) 
             for i in range(n):
                 _pace(i, t0, period)
                 publish(make(i, 0, tns()))
-        elif batch_max > 1:  # batched: build a list and hand it over at once, as raw batched does
+        elif batch_max > 1 and not per_event:  # batched: build a list and hand it over at once, as raw batched does
             many = pub.publish_many
             for i0 in range(0, n, batch_max):
                 t = tns()
@@ -324,14 +346,15 @@ def run_raw(n: int, nsubs: int, batch: int, rate: float = 0.0, timeout: float = 
 
 
 def run_fb(n: int, nsubs: int, batch_max: int, rate: float = 0.0, journal_dir: str | None = None,
-           timeout: float = 120.0, logdir: str | None = None) -> dict[str, Any]:
+           timeout: float = 120.0, logdir: str | None = None, per_event: bool = False,
+           max_unacked: int = 1_000_000, fsync: str = "interval") -> dict[str, Any]:
     # the embedded default's transport: ipc sockets in a private directory (the kernel is the
     # authentication), with source grants on
     from flowbus.bus import BrokerProcess, ensure_grant_key
     from flowbus.schemas import BusConfig
 
     ipc_dir = tempfile.mkdtemp(prefix="fbbench-ipc-")
-    cfg = BusConfig(ipc_dir=os.path.join(ipc_dir, "bus"),
+    cfg = BusConfig(ipc_dir=os.path.join(ipc_dir, "bus"), journal_fsync=fsync,  # type: ignore[arg-type]
                     grant_key_file=str(ensure_grant_key(os.path.join(ipc_dir, "grant.key"))))
     log_path = os.path.join(logdir, "broker.log") if logdir else None
     bp = BrokerProcess(cfg, journal_dir=journal_dir, log_path=log_path)
@@ -341,12 +364,13 @@ def run_fb(n: int, nsubs: int, batch_max: int, rate: float = 0.0, journal_dir: s
 
         def setup(kids: Children) -> tuple[Connection, list[Connection]]:
             subs = [kids.spawn(fb_sub, address, n, bool(rate), name=f"fb-sub{i}") for i in range(nsubs)]
-            pub = kids.spawn(fb_pub, address, n, batch_max, rate, name="fb-pub")
+            pub = kids.spawn(fb_pub, address, n, batch_max, rate, per_event, max_unacked, name="fb-pub")
             return pub, subs
 
-        kind = "flowbus latency" if rate else f"flowbus {'batched' if batch_max > 1 else 'unbatched'}"
+        mode = "default" if per_event and batch_max > 1 else "batched" if batch_max > 1 else "unbatched"
+        kind = "flowbus latency" if rate else f"flowbus {mode}"
         if journal_dir:
-            kind += " (disk journal)"
+            kind += f" (disk journal, fsync {fsync})"
         assert bp.proc is not None
         return _run(kind, n, nsubs, setup, timeout, broker_pid=bp.proc.pid)
     finally:
@@ -427,6 +451,13 @@ def main() -> int:
                         record(f"raw {mode} {nsubs}sub", run_raw(n, nsubs, b))
                     else:
                         record(f"fb {mode} {nsubs}sub", run_fb(n, nsubs, b, logdir=logdir))
+            # the default publisher (batch_max=100, one publish() per event) against raw one event
+            # per message, and raw through libzmq's C proxy (the fair brokered baseline)
+            gate()
+            record("fb default 1sub", run_fb(n_unb, 1, BATCH, logdir=logdir, per_event=True))
+            for b, n in ((1, n_unb), (BATCH, n_bat)):
+                gate()
+                record(f"proxy {'batched' if b > 1 else 'unbatched'} 1sub", run_proxy(n, 1, b, raw_pub, raw_sub, _run))
         gate()
         record("raw latency", run_raw(n_lat, 1, 1, rate=rate))
         gate()
@@ -438,6 +469,16 @@ def main() -> int:
                 record("fb batched 1sub disk", run_fb(n_disk, 1, BATCH, journal_dir=jdir, logdir=logdir))
             finally:
                 shutil.rmtree(jdir, ignore_errors=True)
+            jdir = tempfile.mkdtemp(prefix="fbbench-journal-")
+            try:
+                gate()
+                record("fb batched 1sub disk always", run_fb(n_disk, 1, BATCH, journal_dir=jdir, logdir=logdir,
+                                                             fsync="always"))
+            finally:
+                shutil.rmtree(jdir, ignore_errors=True)
+        # a burst of 3x the publisher's window (max_unacked): back-pressure, nothing lost
+        gate()
+        record("fb burst 1sub", run_fb(3 * BURST_WINDOW, 1, BATCH, logdir=logdir, max_unacked=BURST_WINDOW))
         if _redis.redis_available():
             try:
                 gate()
@@ -482,6 +523,9 @@ def main() -> int:
     fb_lat = results["fb latency"][0]
     raw_lat = results["raw latency"][0]
     lost = sum(r["lost"] for key, runs in results.items() if key.startswith("fb") for r in runs)
+    replayed = sum(r.get("sub_stats", {}).get("replayed", 0) for key, runs in results.items() if key.startswith("fb")
+                   for r in runs)
+    burst_lost = sum(r["lost"] for r in results.get("fb burst 1sub", []))
     dups = sum(r["dups"] for key, runs in results.items() if key.startswith("fb") for r in runs)
     raw_lost = sum(r["lost"] for key, runs in results.items() if key.startswith("raw") for r in runs)
     resent = sum(r.get("pub_stats", {}).get("resent", 0) for runs in results.values() for r in runs)
@@ -498,9 +542,15 @@ def main() -> int:
 
     batched_ratio = paired("fb batched 1sub", "raw batched 1sub")
     unbatched_ratio = paired("fb unbatched 1sub", "raw unbatched 1sub")
+    default_ratio = _ratio(med("fb default 1sub", "eps"), raw_u)
+    proxy_ratio = _ratio(fb_b, med("proxy batched 1sub", "eps"))
+    disk_ratio = _ratio(disk, raw_b)
     goals = {
-        "batched >= 0.7 x raw": batched_ratio is not None and batched_ratio >= 0.7,
+        "batched >= 0.8 x raw": batched_ratio is not None and batched_ratio >= 0.8,
+        "default >= 0.8 x raw unbatched": default_ratio is not None and default_ratio >= 0.8,
         "unbatched >= 0.6 x raw": unbatched_ratio is not None and unbatched_ratio >= 0.6,
+        "disk batched >= 0.7 x raw": disk_ratio is not None and disk_ratio >= 0.7,
+        "replayed = 0": replayed == 0,
         "p50 <= 200 µs": fb_lat["p50_us"] <= 200,
         "p99 <= 1 ms": fb_lat["p99_us"] <= 1000,
         "zero loss": lost == 0,
@@ -518,6 +568,15 @@ def main() -> int:
         ("p50_us", f"{fb_lat['p50_us']:.0f}"),
         ("p99_us", f"{fb_lat['p99_us']:.0f}"),
         ("lost", str(lost)),
+        ("default_ratio", _fmt(default_ratio)),
+        ("proxy_ratio", _fmt(proxy_ratio)),
+        ("disk_ratio", _fmt(disk_ratio)),
+        ("replayed", str(replayed)),
+        ("burst_lost", str(burst_lost)),
+        ("jetstream_ratio", "nan"),
+        ("redis_streams_ratio", "nan"),
+        ("disk_always_ratio", _fmt(_ratio(med("fb batched 1sub disk always", "eps"), raw_b))),
+        ("proxy_unbatched_ratio", _fmt(_ratio(med("proxy unbatched 1sub", "eps"), raw_u))),
         ("redis_ratio", _fmt(redis_ratio)),
         ("subs4_batched_ratio", _fmt(paired("fb batched 4sub", "raw batched 4sub"))),
         ("subs4_unbatched_ratio", _fmt(paired("fb unbatched 4sub", "raw unbatched 4sub"))),

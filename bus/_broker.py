@@ -37,6 +37,7 @@ from . import _framing as fr
 from ._commands import CommandRouter
 from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
 from ._endpoints import chmod_ipc, ipc_targets, tcp_targets
+from ._fanout import FANOUT_BATCH, Fanout, Item, Run
 from ._grant import check_grant, load_grant_key
 from ._journal import Journal, SourceLog
 from ._queries import Refused, held, limits, replay, snapshot
@@ -45,7 +46,6 @@ log = structlog.get_logger("flowbus.broker")
 
 _DRAIN = 2000  # messages per socket per loop turn, so one busy socket cannot starve the others
 _DRAIN_EVENTS = 20_000  # events per ingest turn: acks go out at least this often
-_FANOUT_BATCH = 100  # events per frame to subscribers: large lists decode slower per event
 _NACK_EVERY = 0.2  # seconds between NACKs for the same source
 #: epochs and seqs a registration may carry (msgpack and the journal hold them as 64-bit ints;
 #: nothing a client sends may push them near that)
@@ -67,7 +67,8 @@ class Broker:
         self.broker_id = uuid.uuid4().hex[:12]
         self.journal = Journal(config.journal_events,
                                journal_dir if journal_dir is not None else config.journal_dir or None,
-                               config.journal_max_bytes, config.forgotten_kept)
+                               config.journal_max_bytes, config.forgotten_kept,
+                               fsync=config.journal_fsync, fsync_interval=config.journal_fsync_interval)
         self.stats: Counter[str] = Counter()
         self.endpoints: dict[str, str] = {}
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyEvent)
@@ -128,6 +129,7 @@ class Broker:
             sock.sndhwm = 0 if sock is not self.xpub else 200_000
             if self._auth is not None:
                 self._auth.apply_server(sock, WRITE_DOMAIN if sock in (self.ingest, self.cmd) else READ_DOMAIN)
+        self._fan = Fanout(self.xpub, self._subs, self.stats)
         self.ingest.router_handover = True  # a publisher's reconnect keeps its routing id
         try:
             targets = ipc_targets(cfg) if cfg.transport == "ipc" else tcp_targets(cfg)
@@ -167,7 +169,7 @@ class Broker:
         damaged = list(getattr(self.journal, "damaged", []) or [])
         if not damaged:
             return
-        out: list[tuple[str, bytes]] = []
+        out: list[Item] = []
         for d in damaged[:1000]:
             where = f"{d.get('path')} offset {d.get('offset')}"
             what = f"source {d.get('source')!r} seq {d.get('seq')}" if d.get("source") else "source unknown"
@@ -223,7 +225,7 @@ class Broker:
     def _drain_ingest(self) -> None:
         sock = self.ingest
         acks: dict[bytes, dict[str, list[int]]] = {}
-        out: list[tuple[str, bytes]] = []
+        out: list[Item] = []
         budget = _DRAIN_EVENTS
         for _ in range(_DRAIN):
             if budget <= 0:
@@ -380,7 +382,7 @@ class Broker:
         self.ingest.send_multipart([ident, fr.NACK, fr.pack([source, epoch, expected])])
 
     def _on_data(self, ident: bytes, body: bytes, acks: dict[bytes, dict[str, list[int]]],
-                 out: list[tuple[str, bytes]]) -> int:
+                 out: list[Item]) -> int:
         """Journal a data frame's new events; returns how many events it carried."""
         frame = fr.unpack_data(body)
         st = self._check_epoch(ident, frame.source, frame.epoch)
@@ -400,12 +402,21 @@ class Broker:
         self.stats["duplicates"] += min(skip, len(frame.payloads))
         first = frame.first_seq + skip
         events: list[Any] | None = None
+        journal, source = self.journal, frame.source
         if len(payloads) > 1:
+            batch = fr.array_header(len(payloads)) + b"".join(payloads)
             try:  # the common case: one C call validates the whole frame
-                events = self._list_decoder.decode(fr.array_header(len(payloads)) + b"".join(payloads))
+                events = self._list_decoder.decode(batch)
             except (msgspec.DecodeError, RecursionError):
                 events = None  # something in it is bad: find out which, event by event
-        journal, source = self.journal, frame.source
+            if events is not None and _whole_run(events, source, first):
+                # journaled and forwarded as the frame it came in: no per-event work but the topic
+                topics = [ev.topic() for ev in events]
+                journal.append_run(st, first, topics, [ev.STATEFUL for ev in events], payloads,
+                                   [ev.key for ev in events])
+                out.append(Run(topics, payloads, batch))
+                self._dirty.add(source)
+                payloads = []
         for i, payload in enumerate(payloads):
             seq = first + i
             try:
@@ -430,7 +441,7 @@ class Broker:
         return len(frame.payloads)
 
     def _on_heartbeat(self, ident: bytes, body: bytes, acks: dict[bytes, dict[str, list[int]]]) -> None:
-        out: list[tuple[str, bytes]] = []
+        out: list[Item] = []
         for source, epoch, last_sent in fr.unpack(body):
             st = self._check_epoch(ident, str(source), int(epoch))
             if st is None:
@@ -447,25 +458,10 @@ class Broker:
 
     # -- fan-out -------------------------------------------------------------------------------------
 
-    def _fanout(self, items: list[tuple[str, bytes]]) -> None:
-        for i in range(0, len(items), _FANOUT_BATCH):
-            self._fanout_frame(items[i:i + _FANOUT_BATCH])
+    def _fanout(self, items: list[Item]) -> None:
+        self._fan.send(items)
 
-    def _fanout_frame(self, items: list[tuple[str, bytes]]) -> None:
-        send = self.xpub.send
-        if len(items) > 1:
-            lcp = os.path.commonprefix([t for t, _ in items])  # noqa: RUF071 - by character, as ZMQ matches topics
-            if not any(len(p) > len(lcp) and p.startswith(lcp) for p in self._subs):
-                send(lcp.encode(), zmq.SNDMORE)
-                send(fr.array_header(len(items)) + b"".join(p for _, p in items))
-                self.stats["published"] += len(items)
-                return
-        for topic, payload in items:
-            send(topic.encode(), zmq.SNDMORE)
-            send(payload)
-        self.stats["published"] += len(items)
-
-    def _emit_own(self, ev: Event, out: list[tuple[str, bytes]]) -> None:
+    def _emit_own(self, ev: Event, out: list[Item]) -> None:
         own = self._own
         assert own is not None
         ev = msgspec.structs.replace(ev, seq=own.last_seq + 1, incarnation=own.epoch, time=time.time_ns())
@@ -501,7 +497,7 @@ class Broker:
         return {s.source: [s.backend, s.epoch, s.last_seq, s.oldest] for s in self.journal.sources.values()}
 
     def _tick(self, now: float) -> None:
-        out: list[tuple[str, bytes]] = []
+        out: list[Item] = []
         limit = self.config.publisher_timeout
         for source, heard in list(self._heard.items()):
             if source not in self._lost and source not in self._gone and now - heard > limit:
@@ -512,6 +508,7 @@ class Broker:
         if out:
             self._fanout(out)
             self.journal.flush()
+        self.journal.sync_due()
         self._tick_no += 1
         full = self._tick_no % FULL_TICK_EVERY == 1 or FULL_TICK_EVERY <= 1
         if full:
@@ -564,7 +561,7 @@ class Broker:
             return {"broker_id": self.broker_id, "schema_version": SCHEMA_VERSION, **self.endpoints,
                     "curve_server_key": self._auth.public_key.decode() if self._auth is not None else None,
                     "journal_events": len(self.journal), "heartbeat_interval": self.config.heartbeat_interval,
-                    "max_frame_bytes": self.config.max_frame_bytes, "fanout_batch": _FANOUT_BATCH,
+                    "max_frame_bytes": self.config.max_frame_bytes, "fanout_batch": FANOUT_BATCH,
                     # where this broker's grant key is (0600: only its owner can read it), so the
                     # owner's Supervisor on this machine need not be told twice; never the key itself
                     "grant_key_file": str(Path(self.config.grant_key_file).expanduser().absolute())
@@ -573,7 +570,7 @@ class Broker:
         if op == "marks":
             return {"sources": self._marks(), "broker_id": self.broker_id}
         if op == "stats":
-            return {"stats": dict(self.stats), "subscriptions": sorted(self._subs),
+            return {"stats": {**self.stats, "journal_fsyncs": self.journal.fsyncs}, "subscriptions": sorted(self._subs),
                     "sources": len(self.journal.sources), "journal_events": len(self.journal),
                     "lost": sorted(self._lost), "broker_id": self.broker_id,
                     "limits": limits(self.journal, self.config, len(self._subs), len(self._heard))}
@@ -590,6 +587,13 @@ class Broker:
         if reason not in self._logged:  # one line per reason, not per frame
             self._logged.add(reason)
             log.warning("broker.frame.dropped", reason=reason, detail=detail[:300])
+
+
+
+def _whole_run(events: list[Any], source: str, first: int) -> bool:
+    """True when ``events`` are ``source``'s seqs ``first``, ``first + 1``, ... (what the frame says)."""
+    return (all(ev.source == source for ev in events)
+            and [ev.seq for ev in events] == list(range(first, first + len(events))))
 
 
 __all__ = ["Broker"]

@@ -1,6 +1,7 @@
 """Publishers: typed events to the broker, gapless per source, retransmitted until acknowledged.
 
-``publish()`` is thread-safe and never blocks: it stamps the envelope, encodes, appends to the
+``publish()`` is thread-safe and blocks only at a full window (``max_unacked``: back-pressure,
+then ``PublishBackedUp``); it stamps the envelope, encodes, appends to the
 source's unacked buffer and wakes the I/O thread, which alone owns the socket. The broker acks
 what it journaled; gaps are NACKed and resent; after a broker restart every source registers
 again and resends what the broker does not have.
@@ -20,13 +21,14 @@ import msgspec
 import structlog
 import zmq
 
-from flowbus.schemas import BusBroken, BusClosed, Event, Fenced, SourceRefused
+from flowbus.schemas import BusBroken, BusClosed, Event, Fenced, PublishBackedUp, SourceRefused
 
 from . import _framing as fr
 from ._curve import ClientCurve
 from ._request import broker_info, connect_dealer, same_host
 
 log = structlog.get_logger("flowbus.publisher")
+_stamp = msgspec.structs.force_setattr
 
 
 @dataclass
@@ -153,7 +155,7 @@ class Publisher:
     def publish(self, event: Event) -> int:
         """Stamp ``seq``/``incarnation``/``time`` and queue the event; returns its seq. When the
         source holds ``max_unacked`` unacknowledged events it waits for the broker (raises
-        ``BusBroken`` after ``block_timeout`` s); nothing published is ever dropped."""
+        ``PublishBackedUp``, a ``BusBroken``, after ``block_timeout`` s); nothing published is ever dropped."""
         with self._acked_cv:
             self._wait_room_locked(event.source, time.monotonic() + self.block_timeout)
             seq = self._queue_locked(event, time.time_ns())
@@ -169,7 +171,7 @@ class Publisher:
         while src.epoch and not src.fenced and not self._closed and len(src.unacked) >= self.max_unacked:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BusBroken(f"source {source!r}: {len(src.unacked)} events not acknowledged by the broker at "
+                raise PublishBackedUp(f"source {source!r}: {len(src.unacked)} events not acknowledged by the broker at "
                                 f"{self.address} within {self.block_timeout:g} s (publisher window full)")
             self._woken = False
             self._wake()  # the I/O thread sends what it can while we wait for acks
@@ -196,7 +198,13 @@ class Publisher:
             raise Fenced(f"source {event.source!r} was fenced by a newer incarnation")
         seq = src.next_seq
         src.next_seq += 1
-        ev = msgspec.structs.replace(event, seq=seq, incarnation=src.epoch, time=event.time or now)
+        # a shallow copy stamped in place: ``structs.replace`` (which re-validates every field) was
+        # a quarter of the publisher's CPU
+        ev = event.__copy__()
+        _stamp(ev, "seq", seq)
+        _stamp(ev, "incarnation", src.epoch)
+        if not event.time:
+            _stamp(ev, "time", now)
         src.unacked.append((seq, self._encoder.encode(ev)))
         return seq
 

@@ -80,6 +80,13 @@ class BusConfig(_Conf, frozen=True):
     journal_max_bytes: int = 256 * 1024 * 1024
     #: tombstones of forgotten resources the broker keeps for late joiners' waits
     forgotten_kept: int = 10_000
+    #: when the on-disk journal is fsynced (it is always written before the publisher's ack):
+    #: ``none`` leaves it to the OS (survives a broker crash, not a machine crash), ``interval``
+    #: at most every ``journal-fsync-interval`` s (a machine crash loses at most that much),
+    #: ``always`` before every ack (nothing acked is lost)
+    journal_fsync: Literal["none", "interval", "always"] = "interval"
+    #: seconds between fsyncs with ``journal-fsync = "interval"``
+    journal_fsync_interval: float = 1.0
     #: largest frame accepted, in bytes (larger messages are refused by the transport itself)
     max_frame_bytes: int = 4 * 1024 * 1024
     #: largest subscription topic accepted, in bytes

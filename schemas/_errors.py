@@ -48,6 +48,11 @@ class BusBroken(BusError):
     """The broker or the transport failed (no reply, connection lost); a retry may help."""
 
 
+class PublishBackedUp(BusBroken):
+    """``publish()`` waited ``block_timeout`` s at a full publisher window (``max_unacked`` events
+    the broker has not acknowledged); nothing was dropped, the event was not queued."""
+
+
 class BusRequestError(BusError):
     """The broker refused a request (unknown source, impossible replay range, bad request)."""
 
