@@ -37,7 +37,7 @@ from . import _framing as fr
 from ._commands import CommandRouter
 from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
 from ._endpoints import chmod_ipc, ipc_targets, tcp_targets
-from ._fanout import FANOUT_BATCH, Fanout, Item, Run
+from ._fanout import FANOUT_BATCH, Fanout, Item, Run, whole_run
 from ._grant import check_grant, load_grant_key
 from ._journal import Journal, SourceLog
 from ._queries import Refused, held, limits, replay, snapshot
@@ -409,7 +409,7 @@ class Broker:
                 events = self._list_decoder.decode(batch)
             except (msgspec.DecodeError, RecursionError):
                 events = None  # something in it is bad: find out which, event by event
-            if events is not None and _whole_run(events, source, first):
+            if events is not None and whole_run(events, source, first):
                 # journaled and forwarded as the frame it came in: no per-event work but the topic
                 topics = [ev.topic() for ev in events]
                 journal.append_run(st, first, topics, [ev.STATEFUL for ev in events], payloads,
@@ -568,7 +568,9 @@ class Broker:
                     if self.config.grant_key_file else "",
                     "commands": self._commands.serving()}
         if op == "marks":
-            return {"sources": self._marks(), "broker_id": self.broker_id}
+            # the tick number: a subscriber acts on these marks once a later tick arrives (sent
+            # after this reply, so after every event the marks name)
+            return {"sources": self._marks(), "broker_id": self.broker_id, "tick": self._tick_no}
         if op == "stats":
             return {"stats": {**self.stats, "journal_fsyncs": self.journal.fsyncs}, "subscriptions": sorted(self._subs),
                     "sources": len(self.journal.sources), "journal_events": len(self.journal),
@@ -588,12 +590,6 @@ class Broker:
             self._logged.add(reason)
             log.warning("broker.frame.dropped", reason=reason, detail=detail[:300])
 
-
-
-def _whole_run(events: list[Any], source: str, first: int) -> bool:
-    """True when ``events`` are ``source``'s seqs ``first``, ``first + 1``, ... (what the frame says)."""
-    return (all(ev.source == source for ev in events)
-            and [ev.seq for ev in events] == list(range(first, first + len(events))))
 
 
 __all__ = ["Broker"]

@@ -102,4 +102,11 @@ class Fanout:
             self.on_sent(n)
 
 
-__all__ = ["FANOUT_BATCH", "Fanout", "Item", "Run"]
+def whole_run(events: list[Any], source: str, first: int) -> bool:
+    """True when ``events`` (a frame's, decoded) are ``source``'s seqs ``first``, ``first + 1``, ...:
+    what the frame's header says, so the frame can be a :class:`Run`."""
+    return (all(ev.source == source for ev in events)
+            and [ev.seq for ev in events] == list(range(first, first + len(events))))
+
+
+__all__ = ["FANOUT_BATCH", "Fanout", "Item", "Run", "whole_run"]

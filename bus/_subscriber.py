@@ -64,6 +64,9 @@ class Subscriber:
         self.broker_id = ""
         self.last_tick = 0.0
         self._tick_no: int | None = None  # the broker's last tick number we saw (None: no base yet)
+        #: marks asked for after a missed tick, with the broker's tick number when it answered:
+        #: acted on at the first tick after that one (see ``_handle``)
+        self._deferred: tuple[int, dict[str, Any]] | None = None
         self.heartbeat_interval = 0.2
         self._out: deque[Event] = deque()
         self._confirmed: dict[str, int] = {}
@@ -224,14 +227,28 @@ class Subscriber:
                 # tick: after a tick we did not get (or a new broker, or none seen yet) it is not enough
                 missed = not full and (changed or self._tick_no is None or tick_no != self._tick_no + 1)
                 self._tick_no = tick_no
+                if changed:
+                    self._deferred = None
+                elif self._deferred is not None and tick_no > self._deferred[0]:
+                    # this tick left the broker after it answered our marks request, so whatever
+                    # those marks name was sent to us before it: only what is still missing was lost
+                    deferred, self._deferred = self._deferred[1], None
+                    self._on_marks(deferred)
                 if missed:
                     self.stats["ticks_missed"] += 1
                     try:
-                        marks = self._req.call("marks")["sources"]
+                        reply = self._req.call("marks")
                     except BusBroken as exc:
                         log.warning("subscriber.marks.failed", error=str(exc))
                         self._tick_no = -1  # broker numbers ticks from 1: the next delta tick asks again
                         return
+                    at = reply.get("tick")
+                    if isinstance(at, int) and reply.get("broker_id") == broker_id:
+                        # the broker's marks as of now: events up to them may still be on their way
+                        # to us on the publish socket (asking at once replayed them: spurious)
+                        self._deferred = (at, reply["sources"])
+                    else:  # a broker that does not number its marks: act on them now
+                        marks = reply["sources"]
                 self._on_marks(marks)
             return
         self.stats["received"] += 1
