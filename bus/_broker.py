@@ -7,7 +7,6 @@ lost across a broker restart. Gaps from a publisher are NACKed; stale incarnatio
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections import Counter
