@@ -289,7 +289,9 @@ class TestSlowSubscriber:
         got = collect(slow, self.total, timeout=30)
         assert seqs_of(got, "s1") == list(range(1, self.total + 1))
         stats = slow.statistics()
-        assert stats["replayed"] > 0 and stats["gaps"] > 0
+        # lost events come back through a live seq jump (``gaps``) or, when the tail was lost, a
+        # tick's marks: which of the two is timing; that they were replayed is not
+        assert stats["replayed"] > 0
         assert stats["delivered"] + stats["replayed"] == self.total
         assert stats.get("dropped", 0) == 0 and not any(isinstance(e, SubscriberLagged) for e in got)
 
