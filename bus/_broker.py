@@ -45,6 +45,7 @@ log = structlog.get_logger("flowbus.broker")
 
 _DRAIN = 2000  # messages per socket per loop turn, so one busy socket cannot starve the others
 _DRAIN_EVENTS = 20_000  # events per ingest turn: acks go out at least this often
+_DRAIN_SECONDS = 0.05  # and at least this often (a loaded machine: publishers resend after silence)
 _NACK_EVERY = 0.2  # seconds between NACKs for the same source
 #: epochs and seqs a registration may carry (msgpack and the journal hold them as 64-bit ints;
 #: nothing a client sends may push them near that)
@@ -226,8 +227,9 @@ class Broker:
         acks: dict[bytes, dict[str, list[int]]] = {}
         out: list[Item] = []
         budget = _DRAIN_EVENTS
-        for _ in range(_DRAIN):
-            if budget <= 0:
+        turn_end = time.monotonic() + _DRAIN_SECONDS
+        for i in range(_DRAIN):
+            if budget <= 0 or (i & 31 == 31 and time.monotonic() > turn_end):
                 break
             try:
                 ident, *frames = fr.recv_message(sock, zmq.NOBLOCK)

@@ -29,6 +29,7 @@ from ._request import broker_info, connect_dealer, same_host
 
 log = structlog.get_logger("flowbus.publisher")
 _stamp = msgspec.structs.force_setattr
+_RESEND_MAX = 16  # the longest silence before a resend, in multiples of ``retransmit_after``
 
 
 @dataclass
@@ -43,6 +44,9 @@ class _Source:
     welcome: threading.Event = field(default_factory=threading.Event)
     fenced: bool = False
     last_progress: float = 0.0
+    #: seconds of silence before the next resend: ``retransmit_after``, doubled after each resend
+    #: that brought no ack (a broker far behind must not get the window again every second)
+    resend_after: float = 0.0
     #: the session's grant (``[owner, mac]``), sent with every registration; None for a user source
     grant: list[Any] | None = None
     #: why the broker refused this source ("" while it has not)
@@ -339,10 +343,12 @@ class Publisher:
             for s in live:
                 # the broker acknowledged nothing at all for a while although we sent: resend
                 # from the ack point (a broker that is merely behind still acks something)
-                if s.acked < s.sent_upto and silent and now - s.last_progress > self.retransmit_after:
+                wait = max(s.resend_after, self.retransmit_after)
+                if s.acked < s.sent_upto and silent and now - s.last_progress > wait:
                     self.stats["resent"] += s.sent_upto - s.acked
                     s.sent_upto = s.acked
                     s.last_progress = now
+                    s.resend_after = min(2 * wait, _RESEND_MAX * self.retransmit_after)
         if beats:
             sock.send_multipart([fr.HEARTBEAT, fr.pack(beats)])
 
@@ -373,6 +379,7 @@ class Publisher:
                         continue
                     if acked > src.acked:
                         src.last_progress = now
+                        src.resend_after = 0.0
                     src.acked = max(src.acked, acked)
                     while src.unacked and src.unacked[0][0] <= src.acked:
                         src.unacked.popleft()
