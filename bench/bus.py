@@ -27,8 +27,14 @@ Scenarios, each in fresh processes (multiprocessing spawn) on 127.0.0.1:
 * burst: 3x the publisher's window (``max_unacked``) published at once: back-pressure, counted for
   loss (``burst_lost``).
 * redis: Redis pub/sub via redis-py, only when ``redis-server`` and ``redis`` are installed.
-  NATS JetStream and Redis Streams are not measured yet (``jetstream_ratio``/``redis_streams_ratio``
-  are ``nan``).
+* redis streams: Redis Streams with AOF everysec (``bench/_bus_streams.py``), when redis-server
+  and redis-py are installed: ``redis_streams_ratio`` = flowbus disk batched / Streams 100 per
+  entry, ``redis_streams_unbatched_ratio`` = flowbus default publisher / Streams one entry per
+  event (pipelined).
+* jetstream: NATS JetStream, file store (``bench/_bus_jetstream.py``), when nats-server and nats-py
+  are installed: ``jetstream_ratio`` = flowbus disk batched / JetStream 100 per message,
+  ``jetstream_unbatched_ratio`` = flowbus ``batch_max=1`` (memory journal) / JetStream
+  ``publish_async`` one event per message. Missing servers or clients give ``nan``.
 
 Every number comes from this one run: ratios are flowbus/raw of back-to-back pairs (median over
 ``--reps``; the order alternates per repetition). CPU µs/event per role come from ``getrusage``
@@ -58,7 +64,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import _redis
+from _bus_jetstream import jetstream_available, run_jetstream
 from _bus_proxy import run_proxy
+from _bus_streams import run_streams, streams_available
 from _common import (
     BACKEND,
     BATCH,
@@ -385,8 +393,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else a / b
 
 
-def _fmt(x: float | None, nd: int = 2) -> str:
-    return "na" if x is None else f"{x:.{nd}f}"
+def _fmt(x: float | None, nd: int = 2, *, nan: bool = False) -> str:
+    return ("nan" if nan else "na") if x is None else f"{x:.{nd}f}"
 
 
 def main() -> int:
@@ -489,6 +497,26 @@ def main() -> int:
                 log(f"  redis comparison failed: {exc} (redis_ratio=na)")
         else:
             log("  redis: redis-server and/or redis-py not installed: skipped (redis_ratio=na)")
+        if streams_available():
+            try:
+                gate()
+                record("redis streams unbatched 1sub", run_streams(_run, n_unb, 1))
+                gate()
+                record("redis streams batched 1sub", run_streams(_run, n_disk, BATCH))
+            except (BenchError, OSError, ImportError) as exc:  # the comparison is optional
+                log(f"  redis streams comparison failed: {exc} (redis_streams_ratio=nan)")
+        else:
+            log("  redis streams: redis-server and/or redis-py not installed: skipped (redis_streams_ratio=nan)")
+        if jetstream_available():
+            try:
+                gate()
+                record("jetstream unbatched 1sub", run_jetstream(_run, min(n_unb, 30_000), 1))
+                gate()
+                record("jetstream batched 1sub", run_jetstream(_run, n_disk, BATCH))
+            except (BenchError, OSError, ImportError) as exc:  # the comparison is optional
+                log(f"  jetstream comparison failed: {exc} (jetstream_ratio=nan)")
+        else:
+            log("  jetstream: nats-server and/or nats-py not installed: skipped (jetstream_ratio=nan)")
     except BenchError as exc:
         log(f"bench failed: {exc}")
         blog = os.path.join(logdir, "broker.log")
@@ -573,8 +601,11 @@ def main() -> int:
         ("disk_ratio", _fmt(disk_ratio)),
         ("replayed", str(replayed)),
         ("burst_lost", str(burst_lost)),
-        ("jetstream_ratio", "nan"),
-        ("redis_streams_ratio", "nan"),
+        ("jetstream_ratio", _fmt(_ratio(disk, med("jetstream batched 1sub", "eps")), nan=True)),
+        ("jetstream_unbatched_ratio", _fmt(_ratio(fb_u, med("jetstream unbatched 1sub", "eps")), nan=True)),
+        ("redis_streams_ratio", _fmt(_ratio(disk, med("redis streams batched 1sub", "eps")), nan=True)),
+        ("redis_streams_unbatched_ratio", _fmt(_ratio(med("fb default 1sub", "eps"),
+                                                      med("redis streams unbatched 1sub", "eps")), nan=True)),
         ("disk_always_ratio", _fmt(_ratio(med("fb batched 1sub disk always", "eps"), raw_b))),
         ("proxy_unbatched_ratio", _fmt(_ratio(med("proxy unbatched 1sub", "eps"), raw_u))),
         ("redis_ratio", _fmt(redis_ratio)),
