@@ -58,11 +58,13 @@ from .._ops import Operations
 from .._session import Opened, Phase, SessionBase
 from . import _check as check
 from . import _ops_extra  # noqa: F401 - registers file_list and the Mark5 operations on OPS
+from . import _monitor  # noqa: F401 - registers the real-time monitor operations on OPS
 from ._events import JobTrack, Translator
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
 from ._ops import OPS
 from .protocol import (
     STATUS_TERMINAL,
+    ChannelOpened,
     Connection,
     ConnState,
     PacketId,
@@ -71,6 +73,7 @@ from .protocol import (
     StreamKind,
     StreamPacket,
     VersionInfo,
+    channel_data,
     encode,
     encode_int,
     encode_string,
@@ -150,6 +153,12 @@ class GuiserverSession(SessionBase):
         self._probe_sent: float | None = None
         #: direct mode: our listeners and guiServer's back-connections (closed with the connection)
         self._direct_socks: set[socket.socket] = set()
+        #: sub-streams the server has opened (CHANNEL_CONNECTION, or the back-connection accepted) and
+        #: direct mode's back-connections by port: what :meth:`_stream_write` writes to (the monitor)
+        self._open_ports: set[int] = set()
+        self._back: dict[int, socket.socket] = {}
+        #: real-time monitors by sub-stream port (:mod:`._monitor`)
+        self._monitors: dict[int, Any] = {}
         self._threads: list[threading.Thread] = []
         self.setup_path = ""
 
@@ -274,6 +283,11 @@ class GuiserverSession(SessionBase):
         sock, self._sock, self._conn, self._early = self._sock, None, None, None
         socks, self._direct_socks = self._direct_socks, set()
         self._pending.clear()
+        self._open_ports.clear()
+        self._back.clear()
+        for mon in self._monitors.values():
+            mon.lost()
+        self._monitors.clear()
         for s in ([sock] if sock is not None else []) + list(socks):
             _close(s)
         self._cond.notify_all()
@@ -427,6 +441,9 @@ class GuiserverSession(SessionBase):
                         op.done = op.kind is not StreamKind.FRAMED or ev.id in op.terminal
                     self._cond.notify_all()
                     continue
+            if isinstance(ev, ChannelOpened):
+                self._open_ports.add(ev.port)
+                self._cond.notify_all()
             if self._early is not None:
                 self._early.append(ev)
                 continue
@@ -436,6 +453,17 @@ class GuiserverSession(SessionBase):
                 self._cond.notify_all()
 
     # -- sub-stream requests -------------------------------------------------------------------------
+
+    def _stream_write(self, port: int, data: bytes) -> None:
+        """Client -> server bytes on an opened sub-stream: CHANNEL_DATA, or the back-connection. Lock held."""
+        sock = self._back.get(port)
+        if self.config.channelled or sock is None:
+            self._send(channel_data(port, data))
+            return
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            raise BackendUnavailable(f"sub-stream {port} to {self.address}: {exc}") from exc
 
     def _where(self, port: int) -> list[tuple[str, str | int]]:
         """The ``<address>``/``<port>`` fields: direct mode names our loopback listener."""
@@ -470,6 +498,9 @@ class GuiserverSession(SessionBase):
                     if self._conn is not conn:
                         return
                     self._direct_socks.add(sock)
+                    self._back[port] = sock
+                    self._open_ports.add(port)
+                    self._cond.notify_all()
                 sock.settimeout(None)
                 if upload:
                     sock.sendall(upload)
@@ -487,6 +518,7 @@ class GuiserverSession(SessionBase):
             if self._conn is conn:
                 self._log.warning("guiserver.direct.failed", port=port, error=str(exc))
         with self._lock:
+            self._back.pop(port, None)
             if self._conn is conn:
                 op = self._pending.get(port)
                 if op is not None:

@@ -119,6 +119,7 @@ class StreamKind(enum.Enum):
     RAW = "raw"  # [int32 len][bytes] ... ends with a zero length
     SIZED = "sized"  # [int32 size][size bytes] (getFile); a negative size is an error code, no body
     INT = "int"  # one int32 (the sendFile reply)
+    BYTES = "bytes"  # passed through unparsed as StreamItem chunks, never ends by content (the monitor)
 
 
 class ConnState(enum.Enum):
@@ -465,6 +466,8 @@ class Connection:
         stream = self._streams.get(port)
         if stream is None:
             raise BackendProtocolError(f"CHANNEL_DATA for port {port} that no operation expects")
+        if stream.kind is StreamKind.BYTES:
+            return [StreamItem(port, bytes(data))] if data else []
         if stream.done:
             if data:
                 raise BackendProtocolError(f"CHANNEL_DATA for port {port} after its end")

@@ -8,7 +8,9 @@
 * File operations (no reply; ``ls`` streams ``[len][path\\n]`` then 0), GET_JOB_STATUS from
   ``.difxlog`` files, fake DifxStart jobs with scripted outcomes (see :data:`OUTCOMES`) producing
   the packet sequences of docs/protocols/guiserver.md §5.1, DifxStatusMessage relays with progress MJDs,
-  DifxStop, GENERATE_FILELIST (MJDs faked) and Mark5 operations (every unit unreachable).
+  DifxStop, GENERATE_FILELIST (MJDs faked), Mark5 operations (every unit unreachable) and the
+  real-time monitor (START_DIFX_MONITOR: products read from the job's .input/.calc, synthetic
+  integrations while the job runs; :mod:`._monitor`).
 * The ``.difxlog`` is buffered as the real server does: created empty when the job reaches the run
   stage and written when the job ends, so job status says NO_STATUS while it runs and a crash
   loses its lines for good (``difxlog_live=True`` writes each line at once instead).
@@ -46,6 +48,7 @@ from ..guiserver.protocol import PacketId as P
 from ._extra import run_file_list, run_mark5
 from ._jobs import Client, Job, Stream, run_job, run_machines, run_vex2difx
 from ._ls import ls_lines
+from ._monitor import run_monitor
 
 #: scripted job outcomes (choose per job name with ``outcomes={"job_1": "failure"}``)
 OUTCOMES = ("good", "warning", "failure", "partial", "partial_failed", "config_fail", "slow", "no_tools", "silent")
@@ -61,7 +64,7 @@ class GuiserverEmulator:
                  environment: Mapping[str, str] | None = None, outcomes: Mapping[str, str] | None = None,
                  step_delay: float = 0.01, slow_ticks: int = 400, crash_after_job: bool = False,
                  startup_race: bool = False, crash_on_disconnect: bool = False,
-                 restart_delay: float = 0.2, difxlog_live: bool = False) -> None:
+                 restart_delay: float = 0.2, difxlog_live: bool = False, monitor_interval: float = 0.05) -> None:
         self.sandbox = Path(sandbox).resolve()
         self.port = port
         self.difx_base, self.versions, self.user = difx_base, versions, user
@@ -74,6 +77,9 @@ class GuiserverEmulator:
         self.crash_on_disconnect = crash_on_disconnect
         #: write .difxlog lines at once (not the real server: it writes them when the job ends)
         self.difxlog_live = difxlog_live
+        #: real-time monitor: seconds between two synthetic integrations; whether "monitor_server" runs
+        self.monitor_interval = monitor_interval
+        self.monitor_server_up = False
         #: set at every crash (tests wait on it)
         self.crashed = threading.Event()
         self._lock = threading.Lock()
@@ -259,6 +265,8 @@ class GuiserverEmulator:
             self._spawn(run_file_list, self, c, payload)
         elif pid == P.GET_JOB_STATUS:
             self._spawn(self._job_status, c, payload)
+        elif pid == P.START_DIFX_MONITOR:
+            self._spawn(run_monitor, self, c, payload)
 
     def _version(self, c: Client) -> None:
         c.greeted = True
