@@ -36,6 +36,7 @@ from .monitor import (
     MonitorDecoder,
     MonitorEvent,
     MonitorText,
+    Product,
     ProductTable,
     VisibilityBlock,
     encode_close,
@@ -112,7 +113,7 @@ class Monitor:
 
 
 def _monitor(session: GuiserverSession, monitor: object) -> Monitor:
-    mon = session._monitors.get(monitor) if isinstance(monitor, int) else None
+    mon: Monitor | None = session._monitors.get(monitor) if isinstance(monitor, int) else None
     if mon is None:
         raise BackendRejected(f"no real-time monitor {monitor!r} on session {session.name!r} "
                               f"(open: {sorted(session._monitors) or 'none'})")
@@ -200,7 +201,7 @@ def monitor_select(session: GuiserverSession, monitor: int, products: list[int],
         session._require_up("monitor_select")
         mon = _monitor(session, monitor)
         assert mon.table is not None
-        known = {}
+        known: dict[int, Product] = {}
         for p in mon.table.products:  # indices restart each scan; the source's list keeps the first
             known.setdefault(p.index, p)
         missing = [i for i in products if i not in known]

@@ -57,8 +57,10 @@ from flowbus.schemas import (
 from .._ops import Operations
 from .._session import Opened, Phase, SessionBase
 from . import _check as check
-from . import _ops_extra  # noqa: F401 - registers file_list and the Mark5 operations on OPS
-from . import _monitor  # noqa: F401 - registers the real-time monitor operations on OPS
+from . import (
+    _monitor,  # noqa: F401 - registers the real-time monitor operations on OPS
+    _ops_extra,  # noqa: F401 - registers file_list and the Mark5 operations on OPS
+)
 from ._events import JobTrack, Translator
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
 from ._ops import OPS
@@ -120,7 +122,8 @@ class GuiserverSession(SessionBase):
     calc_only=False, wait=True)``, ``machines(input, manager=None, datastreams=None,
     processes=None, threads=None)``, ``start_job(input, function="USNO", force=False, wait=False,
     timeout=None) -> str | dict``, ``stop_job(job)``, ``wait_job(job, timeout=None) -> dict``,
-    ``job_status(pattern) -> list[dict]``, ``jobs() -> dict``. ``jobs`` and ``wait_job`` read the
+    ``job_status(pattern) -> list[dict]``, ``jobs() -> dict``, the real-time monitor
+    (:mod:`._monitor`: ``monitor_start``/``_select``/``_data``/``_stop``, ``monitors``). ``jobs`` and ``wait_job`` read the
     session's own bookkeeping and also work while it is disconnected; every other operation then
     raises ``BackendUnavailable``.
 

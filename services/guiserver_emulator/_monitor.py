@@ -13,7 +13,6 @@ product gets one synthetic integration every ``monitor_interval`` seconds (a del
 from __future__ import annotations
 
 import math
-import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -171,7 +170,7 @@ class Exchange:
 
     def input_path(self, path: str) -> bool:
         if self.emu.monitor_server_up:
-            self.send(encode_text(M.MESSAGE, f"located monitor_server instance: root 1 0 monitor_server 9999\n"))
+            self.send(encode_text(M.MESSAGE, "located monitor_server instance: root 1 0 monitor_server 9999\n"))
         else:
             self.emu.monitor_server_up = True
             self.send(encode_text(M.WARNING, f"monitor_server needs to be started - executing: {self.c.setup} "
@@ -277,6 +276,6 @@ def run_monitor(emu: Any, c: Client, payload: bytes) -> None:
     port = decode_int(payload)
     try:
         s = Stream(c, port, "127.0.0.1")  # the source connects back to the client's peer address
-    except (OSError, socket.timeout):
+    except (TimeoutError, OSError):
         return
     Exchange(emu, c, s, port).run()

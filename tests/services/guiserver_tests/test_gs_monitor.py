@@ -12,7 +12,7 @@ import pytest
 
 from flowbus.schemas import AttributeChanged, BackendProtocolError, BackendRejected, LogLine
 from flowbus.services.guiserver import monitor as mx
-from flowbus.services.guiserver.protocol import PacketId, decode_int
+from flowbus.services.guiserver.protocol import PacketId, decode_int, encode, encode_int
 from flowbus.services.guiserver_emulator import GuiserverEmulator
 from support.guiserver import (
     Host,
@@ -114,9 +114,9 @@ class TestCore:
 
     @pytest.mark.parametrize(("wire", "match"), [
         (mx.encode_data(mx.M.AMPLITUDE_DATA, (0, 2, 1, 1), [1.0]), "2 values"),
-        (mx._HEAD.pack(mx.M.PHASE_DATA, 30) + mx.encode_int(0) + mx.encode_int(1) + b"\0" * 8 + b"not a number!!", "not a number"),
+        (mx._HEAD.pack(mx.M.PHASE_DATA, 30) + encode_int(0) + encode_int(1) + b"\0" * 8 + b"not a number!!", "not a number"),
         (mx._HEAD.pack(mx.M.MESSAGE, -1), "length -1"),
-        (mx.encode_text(mx.M.BEGIN_CORRELATION_PRODUCTS, "") + mx.encode(mx.M.FREQUENCY, b"1234"), "FREQUENCY"),
+        (mx.encode_text(mx.M.BEGIN_CORRELATION_PRODUCTS, "") + encode(mx.M.FREQUENCY, b"1234"), "FREQUENCY"),
     ])
     def test_bad_packets(self, wire: bytes, match: str) -> None:
         """Malformed monitor packets raise BackendProtocolError naming the packet."""
@@ -191,7 +191,7 @@ class TestMonitor:
         """An .input the parser cannot read: the monitor's ERROR is raised and published; it ends."""
         emu, h = _rig(emulator, host, channelled)
         emu.real("/data/exp/bad.input").write_text("# nothing\n")
-        with pytest.raises(BackendRejected, match="problem parsing input file /data/exp/bad.input"):
+        with pytest.raises(BackendRejected, match=r"problem parsing input file /data/exp/bad\.input"):
             h.session.call("monitor_start", "/data/exp/bad.input")
         line = h.rec.wait_for(lambda evs: next((e for e in evs if isinstance(e, LogLine)
                                                 and e.stream == "monitor" and e.level == "error"), None), 10)
@@ -206,7 +206,7 @@ class TestMonitorChecks:
         emu, h = _rig(emulator, host)
         with pytest.raises(BackendRejected, match="allowed"):
             h.session.call("monitor_start", "/etc/x.input")
-        with pytest.raises(BackendRejected, match="not a .input"):
+        with pytest.raises(BackendRejected, match=r"not a \.input"):
             h.session.call("monitor_start", "/data/exp/mon_1.calc")
         mon = h.session.call("monitor_start", JOB)["monitor"]
         sent = len(emu.received)
@@ -220,7 +220,7 @@ class TestMonitorChecks:
 
     def test_times_out_after_job(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
         """After the job ends the source's data thread times out with a WARNING (published)."""
-        emu, h = _rig(emulator, host, outcomes={"mon_1": "slow"}, slow_ticks=30)
+        _emu, h = _rig(emulator, host, outcomes={"mon_1": "slow"}, slow_ticks=30)
         mon = h.session.call("monitor_start", JOB, products=[1])["monitor"]
         h.session.call("start_job", JOB, wait=True)
         h.rec.wait_for(lambda evs: next((e for e in evs if isinstance(e, LogLine) and e.stream == "monitor"
