@@ -122,10 +122,9 @@ class GuiserverSession(SessionBase):
     calc_only=False, wait=True)``, ``machines(input, manager=None, datastreams=None,
     processes=None, threads=None)``, ``start_job(input, function="USNO", force=False, wait=False,
     timeout=None) -> str | dict``, ``stop_job(job)``, ``wait_job(job, timeout=None) -> dict``,
-    ``job_status(pattern) -> list[dict]``, ``jobs() -> dict``, the real-time monitor
-    (:mod:`._monitor`: ``monitor_start``/``_select``/``_data``/``_stop``, ``monitors``). ``jobs`` and ``wait_job`` read the
-    session's own bookkeeping and also work while it is disconnected; every other operation then
-    raises ``BackendUnavailable``.
+    ``job_status(pattern) -> list[dict]``, ``jobs() -> dict``, the real-time monitor's ``monitor_*``
+    (:mod:`._monitor`). ``jobs`` and ``wait_job`` read the session's own bookkeeping and also
+    work while it is disconnected; every other operation then raises ``BackendUnavailable``.
 
     Errors: ``BackendRejected`` (unsafe or invalid argument: nothing was sent),
     ``BackendUnavailable`` (not connected), ``BackendTimeout``, ``UnknownOperation``.
@@ -156,11 +155,9 @@ class GuiserverSession(SessionBase):
         self._probe_sent: float | None = None
         #: direct mode: our listeners and guiServer's back-connections (closed with the connection)
         self._direct_socks: set[socket.socket] = set()
-        #: sub-streams the server has opened (CHANNEL_CONNECTION, or the back-connection accepted) and
-        #: direct mode's back-connections by port: what :meth:`_stream_write` writes to (the monitor)
+        #: sub-streams the server opened; direct back-connections by port (:meth:`_stream_write`); monitors
         self._open_ports: set[int] = set()
         self._back: dict[int, socket.socket] = {}
-        #: real-time monitors by sub-stream port (:mod:`._monitor`)
         self._monitors: dict[int, Any] = {}
         self._threads: list[threading.Thread] = []
         self.setup_path = ""
