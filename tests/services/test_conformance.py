@@ -1,7 +1,7 @@
 """One conformance suite for every backend adapter, run against real backends (the way pykka runs
 each test against every runtime): ecFlow, QCG-PilotJob, soma-workflow (light mode), ctrl_bps with
-Parsl, and the guiServer emulator. The harness (tests/support/conformance.py) gives each backend
-the same small interface; the sessions are driven as a BackendActor drives them: ``session_for``,
+Parsl, the guiServer emulator, and a real guiServer when ``FLOWBUS_GUISERVER_BIN`` names one. The
+harness (tests/support/conformance.py) gives each backend the same small interface; the sessions are driven as a BackendActor drives them: ``session_for``,
 ``start(emit, known={})``, ``poll()`` from one thread, ``stop()``. No Ray, no broker.
 
 Where a backend cannot do something, the test says why in an explicit skip.
@@ -39,7 +39,8 @@ from support.recorder import Recorder, show
 NAME = "conf-s7"
 
 PARAMS = [pytest.param("ecflow", id="ecflow"), pytest.param("qcg", id="qcg", marks=pytest.mark.qcg),
-          pytest.param("soma", id="soma"), pytest.param("wms", id="wms"), pytest.param("guiserver", id="guiserver")]
+          pytest.param("soma", id="soma"), pytest.param("wms", id="wms"), pytest.param("guiserver", id="guiserver"),
+          pytest.param("guiserver-real", id="guiserver-real")]
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -629,7 +629,95 @@ class Guiserver(Backend):
         return out
 
 
+class GuiserverReal(Guiserver):
+    """A real guiServer built from DiFX's source (``FLOWBUS_GUISERVER_BIN``; skipped without it), run
+    as ``tests/support/guiserver.py``'s ``real_server`` fixture runs it (stand-in DiFX tools, loopback
+    only), on a port fixed here so that a session configured before the server starts finds it.
+    ``job_1`` runs until the server dies. The server writes a job's ``.difxlog`` only when the job
+    ends, so :meth:`truth` also counts a job as running while its stand-in ``mpifxcorr`` lives, and
+    as ``unknown`` once its ``.difxlog`` exists with no STATUS line and nothing of it runs (after a
+    crash: the job's processes die with the server's pipes, and the server's buffer is lost)."""
+
+    def __init__(self, tmp: Path) -> None:
+        from support.guiserver import REAL_BIN, RealServer
+
+        if not REAL_BIN:
+            pytest.skip("set FLOWBUS_GUISERVER_BIN to a guiServer built from DiFX's source to run the conformance "
+                        "suite against a real guiServer (docs/backends/guiserver.md)")
+        Backend.__init__(self, tmp)
+        self.port = free_port()
+        fixed = self.port
+
+        class _Fixed(RealServer):
+            def _launch(self) -> RealServer:
+                self.port = fixed  # start() drew a free port; the session was configured with ours
+                return super()._launch()
+
+        self.srv = _Fixed(REAL_BIN, tmp / "real", outcomes={"job_1": "slow"})
+        self.input = str(self.srv.data / "job_1.input")
+        self.health = ("ls", (str(self.srv.data),), {})
+        self._started = False
+
+    def start_backend(self) -> None:
+        if self._started:
+            self.srv.restart()
+            return
+        self.srv.start()
+        self._started = True
+        Path(self.input).write_text("# fake\n")
+
+    def kill_backend(self, session: BackendSession) -> None:
+        if self.srv.alive:
+            self.srv.crash()
+
+    def restart_backend(self) -> None:
+        self.srv.restart()
+
+    def owned_pids(self) -> set[int]:
+        return {self.srv.proc.pid} if self.srv.proc is not None and self.srv.alive else set()
+
+    def close(self) -> list[str]:
+        Backend.close(self)
+        self.srv.stop()
+        return []
+
+    def config(self, name: str) -> SessionConfig:
+        return GuiserverSessionConfig(name=name, host="127.0.0.1", port=self.port, allowed_dirs=[str(self.srv.root)],
+                                      request_timeout=2.0, reconnect_backoff=0.05)
+
+    def make_work(self, session: BackendSession) -> str:
+        session.call("start_job", self.input)
+        wait_until(lambda: self.truth().get("job_1") in self.running, 30, "guiserver (real): job_1 running")
+        return "job_1"
+
+    def change_while_down(self) -> str | None:
+        log = self.srv.data / "job_1.difxlog"
+        with open(log, "a") as fh:
+            fh.write(f"{time.ctime()}   0 mk5manager  STATUS Done  done\n")
+        return "job_1"
+
+    def _running_jobs(self) -> set[str]:
+        names = set()
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info.get("cmdline") or []
+            if "mpifxcorr" in cmd and cmd[-1].startswith(str(self.srv.data)):
+                names.add(Path(cmd[-1]).stem)
+        return names
+
+    def truth(self) -> dict[str, str]:
+        running = self._running_jobs()
+        out: dict[str, str] = dict.fromkeys(running, "active")
+        for log in self.srv.data.glob("*.difxlog"):
+            status = [ln for ln in log.read_text().splitlines() if "  STATUS " in ln]
+            if status:
+                out[log.stem] = _DIFX_STATES.get(status[-1].split("  STATUS ", 1)[1].split()[0], "unknown")
+            elif log.stem not in running:
+                out[log.stem] = "unknown"
+        return out
+
+
 BACKENDS: dict[str, type[Backend]] = {cls.backend: cls for cls in (Ecflow, Qcg, Soma, Wms, Guiserver)}
+BACKENDS["guiserver-real"] = GuiserverReal
 
 
 def harness_for(backend: str, tmp: Path) -> Backend:
