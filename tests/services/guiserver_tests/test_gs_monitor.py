@@ -6,11 +6,19 @@ Every wait is bounded; no sleeps.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import pytest
 
-from flowbus.schemas import AttributeChanged, BackendProtocolError, BackendRejected, LogLine
+from flowbus.schemas import (
+    AttributeChanged,
+    BackendProtocolError,
+    BackendRejected,
+    BackendUnavailable,
+    Connected,
+    LogLine,
+)
 from flowbus.services.guiserver import monitor as mx
 from flowbus.services.guiserver.protocol import PacketId, decode_int, encode, encode_int
 from flowbus.services.guiserver_emulator import GuiserverEmulator
@@ -226,3 +234,30 @@ class TestMonitorChecks:
         h.rec.wait_for(lambda evs: next((e for e in evs if isinstance(e, LogLine) and e.stream == "monitor"
                                          and "timed out" in e.message), None), 10, "monitor time-out warning")
         assert h.session.call("monitors")[0]["monitor"] == mon
+
+    def test_lost_with_the_connection(self, emulator: Callable[..., GuiserverEmulator],
+                                      host: Callable[..., Host]) -> None:
+        """A server crash ends the monitor: a waiting monitor_data raises BackendUnavailable naming
+        the sub-stream; after the reconnect no monitor is left and its id is refused."""
+        emu, h = _rig(emulator, host)
+        mon = h.session.call("monitor_start", JOB, products=[0])["monitor"]
+        raised: list[BaseException] = []
+
+        def wait_data() -> None:
+            try:
+                h.session.call("monitor_data", mon, 0, 20.0)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                raised.append(exc)
+
+        waiter = threading.Thread(target=wait_data)
+        waiter.start()
+        wait_for(lambda: h.session.call("monitors"), 10, "the monitor to be open")
+        emu.crash()
+        waiter.join(20)
+        assert not waiter.is_alive()
+        assert len(raised) == 1 and isinstance(raised[0], BackendUnavailable), raised
+        assert f"sub-stream {mon}" in str(raised[0])
+        h.rec.wait_for(lambda evs: len([e for e in evs if isinstance(e, Connected)]) >= 2 or None, 10, "reconnected")
+        assert h.session.call("monitors") == []
+        with pytest.raises(BackendRejected, match=f"no real-time monitor {mon}"):
+            h.session.call("monitor_data", mon)
