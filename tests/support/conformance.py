@@ -655,7 +655,7 @@ class GuiserverReal(Guiserver):
 
         self.srv = _Fixed(REAL_BIN, tmp / "real", outcomes={"job_1": "slow"})
         self.input = str(self.srv.data / "job_1.input")
-        self.health = ("ls", (str(self.srv.data),), {})
+        self.health = ("ls", (str(self.srv.data),), {})  # type: ignore[misc]  # the path is known only here
         self._started = False
 
     def start_backend(self) -> None:
