@@ -151,6 +151,14 @@ def _table(mon: Monitor) -> dict[str, Any]:
             "messages": [f"[{m.level}] {m.text}" for m in mon.texts]}
 
 
+def _check_selection(operation: str, products: object, fft_size: object) -> None:
+    if not isinstance(fft_size, int) or isinstance(fft_size, bool) or not 0 <= fft_size <= MAX_FFT or fft_size % 2:
+        raise BackendRejected(f"{operation}: fft_size {fft_size!r} is not an even int in 0..{MAX_FFT}")
+    if not isinstance(products, list) or not products or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in products):
+        raise BackendRejected(f"{operation}: products {products!r} is not a non-empty list of product indices")
+
+
 @OPS.op
 def monitor_start(session: GuiserverSession, input: str, products: list[int] | None = None, fft_size: int = 0,
                   timeout: float | None = None) -> dict[str, Any]:
@@ -164,6 +172,8 @@ def monitor_start(session: GuiserverSession, input: str, products: list[int] | N
     path = _path(session, input, "input")
     if not path.endswith(".input"):
         raise BackendRejected(f"monitor_start: input {path!r} is not a .input file")
+    if products is not None:
+        _check_selection("monitor_start", products, fft_size)
     with session._lock:
         session._require_up("monitor_start")
         from ._session import _Pending  # the session module imports this one's OPS first
@@ -182,7 +192,13 @@ def monitor_start(session: GuiserverSession, input: str, products: list[int] | N
             raise
         out = _table(mon)
     if products:
-        out["selected"] = monitor_select(session, port, products, fft_size, timeout)
+        try:
+            out["selected"] = monitor_select(session, port, products, fft_size, timeout)
+        except BaseException:  # the caller never learns the id: do not leave the monitor open
+            with session._lock:
+                if port in session._monitors:
+                    _stop(session, mon)
+            raise
     return out
 
 
@@ -192,11 +208,7 @@ def monitor_select(session: GuiserverSession, monitor: int, products: list[int],
     """Ask for ``products`` (indices from the table), replacing any earlier selection; returns the
     monitor's answer. ``fft_size`` (even, 0 = twice the channels) sizes the lag plots; it is always
     sent, because the source leaves it unset otherwise."""
-    if not isinstance(fft_size, int) or isinstance(fft_size, bool) or not 0 <= fft_size <= MAX_FFT or fft_size % 2:
-        raise BackendRejected(f"monitor_select: fft_size {fft_size!r} is not an even int in 0..{MAX_FFT}")
-    if not isinstance(products, list) or not products or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in products):
-        raise BackendRejected(f"monitor_select: products {products!r} is not a non-empty list of product indices")
+    _check_selection("monitor_select", products, fft_size)
     with session._lock:
         session._require_up("monitor_select")
         mon = _monitor(session, monitor)

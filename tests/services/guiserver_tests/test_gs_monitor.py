@@ -225,6 +225,12 @@ class TestMonitorChecks:
         with pytest.raises(BackendRejected, match="no real-time monitor 1"):
             h.session.call("monitor_data", 1)
         assert len(emu.received) == sent  # nothing was sent for any of them
+        with pytest.raises(BackendRejected, match="fft_size"):
+            h.session.call("monitor_start", JOB, products=[0], fft_size=3)
+        assert [m["monitor"] for m in h.session.call("monitors")] == [mon]
+        with pytest.raises(BackendRejected, match=r"no product \[99\]"):
+            h.session.call("monitor_start", JOB, products=[99])
+        assert [m["monitor"] for m in h.session.call("monitors")] == [mon]  # the refused one was stopped
 
     def test_times_out_after_job(self, emulator: Callable[..., GuiserverEmulator], host: Callable[..., Host]) -> None:
         """After the job ends the source's data thread times out with a WARNING (published)."""
