@@ -1,5 +1,5 @@
-"""The real-time monitor as operations of :data:`._ops.OPS` (START_DIFX_MONITOR, docs/protocols/guiserver.md
-§5.9; wire format in :mod:`.monitor`).
+"""The real-time monitor as operations of :data:`._ops.OPS` (START_DIFX_MONITOR,
+docs/protocols/guiserver.md §5.9; wire format in :mod:`.monitor`).
 
 What a DiFX user gets, as in the DiFX GUI's real-time monitor: ``monitor_start`` names a job's
 ``.input`` and returns its correlation products (baselines and autocorrelations per frequency and
