@@ -254,15 +254,33 @@ class TestClientMethods:
         assert lists is not None
         (server.home / lists.group(1)).write_text("4.4.14\n*\n")  # everyone may read and write
         run.call("client", "reload_wl_file")
-        for reload in ("reload_passwd_file", "reload_custom_passwd_file"):
-            try:
-                run.call("client", reload)
-            except BackendRejected as exc:  # the server names the password file it could not read
-                assert "passw" in str(exc).lower(), exc
         before = run.call("stats")
         assert "Load definition" in before, before
         run.call("client", "stats_reset")
         assert "Load definition" not in run.call("stats")
+
+    @pytest.mark.timeout(60)
+    def test_password_files_are_read_again(self, ecf_server: Server, ecflow_session: Session) -> None:
+        """reload_custom_passwd_file and reload_passwd_file make the server read its password files:
+        refused naming a missing file, accepted once it exists, and a password file that gives this
+        user a password the client does not send locks the client out (ecFlow's words)."""
+        import getpass
+
+        server = ecf_server()
+        run = ecflow_session(server.port)
+        files = {}
+        for reload, var in (("reload_custom_passwd_file", "ECF_CUSTOM_PASSWD"), ("reload_passwd_file", "ECF_PASSWD")):
+            with pytest.raises(BackendRejected, match=rf"The {var} file (\S+) does not exist") as info:
+                run.call("client", reload)
+            named = re.search(rf"The {var} file (\S+) does not exist", str(info.value))
+            assert named is not None
+            files[reload] = server.home / named.group(1)
+        files["reload_custom_passwd_file"].write_text("4.5.0\n")  # no custom users
+        run.call("client", "reload_custom_passwd_file")
+        files["reload_passwd_file"].write_text(f"4.5.0\n{getpass.getuser()} 127.0.0.1 {server.port} not-sent\n")
+        run.call("client", "reload_passwd_file")
+        with pytest.raises(BackendRejected, match=r"authentication failed"):
+            run.call("client", "ping")
 
     @pytest.mark.timeout(60)
     def test_check_status_and_server_debug(self, ecf_server: Server, ecflow_session: Session) -> None:
