@@ -40,6 +40,7 @@ from ._fanout import FANOUT_BATCH, Fanout, Item, Run, whole_run
 from ._grant import check_grant, load_grant_key
 from ._journal import Journal, SourceLog
 from ._queries import Refused, held, limits, replay, snapshot
+from ._segments import SegmentedJournal
 
 log = structlog.get_logger("flowbus.broker")
 
@@ -65,10 +66,11 @@ class Broker:
     def __init__(self, config: BusConfig, journal_dir: str | None = None) -> None:
         self.config = config
         self.broker_id = uuid.uuid4().hex[:12]
-        self.journal = Journal(config.journal_events,
-                               journal_dir if journal_dir is not None else config.journal_dir or None,
-                               config.journal_max_bytes, config.forgotten_kept,
-                               fsync=config.journal_fsync, fsync_interval=config.journal_fsync_interval)
+        self.journal = SegmentedJournal(config.journal_events,
+                                        journal_dir if journal_dir is not None else config.journal_dir or None,
+                                        config.journal_max_bytes, config.forgotten_kept,
+                                        config.journal_segment_bytes, config.journal_max_age_hours,
+                                        fsync=config.journal_fsync, fsync_interval=config.journal_fsync_interval)
         self.stats: Counter[str] = Counter()
         self.endpoints: dict[str, str] = {}
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyEvent)

@@ -9,6 +9,7 @@ import msgspec
 from flowbus.schemas import BusConfig, Event, SchemaError, decode, snapshot_staleness
 
 from ._journal import Journal
+from ._segments import SegmentedJournal
 
 
 class Refused(Exception):
@@ -46,6 +47,7 @@ def limits(journal: Journal, config: BusConfig, subscriptions: int, heard: int) 
     return {
         "journal_events": {"limit": journal.capacity, "used": len(journal)},
         "journal_file_bytes": {"limit": config.journal_max_bytes, "used": journal.file_bytes()},
+        **({"journal_segments": journal.segment_stats()} if isinstance(journal, SegmentedJournal) else {}),
         "snapshot_slots": {"limit": None, "used": len(journal.snapshot),
                            "bounded_by": "session retention (retain-hours, retain-count)"},
         "forgotten_kept": {"limit": journal.tombstones.kept, "used": len(journal.tombstones.stones),

@@ -75,9 +75,14 @@ class BusConfig(_Conf, frozen=True):
     journal_dir: str = ""
     #: events kept in memory for replay
     journal_events: int = 200_000
-    #: the on-disk journal is rewritten (compacted: registrations, snapshot, ring) when its
-    #: file grows past this many bytes; it never holds more than one compaction's worth
+    #: total size of the on-disk journal's segments; past it the oldest segments are dropped
+    #: (their latest states rewritten into a snapshot segment first)
     journal_max_bytes: int = 256 * 1024 * 1024
+    #: the on-disk journal is a directory of segments; one is closed (and the next started) when
+    #: it holds this many bytes; the oldest are dropped past ``journal_max_bytes`` in total
+    journal_segment_bytes: int = 64 * 1024 * 1024
+    #: a closed segment older than this many hours is dropped too (0 = no age limit)
+    journal_max_age_hours: float = 0.0
     #: tombstones of forgotten resources the broker keeps for late joiners' waits
     forgotten_kept: int = 10_000
     #: when the on-disk journal is fsynced (it is always written before the publisher's ack):
@@ -538,6 +543,9 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
             raise ConfigError(f"{origin}: bus.{key.replace('_', '-')}: port {port} out of range")
     if bus.heartbeat_interval <= 0:
         raise ConfigError(f"{origin}: bus.heartbeat-interval: must be > 0")
+    if bus.journal_max_bytes <= 0 or bus.journal_segment_bytes <= 0 or bus.journal_max_age_hours < 0:
+        raise ConfigError(f"{origin}: bus.journal-max-bytes and bus.journal-segment-bytes must be > 0, "
+                          "bus.journal-max-age-hours >= 0")
     problem = check_rules(cfg.rules, cfg.policies)
     if problem:
         raise ConfigError(f"{origin}: {problem}")

@@ -324,7 +324,7 @@ class TestJournalDamage:
         pub.flush(5)
         pub.close()
         proc.stop()
-        path = Path(proc.journal_dir or "") / "journal.log"
+        path = Path(proc.journal_dir or "") / "journal.000001"
         data = bytearray(path.read_bytes())
         at = data.index(b"j10")  # inside the event record of job j10
         data[at:at + 3] = b"\xff\xfe\xfd"

@@ -145,11 +145,11 @@ class TestKeys:
 class TestJournalFiles:
     @pytest.mark.timeout(60)
     def test_broker_journal_private(self, broker_factory: Any, tmp_path: Path) -> None:
-        """A broker's journal directory is 0700 and its journal.log 0600."""
+        """A broker's journal directory is 0700 and its journal segment 0600."""
         broker_factory()
         journal = tmp_path / "journal0"
         assert mode(journal) == 0o700
-        assert mode(journal / "journal.log") == 0o600
+        assert mode(journal / "journal.000001") == 0o600
 
 
 @pytest.mark.qcg

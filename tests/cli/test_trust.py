@@ -136,7 +136,7 @@ class TestTrustByDefault:
         state = up.state
         assert run["request"].startswith("ipc://"), "the embedded default talks over ipc in the state dir"
         assert oct(state.stat().st_mode & 0o777) == "0o700"
-        for name in ("run.json", "keys/grant.key", "journal/journal.log"):
+        for name in ("run.json", "keys/grant.key", "journal/journal.000001"):
             assert oct((state / name).stat().st_mode & 0o777) == "0o600", name
         broker_pid = int(run["broker_pid"])
         assert not [c for c in psutil.Process(broker_pid).net_connections("inet") if c.status == psutil.CONN_LISTEN], \

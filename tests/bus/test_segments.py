@@ -1,0 +1,209 @@
+"""The broker's on-disk journal in segments: rotation at ``journal-segment-bytes``, the oldest
+dropped past ``journal-max-bytes`` (or ``journal-max-age-hours``) after their latest states went
+into a snapshot segment, gapless replay across segments after a restart, damage in one segment
+reported by file and offset, and ``flowbus stats`` listing the segments."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flowbus.bus._segments import SegmentedJournal, segment_name
+from flowbus.schemas import ErrorEvent, Forgotten, LogLine, State, StateChanged, decode, encode, stamp
+from support.bus import BusFactory, bus_fixture, collect, state  # noqa: F401 - bus_fixture provides `bus`
+
+pytestmark = pytest.mark.timeout(90)
+
+SEGMENT = 8 * 1024
+TOTAL = 32 * 1024
+
+
+def segment_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith("journal.0"))
+
+
+def append(journal: SegmentedJournal, source: str, events: list[StateChanged | LogLine | Forgotten]) -> None:
+    st = journal.sources.get(source) or journal.register(source, "qcg", 1, 0)
+    for ev in events:
+        seq = st.last_seq + 1
+        stamped = stamp(ev, seq=seq, incarnation=st.epoch)
+        journal.append(st, seq, stamped.topic(), stamped.STATEFUL, encode(stamped))
+    journal.flush()
+
+
+def job(key: str, st: State = State.COMPLETE) -> StateChanged:
+    return StateChanged(source="s", backend="qcg", key=key, state=st, detail="x" * 60)
+
+
+def line(n: int) -> LogLine:
+    return LogLine(source="s", backend="qcg", key="log", message=f"line {n} " + "y" * 60)
+
+
+class TestJournalSegments:
+    def test_rotates_drops_the_oldest_and_a_reload_keeps_every_live_state(self, tmp_path: Path) -> None:
+        """Far beyond the limit: several segments, the first ones gone, the total within the
+        limit (plus one segment), and after a reload every state not forgotten and a gapless ring."""
+        journal = SegmentedJournal(100, tmp_path, TOTAL, segment_bytes=SEGMENT)
+        seen: set[str] = set()
+        peak = 0
+        for batch in range(60):
+            append(journal, "s", [job(f"j{batch}"), *[line(batch * 10 + i) for i in range(8)]])
+            seen.add(segment_files(tmp_path)[-1].name)
+            peak = max(peak, sum(p.stat().st_size for p in segment_files(tmp_path)))
+        files = segment_files(tmp_path)
+        assert len(files) >= 3, files
+        assert segment_name(1) not in {p.name for p in files}, "the oldest segments were dropped"
+        assert len(seen) > len(files), "more segments were written than remain"
+        assert peak <= TOTAL + SEGMENT + 2048, peak
+        assert journal.segment_stats()["count"] == len(files) and journal.dropped_segments > 0
+        snapshot = dict(journal.snapshot)
+        last = journal.sources["s"].last_seq
+        journal.close()
+        again = SegmentedJournal(100, tmp_path, TOTAL, segment_bytes=SEGMENT)
+        try:
+            assert again.snapshot == snapshot, "every latest state survives the dropped segments"
+            assert {decode(p).key for _s, _q, p in again.snapshot.values()} == {f"j{b}" for b in range(60)} | {"log"}
+            src = again.sources["s"]
+            assert src.last_seq == last and src.oldest <= last
+            assert [q for q, _t, _p in src.ring] == list(range(src.oldest, last + 1)), "gapless"
+            assert (again.damaged, again.torn_bytes) == ([], 0)
+        finally:
+            again.close()
+
+    def test_forgotten_keys_stay_forgotten_across_a_drop(self, tmp_path: Path) -> None:
+        """A tombstone whose event lived in a dropped segment is carried by the snapshot segment."""
+        journal = SegmentedJournal(10, tmp_path, TOTAL, segment_bytes=SEGMENT)
+        append(journal, "s", [job("a"), job("b"), Forgotten(source="s", backend="qcg", key="a")])
+        for batch in range(40):
+            append(journal, "s", [line(batch * 10 + i) for i in range(9)])
+        assert segment_name(1) not in {p.name for p in segment_files(tmp_path)}
+        journal.close()
+        again = SegmentedJournal(10, tmp_path, TOTAL, segment_bytes=SEGMENT)
+        try:
+            assert {decode(p).key for _s, _q, p in again.snapshot.values()} == {"b", "log"}
+            assert [decode(p).key for p in again.tombstones.under(["qcg/s/"])] == ["a"]
+        finally:
+            again.close()
+
+    def test_age_limit_drops_old_segments(self, tmp_path: Path) -> None:
+        """A closed segment older than ``max_age_hours`` is dropped at the next write, its states kept."""
+        journal = SegmentedJournal(100, tmp_path, 1 << 30, segment_bytes=SEGMENT, max_age_hours=1.0)
+        for batch in range(6):
+            append(journal, "s", [job(f"j{batch}"), *[line(batch * 10 + i) for i in range(8)]])
+        names = [p.name for p in segment_files(tmp_path)]
+        assert len(names) >= 3
+        for seg in journal.segments[:-1]:
+            assert seg.closed is not None
+            seg.closed -= 2 * 3600  # as if closed two hours ago
+        append(journal, "s", [job("late")])
+        files = segment_files(tmp_path)
+        assert len(files) == 2, files  # the snapshot segment and the one being written
+        journal.close()
+        again = SegmentedJournal(100, tmp_path, 1 << 30, segment_bytes=SEGMENT, max_age_hours=1.0)
+        try:
+            assert {decode(p).key for _s, _q, p in again.snapshot.values()} >= {f"j{b}" for b in range(6)} | {"late"}
+        finally:
+            again.close()
+
+    def test_single_file_journal_becomes_a_segment(self, tmp_path: Path) -> None:
+        """A directory holding the earlier ``journal.log`` loads it and rewrites it as a segment."""
+        from flowbus.bus import Journal
+
+        old = Journal(100, tmp_path)
+        append(old, "s", [job("a"), line(1)])  # type: ignore[arg-type]
+        old.close()
+        journal = SegmentedJournal(100, tmp_path, TOTAL, segment_bytes=SEGMENT)
+        try:
+            assert not (tmp_path / "journal.log").exists()
+            assert [p.name for p in segment_files(tmp_path)] == [segment_name(1)]
+            assert [q for q, _t, _p in journal.sources["s"].ring] == [1, 2]
+        finally:
+            journal.close()
+
+
+class TestBrokerSegments:
+    def test_broker_rotates_and_replays_gaplessly_after_a_restart(self, bus: BusFactory) -> None:
+        """A real broker past its limit: several segments, old ones gone, the total bounded;
+        after a restart a subscriber replays every held event in order, and the latest states."""
+        proc = bus.broker_process(journal_max_bytes=TOTAL, journal_segment_bytes=SEGMENT)
+        folder = Path(proc.journal_dir or "")
+        pub = bus.source(proc.address, "s1")
+        for i in range(300):
+            pub.publish(state("s1", f"j{i % 50}", State.ACTIVE, detail=f"{i}-" + "z" * 80))
+            if i % 20 == 19:
+                pub.flush(5)
+        pub.flush(5)
+        files = segment_files(folder)
+        assert len(files) >= 3 and segment_name(1) not in {p.name for p in files}, files
+        assert sum(p.stat().st_size for p in files) <= TOTAL + SEGMENT + 4096
+        pub.close()
+        proc.stop()
+        proc.start()
+        client = bus.client(proc.address)
+        snap = client.snapshot("qcg/s1/")
+        assert {e.key for e in snap.events} == {f"j{k}" for k in range(50)}
+        held = {e.key: e.detail for e in snap.events if isinstance(e, StateChanged)}
+        assert held["j49"].startswith("299-") and held["j0"].startswith("250-")
+        sub = bus.subscriber(proc.address, "qcg/s1/", start="journal")
+        got = [e for e in collect(sub, 300, timeout=10, keep=lambda e: e.source == "s1")]
+        seqs = [e.seq for e in got]
+        assert seqs and seqs == list(range(seqs[0], 301)), "replay across segments is gapless"
+        assert all(not isinstance(e, ErrorEvent) for e in got)
+
+    def test_corrupt_record_in_one_segment_is_reported_and_the_rest_loads(self, bus: BusFactory) -> None:
+        """Flipped bytes in a middle segment: the broker names that file and the offset, and
+        every other event still replays."""
+        proc = bus.broker_process(journal_max_bytes=1 << 30, journal_segment_bytes=SEGMENT)
+        folder = Path(proc.journal_dir or "")
+        pub = bus.source(proc.address, "s1")
+        for i in range(200):
+            pub.publish(state("s1", f"j{i}", detail="w" * 60))
+            if i % 20 == 19:
+                pub.flush(5)
+        pub.flush(5)
+        pub.close()
+        proc.stop()
+        files = segment_files(folder)
+        assert len(files) >= 3, files
+        victim = files[1]
+        data = bytearray(victim.read_bytes())
+        hit = re.search(rb"state/(j\d+)", bytes(data))  # the topic of an event record in the middle segment
+        assert hit is not None
+        key, at = hit.group(1).decode(), hit.start(1)
+        data[at:at + 2] = b"\xff\xfe"
+        victim.write_bytes(bytes(data))
+        proc.start()
+        sub = bus.subscriber(proc.address, "", start="journal")
+        got = collect(sub, 201, timeout=10)  # 199 intact + 1 filler for s1, and the broker's report
+        errors = [e for e in got if isinstance(e, ErrorEvent) and e.error_type == "flowbus.bus.JournalDamaged"]
+        report = [e for e in errors if e.source == "broker"]
+        assert report and victim.name in report[0].message and "offset" in report[0].message, errors
+        keys = {e.key for e in got if isinstance(e, StateChanged) and e.source == "s1"}
+        assert keys == {f"j{i}" for i in range(200)} - {key}
+        seqs = sorted(e.seq for e in got if e.source == "s1")
+        assert seqs == list(range(1, 201)), "the damaged event is a filler; no hole"
+
+    def test_flowbus_stats_lists_the_segments(self, bus: BusFactory) -> None:
+        """``flowbus stats`` shows the segments' count and bytes with their limits."""
+        proc = bus.broker_process(journal_max_bytes=TOTAL, journal_segment_bytes=SEGMENT, journal_max_age_hours=12.0)
+        pub = bus.source(proc.address, "s1")
+        for i in range(120):
+            pub.publish(state("s1", f"j{i}", detail="v" * 80))
+        pub.flush(5)
+        env = {**os.environ, "FLOWBUS_STATE_DIR": str(bus.tmp_path / "state")}
+        deadline = time.monotonic() + 60
+        r = subprocess.run([sys.executable, "-m", "flowbus", "stats", "--json", "--address", proc.address],
+                           capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()), env=env)
+        assert r.returncode == 0, r.stderr
+        segs = json.loads(r.stdout)["limits"]["journal_segments"]
+        files = segment_files(Path(proc.journal_dir or ""))
+        assert segs["count"] == len(files) >= 2
+        assert segs["bytes"] == sum(p.stat().st_size for p in files)
+        assert (segs["segment_bytes"], segs["max_bytes"], segs["max_age_hours"]) == (SEGMENT, TOTAL, 12.0)
