@@ -106,6 +106,7 @@ class SegmentedJournal(Journal):
             damaged += self.damaged
             torn += self.torn_bytes
             seg.size = path.stat().st_size if path.exists() else 0
+            seg.snapshot = not seg.first  # no ring events: a snapshot segment
             if number:
                 self.segments.append(seg)
             else:
@@ -136,7 +137,9 @@ class SegmentedJournal(Journal):
                key: str | None = None) -> None:
         super().append(log_, seq, topic, stateful, payload, key)
         if self._fd is not None:
-            self.segments[-1].first.setdefault(log_.source, seq)
+            cur = self.segments[-1]
+            cur.first.setdefault(log_.source, seq)
+            cur.snapshot = False
 
     def flush(self) -> None:
         """Write what was appended to the newest segment, then rotate and drop as the limits say."""
