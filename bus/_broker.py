@@ -38,7 +38,7 @@ from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
 from ._endpoints import chmod_ipc, ipc_targets, tcp_targets
 from ._fanout import FANOUT_BATCH, Fanout, Item, Run, whole_run
 from ._grant import check_grant, load_grant_key
-from ._journal import Journal, SourceLog
+from ._journal import SourceLog
 from ._queries import Refused, held, limits, replay, snapshot
 from ._segments import SegmentedJournal
 

@@ -152,7 +152,7 @@ class TestBrokerSegments:
         held = {e.key: e.detail for e in snap.events if isinstance(e, StateChanged)}
         assert held["j49"].startswith("299-") and held["j0"].startswith("250-")
         sub = bus.subscriber(proc.address, "qcg/s1/", start="journal")
-        got = [e for e in collect(sub, 300, timeout=10, keep=lambda e: e.source == "s1")]
+        got = collect(sub, 300, timeout=10, keep=lambda e: e.source == "s1")
         seqs = [e.seq for e in got]
         assert seqs and seqs == list(range(seqs[0], 301)), "replay across segments is gapless"
         assert all(not isinstance(e, ErrorEvent) for e in got)
