@@ -1,9 +1,10 @@
 """The broker's on-disk journal as segments: ``journal.000001``, ``journal.000002``, ...
 
 Each segment is a journal file in the format of :mod:`._journal` (header, checksummed records).
-Appends go to the newest segment; once it holds ``segment_bytes`` it is closed and the next one
-started (rotation). When all segments together pass ``max_bytes``, or the oldest closed segment
-was closed more than ``max_age_hours`` ago, the oldest closed segments are dropped: first what
+Appends go to the newest segment; once it holds ``segment_bytes`` (or, with an age limit, once
+it is a quarter of that limit old) it is closed and the next one started (rotation). When all
+segments together pass ``max_bytes``, or the oldest closed segment was closed more than
+``max_age_hours`` ago, the oldest closed segments are dropped: first what
 they hold that is still needed (each source's sequence base, the latest state of every slot that
 was not forgotten, the tombstones) is written as one *snapshot segment* that takes the number of
 the newest dropped segment (a temporary file renamed over it), then the older ones are deleted.
@@ -55,6 +56,8 @@ class Segment:
     size: int = 0
     #: when it was closed (time.time()); None for the segment being written
     closed: float | None = None
+    #: when it was opened (or, for the segment written after a reload, loaded)
+    opened: float = field(default_factory=time.time)
     #: only a snapshot (no ring events): never dropped on its own
     snapshot: bool = False
     #: source -> the seq of its first ring event in this segment
@@ -95,6 +98,8 @@ class SegmentedJournal(Journal):
         damaged: list[dict[str, Any]] = []
         torn = 0
         legacy = folder / _LEGACY
+        for tmp in folder.glob("journal.*.tmp"):  # a drop or compaction cut short: the rename never came
+            tmp.unlink(missing_ok=True)
         files = ([(0, legacy)] if legacy.exists() else []) + numbered
         for number, path in files:
             seg = Segment(number, path, closed=path.stat().st_mtime)
@@ -148,7 +153,10 @@ class SegmentedJournal(Journal):
         super().flush()
         cur = self.segments[-1]
         cur.size = os.fstat(self._fd).st_size
-        if cur.size >= self.segment_bytes:
+        # with an age limit, a segment that fills slowly is closed after a quarter of it, so
+        # nothing stays on disk much longer than the limit
+        aged = self.max_age_hours and time.time() - cur.opened > self.max_age_hours * 900
+        if cur.size >= self.segment_bytes or (aged and cur.first):
             self._rotate()
         self._enforce()
 

@@ -112,6 +112,20 @@ class TestJournalSegments:
         finally:
             again.close()
 
+    def test_a_slowly_filling_segment_is_closed_by_age(self, tmp_path: Path) -> None:
+        """With an age limit, the segment being written is closed once it is a quarter of it old,
+        so a quiet broker's events do not stay in one open segment past the limit."""
+        journal = SegmentedJournal(100, tmp_path, 1 << 30, segment_bytes=1 << 20, max_age_hours=4.0)
+        try:
+            append(journal, "s", [job("a")])
+            assert [p.name for p in segment_files(tmp_path)] == [segment_name(1)]
+            journal.segments[-1].opened -= 3600 + 60  # opened just over an hour ago
+            append(journal, "s", [job("b")])
+            assert [p.name for p in segment_files(tmp_path)] == [segment_name(1), segment_name(2)]
+            assert journal.segments[0].closed is not None
+        finally:
+            journal.close()
+
     def test_single_file_journal_becomes_a_segment(self, tmp_path: Path) -> None:
         """A directory holding the earlier ``journal.log`` loads it and rewrites it as a segment."""
         from flowbus.bus import Journal
