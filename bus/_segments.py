@@ -81,6 +81,11 @@ class SegmentedJournal(Journal):
         self.segments: list[Segment] = []
         self.dropped_segments = 0  # since the broker started
         self._loading: Segment | None = None
+        #: at load: offset of each source's last record in the file being read, and the previous
+        #: file's damage with its sources' last offsets (damage at a segment's end is bridged by
+        #: the source's first record in the next segment)
+        self._here: dict[str, int] = {}
+        self._before: tuple[list[dict[str, Any]], dict[str, int], Path | None] = ([], {}, None)
         super().__init__(capacity, directory, _NEVER, forgotten_kept)
         self._compact_bytes = _NEVER  # the base class never compacts on its own: segments do
         if self.segments:
@@ -107,7 +112,9 @@ class SegmentedJournal(Journal):
             self._path = path
             self.damaged = []
             self._last_off = dict.fromkeys(self.sources, -1)  # a source continues from the previous file
+            self._here = {}
             super()._load()
+            self._before = (self.damaged, self._here, path)
             damaged += self.damaged
             torn += self.torn_bytes
             seg.size = path.stat().st_size if path.exists() else 0
@@ -135,6 +142,23 @@ class SegmentedJournal(Journal):
         elif isinstance(rec, _Event) and self._loading is not None:
             self._loading.first.setdefault(rec.source, rec.seq)
         super()._apply(rec, off)
+        self._here[rec.source] = off
+
+    def _bridge(self, log_: Any, last: int, off: int, epoch: int, seen: bool = True) -> None:
+        """As the base class; on a source's first record in a segment, the damage at the end of
+        the previous segment (after that source's last record there) is the evidence."""
+        spans, lasts, path = self._before
+        carried = [] if log_.source in self._here or path is None else [
+            d for d in spans if d["offset"] > lasts.get(log_.source, -1) and d["source"] in (None, log_.source)]
+        if not carried:
+            super()._bridge(log_, last, off, epoch, seen)
+            return
+        here, current = self.damaged, self._path
+        self.damaged, self._path = carried, path  # the filler events name that file and offset
+        try:
+            super()._bridge(log_, last, _NEVER, epoch, seen=False)
+        finally:
+            self.damaged, self._path = here, current
 
     # -- writing ---------------------------------------------------------------------------------
 

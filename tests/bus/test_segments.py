@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from flowbus.bus._segments import SegmentedJournal, segment_name
@@ -125,6 +127,35 @@ class TestJournalSegments:
             assert journal.segments[0].closed is not None
         finally:
             journal.close()
+
+    def test_damage_at_the_end_of_a_segment_is_bridged_in_the_next(self, tmp_path: Path) -> None:
+        """The last record of a segment flipped: reported with that file and offset, its event a
+        filler, and every event before and after it (in the next segment) still held."""
+        journal = SegmentedJournal(1000, tmp_path, 1 << 30, segment_bytes=SEGMENT)
+        for batch in range(12):
+            append(journal, "s", [job(f"j{batch}"), *[line(batch * 10 + i) for i in range(8)]])
+        last = journal.sources["s"].last_seq
+        journal.close()
+        first = segment_files(tmp_path)[0]
+        data = bytearray(first.read_bytes())
+        pos, start, end = 16, 0, 0
+        while pos < len(data):  # the offsets of the segment's last record
+            length = struct.unpack_from(">I", data, pos)[0]
+            start, end, pos = pos, pos + 8 + length, pos + 8 + length
+        seq = msgpack.unpackb(bytes(data[start + 8:end]))[3]
+        data[end - 5] ^= 0x5A
+        first.write_bytes(bytes(data))
+        again = SegmentedJournal(1000, tmp_path, 1 << 30, segment_bytes=SEGMENT)
+        try:
+            src = again.sources["s"]
+            assert [q for q, _t, _p in src.ring] == list(range(1, last + 1))
+            filler = decode(again.replay(src, seq, seq)[0][2])
+            assert isinstance(filler, ErrorEvent) and filler.error_type == "flowbus.bus.JournalDamaged"
+            assert first.name in filler.message and str(start) in filler.message
+            assert again.damaged == [{"path": str(first), "offset": start, "length": end - start,
+                                      "source": "s", "seq": seq, "reason": "crc"}]
+        finally:
+            again.close()
 
     def test_single_file_journal_becomes_a_segment(self, tmp_path: Path) -> None:
         """A directory holding the earlier ``journal.log`` loads it and rewrites it as a segment."""
