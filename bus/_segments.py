@@ -81,11 +81,11 @@ class SegmentedJournal(Journal):
         self.segments: list[Segment] = []
         self.dropped_segments = 0  # since the broker started
         self._loading: Segment | None = None
-        #: at load: offset of each source's last record in the file being read, and the previous
-        #: file's damage with its sources' last offsets (damage at a segment's end is bridged by
-        #: the source's first record in the next segment)
-        self._here: dict[str, int] = {}
-        self._before: tuple[list[dict[str, Any]], dict[str, int], Path | None] = ([], {}, None)
+        #: at load: (file index, offset) of each source's last record, the files' damage so far
+        #: (damage after a source's last record is bridged by its first record in a later segment)
+        self._file = 0
+        self._where: dict[str, tuple[int, int]] = {}
+        self._earlier: list[tuple[int, dict[str, Any]]] = []
         super().__init__(capacity, directory, _NEVER, forgotten_kept)
         self._compact_bytes = _NEVER  # the base class never compacts on its own: segments do
         if self.segments:
@@ -112,11 +112,19 @@ class SegmentedJournal(Journal):
             self._path = path
             self.damaged = []
             self._last_off = dict.fromkeys(self.sources, -1)  # a source continues from the previous file
-            self._here = {}
+            self._file += 1
+            self.torn_bytes = 0
             super()._load()
-            self._before = (self.damaged, self._here, path)
+            if self.torn_bytes and path != files[-1][1]:
+                # a closed segment never ends mid-record (rotation follows a complete write): its
+                # cut-off tail is damage, which the next segment's records may bridge
+                self.damaged.append({"path": str(path), "offset": path.stat().st_size, "length": self.torn_bytes,
+                                     "source": None, "seq": None, "reason": "torn"})
+                log.warning("journal.record.damaged", **self.damaged[-1])
+                self._rewrite = True
+            self._earlier += [(self._file, d) for d in self.damaged]
             damaged += self.damaged
-            torn += self.torn_bytes
+            torn += self.torn_bytes if path == files[-1][1] else 0
             seg.size = path.stat().st_size if path.exists() else 0
             seg.snapshot = not seg.first  # no ring events: a snapshot segment
             if number:
@@ -142,19 +150,21 @@ class SegmentedJournal(Journal):
         elif isinstance(rec, _Event) and self._loading is not None:
             self._loading.first.setdefault(rec.source, rec.seq)
         super()._apply(rec, off)
-        self._here[rec.source] = off
+        self._where[rec.source] = (self._file, off)
 
     def _bridge(self, log_: Any, last: int, off: int, epoch: int, seen: bool = True) -> None:
-        """As the base class; on a source's first record in a segment, the damage at the end of
-        the previous segment (after that source's last record there) is the evidence."""
-        spans, lasts, path = self._before
-        carried = [] if log_.source in self._here or path is None else [
-            d for d in spans if d["offset"] > lasts.get(log_.source, -1) and d["source"] in (None, log_.source)]
+        """As the base class; on a source's first record in a segment, the damage in earlier
+        segments after that source's last record counts as evidence too."""
+        after = self._where.get(log_.source, (0, -1))
+        carried = [] if after[0] == self._file else [
+            d for f, d in self._earlier if (f, d["offset"]) > after and d["source"] in (None, log_.source)]
         if not carried:
             super()._bridge(log_, last, off, epoch, seen)
             return
         here, current = self.damaged, self._path
-        self.damaged, self._path = carried, path  # the filler events name that file and offset
+        # the filler events name the first damaged file and offset
+        self.damaged = carried + [d for d in here if d["offset"] < off]
+        self._path = Path(carried[0]["path"])
         try:
             super()._bridge(log_, last, _NEVER, epoch, seen=False)
         finally:
