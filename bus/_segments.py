@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,12 +69,15 @@ class SegmentedJournal(Journal):
 
     ``compact_bytes`` is the total limit (``bus.journal-max-bytes``), ``segment_bytes`` the size
     at which a segment is closed, ``max_age_hours`` (0 = none) the age past which a closed segment
-    is dropped. Limits are checked after each flush.
+    is dropped. Limits are checked after each flush. The fsync policy (``bus.journal-fsync``)
+    applies to the segment being written; a segment is synced when it is closed (unless the
+    policy is ``none``), and snapshot and compacted segments are synced before they are renamed in.
     """
 
     def __init__(self, capacity: int = 200_000, directory: str | os.PathLike[str] | None = None,
                  compact_bytes: int = 256 * 1024 * 1024, forgotten_kept: int = 10_000,
-                 segment_bytes: int = 64 * 1024 * 1024, max_age_hours: float = 0.0) -> None:
+                 segment_bytes: int = 64 * 1024 * 1024, max_age_hours: float = 0.0, fsync: str = "none",
+                 fsync_interval: float = 1.0) -> None:
         self.max_bytes = max(1, compact_bytes)
         self.segment_bytes = max(1, min(segment_bytes, self.max_bytes))
         self.max_age_hours = max(0.0, max_age_hours)
@@ -86,7 +89,7 @@ class SegmentedJournal(Journal):
         self._file = 0
         self._where: dict[str, tuple[int, int]] = {}
         self._earlier: list[tuple[int, dict[str, Any]]] = []
-        super().__init__(capacity, directory, _NEVER, forgotten_kept)
+        super().__init__(capacity, directory, _NEVER, forgotten_kept, fsync=fsync, fsync_interval=fsync_interval)
         self._compact_bytes = _NEVER  # the base class never compacts on its own: segments do
         if self.segments:
             cur = self.segments[-1]
@@ -175,9 +178,19 @@ class SegmentedJournal(Journal):
     def append(self, log_: Any, seq: int, topic: str, stateful: bool, payload: bytes,
                key: str | None = None) -> None:
         super().append(log_, seq, topic, stateful, payload, key)
+        self._began(log_.source, seq)
+
+    def append_run(self, log_: Any, first: int, topics: list[str], stateful: list[bool],
+                   payloads: Sequence[bytes], keys: list[str]) -> None:
+        super().append_run(log_, first, topics, stateful, payloads, keys)
+        if topics:
+            self._began(log_.source, first)
+
+    def _began(self, source: str, seq: int) -> None:
+        """The newest segment holds events of ``source`` from ``seq`` on (unless it held some already)."""
         if self._fd is not None:
             cur = self.segments[-1]
-            cur.first.setdefault(log_.source, seq)
+            cur.first.setdefault(source, seq)
             cur.snapshot = False
 
     def flush(self) -> None:
@@ -212,6 +225,8 @@ class SegmentedJournal(Journal):
     def _rotate(self) -> None:
         assert self._fd is not None
         cur = self.segments[-1]
+        if self._unsynced and self.fsync != "none":
+            self._sync()  # a closed segment is synced whole before the next one takes the appends
         os.close(self._fd)
         cur.closed = time.time()
         nxt = Segment(cur.number + 1, cur.path.with_name(segment_name(cur.number + 1)))
@@ -308,6 +323,7 @@ class SegmentedJournal(Journal):
             legacy.unlink()
         os.close(self._fd)
         self._fd = self._open(cur.path)
+        self._unsynced = False  # the rewritten segment was synced before it was renamed in
         size = os.fstat(self._fd).st_size
         self.segments = [Segment(cur.number, cur.path, size,
                                  first={s.source: s.ring[0][0] for s in self.sources.values() if s.ring})]
