@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from support.docs import page_blocks
+from support.up import running_up
 
 FLOWBUS = [sys.executable, "-m", "flowbus"]
 
@@ -28,52 +28,17 @@ def run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[dict[str, str]]:
     """`flowbus up --demo` with its own state dir and random loopback ports; stopped by SIGTERM."""
-    cfg = tmp_path / "flowbus.toml"
-    cfg.write_text(f"""
-state-dir = "{tmp_path / 'state'}"
-[ray]
-namespace = "flowbus-cli-test"
-[metrics]
-port = 0
-[[sessions]]
-backend = "qcg"
-name = "local"
-wd = "{tmp_path / 'qcg'}"
-""")
-    env = {**os.environ, "FLOWBUS_STATE_DIR": str(tmp_path / "state")}
-    env.pop("FLOWBUS_ADDRESS", None)
-    with open(tmp_path / "up.err", "w") as err:  # the child keeps its own copy
-        proc = subprocess.Popen([*FLOWBUS, "up", "--config", str(cfg), "--demo", "--json", "--duration", "240"],
-                                env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-    runfile = tmp_path / "state" / "run.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not runfile.exists() and proc.poll() is None:
-        time.sleep(0.2)  # waiting for another process to reach a state; no event to arm here
-    assert runfile.exists(), f"flowbus up did not start: {(tmp_path / 'up.err').read_text()[-2000:]}"
-    env["UP_PID"] = str(proc.pid)
-    env["UP_ERR"] = str(tmp_path / "up.err")
-    try:
+    with running_up(tmp_path, "flowbus-cli-test", demo=True) as running:
+        env = running.env
+        env["UP_PID"] = str(running.proc.pid)
+        env["UP_ERR"] = str(running.err)
         yield env
-    finally:
-        descendants = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait(10)
-        out = proc.stdout.read() if proc.stdout else ""
-        env["UP_OUT"] = out
-        assert code == 0, f"flowbus up exited {code}: {Path(env['UP_ERR']).read_text()[-2000:]}"
-        shown = [json.loads(line)["type"] for line in out.splitlines() if line.startswith("{")]
-        assert "connected" in shown and "heartbeat" not in shown, "heartbeats are shown only with --heartbeats"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in descendants):
-            time.sleep(0.2)
-        left = [p for p in descendants if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        assert not left, f"flowbus up left processes behind: {left}"
-        assert not runfile.exists(), "the run file must be removed at exit"
+    out = running.stdout
+    assert running.code == 0, f"flowbus up exited {running.code}: {running.err_tail()}"
+    shown = [json.loads(line)["type"] for line in out.splitlines() if line.startswith("{")]
+    assert "connected" in shown and "heartbeat" not in shown, "heartbeats are shown only with --heartbeats"
+    assert not running.left, f"flowbus up left processes behind: {running.left}"
+    assert not (running.state / "run.json").exists(), "the run file must be removed at exit"
 
 
 class TestCliAgainstUp:

@@ -4,18 +4,15 @@ under Ray), from another process; and how an answer is printed."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from flowbus._cli_logs import render
+from support.up import running_up
 
 FLOWBUS = [sys.executable, "-m", "flowbus"]
 
@@ -27,42 +24,10 @@ def run(args: list[str], env: dict[str, str], timeout: float = 90) -> subprocess
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[dict[str, str]]:
     """`flowbus up` with one QCG session, its own state dir; stopped by SIGTERM, nothing left."""
-    cfg = tmp_path / "flowbus.toml"
-    cfg.write_text(f"""
-state-dir = "{tmp_path / 'state'}"
-[ray]
-namespace = "flowbus-cli-logs-test"
-[metrics]
-port = 0
-[[sessions]]
-backend = "qcg"
-name = "local"
-wd = "{tmp_path / 'qcg'}"
-""")
-    env = {**os.environ, "FLOWBUS_STATE_DIR": str(tmp_path / "state")}
-    env.pop("FLOWBUS_ADDRESS", None)
-    with open(tmp_path / "up.err", "w") as err:
-        proc = subprocess.Popen([*FLOWBUS, "up", "--config", str(cfg), "--json", "--duration", "240"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=err)
-    runfile = tmp_path / "state" / "run.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not runfile.exists() and proc.poll() is None:
-        time.sleep(0.2)  # another process reaching a state; no event to arm here
-    try:
-        assert runfile.exists(), f"flowbus up did not start: {(tmp_path / 'up.err').read_text()[-2000:]}"
-        yield env
-    finally:
-        kids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait(10)
-        _, alive = psutil.wait_procs([psutil.Process(p) for p in kids if psutil.pid_exists(p)], timeout=30)
-        assert code == 0, f"flowbus up exited {code}: {(tmp_path / 'up.err').read_text()[-2000:]}"
-        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"left behind: {alive}"
+    with running_up(tmp_path, "flowbus-cli-logs-test") as running:
+        yield running.env
+    assert running.code == 0, f"flowbus up exited {running.code}: {running.err_tail()}"
+    assert not running.left, f"left behind: {running.left}"
 
 
 class TestLogsAgainstUp:

@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from support.dashboard import http_get
+from support.up import running_up
 
 FLOWBUS = [sys.executable, "-m", "flowbus"]
 
@@ -23,29 +23,8 @@ def test_up_serves_the_dashboard_and_flowbus_dashboard_prints_and_serves_it(tmp_
     """`flowbus up` prints the dashboard's URL and writes it to run.json; `flowbus dashboard`
     prints it with the token; the page's API shows the demo's jobs; a job's log is asked of the
     session through the command path; `flowbus dashboard --serve` serves a second one."""
-    cfg = tmp_path / "flowbus.toml"
-    cfg.write_text(f"""
-state-dir = "{tmp_path / 'state'}"
-[ray]
-namespace = "flowbus-dashboard-test"
-[dashboard]
-port = 0
-[[sessions]]
-backend = "qcg"
-name = "local"
-wd = "{tmp_path / 'qcg'}"
-""")
-    env = {**os.environ, "FLOWBUS_STATE_DIR": str(tmp_path / "state")}
-    env.pop("FLOWBUS_ADDRESS", None)
-    with open(tmp_path / "up.err", "w") as err:
-        proc = subprocess.Popen([*FLOWBUS, "up", "--config", str(cfg), "--demo", "--json", "--duration", "240"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
-    runfile = tmp_path / "state" / "run.json"
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and not runfile.exists() and proc.poll() is None:
-            time.sleep(0.2)  # waiting for another process to reach a state; no event to arm here
-        assert runfile.exists(), f"flowbus up did not start: {(tmp_path / 'up.err').read_text()[-2000:]}"
+    with running_up(tmp_path, "flowbus-dashboard-test", extra="[metrics]\nport = 0\n[dashboard]\nport = 0", demo=True) as running:
+        env, runfile = running.env, running.state / "run.json"
         url = json.loads(runfile.read_text())["dashboard"]
         assert url.startswith("http://127.0.0.1:") and url.endswith("/")
         assert f"dashboard at {url}?token=" in (tmp_path / "up.err").read_text()
@@ -92,17 +71,8 @@ wd = "{tmp_path / 'qcg'}"
         finally:
             serve.send_signal(signal.SIGTERM)
             assert serve.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            children = psutil.Process(proc.pid).children(recursive=True)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            psutil.wait_procs(children, timeout=30)
-    assert proc.returncode == 0, (tmp_path / "up.err").read_text()[-2000:]
+    assert running.code == 0, running.err_tail()
+    assert not running.left, f"left behind: {running.left}"
     assert not runfile.exists()
 
 
