@@ -3,69 +3,22 @@ job under the submit path (``<submitPath>/logs/<job>.stdout|.stderr``)."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import psutil
 import pytest
 
 pytest.importorskip("lsst.ctrl.bps.parsl")
 
-from flowbus.schemas import BackendRejected, State, StateChanged, WmsSessionConfig
-from flowbus.services.wms import WmsSession
-from flowbus.services.wms._parsl import PARSL_LOCK
-from support.recorder import Recorder
+from flowbus.schemas import BackendRejected, State, StateChanged
+from support import wms_run as _wr
+from support.wms_run import Running
+
+wms = _wr.wms
 
 pytestmark = pytest.mark.timeout(90)
 
 
-class Running:
-    """A started session with a poll thread, as a BackendActor hosts it."""
-
-    def __init__(self, session: WmsSession) -> None:
-        self.session, self.rec = session, Recorder()
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name=f"test-poll-{session.name}", daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._stop.wait(self.session.poll())
-
-    def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
-        return self.session.call(op, *args, **kwargs)
-
-    def final(self, key: str, timeout: float = 60.0) -> StateChanged:
-        return self.rec.final(key, timeout)
-
-    def halt(self) -> None:
-        self._stop.set()
-        self.thread.join(10)
-
-
-@pytest.fixture
-def wms(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    """Factory: started WmsSessions; stopped at teardown, leaving no child process."""
-    kids_before = {p.pid for p in psutil.Process().children(recursive=True)}
-    made: list[Running] = []
-
-    def make(name: str = "w1", known: dict[str, Any] | None = None, **cfg: Any) -> Running:
-        cfg.setdefault("submit_dir", str(tmp_path / "submit" / name))
-        run = Running(WmsSession(WmsSessionConfig(name=name, **cfg)))
-        run.session.start(run.rec, known or {})
-        run.thread.start()
-        made.append(run)
-        return run
-
-    yield make
-    for run in made:
-        run.halt()
-        run.session.stop()
-    _, alive = psutil.wait_procs([p for p in psutil.Process().children(recursive=True) if p.pid not in kids_before],
-                                 timeout=10)
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"processes left behind: {alive}"
-    assert not PARSL_LOCK.locked()
 
 
 def run_two(w: Running) -> str:
