@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,8 @@ from _common import (
     _event_factory,
     _Tally,
     cpu_s,
+    free_port,
+    server_process,
     wait_for_stop,
 )
 
@@ -113,13 +114,8 @@ def jetstream_available() -> bool:
 
 def run_jetstream(run: Callable[..., dict[str, Any]], n: int, batch: int, timeout: float = 120.0) -> dict[str, Any]:
     """One JetStream scenario (1 subscriber); ``run`` is bench/bus.py's scenario runner."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = tempfile.mkdtemp(prefix="fbbench-nats-")
-    server = subprocess.Popen(["nats-server", "-js", "-sd", store, "-a", "127.0.0.1", "-p", str(port)],  # noqa: S607 - from PATH
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    port, store = free_port(), tempfile.mkdtemp(prefix="fbbench-nats-")
+    with server_process(["nats-server", "-js", "-sd", store, "-a", "127.0.0.1", "-p", str(port)], store) as server:
         _make_stream(port, server)
 
         def setup(kids: Children) -> tuple[Connection, list[Connection]]:
@@ -128,14 +124,6 @@ def run_jetstream(run: Callable[..., dict[str, Any]], n: int, batch: int, timeou
             return pub, subs
 
         return run(f"jetstream {'batched' if batch > 1 else 'unbatched'}", n, 1, setup, timeout, broker_pid=server.pid)
-    finally:
-        server.terminate()
-        try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
-        shutil.rmtree(store, ignore_errors=True)
 
 
 def _make_stream(port: int, server: subprocess.Popen[bytes]) -> None:

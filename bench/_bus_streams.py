@@ -10,11 +10,6 @@ BLOCK`` from the start of the stream (nothing can be missed: the stream is durab
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -24,13 +19,13 @@ from _common import (
     BATCH,
     IDLE_TIMEOUT,
     START_TIMEOUT,
-    BenchError,
     Children,
     _event_factory,
     _Tally,
     cpu_s,
     wait_for_stop,
 )
+from _redis import redis_available, redis_server
 
 STREAM = "flowbus-bench"
 
@@ -104,33 +99,12 @@ def streams_sub(conn: Connection, port: int, n: int) -> None:
 
 
 def streams_available() -> bool:
-    return shutil.which("redis-server") is not None and importlib.util.find_spec("redis") is not None
+    return redis_available()
 
 
 def run_streams(run: Callable[..., dict[str, Any]], n: int, batch: int, timeout: float = 120.0) -> dict[str, Any]:
     """One Redis Streams scenario (1 subscriber); ``run`` is bench/bus.py's scenario runner."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data_dir = tempfile.mkdtemp(prefix="fbbench-redis-")
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir, "--save", "",  # noqa: S607 - from PATH
-         "--appendonly", "yes", "--appendfsync", "everysec"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import redis
-
-        r = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 10
-        while True:  # readiness: the server answers PING
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise BenchError("redis-server did not start") from None
-                time.sleep(0.01)
-        r.close()
+    with redis_server("--appendonly", "yes", "--appendfsync", "everysec") as (port, server):
 
         def setup(kids: Children) -> tuple[Connection, list[Connection]]:
             subs = [kids.spawn(streams_sub, port, n, name="streams-sub")]
@@ -139,11 +113,3 @@ def run_streams(run: Callable[..., dict[str, Any]], n: int, batch: int, timeout:
 
         return run(f"redis streams {'batched' if batch > 1 else 'unbatched (pipelined)'}", n, 1, setup, timeout,
                    broker_pid=server.pid)
-    finally:
-        server.terminate()
-        try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
-        shutil.rmtree(data_dir, ignore_errors=True)

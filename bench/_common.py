@@ -12,9 +12,10 @@ import os
 import resource
 import signal
 import statistics
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
@@ -170,6 +171,35 @@ class Noise:
 
 # -- numbers -------------------------------------------------------------------------------------------
 
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a comparison server the bench starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server_process(argv: list[str], scratch: str = "") -> Iterator[subprocess.Popen[bytes]]:
+    """Run a comparison server (redis-server, nats-server from PATH) for the block; stop it by PID
+    (terminate, then kill after 5 s) and remove its scratch directory."""
+    import shutil
+
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile, ``q`` in 0..100."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
-import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -21,6 +22,8 @@ from _common import (
     _event_factory,
     _Tally,
     cpu_s,
+    free_port,
+    server_process,
     wait_for_stop,
 )
 
@@ -102,6 +105,30 @@ def redis_sub(conn: Connection, port: int, n: int, batch: int) -> None:
 
 
 
+@contextlib.contextmanager
+def redis_server(*args: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A redis-server on 127.0.0.1 and a free port, without snapshots, ready (it answers PING);
+    stopped by PID afterwards. ``args``: more redis-server options."""
+    import redis
+
+    port = free_port()
+    scratch = tempfile.mkdtemp(prefix="fbbench-redis-")
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", scratch, "--save", "", *args]
+    with server_process(argv, scratch) as server:
+        r = redis.Redis(host="127.0.0.1", port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise BenchError("redis-server did not start") from None
+                time.sleep(0.01)  # the server starting; it has nothing to wait on
+        r.close()
+        yield port, server
+
+
 def redis_available() -> bool:
     return shutil.which("redis-server") is not None and importlib.util.find_spec("redis") is not None
 
@@ -109,27 +136,7 @@ def redis_available() -> bool:
 def run_redis(run: Callable[..., dict[str, Any]], n: int, nsubs: int, batch: int,
               timeout: float = 120.0) -> dict[str, Any]:
     """One Redis scenario; ``run`` is bench/bus.py's scenario runner."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",  # noqa: S607 - from PATH
-         "--client-output-buffer-limit", "pubsub", "0", "0", "0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import redis
-
-        r = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 10
-        while True:  # readiness: the server answers PING
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise BenchError("redis-server did not start") from None
-                time.sleep(0.01)
-        r.close()
+    with redis_server("--appendonly", "no", "--client-output-buffer-limit", "pubsub", "0", "0", "0") as (port, server):
 
         def setup(kids: Children) -> tuple[Connection, list[Connection]]:
             subs = [kids.spawn(redis_sub, port, n, batch, name=f"redis-sub{i}") for i in range(nsubs)]
@@ -139,12 +146,5 @@ def run_redis(run: Callable[..., dict[str, Any]], n: int, nsubs: int, batch: int
         res = run(f"redis {'batched' if batch > 1 else 'unbatched (pipelined)'}", n, nsubs, setup, timeout,
                    broker_pid=server.pid)
         return res
-    finally:
-        server.terminate()
-        try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
 
 
