@@ -15,6 +15,15 @@ opens under a new incarnation and resyncs from the journal and its backend. The 
 is then fenced by the broker; when the quarantined actor answers again it is ended once it has
 let go of its sessions (they learn they are fenced at their next publish), or after a grace
 period. It is never told to ``stop()``: that would end backend work the new incarnation adopted.
+
+Rebalancing: when a quarantined actor answers again as restarted by Ray (its node, or room for
+it, came back), it holds nothing; it is told to forget its constructor's sessions, started empty
+and returns to its group. Each watchdog turn then moves sessions back (``_placement.
+rebalance_moves``: home first, then until no two actors of a group differ by two or more), at
+most ``ray.rebalance-per-second``: the old actor hands the session over (no command in flight,
+polls stopped, published events flushed, backend connection released), then the new one opens
+it under a new incarnation and resyncs. ``placement_report()`` lists each move with reason
+``rebalance``.
 """
 
 from __future__ import annotations
@@ -31,13 +40,13 @@ from . import _ray  # noqa: F401  (loopback fences before ray)
 
 # isort: split
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from flowbus.bus import ClientCurve, grant_key_file, load_grant_key, make_grant
 from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession
 
 from ._backend_actor import BackendActor
-from ._placement import ActorPlan, check_fit, make_plan
+from ._placement import ActorPlan, check_fit, make_plan, rebalance_moves
 
 log = structlog.get_logger("flowbus.supervisor")
 
@@ -94,6 +103,12 @@ class SupervisorImpl:
         self.groups: dict[str, str] = {name: p.group for name, p in self.plans.items()}
         self.placement: dict[str, str] = {}
         self.specs: dict[str, dict[str, Any]] = {s["name"]: s for p in self.plans.values() for s in p.specs}
+        #: where the plan put each session (rebalancing moves sessions back there first)
+        self.home: dict[str, str] = {s["name"]: n for n, p in self.plans.items() for s in p.specs}
+        self.rebalance_rate = float(self.config.ray.rebalance_per_second)
+        self._rb_tokens, self._rb_last = 0.0, time.monotonic()
+        self.returned: list[dict[str, Any]] = []
+        self._recreate_next = 0.0
         self.restarts: dict[str, int] = {}
         self.moves: list[dict[str, Any]] = []
         self.quarantined: dict[str, dict[str, Any]] = {}
@@ -188,6 +203,10 @@ class SupervisorImpl:
                        and now - h.failing_since > self.move_after]
         for name, h in failing:
             self._evacuate(name, f"unreachable for {now - (h.failing_since or now):.1f} s")
+        if now >= self._recreate_next:
+            self._recreate_next = now + 5.0
+            self._recreate()
+        self._rebalance(time.monotonic())
 
     def _answer(self, h: _Health, ready: set[Any]) -> tuple[bool, Any]:
         """(answered, info or the exception) for the ping in flight, consuming it when answered."""
@@ -222,6 +241,13 @@ class SupervisorImpl:
         handle = self.actors.get(name)
         if handle is None:
             return
+        with self._lock:
+            owned = [self.specs[s] for s, a in self.placement.items() if a == name]
+        try:  # its constructor's sessions may live elsewhere now: open what it owns today
+            ray.get(handle.reset.remote(owned, {str(s["name"]): self._grant(s) for s in owned}),
+                    timeout=self.start_timeout)
+        except Exception as exc:  # noqa: BLE001 - already started (a command came first): add the missing below
+            log.warning("supervisor.actor.reset_failed", actor=name, error=str(exc)[:300])
         try:
             info = ray.get(handle.start.remote(), timeout=self.start_timeout)
             self._pids[name] = info["pid"]
@@ -299,7 +325,7 @@ class SupervisorImpl:
         elif isinstance(info, BaseException):
             return
         elif not info["started"]:
-            self._retire(name, "restarted by Ray (holds no session)", info)
+            self._reinstate(name, info)
         elif not info["sessions"]:
             self._retire(name, "released its sessions (fenced)", info)
         else:
@@ -307,6 +333,117 @@ class SupervisorImpl:
             q["holding"] = info["sessions"]
             if now - h.reachable_since > max(2 * self.move_after, 10.0):
                 self._retire(name, f"still holds {info['sessions']} after the grace period", info)
+
+    def _reinstate(self, name: str, info: dict[str, Any]) -> None:
+        """A quarantined actor that Ray restarted (its node or room for it returned) holds no
+        session: start it empty and give it back to its group; rebalancing fills it."""
+        with self._lock:
+            q = self.quarantined.get(name)
+        if q is None:
+            return
+        handle = q["handle"]
+        try:
+            ray.get(handle.reset.remote([], {}), timeout=self.start_timeout)
+            info = ray.get(handle.start.remote(), timeout=self.start_timeout)
+        except Exception as exc:  # noqa: BLE001 - not usable: ended as before
+            self._retire(name, f"restarted by Ray, not reinstated: {str(exc)[:200]}", info)
+            return
+        if info["sessions"]:  # never: reset() left it nothing to open
+            self._retire(name, f"restarted by Ray and opened {info['sessions']}", info)
+            return
+        with self._lock:
+            self.quarantined.pop(name, None)
+            self._qhealth.pop(name, None)
+            self.actors[name] = handle
+            self._health[name] = _Health(last_ok=time.monotonic(), info=info)
+            self._pids[name] = info["pid"]
+            self._started_once.add(name)
+            self.returned.append({"actor": name, "quarantined": q["reason"], "time": time.time(), "pid": info["pid"]})
+        log.warning("supervisor.actor.returned", actor=name, pid=info["pid"], quarantined=q["reason"])
+
+    def _recreate(self) -> None:
+        """Create again, empty, each retired actor that fits the alive nodes beside the live ones
+        (its node came back); rebalancing fills it."""
+        with self._lock:
+            gone = [n for n in self.plans if n not in self.actors and n not in self.quarantined]
+            live = {n: self.plans[n] for n in self.actors}
+        if not gone or self.rebalance_rate <= 0:
+            return
+        nodes = ray.nodes()
+        for name in gone:
+            try:
+                check_fit({**live, name: self.plans[name]}, nodes)
+            except ConfigError:
+                continue
+            opts = {**actor_options(self.plans[name], self.config.ray.max_restarts), "get_if_exists": False}
+            handle = None
+            try:  # the retired actor's name may still be taken for a moment: tried again next turn
+                handle = BackendActor.options(**opts).remote(
+                    name, self.broker_address, [], self.curve, poll_workers=self.config.ray.poll_workers,
+                    open_concurrency=self.config.ray.open_concurrency, grants={})
+                info = ray.get(handle.start.remote(), timeout=self.start_timeout)
+            except Exception as exc:  # noqa: BLE001 - logged; tried again next turn
+                log.warning("supervisor.actor.recreate_failed", actor=name, error=str(exc)[:300])
+                if handle is not None:
+                    ray.kill(handle, no_restart=True)
+                continue
+            with self._lock:
+                self.actors[name] = handle
+                self._health[name] = _Health(last_ok=time.monotonic(), info=info)
+                self._pids[name] = info["pid"]
+                self._started_once.add(name)
+                self.returned.append({"actor": name, "quarantined": "retired", "time": time.time(),
+                                      "pid": info["pid"]})
+            live[name] = self.plans[name]
+            log.warning("supervisor.actor.recreated", actor=name, pid=info["pid"])
+
+    def _rebalance(self, now: float) -> None:
+        """Move sessions back toward balance, at most ``rebalance_rate`` per second."""
+        if self.rebalance_rate <= 0:
+            return
+        self._rb_tokens = min(max(1.0, self.rebalance_rate),
+                              self._rb_tokens + (now - self._rb_last) * self.rebalance_rate)
+        self._rb_last = now
+        if self._rb_tokens < 1:
+            return
+        with self._lock:
+            ready = {a for a, h in self._health.items() if a in self.actors and h.failing_since is None
+                     and h.info is not None and h.info.get("started")}
+            moves = rebalance_moves(self.home, dict(self.placement), self.groups, ready, int(self._rb_tokens))
+        for session, frm, to in moves:
+            self._rb_tokens -= 1
+            self._move(session, frm, to, "rebalance")
+        if moves:
+            self._rb_last = time.monotonic()  # the moves' own time is not budget
+
+    def _move(self, session: str, frm: str, to: str, reason: str) -> None:
+        """Hand ``session`` over from ``frm`` (it refuses while a command runs: then it stays) and
+        open it on ``to`` under a new incarnation."""
+        with self._lock:
+            src, dst = self.actors.get(frm), self.actors.get(to)
+        if src is None or dst is None:
+            return
+        t0 = time.monotonic()
+        move: dict[str, Any] = {"session": session, "from": frm, "to": to, "time": time.time(), "reason": reason}
+        try:
+            ray.get(src.hand_over.remote(session, self.start_timeout / 2), timeout=self.start_timeout)
+        except RayTaskError as exc:  # it answered: a command in flight (or not hosted): not moved now
+            log.info("supervisor.move.deferred", session_id=session, frm=frm, error=str(exc.cause)[:200])
+            return
+        except Exception as exc:  # noqa: BLE001 - unreachable: the new incarnation fences it anyway
+            move["hand_over_error"] = str(exc)[:300]
+        spec = self.specs[session]
+        try:
+            ray.get(dst.add_session.remote(spec, self._grant(spec)), timeout=self.start_timeout)
+        except Exception as exc:  # noqa: BLE001 - the session belongs to the target; status shows it
+            move["error"] = str(exc)[:300]
+            log.error("supervisor.session.move_failed", session_id=session, to=to, error=move["error"])
+        move["seconds"] = round(time.monotonic() - t0, 3)
+        with self._lock:
+            self.placement[session] = to
+            self.moves.append(move)
+        log.warning("supervisor.session.moved", session_id=session, frm=frm, to=to, reason=reason,
+                    seconds=move["seconds"])
 
     def _retire(self, name: str, reason: str, info: Any) -> None:
         with self._lock:
@@ -362,14 +499,16 @@ class SupervisorImpl:
         return out
 
     def placement_report(self) -> dict[str, Any]:
-        """Plans (group, resources, node labels), moves, quarantined and retired actors."""
+        """Plans (group, resources, node labels), moves (each with its ``reason``: why the actor was
+        left, or ``rebalance``), quarantined, retired and returned actors, each session's home."""
         with self._lock:
             return {"plans": {n: {"group": p.group, "resources": p.resources, "node_labels": p.node_labels}
                               for n, p in self.plans.items()},
                     "placement": dict(self.placement), "moves": list(self.moves),
                     "quarantined": {n: {"reason": q["reason"], "holding": q.get("holding", [])}
                                     for n, q in self.quarantined.items()},
-                    "retired": list(self.retired), "restarts": dict(self.restarts)}
+                    "retired": list(self.retired), "restarts": dict(self.restarts),
+                    "returned": list(self.returned), "home": dict(self.home)}
 
     def bound(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any]) -> float | None:
         """The operation's own time bound, asked of the actor hosting ``session``."""
