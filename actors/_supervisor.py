@@ -16,9 +16,9 @@ is then fenced by the broker; when the quarantined actor answers again it is end
 let go of its sessions (they learn they are fenced at their next publish), or after a grace
 period. It is never told to ``stop()``: that would end backend work the new incarnation adopted.
 
-Rebalancing: when a quarantined actor answers again as restarted by Ray (its node, or room for
-it, came back), it holds nothing; it is told to forget its constructor's sessions, started empty
-and returns to its group. Each watchdog turn then moves sessions back (``_placement.
+Rebalancing: a retired actor is created again, empty, once ``check_fit`` finds room for it on
+the alive nodes beside the live actors (its node, or capacity, came back). Each watchdog turn
+then moves sessions back (``_placement.
 rebalance_moves``: home first, then until no two actors of a group differ by two or more), at
 most ``ray.rebalance-per-second``: the old actor hands the session over (no command in flight,
 polls stopped, published events flushed, backend connection released), then the new one opens
@@ -325,7 +325,9 @@ class SupervisorImpl:
         elif isinstance(info, BaseException):
             return
         elif not info["started"]:
-            self._reinstate(name, info)
+            # ended, not taken back: it may hold the one slot its group's restarting actor needs;
+            # once the cluster has room for it again beside the live ones, _recreate() makes it anew
+            self._retire(name, "restarted by Ray (holds no session)", info)
         elif not info["sessions"]:
             self._retire(name, "released its sessions (fenced)", info)
         else:
@@ -333,33 +335,6 @@ class SupervisorImpl:
             q["holding"] = info["sessions"]
             if now - h.reachable_since > max(2 * self.move_after, 10.0):
                 self._retire(name, f"still holds {info['sessions']} after the grace period", info)
-
-    def _reinstate(self, name: str, info: dict[str, Any]) -> None:
-        """A quarantined actor that Ray restarted (its node or room for it returned) holds no
-        session: start it empty and give it back to its group; rebalancing fills it."""
-        with self._lock:
-            q = self.quarantined.get(name)
-        if q is None:
-            return
-        handle = q["handle"]
-        try:
-            ray.get(handle.reset.remote([], {}), timeout=self.start_timeout)
-            info = ray.get(handle.start.remote(), timeout=self.start_timeout)
-        except Exception as exc:  # noqa: BLE001 - not usable: ended as before
-            self._retire(name, f"restarted by Ray, not reinstated: {str(exc)[:200]}", info)
-            return
-        if info["sessions"]:  # never: reset() left it nothing to open
-            self._retire(name, f"restarted by Ray and opened {info['sessions']}", info)
-            return
-        with self._lock:
-            self.quarantined.pop(name, None)
-            self._qhealth.pop(name, None)
-            self.actors[name] = handle
-            self._health[name] = _Health(last_ok=time.monotonic(), info=info)
-            self._pids[name] = info["pid"]
-            self._started_once.add(name)
-            self.returned.append({"actor": name, "quarantined": q["reason"], "time": time.time(), "pid": info["pid"]})
-        log.warning("supervisor.actor.returned", actor=name, pid=info["pid"], quarantined=q["reason"])
 
     def _recreate(self) -> None:
         """Create again, empty, each retired actor that fits the alive nodes beside the live ones
@@ -392,8 +367,8 @@ class SupervisorImpl:
                 self._health[name] = _Health(last_ok=time.monotonic(), info=info)
                 self._pids[name] = info["pid"]
                 self._started_once.add(name)
-                self.returned.append({"actor": name, "quarantined": "retired", "time": time.time(),
-                                      "pid": info["pid"]})
+                why = next((r["reason"] for r in reversed(self.retired) if r["actor"] == name), "")
+                self.returned.append({"actor": name, "retired": why, "time": time.time(), "pid": info["pid"]})
             live[name] = self.plans[name]
             log.warning("supervisor.actor.recreated", actor=name, pid=info["pid"])
 
