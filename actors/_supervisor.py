@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -40,13 +39,14 @@ from . import _ray  # noqa: F401  (loopback fences before ray)
 
 # isort: split
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from flowbus.bus import ClientCurve, grant_key_file, load_grant_key, make_grant
 from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession
 
 from ._backend_actor import BackendActor
-from ._placement import ActorPlan, check_fit, make_plan, rebalance_moves
+from ._placement import ActorPlan, check_fit, make_plan
+from ._rebalance import Rebalancer, _Health
 
 log = structlog.get_logger("flowbus.supervisor")
 
@@ -74,17 +74,7 @@ def actor_options(p: ActorPlan, max_restarts: int) -> dict[str, Any]:
     return opts
 
 
-@dataclass
-class _Health:
-    ref: Any = None
-    sent: float = 0.0
-    failing_since: float | None = None
-    last_ok: float = 0.0
-    info: Any = None
-    reachable_since: float | None = None
-
-
-class SupervisorImpl:
+class SupervisorImpl(Rebalancer):
     def __init__(self, config_json: bytes, broker_address: str, curve: Any = None) -> None:
         self.config = msgspec.json.decode(config_json, type=FlowbusConfig)
         self.broker_address = broker_address
@@ -109,6 +99,8 @@ class SupervisorImpl:
         self._rb_tokens, self._rb_last = 0.0, time.monotonic()
         self.returned: list[dict[str, Any]] = []
         self._recreate_next = 0.0
+        self._creating: dict[str, tuple[Any, Any, float]] = {}
+        self._backoff: dict[str, tuple[float, float]] = {}
         self.restarts: dict[str, int] = {}
         self.moves: list[dict[str, Any]] = []
         self.quarantined: dict[str, dict[str, Any]] = {}
@@ -132,6 +124,13 @@ class SupervisorImpl:
             return None
         return make_grant(load_grant_key(self._grant_key_file), str(spec["name"]), str(spec["backend"]))
 
+    def _spawn(self, name: str, specs: list[dict[str, Any]], **extra: Any) -> Any:
+        """Create the BackendActor of plan ``name`` with these sessions (not started)."""
+        opts = {**actor_options(self.plans[name], self.config.ray.max_restarts), **extra}
+        return BackendActor.options(**opts).remote(
+            name, self.broker_address, specs, self.curve, poll_workers=self.config.ray.poll_workers,
+            open_concurrency=self.config.ray.open_concurrency, grants={s["name"]: self._grant(s) for s in specs})
+
     # -- start ---------------------------------------------------------------------------------------
 
     def check_cluster(self) -> None:
@@ -149,11 +148,7 @@ class SupervisorImpl:
             if not self.actors:
                 self.check_cluster()
                 for name, p in self.plans.items():
-                    opts = actor_options(p, self.config.ray.max_restarts)
-                    self.actors[name] = BackendActor.options(**opts).remote(
-                        name, self.broker_address, p.specs, self.curve, poll_workers=self.config.ray.poll_workers,
-                        open_concurrency=self.config.ray.open_concurrency,
-                        grants={s["name"]: self._grant(s) for s in p.specs})
+                    self.actors[name] = self._spawn(name, p.specs)
                     for s in p.specs:
                         self.placement[s["name"]] = name
             handles = dict(self.actors)
@@ -203,7 +198,7 @@ class SupervisorImpl:
                        and now - h.failing_since > self.move_after]
         for name, h in failing:
             self._evacuate(name, f"unreachable for {now - (h.failing_since or now):.1f} s")
-        if now >= self._recreate_next:
+        if now >= self._recreate_next or self._creating:
             self._recreate_next = now + 5.0
             self._recreate()
         self._rebalance(time.monotonic())
@@ -336,90 +331,6 @@ class SupervisorImpl:
             if now - h.reachable_since > max(2 * self.move_after, 10.0):
                 self._retire(name, f"still holds {info['sessions']} after the grace period", info)
 
-    def _recreate(self) -> None:
-        """Create again, empty, each retired actor that fits the alive nodes beside the live ones
-        (its node came back); rebalancing fills it."""
-        with self._lock:
-            gone = [n for n in self.plans if n not in self.actors and n not in self.quarantined]
-            live = {n: self.plans[n] for n in self.actors}
-        if not gone or self.rebalance_rate <= 0:
-            return
-        nodes = ray.nodes()
-        for name in gone:
-            try:
-                check_fit({**live, name: self.plans[name]}, nodes)
-            except ConfigError:
-                continue
-            opts = {**actor_options(self.plans[name], self.config.ray.max_restarts), "get_if_exists": False}
-            handle = None
-            try:  # the retired actor's name may still be taken for a moment: tried again next turn
-                handle = BackendActor.options(**opts).remote(
-                    name, self.broker_address, [], self.curve, poll_workers=self.config.ray.poll_workers,
-                    open_concurrency=self.config.ray.open_concurrency, grants={})
-                info = ray.get(handle.start.remote(), timeout=self.start_timeout)
-            except Exception as exc:  # noqa: BLE001 - logged; tried again next turn
-                log.warning("supervisor.actor.recreate_failed", actor=name, error=str(exc)[:300])
-                if handle is not None:
-                    ray.kill(handle, no_restart=True)
-                continue
-            with self._lock:
-                self.actors[name] = handle
-                self._health[name] = _Health(last_ok=time.monotonic(), info=info)
-                self._pids[name] = info["pid"]
-                self._started_once.add(name)
-                why = next((r["reason"] for r in reversed(self.retired) if r["actor"] == name), "")
-                self.returned.append({"actor": name, "retired": why, "time": time.time(), "pid": info["pid"]})
-            live[name] = self.plans[name]
-            log.warning("supervisor.actor.recreated", actor=name, pid=info["pid"])
-
-    def _rebalance(self, now: float) -> None:
-        """Move sessions back toward balance, at most ``rebalance_rate`` per second."""
-        if self.rebalance_rate <= 0:
-            return
-        self._rb_tokens = min(max(1.0, self.rebalance_rate),
-                              self._rb_tokens + (now - self._rb_last) * self.rebalance_rate)
-        self._rb_last = now
-        if self._rb_tokens < 1:
-            return
-        with self._lock:
-            ready = {a for a, h in self._health.items() if a in self.actors and h.failing_since is None
-                     and h.info is not None and h.info.get("started")}
-            moves = rebalance_moves(self.home, dict(self.placement), self.groups, ready, int(self._rb_tokens))
-        for session, frm, to in moves:
-            self._rb_tokens -= 1
-            self._move(session, frm, to, "rebalance")
-        if moves:
-            self._rb_last = time.monotonic()  # the moves' own time is not budget
-
-    def _move(self, session: str, frm: str, to: str, reason: str) -> None:
-        """Hand ``session`` over from ``frm`` (it refuses while a command runs: then it stays) and
-        open it on ``to`` under a new incarnation."""
-        with self._lock:
-            src, dst = self.actors.get(frm), self.actors.get(to)
-        if src is None or dst is None:
-            return
-        t0 = time.monotonic()
-        move: dict[str, Any] = {"session": session, "from": frm, "to": to, "time": time.time(), "reason": reason}
-        try:
-            ray.get(src.hand_over.remote(session, self.start_timeout / 2), timeout=self.start_timeout)
-        except RayTaskError as exc:  # it answered: a command in flight (or not hosted): not moved now
-            log.info("supervisor.move.deferred", session_id=session, frm=frm, error=str(exc.cause)[:200])
-            return
-        except Exception as exc:  # noqa: BLE001 - unreachable: the new incarnation fences it anyway
-            move["hand_over_error"] = str(exc)[:300]
-        spec = self.specs[session]
-        try:
-            ray.get(dst.add_session.remote(spec, self._grant(spec)), timeout=self.start_timeout)
-        except Exception as exc:  # noqa: BLE001 - the session belongs to the target; status shows it
-            move["error"] = str(exc)[:300]
-            log.error("supervisor.session.move_failed", session_id=session, to=to, error=move["error"])
-        move["seconds"] = round(time.monotonic() - t0, 3)
-        with self._lock:
-            self.placement[session] = to
-            self.moves.append(move)
-        log.warning("supervisor.session.moved", session_id=session, frm=frm, to=to, reason=reason,
-                    seconds=move["seconds"])
-
     def _retire(self, name: str, reason: str, info: Any) -> None:
         with self._lock:
             q = self.quarantined.pop(name, None)
@@ -508,15 +419,17 @@ class SupervisorImpl:
         return ray.get(handle.call.remote(session, operation, *args, **kwargs), timeout=timeout)
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop every session gracefully, then end the actors. Quarantined actors are only ended:
-        their sessions belong to newer incarnations."""
+        """Stop every session gracefully, then end the actors. Quarantined actors (and actors
+        being created again, still empty) are only ended: their sessions belong to newer incarnations."""
         self._stop.set()
         if self._watchdog is not None:
             self._watchdog.join(timeout=10)
         with self._lock:
             actors, quarantined = dict(self.actors), dict(self.quarantined)
+            creating = [h for h, _, _ in self._creating.values()]  # empty, being created again
             self.actors.clear()
             self.quarantined.clear()
+            self._creating.clear()
         refs = [h.stop.remote() for n, h in actors.items() if n in self._started_once]
         if refs:
             ready, late = ray.wait(refs, num_returns=len(refs), timeout=timeout)
@@ -527,7 +440,7 @@ class SupervisorImpl:
                     log.error("supervisor.stop.failed", error=str(exc)[:300])
             if late:
                 log.error("supervisor.stop.timeout", actors=len(late), timeout=timeout)
-        for h in [*actors.values(), *(q["handle"] for q in quarantined.values())]:
+        for h in [*actors.values(), *(q["handle"] for q in quarantined.values()), *creating]:
             try:
                 ray.kill(h, no_restart=True)
             except Exception as exc:  # noqa: BLE001 - kill them all anyway; logged
