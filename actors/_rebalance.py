@@ -62,6 +62,7 @@ class Rebalancer:
     _pids: dict[str, int]
     _started_once: set[str]
     _creating: dict[str, tuple[Any, Any, float]]
+    _moving: dict[str, threading.Event]
     _backoff: dict[str, tuple[float, float]]
     _rb_tokens: float
     _rb_last: float
@@ -162,11 +163,30 @@ class Rebalancer:
             return
         t0 = time.monotonic()
         move: dict[str, Any] = {"session": session, "from": frm, "to": to, "time": time.time(), "reason": reason}
+        done = self._moving[session] = threading.Event()  # Supervisor.call waits for it
         try:
-            ray.get(src.hand_over.remote(session, self.start_timeout / 2), timeout=self.start_timeout)
+            self._hand_over_and_open(session, src, dst, move)
         except RayTaskError as exc:  # it answered: a command in flight (or not hosted): not moved now
             log.info("supervisor.move.deferred", session_id=session, frm=frm, error=str(exc.cause)[:200])
             return
+        finally:
+            with self._lock:
+                if "deferred" not in move:
+                    self.placement[session] = to
+                self._moving.pop(session, None)
+            done.set()
+        move["seconds"] = round(time.monotonic() - t0, 3)
+        with self._lock:
+            self.moves.append(move)
+        log.warning("supervisor.session.moved", session_id=session, frm=frm, to=to, reason=reason,
+                    seconds=move["seconds"])
+
+    def _hand_over_and_open(self, session: str, src: Any, dst: Any, move: dict[str, Any]) -> None:
+        try:
+            ray.get(src.hand_over.remote(session, self.start_timeout / 2), timeout=self.start_timeout)
+        except RayTaskError:
+            move["deferred"] = True
+            raise
         except Exception as exc:  # noqa: BLE001 - unreachable: the new incarnation fences it anyway
             move["hand_over_error"] = str(exc)[:300]
         spec = self.specs[session]
@@ -174,10 +194,4 @@ class Rebalancer:
             ray.get(dst.add_session.remote(spec, self._grant(spec)), timeout=self.start_timeout)
         except Exception as exc:  # noqa: BLE001 - the session belongs to the target; status shows it
             move["error"] = str(exc)[:300]
-            log.error("supervisor.session.move_failed", session_id=session, to=to, error=move["error"])
-        move["seconds"] = round(time.monotonic() - t0, 3)
-        with self._lock:
-            self.placement[session] = to
-            self.moves.append(move)
-        log.warning("supervisor.session.moved", session_id=session, frm=frm, to=to, reason=reason,
-                    seconds=move["seconds"])
+            log.error("supervisor.session.move_failed", session_id=session, to=move["to"], error=move["error"])

@@ -39,10 +39,10 @@ from . import _ray  # noqa: F401  (loopback fences before ray)
 
 # isort: split
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from flowbus.bus import ClientCurve, grant_key_file, load_grant_key, make_grant
-from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession
+from flowbus.schemas import BackendUnavailable, ConfigError, FlowbusConfig, FlowbusError, UnknownSession
 
 from ._backend_actor import BackendActor
 from ._placement import ActorPlan, check_fit, make_plan
@@ -100,6 +100,8 @@ class SupervisorImpl(Rebalancer):
         self.returned: list[dict[str, Any]] = []
         self._recreate_next = 0.0
         self._creating: dict[str, tuple[Any, Any, float]] = {}
+        #: sessions being moved (hand-over, then open): a command waits until the move is done
+        self._moving: dict[str, threading.Event] = {}
         self._backoff: dict[str, tuple[float, float]] = {}
         self.restarts: dict[str, int] = {}
         self.moves: list[dict[str, Any]] = []
@@ -396,12 +398,23 @@ class SupervisorImpl(Rebalancer):
                     "retired": list(self.retired), "restarts": dict(self.restarts),
                     "returned": list(self.returned), "home": dict(self.home)}
 
-    def bound(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any]) -> float | None:
-        """The operation's own time bound, asked of the actor hosting ``session``."""
+    def _route(self, session: str, wait: float) -> tuple[str, Any]:
+        """(actor name, handle) hosting ``session``; while it is being moved, after the move (at
+        most ``wait`` s)."""
         with self._lock:
-            handle = self.actors.get(self.placement.get(session, ""))
+            moving = self._moving.get(session)
+        if moving is not None:
+            moving.wait(wait)
+        with self._lock:
+            name = self.placement.get(session, "")
+            handle = self.actors.get(name)
         if handle is None:
             raise UnknownSession(session, sorted(self.placement))
+        return name, handle
+
+    def bound(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any]) -> float | None:
+        """The operation's own time bound, asked of the actor hosting ``session``."""
+        _, handle = self._route(session, 30)
         result: float | None = ray.get(handle.bound.remote(session, operation, args, kwargs), timeout=30)
         return result
 
@@ -412,11 +425,23 @@ class SupervisorImpl(Rebalancer):
 
     def call(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any],
              timeout: float = 120.0) -> Any:
-        with self._lock:
-            handle = self.actors.get(self.placement.get(session, ""))
-        if handle is None:
-            raise UnknownSession(session, sorted(self.placement))
-        return ray.get(handle.call.remote(session, operation, *args, **kwargs), timeout=timeout)
+        """Run an operation on the actor hosting ``session``. A command that meets a move (the old
+        actor refuses it while handing over, or no longer has the session) is sent once more to
+        the session's new actor, after the move."""
+        deadline = time.monotonic() + timeout
+        name, handle = self._route(session, timeout)
+        try:
+            return ray.get(handle.call.remote(session, operation, *args, **kwargs), timeout=timeout)
+        except RayTaskError as exc:
+            if not isinstance(exc.cause, (BackendUnavailable, UnknownSession)):
+                raise
+            with self._lock:
+                moved = session in self._moving or self.placement.get(session) != name
+            if not moved:
+                raise
+        left = max(1.0, deadline - time.monotonic())
+        _, handle = self._route(session, left)
+        return ray.get(handle.call.remote(session, operation, *args, **kwargs), timeout=left)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop every session gracefully, then end the actors. Quarantined actors (and actors

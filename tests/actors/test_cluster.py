@@ -331,6 +331,8 @@ class TestCluster:
         assert sorted((m["session"], m["from"], m["to"]) for m in rebalanced) == [
             ("e1", before["e2"], before["e1"]), ("e3", before["e2"], before["e1"])], report["moves"]
         assert not [m for m in rebalanced if "error" in m or "hand_over_error" in m], rebalanced
+        # rebalance-per-second = 1 (the default): the second move starts a second or more after the first
+        assert rebalanced[1]["time"] - rebalanced[0]["time"] >= 1.0, rebalanced
         for src in ("e1", "e3"):
             t2 = [e for e in _events(s, src) if e["type"] == "StateChanged" and e["key"] == "/s/t2"
                   and e["native"] == "complete"]

@@ -18,7 +18,15 @@ import psutil
 import pytest
 
 from flowbus.actors._placement import rebalance_moves
-from flowbus.schemas import BackendUnavailable, Connected, Event, QcgSessionConfig
+from flowbus.schemas import (
+    BackendUnavailable,
+    Connected,
+    Event,
+    FlowbusConfig,
+    PlacementConfig,
+    QcgSessionConfig,
+    RayConfig,
+)
 
 G2 = {"a": "g", "b": "g"}
 
@@ -155,3 +163,64 @@ class TestHandOver:
                 for impl in (a, b):
                     impl._pool.shutdown(wait=True)
                 loop.close()
+
+
+@pytest.mark.ray
+@pytest.mark.qcg
+class TestSupervisorRebalance:
+    @pytest.mark.timeout(300)
+    def test_dead_actor_is_created_again_and_its_session_returns(
+            self, ray_local: str, broker_factory: Any, tmp_path: Path) -> None:
+        """Group rb: two actors, one QCG session each, on the local Ray. rb-0 is killed for good:
+        r1 moves to rb-1; rb-0 is retired, created again (there is room for it) and r1 moves back,
+        recorded with reason ``rebalance``. Commands sent through the Supervisor all along the
+        return never fail because of the move (they wait for it, or are sent again after it)."""
+        import ray
+        from ray.exceptions import RayTaskError
+
+        from flowbus.actors import ACTOR_PREFIX, Supervisor
+
+        broker = broker_factory()
+        cfg = FlowbusConfig(
+            ray=RayConfig(namespace="flowbus-test", move_after=2.0, rebalance_per_second=5.0,
+                          placement=[PlacementConfig(name="rb", backends=["qcg"], actors=2)]),
+            sessions=[QcgSessionConfig(name=n, wd=str(tmp_path / n)) for n in ("r1", "r2")])
+        sup = Supervisor.remote(msgspec.json.encode(cfg), broker.address)
+
+        def where(session: str) -> str:
+            return str(ray.get(sup.sessions.remote(), timeout=20)[session])
+
+        def until(cond: Callable[[], bool], within: float, what: str) -> None:
+            deadline = time.monotonic() + within
+            while not cond():
+                assert time.monotonic() < deadline, f"timed out after {within} s waiting for {what}"
+                time.sleep(0.2)
+
+        try:
+            assert ray.get(sup.start.remote(), timeout=120) == {"r1": "rb-0", "r2": "rb-1"}
+            ray.kill(ray.get_actor(ACTOR_PREFIX + "rb-0"), no_restart=True)
+            until(lambda: where("r1") == "rb-1", 90, "r1 moved to rb-1")
+            outcomes: list[str] = []
+            deadline = time.monotonic() + 120
+            while True:  # commands all along, until r1 is home again (and one more after)
+                home = where("r1") == "rb-0"
+                try:
+                    ray.get(sup.call.remote("r1", "list", [], {}), timeout=60)
+                    outcomes.append("ok")
+                except RayTaskError as exc:
+                    outcomes.append(f"{type(exc.cause).__name__}: {exc.cause}")
+                if home:
+                    break
+                assert time.monotonic() < deadline, "r1 never returned to rb-0"
+            assert [o for o in outcomes if o != "ok"] == [], outcomes
+            report = ray.get(sup.placement_report.remote(), timeout=20)
+            r1 = [(m["from"], m["to"], m["reason"]) for m in report["moves"] if m["session"] == "r1"]
+            assert [m[:2] for m in r1] == [("rb-0", "rb-1"), ("rb-1", "rb-0")], report["moves"]
+            assert r1[0][2].startswith("unreachable") and r1[1][2] == "rebalance", r1
+            assert not [m for m in report["moves"] if "error" in m], report["moves"]
+            assert [(r["actor"], r["retired"]) for r in report["returned"]] == [("rb-0", "dead")], report
+            assert report["placement"] == {"r1": "rb-0", "r2": "rb-1"}
+            assert ray.get(ray.get_actor(ACTOR_PREFIX + "rb-0").ping.remote(), timeout=20)["sessions"] == ["r1"]
+        finally:
+            ray.get(sup.stop.remote(), timeout=90)
+            ray.kill(sup)
