@@ -220,7 +220,7 @@ class TestSupervisorRebalance:
             assert not [m for m in report["moves"] if "error" in m], report["moves"]
             assert [(r["actor"], r["retired"]) for r in report["returned"]] == [("rb-0", "dead")], report
             assert report["placement"] == {"r1": "rb-0", "r2": "rb-1"}
-            pinged: dict[str, Any] = ray.get(ray.get_actor(ACTOR_PREFIX + "rb-0").ping.remote(), timeout=20)
+            pinged: Any = ray.get(ray.get_actor(ACTOR_PREFIX + "rb-0").ping.remote(), timeout=20)
             assert pinged["sessions"] == ["r1"], pinged
         finally:
             ray.get(sup.stop.remote(), timeout=90)
