@@ -37,6 +37,7 @@ import ray
 
 from flowbus.bus import Publisher, Requester
 from flowbus.schemas import (
+    BackendUnavailable,
     Connected,
     ErrorEvent,
     Event,
@@ -128,6 +129,10 @@ class BackendActorImpl:
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"flowbus-{name}")
         self._start_lock = asyncio.Lock()
         self._started = False
+        #: commands running per session, and sessions being handed over (they take no new command)
+        self._inflight: dict[str, int] = {}
+        self._handing: set[str] = set()
+        self._idle: asyncio.Condition | None = None
 
     async def start(self) -> dict[str, Any]:
         """Open the publisher and every configured session (idempotent). When sessions fail to
@@ -264,6 +269,9 @@ class BackendActorImpl:
     async def call(self, session: str, operation: str, *args: Any, **kwargs: Any) -> Any:
         """Run one backend operation; returns after the events it caused are journaled."""
         await self.start()
+        if session in self._handing:
+            raise BackendUnavailable(f"session {session!r} is being handed over to another actor of its group; "
+                                     f"retry (the supervisor routes it to its new actor)")
         hosted = self._hosted.get(session)
         if hosted is None:
             raise UnknownSession(session)
@@ -275,7 +283,76 @@ class BackendActorImpl:
             self._publisher.flush(source=session)
             return result
 
-        return await loop.run_in_executor(self._pool, run)
+        self._inflight[session] = self._inflight.get(session, 0) + 1
+        try:
+            return await loop.run_in_executor(self._pool, run)
+        finally:
+            self._inflight[session] -= 1
+            if not self._inflight[session]:
+                del self._inflight[session]
+                async with self._cond():
+                    self._cond().notify_all()
+
+    def _cond(self) -> asyncio.Condition:
+        if self._idle is None:
+            self._idle = asyncio.Condition()
+        return self._idle
+
+    async def hand_over(self, session: str, wait: float = 60.0) -> dict[str, Any]:
+        """Let go of ``session`` for another actor (rebalancing): new commands for it are refused
+        (``BackendUnavailable``), the ones in flight finish (at most ``wait`` s, else
+        ``BackendUnavailable`` and the session stays here), its polls stop (the one in flight
+        finishes), what it published is flushed, its backend connection is released (its work
+        runs on) and its source unregistered. The next incarnation opens it elsewhere and resyncs."""
+        hosted = self._hosted.get(session)
+        if hosted is None:
+            raise UnknownSession(session)
+        if session in self._handing:
+            raise BackendUnavailable(f"session {session!r} is already being handed over")
+        self._handing.add(session)
+        try:
+            async with self._cond():
+                try:
+                    await asyncio.wait_for(self._cond().wait_for(lambda: not self._inflight.get(session)), wait)
+                except TimeoutError as exc:
+                    raise BackendUnavailable(f"session {session!r}: a command still runs after {wait:g} s; "
+                                             f"not handed over") from exc
+            del self._hosted[session]
+            self.specs = [s for s in self.specs if s.get("name") != session]
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._let_go, hosted, wait)
+        finally:
+            self._handing.discard(session)
+        log.info("session.handed_over", session_id=session, actor=self.actor_name)
+        return await self.ping()
+
+    def _let_go(self, hosted: _Hosted, timeout: float) -> None:
+        name = hosted.spec.name
+        if self._scheduler is not None and not self._scheduler.remove(name, timeout=timeout):
+            log.warning("session.hand_over.poll_in_flight", session_id=name)
+        if self._publisher is not None:
+            try:
+                self._publisher.flush(min(timeout, 10.0), source=name)
+            except FlowbusError as exc:
+                log.warning("session.hand_over.flush_failed", session_id=name, error=str(exc))
+        release_fn = getattr(hosted.session, "release", None)
+        try:
+            if callable(release_fn):
+                release_fn()
+            else:
+                hosted.session.kill()
+        except Exception as exc:  # noqa: BLE001 - the session goes either way
+            log.error("session.release.failed", session_id=name, error=str(exc))
+        if self._publisher is not None:
+            self._publisher.close_source(name)
+
+    async def reset(self, specs: list[dict[str, Any]], grants: dict[str, list[Any]] | None = None) -> None:
+        """Replace the sessions the next ``start()`` opens (after Ray restarted this actor, its
+        constructor's sessions may belong to other actors now). Only before ``start()``."""
+        async with self._start_lock:
+            if self._started:
+                raise FlowbusError(f"actor {self.actor_name}: reset after start")
+            self.specs = list(specs)
+            self.grants = dict(grants or {})
 
     async def bound(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any]) -> float | None:
         """The operation's own time bound (see ``SessionBase.bound``), or None."""

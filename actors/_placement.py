@@ -133,6 +133,50 @@ def check_fit(plans: dict[str, ActorPlan], nodes: list[dict[str, Any]]) -> None:
             left[spot][r] = left[spot].get(r, 0.0) - a
 
 
+def rebalance_moves(home: dict[str, str], placement: dict[str, str], groups: dict[str, str],
+                    ready: set[str], limit: int) -> list[tuple[str, str, str]]:
+    """Up to ``limit`` moves ``(session, from, to)`` that bring a group back into balance, each
+    between two ``ready`` actors of one group (``groups``: actor -> group; sessions on an actor
+    that is not ready stay where they are):
+
+    1. a session away from its ``home`` actor (where the plan put it) goes home when home holds
+       fewer sessions than where it is now;
+    2. then, while two actors of a group differ by two sessions or more, one moves from the most
+       to the least loaded (a session away from home first, then by name).
+
+    Pure: the caller applies the moves, at its own rate."""
+    load = dict.fromkeys(ready, 0)
+    for a in placement.values():
+        if a in load:
+            load[a] += 1
+    where = dict(placement)
+    moves: list[tuple[str, str, str]] = []
+
+    def apply(s: str, frm: str, to: str) -> None:
+        moves.append((s, frm, to))
+        where[s] = to
+        load[frm] -= 1
+        load[to] += 1
+
+    for s in sorted(where):
+        if len(moves) >= limit:
+            return moves
+        cur, dest = where[s], home.get(s)
+        if (dest is not None and dest != cur and cur in ready and dest in ready
+                and groups.get(cur) == groups.get(dest) and load[dest] < load[cur]):
+            apply(s, cur, dest)
+    for grp in sorted({groups.get(a) for a in ready}, key=str):
+        members = sorted(a for a in ready if groups.get(a) == grp)
+        while len(moves) < limit and members:
+            most = max(members, key=lambda a: (load[a], a))
+            least = min(members, key=lambda a: (load[a], a))
+            if load[most] - load[least] < 2:
+                break
+            s = min((x for x, a in where.items() if a == most), key=lambda x: (home.get(x) == most, x))
+            apply(s, most, least)
+    return moves
+
+
 def probe_address(address: str, timeout: float) -> None:
     """Raise ConnectionError unless ``address`` (``host:port``, ``ray://host:port``) accepts a TCP
     connection within ``timeout`` seconds; ``ray.init`` itself waits ~80 s before giving up."""

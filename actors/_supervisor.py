@@ -15,13 +15,21 @@ opens under a new incarnation and resyncs from the journal and its backend. The 
 is then fenced by the broker; when the quarantined actor answers again it is ended once it has
 let go of its sessions (they learn they are fenced at their next publish), or after a grace
 period. It is never told to ``stop()``: that would end backend work the new incarnation adopted.
+
+Rebalancing: a retired actor is created again, empty, once ``check_fit`` finds room for it on
+the alive nodes beside the live actors (its node, or capacity, came back). Each watchdog turn
+then moves sessions back (``_placement.
+rebalance_moves``: home first, then until no two actors of a group differ by two or more), at
+most ``ray.rebalance-per-second``: the old actor hands the session over (no command in flight,
+polls stopped, published events flushed, backend connection released), then the new one opens
+it under a new incarnation and resyncs. ``placement_report()`` lists each move with reason
+``rebalance``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -31,13 +39,14 @@ from . import _ray  # noqa: F401  (loopback fences before ray)
 
 # isort: split
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from flowbus.bus import ClientCurve, grant_key_file, load_grant_key, make_grant
-from flowbus.schemas import ConfigError, FlowbusConfig, FlowbusError, UnknownSession
+from flowbus.schemas import BackendUnavailable, ConfigError, FlowbusConfig, FlowbusError, UnknownSession
 
 from ._backend_actor import BackendActor
 from ._placement import ActorPlan, check_fit, make_plan
+from ._rebalance import Rebalancer, _Health
 
 log = structlog.get_logger("flowbus.supervisor")
 
@@ -65,17 +74,7 @@ def actor_options(p: ActorPlan, max_restarts: int) -> dict[str, Any]:
     return opts
 
 
-@dataclass
-class _Health:
-    ref: Any = None
-    sent: float = 0.0
-    failing_since: float | None = None
-    last_ok: float = 0.0
-    info: Any = None
-    reachable_since: float | None = None
-
-
-class SupervisorImpl:
+class SupervisorImpl(Rebalancer):
     def __init__(self, config_json: bytes, broker_address: str, curve: Any = None) -> None:
         self.config = msgspec.json.decode(config_json, type=FlowbusConfig)
         self.broker_address = broker_address
@@ -94,6 +93,16 @@ class SupervisorImpl:
         self.groups: dict[str, str] = {name: p.group for name, p in self.plans.items()}
         self.placement: dict[str, str] = {}
         self.specs: dict[str, dict[str, Any]] = {s["name"]: s for p in self.plans.values() for s in p.specs}
+        #: where the plan put each session (rebalancing moves sessions back there first)
+        self.home: dict[str, str] = {s["name"]: n for n, p in self.plans.items() for s in p.specs}
+        self.rebalance_rate = float(self.config.ray.rebalance_per_second)
+        self._rb_tokens, self._rb_last = 0.0, time.monotonic()
+        self.returned: list[dict[str, Any]] = []
+        self._recreate_next = 0.0
+        self._creating: dict[str, tuple[Any, Any, float]] = {}
+        #: sessions being moved (hand-over, then open): a command waits until the move is done
+        self._moving: dict[str, threading.Event] = {}
+        self._backoff: dict[str, tuple[float, float]] = {}
         self.restarts: dict[str, int] = {}
         self.moves: list[dict[str, Any]] = []
         self.quarantined: dict[str, dict[str, Any]] = {}
@@ -117,6 +126,13 @@ class SupervisorImpl:
             return None
         return make_grant(load_grant_key(self._grant_key_file), str(spec["name"]), str(spec["backend"]))
 
+    def _spawn(self, name: str, specs: list[dict[str, Any]], **extra: Any) -> Any:
+        """Create the BackendActor of plan ``name`` with these sessions (not started)."""
+        opts = {**actor_options(self.plans[name], self.config.ray.max_restarts), **extra}
+        return BackendActor.options(**opts).remote(
+            name, self.broker_address, specs, self.curve, poll_workers=self.config.ray.poll_workers,
+            open_concurrency=self.config.ray.open_concurrency, grants={s["name"]: self._grant(s) for s in specs})
+
     # -- start ---------------------------------------------------------------------------------------
 
     def check_cluster(self) -> None:
@@ -134,11 +150,7 @@ class SupervisorImpl:
             if not self.actors:
                 self.check_cluster()
                 for name, p in self.plans.items():
-                    opts = actor_options(p, self.config.ray.max_restarts)
-                    self.actors[name] = BackendActor.options(**opts).remote(
-                        name, self.broker_address, p.specs, self.curve, poll_workers=self.config.ray.poll_workers,
-                        open_concurrency=self.config.ray.open_concurrency,
-                        grants={s["name"]: self._grant(s) for s in p.specs})
+                    self.actors[name] = self._spawn(name, p.specs)
                     for s in p.specs:
                         self.placement[s["name"]] = name
             handles = dict(self.actors)
@@ -188,6 +200,10 @@ class SupervisorImpl:
                        and now - h.failing_since > self.move_after]
         for name, h in failing:
             self._evacuate(name, f"unreachable for {now - (h.failing_since or now):.1f} s")
+        if now >= self._recreate_next or self._creating:
+            self._recreate_next = now + 5.0
+            self._recreate()
+        self._rebalance(time.monotonic())
 
     def _answer(self, h: _Health, ready: set[Any]) -> tuple[bool, Any]:
         """(answered, info or the exception) for the ping in flight, consuming it when answered."""
@@ -222,6 +238,13 @@ class SupervisorImpl:
         handle = self.actors.get(name)
         if handle is None:
             return
+        with self._lock:
+            owned = [self.specs[s] for s, a in self.placement.items() if a == name]
+        try:  # its constructor's sessions may live elsewhere now: open what it owns today
+            ray.get(handle.reset.remote(owned, {str(s["name"]): self._grant(s) for s in owned}),
+                    timeout=self.start_timeout)
+        except Exception as exc:  # noqa: BLE001 - already started (a command came first): add the missing below
+            log.warning("supervisor.actor.reset_failed", actor=name, error=str(exc)[:300])
         try:
             info = ray.get(handle.start.remote(), timeout=self.start_timeout)
             self._pids[name] = info["pid"]
@@ -299,6 +322,8 @@ class SupervisorImpl:
         elif isinstance(info, BaseException):
             return
         elif not info["started"]:
+            # ended, not taken back: it may hold the one slot its group's restarting actor needs;
+            # once the cluster has room for it again beside the live ones, _recreate() makes it anew
             self._retire(name, "restarted by Ray (holds no session)", info)
         elif not info["sessions"]:
             self._retire(name, "released its sessions (fenced)", info)
@@ -362,21 +387,34 @@ class SupervisorImpl:
         return out
 
     def placement_report(self) -> dict[str, Any]:
-        """Plans (group, resources, node labels), moves, quarantined and retired actors."""
+        """Plans (group, resources, node labels), moves (each with its ``reason``: why the actor was
+        left, or ``rebalance``), quarantined, retired and returned actors, each session's home."""
         with self._lock:
             return {"plans": {n: {"group": p.group, "resources": p.resources, "node_labels": p.node_labels}
                               for n, p in self.plans.items()},
                     "placement": dict(self.placement), "moves": list(self.moves),
                     "quarantined": {n: {"reason": q["reason"], "holding": q.get("holding", [])}
                                     for n, q in self.quarantined.items()},
-                    "retired": list(self.retired), "restarts": dict(self.restarts)}
+                    "retired": list(self.retired), "restarts": dict(self.restarts),
+                    "returned": list(self.returned), "home": dict(self.home)}
+
+    def _route(self, session: str, wait: float) -> tuple[str, Any]:
+        """(actor name, handle) hosting ``session``; while it is being moved, after the move (at
+        most ``wait`` s)."""
+        with self._lock:
+            moving = self._moving.get(session)
+        if moving is not None:
+            moving.wait(wait)
+        with self._lock:
+            name = self.placement.get(session, "")
+            handle = self.actors.get(name)
+        if handle is None:
+            raise UnknownSession(session, sorted(self.placement))
+        return name, handle
 
     def bound(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any]) -> float | None:
         """The operation's own time bound, asked of the actor hosting ``session``."""
-        with self._lock:
-            handle = self.actors.get(self.placement.get(session, ""))
-        if handle is None:
-            raise UnknownSession(session, sorted(self.placement))
+        _, handle = self._route(session, 30)
         result: float | None = ray.get(handle.bound.remote(session, operation, args, kwargs), timeout=30)
         return result
 
@@ -387,22 +425,36 @@ class SupervisorImpl:
 
     def call(self, session: str, operation: str, args: list[Any], kwargs: dict[str, Any],
              timeout: float = 120.0) -> Any:
-        with self._lock:
-            handle = self.actors.get(self.placement.get(session, ""))
-        if handle is None:
-            raise UnknownSession(session, sorted(self.placement))
-        return ray.get(handle.call.remote(session, operation, *args, **kwargs), timeout=timeout)
+        """Run an operation on the actor hosting ``session``. A command that meets a move (the old
+        actor refuses it while handing over, or no longer has the session) is sent once more to
+        the session's new actor, after the move."""
+        deadline = time.monotonic() + timeout
+        name, handle = self._route(session, timeout)
+        try:
+            return ray.get(handle.call.remote(session, operation, *args, **kwargs), timeout=timeout)
+        except RayTaskError as exc:
+            if not isinstance(exc.cause, (BackendUnavailable, UnknownSession)):
+                raise
+            with self._lock:
+                moved = session in self._moving or self.placement.get(session) != name
+            if not moved:
+                raise
+        left = max(1.0, deadline - time.monotonic())
+        _, handle = self._route(session, left)
+        return ray.get(handle.call.remote(session, operation, *args, **kwargs), timeout=left)
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop every session gracefully, then end the actors. Quarantined actors are only ended:
-        their sessions belong to newer incarnations."""
+        """Stop every session gracefully, then end the actors. Quarantined actors (and actors
+        being created again, still empty) are only ended: their sessions belong to newer incarnations."""
         self._stop.set()
         if self._watchdog is not None:
             self._watchdog.join(timeout=10)
         with self._lock:
             actors, quarantined = dict(self.actors), dict(self.quarantined)
+            creating = [h for h, _, _ in self._creating.values()]  # empty, being created again
             self.actors.clear()
             self.quarantined.clear()
+            self._creating.clear()
         refs = [h.stop.remote() for n, h in actors.items() if n in self._started_once]
         if refs:
             ready, late = ray.wait(refs, num_returns=len(refs), timeout=timeout)
@@ -413,7 +465,7 @@ class SupervisorImpl:
                     log.error("supervisor.stop.failed", error=str(exc)[:300])
             if late:
                 log.error("supervisor.stop.timeout", actors=len(late), timeout=timeout)
-        for h in [*actors.values(), *(q["handle"] for q in quarantined.values())]:
+        for h in [*actors.values(), *(q["handle"] for q in quarantined.values()), *creating]:
             try:
                 ray.kill(h, no_restart=True)
             except Exception as exc:  # noqa: BLE001 - kill them all anyway; logged

@@ -166,6 +166,9 @@ class RayConfig(_Conf, frozen=True):
     #: seconds a BackendActor may stay unreachable (dead node, hung, partitioned) before its
     #: sessions move to another actor of its group (they resync there under a new incarnation)
     move_after: float = 30.0
+    #: sessions moved per second at most when actors return (node back, capacity back) and the
+    #: supervisor moves sessions back until the group is balanced; 0 = never move them back
+    rebalance_per_second: float = 1.0
     #: seconds to reach an existing cluster (``address``) before a clear error instead of a hang
     connect_timeout: float = 10.0
     #: seconds the BackendActors may take to be placed and started before a clear error

@@ -253,7 +253,7 @@ class TestCluster:
     def test_scenarios_ran_and_left_nothing_behind(self, scenarios: dict[str, Any]) -> None:
         """Every scenario ran to the end; no Ray, broker or ecFlow process outlived it."""
         assert "error" not in scenarios, scenarios.get("traceback", scenarios.get("error"))
-        assert scenarios["steps"] == ["bad_input", "node_death", "partition", "cli"]
+        assert scenarios["steps"] == ["bad_input", "node_death", "rebalance", "partition", "cli"]
         assert scenarios["leaked"] == [] and scenarios["ecflow_left"] == []
 
     def test_every_cluster_process_listens_on_loopback_only(self, scenarios: dict[str, Any]) -> None:
@@ -317,6 +317,29 @@ class TestCluster:
         assert crash["restarts"] == {survivor: 1}
         assert crash["placement"] == scenarios["placement_after"]
         assert crash["hosted"] == ["e1", "e2", "e3"]
+
+    def test_sessions_return_when_the_node_does(self, scenarios: dict[str, Any]) -> None:
+        """A node with the resource joins again: e1 and e3 move back to their home actor, now on that
+        node, recorded with reason ``rebalance``, each under a new incarnation; no seq gap, no duplicate."""
+        s = scenarios
+        before, back = s["placement_before"], s["placement_back"]
+        assert back == before, back
+        assert s["nodes_back"]["e1"] == s["nodes_back"]["e3"] == "n3" != s["nodes_back"]["e2"], s["nodes_back"]
+        report = s["report_r"]
+        assert [r["actor"] for r in report["returned"]] == [before["e1"]], report["returned"]
+        rebalanced = [m for m in report["moves"] if m["reason"] == "rebalance"]
+        assert sorted((m["session"], m["from"], m["to"]) for m in rebalanced) == [
+            ("e1", before["e2"], before["e1"]), ("e3", before["e2"], before["e1"])], report["moves"]
+        assert not [m for m in rebalanced if "error" in m or "hand_over_error" in m], rebalanced
+        # rebalance-per-second = 1 (the default): the second move starts a second or more after the first
+        assert rebalanced[1]["time"] - rebalanced[0]["time"] >= 1.0, rebalanced
+        for src in ("e1", "e3"):
+            t2 = [e for e in _events(s, src) if e["type"] == "StateChanged" and e["key"] == "/s/t2"
+                  and e["native"] == "complete"]
+            assert t2 and t2[0]["incarnation"] > s["incs_before_return"][src], t2
+        for src in ("e1", "e2", "e3"):  # across the whole run: no seq twice, none missing
+            seqs = [e["seq"] for e in _events(s, src)]
+            assert len(seqs) == len(set(seqs)) and seqs == list(range(seqs[0], seqs[0] + len(seqs))), src
 
     def test_up_joins_the_cluster_and_uses_a_running_broker(self, scenarios: dict[str, Any]) -> None:
         """`flowbus up --config F --address <cluster> --broker <addr>` (the helm controller's line) runs its session there."""
