@@ -1,19 +1,31 @@
 """Soak: a compressed week in minutes, sampling memory and fds of every flowbus process.
 
-A broker (child process, on-disk journal with a small ``journal-max-bytes``), a QCG session on a
-local manager with a short retention (``retain-hours = 0``, ``retain-count``), a subscriber
-draining everything, and a rule engine (``flowbus.rules``, in a child process of its own) with a
-rule on every finished job. Jobs (``/bin/true``) are submitted in batches as fast as the manager
-finishes them. RSS and fds of the session host ("actor": this process), the broker, the rule
-engine ("orchestrator") and the QCG manager are sampled every ``--sample`` jobs; after warm-up
-(``--warmup`` of the jobs, which also fills the broker's ring) the growth is a least-squares
-slope, in MiB per 100k finished jobs. Goal (issue 16): <= 5 MiB per 100k in every process, fds
-flat, the journal directory within its limit.
+A broker (child process, on-disk journal with a small ``journal-max-bytes`` in small segments), a
+QCG session on a local manager with a short retention (``retain-hours = 0``, ``retain-count``), a
+subscriber draining everything, and a rule engine (``flowbus.rules``, in a child process of its
+own) with a rule on every finished job. Jobs (``/bin/true``) are submitted in batches as fast as
+the manager finishes them. Beside them, in the same process and publishing to the same broker
+(``bench/_soak_loads.py``): an ecFlow session on a real ``ecflow_server`` started here (127.0.0.1,
+loopback shim) whose suite cycles through a repeat, a soma-workflow session (light mode) and a
+WMS/Parsl session, both kept busy with small workflows; every session has a short retention, so
+forgetting happens during the run (``--no-others``: QCG only, as before).
+
+RSS and fds of the session host ("actor": this process, where all sessions run), the broker, the
+rule engine ("orchestrator"), the QCG manager and the ecflow_server are sampled every
+``--sample`` QCG jobs; after warm-up (``--warmup`` of the jobs, which also fills the broker's
+ring) the growth is a least-squares slope, in MiB per 100k finished QCG jobs. Goal (issue 16):
+<= 5 MiB per 100k in every process, fds flat, the journal directory within its limit
+(``journal-max-bytes`` plus the snapshot segment plus one write; 2 MiB allowed for both).
 
     .venv/bin/python bench/soak.py --jobs 20000
+    .venv/bin/python bench/soak.py --quick      # about 3 minutes
 
 Last line: ``BENCH soak jobs=... actor_mib_per_100k=... broker_mib_per_100k=...
-orchestrator_mib_per_100k=... manager_mib_per_100k=... journal_mib=... fds_delta=...``.
+orchestrator_mib_per_100k=... manager_mib_per_100k=... journal_mib=... fds_delta=...
+ecflow_server_mib_per_100k=... ecflow_cycles=... soma_workflows=... wms_workflows=...
+forgotten=... journal_peak_mib=... journal_within_limit=0|1 seconds=... load1=...``
+(``forgotten``: ``Forgotten`` events of all sessions; ``load1``: the machine's 1-minute load
+average at the end, which the other figures depend on).
 """
 
 from __future__ import annotations
@@ -69,14 +81,24 @@ def _dir_bytes(path: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=20_000)
+    ap.add_argument("--quick", action="store_true", help="about 3 minutes: --jobs 6000 --sample 300")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--sample", type=int, default=1000, help="jobs between two samples")
     ap.add_argument("--warmup", type=float, default=0.3, help="fraction of the jobs before measuring")
     ap.add_argument("--retain-count", type=int, default=1000)
     ap.add_argument("--journal-events", type=int, default=20_000)
     ap.add_argument("--journal-max-bytes", type=int, default=16 * MIB)
+    ap.add_argument("--journal-segment-bytes", type=int, default=4 * MIB)
     ap.add_argument("--forgotten-kept", type=int, default=1000, help="the broker's tombstones (bus.forgotten-kept)")
+    ap.add_argument("--no-others", action="store_true", help="QCG jobs only (no ecFlow, soma, WMS)")
+    ap.add_argument("--ecflow-tasks", type=int, default=4, help="tasks per cycle of the ecFlow suite's repeat")
+    ap.add_argument("--soma-inflight", type=int, default=2, help="soma workflows under way at a time")
+    ap.add_argument("--wms-inflight", type=int, default=1, help="WMS workflows under way at a time")
     args = ap.parse_args()
+    if args.quick:
+        args.jobs, args.sample = min(args.jobs, 6000), min(args.sample, 300)
+
+    from _soak_loads import EcflowLoad, Load, SomaLoad, WmsLoad, start_all
 
     from flowbus._logging import configure
     from flowbus.bus import BrokerProcess, Publisher, Subscriber
@@ -88,7 +110,8 @@ def main() -> None:
     journal = tmp / "journal"
     cfg = BusConfig(transport="tcp", insecure_loopback=True, host="127.0.0.1", request_port=0, publish_port=0,
                     ingest_port=0, command_port=0, journal_events=args.journal_events,
-                    journal_max_bytes=args.journal_max_bytes, forgotten_kept=args.forgotten_kept)
+                    journal_max_bytes=args.journal_max_bytes, journal_segment_bytes=args.journal_segment_bytes,
+                    forgotten_kept=args.forgotten_kept)
     broker = BrokerProcess(cfg, journal_dir=str(journal), log_path=str(tmp / "broker.log"))
     broker.start()
     assert broker.proc is not None
@@ -110,6 +133,10 @@ def main() -> None:
     drainer = threading.Thread(target=drain, daemon=True)
     session = QcgSession(QcgSessionConfig(name="soak", wd=str(tmp / "qcg"), nodes="n1:4", reconcile_interval=2.0,
                                           retain_hours=0.0, retain_count=args.retain_count))
+    others: list[Load] = [] if args.no_others else [
+        EcflowLoad("soak-ecf", args.ecflow_tasks, retain_count=2 * args.ecflow_tasks),
+        SomaLoad("soak-soma", args.soma_inflight, retain_count=50),
+        WmsLoad("soak-wms", args.wms_inflight, retain_count=50)]
     poller_stop = threading.Event()
 
     def poll() -> None:
@@ -120,18 +147,24 @@ def main() -> None:
         if not ready.wait(60):
             raise RuntimeError("the rule engine did not start within 60 s")
         pub.open_source("soak", "qcg")
+        for load in others:
+            pub.open_source(load.name, load.backend)
 
         def emit(ev: Event) -> None:
             pub.publish(ev)
 
         session.start(emit, {})
+        start_all(others, tmp, emit)
         drainer.start()
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
         pids = {"actor": os.getpid(), "broker": broker.proc.pid, "orchestrator": rules.pid,
                 "manager": session.service_pid}
+        for load in others:
+            pids.update(load.pids())
         procs = {k: psutil.Process(p) for k, p in pids.items() if p}
         samples: list[tuple[int, dict[str, float], int]] = []
+        journal_peak = 0
         submitted, t0, next_sample = 0, time.monotonic(), 0
         while submitted < args.jobs:
             book = session._book
@@ -146,8 +179,11 @@ def main() -> None:
                 rss = {k: p.memory_info().rss / MIB for k, p in procs.items()}
                 fds = sum(p.num_fds() for p in procs.values())
                 samples.append((book.finished, rss, fds))
+                journal_now = _dir_bytes(journal)
+                journal_peak = max(journal_peak, journal_now)
                 log(f"{book.finished:>8} jobs  " + "  ".join(f"{k} {v:6.1f} MiB" for k, v in rss.items())
-                    + f"  fds {fds}  journal {_dir_bytes(journal) / MIB:.1f} MiB  retained {len(session.retention)}")
+                    + f"  fds {fds}  journal {journal_now / MIB:.1f} MiB  retained {len(session.retention)}"
+                    + "".join(f"  {o.backend} {o.progress()}" for o in others))
                 next_sample += args.sample
         deadline = time.monotonic() + 120
         while session._book.finished < args.jobs and time.monotonic() < deadline:
@@ -158,15 +194,31 @@ def main() -> None:
         slopes = {k: _slope([float(s[0]) for s in warm], [s[1][k] for s in warm]) * 100_000 for k in procs}
         fds_delta = warm[-1][2] - warm[0][2] if warm else 0
         journal_mib = _dir_bytes(journal) / MIB
+        journal_peak = max(journal_peak, _dir_bytes(journal))
+        within = journal_peak <= args.journal_max_bytes + 2 * MIB
+        counts = {o.backend: o.progress() for o in others}
+        forgotten = session.retention.forgotten + sum(o.forgotten for o in others)
+        for o in others:
+            if o.errors:
+                log(f"{o.backend}: {len(o.errors)} errors, first: {o.errors[0]}")
         log(f"{args.jobs} jobs in {elapsed:.0f} s ({args.jobs / elapsed:.0f}/s); forgotten "
-            f"{session.retention.forgotten}; subscriber saw {finished[0]} final states")
+            f"{session.retention.forgotten} QCG jobs, " + ", ".join(f"{o.forgotten} {o.backend}" for o in others)
+            + f"; subscriber saw {finished[0]} final states")
         print("BENCH soak jobs={} actor_mib_per_100k={:.1f} broker_mib_per_100k={:.1f} "
               "orchestrator_mib_per_100k={:.1f} manager_mib_per_100k={:.1f} journal_mib={:.1f} "
-              "fds_delta={}".format(args.jobs, slopes.get("actor", 0.0), slopes.get("broker", 0.0),
-                                    slopes.get("orchestrator", 0.0), slopes.get("manager", 0.0), journal_mib,
-                                    fds_delta))
+              "fds_delta={} ecflow_server_mib_per_100k={:.1f} ecflow_cycles={} soma_workflows={} wms_workflows={} "
+              "forgotten={} journal_peak_mib={:.1f} journal_within_limit={} seconds={:.0f} load1={:.1f}".format(
+                  args.jobs, slopes.get("actor", 0.0), slopes.get("broker", 0.0), slopes.get("orchestrator", 0.0),
+                  slopes.get("manager", 0.0), journal_mib, fds_delta, slopes.get("ecflow_server", 0.0),
+                  counts.get("ecflow", 0), counts.get("soma", 0), counts.get("wms", 0), forgotten,
+                  journal_peak / MIB, int(within), elapsed, os.getloadavg()[0]))
     finally:
         poller_stop.set()
+        for load in others:
+            try:
+                load.stop()
+            except Exception as exc:  # noqa: BLE001  (the next loads and the broker still stop)
+                log(f"{load.backend} stop: {exc!r}")
         session.stop()
         done.set()
         stop.set()
