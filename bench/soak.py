@@ -99,7 +99,6 @@ def main() -> None:
         args.jobs, args.sample = min(args.jobs, 6000), min(args.sample, 300)
 
     from _soak_loads import EcflowLoad, Load, SomaLoad, WmsLoad, start_all
-
     from flowbus._logging import configure
     from flowbus.bus import BrokerProcess, Publisher, Subscriber
     from flowbus.schemas import BusConfig, Event, QcgSessionConfig, StateChanged
