@@ -23,15 +23,17 @@ ring) the growth is a least-squares slope, in MiB per 100k finished QCG jobs. Go
 Last line: ``BENCH soak jobs=... actor_mib_per_100k=... broker_mib_per_100k=...
 orchestrator_mib_per_100k=... manager_mib_per_100k=... journal_mib=... fds_delta=...
 ecflow_server_mib_per_100k=... ecflow_cycles=... soma_workflows=... wms_workflows=...
-forgotten=... journal_peak_mib=... journal_within_limit=0|1 seconds=... load1=...``
-(``forgotten``: ``Forgotten`` events of all sessions; ``load1``: the machine's 1-minute load
-average at the end, which the other figures depend on).
+forgotten=... journal_peak_mib=... journal_within_limit=0|1 soma_disk_mib=... wms_disk_mib=...
+seconds=... load1=...`` (``forgotten``: ``Forgotten`` events of all sessions; ``*_disk_mib``:
+the soma directory and the WMS submit directory at the end; ``load1``: the machine's 1-minute
+load average at the end, which the other figures depend on).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import multiprocessing as mp
 import os
 import tempfile
@@ -81,7 +83,8 @@ def _dir_bytes(path: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=20_000)
-    ap.add_argument("--quick", action="store_true", help="about 3 minutes: --jobs 6000 --sample 300")
+    ap.add_argument("--quick", action="store_true",
+                    help="about 3 minutes on a loaded 2-core machine: --jobs 24000 --sample 800 --journal-events 5000")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--sample", type=int, default=1000, help="jobs between two samples")
     ap.add_argument("--warmup", type=float, default=0.3, help="fraction of the jobs before measuring")
@@ -96,7 +99,7 @@ def main() -> None:
     ap.add_argument("--wms-inflight", type=int, default=1, help="WMS workflows under way at a time")
     args = ap.parse_args()
     if args.quick:
-        args.jobs, args.sample = min(args.jobs, 6000), min(args.sample, 300)
+        args.jobs, args.sample, args.journal_events = 24_000, 800, min(args.journal_events, 5000)
 
     from _soak_loads import EcflowLoad, Load, SomaLoad, WmsLoad, start_all
     from flowbus._logging import configure
@@ -133,7 +136,7 @@ def main() -> None:
     session = QcgSession(QcgSessionConfig(name="soak", wd=str(tmp / "qcg"), nodes="n1:4", reconcile_interval=2.0,
                                           retain_hours=0.0, retain_count=args.retain_count))
     others: list[Load] = [] if args.no_others else [
-        EcflowLoad("soak-ecf", args.ecflow_tasks, retain_count=2 * args.ecflow_tasks),
+        EcflowLoad("soak-ecf", args.ecflow_tasks, retain_count=max(1, args.ecflow_tasks // 2)),
         SomaLoad("soak-soma", args.soma_inflight, retain_count=50),
         WmsLoad("soak-wms", args.wms_inflight, retain_count=50)]
     poller_stop = threading.Event()
@@ -154,6 +157,8 @@ def main() -> None:
 
         session.start(emit, {})
         start_all(others, tmp, emit)
+        for handler in logging.getLogger().handlers:  # Parsl's INFO lines, once per workflow
+            handler.setLevel(logging.WARNING)
         drainer.start()
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
@@ -196,6 +201,7 @@ def main() -> None:
         journal_peak = max(journal_peak, _dir_bytes(journal))
         within = journal_peak <= args.journal_max_bytes + 2 * MIB
         counts = {o.backend: o.progress() for o in others}
+        disk = {b: _dir_bytes(tmp / b) / MIB if (tmp / b).exists() else 0.0 for b in ("soma", "wms")}
         forgotten = session.retention.forgotten + sum(o.forgotten for o in others)
         for o in others:
             if o.errors:
@@ -206,11 +212,12 @@ def main() -> None:
         print("BENCH soak jobs={} actor_mib_per_100k={:.1f} broker_mib_per_100k={:.1f} "
               "orchestrator_mib_per_100k={:.1f} manager_mib_per_100k={:.1f} journal_mib={:.1f} "
               "fds_delta={} ecflow_server_mib_per_100k={:.1f} ecflow_cycles={} soma_workflows={} wms_workflows={} "
-              "forgotten={} journal_peak_mib={:.1f} journal_within_limit={} seconds={:.0f} load1={:.1f}".format(
+              "forgotten={} journal_peak_mib={:.1f} journal_within_limit={} soma_disk_mib={:.1f} wms_disk_mib={:.1f} "
+              "seconds={:.0f} load1={:.1f}".format(
                   args.jobs, slopes.get("actor", 0.0), slopes.get("broker", 0.0), slopes.get("orchestrator", 0.0),
                   slopes.get("manager", 0.0), journal_mib, fds_delta, slopes.get("ecflow_server", 0.0),
                   counts.get("ecflow", 0), counts.get("soma", 0), counts.get("wms", 0), forgotten,
-                  journal_peak / MIB, int(within), elapsed, os.getloadavg()[0]))
+                  journal_peak / MIB, int(within), disk["soma"], disk["wms"], elapsed, os.getloadavg()[0]))
     finally:
         poller_stop.set()
         for load in others:
