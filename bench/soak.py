@@ -36,6 +36,7 @@ import gc
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -84,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=20_000)
     ap.add_argument("--quick", action="store_true",
-                    help="about 3 minutes on a loaded 2-core machine: --jobs 24000 --sample 800 --journal-events 5000")
+                    help="about 3 minutes on a loaded 2-core machine: --jobs 36000 --sample 1000 --journal-events 5000")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--sample", type=int, default=1000, help="jobs between two samples")
     ap.add_argument("--warmup", type=float, default=0.3, help="fraction of the jobs before measuring")
@@ -99,7 +100,7 @@ def main() -> None:
     ap.add_argument("--wms-inflight", type=int, default=1, help="WMS workflows under way at a time")
     args = ap.parse_args()
     if args.quick:
-        args.jobs, args.sample, args.journal_events = 24_000, 800, min(args.journal_events, 5000)
+        args.jobs, args.sample, args.journal_events = 36_000, 1000, min(args.journal_events, 5000)
 
     from _soak_loads import EcflowLoad, Load, SomaLoad, WmsLoad, start_all
     from flowbus._logging import configure
@@ -234,6 +235,7 @@ def main() -> None:
         sub.close()
         pub.close()
         broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
