@@ -41,6 +41,7 @@ class Load:
         self.forgotten = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
+        self._no_more = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # -- to override ---------------------------------------------------------------------------
@@ -96,6 +97,8 @@ class Load:
 
     def _feeder(self) -> None:
         while not self._stop.is_set():
+            if self._no_more.is_set():
+                return
             if self.submitted - self.finished < self.inflight:
                 try:
                     self._feed()
@@ -105,6 +108,14 @@ class Load:
                     self._stop.wait(1.0)
             else:
                 self._stop.wait(0.05)
+
+    def quiesce(self, timeout: float) -> None:
+        """Submit no more, and wait up to ``timeout`` s for what is under way to finish (so that
+        stopping the session does not cancel it)."""
+        self._no_more.set()
+        deadline = time.monotonic() + timeout
+        while self.finished < self.submitted and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self._stop.set()

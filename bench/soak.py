@@ -222,6 +222,8 @@ def main() -> None:
     finally:
         poller_stop.set()
         for load in others:
+            load.quiesce(15)
+        for load in others:
             try:
                 load.stop()
             except Exception as exc:  # noqa: BLE001  (the next loads and the broker still stop)
