@@ -208,7 +208,7 @@ def main() -> None:
             if o.errors:
                 log(f"{o.backend}: {len(o.errors)} errors, first: {o.errors[0]}")
         log(f"{args.jobs} jobs in {elapsed:.0f} s ({args.jobs / elapsed:.0f}/s); forgotten "
-            f"{session.retention.forgotten} QCG jobs, " + ", ".join(f"{o.forgotten} {o.backend}" for o in others)
+            f"{session.retention.forgotten} QCG jobs" + "".join(f", {o.forgotten} {o.backend}" for o in others)
             + f"; subscriber saw {finished[0]} final states")
         print("BENCH soak jobs={} actor_mib_per_100k={:.1f} broker_mib_per_100k={:.1f} "
               "orchestrator_mib_per_100k={:.1f} manager_mib_per_100k={:.1f} journal_mib={:.1f} "
