@@ -41,6 +41,7 @@ elsewhere) only stops observing, and they end here, unobserved.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 import time
@@ -359,12 +360,24 @@ class WmsSession(SessionBase):
 
     def _forget(self, retired: Sequence[Retired], in_backend: bool) -> None:
         """Retention: a finished run is no longer observed (neither its futures nor report()),
-        so the session drops its last states; the run's files stay (they are the user's)."""
+        so the session drops its last states. With ``forget-in-backend`` (opt-in) the submit
+        directory of a finished run this session submitted (one under its submit-dir) goes too;
+        runs submitted elsewhere and followed by ``watch`` are never touched."""
         for r in retired:
             seen = self._tracker.seen.get(r.key)
             run = seen.wms_id if seen is not None and seen.wms_id else r.key
             if run not in self._runs and run not in self._watched:
                 self._tracker.seen.pop(r.key, None)
+                if in_backend and seen is not None and seen.kind == WORKFLOW:
+                    self._remove_run_dir(run)
+
+    def _remove_run_dir(self, path: str) -> None:
+        root = os.path.realpath(self._root) if self._root else ""
+        real = os.path.realpath(path)
+        if not root or os.path.dirname(real) != root or not os.path.isdir(real):
+            return  # not a run directory of ours: left alone
+        shutil.rmtree(real, ignore_errors=True)
+        self._log.debug("wms.run_dir.removed", path=real)
 
     def _report_run(self, wms_id: str, observed: Observed) -> None:
         """Report one run and publish its differences (lock held)."""
