@@ -9,8 +9,9 @@ during the run.
   ECF_JOB_CMD and ``ecflow_client``). Stopped by PID and process group in :meth:`Load.stop`.
 * soma: a ``SomaSession`` in light mode (the engine runs in this process), ``forget-in-backend``
   on, workflows of two chained ``true`` jobs kept ``inflight`` at a time.
-* WMS: a ``WmsSession`` with ParslService and the ``LocalThreads`` site, workflows of two
-  chained ``true`` jobs (Parsl runs one workflow per process at a time).
+* WMS: a ``WmsSession`` with ParslService and the ``LocalThreads`` site, ``forget-in-backend``
+  on (forgotten runs' submit directories removed), workflows of two chained ``true`` jobs (Parsl
+  runs one workflow per process at a time).
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ class WmsLoad(Load):
         from flowbus.services.wms import WmsSession
 
         return WmsSession(WmsSessionConfig(name=self.name, submit_dir=str(tmp / "wms"), cores=2,
-                                           retain_hours=0.0, retain_count=self.retain_count))
+                                           retain_hours=0.0, retain_count=self.retain_count,
+                                           forget_in_backend=True))
 
     def _feed(self) -> None:
         self.session.call("submit_workflow", {"name": f"w{self.submitted}", "jobs": _TWO_JOBS})
