@@ -10,7 +10,7 @@ during the run.
 * soma: a ``SomaSession`` in light mode (the engine runs in this process), ``forget-in-backend``
   on, workflows of two chained ``true`` jobs kept ``inflight`` at a time.
 * WMS: a ``WmsSession`` with ParslService and the ``LocalThreads`` site, ``forget-in-backend``
-  on (forgotten runs' submit directories removed), workflows of two chained ``true`` jobs (Parsl
+  on by default (forgotten runs' submit directories removed), workflows of two chained ``true`` jobs (Parsl
   runs one workflow per process at a time).
 """
 
@@ -247,8 +247,7 @@ class WmsLoad(Load):
         from flowbus.services.wms import WmsSession
 
         return WmsSession(WmsSessionConfig(name=self.name, submit_dir=str(tmp / "wms"), cores=2,
-                                           retain_hours=0.0, retain_count=self.retain_count,
-                                           forget_in_backend=True))
+                                           retain_hours=0.0, retain_count=self.retain_count))
 
     def _feed(self) -> None:
         self.session.call("submit_workflow", {"name": f"w{self.submitted}", "jobs": _TWO_JOBS})

@@ -186,7 +186,7 @@ class RetentionConfig(_Conf, frozen=True, kw_only=True):
     retain_count: int = 10_000
     #: also ask the backend to forget what the session forgets (QCG ``remove``, soma
     #: ``delete_workflow``, WMS run directories the session submitted); ``None`` = the
-    #: backend's default (on for QCG, off for soma and WMS, never for ecFlow and guiServer)
+    #: backend's default (on for QCG and WMS, off for soma, never for ecFlow and guiServer)
     forget_in_backend: bool | None = None
 
     def __post_init__(self) -> None:

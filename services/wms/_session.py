@@ -117,6 +117,8 @@ class WmsSession(SessionBase):
 
     backend = BACKEND
     ops: ClassVar[Operations[Any]] = OPS
+    #: retention removes the submit directories of the finished runs this session submitted
+    forget_in_backend_default: ClassVar[bool] = True
 
     def __init__(self, config: WmsSessionConfig) -> None:
         super().__init__(config, backoff_first=config.report_interval)
@@ -360,7 +362,7 @@ class WmsSession(SessionBase):
 
     def _forget(self, retired: Sequence[Retired], in_backend: bool) -> None:
         """Retention: a finished run is no longer observed (neither its futures nor report()),
-        so the session drops its last states. With ``forget-in-backend`` (opt-in) the submit
+        so the session drops its last states. With ``forget-in-backend`` (the default) the submit
         directory of a finished run this session submitted (one under its submit-dir) goes too;
         runs submitted elsewhere and followed by ``watch`` are never touched."""
         for r in retired:

@@ -1,6 +1,6 @@
 """Retention on a WMS session against the real lsst.ctrl.bps Parsl plugin: a finished run past
-retention is forgotten (``Forgotten``); with ``forget-in-backend`` its submit directory goes too,
-without it the directory stays (the run's files are the user's by default)."""
+retention is forgotten (``Forgotten``) and, by default (``forget-in-backend``), the submit
+directory the session made for it goes too; with ``forget-in-backend = false`` it stays."""
 
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ def _run_one(w: Running, name: str) -> str:
 
 
 class TestWmsRetention:
-    def test_opted_in_the_run_directory_goes_with_the_run(self, wms: Callable[..., Running]) -> None:
-        """retain-hours 0 / retain-count 0 and forget-in-backend: the workflow and its job are
-        forgotten and the submit directory the session made is removed."""
-        w = wms(retain_hours=0, retain_count=0, forget_in_backend=True)
+    def test_by_default_the_run_directory_goes_with_the_run(self, wms: Callable[..., Running]) -> None:
+        """retain-hours 0 / retain-count 0: the workflow and its job are forgotten and the submit
+        directory the session made is removed."""
+        w = wms(retain_hours=0, retain_count=0)
         wid = _run_one(w, "gone")
         ev = w.rec.wait_for(_forgotten(wid), 30, f"Forgotten {wid}")
         assert ev.in_backend and ev.last_state is State.COMPLETE
@@ -44,9 +44,9 @@ class TestWmsRetention:
         assert not os.path.exists(wid)
         assert os.path.isdir(os.path.dirname(wid)), "the session's submit-dir itself stays"
 
-    def test_by_default_the_files_stay(self, wms: Callable[..., Running]) -> None:
-        """Without the opt-in the session forgets the run in memory only; its directory stays."""
-        w = wms(retain_hours=0, retain_count=0)
+    def test_opted_out_the_files_stay(self, wms: Callable[..., Running]) -> None:
+        """With forget-in-backend = false the session forgets the run in memory only; its directory stays."""
+        w = wms(retain_hours=0, retain_count=0, forget_in_backend=False)
         wid = _run_one(w, "kept")
         ev = w.rec.wait_for(_forgotten(wid), 30, f"Forgotten {wid}")
         assert not ev.in_backend
