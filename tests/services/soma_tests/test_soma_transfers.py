@@ -214,7 +214,7 @@ class TestWorkflowFiles:
         def read(transfer_id: Any, user_id: Any) -> Any:
             status = read_status(transfer_id, user_id)
             if threading.current_thread() is built.engine.engine_loop_thread and not read_old.is_set() and \
-                    status[0] == soma_constants.FILES_ON_CLIENT:
+                    status in (soma_constants.FILES_ON_CLIENT, soma_constants.TRANSFERING_FROM_CLIENT_TO_CR):
                 read_old.set()
                 signalled.wait(10)  # the copy ends and is signalled now, after this read
                 recorded.wait(2)  # and is recorded before this pass takes the signals, unless kept out
