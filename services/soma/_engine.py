@@ -90,10 +90,23 @@ def _check_row(what: str, table: str, column: str) -> Any:
 
 
 def _signal_transfer_ended(self: Any, transfer_id: Any, workflow_id: Any) -> None:
-    """soma 6.0.13's ``signalTransferEnded`` skips ``workflow_id == -1`` but a transfer
-    registered alone has ``None``: soma then failed with an empty ``DatabaseError`` (from
-    ``StopIteration``) after the file was copied. Alone, there is no workflow to tell."""
-    if workflow_id is not None and workflow_id != -1:
+    """soma 6.0.13's ``signalTransferEnded`` with two bugs fixed.
+
+    - It skips ``workflow_id == -1`` but a transfer registered alone has ``None``: soma then
+      failed with an empty ``DatabaseError`` (from ``StopIteration``) after the file was copied.
+      Alone, there is no workflow to tell.
+    - It records the signal at any moment, but one pass of the engine loop (under the loop's
+      lock) reads its workflows' transfer statuses first and takes the signals after. A copy
+      that ended between the two (``set_transfer_status`` then this signal, from the client's
+      thread) was taken with its old status: the workflow was looked at once, its jobs still
+      waited for the file, and no later signal came, so it stayed ``worklflow_not_started`` for
+      good. Recording the signal under the loop's lock puts it before the pass (which then reads
+      the new status) or after it (the next pass takes it)."""
+    if workflow_id is None or workflow_id == -1:
+        return
+    loop = getattr(self, "engine_loop", None)
+    lock = getattr(loop, "_lock", None)
+    with lock if lock is not None else contextlib.nullcontext():
         self._database_server.add_workflow_ended_transfer(workflow_id, transfer_id)
 
 

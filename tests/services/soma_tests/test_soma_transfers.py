@@ -8,12 +8,15 @@ job process is left.
 
 from __future__ import annotations
 
+import threading
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import soma_workflow.constants as soma_constants
+import soma_workflow.engine as soma_engine
 import soma_workflow.errors as soma_errors
 
 from flowbus.schemas import (
@@ -184,6 +187,61 @@ class TestWorkflowFiles:
         assert len(soma_form["serialized_file_transfers"]) == 3
         wf = run.call("submit_workflow", soma_form)
         assert run.final(str(wf), 60).state is State.COMPLETE
+        assert out.read_text() == "HELLO SOMA\n"
+
+    @pytest.mark.timeout(90)
+    def test_input_copied_while_the_engine_reads_its_status(self, soma_session: Session, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+        """An input copied between the engine's read of its status and its take of the "transfer ended" signals still starts the workflow.
+
+        One pass of soma's engine loop reads the transfer statuses, then takes the signals; the
+        session copies the inputs from its own thread right after submission. Under load the copy
+        once landed in between and the workflow stayed not started. Here the engine's read of the
+        input's old status is held until the copy has been signalled (and recorded, when nothing
+        keeps it out of the pass), and the copy's end waits for that read, so every run lands
+        in that window."""
+        run = soma_session()
+        built = run.session._built
+        assert built is not None and built.engine is not None
+        loop = built.engine.engine_loop
+        db = loop._database_server
+        assert built.engine._database_server is db
+        read_old, signalled, recorded = threading.Event(), threading.Event(), threading.Event()
+        read_status, set_status = db.get_transfer_status, db.set_transfer_status
+        record_ended = db.add_workflow_ended_transfer
+        signal_ended = soma_engine.WorkflowEngine.signalTransferEnded
+
+        def read(transfer_id: Any, user_id: Any) -> Any:
+            status = read_status(transfer_id, user_id)
+            if threading.current_thread() is built.engine.engine_loop_thread and not read_old.is_set() and \
+                    status in (soma_constants.FILES_ON_CLIENT, soma_constants.TRANSFERING_FROM_CLIENT_TO_CR):
+                read_old.set()
+                signalled.wait(10)  # the copy ends and is signalled now, after this read
+                recorded.wait(2)  # and is recorded before this pass takes the signals, unless kept out
+            return status
+
+        def copied(transfer_id: Any, status: Any) -> None:
+            if status == soma_constants.FILES_ON_CLIENT_AND_CR and \
+                    threading.current_thread() is not built.engine.engine_loop_thread:
+                read_old.wait(10)  # the copy ends after the engine read the old status
+            set_status(transfer_id, status)
+
+        def record(workflow_id: Any, transfer_id: Any) -> None:
+            record_ended(workflow_id, transfer_id)
+            recorded.set()
+
+        def signal(engine: Any, transfer_id: Any, workflow_id: Any) -> None:
+            signalled.set()
+            signal_ended(engine, transfer_id, workflow_id)
+
+        monkeypatch.setattr(db, "get_transfer_status", read)
+        monkeypatch.setattr(db, "set_transfer_status", copied)
+        monkeypatch.setattr(db, "add_workflow_ended_transfer", record)
+        monkeypatch.setattr(soma_engine.WorkflowEngine, "signalTransferEnded", signal)
+        spec, _src, _mid, out = files_workflow(tmp_path)
+        wf = run.call("submit_workflow", spec)
+        assert run.final(str(wf), 30).state is State.COMPLETE
+        assert read_old.is_set() and signalled.is_set() and recorded.is_set(), "the engine read the input's old status"
         assert out.read_text() == "HELLO SOMA\n"
 
     @pytest.mark.timeout(120)
