@@ -27,6 +27,7 @@ from flowbus.schemas import (
     QcgSessionConfig,
     RayConfig,
 )
+from support import poll
 
 G2 = {"a": "g", "b": "g"}
 
@@ -191,10 +192,7 @@ class TestSupervisorRebalance:
             return str(ray.get(sup.sessions.remote(), timeout=20)[session])
 
         def until(cond: Callable[[], bool], within: float, what: str) -> None:
-            deadline = time.monotonic() + within
-            while not cond():
-                assert time.monotonic() < deadline, f"timed out after {within} s waiting for {what}"
-                time.sleep(0.2)
+            poll.until(cond, within, what, every=0.2)
 
         try:
             assert ray.get(sup.start.remote(), timeout=120) == {"r1": "rb-0", "r2": "rb-1"}

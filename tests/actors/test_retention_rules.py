@@ -4,7 +4,6 @@ goes with the resource, so the checkpoint stays bounded."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 from flowbus.actors.rules import Catalog, Policy, compile_policy
 from flowbus.actors.rules._core import MAX_SPECS
 from flowbus.schemas import Forgotten, PolicyConfig, State, StateChanged
+from support import poll
 from support.bus import BusFactory, bus_fixture  # noqa: F401 - provides `bus`
 
 pytestmark = pytest.mark.timeout(60)
@@ -27,11 +27,7 @@ def _policy(**kw: Any) -> Policy:
 
 def _until(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
     """Bounded polling of state no event reports (a callback's list)."""
-    deadline = time.monotonic() + timeout
-    while not (got := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return got
+    return poll.until(check, timeout, what, every=0.02)
 
 
 class TestPolicyForget:

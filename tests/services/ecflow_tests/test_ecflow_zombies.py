@@ -13,6 +13,7 @@ import pytest
 
 from flowbus.schemas import AttributeChanged, Event, Observed, State
 from support import ecflow as _fx
+from support import poll
 from support.ecflow import EcfServer, Running, reached, server_states, write_suite
 
 ecf_server = _fx.ecf_server
@@ -43,10 +44,7 @@ def zombie(run: Running, task: str, value: str | None, since: int = 0) -> Attrib
 
 
 def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
+    poll.until(check, timeout, what)
 
 
 def text(home: Path, name: str) -> str:
