@@ -32,6 +32,7 @@ from flowbus.schemas import (
 )
 
 from ._ops import OPS, _path
+from ._streams import _Pending
 from .monitor import (
     MonitorDecoder,
     MonitorEvent,
@@ -176,8 +177,6 @@ def monitor_start(session: GuiserverSession, input: str, products: list[int] | N
         _check_selection("monitor_start", products, fft_size)
     with session._lock:
         session._require_up("monitor_start")
-        from ._session import _Pending  # the session module imports this one's OPS first
-
         port = session._open_port(StreamKind.BYTES, frozenset())
         mon = session._monitors[port] = Monitor(session, port, path)
         mon.op = session._pending[port] = _Pending(port, StreamKind.BYTES, on_item=mon.on_item)
