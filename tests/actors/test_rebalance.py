@@ -81,13 +81,6 @@ def _qcg_service(wd: str) -> psutil.Process:
     return found[0]
 
 
-async def _until(cond: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {within} s waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.qcg
 class TestHandOver:
     @pytest.mark.timeout(180)
@@ -118,12 +111,12 @@ class TestHandOver:
 
             async def while_frozen() -> list[Any]:
                 call = asyncio.ensure_future(a.call("q", "list"))
-                await _until(lambda: bool(a._inflight.get("q")), 10, "the command to be in flight")
+                await poll.until_async(lambda: bool(a._inflight.get("q")), 10, "the command to be in flight", every=0.01)
                 with pytest.raises(BackendUnavailable, match="still runs"):
                     await a.hand_over("q", wait=0.5)
                 assert "q" in (await a.ping())["sessions"]  # refused: still here
                 handing = asyncio.ensure_future(a.hand_over("q", wait=60))
-                await _until(lambda: "q" in a._handing, 10, "the hand-over to start")
+                await poll.until_async(lambda: "q" in a._handing, 10, "the hand-over to start", every=0.01)
                 with pytest.raises(BackendUnavailable, match="handed over"):
                     await a.call("q", "list")
                 assert not handing.done()  # waits for the command

@@ -18,17 +18,10 @@ from flowbus.bus import _framing as fr
 from flowbus.bus._broker import FULL_TICK_EVERY
 from flowbus.schemas import AttributeChanged, EcflowSessionConfig, Heartbeat, State, StateChanged
 from support import ecflow as _fx
+from support import poll
 from support.ecflow import EcfServer
 
 ecf_server = _fx.ecf_server
-
-
-def _until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class TestPollScheduler:
@@ -57,20 +50,20 @@ class TestPollScheduler:
         try:
             for key in stuck_runs:
                 sched.add(key, blocking(key))
-            _until(lambda: all(stuck_runs.values()), 10, "the blocking jobs to start")
+            poll.until(lambda: all(stuck_runs.values()), 10, "the blocking jobs to start", every=0.01)
             for key in runs:
                 sched.add(key, quick(key))
             t0 = time.monotonic()
-            _until(lambda: all(len([t for t in v if t > t0]) >= 10 for v in runs.values()), 30,
-                   "every other job to run 10 times")
-            _until(lambda: set(sched.stuck()) == set(stuck_runs), 10, "stuck() to name the blocked jobs")
+            poll.until(lambda: all(len([t for t in v if t > t0]) >= 10 for v in runs.values()), 30,
+                   "every other job to run 10 times", every=0.01)
+            poll.until(lambda: set(sched.stuck()) == set(stuck_runs), 10, "stuck() to name the blocked jobs", every=0.01)
             assert stuck_runs == dict.fromkeys(stuck_runs, 1), "a job in flight was started again"
             assert sched.info()["busy"] >= 3
             # removing a blocked job times out (its poll is still running) but it never runs again
             assert sched.remove("stuck0", timeout=0.2) is False
             release.set()
-            _until(lambda: not sched.in_flight() or set(sched.in_flight()) <= set(runs), 10, "the polls to return")
-            _until(lambda: stuck_runs["stuck1"] >= 2, 10, "a released job to run again")
+            poll.until(lambda: not sched.in_flight() or set(sched.in_flight()) <= set(runs), 10, "the polls to return", every=0.01)
+            poll.until(lambda: stuck_runs["stuck1"] >= 2, 10, "a released job to run again", every=0.01)
             assert stuck_runs["stuck0"] == 1
         finally:
             release.set()
@@ -88,7 +81,7 @@ class TestPollScheduler:
         sched = PollScheduler(1, name="f", max_delay=0.05)
         try:
             sched.add("j", job)
-            _until(lambda: len(calls) >= 3, 10, "three runs of a failing job")
+            poll.until(lambda: len(calls) >= 3, 10, "three runs of a failing job", every=0.01)
             assert sched.info()["errors"] >= 3
             with pytest.raises(ValueError, match="already scheduled"):
                 sched.add("j", job)
@@ -102,10 +95,10 @@ class TestPollScheduler:
         sched = PollScheduler(2, name="r")
         try:
             sched.add("self", lambda: calls.append(sched.remove("self", timeout=30)) or 0.01)  # type: ignore[func-returns-value]  # append, then the delay
-            _until(lambda: bool(calls), 10, "the job to run")
+            poll.until(lambda: bool(calls), 10, "the job to run", every=0.01)
             ran = sched.stats["runs"]
             sched.add("other", lambda: 0.01)
-            _until(lambda: sched.stats["runs"] >= ran + 5, 10, "another job to run")
+            poll.until(lambda: sched.stats["runs"] >= ran + 5, 10, "another job to run", every=0.01)
             assert calls == [True], "remove() inside the job returned at once and the job ran once"
         finally:
             sched.close()
@@ -160,7 +153,7 @@ class TestManySessionsInOneActor:
             assert "e0" not in loop.run_until_complete(impl.ping())["sessions"]
             sched = impl._scheduler
             runs = sched.stats["runs"]
-            _until(lambda: sched.stats["runs"] > runs + 50, 30, "the other sessions to keep polling")
+            poll.until(lambda: sched.stats["runs"] > runs + 50, 30, "the other sessions to keep polling", every=0.01)
         finally:
             sub.close()
             try:
@@ -300,7 +293,7 @@ class TestDeltaTicks:
             # lose event 2 on the way (not read live: forget it and everything after it)
             pub.publish(StateChanged(source="x", backend="qcg", key="a", state=State.COMPLETE))
             pub.flush(10)
-            _until(lambda: sub._sock.poll(10) != 0, 10, "the live event")
+            poll.until(lambda: sub._sock.poll(10) != 0, 10, "the live event", every=0.01)
             while sub._sock.poll(0):
                 sub._sock.recv_multipart()  # dropped: event 2 and the ticks that named x
             assert sub.confirmed()["x"] == 1

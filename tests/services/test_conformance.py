@@ -32,7 +32,8 @@ from flowbus.schemas import (
 )
 from flowbus.schemas._freshness import is_resource
 from flowbus.services import Releasable, session_for
-from support.conformance import Backend, Host, harness_for, live_descendants, wait_until
+from support import poll
+from support.conformance import Backend, Host, harness_for, live_descendants
 from support.recorder import Recorder, show
 
 #: the session's name: every error and event of the session must carry it
@@ -56,7 +57,7 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     left = h.close()
     assert not left, f"{h.backend}: left behind by the backend: {left}"
     try:
-        wait_until(lambda: not (live_descendants(me) - before), 15, "the test's processes to end")
+        poll.until(lambda: not (live_descendants(me) - before), 15, "the test's processes to end")
     except AssertionError:
         import psutil
 
@@ -118,7 +119,7 @@ def converged(h: Backend, host: Host, timeout: float, key: str | None = None) ->
         return (f"{h.backend}: the session's last published states to equal the backend's; differing "
                 f"(key: published vs backend): {[(k, pub.get(k), truth.get(k)) for k in keys if pub.get(k) != truth.get(k)]}")
 
-    wait_until(same, timeout, diff)
+    poll.until(same, timeout, diff)
 
 
 def events_of(host: Host) -> list[Event]:
@@ -341,7 +342,7 @@ def test_stop_leaves_no_thread_or_process(harness: Backend, drive: Callable[...,
         owned = set().union(*[{p, *live_descendants(p)} for p in harness.owned_pids()])
         return new_threads, sorted(live_descendants(me) - kids - owned)
 
-    wait_until(lambda: leftovers() == ([], []), 15,
+    poll.until(lambda: leftovers() == ([], []), 15,
                lambda: f"{harness.backend}: threads and processes of the session to end; left: {leftovers()}")
 
 

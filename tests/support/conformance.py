@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -40,22 +39,11 @@ from flowbus.schemas import (
     WmsSessionConfig,
 )
 from flowbus.services import BackendSession
+from support import poll
 from support.recorder import Recorder
 
 T = TypeVar("T")
 Call = tuple[str, tuple[Any, ...], dict[str, Any]]
-
-
-def wait_until(cond: Callable[[], T | None], timeout: float, what: Callable[[], str] | str) -> T:
-    """Poll ``cond`` (something no event tells about: the backend's own state) until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
-        threading.Event().wait(0.05)
 
 
 def live_descendants(pid: int) -> set[int]:
@@ -275,7 +263,7 @@ class Ecflow(Backend):
     def make_work(self, session: BackendSession) -> str:
         session.call("load", self.fx.write_suite(self.server, "work", "task t\n", {"t": gate_loop(self.gate) + "\n"}))
         session.call("begin_suite", "work")
-        wait_until(lambda: self.truth().get("/work/t") in self.running, 30, "ecflow: /work/t active")
+        poll.until(lambda: self.truth().get("/work/t") in self.running, 30, "ecflow: /work/t active")
         return "/work/t"
 
     def change_while_down(self) -> str | None:
@@ -364,7 +352,7 @@ class Qcg(Backend):
                 return False
             return True
 
-        wait_until(answers, 60, f"the QCG manager on {self.address}")
+        poll.until(answers, 60, f"the QCG manager on {self.address}")
 
     def kill_backend(self, session: BackendSession) -> None:
         for proc in self.procs:
@@ -397,7 +385,7 @@ class Qcg(Backend):
 
     def make_work(self, session: BackendSession) -> str:
         session.call("submit", [self._job("work")])
-        wait_until(lambda: session.call("status", "work")["jobs"]["work"]["data"]["status"] in self.running, 30,
+        poll.until(lambda: session.call("status", "work")["jobs"]["work"]["data"]["status"] in self.running, 30,
                    "qcg: job 'work' executing")
         return "work"
 
@@ -456,7 +444,7 @@ class Soma(Backend):
         wf = session.call("submit_workflow", {"name": "work", "jobs": [
             {"name": "t", "command": ["sh", "-c", gate_loop(self.gate)]}]})
         key = f"{wf}/t"
-        wait_until(lambda: self.truth().get(key) in self.running, 30, f"soma: job {key} running")
+        poll.until(lambda: self.truth().get(key) in self.running, 30, f"soma: job {key} running")
         return key
 
     def truth(self) -> dict[str, str]:
@@ -515,7 +503,7 @@ class Wms(Backend):
         assert wid in runs, f"wms: the session keeps no Parsl run for {wid}"
         self.runs.append(runs[wid])
         key = f"{wid}/t"
-        wait_until(lambda: self.truth().get(key) in self.running, 60, f"wms: job {key} running")
+        poll.until(lambda: self.truth().get(key) in self.running, 60, f"wms: job {key} running")
         return key
 
     def truth(self) -> dict[str, str]:
@@ -576,7 +564,7 @@ class Guiserver(Backend):
             assert proc.poll() is None, f"the emulator exited ({proc.returncode}): {log_path.read_text()[-2000:]}"
             return "EMULATOR-READY" in log_path.read_text()
 
-        wait_until(ready, 30, f"the guiServer emulator on port {self.port}")
+        poll.until(ready, 30, f"the guiServer emulator on port {self.port}")
 
     def kill_backend(self, session: BackendSession) -> None:
         for proc in self.procs:
@@ -600,7 +588,7 @@ class Guiserver(Backend):
 
     def make_work(self, session: BackendSession) -> str:
         session.call("start_job", "/data/exp/job_1.input")
-        wait_until(lambda: self.truth().get("job_1") in self.running, 30, "guiserver: job_1 running")
+        poll.until(lambda: self.truth().get("job_1") in self.running, 30, "guiserver: job_1 running")
         return "job_1"
 
     def change_while_down(self) -> str | None:
@@ -687,7 +675,7 @@ class GuiserverReal(Guiserver):
 
     def make_work(self, session: BackendSession) -> str:
         session.call("start_job", self.input)
-        wait_until(lambda: self.truth().get("job_1") in self.running, 30, "guiserver (real): job_1 running")
+        poll.until(lambda: self.truth().get("job_1") in self.running, 30, "guiserver (real): job_1 running")
         return "job_1"
 
     def change_while_down(self) -> str | None:
@@ -725,4 +713,4 @@ def harness_for(backend: str, tmp: Path) -> Backend:
     return BACKENDS[backend](tmp)
 
 
-__all__ = ["BACKENDS", "Backend", "Host", "harness_for", "live_descendants", "wait_until"]
+__all__ = ["BACKENDS", "Backend", "Host", "harness_for", "live_descendants"]

@@ -57,14 +57,6 @@ def wait_pid_gone(pid: int, timeout: float) -> bool:
     return True
 
 
-def poll_until(predicate: Callable[[], bool], timeout: float) -> None:
-    """Bounded polling of a condition no event tells us about (the manager's own state)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s"
-        time.sleep(0.02)
-
-
 def job_pids(service_pid: int, name: str) -> list[int]:
     try:
         return [p.pid for p in psutil.Process(service_pid).children(recursive=True) if p.name() == name]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from flowbus.schemas import Event, SomaSessionConfig, StateChanged
 from flowbus.services.soma import SomaSession
+from support import poll
 from support.recorder import Recorder
 
 SOMA_THREAD_NAMES = ("poll_thread", "scheduler_loop")
@@ -71,17 +71,6 @@ class Running:
                                                   and pred(e)), None), timeout, what or f"a state of {key}")
 
 
-def wait_until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        threading.Event().wait(0.05)
-
-
 def latest(rec: Recorder) -> dict[str, StateChanged]:
     out: dict[str, StateChanged] = {}
     for e in rec.of(StateChanged):
@@ -117,4 +106,4 @@ def soma_session(tmp_path: Path) -> Iterator[Callable[..., Running]]:
         assert not run.errors, f"poll() raised: {run.errors!r}"
     assert soma_threads() == [], f"soma threads left: {soma_threads()}"
     assert sys.stdout is stdout, "sys.stdout was left swapped"
-    wait_until(lambda: not (live_children() - before), 10, f"job processes to end: {live_children() - before}")
+    poll.until(lambda: not (live_children() - before), 10, f"job processes to end: {live_children() - before}")

@@ -39,13 +39,13 @@ from flowbus.services import BackendSession
 from flowbus.services.qcg._jobs import JobBook, Obs, Snapshot
 
 # -- helpers ----------------------------------------------------------------------------------------
+from support import poll
 from support.qcg import (
     Running,
     assert_opened_down,
     first,
     job_pids,
     pid_gone,
-    poll_until,
     qcg_fixture,  # noqa: F401 - provides the `qcg` fixture
     reached,
     wait_pid_gone,
@@ -104,7 +104,8 @@ class TestJobs:
         final events, still unread in the SUB socket, do not end the new job."""
         run = qcg(poll=False)  # nobody reads the publisher yet: the old job's events stay queued
         run.call("submit", [{"name": "x", "exec": "/bin/true"}])
-        poll_until(lambda: run.call("status", "x")["jobs"]["x"]["data"]["status"] == "SUCCEED", 10)
+        poll.until(lambda: run.call("status", "x")["jobs"]["x"]["data"]["status"] == "SUCCEED", 10,
+                   "job x SUCCEED in the manager", every=0.02)
         assert run.call("remove", ["x"]) == {"removed": 1}
         mark = len(run.rec.states("x"))
         run.call("submit", [{"name": "x", "exec": "/bin/sleep", "args": ["1"]}])

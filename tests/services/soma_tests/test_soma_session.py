@@ -34,9 +34,10 @@ from flowbus.schemas import (
 )
 from flowbus.services import BackendSession
 from flowbus.services.soma import SomaSession
+from support import poll
 from support import soma as _fx
 from support.recorder import Recorder
-from support.soma import Running, latest, live_children, soma_threads, wait_until
+from support.soma import Running, latest, live_children, soma_threads
 
 soma_session = _fx.soma_session
 Session = Callable[..., Running]
@@ -133,7 +134,7 @@ class TestObservation:
         wf = run.call("submit_workflow", {"name": "s", "jobs": [{"name": "long", "command": ["sleep", "60"]},
                                                                {"name": "later", "command": ["true"], "after": ["long"]}]})
         run.state(f"{wf}/long", lambda e: e.state is State.ACTIVE, what="long running")
-        pid = wait_until(lambda: next(iter(run.session._pids.values()), None), 10, "the job's pid")[0]
+        pid = poll.until(lambda: next(iter(run.session._pids.values()), None), 10, "the job's pid")[0]
         assert psutil.Process(pid).cmdline()[:2] == ["sleep", "60"]
         assert run.call("stop_workflow", wf) is True
         long = run.final(f"{wf}/long")
@@ -284,7 +285,7 @@ class TestRecovery:
         wf = run.call("submit_workflow", {"name": "rec", "jobs": [{"name": "a", "command": _restartable(flag)},
                                                                  {"name": "b", "command": ["true"], "after": ["a"]}]})
         run.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
-        pid = wait_until(lambda: next(iter(run.session._pids.values()), None), 10, "a's pid")[0]
+        pid = poll.until(lambda: next(iter(run.session._pids.values()), None), 10, "a's pid")[0]
         old_threads = run.session.engine_threads
         _break(run, how)
         lost = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, Disconnected)), None), 30, "Disconnected")
@@ -311,7 +312,7 @@ class TestRecovery:
         run = soma_session(recovery="resubmit")
         wf = run.call("submit_workflow", {"name": "rs", "jobs": [{"name": "a", "command": _restartable(flag)}]})
         run.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
-        pid = wait_until(lambda: next(iter(run.session._pids.values()), None), 10, "a's pid")[0]
+        pid = poll.until(lambda: next(iter(run.session._pids.values()), None), 10, "a's pid")[0]
         _break(run)
         att = run.rec.wait_for(lambda ev: next((e for e in ev if isinstance(e, RecoveryAttempted)
                                                 and e.key == str(wf)), None), 60, "workflow recovery")
@@ -345,12 +346,12 @@ class TestRecovery:
         first = soma_session()
         wf = first.call("submit_workflow", {"name": "inc", "jobs": [{"name": "a", "command": _restartable(flag)}]})
         first.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
-        pid = wait_until(lambda: next(iter(first.session._pids.values()), None), 10, "a's pid")[0]
+        pid = poll.until(lambda: next(iter(first.session._pids.values()), None), 10, "a's pid")[0]
         first.stop_polling()
         built = first.session._built
         assert built is not None
         built.engine.engine_loop.stop_loop()  # the engine is gone; the job runs on, as after a crash
-        wait_until(lambda: not built.threads[0].is_alive(), 10, "the engine thread to end")
+        poll.until(lambda: not built.threads[0].is_alive(), 10, "the engine thread to end")
         assert psutil.pid_exists(pid)
         second = soma_session(directory=first.session.config.directory)
         att = next(e for e in second.rec.of(RecoveryAttempted) if e.key == str(wf))
@@ -370,7 +371,7 @@ class TestRecovery:
         first = soma_session()
         wf = first.call("submit_workflow", {"name": "rel", "jobs": [{"name": "a", "command": _restartable(flag)}]})
         first.state(f"{wf}/a", lambda e: e.state is State.ACTIVE, what="a running")
-        pid = wait_until(lambda: next(iter(first.session._pids.values()), None), 10, "a's pid")[0]
+        pid = poll.until(lambda: next(iter(first.session._pids.values()), None), 10, "a's pid")[0]
         threads = first.session.engine_threads
         first.stop_polling()  # the host stops polling a fenced session before it releases it
         mark = len(first.rec.events)
@@ -454,7 +455,7 @@ class TestLifecycle:
         directory = s.address
         assert os.path.isdir(directory)
         wf = s.call("submit_workflow", {"name": "st", "jobs": [{"name": "a", "command": ["sleep", "60"]}]})
-        wait_until(lambda: (s.poll(), s._pids)[1], 30, "the job to run")
+        poll.until(lambda: (s.poll(), s._pids)[1], 30, "the job to run")
         (pid, _), = s._pids.values()
         s.stop()
         s.stop()  # idempotent
@@ -509,7 +510,7 @@ class TestLifecycle:
         assert live_children() - children_before == set()
         # the cause goes away: a poll the backoff allows builds the controller
         blocker.unlink()
-        wait_until(lambda: (s.poll(), s.phase == "up")[1], 30, "the session to reconnect")
+        poll.until(lambda: (s.poll(), s.phase == "up")[1], 30, "the session to reconnect")
         assert [type(e) for e in rec.events] == [Disconnected, RecoveryAttempted, Connected, RecoveryAttempted,
                                                  Resynced]
         assert [e.action for e in rec.of(RecoveryAttempted)] == ["reconnect", "new_controller"]
@@ -532,7 +533,7 @@ class TestLifecycle:
         s = SomaSession(SomaSessionConfig(name="bad", directory=str(blocker / "sub"), recovery=recovery,
                                           recovery_attempts=2, recovery_backoff=0.01, poll_interval=0.05))
         s.start(rec, {})
-        wait_until(lambda: (s.poll(), s.phase == "dead")[1], 30, "the session to give up")
+        poll.until(lambda: (s.poll(), s.phase == "dead")[1], 30, "the session to give up")
         down = rec.of(Disconnected)
         assert len(down) == 1 and down[0].will_retry is (recovery != "none")
         gave = rec.of(RecoveryGaveUp)
@@ -671,9 +672,9 @@ class TestInActor:
                 {"name": "a", "command": _restartable(flag)}, {"name": "b", "command": ["true"], "after": ["a"]}]}),
                 timeout=60)
             client.wait(f"soma/sk/state/{wf}/a state=active", timeout=60)
-            shells = wait_until(lambda: [p for p in psutil.process_iter(["cmdline"])
+            shells = poll.until(lambda: [p for p in psutil.process_iter(["cmdline"])
                                          if str(flag) in " ".join(p.info["cmdline"] or [])], 10, "the job process")
-            kids = wait_until(lambda: [c for p in shells for c in p.children(recursive=True)], 10, "the job's sleep")
+            kids = poll.until(lambda: [c for p in shells for c in p.children(recursive=True)], 10, "the job's sleep")
             jobs = shells + kids
             assert len(jobs) == 2  # sh and its sleep: Ray only ends a dead worker's direct children
             old_pid = actor_pid(actor)
