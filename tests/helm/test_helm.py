@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from flowbus.bus import Client, ClientCurve, Publisher, make_keypair
-from flowbus.schemas import BusBroken, State, StateChanged, load_config, parse_config
+from flowbus.schemas import BusBroken, BusConfig, RayConfig, State, StateChanged, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "flowbus"
@@ -348,6 +348,31 @@ class TestConfig:
         cfg = parse_config(config_toml(render(load_values("pvc-journal-values.yaml")), "broker.toml"), "broker.toml")
         assert cfg.bus.journal_events == 500000 and cfg.bus.heartbeat_interval == 0.5
 
+    def test_fsync_and_rebalance_defaults_are_the_codes(self) -> None:
+        """By default the chart writes journal-fsync, journal-fsync-interval (broker) and [ray]
+        rebalance-per-second (clients) with the values flowbus itself defaults to."""
+        docs = render()
+        broker = parse_config(config_toml(docs, "broker.toml"), "broker.toml")
+        assert (broker.bus.journal_fsync, broker.bus.journal_fsync_interval) == (BusConfig().journal_fsync,
+                                                                                  BusConfig().journal_fsync_interval)
+        client = parse_config(config_toml(docs, "flowbus.toml"), "flowbus.toml")
+        assert client.ray.rebalance_per_second == RayConfig().rebalance_per_second
+
+    @pytest.mark.parametrize("value_set", ["default", "two-groups-values.yaml"])
+    def test_fsync_and_rebalance_values_reach_the_config(self, value_set: str) -> None:
+        """bus.journalFsync(Interval) reach the broker's [bus]; ray.rebalancePerSecond reaches the
+        clients' [ray]: a table of its own, or the user's [ray] table with its keys kept."""
+        values = load_values(value_set)
+        values.setdefault("bus", {}).update(journalFsync="always", journalFsyncInterval=0.25)
+        values.setdefault("ray", {})["rebalancePerSecond"] = 0.5
+        docs = render(values)
+        broker = parse_config(config_toml(docs, "broker.toml"), "broker.toml")
+        assert (broker.bus.journal_fsync, broker.bus.journal_fsync_interval) == ("always", 0.25)
+        client = parse_config(config_toml(docs, "flowbus.toml"), "flowbus.toml")
+        assert client.ray.rebalance_per_second == 0.5
+        if value_set != "default":
+            assert client.ray.sessions_per_actor == 128 and client.ray.namespace == "flowbus"
+
     @pytest.mark.parametrize("value_set", VALUE_SETS)
     def test_config_and_keys_are_mounted_where_the_config_says(self, value_set: str) -> None:
         """Every client pod mounts flowbus.toml and the broker's public key at the paths the config names; only the broker pod gets the secret key."""
@@ -565,9 +590,12 @@ class TestInvalidValues:
         ({"ray": {"auth": {"mode": "off"}}}, "/ray/auth/mode"),
         ({"ray": {"auth": {"mode": "token", "secretName": "Bad_Secret"}}}, "/ray/auth/secretName"),
         ({"ray": {"auth": {"mode": "token", "enableK8sTokenAuth": True}}}, "/ray/auth"),
+        ({"bus": {"journalFsync": "sometimes"}}, "/bus/journalFsync"),
+        ({"bus": {"journalFsyncInterval": 0}}, "/bus/journalFsyncInterval"),
+        ({"ray": {"rebalancePerSecond": -1}}, "/ray/rebalancePerSecond"),
     ], ids=["bad-name", "wrong-type", "unknown-key", "unknown-top-key", "gcs-without-redis", "fractional-resource",
             "head-num-cpus", "resources-as-start-param", "no-worker-group", "port-range", "enum", "auth-mode",
-            "auth-secret-name", "auth-unknown-key"])
+            "auth-secret-name", "auth-unknown-key", "fsync-policy", "fsync-interval", "rebalance-negative"])
     def test_schema_rejects_with_path(self, values: dict[str, Any], path: str) -> None:
         """values.schema.json rejects the value and the error names its path."""
         with pytest.raises(helm.HelmValuesError) as info:
@@ -579,7 +607,9 @@ class TestInvalidValues:
         ({"ray": {"workerGroups": [worker("a", minReplicas=3, maxReplicas=2, replicas=2)]}}, "ray.workerGroups[0].minReplicas: 3 is above maxReplicas 2"),
         ({"ray": {"workerGroups": [worker("a", replicas=5)]}}, "ray.workerGroups[0].replicas: 5 is outside"),
         ({"bus": {"publishPort": 7750}}, "bus: requestPort, publishPort, ingestPort and commandPort must differ"),
-    ], ids=["duplicate-group", "min-above-max", "replicas-outside", "same-port"])
+        ({"config": "[ray]\nrebalance-per-second = 2\n"}, "config: must not set rebalance-per-second; the chart writes it"),
+        ({"config": 'ray.namespace = "x"\n'}, "config: write the ray settings under a [ray] table header"),
+    ], ids=["duplicate-group", "min-above-max", "replicas-outside", "same-port", "rebalance-in-config", "dotted-ray"])
     def test_template_checks_name_the_value(self, values: dict[str, Any], message: str) -> None:
         """Checks the schema cannot express fail the render with the value's path."""
         assert message in render_error(values)

@@ -141,6 +141,8 @@ heartbeat-interval = {{ float64 $v.bus.heartbeatInterval | toString }}
 publisher-timeout = {{ float64 $v.bus.publisherTimeout | toString }}
 {{- if .broker }}
 journal-dir = "/var/lib/flowbus/journal"
+journal-fsync = {{ $v.bus.journalFsync | toJson }}
+journal-fsync-interval = {{ float64 $v.bus.journalFsyncInterval | toString }}
 {{- end }}
 
 [bus.curve]
@@ -155,6 +157,21 @@ server-public-key-file = {{ printf "/etc/flowbus/curve/%s.key" $key | toJson }}
 client-secret-key-file = {{ printf "/etc/flowbus/client/%s.key_secret" $ckey | toJson }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/*
+The user's `config` with the chart's [ray] key rebalance-per-second (ray.rebalancePerSecond):
+added right under the user's [ray] header, or in a [ray] table of its own at the end.
+*/}}
+{{- define "flowbus.userConfig" -}}
+{{- $config := .Values.config | trimSuffix "\n" -}}
+{{- $line := printf "rebalance-per-second = %s  # written by the flowbus chart (ray.rebalancePerSecond)" (float64 .Values.ray.rebalancePerSecond | toString) -}}
+{{- $header := "(?m)^[ \\t]*\\[[ \\t]*\"?ray\"?[ \\t]*\\][ \\t]*(#.*)?$" -}}
+{{- if regexMatch $header $config -}}
+{{- regexReplaceAll $header $config (printf "${0}\n%s" $line) -}}
+{{- else -}}
+{{- printf "%s\n\n[ray]\n%s" $config $line -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Environment of every flowbus client pod (Ray head, Ray workers, controller). */}}
@@ -221,6 +238,12 @@ client-secret-key-file = {{ printf "/etc/flowbus/client/%s.key_secret" $ckey | t
 {{- define "flowbus.validate" -}}
 {{- if or (regexMatch "(?m)^[ \\t]*\\[+[ \\t]*\"?bus\"?[ \\t]*[\\].]" .Values.config) (regexMatch "(?m)^[ \\t]*\"?bus\"?[ \\t]*[.=]" .Values.config) -}}
 {{- fail "config: must not set the [bus] table; the chart writes it from the values bus.* and curve.*" -}}
+{{- end -}}
+{{- if regexMatch "(?m)^[ \\t]*(\"?ray\"?[ \\t]*\\.[ \\t]*)?\"?rebalance-per-second\"?[ \\t]*=" .Values.config -}}
+{{- fail "config: must not set rebalance-per-second; the chart writes it into [ray] from the value ray.rebalancePerSecond" -}}
+{{- end -}}
+{{- if regexMatch "(?m)^[ \\t]*\"?ray\"?[ \\t]*[.=]" .Values.config -}}
+{{- fail "config: write the ray settings under a [ray] table header, not as ray.KEY = or ray = {...}: the chart adds rebalance-per-second to that table" -}}
 {{- end -}}
 {{- $ports := list (int64 .Values.bus.requestPort) (int64 .Values.bus.publishPort) (int64 .Values.bus.ingestPort) (int64 (.Values.bus.commandPort | default 7753)) -}}
 {{- if ne (len (uniq $ports)) 4 -}}
