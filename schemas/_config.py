@@ -335,6 +335,8 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
             raise ConfigError(f"{origin}: bus.{key.replace('_', '-')}: port {port} out of range")
     if bus.heartbeat_interval <= 0:
         raise ConfigError(f"{origin}: bus.heartbeat-interval: must be > 0")
+    if bus.journal_fsync_interval <= 0:
+        raise ConfigError(f"{origin}: bus.journal-fsync-interval: must be > 0")
     if bus.journal_max_bytes <= 0 or bus.journal_segment_bytes <= 0 or bus.journal_max_age_hours < 0:
         raise ConfigError(f"{origin}: bus.journal-max-bytes and bus.journal-segment-bytes must be > 0, "
                           "bus.journal-max-age-hours >= 0")

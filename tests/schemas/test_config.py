@@ -128,9 +128,10 @@ class TestParseConfig:
         assert cfg.bus.host == "0.0.0.0"
 
     @pytest.mark.parametrize(("key", "value"), [("request-port", 70000), ("ingest-port", -1),
-                                                ("heartbeat-interval", 0), ("heartbeat-interval", -0.5)])
+                                                ("heartbeat-interval", 0), ("heartbeat-interval", -0.5),
+                                                ("journal-fsync-interval", 0), ("journal-fsync-interval", -1)])
     def test_out_of_range(self, key: str, value: float) -> None:
-        """Ports outside 0..65535 and non-positive heartbeat intervals are refused, naming the key."""
+        """Ports outside 0..65535 and non-positive heartbeat or fsync intervals are refused, naming the key."""
         assert f"bus.{key}" in refused({"bus": {key: value}})
 
     @pytest.mark.parametrize("key", ["sessions-per-actor", "poll-workers", "open-concurrency"])
