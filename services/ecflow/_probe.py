@@ -40,16 +40,22 @@ def frame(payload: bytes) -> bytes:
     return f"{len(payload):8x}".encode("ascii") + payload
 
 
-def ping_request(user: str, host: str) -> bytes:
-    """The framed bytes of ecFlow's PING request from ``user`` on ``host``."""
+def cts_request(class_name: str, user: str, host: str, fields: dict[str, Any]) -> bytes:
+    """The framed bytes of a ``ClientToServerRequest`` holding the user command ``class_name``
+    (its ``UserCmd`` base: ``user`` on ``host``) with ``fields`` after the base."""
     cmd = {"cereal_class_version": 0,
            "value0": {"cereal_class_version": 0,
                       "value0": {"cereal_class_version": 0, "cl_host_": host},
                       "user_": user},
-           "api_": _PING_API}
-    body = {"21ClientToServerRequest": {"cmd_": {"polymorphic_id": _FIRST_PTR, "polymorphic_name": "CtsCmd",
+           **fields}
+    body = {"21ClientToServerRequest": {"cmd_": {"polymorphic_id": _FIRST_PTR, "polymorphic_name": class_name,
                                                  "ptr_wrapper": {"id": _FIRST_PTR, "data": cmd}}}}
     return frame(json.dumps(body, indent=0).encode("utf-8"))
+
+
+def ping_request(user: str, host: str) -> bytes:
+    """The framed bytes of ecFlow's PING request from ``user`` on ``host``."""
+    return cts_request("CtsCmd", user, host, {"api_": _PING_API})
 
 
 class ReplyReader:
@@ -69,28 +75,28 @@ class ReplyReader:
         try:
             size = int(head.decode("ascii").strip(), 16)
         except (UnicodeDecodeError, ValueError):
-            raise BackendProtocolError(f"ecFlow probe: reply header {head!r} is not a hex length") from None
+            raise BackendProtocolError(f"ecFlow reply header {head!r} is not a hex length") from None
         if size > MAX_REPLY:
-            raise BackendProtocolError(f"ecFlow probe: reply of {size} bytes exceeds {MAX_REPLY}")
+            raise BackendProtocolError(f"ecFlow reply of {size} bytes exceeds {MAX_REPLY}")
         if len(self._buf) < HEADER_LEN + size:
             return False
         try:
             reply = json.loads(self._buf[HEADER_LEN:HEADER_LEN + size])
         except ValueError as exc:
-            raise BackendProtocolError(f"ecFlow probe: reply is not JSON: {exc}") from None
+            raise BackendProtocolError(f"ecFlow reply is not JSON: {exc}") from None
         if not isinstance(reply, dict) or not any("ServerToClientResponse" in k for k in reply):
-            raise BackendProtocolError(f"ecFlow probe: not an ecFlow reply: {str(reply)[:120]!r}")
+            raise BackendProtocolError(f"ecFlow reply: not an ecFlow reply: {str(reply)[:120]!r}")
         self.reply = reply
         return True
 
 
-def probe(host: str, port: int, timeout: float, *, user: str = "flowbus", client_host: str = "") -> float:
-    """Ping the server once on a socket of our own; the seconds it took to answer. Raises
-    ``BackendUnavailable`` (refused, reset: nobody listens), ``BackendTimeout`` (no whole reply
-    within ``timeout`` seconds: the server is stuck) or ``BackendProtocolError``."""
+def exchange(host: str, port: int, request: bytes, timeout: float, what: str = "ping") -> tuple[dict[str, Any], float]:
+    """Send one framed request on a socket of our own (the server closes it after replying); the
+    decoded reply and the seconds it took. Raises ``BackendUnavailable`` (refused, reset: nobody
+    listens), ``BackendTimeout`` (no whole reply within ``timeout`` seconds: the server is stuck)
+    or ``BackendProtocolError``; ``what`` names the request in the messages."""
     started = time.monotonic()
     deadline = started + timeout
-    request = ping_request(user, client_host or socket.gethostname())
     reader = ReplyReader()
     try:
         with socket.create_connection((host, port), timeout=max(0.001, timeout)) as sock:
@@ -100,16 +106,26 @@ def probe(host: str, port: int, timeout: float, *, user: str = "flowbus", client
                 if left <= 0:
                     raise TimeoutError
                 sock.settimeout(left)
-                data = sock.recv(4096)
+                data = sock.recv(65536)
                 if not data:
-                    raise BackendUnavailable(f"ecFlow probe: {host}:{port} closed the connection without a reply")
+                    raise BackendUnavailable(f"ecFlow {what}: {host}:{port} closed the connection without a reply")
                 if reader.feed(data):
-                    return time.monotonic() - started
+                    assert reader.reply is not None
+                    return reader.reply, time.monotonic() - started
     except TimeoutError:
-        raise BackendTimeout(f"ecFlow server {host}:{port} did not answer a ping within {timeout:g} s "
+        raise BackendTimeout(f"ecFlow server {host}:{port} did not answer a {what} within {timeout:g} s "
                              "(stuck)") from None
+    except BackendProtocolError as exc:
+        raise BackendProtocolError(f"{exc} (from {host}:{port})") from None
     except OSError as exc:
-        raise BackendUnavailable(f"ecFlow probe: {host}:{port}: {exc}") from exc
+        raise BackendUnavailable(f"ecFlow {what}: {host}:{port}: {exc}") from exc
+
+
+def probe(host: str, port: int, timeout: float, *, user: str = "flowbus", client_host: str = "") -> float:
+    """Ping the server once on a socket of our own; the seconds it took to answer (errors as
+    :func:`exchange`)."""
+    request = ping_request(user, client_host or socket.gethostname())
+    return exchange(host, port, request, timeout)[1]
 
 
 class Liveness:
@@ -124,12 +140,16 @@ class Liveness:
     """
 
     def __init__(self, host: str, port: int, *, probe_timeout: float, request_timeout: float,
-                 user: str = "flowbus") -> None:
+                 user: str = "flowbus", interval: float = 0.0) -> None:
         self.host, self.port, self.user = host, port, user
         self.probe_timeout = probe_timeout
         self.request_timeout = request_timeout
+        #: the poll interval: the next probe is due this long after the last answered one started
+        self.interval = interval
         #: monotonic time the first unanswered probe started (None while the server answers)
         self.stuck_since: float | None = None
+        #: monotonic time the last answered probe started (None before the first answer)
+        self.answered_at: float | None = None
         self.answered = 0
         self.slowest = 0.0
         #: the stuck verdict was given (the session went DOWN): later probes wait the full timeout
@@ -138,22 +158,33 @@ class Liveness:
 
     @property
     def deadline(self) -> float | None:
-        """When a stuck server is declared lost (monotonic), or None."""
+        """When a stuck server is declared lost (monotonic), or None: ``request-timeout`` after the
+        first unanswered probe timed out, and no later than ``interval + probe-timeout +
+        request-timeout`` after the last answered probe started (a late poll does not push it)."""
         if self.stuck_since is None:
             return None
-        return self.stuck_since + self.probe_timeout + self.request_timeout
+        wait = self.probe_timeout + self.request_timeout
+        if self.answered_at is None:
+            return self.stuck_since + wait
+        return min(self.stuck_since, self.answered_at + self.interval) + wait
 
     def stuck_for(self) -> float | None:
         """Seconds the server has been stuck, or None."""
         return None if self.stuck_since is None else time.monotonic() - self.stuck_since
 
     def check(self) -> bool:
+        """Ping once (see class docstring)."""
+        return self.ask(ping_request(self.user, self._client_host)) is not None
+
+    def ask(self, request: bytes, what: str = "ping") -> dict[str, Any] | None:
+        """Send ``request`` (built for ``client_host``) as the liveness probe: its decoded reply,
+        or None while the server is stuck; raises as :meth:`check`."""
         started = time.monotonic()
         deadline = self.deadline
         timeout = (self.probe_timeout if deadline is None or self._lost
                    else max(0.001, min(self.probe_timeout, deadline - started)))
         try:
-            took = probe(self.host, self.port, timeout, user=self.user, client_host=self._client_host)
+            reply, took = exchange(self.host, self.port, request, timeout, what)
         except BackendTimeout as exc:
             if self._lost:
                 raise
@@ -164,15 +195,21 @@ class Liveness:
             if time.monotonic() >= deadline - 0.001:
                 self._lost = True
                 raise BackendTimeout(f"{exc}; stuck for {time.monotonic() - self.stuck_since:.2f} s") from None
-            return False
+            return None
         except BackendError:
             self.stuck_since, self._lost = None, False  # dead or garbled, not stuck: lost at once
             raise
         self.stuck_since = None
         self._lost = False
+        self.answered_at = started
         self.answered += 1
         self.slowest = max(self.slowest, took)
-        return True
+        return reply
+
+    @property
+    def client_host(self) -> str:
+        """The host name the requests carry (ecFlow's ``cl_host_``)."""
+        return self._client_host
 
     def next_poll(self, interval: float) -> float:
         """Seconds until the next look: ``interval``, or less when a stuck verdict falls due sooner."""
@@ -182,4 +219,4 @@ class Liveness:
         return max(0.0, min(interval, deadline - time.monotonic()))
 
 
-__all__ = ["HEADER_LEN", "Liveness", "ReplyReader", "frame", "ping_request", "probe"]
+__all__ = ["HEADER_LEN", "Liveness", "ReplyReader", "cts_request", "exchange", "frame", "ping_request", "probe"]

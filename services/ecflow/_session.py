@@ -1,10 +1,12 @@
 """The ecFlow backend session: one running ``ecflow_server`` observed by polling.
 
-Observation: each poll asks ``news_local()``; when there is news, ``sync_local()`` and only the
-nodes in ``changed_node_paths`` are read (an empty list means the client got the whole
-definition: the whole tree is diffed). Changes are published with ``observed=poll``; the diff
-against ``known`` in :meth:`EcflowSession.start` and after every reconnect uses ``resync``.
-Keys are absolute node paths; the server itself is ``/`` (see :mod:`._tree`).
+Observation: each poll asks the server whether it has news for the client (ecFlow's NEWS
+request with the client's change handle and numbers, spoken on a socket of our own, see the GIL
+below); when there is news, ``sync_local()`` and only the nodes in ``changed_node_paths`` are read
+(an empty list means the client got the whole definition: the whole tree is diffed). Changes are
+published with ``observed=poll``; the diff against ``known`` in :meth:`EcflowSession.start` and
+after every reconnect uses ``resync``. Keys are absolute node paths; the server itself is ``/``
+(see :mod:`._tree`).
 
 Events: ``StateChanged`` per node (``state`` normalised, ``native`` ecFlow's display state with
 ``suspended`` as SUSPENDED, ``try_no`` from ECF_TRYNO, the aborted reason in ``detail``; a node
@@ -31,12 +33,15 @@ and publishes ``RecoveryAttempted``, ``Connected``, the ``resync`` diff and ``Re
 The GIL: ``ecflow.Client`` holds it for a whole request, retry sleeps included, so the client
 is built with one connection attempt and no retry period: a dead server costs well under a
 millisecond per poll. A server that accepts but never answers would hold it for
-``request-timeout`` seconds, so every poll and reconnect first pings the server on a socket of
-its own (:mod:`._probe`, GIL released while it waits, ``probe-timeout``): a server that does not
-answer is ``stuck`` (:meth:`EcflowSession.stuck_for`; no client call is made to it, operations
-are refused) and ``Disconnected`` within request-timeout + probe-timeout + poll-interval. A
-server that freezes after answering the probe but before answering the poll's own request still
-holds the GIL for ``request-timeout`` once (see docs/backends/ecflow.md, Limits).
+``request-timeout`` seconds, so the poll's own question, NEWS, is sent on a socket of the
+session's own (:mod:`._news`, :mod:`._probe`; GIL released while it waits, ``probe-timeout``),
+and so is a ping before every reconnect: a server that does not answer is ``stuck``
+(:meth:`EcflowSession.stuck_for`; no client call is made to it, operations are refused) and
+``Disconnected`` within request-timeout + probe-timeout + poll-interval. Only a poll with news
+(or a zombie read, at least once a second) makes client calls; a server that freezes between our
+NEWS and those calls still holds the GIL for ``request-timeout`` once (see
+docs/backends/ecflow.md, Limits). With ``probe-timeout = 0`` or ``ssl`` the poll asks the
+binding's ``news_local()`` instead.
 
 Clean release: ``release()`` (and ``stop()``) ping the server and drop the change handle
 (``ch_drop``) when it answers; a reconnect to the same server (same ECF_PID) drops the handle
@@ -61,6 +66,7 @@ import ecflow
 
 from flowbus.schemas import (
     BackendError,
+    BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
     Disconnected,
@@ -74,6 +80,7 @@ from .._ops import Operations
 from .._session import Opened, Phase, SessionBase
 from ._errors import ecflow_errors
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
+from ._news import Marks, News, news_of, news_request, read_marks
 from ._ops import OPS
 from ._probe import Liveness
 from ._tree import Tree, read_full, read_paths, server_pid
@@ -140,8 +147,12 @@ class EcflowSession(SessionBase):
         #: the change handle a lost connection left on the server, and that server's ECF_PID
         self._stale_handle: tuple[int, str] | None = None
         self._live = (Liveness(config.host, config.port, probe_timeout=config.probe_timeout,
-                               request_timeout=float(config.request_timeout), user=config.user or _login())
+                               request_timeout=float(config.request_timeout), user=config.user or _login(),
+                               interval=float(config.poll_interval))
                       if config.probe_timeout > 0 and not config.ssl else None)
+        #: the change handle and numbers of the client's last sync, sent in our own NEWS request
+        #: (None: unknown, e.g. an operation used the client since; the next poll syncs)
+        self._marks: Marks | None = None
 
     @property
     def address(self) -> str:
@@ -183,6 +194,7 @@ class EcflowSession(SessionBase):
             self._auto_added(snap.suites)
             version = str(client.server_version())
             self._server_pid = server_pid(defs)
+            self._marks = read_marks(client) if self._live is not None else None
         self._next_clear_log = time.monotonic() + self.config.clear_log_interval
         events = self._tree.diff(snap, observed, "not known to the ecFlow server")
         events += self._zombie_news(client, observed)
@@ -190,12 +202,12 @@ class EcflowSession(SessionBase):
 
     def _observe(self) -> None:
         client = self._client
-        if self._live is not None and not self._live.check():
-            self._log.warning("ecflow.server.stuck", stuck_for=round(self._live.stuck_for() or 0.0, 3))
-            return  # no client call to a stuck server: it would hold the GIL for request-timeout
         try:
+            news = self._news()
+            if news is None:
+                self._log.warning("ecflow.server.stuck", stuck_for=round(self.stuck_for() or 0.0, 3))
+                return  # no client call to a stuck server: it would hold the GIL for request-timeout
             with ecflow_errors("poll"):
-                news = client.news_local()
                 if news:
                     self._sync(client)
                 if self._client is client and (news or time.monotonic() >= self._next_zombie_read):
@@ -203,8 +215,8 @@ class EcflowSession(SessionBase):
                 if self.config.clear_log_interval > 0 and time.monotonic() >= self._next_clear_log:
                     client.clear_log()
                     self._next_clear_log = time.monotonic() + self.config.clear_log_interval
-        except (BackendUnavailable, BackendTimeout):
-            raise
+        except (BackendUnavailable, BackendTimeout, BackendProtocolError):
+            raise  # lost, stuck past its deadline, or a reply that is not ecFlow's (an ErrorEvent)
         except BackendError as exc:
             if _HANDLE_GONE in str(exc) and self._handle is not None:
                 try:
@@ -216,6 +228,22 @@ class EcflowSession(SessionBase):
                     self._log.warning("ecflow.handle.register_failed", error=str(again))
             else:
                 self._log.warning("ecflow.poll.failed", error=str(exc))
+
+    def _news(self) -> bool | None:
+        """Whether the server has news for the client: asked on a socket of our own (GIL released
+        while it waits; :mod:`._news`), None while the server is stuck; through the binding's
+        ``news_local()`` without the probe (``probe-timeout = 0``, or TLS). Marks not known (an
+        operation used the client since its last sync) count as news: the sync reads them."""
+        if self._live is None:
+            with ecflow_errors("poll"):
+                return bool(self._client.news_local())
+        marks = self._marks
+        if marks is None:
+            return True if self._live.check() else None
+        reply = self._live.ask(news_request(self._live.user, self._live.client_host, marks), "news request")
+        if reply is None:
+            return None
+        return news_of(reply, self.address) is not News.NO_NEWS
 
     def _poll_interval(self) -> float:
         """The poll interval, or less while a stuck server's verdict falls due sooner."""
@@ -230,6 +258,7 @@ class EcflowSession(SessionBase):
                 if number:
                     self._stale_handle = (number, self._server_pid)
         self._client = None
+        self._marks = None
 
     def _let_go(self) -> None:
         """``release``: drop the change handle when the server answers a ping (a stuck or gone
@@ -291,8 +320,10 @@ class EcflowSession(SessionBase):
                 with ecflow_errors(operation):
                     yield self._client
             except BackendError as exc:
+                self._marks = None
                 self._log.warning("ecflow.call.failed", operation=operation, error=str(exc))
                 raise
+            self._marks = None  # the operation may have synced, reset or re-registered the client
             self._log.debug("ecflow.call.complete", operation=operation)
 
     def _refresh(self, client: Any) -> None:
@@ -331,6 +362,7 @@ class EcflowSession(SessionBase):
         client.sync_local()
         paths = list(client.changed_node_paths)
         defs = client.get_defs()
+        self._marks = read_marks(client) if self._live is not None else None
         if not paths:  # a full sync: a server restarted between two polls shows up only here
             pid = server_pid(defs)
             if pid and self._server_pid and pid != self._server_pid:
