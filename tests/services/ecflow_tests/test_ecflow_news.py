@@ -231,7 +231,7 @@ class TestNewsErrors:
         request = news_request("u", "h", Marks())
         live = Liveness("127.0.0.1", quiet.port, probe_timeout=0.1, request_timeout=0.3, interval=0.1)
         assert live.ask(request, "news request") is None and live.stuck_for() is not None
-        with pytest.raises(BackendTimeout, match="did not answer a news request.*stuck for"):
+        with pytest.raises(BackendTimeout, match=r"did not answer a news request.*stuck for"):
             while live.ask(request, "news request") is None:
                 pass
         late = Liveness("127.0.0.1", quiet.port, probe_timeout=0.1, request_timeout=0.3, interval=0.1)
