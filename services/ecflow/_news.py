@@ -1,6 +1,8 @@
 """ecFlow's NEWS request spoken on a socket of our own, so that the poll that finds nothing new
 (nearly every poll) costs the actor no GIL-holding ``ecflow.Client`` call, and a server that stops
-answering costs the session only a wait in ``recv`` with the GIL released.
+answering costs the session only a wait in ``recv`` with the GIL released. The zombie list is
+asked the same way (``CtsCmd`` api 9, answered by a ``ZombieGetCmd``): while the server lists
+none and the session knows none, the once-a-second zombie read makes no client call either.
 
 The wire (ecFlow 5.x, cereal JSON, framed as in :mod:`._probe`): the request is a
 ``ClientToServerRequest`` holding a ``CSyncCmd`` with ``api_`` 0 (NEWS), the client's change
@@ -35,6 +37,8 @@ from ._probe import cts_request
 
 #: CSyncCmd's api number of NEWS
 _NEWS_API = 0
+#: CtsCmd's api number of GET_ZOMBIES
+_ZOMBIES_API = 9
 _STATE = re.compile(rb"\bstate_change:(\d+)")
 _MODIFY = re.compile(rb"\bmodify_change:(\d+)")
 
@@ -63,22 +67,42 @@ def news_request(user: str, host: str, marks: Marks) -> bytes:
                                                 "client_modify_change_no_": marks.modify_change})
 
 
+def zombies_request(user: str, host: str) -> bytes:
+    """The framed bytes of ecFlow's zombie-list request (``zombie_get``)."""
+    return cts_request("CtsCmd", user, host, {"api_": _ZOMBIES_API})
+
+
 def news_of(reply: dict[str, Any], where: str) -> News:
     """The news in a decoded reply (see :class:`._probe.ReplyReader`). Raises ``BackendRejected``
     (the server answered with an error: its message) or ``BackendProtocolError`` (a reply that is
     not an answer to NEWS), both naming ``where``."""
-    cmd = _stc_cmd(reply)
-    name = cmd.get("polymorphic_name") if isinstance(cmd, dict) else None
-    data = cmd.get("ptr_wrapper", {}).get("data") if isinstance(cmd, dict) else None
-    if name == "ErrorCmd" and isinstance(data, dict):
-        raise BackendRejected(f"ecFlow news from {where}: the server refused: {data.get('error_msg_', '')}".strip())
-    if name != "SNewsCmd" or not isinstance(data, dict):
-        raise BackendProtocolError(f"ecFlow news from {where}: expected an SNewsCmd reply, got "
-                                   f"{name or str(reply)[:80]!r} (probe-timeout = 0 uses the ecflow binding)")
-    value = data.get("news_")
+    value = _answer(reply, "SNewsCmd", "news", where).get("news_")
     if type(value) is not int or value not in News._value2member_map_:
         raise BackendProtocolError(f"ecFlow news from {where}: news_ {value!r} is not one of 0, 1, 2")
     return News(value)
+
+
+def zombie_count(reply: dict[str, Any], where: str) -> int:
+    """How many zombies the server lists (the reply to :func:`zombies_request`); errors as
+    :func:`news_of`. The zombies themselves are read through the binding when there are any."""
+    zombies = _answer(reply, "ZombieGetCmd", "zombie list", where).get("zombies_")
+    if not isinstance(zombies, list):
+        raise BackendProtocolError(f"ecFlow zombie list from {where}: zombies_ {str(zombies)[:40]!r} is not a list")
+    return len(zombies)
+
+
+def _answer(reply: dict[str, Any], expected: str, what: str, where: str) -> dict[str, Any]:
+    """The data of the reply's command, when it is ``expected``."""
+    cmd = _stc_cmd(reply)
+    name = cmd.get("polymorphic_name") if isinstance(cmd, dict) else None
+    wrapper = cmd.get("ptr_wrapper") if isinstance(cmd, dict) else None
+    data = wrapper.get("data") if isinstance(wrapper, dict) else None
+    if name == "ErrorCmd" and isinstance(data, dict):
+        raise BackendRejected(f"ecFlow {what} from {where}: the server refused: {data.get('error_msg_', '')}".strip())
+    if name != expected or not isinstance(data, dict):
+        raise BackendProtocolError(f"ecFlow {what} from {where}: expected an {expected} reply, got "
+                                   f"{name or str(reply)[:80]!r} (probe-timeout = 0 uses the ecflow binding)")
+    return data
 
 
 def _stc_cmd(reply: dict[str, Any]) -> Any:
@@ -131,4 +155,4 @@ def read_marks(client: Any) -> Marks:
     return marks_from(_PRINTER.head(defs), handle)
 
 
-__all__ = ["Marks", "News", "marks_from", "news_of", "news_request", "read_marks"]
+__all__ = ["Marks", "News", "marks_from", "news_of", "news_request", "read_marks", "zombie_count", "zombies_request"]

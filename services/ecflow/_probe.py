@@ -155,6 +155,7 @@ class Liveness:
         #: the stuck verdict was given (the session went DOWN): later probes wait the full timeout
         self._lost = False
         self._client_host = socket.gethostname()
+        self._ping = b""
 
     @property
     def deadline(self) -> float | None:
@@ -174,7 +175,9 @@ class Liveness:
 
     def check(self) -> bool:
         """Ping once (see class docstring)."""
-        return self.ask(ping_request(self.user, self._client_host)) is not None
+        if not self._ping:
+            self._ping = ping_request(self.user, self._client_host)
+        return self.ask(self._ping) is not None
 
     def ask(self, request: bytes, what: str = "ping") -> dict[str, Any] | None:
         """Send ``request`` (built for ``client_host``) as the liveness probe: its decoded reply,

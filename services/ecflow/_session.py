@@ -80,7 +80,7 @@ from .._ops import Operations
 from .._session import Opened, Phase, SessionBase
 from ._errors import ecflow_errors
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
-from ._news import Marks, News, news_of, news_request, read_marks
+from ._news import Marks, News, news_of, news_request, read_marks, zombie_count, zombies_request
 from ._ops import OPS
 from ._probe import Liveness
 from ._tree import Tree, read_full, read_paths, server_pid
@@ -153,6 +153,8 @@ class EcflowSession(SessionBase):
         #: the change handle and numbers of the client's last sync, sent in our own NEWS request
         #: (None: unknown, e.g. an operation used the client since; the next poll syncs)
         self._marks: Marks | None = None
+        self._news_req: tuple[Marks | None, bytes] = (None, b"")
+        self._zombies_req = b""
 
     @property
     def address(self) -> str:
@@ -240,7 +242,9 @@ class EcflowSession(SessionBase):
         marks = self._marks
         if marks is None:
             return True if self._live.check() else None
-        reply = self._live.ask(news_request(self._live.user, self._live.client_host, marks), "news request")
+        if self._news_req[0] != marks:  # built once per sync (the JSON encoder with indent is slow)
+            self._news_req = (marks, news_request(self._live.user, self._live.client_host, marks))
+        reply = self._live.ask(self._news_req[1], "news request")
         if reply is None:
             return None
         return news_of(reply, self.address) is not News.NO_NEWS
@@ -378,9 +382,15 @@ class EcflowSession(SessionBase):
         (e.g. a white list without the right) is logged and publishes nothing: the poll goes on."""
         self._next_zombie_read = time.monotonic() + ZOMBIE_READ_INTERVAL
         try:
+            if self._live is not None and not self._zombies.known:  # none known: ask GIL-free first
+                if not self._zombies_req:
+                    self._zombies_req = zombies_request(self._live.user, self._live.client_host)
+                reply = self._live.ask(self._zombies_req, "zombie list")
+                if reply is None or zombie_count(reply, self.address) == 0:
+                    return []  # stuck (the next poll says so), or no zombie on the server
             with ecflow_errors("zombie_get"):
                 zombies = read_zombies(client)
-        except (BackendUnavailable, BackendTimeout):
+        except (BackendUnavailable, BackendTimeout, BackendProtocolError):
             raise
         except BackendError as exc:
             self._log.warning("ecflow.zombies.refused", error=str(exc))

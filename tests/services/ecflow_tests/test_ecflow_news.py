@@ -15,8 +15,18 @@ import pytest
 
 from flowbus.demo import free_port
 from flowbus.schemas import AttributeChanged, BackendProtocolError, BackendRejected, BackendTimeout, Disconnected
-from flowbus.services.ecflow._news import Marks, News, marks_from, news_of, news_request, read_marks
+from flowbus.services.ecflow._news import (
+    Marks,
+    News,
+    marks_from,
+    news_of,
+    news_request,
+    read_marks,
+    zombie_count,
+    zombies_request,
+)
 from flowbus.services.ecflow._probe import Liveness, exchange, frame
+from flowbus.services.ecflow._session import ZOMBIE_READ_INTERVAL
 from support import ecflow as _fx
 from support import silent as _silent
 from support.ecflow import EcfServer, Running, write_suite
@@ -93,6 +103,8 @@ class TestNewsWire:
         assert ask(server, held) is News.NEWS
         assert ask(server, Marks(handle + 1000, held.state_change, held.modify_change)) is News.DO_FULL_SYNC
         assert ask(server, Marks(0, 10**8, 10**8)) is News.DO_FULL_SYNC
+        reply, _took = exchange("127.0.0.1", server.port, zombies_request("flowbus", "localhost"), 2.0, "zombie list")
+        assert zombie_count(reply, "here") == len(client.zombie_get(0)) == 0
 
     def test_marks_from_the_printed_defs(self) -> None:
         """The change numbers come from the defs' first state line; absent numbers are 0."""
@@ -109,8 +121,8 @@ class TestSessionPoll:
     @pytest.mark.timeout(60)
     def test_quiet_polls_make_no_client_call_and_a_change_is_synced(self, ecf_server: Server,
                                                                     ecflow_session: Session) -> None:
-        """While nothing changes, polls make no news_local/sync_local call (only the zombie read,
-        at most once a second); a label change is synced and published."""
+        """While nothing changes, polls make no client call at all (NEWS and the zombie list, empty,
+        are asked on the session's own socket); a label change is synced and published."""
         server = ecf_server()
         run = ecflow_session(server.port, poll_interval=0.05)
         run.call("load", label_suite(server))
@@ -119,14 +131,13 @@ class TestSessionPoll:
         run.pause()
         counting = Counting(run.session._client)
         run.session._client = counting
-        run.session._next_zombie_read = time.monotonic() + 3600  # only the news path is counted
-        polls = len(run.polls)
+        polls, since = len(run.polls), time.monotonic()
         run.resume()
-        deadline = time.monotonic() + 10
-        while len(run.polls) < polls + 10:
+        deadline = since + 10
+        while len(run.polls) < polls + 10 or time.monotonic() < since + 2.5 * ZOMBIE_READ_INTERVAL:
             assert time.monotonic() < deadline, "the session stopped polling"
             time.sleep(0.02)
-        assert counting.calls == {}, counting.calls
+        assert counting.calls == {}, counting.calls  # no news_local, sync_local nor zombie_get
         server.client().alter("/n/t", "change", "label", "info", "seen")
         run.rec.wait_for(lambda es: [e for e in es if isinstance(e, AttributeChanged) and e.value == "seen"], 10,
                          "the label change")
@@ -220,6 +231,9 @@ class TestNewsErrors:
         with pytest.raises(BackendRejected, match="refused: no such user"):
             news_of(_reply("ErrorCmd", {"error_msg_": "no such user"}), "here")
         assert news_of(_reply("SNewsCmd", {"news_": 2}), "here") is News.DO_FULL_SYNC
+        with pytest.raises(BackendProtocolError, match="zombies_ 'x' is not a list"):
+            zombie_count(_reply("ZombieGetCmd", {"zombies_": "x"}), "here")
+        assert zombie_count(_reply("ZombieGetCmd", {"zombies_": [{}, {}]}), "here") == 2
 
     @pytest.mark.timeout(30)
     def test_stuck_then_lost_and_the_deadline_holds_after_a_late_poll(
