@@ -2,9 +2,10 @@
 session each); the detection latency of the healthy sessions is timed with none frozen, then with
 one server SIGSTOPped (timed from the freeze on, over ``changes * gap`` seconds), in the same
 actor process:
-``frozen_ratio`` = p99 with the frozen neighbour / p99 without. The same is measured with the
-liveness probe off (``probe-timeout = 0``) for comparison (``frozen_ratio_noprobe``): there every
-poll of the frozen session holds the actor's GIL for ``request-timeout``.
+``frozen_ratio`` = p99 with the frozen neighbour / p99 without. The sessions ask ecFlow's NEWS
+on their own sockets (GIL-free, ``probe-timeout`` 0.5 s). The same is measured with that off
+(``probe-timeout = 0``: the binding's ``news_local``) for comparison (``frozen_ratio_noprobe``):
+there every poll of the frozen session holds the actor's GIL for ``request-timeout``.
 """
 
 from __future__ import annotations
