@@ -1,19 +1,19 @@
-"""A GIL-free liveness probe of one ``ecflow_server``: ecFlow's own ``ping`` spoken on a socket of
-ours, so a server that stops answering (SIGSTOP, a hung VM, a relay that accepts and never
-replies) costs the session only a wait in ``recv`` with the GIL released, never a blocking
-``ecflow.Client`` call that holds the GIL of the whole process.
+"""ecFlow's wire on a socket of our own, and the liveness verdicts built on it: a request sent
+this way costs the session only a wait in ``recv`` with the GIL released, never a blocking
+``ecflow.Client`` call that holds the GIL of the whole process, so a server that stops answering
+(SIGSTOP, a hung VM, a relay that accepts and never replies) stalls nobody else.
 
 The wire (ecFlow 5.x, cereal JSON): every message is an 8-character header, the payload length
-in hexadecimal right-aligned with spaces, then the payload. A ping is a ``ClientToServerRequest``
-holding a ``CtsCmd`` with ``api_`` 8 (PING); the server answers with a ``ServerToClientResponse``.
-Any well-framed response counts as "alive": the probe asks whether the server answers, not
-what it thinks of the request.
+in hexadecimal right-aligned with spaces, then the payload. A request is a
+``ClientToServerRequest`` holding a user command (:func:`cts_request`), e.g. a ``CtsCmd`` with
+``api_`` 8 (PING, :func:`ping_request`) or the poll's NEWS (:mod:`._news`); the server answers
+with a ``ServerToClientResponse`` and closes the connection.
 
-Sans-I/O part: :func:`ping_request` and :class:`ReplyReader`; I/O part: :func:`probe` (one
-connection, one deadline for connect, send and reply). :class:`Liveness` turns the probe's
-answers into the session's verdicts: ``answered``, ``stuck`` (no answer within
-``probe-timeout``; the session then makes no client call), then lost (``BackendTimeout``) once
-the server has been stuck for ``request-timeout`` more seconds.
+Sans-I/O part: :func:`cts_request`, :func:`ping_request` and :class:`ReplyReader`; I/O part:
+:func:`exchange` (one connection, one deadline for connect, send and reply) and :func:`probe`
+(a ping). :class:`Liveness` turns the answers into the session's verdicts: ``answered``,
+``stuck`` (no answer within ``probe-timeout``; the session then makes no client call), then lost
+(``BackendTimeout``) at its :attr:`Liveness.deadline`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from flowbus.schemas import BackendError, BackendProtocolError, BackendTimeout, 
 HEADER_LEN = 8
 #: ecFlow's CtsCmd api number of PING
 _PING_API = 8
-#: the largest reply the probe accepts (a ping's is about 240 bytes)
+#: the largest reply accepted (a ping's or NEWS's is about 240 bytes, an empty zombie list's 250)
 MAX_REPLY = 64 * 1024
 #: cereal's id of the first polymorphic pointer in an archive
 _FIRST_PTR = 2147483649
@@ -131,12 +131,12 @@ def probe(host: str, port: int, timeout: float, *, user: str = "flowbus", client
 class Liveness:
     """The session's view of whether its server answers, from probes (see module docstring).
 
-    :meth:`check` probes once: True when the server answered, False while it is stuck (it did
-    not answer within ``probe_timeout``; the session makes no client call then), and raises
-    ``BackendTimeout`` once it has been stuck for ``request_timeout`` more seconds (``stuck``
-    then ``Disconnected`` within ``request-timeout + probe-timeout + poll-interval`` of the
-    freeze), ``BackendUnavailable`` when nobody listens. A server that answers again clears
-    the verdict.
+    :meth:`check` pings once (:meth:`ask` sends any request the same way): True when the
+    server answered, False while it is stuck (it did not answer within ``probe_timeout``; the
+    session makes no client call then), and raises ``BackendTimeout`` once past
+    :attr:`deadline` (``stuck`` then ``Disconnected`` within ``request-timeout + probe-timeout
+    + poll-interval`` of the freeze while polls run at most ``probe-timeout`` late),
+    ``BackendUnavailable`` when nobody listens. A server that answers again clears the verdict.
     """
 
     def __init__(self, host: str, port: int, *, probe_timeout: float, request_timeout: float,
@@ -159,15 +159,17 @@ class Liveness:
 
     @property
     def deadline(self) -> float | None:
-        """When a stuck server is declared lost (monotonic), or None: ``request-timeout`` after the
-        first unanswered probe timed out, and no later than ``interval + probe-timeout +
-        request-timeout`` after the last answered probe started (a late poll does not push it)."""
+        """When a stuck server is declared lost (monotonic), or None: ``interval + probe-timeout +
+        request-timeout`` after the last answered probe started (so a poll that ran late does
+        not push the verdict back), but never sooner than ``request-timeout`` after the first
+        unanswered probe started (a slow server on a busy actor gets one more probe)."""
         if self.stuck_since is None:
             return None
         wait = self.probe_timeout + self.request_timeout
         if self.answered_at is None:
             return self.stuck_since + wait
-        return min(self.stuck_since, self.answered_at + self.interval) + wait
+        return max(self.stuck_since + self.request_timeout,
+                   min(self.stuck_since, self.answered_at + self.interval) + wait)
 
     def stuck_for(self) -> float | None:
         """Seconds the server has been stuck, or None."""

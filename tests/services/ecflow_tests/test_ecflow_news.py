@@ -239,8 +239,9 @@ class TestNewsErrors:
     def test_stuck_then_lost_and_the_deadline_holds_after_a_late_poll(
             self, silent_server: Callable[[], SilentServer]) -> None:
         """NEWS to a server that never answers: stuck (None), then lost (BackendTimeout) past
-        request-timeout; when the last answer is older than a poll interval (a late poll), the
-        verdict is not pushed back: lost on the first unanswered request."""
+        request-timeout; a poll that came late does not push the verdict past interval +
+        probe-timeout + request-timeout from the last answer, but one seconds late still leaves
+        request-timeout after the first unanswered request (one more probe)."""
         quiet = silent_server()
         request = news_request("u", "h", Marks())
         live = Liveness("127.0.0.1", quiet.port, probe_timeout=0.1, request_timeout=0.3, interval=0.1)
@@ -249,9 +250,16 @@ class TestNewsErrors:
             while live.ask(request, "news request") is None:
                 pass
         late = Liveness("127.0.0.1", quiet.port, probe_timeout=0.1, request_timeout=0.3, interval=0.1)
-        late.answered_at = time.monotonic() - 1.0  # answered once, then the poll came 0.9 s late
+        late.answered_at = time.monotonic() - 0.15  # answered, then this poll came 0.05 s late
+        assert late.ask(request, "news request") is None
+        assert late.deadline == pytest.approx(late.answered_at + 0.1 + 0.1 + 0.3)  # not pushed back
+        slow = Liveness("127.0.0.1", quiet.port, probe_timeout=0.1, request_timeout=0.3, interval=0.1)
+        slow.answered_at = time.monotonic() - 5.0  # a poll seconds late: one more probe all the same
+        assert slow.ask(request, "news request") is None
+        assert slow.stuck_since is not None and slow.deadline == pytest.approx(slow.stuck_since + 0.3)
         with pytest.raises(BackendTimeout, match="stuck for"):
-            late.ask(request, "news request")
+            while slow.ask(request, "news request") is None:
+                pass
 
 
 def _defs_file(server: EcfServer, text: str) -> Any:
