@@ -30,6 +30,7 @@ from flowbus.services.ecflow._session import ZOMBIE_READ_INTERVAL
 from support import ecflow as _fx
 from support import silent as _silent
 from support.ecflow import EcfServer, Running, write_suite
+from support.poll import until
 from support.silent import SilentServer
 
 ecf_server = _fx.ecf_server
@@ -133,10 +134,8 @@ class TestSessionPoll:
         run.session._client = counting
         polls, since = len(run.polls), time.monotonic()
         run.resume()
-        deadline = since + 10
-        while len(run.polls) < polls + 10 or time.monotonic() < since + 2.5 * ZOMBIE_READ_INTERVAL:
-            assert time.monotonic() < deadline, "the session stopped polling"
-            time.sleep(0.02)
+        until(lambda: len(run.polls) >= polls + 10 and time.monotonic() >= since + 2.5 * ZOMBIE_READ_INTERVAL,
+              10, "ten polls over two and a half zombie-read intervals")
         assert counting.calls == {}, counting.calls  # no news_local, sync_local nor zombie_get
         server.client().alter("/n/t", "change", "label", "info", "seen")
         run.rec.wait_for(lambda es: [e for e in es if isinstance(e, AttributeChanged) and e.value == "seen"], 10,
