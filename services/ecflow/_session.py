@@ -196,7 +196,7 @@ class EcflowSession(SessionBase):
             self._auto_added(snap.suites)
             version = str(client.server_version())
             self._server_pid = server_pid(defs)
-            self._marks = read_marks(client) if self._live is not None else None
+            self._marks = self._read_marks(client)
         self._next_clear_log = time.monotonic() + self.config.clear_log_interval
         events = self._tree.diff(snap, observed, "not known to the ecFlow server")
         events += self._zombie_news(client, observed)
@@ -366,7 +366,7 @@ class EcflowSession(SessionBase):
         client.sync_local()
         paths = list(client.changed_node_paths)
         defs = client.get_defs()
-        self._marks = read_marks(client) if self._live is not None else None
+        self._marks = self._read_marks(client)
         if not paths:  # a full sync: a server restarted between two polls shows up only here
             pid = server_pid(defs)
             if pid and self._server_pid and pid != self._server_pid:
@@ -375,6 +375,18 @@ class EcflowSession(SessionBase):
         snap = read_full(defs) if not paths else read_paths(defs, paths, self._tree.children)
         self._auto_added(snap.suites)
         self._publish(self._tree.diff(snap, Observed.POLL))
+
+    def _read_marks(self, client: Any) -> Marks | None:
+        """The client's handle and change numbers for our NEWS; None without the session's own
+        requests, or when they cannot be read here (then every poll pings and syncs, as it would
+        through the binding: slower, nothing missed)."""
+        if self._live is None:
+            return None
+        try:
+            return read_marks(client)
+        except (OSError, RuntimeError, ValueError) as exc:
+            self._log.warning("ecflow.marks.unreadable", error=str(exc))
+            return None
 
     def _zombie_news(self, client: Any, observed: Observed) -> list[Event]:
         """The zombies that appeared, changed action or left since the last read (:mod:`._zombies`),

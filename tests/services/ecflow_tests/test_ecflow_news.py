@@ -15,6 +15,7 @@ import pytest
 
 from flowbus.demo import free_port
 from flowbus.schemas import AttributeChanged, BackendProtocolError, BackendRejected, BackendTimeout, Disconnected
+from flowbus.services.ecflow import _news
 from flowbus.services.ecflow._news import (
     Marks,
     News,
@@ -142,6 +143,24 @@ class TestSessionPoll:
                          "the label change")
         assert counting.calls.get("sync_local", 0) >= 1 and "news_local" not in counting.calls, counting.calls
         assert not run.errors, run.errors
+
+    @pytest.mark.timeout(60)
+    def test_unreadable_marks_fall_back_to_syncing_every_poll(self, ecf_server: Server, ecflow_session: Session,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+        """When the client's change numbers cannot be read (the printing fails), the session stays
+        up, logs why, and syncs on every poll: changes are still published."""
+        def broken(defs: Any) -> bytes:
+            raise OSError("no in-memory file here")
+
+        monkeypatch.setattr(_news._PRINTER, "head", broken)
+        server = ecf_server()
+        run = ecflow_session(server.port, poll_interval=0.05)
+        run.call("load", label_suite(server))
+        server.client().alter("/n/t", "change", "label", "info", "still seen")
+        run.rec.wait_for(lambda es: [e for e in es if isinstance(e, AttributeChanged) and e.value == "still seen"],
+                         10, "the label change")
+        assert run.session._marks is None and run.session.phase == "up" and not run.errors
+        assert not [e for e in run.rec.events if isinstance(e, Disconnected)], "a local failure lost the server"
 
     @pytest.mark.timeout(90)
     def test_restart_between_polls_takes_the_full_sync_path(self, ecf_server: Server,
