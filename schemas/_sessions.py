@@ -138,10 +138,11 @@ class EcflowSessionConfig(RetentionConfig, frozen=True, tag="ecflow", tag_field=
     #: whole seconds one request may take (ecFlow's ECF_CONNECT_TIMEOUT, at least 1); a server
     #: that accepts but never answers holds the calling thread, and the GIL, this long
     request_timeout: int = 1
-    #: seconds a liveness ping (ecFlow's wire on a socket of our own, GIL-free) waits before
-    #: every poll and reconnect; a server that does not answer is ``stuck`` (no client call is
-    #: made to it) and lost (``Disconnected``) within request-timeout + probe-timeout +
-    #: poll-interval; 0 = no probe (a stuck server then holds the process's GIL per request)
+    #: seconds the poll's NEWS request (ecFlow's wire on a socket of our own, GIL-free; a ping
+    #: before every reconnect) waits for its answer; a server that does not answer is ``stuck``
+    #: (no client call is made to it) and lost (``Disconnected``) within request-timeout +
+    #: probe-timeout + poll-interval; 0 = the binding's news_local instead (a stuck server then
+    #: holds the process's GIL per request)
     probe_timeout: float = 0.5
     #: on every (re)connect, restart a server found HALTED (it always comes back HALTED from a checkpoint)
     restart_halted: bool = False
