@@ -18,14 +18,29 @@ import msgspec
 import pytest
 
 from flowbus.bus import Subscriber
-from flowbus.schemas import AttributeChanged, Disconnected, EcflowSessionConfig, Event
+from flowbus.schemas import (
+    AttributeChanged,
+    Connected,
+    Disconnected,
+    EcflowSessionConfig,
+    Event,
+    GuiserverSessionConfig,
+    StateChanged,
+)
+from flowbus.services.guiserver import messages as gx
+from flowbus.services.guiserver_emulator import GuiserverEmulator
 from support import ecflow as _fx
+from support import gs_process as _gsp
+from support import guiserver as _gs
 from support import silent as _silent
 from support.ecflow import EcfServer
+from support.gs_process import EmulatorProcess
 from support.silent import SilentServer
 
 ecf_server = _fx.ecf_server
 silent_server = _silent.silent_server
+emulator_process = _gsp.emulator_process
+emulator = _gs.emulator_fixture
 
 
 def _spec(name: str, port: int, **kw: Any) -> dict[str, Any]:
@@ -129,6 +144,87 @@ class TestFrozenNeighbour:
             sub.close()
             if stopped:
                 os.kill(victim.proc.pid, signal.SIGCONT)
+            try:
+                loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
+            finally:
+                impl._pool.shutdown(wait=True)
+                loop.close()
+
+
+# -- guiServer (our emulator in a process of its own; healthy neighbours in this process) ----------------
+
+
+def _gs_spec(name: str, port: int, **kw: Any) -> dict[str, Any]:
+    spec = msgspec.to_builtins(GuiserverSessionConfig(name=name, port=port, reconnect_backoff=0.2, **kw))
+    spec["backend"] = "guiserver"
+    return dict(spec)
+
+
+class TestFrozenGuiserver:
+    @pytest.mark.timeout(180)
+    def test_sigstopped_and_silent_guiservers_are_stuck_while_neighbours_events_flow(
+            self, broker_factory: Any, emulator: Callable[..., GuiserverEmulator],
+            emulator_process: Callable[[], EmulatorProcess], silent_server: Callable[[], SilentServer]) -> None:
+        """One actor, four guiServer sessions (request-timeout 10 s): two healthy emulators, one
+        emulator process SIGSTOPped after opening and one silent listener. The silent one is
+        named under ``stuck`` while its handshake waits and opens Disconnected; the frozen one is
+        named under ``stuck`` once its probe goes unanswered, and while it is, a DiFX message
+        relayed by each healthy server reaches the bus; only then is the frozen one
+        Disconnected. After SIGCONT it reconnects."""
+        from flowbus.actors import _backend_actor as ba
+
+        broker = broker_factory()
+        healthy = [emulator(), emulator()]
+        victim = emulator_process()
+        quiet = silent_server()
+        specs = [_gs_spec("ok0", healthy[0].port), _gs_spec("ok1", healthy[1].port),
+                 _gs_spec("frozen", victim.port, request_timeout=10),
+                 _gs_spec("silent", quiet.port, request_timeout=10)]
+        loop = asyncio.new_event_loop()
+        impl = ba.BackendActorImpl("iso-gs", broker.address, specs, poll_workers=4, open_concurrency=4)
+        sub = Subscriber(broker.address, "guiserver/", start="live")
+        watch = _Watch(sub)
+
+        def stuck() -> dict[str, float]:
+            return dict(loop.run_until_complete(impl.ping())["stuck"])
+        try:
+            opening = loop.create_task(impl.start())
+            deadline = time.monotonic() + 20
+            while "silent" not in impl._stuck():  # the handshake waits; ping runs on the loop meanwhile
+                assert time.monotonic() < deadline, "the silent server's handshake was never named stuck"
+                loop.run_until_complete(asyncio.sleep(0.05))
+            info = loop.run_until_complete(asyncio.wait_for(opening, 120))
+            assert sorted(info["sessions"]) == ["frozen", "ok0", "ok1", "silent"]
+            gone = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "silent", 30,
+                               "the silent server's session to be Disconnected")
+            assert "did not respond" in gone.reason.lower(), gone  # type: ignore[attr-defined]
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen", 30, "the frozen one to open")
+
+            victim.freeze()
+            deadline = time.monotonic() + 20
+            while "frozen" not in stuck():
+                assert time.monotonic() < deadline, "ping() never named the frozen session under stuck"
+                watch.events += sub.recv_many(0.1)
+
+            def changed(k: int) -> Callable[[Event], bool]:
+                return lambda e: isinstance(e, StateChanged) and e.source == f"ok{k}" and e.key == f"during{k}"
+            for k, emu in enumerate(healthy):
+                def relay(emu: GuiserverEmulator = emu, k: int = k) -> None:
+                    emu.inject(gx.status_message(f"during{k}", "Running"))
+                watch.until(changed(k), 20, f"ok{k}'s relayed message while frozen is stuck", also=relay)
+            frozen_gone = [e for e in watch.events if isinstance(e, Disconnected) and e.source == "frozen"]
+            assert not frozen_gone, "the neighbours' events came only after the frozen session was given up"
+            assert "frozen" in stuck()
+            lost = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "frozen", 30,
+                               "the frozen session to be Disconnected")
+            assert "did not respond" in lost.reason.lower(), lost  # type: ignore[attr-defined]
+            victim.thaw()
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen", 60,
+                        "the thawed server's session to reconnect")
+            assert "frozen" not in stuck()
+        finally:
+            sub.close()
+            victim.thaw()
             try:
                 loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
             finally:
