@@ -214,6 +214,9 @@ class WmsSessionConfig(RetentionConfig, frozen=True, tag="wms", tag_field="backe
     poll_interval: float = 0.1
     #: seconds between ``report()`` calls for workflows of services that implement it
     report_interval: float = 1.0
+    #: seconds a ``ping()`` or ``report()`` the session makes may take: one still running after
+    #: that is a WMS that stopped answering (``Disconnected``); named ``stuck`` after 1 s
+    request_timeout: float = 30.0
     #: BPS ``operator`` ("" = the login name)
     operator: str = ""
     #: actor that hosts the session (sessions with the same value share one actor)

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -26,6 +27,7 @@ from flowbus.schemas import (
     Event,
     GuiserverSessionConfig,
     StateChanged,
+    WmsSessionConfig,
 )
 from flowbus.services.guiserver import messages as gx
 from flowbus.services.guiserver_emulator import GuiserverEmulator
@@ -33,14 +35,17 @@ from support import ecflow as _fx
 from support import gs_process as _gsp
 from support import guiserver as _gs
 from support import silent as _silent
+from support import wms_remote as _wms
 from support.ecflow import EcfServer
 from support.gs_process import EmulatorProcess
 from support.silent import SilentServer
+from support.wms_remote import EchoServer
 
 ecf_server = _fx.ecf_server
 silent_server = _silent.silent_server
 emulator_process = _gsp.emulator_process
 emulator = _gs.emulator_fixture
+echo_server = _wms.echo_server
 
 
 def _spec(name: str, port: int, **kw: Any) -> dict[str, Any]:
@@ -219,7 +224,88 @@ class TestFrozenGuiserver:
                                "the frozen session to be Disconnected")
             assert "did not respond" in lost.reason.lower(), lost  # type: ignore[attr-defined]
             victim.thaw()
-            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen", 60,
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen" and e.seq > lost.seq, 60,
+                        "the thawed server's session to reconnect")
+            assert "frozen" not in stuck()
+        finally:
+            sub.close()
+            victim.thaw()
+            try:
+                loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
+            finally:
+                impl._pool.shutdown(wait=True)
+                loop.close()
+
+
+# -- ctrl_bps WMS (a reporting service whose ping()/report() reach a server process) -------------------
+
+
+def _wms_spec(name: str, service_class: str, submit_dir: Path, **kw: Any) -> dict[str, Any]:
+    spec = msgspec.to_builtins(WmsSessionConfig(name=name, service_class=service_class, report_interval=0.2,
+                                                submit_dir=str(submit_dir / name), **kw))
+    spec["backend"] = "wms"
+    return dict(spec)
+
+
+class TestFrozenWms:
+    @pytest.mark.timeout(180)
+    def test_sigstopped_and_silent_wms_servers_are_stuck_while_neighbours_events_flow(
+            self, broker_factory: Any, echo_server: Callable[[], EchoServer],
+            silent_server: Callable[[], SilentServer], tmp_path: Path) -> None:
+        """One actor, four WMS sessions of a service whose ping() and report() block on their
+        server (request-timeout 10 s): two healthy servers, one SIGSTOPped after opening and one
+        silent listener. The silent one is named under ``stuck`` and opens Disconnected; the
+        frozen one is named under ``stuck`` once its ping hangs, and while it is, a run submitted
+        to each healthy session reports its jobs; only then is the frozen one Disconnected.
+        After SIGCONT it reconnects."""
+        from flowbus.actors import _backend_actor as ba
+
+        broker = broker_factory()
+        healthy = [echo_server(), echo_server()]
+        victim = echo_server()
+        quiet = silent_server()
+        ports = {"ok0": healthy[0].port, "ok1": healthy[1].port, "frozen": victim.port, "silent": quiet.port}
+        classes = {n: _wms.remote_service(f"Iso{n.capitalize()}", port) for n, port in ports.items()}
+        specs = [_wms_spec(n, c, tmp_path, request_timeout=10) for n, c in classes.items()]
+        loop = asyncio.new_event_loop()
+        impl = ba.BackendActorImpl("iso-wms", broker.address, specs, poll_workers=4, open_concurrency=4)
+        sub = Subscriber(broker.address, "wms/", start="live")
+        watch = _Watch(sub)
+
+        def stuck() -> dict[str, float]:
+            return dict(loop.run_until_complete(impl.ping())["stuck"])
+        try:
+            opening = loop.create_task(impl.start())
+            deadline = time.monotonic() + 20
+            while "silent" not in impl._stuck():  # its first ping hangs; ping runs on the loop meanwhile
+                assert time.monotonic() < deadline, "the silent WMS's ping was never named stuck"
+                loop.run_until_complete(asyncio.sleep(0.05))
+            info = loop.run_until_complete(asyncio.wait_for(opening, 120))
+            assert sorted(info["sessions"]) == ["frozen", "ok0", "ok1", "silent"]
+            gone = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "silent", 30,
+                               "the silent WMS's session to be Disconnected")
+            assert "stuck" in gone.reason, gone  # type: ignore[attr-defined]
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen", 30, "the frozen one to open")
+
+            victim.freeze()
+            deadline = time.monotonic() + 20
+            while "frozen" not in stuck():
+                assert time.monotonic() < deadline, "ping() never named the frozen session under stuck"
+                watch.events += sub.recv_many(0.1)
+            for k in range(2):
+                wms_id = loop.run_until_complete(impl.call(
+                    f"ok{k}", "submit_workflow", {"name": f"during{k}", "jobs": [{"name": "a", "command": ["true"]}]}))
+                watch.until(lambda e, k=k, w=wms_id["wms_id"]: isinstance(e, StateChanged)  # type: ignore[misc]
+                            and e.source == f"ok{k}" and e.key == w and e.native == "SUCCEEDED", 20,
+                            f"ok{k}'s run to be reported while frozen is stuck")
+            frozen_gone = [e for e in watch.events if isinstance(e, Disconnected) and e.source == "frozen"]
+            assert not frozen_gone, "the neighbours' events came only after the frozen session was given up"
+            assert "frozen" in stuck()
+            lost = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "frozen", 30,
+                               "the frozen session to be Disconnected")
+            assert "stuck" in lost.reason, lost  # type: ignore[attr-defined]
+            victim.thaw()
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen" and e.seq > lost.seq, 60,
                         "the thawed server's session to reconnect")
             assert "frozen" not in stuck()
         finally:
