@@ -26,16 +26,20 @@ from flowbus.schemas import (
     EcflowSessionConfig,
     Event,
     GuiserverSessionConfig,
+    SomaSessionConfig,
+    State,
     StateChanged,
     WmsSessionConfig,
 )
 from flowbus.services.guiserver import messages as gx
 from flowbus.services.guiserver_emulator import GuiserverEmulator
+from support import db_lock as _dbl
 from support import ecflow as _fx
 from support import gs_process as _gsp
 from support import guiserver as _gs
 from support import silent as _silent
 from support import wms_remote as _wms
+from support.db_lock import DbLocker
 from support.ecflow import EcfServer
 from support.gs_process import EmulatorProcess
 from support.silent import SilentServer
@@ -46,6 +50,7 @@ silent_server = _silent.silent_server
 emulator_process = _gsp.emulator_process
 emulator = _gs.emulator_fixture
 echo_server = _wms.echo_server
+db_locker = _dbl.db_locker
 
 
 def _spec(name: str, port: int, **kw: Any) -> dict[str, Any]:
@@ -311,6 +316,75 @@ class TestFrozenWms:
         finally:
             sub.close()
             victim.thaw()
+            try:
+                loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
+            finally:
+                impl._pool.shutdown(wait=True)
+                loop.close()
+
+
+# -- soma-workflow (light mode: its database, locked by a process that then stops) ---------------------
+
+
+def _soma_spec(name: str, directory: Path, **kw: Any) -> dict[str, Any]:
+    spec = msgspec.to_builtins(SomaSessionConfig(name=name, directory=str(directory / name), poll_interval=0.1,
+                                                 engine_refresh=0.05, recovery_backoff=0.2, **kw))
+    spec["backend"] = "soma"
+    return dict(spec)
+
+
+class TestFrozenSoma:
+    @pytest.mark.timeout(180)
+    # soma's own engine loop thread dies of the locked database (soma's DatabaseError, unhandled in
+    # its thread); the session replaces the controller when it reconnects
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+    def test_a_locked_database_is_stuck_while_neighbours_workflows_run(
+            self, broker_factory: Any, db_locker: Callable[[Path], DbLocker], tmp_path: Path) -> None:
+        """One actor, three light-mode soma sessions: two healthy, and one whose database a
+        process locks and then stops in (request-timeout 15 s). The frozen one is named under
+        ``stuck``, and while it is, a workflow submitted to each healthy session runs to its
+        end; only then is the frozen one Disconnected. Once the lock holder is gone it
+        reconnects."""
+        from flowbus.actors import _backend_actor as ba
+
+        broker = broker_factory()
+        specs = [_soma_spec("ok0", tmp_path), _soma_spec("ok1", tmp_path),
+                 _soma_spec("frozen", tmp_path, request_timeout=15)]
+        loop = asyncio.new_event_loop()
+        impl = ba.BackendActorImpl("iso-soma", broker.address, specs, poll_workers=4, open_concurrency=3)
+        sub = Subscriber(broker.address, "soma/", start="live")
+        watch = _Watch(sub)
+
+        def stuck() -> dict[str, float]:
+            return dict(loop.run_until_complete(impl.ping())["stuck"])
+        try:
+            info = loop.run_until_complete(asyncio.wait_for(impl.start(), 120))
+            assert sorted(info["sessions"]) == ["frozen", "ok0", "ok1"]
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen", 30, "the frozen one to open")
+            locker = db_locker(tmp_path / "frozen" / "soma-workflow.db")
+            deadline = time.monotonic() + 20
+            while "frozen" not in stuck():
+                assert time.monotonic() < deadline, "ping() never named the frozen session under stuck"
+                watch.events += sub.recv_many(0.1)
+            for k in range(2):
+                wf = loop.run_until_complete(impl.call(f"ok{k}", "submit_workflow", {
+                    "name": f"during{k}", "jobs": [{"name": "a", "command": ["true"]},
+                                                   {"name": "b", "command": ["true"], "after": ["a"]}]}))
+                watch.until(lambda e, k=k, wf=wf: isinstance(e, StateChanged)  # type: ignore[misc]
+                            and e.source == f"ok{k}" and e.key == str(wf) and e.state is State.COMPLETE, 30,
+                            f"ok{k}'s workflow to end while frozen is stuck")
+            frozen_gone = [e for e in watch.events if isinstance(e, Disconnected) and e.source == "frozen"]
+            assert not frozen_gone, "the neighbours' workflows ended only after the frozen session was given up"
+            assert "frozen" in stuck()
+            lost = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "frozen", 40,
+                               "the frozen session to be Disconnected")
+            assert "stuck" in lost.reason, lost  # type: ignore[attr-defined]
+            locker.end()
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen" and e.seq > lost.seq, 60,
+                        "the session to reconnect once the database is free")
+            assert "frozen" not in stuck()
+        finally:
+            sub.close()
             try:
                 loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
             finally:
