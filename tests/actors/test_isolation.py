@@ -390,3 +390,20 @@ class TestFrozenSoma:
             finally:
                 impl._pool.shutdown(wait=True)
                 loop.close()
+
+
+class TestLivenessKeys:
+    def test_soma_and_wms_liveness_keys_load_and_are_checked(self) -> None:
+        """probe-timeout/request-timeout (soma) and request-timeout (WMS) load in kebab case; a
+        value that would make no verdict possible is a ConfigError naming the keys."""
+        from flowbus.schemas import ConfigError, parse_config
+
+        cfg = parse_config({"sessions": [{"backend": "soma", "name": "s", "probe-timeout": 0.2, "request-timeout": 3},
+                                         {"backend": "wms", "name": "w", "request-timeout": 4}]})
+        soma, wms = cfg.sessions
+        assert isinstance(soma, SomaSessionConfig) and (soma.probe_timeout, soma.request_timeout) == (0.2, 3)
+        assert isinstance(wms, WmsSessionConfig) and wms.request_timeout == 4
+        with pytest.raises(ConfigError, match=r"sessions\[0\]: probe-timeout must be >= 0 and request-timeout > 0"):
+            parse_config({"sessions": [{"backend": "soma", "name": "s", "request-timeout": 0}]})
+        with pytest.raises(ConfigError, match=r"sessions\[0\]: poll-interval, report-interval and request-timeout"):
+            parse_config({"sessions": [{"backend": "wms", "name": "w", "request-timeout": -1}]})
