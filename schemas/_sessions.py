@@ -181,8 +181,10 @@ class SomaSessionConfig(RetentionConfig, frozen=True, tag="soma", tag_field="bac
     #: light mode: seconds a read of soma's database may wait for a lock before the database
     #: counts as ``stuck`` (no soma call is made to it while it is; 0 = no probe)
     probe_timeout: float = 0.5
-    #: light mode: seconds the database may stay stuck before the controller is lost (``Disconnected``)
-    request_timeout: float = 10.0
+    #: light mode: seconds the database may stay stuck before the controller is lost
+    #: (``Disconnected``); above soma's own 15 s sqlite timeout, so a long transaction of soma's
+    #: own (a large submit under load) is not taken for a stuck database
+    request_timeout: float = 20.0
     #: jobs run at once by the local scheduler (0 = soma's default, the CPU count)
     proc_nb: int = 0
     #: when the controller dies: ``reattach`` (new controller, kill orphaned jobs, force-stop and

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import time
 
-from flowbus.schemas import BackendTimeout, BackendUnavailable
+from flowbus.schemas import BackendTimeout
 
 
 class DbProbe:
@@ -24,8 +24,8 @@ class DbProbe:
 
     :meth:`check` is True when the database answered, False while it is stuck (locked by someone
     else for longer than ``probe_timeout``), and raises ``BackendTimeout`` once it has been stuck
-    for ``probe_timeout + request_timeout`` (``BackendUnavailable`` when it cannot be read at all).
-    A database that does not exist yet is not stuck (soma creates it)."""
+    for ``probe_timeout + request_timeout``. A database that does not exist yet, or fails for
+    another reason than a lock, is not stuck (soma creates it, or its own calls report it)."""
 
     def __init__(self, path: str, probe_timeout: float, request_timeout: float) -> None:
         self.path = path
@@ -53,14 +53,16 @@ class DbProbe:
                 con.close()
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
+                # not a lock (e.g. a hot journal a read-only connection may not roll back): soma's
+                # own calls, which may write, tell what it is
                 self.stuck_since = None
-                raise BackendUnavailable(f"the soma database {self.path}: {exc}") from exc
+                return True
             if self.stuck_since is None:
                 self.stuck_since = started
             stuck = time.monotonic() - self.stuck_since
             if stuck >= self.probe_timeout + self.request_timeout:
-                raise BackendTimeout(f"the soma database {self.path} is locked by another process: no read "
-                                     f"within {self.probe_timeout:g} s for {stuck:.1f} s (stuck)") from exc
+                raise BackendTimeout(f"the soma database {self.path} is locked: no read within "
+                                     f"{self.probe_timeout:g} s for {stuck:.1f} s (stuck)") from exc
             return False
         self.stuck_since = None
         return True

@@ -182,8 +182,8 @@ class SomaSession(SessionBase):
                 self._probe = DbProbe(os.path.join(self._directory, DB_FILE), self.config.probe_timeout,
                                       self.config.request_timeout)
         if self._probe is not None and not self._probe.check():
-            raise BackendTimeout(f"session {self.name!r}: the soma database {self._probe.path} is locked by "
-                                 f"another process (no read within {self.config.probe_timeout:g} s: stuck)")
+            raise BackendTimeout(f"session {self.name!r}: the soma database {self._probe.path} is locked "
+                                 f"(no read within {self.config.probe_timeout:g} s: stuck)")
         try:
             self._killed += self._end_old()
             if reconnect:  # what the lost controller (or an earlier incarnation) left running
