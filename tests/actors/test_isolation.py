@@ -258,7 +258,7 @@ class TestFrozenWms:
             self, broker_factory: Any, echo_server: Callable[[], EchoServer],
             silent_server: Callable[[], SilentServer], tmp_path: Path) -> None:
         """One actor, four WMS sessions of a service whose ping() and report() block on their
-        server (request-timeout 10 s): two healthy servers, one SIGSTOPped after opening and one
+        server (request-timeout 15 s): two healthy servers, one SIGSTOPped after opening and one
         silent listener. The silent one is named under ``stuck`` and opens Disconnected; the
         frozen one is named under ``stuck`` once its ping hangs, and while it is, a run submitted
         to each healthy session reports its jobs; only then is the frozen one Disconnected.
@@ -271,7 +271,7 @@ class TestFrozenWms:
         quiet = silent_server()
         ports = {"ok0": healthy[0].port, "ok1": healthy[1].port, "frozen": victim.port, "silent": quiet.port}
         classes = {n: _wms.remote_service(f"Iso{n.capitalize()}", port) for n, port in ports.items()}
-        specs = [_wms_spec(n, c, tmp_path, request_timeout=10) for n, c in classes.items()]
+        specs = [_wms_spec(n, c, tmp_path, request_timeout=15) for n, c in classes.items()]
         loop = asyncio.new_event_loop()
         impl = ba.BackendActorImpl("iso-wms", broker.address, specs, poll_workers=4, open_concurrency=4)
         sub = Subscriber(broker.address, "wms/", start="live")
