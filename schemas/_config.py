@@ -310,6 +310,8 @@ def _check(cfg: FlowbusConfig, origin: str) -> None:
         if isinstance(s, SomaSessionConfig):
             if s.poll_interval <= 0 or s.engine_refresh <= 0:
                 raise ConfigError(f"{origin}: sessions[{i}]: poll-interval and engine-refresh must be > 0")
+            if s.probe_timeout < 0 or s.request_timeout <= 0:
+                raise ConfigError(f"{origin}: sessions[{i}]: probe-timeout must be >= 0 and request-timeout > 0")
             if s.mode == "light" and (s.resource_id or s.login or s.password or s.config_file):
                 raise ConfigError(f"{origin}: sessions[{i}]: resource-id/login/password/config-file "
                                   "need mode = 'resource'")
@@ -353,8 +355,8 @@ def _check_wms(s: WmsSessionConfig, where: str) -> None:
         value = getattr(s, key)
         if not _CLASS_PATH.match(value):
             raise ConfigError(f"{where}.{key.replace('_', '-')}: {value!r} is not a class path (package.module.Class)")
-    if s.poll_interval <= 0 or s.report_interval <= 0:
-        raise ConfigError(f"{where}: poll-interval and report-interval must be > 0")
+    if s.poll_interval <= 0 or s.report_interval <= 0 or s.request_timeout <= 0:
+        raise ConfigError(f"{where}: poll-interval, report-interval and request-timeout must be > 0")
     if s.cores < 1 or s.retries < 0:
         raise ConfigError(f"{where}: cores must be >= 1 and retries >= 0")
 

@@ -179,6 +179,13 @@ class SomaSessionConfig(RetentionConfig, frozen=True, tag="soma", tag_field="bac
     poll_interval: float = 0.2
     #: the engine loop period (soma's ``engine.refreshment_interval``, 1 s by default in soma)
     engine_refresh: float = 0.1
+    #: light mode: seconds a read of soma's database may wait for a lock before the database
+    #: counts as ``stuck`` (no soma call is made to it while it is; 0 = no probe)
+    probe_timeout: float = 0.5
+    #: light mode: seconds the database may stay stuck before the controller is lost
+    #: (``Disconnected``); above soma's own 15 s sqlite timeout, so a long transaction of soma's
+    #: own (a large submit under load) is not taken for a stuck database
+    request_timeout: float = 20.0
     #: jobs run at once by the local scheduler (0 = soma's default, the CPU count)
     proc_nb: int = 0
     #: when the controller dies: ``reattach`` (new controller, kill orphaned jobs, force-stop and
@@ -215,6 +222,9 @@ class WmsSessionConfig(RetentionConfig, frozen=True, tag="wms", tag_field="backe
     poll_interval: float = 0.1
     #: seconds between ``report()`` calls for workflows of services that implement it
     report_interval: float = 1.0
+    #: seconds a ``ping()`` or ``report()`` the session makes may take: one still running after
+    #: that is a WMS that stopped answering (``Disconnected``); named ``stuck`` after 1 s
+    request_timeout: float = 30.0
     #: BPS ``operator`` ("" = the login name)
     operator: str = ""
     #: actor that hosts the session (sessions with the same value share one actor)

@@ -92,6 +92,9 @@ _RESEND_S = 0.5
 #: while UP: after this long without a byte from the server, a version request probes it; no answer
 #: within ``request-timeout`` is a loss (a frozen server keeps its TCP connection open)
 _SILENCE_S = 2.0
+#: a version request (the handshake's, or the probe's of a silent connection) unanswered for this
+#: long names the server ``stuck`` (:meth:`GuiserverSession.stuck_for`, listed by the actor's ping)
+_STUCK_S = 0.5
 #: TCP keepalive probes (interval, count) after ``request-timeout`` seconds of silence
 _KEEPALIVE = (2, 3)
 _SAFE_SETUP = re.compile(r"/[A-Za-z0-9_./+@:=,%-]*")
@@ -138,6 +141,8 @@ class GuiserverSession(SubStreams):
         #: liveness: when the server last sent a byte, and when the probe now unanswered was sent
         self._last_rx = 0.0
         self._probe_sent: float | None = None
+        #: while handshaking: when the version request now unanswered was first sent
+        self._asking: float | None = None
         #: direct mode: our listeners and guiServer's back-connections (closed with the connection)
         self._direct_socks: set[socket.socket] = set()
         #: sub-streams the server opened; direct back-connections by port (:meth:`_stream_write`); monitors
@@ -150,6 +155,16 @@ class GuiserverSession(SubStreams):
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.config.port}"
+
+    def stuck_for(self) -> float | None:
+        """Seconds the server has left a version request unanswered (the handshake's, or the
+        probe's of a connection silent for 2 s), once that is :data:`_STUCK_S` or more; else
+        None. A stuck server is lost after ``request-timeout``. Lock-free (the actor's ping)."""
+        since = self._asking if self._asking is not None else self._probe_sent
+        if since is None:
+            return None
+        waited = time.monotonic() - since
+        return waited if waited >= _STUCK_S else None
 
     # -- ending: join the threads once the lock is released (they need it to finish) --------------------
     #
@@ -266,6 +281,7 @@ class GuiserverSession(SubStreams):
 
     def _drop(self) -> None:
         sock, self._sock, self._conn, self._early = self._sock, None, None, None
+        self._probe_sent = None
         socks, self._direct_socks = self._direct_socks, set()
         self._pending.clear()
         self._open_ports.clear()
@@ -313,6 +329,7 @@ class GuiserverSession(SubStreams):
         try:
             _keepalive(sock, cfg.request_timeout)
             sock.sendall(conn.start())
+            self._asking = time.monotonic()
             resend, heard = time.monotonic() + _RESEND_S, False
             while conn.state is ConnState.HANDSHAKE:
                 now = time.monotonic()
@@ -328,7 +345,7 @@ class GuiserverSession(SubStreams):
                     continue
                 if not data:
                     raise BackendUnavailable(f"{self.address} closed the connection during the handshake")
-                heard = True
+                heard, self._asking = True, None
                 early += conn.receive(data)
             info = conn.version
             assert info is not None
@@ -349,6 +366,8 @@ class GuiserverSession(SubStreams):
         except BaseException:
             sock.close()
             raise
+        finally:
+            self._asking = None
         after = early[early.index(info) + 1:] if info in early else []
         return sock, conn, [ev for ev in after if not isinstance(ev, VersionInfo)]
 

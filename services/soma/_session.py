@@ -30,6 +30,12 @@ each with a ``RecoveryAttempted``; then the ``resync`` diff and ``Resynced``.
 crash, same directory) kills what the previous one left running before it recovers those
 workflows the same way.
 
+A database that stops answering (light mode: a process that holds it locked and is stopped or
+hung): each poll and each open first reads it on a connection of its own (:mod:`._probe`); a read
+that cannot start within ``probe-timeout`` names the session ``stuck`` (:meth:`SomaSession.stuck_for`,
+listed by the actor's ``ping()``) and no soma call is made; stuck for ``request-timeout`` more is a
+loss (``Disconnected``, then the recovery above once the database answers again).
+
 Threads: :meth:`SomaSession.poll` runs on one worker thread, :meth:`SomaSession.call` may come
 from any thread. Controller calls are not serialised (soma opens one sqlite connection per call),
 so a ``wait_workflow`` does not stall polling; the lock guards the session's bookkeeping and the
@@ -55,6 +61,7 @@ from flowbus.schemas import (
     BackendError,
     BackendProtocolError,
     BackendRejected,
+    BackendTimeout,
     BackendUnavailable,
     ErrorEvent,
     Event,
@@ -70,12 +77,15 @@ from .._session import Opened, Phase, SessionBase
 from ._engine import Built, build, create_time, kill_tree, load_pids, quiet, save_pids, soma_message
 from ._logs import logs as _logs  # noqa: F401 - registers the logs operation on OPS
 from ._ops import OPS, soma_errors_to_flowbus
+from ._probe import DbProbe
 from ._transfers import PREFIX as TRANSFER_PREFIX
 from ._transfers import read_standalone, workflow_transfers
 from ._wf import Tracker, WfSnap, from_record, has_files, job_names, read_workflow, serialize
 
 #: polls that fail in a row before the controller counts as lost
 _FAILS_BEFORE_LOST = 3
+#: soma's database in a light-mode directory (``isolated_light_mode``)
+DB_FILE = "soma-workflow.db"
 
 
 def _version() -> str:
@@ -132,6 +142,8 @@ class SomaSession(SessionBase):
         #: job pids the last loss killed (reported by the next ``new_controller``)
         self._killed: list[int] = []
         self._fails = 0
+        #: light mode: the database's liveness probe (made once the directory is chosen)
+        self._probe: DbProbe | None = None
 
     # -- introspection -----------------------------------------------------------------------------
 
@@ -148,6 +160,10 @@ class SomaSession(SessionBase):
     def engine_threads(self) -> tuple[threading.Thread, ...]:
         return () if self._built is None else self._built.threads
 
+    def stuck_for(self) -> float | None:
+        """Seconds soma's database has been stuck (locked by someone else), or None."""
+        return self._probe.stuck_for() if self._probe is not None else None
+
     # -- hooks ---------------------------------------------------------------------------------------
 
     def _seed(self, known: Mapping[str, Event]) -> None:
@@ -162,6 +178,12 @@ class SomaSession(SessionBase):
         reconnect = self._phase is not Phase.NEW
         if self.config.mode == "light" and not self._directory:
             self._choose_directory()
+            if self.config.probe_timeout > 0:
+                self._probe = DbProbe(os.path.join(self._directory, DB_FILE), self.config.probe_timeout,
+                                      self.config.request_timeout)
+        if self._probe is not None and not self._probe.check():
+            raise BackendTimeout(f"session {self.name!r}: the soma database {self._probe.path} is locked "
+                                 f"(no read within {self.config.probe_timeout:g} s: stuck)")
         try:
             self._killed += self._end_old()
             if reconnect:  # what the lost controller (or an earlier incarnation) left running
@@ -194,6 +216,9 @@ class SomaSession(SessionBase):
     def _observe(self) -> None:
         """Diff, PID record, liveness; three failed polls in a row are a loss."""
         assert self._built is not None
+        if self._probe is not None and not self._probe.check():
+            self._log.warning("soma.database.stuck", stuck_for=round(self._probe.stuck_for() or 0.0, 3))
+            return  # no soma call to a locked database: it would wait for soma's own 15 s timeout
         reason = self._built.dead_reason()
         if reason:
             raise BackendUnavailable(reason)

@@ -31,6 +31,14 @@ killed from outside is a FAILED job. A service class that cannot be imported, a 
 cannot be made, and a ``bps-config`` naming another service class or a submit path fail the
 start (``BackendRejected``).
 
+A WMS that stops answering (a schedd or server that is stopped or hung: the plugin's call
+blocks): the session's own ``ping()`` and ``report()`` calls run on a helper thread of their own
+and are waited for up to ``request-timeout``. One still running after 1 s names the WMS ``stuck``
+(:meth:`WmsSession.stuck_for`, listed by the actor's ``ping()``); after ``request-timeout`` it is
+a loss (``BackendTimeout``: ``Disconnected``, then reconnects). The hung call is not started
+again: every attempt fails at once until it returns. Only that session's poll waits; the other
+sessions of the actor go on.
+
 Threads: :meth:`WmsSession.poll` runs on one worker thread; :meth:`WmsSession.call` may come from
 any thread; one lock guards the bookkeeping. :meth:`WmsSession.stop` cancels the session's Parsl
 runs and joins their threads: nothing is left behind. No Python process is ever forked.
@@ -44,13 +52,16 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from flowbus.schemas import (
     BackendError,
     BackendRejected,
+    BackendTimeout,
     BackendUnavailable,
     ErrorEvent,
     Event,
@@ -74,6 +85,22 @@ from ._parsl import ParslRun, is_parsl_service
 _CALLBACK_WAIT_S = 0.05
 #: report() failures in a row (not connection errors: those are a loss at once) that make the WMS lost
 _REPORT_FAILS = 3
+#: a ping() or report() of the session's running this long names the WMS ``stuck``
+_STUCK_S = 1.0
+#: how often a wait for the session's ping()/report() looks whether the session is closing
+_CLOSING_CHECK_S = 0.1
+
+
+@dataclass
+class _Call:
+    """One ``ping()``/``report()`` of the session, on a helper thread of its own."""
+
+    method: str
+    since: float
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
 
 
 def _private_temp_root() -> str:
@@ -138,6 +165,8 @@ class WmsSession(SessionBase):
         self._next_report = 0.0
         self._observing = False
         self._report_fails = 0
+        #: the session's own ping()/report() in flight (lock held to start or clear it)
+        self._call: _Call | None = None
 
     @property
     def address(self) -> str:
@@ -150,6 +179,15 @@ class WmsSession(SessionBase):
     @property
     def is_parsl(self) -> bool:
         return self._cls is not None and is_parsl_service(self._cls)
+
+    def stuck_for(self) -> float | None:
+        """Seconds the session's ``ping()`` or ``report()`` has waited for the WMS, once that is
+        1 s or more (it is lost after ``request-timeout``); else None. Lock-free (the actor's ping)."""
+        call = self._call
+        if call is None or call.done.is_set():
+            return None
+        waited = time.monotonic() - call.since
+        return waited if waited >= _STUCK_S else None
 
     # -- hooks ---------------------------------------------------------------------------------------
 
@@ -270,8 +308,9 @@ class WmsSession(SessionBase):
         if not self._has_ping:
             return
         try:
+            answer = self._bounded(self._query, "ping", None)
             with wms_errors("ping", self.class_path):
-                status, message = self._query.ping(None)
+                status, message = answer
                 status = int(status)
         except UnknownOperation:
             self._has_ping = False
@@ -286,6 +325,41 @@ class WmsSession(SessionBase):
     def _svc_call(self, target: Any, method: str, *args: Any, **kwargs: Any) -> Any:
         """A method of one of the session's services (``self._service`` or ``self._query``)."""
         return call_service(target, self.class_path, method, *args, **kwargs)
+
+    def _bounded(self, target: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`_svc_call` on a helper thread, waited for up to ``request-timeout`` (lock held).
+        Raises ``BackendTimeout`` when the WMS does not answer in time, and at once while an
+        earlier call that did not answer still runs (it is never started twice)."""
+        call = self._call
+        if call is not None:
+            if not call.done.is_set():
+                raise BackendTimeout(f"{method}: {self.class_path} has not answered the {call.method}() sent "
+                                     f"{time.monotonic() - call.since:.1f} s ago (stuck)")
+            self._call = None
+        call = _Call(method, time.monotonic())
+
+        def run() -> None:
+            try:
+                call.result = self._svc_call(target, method, *args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                call.error = exc
+            finally:
+                call.done.set()
+
+        call.thread = threading.Thread(target=run, daemon=True, name=f"wms-{self.name}-{method}")
+        self._call = call
+        call.thread.start()
+        deadline = call.since + self.config.request_timeout
+        while not call.done.wait(min(_CLOSING_CHECK_S, max(0.0, deadline - time.monotonic()))):
+            if self._closing:
+                raise BackendUnavailable(f"{method}: the session is closing")
+            if time.monotonic() >= deadline:
+                raise BackendTimeout(f"{method}: {self.class_path} did not answer within "
+                                     f"{self.config.request_timeout:g} s (stuck)")
+        self._call = None
+        if call.error is not None:
+            raise call.error
+        return call.result
 
     # -- observing ---------------------------------------------------------------------------------
 
@@ -389,7 +463,7 @@ class WmsSession(SessionBase):
         """Report one run and return its differences; stop watching it once it is final."""
         if not self._has_report:
             raise UnknownOperation(f"watching needs report(), which is not supported by {self.class_path}")
-        runs, message = self._svc_call(self._query, "report", wms_workflow_id=wms_id)
+        runs, message = self._bounded(self._query, "report", wms_workflow_id=wms_id)
         runs = list(runs or [])
         run = next((r for r in runs if str(r.wms_id) == wms_id), runs[0] if runs else None)
         events = []

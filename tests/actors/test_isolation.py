@@ -12,20 +12,45 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
 from flowbus.bus import Subscriber
-from flowbus.schemas import AttributeChanged, Disconnected, EcflowSessionConfig, Event
+from flowbus.schemas import (
+    AttributeChanged,
+    Connected,
+    Disconnected,
+    EcflowSessionConfig,
+    Event,
+    GuiserverSessionConfig,
+    SomaSessionConfig,
+    State,
+    StateChanged,
+    WmsSessionConfig,
+)
+from flowbus.services.guiserver import messages as gx
+from flowbus.services.guiserver_emulator import GuiserverEmulator
+from support import db_lock as _dbl
 from support import ecflow as _fx
+from support import gs_process as _gsp
+from support import guiserver as _gs
 from support import silent as _silent
+from support import wms_remote as _wms
+from support.db_lock import DbLocker
 from support.ecflow import EcfServer
+from support.gs_process import EmulatorProcess
 from support.silent import SilentServer
+from support.wms_remote import EchoServer
 
 ecf_server = _fx.ecf_server
 silent_server = _silent.silent_server
+emulator_process = _gsp.emulator_process
+emulator = _gs.emulator_fixture
+echo_server = _wms.echo_server
+db_locker = _dbl.db_locker
 
 
 def _spec(name: str, port: int, **kw: Any) -> dict[str, Any]:
@@ -134,3 +159,251 @@ class TestFrozenNeighbour:
             finally:
                 impl._pool.shutdown(wait=True)
                 loop.close()
+
+
+# -- guiServer (our emulator in a process of its own; healthy neighbours in this process) ----------------
+
+
+def _gs_spec(name: str, port: int, **kw: Any) -> dict[str, Any]:
+    spec = msgspec.to_builtins(GuiserverSessionConfig(name=name, port=port, reconnect_backoff=0.2, **kw))
+    spec["backend"] = "guiserver"
+    return dict(spec)
+
+
+class TestFrozenGuiserver:
+    @pytest.mark.timeout(180)
+    def test_sigstopped_and_silent_guiservers_are_stuck_while_neighbours_events_flow(
+            self, broker_factory: Any, emulator: Callable[..., GuiserverEmulator],
+            emulator_process: Callable[[], EmulatorProcess], silent_server: Callable[[], SilentServer]) -> None:
+        """One actor, four guiServer sessions (request-timeout 10 s): two healthy emulators, one
+        emulator process SIGSTOPped after opening and one silent listener. The silent one is
+        named under ``stuck`` while its handshake waits and opens Disconnected; the frozen one is
+        named under ``stuck`` once its probe goes unanswered, and while it is, a DiFX message
+        relayed by each healthy server reaches the bus; only then is the frozen one
+        Disconnected. After SIGCONT it reconnects."""
+        from flowbus.actors import _backend_actor as ba
+
+        broker = broker_factory()
+        healthy = [emulator(), emulator()]
+        victim = emulator_process()
+        quiet = silent_server()
+        specs = [_gs_spec("ok0", healthy[0].port), _gs_spec("ok1", healthy[1].port),
+                 _gs_spec("frozen", victim.port, request_timeout=10),
+                 _gs_spec("silent", quiet.port, request_timeout=10)]
+        loop = asyncio.new_event_loop()
+        impl = ba.BackendActorImpl("iso-gs", broker.address, specs, poll_workers=4, open_concurrency=4)
+        sub = Subscriber(broker.address, "guiserver/", start="live")
+        watch = _Watch(sub)
+
+        def stuck() -> dict[str, float]:
+            return dict(loop.run_until_complete(impl.ping())["stuck"])
+        try:
+            opening = loop.create_task(impl.start())
+            deadline = time.monotonic() + 20
+            while "silent" not in impl._stuck():  # the handshake waits; ping runs on the loop meanwhile
+                assert time.monotonic() < deadline, "the silent server's handshake was never named stuck"
+                loop.run_until_complete(asyncio.sleep(0.05))
+            info = loop.run_until_complete(asyncio.wait_for(opening, 120))
+            assert sorted(info["sessions"]) == ["frozen", "ok0", "ok1", "silent"]
+            gone = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "silent", 30,
+                               "the silent server's session to be Disconnected")
+            assert "did not respond" in gone.reason.lower(), gone  # type: ignore[attr-defined]
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen", 30, "the frozen one to open")
+
+            victim.freeze()
+            deadline = time.monotonic() + 20
+            while "frozen" not in stuck():
+                assert time.monotonic() < deadline, "ping() never named the frozen session under stuck"
+                watch.events += sub.recv_many(0.1)
+
+            def changed(k: int) -> Callable[[Event], bool]:
+                return lambda e: isinstance(e, StateChanged) and e.source == f"ok{k}" and e.key == f"during{k}"
+            for k, emu in enumerate(healthy):
+                def relay(emu: GuiserverEmulator = emu, k: int = k) -> None:
+                    emu.inject(gx.status_message(f"during{k}", "Running"))
+                watch.until(changed(k), 20, f"ok{k}'s relayed message while frozen is stuck", also=relay)
+            frozen_gone = [e for e in watch.events if isinstance(e, Disconnected) and e.source == "frozen"]
+            assert not frozen_gone, "the neighbours' events came only after the frozen session was given up"
+            assert "frozen" in stuck()
+            lost = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "frozen", 30,
+                               "the frozen session to be Disconnected")
+            assert "did not respond" in lost.reason.lower(), lost  # type: ignore[attr-defined]
+            victim.thaw()
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen" and e.seq > lost.seq, 60,
+                        "the thawed server's session to reconnect")
+            assert "frozen" not in stuck()
+        finally:
+            sub.close()
+            victim.thaw()
+            try:
+                loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
+            finally:
+                impl._pool.shutdown(wait=True)
+                loop.close()
+
+
+# -- ctrl_bps WMS (a reporting service whose ping()/report() reach a server process) -------------------
+
+
+def _wms_spec(name: str, service_class: str, submit_dir: Path, **kw: Any) -> dict[str, Any]:
+    spec = msgspec.to_builtins(WmsSessionConfig(name=name, service_class=service_class, report_interval=0.2,
+                                                submit_dir=str(submit_dir / name), **kw))
+    spec["backend"] = "wms"
+    return dict(spec)
+
+
+class TestFrozenWms:
+    @pytest.mark.timeout(180)
+    def test_sigstopped_and_silent_wms_servers_are_stuck_while_neighbours_events_flow(
+            self, broker_factory: Any, echo_server: Callable[[], EchoServer],
+            silent_server: Callable[[], SilentServer], tmp_path: Path) -> None:
+        """One actor, four WMS sessions of a service whose ping() and report() block on their
+        server (request-timeout 15 s): two healthy servers, one SIGSTOPped after opening and one
+        silent listener. The silent one is named under ``stuck`` and opens Disconnected; the
+        frozen one is named under ``stuck`` once its ping hangs, and while it is, a run submitted
+        to each healthy session reports its jobs; only then is the frozen one Disconnected.
+        After SIGCONT it reconnects."""
+        from flowbus.actors import _backend_actor as ba
+
+        broker = broker_factory()
+        healthy = [echo_server(), echo_server()]
+        victim = echo_server()
+        quiet = silent_server()
+        ports = {"ok0": healthy[0].port, "ok1": healthy[1].port, "frozen": victim.port, "silent": quiet.port}
+        classes = {n: _wms.remote_service(f"Iso{n.capitalize()}", port) for n, port in ports.items()}
+        specs = [_wms_spec(n, c, tmp_path, request_timeout=15) for n, c in classes.items()]
+        loop = asyncio.new_event_loop()
+        impl = ba.BackendActorImpl("iso-wms", broker.address, specs, poll_workers=4, open_concurrency=4)
+        sub = Subscriber(broker.address, "wms/", start="live")
+        watch = _Watch(sub)
+
+        def stuck() -> dict[str, float]:
+            return dict(loop.run_until_complete(impl.ping())["stuck"])
+        try:
+            opening = loop.create_task(impl.start())
+            deadline = time.monotonic() + 20
+            while "silent" not in impl._stuck():  # its first ping hangs; ping runs on the loop meanwhile
+                assert time.monotonic() < deadline, "the silent WMS's ping was never named stuck"
+                loop.run_until_complete(asyncio.sleep(0.05))
+            info = loop.run_until_complete(asyncio.wait_for(opening, 120))
+            assert sorted(info["sessions"]) == ["frozen", "ok0", "ok1", "silent"]
+            gone = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "silent", 30,
+                               "the silent WMS's session to be Disconnected")
+            assert "stuck" in gone.reason, gone  # type: ignore[attr-defined]
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen", 30, "the frozen one to open")
+
+            victim.freeze()
+            deadline = time.monotonic() + 20
+            while "frozen" not in stuck():
+                assert time.monotonic() < deadline, "ping() never named the frozen session under stuck"
+                watch.events += sub.recv_many(0.1)
+            for k in range(2):
+                wms_id = loop.run_until_complete(impl.call(
+                    f"ok{k}", "submit_workflow", {"name": f"during{k}", "jobs": [{"name": "a", "command": ["true"]}]}))
+                watch.until(lambda e, k=k, w=wms_id["wms_id"]: isinstance(e, StateChanged)  # type: ignore[misc]
+                            and e.source == f"ok{k}" and e.key == w and e.native == "SUCCEEDED", 20,
+                            f"ok{k}'s run to be reported while frozen is stuck")
+            frozen_gone = [e for e in watch.events if isinstance(e, Disconnected) and e.source == "frozen"]
+            assert not frozen_gone, "the neighbours' events came only after the frozen session was given up"
+            assert "frozen" in stuck()
+            lost = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "frozen", 30,
+                               "the frozen session to be Disconnected")
+            assert "stuck" in lost.reason, lost  # type: ignore[attr-defined]
+            victim.thaw()
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen" and e.seq > lost.seq, 60,
+                        "the thawed server's session to reconnect")
+            assert "frozen" not in stuck()
+        finally:
+            sub.close()
+            victim.thaw()
+            try:
+                loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
+            finally:
+                impl._pool.shutdown(wait=True)
+                loop.close()
+
+
+# -- soma-workflow (light mode: its database, locked by a process that then stops) ---------------------
+
+
+def _soma_spec(name: str, directory: Path, **kw: Any) -> dict[str, Any]:
+    spec = msgspec.to_builtins(SomaSessionConfig(name=name, directory=str(directory / name), poll_interval=0.1,
+                                                 engine_refresh=0.05, recovery_backoff=0.2, **kw))
+    spec["backend"] = "soma"
+    return dict(spec)
+
+
+class TestFrozenSoma:
+    @pytest.mark.timeout(180)
+    # soma's own engine loop thread dies of the locked database (soma's DatabaseError, unhandled in
+    # its thread); the session replaces the controller when it reconnects
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+    def test_a_locked_database_is_stuck_while_neighbours_workflows_run(
+            self, broker_factory: Any, db_locker: Callable[[Path], DbLocker], tmp_path: Path) -> None:
+        """One actor, three light-mode soma sessions: two healthy, and one whose database a
+        process locks and then stops in (request-timeout 15 s). The frozen one is named under
+        ``stuck``, and while it is, a workflow submitted to each healthy session runs to its
+        end; only then is the frozen one Disconnected. Once the lock holder is gone it
+        reconnects."""
+        from flowbus.actors import _backend_actor as ba
+
+        broker = broker_factory()
+        specs = [_soma_spec("ok0", tmp_path), _soma_spec("ok1", tmp_path),
+                 _soma_spec("frozen", tmp_path, request_timeout=15)]
+        loop = asyncio.new_event_loop()
+        impl = ba.BackendActorImpl("iso-soma", broker.address, specs, poll_workers=4, open_concurrency=3)
+        sub = Subscriber(broker.address, "soma/", start="live")
+        watch = _Watch(sub)
+
+        def stuck() -> dict[str, float]:
+            return dict(loop.run_until_complete(impl.ping())["stuck"])
+        try:
+            info = loop.run_until_complete(asyncio.wait_for(impl.start(), 120))
+            assert sorted(info["sessions"]) == ["frozen", "ok0", "ok1"]
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen", 30, "the frozen one to open")
+            locker = db_locker(tmp_path / "frozen" / "soma-workflow.db")
+            deadline = time.monotonic() + 20
+            while "frozen" not in stuck():
+                assert time.monotonic() < deadline, "ping() never named the frozen session under stuck"
+                watch.events += sub.recv_many(0.1)
+            for k in range(2):
+                wf = loop.run_until_complete(impl.call(f"ok{k}", "submit_workflow", {
+                    "name": f"during{k}", "jobs": [{"name": "a", "command": ["true"]},
+                                                   {"name": "b", "command": ["true"], "after": ["a"]}]}))
+                watch.until(lambda e, k=k, wf=wf: isinstance(e, StateChanged)  # type: ignore[misc]
+                            and e.source == f"ok{k}" and e.key == str(wf) and e.state is State.COMPLETE, 30,
+                            f"ok{k}'s workflow to end while frozen is stuck")
+            frozen_gone = [e for e in watch.events if isinstance(e, Disconnected) and e.source == "frozen"]
+            assert not frozen_gone, "the neighbours' workflows ended only after the frozen session was given up"
+            assert "frozen" in stuck()
+            lost = watch.until(lambda e: isinstance(e, Disconnected) and e.source == "frozen", 40,
+                               "the frozen session to be Disconnected")
+            assert "stuck" in lost.reason, lost  # type: ignore[attr-defined]
+            locker.end()
+            watch.until(lambda e: isinstance(e, Connected) and e.source == "frozen" and e.seq > lost.seq, 60,
+                        "the session to reconnect once the database is free")
+            assert "frozen" not in stuck()
+        finally:
+            sub.close()
+            try:
+                loop.run_until_complete(asyncio.wait_for(impl.stop(), 120))
+            finally:
+                impl._pool.shutdown(wait=True)
+                loop.close()
+
+
+class TestLivenessKeys:
+    def test_soma_and_wms_liveness_keys_load_and_are_checked(self) -> None:
+        """probe-timeout/request-timeout (soma) and request-timeout (WMS) load in kebab case; a
+        value that would make no verdict possible is a ConfigError naming the keys."""
+        from flowbus.schemas import ConfigError, parse_config
+
+        cfg = parse_config({"sessions": [{"backend": "soma", "name": "s", "probe-timeout": 0.2, "request-timeout": 3},
+                                         {"backend": "wms", "name": "w", "request-timeout": 4}]})
+        soma, wms = cfg.sessions
+        assert isinstance(soma, SomaSessionConfig) and (soma.probe_timeout, soma.request_timeout) == (0.2, 3)
+        assert isinstance(wms, WmsSessionConfig) and wms.request_timeout == 4
+        with pytest.raises(ConfigError, match=r"sessions\[0\]: probe-timeout must be >= 0 and request-timeout > 0"):
+            parse_config({"sessions": [{"backend": "soma", "name": "s", "request-timeout": 0}]})
+        with pytest.raises(ConfigError, match=r"sessions\[0\]: poll-interval, report-interval and request-timeout"):
+            parse_config({"sessions": [{"backend": "wms", "name": "w", "request-timeout": -1}]})
