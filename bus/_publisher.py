@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import islice, repeat
 from typing import Any
 
 import msgspec
@@ -40,7 +40,8 @@ class _Source:
     next_seq: int = 1
     acked: int = 0
     sent_upto: int = 0
-    unacked: deque[tuple[int, bytes]] = field(default_factory=deque)
+    #: (seq, payload, topic, stateful) per event: the payload and its frame index entries
+    unacked: deque[tuple[int, bytes, str, bool]] = field(default_factory=deque)
     welcome: threading.Event = field(default_factory=threading.Event)
     fenced: bool = False
     last_progress: float = 0.0
@@ -209,7 +210,7 @@ class Publisher:
         _stamp(ev, "incarnation", src.epoch)
         if not event.time:
             _stamp(ev, "time", now)
-        src.unacked.append((seq, self._encoder.encode(ev)))
+        src.unacked.append((seq, self._encoder.encode(ev), ev.topic(), ev.STATEFUL))
         return seq
 
     def flush(self, timeout: float | None = None, source: str | None = None) -> None:
@@ -325,13 +326,18 @@ class Publisher:
                 start = max(src.sent_upto + 1, first)
                 items = list(islice(src.unacked, start - first, start - first + room))
                 if items:
-                    work.append((src.name, src.epoch, items))
+                    work.append((src.name, f"{src.backend}/{src.name}/", src.epoch, items))
                     src.sent_upto = items[-1][0]
-        for name, epoch, items in work:
+        for name, prefix, epoch, items in work:
             for i in range(0, len(items), self.batch_max):
                 chunk = items[i:i + self.batch_max]
+                _seqs, payloads, topics, stateful = zip(*chunk, strict=True)
                 sock.send(fr.DATA, zmq.SNDMORE)
-                sock.send(fr.pack_data(name, epoch, chunk[0][0], [p for _, p in chunk]))
+                if all(map(str.startswith, topics, repeat(prefix))):
+                    # with the index, the broker journals and forwards the frame without decoding it
+                    sock.send(fr.pack_data(name, epoch, chunk[0][0], payloads, topics, bytes(stateful)))
+                else:  # an event of another backend than the source's: the broker decodes and checks each
+                    sock.send(fr.pack_data(name, epoch, chunk[0][0], payloads))
             self.stats["sent"] += len(items)
 
     def _heartbeat(self, sock: zmq.Socket[Any], now: float) -> None:
