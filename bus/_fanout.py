@@ -61,16 +61,32 @@ class Fanout:
         self._wide.clear()
 
     def send(self, items: list[Item]) -> None:
-        """Send ``items`` in order: runs as they came, single events gathered into batches."""
+        """Send ``items`` in order: runs of one source that follow each other joined (frames of
+        ``batch_max=1`` publishers go out in batches too), single events gathered into batches."""
         singles: list[tuple[str, bytes]] = []
+        run: Run | None = None
         for item in items:
             if isinstance(item, Run):
                 if singles:
                     self._singles(singles)
                     singles = []
-                self._run(item)
+                if run is None:
+                    run = item
+                elif (item.source == run.source and item.epoch == run.epoch
+                      and item.first == run.first + len(run.payloads) and len(run.payloads) < FANOUT_BATCH):
+                    # new lists: the journal's ring holds the frames' own
+                    run = Run(run.source, run.backend, run.epoch, run.first, [*run.topics, *item.topics],
+                              [*run.payloads, *item.payloads])
+                else:
+                    self._run(run)
+                    run = item
             else:
+                if run is not None:
+                    self._run(run)
+                    run = None
                 singles.append(item)
+        if run is not None:
+            self._run(run)
         if singles:
             self._singles(singles)
 

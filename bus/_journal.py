@@ -191,7 +191,11 @@ class Journal:
         log_.ring.add(first, topics, payloads)
         self._order.append(log_)
         self._size += n
-        if any(stateful):  # the snapshot, with C-level iteration (no Python per event)
+        if n == 1:  # a frame of one (batch_max=1): the plain way is the cheap one
+            if stateful[0]:
+                self.snapshot[topics[0]] = (source, first, payloads[0])
+                self.tombstones.index_many(topics)
+        elif any(stateful):  # the snapshot, with C-level iteration (no Python per event)
             if stateful.count(0):
                 hot = list(compress(topics, stateful))
                 self.snapshot.update(zip(hot, zip(repeat(source), compress(count(first), stateful),
