@@ -2,12 +2,13 @@
 
 ``publish()`` is thread-safe and blocks only at a full window (``max_unacked``: back-pressure,
 then ``PublishBackedUp``); it stamps the envelope, encodes and appends to the source's unacked
-buffer. Then, when fewer than ``batch_max`` of the source's events are in flight and the socket
-is free, the calling thread sends at once (no hand-off: low latency when the bus is quiet);
-otherwise what queues up is sent, coalesced into frames of up to ``batch_max`` events, when the
-broker's next ack comes in (the I/O thread, woken by the socket) - a self-clocking batch that
-grows with the load. The socket is shared under a lock; the I/O thread polls its file
-descriptor, reads acks and sends heartbeats. The broker acks what it journaled, once per drain;
+buffer. Then, when fewer than ``batch_max`` of the source's events are in flight, or a whole
+frame (``batch_max`` events) is waiting, and the socket is free, the calling thread sends at
+once (no hand-off: low latency when the bus is quiet); otherwise what queues up is sent,
+coalesced into frames of up to ``batch_max`` events, when the broker's next ack comes in (the
+I/O thread, woken by the socket) - a self-clocking batch that grows with the load. The socket
+is shared under a lock; the I/O thread polls its file descriptor, reads acks and sends
+heartbeats. The broker acks what it journaled, once per drain;
 gaps are NACKed and resent; after a broker restart every source registers again and resends
 what the broker does not have.
 """
@@ -35,6 +36,8 @@ from ._request import broker_info, connect_dealer, same_host
 log = structlog.get_logger("flowbus.publisher")
 _stamp = msgspec.structs.force_setattr
 _RESEND_MAX = 16  # the longest silence before a resend, in multiples of ``retransmit_after``
+#: event type -> True when its topic is Event.topic's with Event.slot (``<backend>/<source>/<family>/<key>``)
+_PLAIN_TOPIC: dict[type, bool] = {}
 
 
 @dataclass
@@ -232,10 +235,18 @@ class Publisher:
                 _stamp(ev, "incarnation", src.epoch)
                 if not event.time:
                     _stamp(ev, "time", now)
-                queue((seq, encode(ev), ev.topic(), ev.STATEFUL))
+                cls = type(ev)
+                plain = _PLAIN_TOPIC.get(cls)
+                if plain is None:
+                    plain = _PLAIN_TOPIC[cls] = cls.topic is Event.topic and cls.slot is Event.slot
+                # Event.topic() inlined where the type keeps it (no two method calls per event)
+                topic = f"{ev.backend}/{ev.source}/{ev.FAMILY}/{ev.key}" if plain else ev.topic()
+                queue((seq, encode(ev), topic, ev.STATEFUL))
                 append(seq)
             self.stats["published"] += len(seqs)
-            send_now = src is not None and src.sent_upto - src.acked < self.batch_max
+            # send from this thread when little is in flight (latency) or a whole frame is ready
+            send_now = src is not None and (src.sent_upto - src.acked < self.batch_max
+                                            or src.next_seq - 1 - src.sent_upto >= self.batch_max)
         if send_now:
             self._send_now()
         return seqs

@@ -44,6 +44,8 @@ _COUNTERS = ("broker_restarts", "delivered", "dropped", "duplicates", "fenced", 
              "replay_failures", "replayed", "snapshot", "ticks", "ticks_missed")
 
 Start = Literal["live", "snapshot", "journal"]
+#: events decoded ahead of the application at most (then they are handed out; the rest waits in the socket)
+_HAND_OUT = 1000
 
 
 class Subscriber:
@@ -180,12 +182,15 @@ class Subscriber:
                 wait_ms = int(left * 1000) + 1
             if not self._sock.poll(wait_ms):
                 continue
+            out = self._out
             for _ in range(1000):  # drain what is there without blocking
                 try:
                     frames = fr.recv_message(self._sock, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._handle_frames(frames)
+                if len(out) >= _HAND_OUT:
+                    break  # hand these out first: a large backlog of live events makes every GC pass slow
         return True
 
     def __iter__(self) -> Iterator[Event]:
