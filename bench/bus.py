@@ -63,10 +63,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-import _redis
-from _bus_jetstream import jetstream_available, run_jetstream
+from _bus_compare import run_comparisons
 from _bus_proxy import run_proxy
-from _bus_streams import run_streams, streams_available
 from _common import (
     BACKEND,
     BATCH,
@@ -487,36 +485,7 @@ def main() -> int:
         # a burst of 3x the publisher's window (max_unacked): back-pressure, nothing lost
         gate()
         record("fb burst 1sub", run_fb(3 * BURST_WINDOW, 1, BATCH, logdir=logdir, max_unacked=BURST_WINDOW))
-        if _redis.redis_available():
-            try:
-                gate()
-                record("redis unbatched 1sub", _redis.run_redis(_run, n_unb, 1, 1))
-                gate()
-                record("redis batched 1sub", _redis.run_redis(_run, n_bat, 1, BATCH))
-            except (BenchError, OSError, ImportError) as exc:  # the comparison is optional
-                log(f"  redis comparison failed: {exc} (redis_ratio=na)")
-        else:
-            log("  redis: redis-server and/or redis-py not installed: skipped (redis_ratio=na)")
-        if streams_available():
-            try:
-                gate()
-                record("redis streams unbatched 1sub", run_streams(_run, n_unb, 1))
-                gate()
-                record("redis streams batched 1sub", run_streams(_run, n_disk, BATCH))
-            except (BenchError, OSError, ImportError) as exc:  # the comparison is optional
-                log(f"  redis streams comparison failed: {exc} (redis_streams_ratio=nan)")
-        else:
-            log("  redis streams: redis-server and/or redis-py not installed: skipped (redis_streams_ratio=nan)")
-        if jetstream_available():
-            try:
-                gate()
-                record("jetstream unbatched 1sub", run_jetstream(_run, min(n_unb, 30_000), 1))
-                gate()
-                record("jetstream batched 1sub", run_jetstream(_run, n_disk, BATCH))
-            except (BenchError, OSError, ImportError) as exc:  # the comparison is optional
-                log(f"  jetstream comparison failed: {exc} (jetstream_ratio=nan)")
-        else:
-            log("  jetstream: nats-server and/or nats-py not installed: skipped (jetstream_ratio=nan)")
+        run_comparisons(_run, record, gate, n_unb, n_bat, n_disk)
     except BenchError as exc:
         log(f"bench failed: {exc}")
         blog = os.path.join(logdir, "broker.log")

@@ -20,7 +20,6 @@ import zmq
 from flowbus.schemas import (
     BROKER_SOURCE,
     SCHEMA_VERSION,
-    AnyEvent,
     BusConfig,
     ConfigError,
     ErrorEvent,
@@ -36,8 +35,9 @@ from . import _framing as fr
 from ._commands import CommandRouter
 from ._curve import READ_DOMAIN, WRITE_DOMAIN, server_setup
 from ._endpoints import chmod_ipc, ipc_targets, tcp_targets
-from ._fanout import FANOUT_BATCH, Fanout, Item, Run, whole_run
+from ._fanout import FANOUT_BATCH, Fanout, Item, Run
 from ._grant import check_grant, load_grant_key
+from ._ingest import PerEvent, checked_index
 from ._journal import SourceLog
 from ._queries import Refused, held, limits, replay, snapshot
 from ._segments import SegmentedJournal
@@ -73,8 +73,7 @@ class Broker:
                                         fsync=config.journal_fsync, fsync_interval=config.journal_fsync_interval)
         self.stats: Counter[str] = Counter()
         self.endpoints: dict[str, str] = {}
-        self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyEvent)
-        self._list_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(list[AnyEvent])
+        self._per_event = PerEvent(self.journal, self._refuse)
         self._subs: set[str] = set()
         self._heard: dict[str, float] = {}
         self._lost: set[str] = set()
@@ -386,62 +385,41 @@ class Broker:
 
     def _on_data(self, ident: bytes, body: bytes, acks: dict[bytes, dict[str, list[int]]],
                  out: list[Item]) -> int:
-        """Journal a data frame's new events; returns how many events it carried."""
+        """Journal a data frame's new events; returns how many events it carried. An indexed
+        frame is journaled and forwarded whole, undecoded (``_ingest``)."""
         frame = fr.unpack_data(body)
+        n = len(frame.payloads)
         st = self._check_epoch(ident, frame.source, frame.epoch)
         if st is None:
-            return len(frame.payloads)
-        self._heard[frame.source] = time.monotonic()
-        if frame.source in self._lost:
-            self._lost.discard(frame.source)
-            self._emit_own(PublisherBack(source=BROKER_SOURCE, backend="flowbus", key=frame.source), out)
+            return n
+        source = frame.source
+        self._heard[source] = time.monotonic()
+        if source in self._lost:
+            self._lost.discard(source)
+            self._emit_own(PublisherBack(source=BROKER_SOURCE, backend="flowbus", key=source), out)
         expected = st.last_seq + 1
         if frame.first_seq > expected:
             self.stats["gaps"] += 1
-            self._nack(ident, frame.source, frame.epoch, expected)
-            return len(frame.payloads)
+            self._nack(ident, source, frame.epoch, expected)
+            return n
         skip = max(0, expected - frame.first_seq)
-        payloads = frame.payloads[skip:] if skip else frame.payloads
-        self.stats["duplicates"] += min(skip, len(frame.payloads))
-        first = frame.first_seq + skip
-        events: list[Any] | None = None
-        journal, source = self.journal, frame.source
-        if len(payloads) > 1:
-            batch = fr.array_header(len(payloads)) + b"".join(payloads)
-            try:  # the common case: one C call validates the whole frame
-                events = self._list_decoder.decode(batch)
-            except (msgspec.DecodeError, RecursionError):
-                events = None  # something in it is bad: find out which, event by event
-            if events is not None and whole_run(events, source, first):
-                # journaled and forwarded as the frame it came in: no per-event work but the topic
-                topics = [ev.topic() for ev in events]
-                journal.append_run(st, first, topics, [ev.STATEFUL for ev in events], payloads,
-                                   [ev.key for ev in events])
-                out.append(Run(topics, payloads, batch))
-                self._dirty.add(source)
-                payloads = []
-        for i, payload in enumerate(payloads):
-            seq = first + i
-            try:
-                ev = events[i] if events is not None else self._decoder.decode(payload)
-                if ev.seq != seq or ev.source != source:
-                    raise ValueError(f"event says source {ev.source!r} seq {ev.seq}, frame says {source!r} seq {seq}")
-                topic = ev.topic()
-            except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-                reason = classify(payload) if isinstance(exc, (msgspec.DecodeError, RecursionError)) else "invalid"
-                self._refuse(reason, f"event {source}#{seq}: {exc}")
-                # keep the sequence gapless: the slot carries a typed error instead of the garbage
-                ev = ErrorEvent(source=source, backend=st.backend, seq=seq, incarnation=frame.epoch,
-                                time=time.time_ns(), error_type="flowbus.bus.InvalidEvent",
-                                message=f"{reason}: {exc}", operation="publish")
-                payload, topic = encode(ev), ev.topic()  # noqa: PLW2901 - the slot carries the error instead
-            journal.append(st, seq, topic, ev.STATEFUL, payload, ev.key)
-            out.append((topic, payload))
-        if payloads:
+        self.stats["duplicates"] += min(skip, n)
+        if skip < n:
+            first = frame.first_seq + skip
+            payloads = frame.payloads[skip:] if skip else frame.payloads
+            index = checked_index(frame, st, skip)
+            if isinstance(index, tuple):
+                topics, stateful, joined = index
+                self.journal.append_frame(st, first, topics, stateful, payloads, joined)
+                out.append(Run(source, st.backend, frame.epoch, first, topics, payloads))
+            else:
+                if frame.topics is not None:  # an index, but not one to trust: decode instead
+                    self._refuse("bad_index", f"frame {source}#{first}: {index}")
+                self._per_event.take(st, frame.epoch, first, payloads, out)
             self._dirty.add(source)
-        self.stats["received"] += len(frame.payloads)
-        acks.setdefault(ident, {})[frame.source] = [frame.epoch, st.last_seq]
-        return len(frame.payloads)
+        self.stats["received"] += n
+        acks.setdefault(ident, {})[source] = [frame.epoch, st.last_seq]
+        return n
 
     def _on_heartbeat(self, ident: bytes, body: bytes, acks: dict[bytes, dict[str, list[int]]]) -> None:
         out: list[Item] = []
@@ -490,11 +468,13 @@ class Broker:
                     # broker keeps for batching decisions is bounded too
                     if len(self._subs) < self.config.max_subscriptions:
                         self._subs.add(topic.decode("utf-8", "replace"))
+                        self._fan.resubscribed()
                     else:
                         self._refuse("too_many_subscriptions", f"{len(self._subs)} distinct topics kept")
                 self.stats["subscriptions"] += 1
             elif msg[0] == 0:
                 self._subs.discard(topic.decode("utf-8", "replace"))
+                self._fan.resubscribed()
 
     def _marks(self) -> dict[str, list[Any]]:
         return {s.source: [s.backend, s.epoch, s.last_seq, s.oldest] for s in self.journal.sources.values()}

@@ -33,8 +33,14 @@ from ._curve import ClientCurve
 from ._match import Match, as_match
 from ._request import Requester, same_host
 from ._subscriber import Start, Subscriber
+from ._verify import snapshot_events
 
 log = structlog.get_logger("flowbus.client")
+
+def _refused(reason: str, detail: str) -> None:
+    """A snapshot entry that is not what the journal filed it as: left out, and said so."""
+    log.warning("client.snapshot.refused", reason=reason, detail=detail[:300])
+
 
 def default_address() -> str:
     """The embedded default's request endpoint: ``ipc://<state-dir>/bus/request``, the state dir
@@ -98,7 +104,7 @@ class Client:
         current, a ``Staleness``: why and since when), ``.is_stale(ev)``, ``.stale_topics()``."""
         prefixes = [prefix] if isinstance(prefix, str) else list(prefix) or [""]
         reply = self._call("snapshot", prefixes=prefixes)
-        events = sorted((decode(p) for p in reply["events"]), key=lambda e: (e.backend, e.source, e.key, e.seq))
+        events = sorted(snapshot_events(reply, _refused), key=lambda e: (e.backend, e.source, e.key, e.seq))
         stale = {str(s): msgspec.convert(v, Staleness) for s, v in (reply.get("stale") or {}).items()}
         return Snapshot(events=events, stale=stale, forgotten=[decode(p) for p in reply.get("forgotten") or ()])
 

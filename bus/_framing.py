@@ -5,7 +5,10 @@ Three sockets on the broker, all bound, everyone else connects:
 * ingest (ROUTER; publishers connect a DEALER). A message is ``[kind, body]``, body msgpack:
   - ``R`` register ``[source, backend, claimed_epoch, last_acked, last_sent(, grant)]``: a
     flowbus session's source carries its grant ``[owner, mac]`` (see ``_grant``)
-  - ``D`` data ``[source, epoch, first_seq, [payload, ...]]`` (payloads are encoded events)
+  - ``D`` data ``[source, epoch, first_seq, [payload, ...], [topic, ...], stateful]``:
+    payloads are encoded events; the index after them (per event its topic, and one byte per
+    event, non-zero when it is stateful) lets the broker journal the frame without decoding an
+    event. Frames without the index (older publishers) are decoded event by event.
   - ``H`` heartbeat ``[[source, epoch, last_sent], ...]``
   - ``U`` unregister ``[source, epoch]``
   and back from the broker:
@@ -16,7 +19,12 @@ Three sockets on the broker, all bound, everyone else connects:
   - ``X`` refused ``[source, code, message]``: the registration was not accepted (owned by a
     session, in use by another publisher, bad grant, out of range)
 * publish (XPUB; subscribers connect a SUB). ``[topic, body]``: body is one encoded event (a
-  msgpack map) or a batch (a msgpack array of encoded events). Control topics start with NUL:
+  msgpack map) or a batch (a msgpack array of encoded events) that the broker decoded and
+  checked itself (its own events, frames without an index). ``[topic, header, body]``: events of
+  a publisher's indexed frame, forwarded undecoded, with the broker's ``header``
+  ``[source, backend, epoch, first_seq]`` (from the registration it holds, never the publisher's
+  claim): the subscriber, which decodes them anyway, checks every event against it. Control
+  topics start with NUL:
   ``\\0tick`` carries ``[broker_id, {source: [backend, epoch, last_seq, oldest_seq]}]`` and
   ``\\0hello/<id>`` answers a subscriber's readiness probe with ``[broker_id]``.
 * request (ROUTER; clients connect a DEALER). ``[body]`` both ways, body a msgpack map with
@@ -62,13 +70,26 @@ class DataFrame(msgspec.Struct, array_like=True, frozen=True):
     epoch: int
     first_seq: int
     payloads: list[bytes]
+    #: the index (None in frames of older publishers): per event its topic ...
+    topics: list[str] | None = None
+    #: ... and one byte, non-zero when it is stateful
+    stateful: bytes = b""
 
 
 _data_dec = msgspec.msgpack.Decoder(DataFrame)
 
 
-def pack_data(source: str, epoch: int, first_seq: int, payloads: list[bytes]) -> bytes:
-    return _enc.encode(DataFrame(source, epoch, first_seq, payloads))
+def pack_data(source: str, epoch: int, first_seq: int, payloads: list[bytes] | tuple[bytes, ...],
+              topics: list[str] | tuple[str, ...] | None = None, stateful: bytes = b"") -> bytes:
+    """A data frame; with ``topics`` (and ``stateful``) it carries the index."""
+    if topics is None:
+        return _enc.encode(DataFrame(source, epoch, first_seq, payloads))  # type: ignore[arg-type]
+    return _enc.encode(DataFrame(source, epoch, first_seq, payloads, topics, stateful))  # type: ignore[arg-type]
+
+
+def pack_header(source: str, backend: str, epoch: int, first_seq: int) -> bytes:
+    """The broker's header on a forwarded frame (see the module docstring)."""
+    return _enc.encode((source, backend, epoch, first_seq))
 
 
 def unpack_data(body: bytes) -> DataFrame:

@@ -6,11 +6,12 @@ File format (version 1), all integers big-endian::
     header  b"\\x89FBJ\\r\\n\\x1a\\n" | u32 version | u32 crc32(magic + version)      (16 bytes)
     record  u32 length | u32 crc32(body) | body (``length`` bytes of msgpack)
 
-A body is ``[0, source, epoch, seq, topic, stateful, payload]`` (an event) or
-``[1, source, backend, epoch, last_seq, owner]`` (a registration: epochs and owners survive
-restarts). Records are written with one ``os.write`` per drained batch, before the publisher is
-acknowledged. At load a record whose length, crc, msgpack or shape is wrong is reported
-(``journal.record.damaged``, :attr:`Journal.damaged`), its bytes are copied to
+A body is ``[0, source, epoch, seq, topic, stateful, payload]`` (an event),
+``[2, source, epoch, first_seq, topics, stateful, payloads]`` (a publisher's frame: one record
+for all its events) or ``[1, source, backend, epoch, last_seq, owner]`` (a registration: epochs
+and owners survive restarts; see ``_records``). Records are written with one ``os.write`` per
+drained batch, before the publisher is acknowledged. At load a record whose length, crc, msgpack
+or shape is wrong is reported (``journal.record.damaged``, :attr:`Journal.damaged`), its bytes are copied to
 ``journal.damaged`` and skipped, and reading resynchronises at the next offset where a whole
 record validates, so no intact record after it is lost. Events of a source lost that way are
 replaced by ``flowbus.bus.JournalDamaged`` error events, so each ring stays gapless. An
@@ -23,16 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import struct
 import time
 import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import compress, count, repeat
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import msgpack
 import msgspec
@@ -40,109 +39,31 @@ import structlog
 
 from flowbus.schemas import BusError, ErrorEvent, encode
 
-from ._tombstones import Tombstones, forgotten_key
+from ._records import (
+    _ENCODER,
+    _HEAD,
+    _HEADER,
+    _HEADER_BYTES,
+    _LEGACY_FIRST,
+    _MAGIC,
+    _MIN_RECORD,
+    _VERSION,
+    DAMAGED_ERROR,
+    FSYNC_POLICIES,
+    _Event,
+    _Frame,
+    _frame,
+    _Record,
+    _Register,
+    _try,
+    _write_all,
+    scan,
+)
+from ._ring import FrameRing
+from ._tombstones import FAMILY, Tombstones, forgotten_key
 
 log = structlog.get_logger("flowbus.journal")
-
-_MAGIC = b"\x89FBJ\r\n\x1a\n"
-_VERSION = 1
-_HEADER = struct.Struct(">8sII")
-_HEAD = struct.Struct(">II")  # length, crc32(body)
-_MIN_BODY = 8  # the smallest body either record kind can encode to
-_MIN_RECORD = _HEAD.size + _MIN_BODY
-_MAX_BODY = 1 << 28
-#: how every body starts: a 7-item array tagged 0 (event) or a 6-item array tagged 1
-#: (registration), then the source (a msgpack str); resynchronising only tries offsets that match
-_RESYNC = re.compile(rb"(?:\x97\x00|\x96\x01)[\xa0-\xbf\xd9-\xdb]")
-_LEGACY_FIRST = (0x95, 0x97)  # the old format starts with a 5- or 7-item array
-DAMAGED_ERROR = "flowbus.bus.JournalDamaged"
-#: when the file is fsynced: never by us, at most once per interval, before every ack
-FSYNC_POLICIES = ("none", "interval", "always")
-
-_U64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-
-
-class _Event(msgspec.Struct, array_like=True, tag=0, frozen=True):
-    source: str
-    epoch: _U64
-    seq: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
-    topic: str
-    stateful: bool
-    payload: bytes
-
-
-class _Register(msgspec.Struct, array_like=True, tag=1, frozen=True):
-    source: str
-    backend: str
-    epoch: _U64
-    last_seq: _U64
-    owner: str = ""  # absent from old-format records
-
-
-_Record = _Event | _Register
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER: msgspec.msgpack.Decoder[_Record] = msgspec.msgpack.Decoder(_Record)
-_HEADER_BYTES = _MAGIC + _VERSION.to_bytes(4, "big")
-_HEADER_BYTES += zlib.crc32(_HEADER_BYTES).to_bytes(4, "big")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _frame(body: bytes) -> bytes:
-    return _HEAD.pack(len(body), zlib.crc32(body)) + body
-
-
-def _try(data: memoryview, pos: int) -> tuple[_Record | None, str, int]:
-    """Decode the record at ``pos``: (record, "", size), or (None, reason, size or 0)."""
-    if len(data) - pos < _HEAD.size:
-        return None, "incomplete", 0
-    length, crc = _HEAD.unpack_from(data, pos)
-    end = pos + _HEAD.size + length
-    if length >= _MIN_BODY and end > len(data):
-        return None, "incomplete", 0  # at the end of the file: torn; before a record: "length"
-    if length < _MIN_BODY or length > _MAX_BODY:
-        return None, "length", 0
-    body = data[pos + _HEAD.size:end]
-    if zlib.crc32(body) != crc:
-        return None, "crc", 0
-    try:
-        return _DECODER.decode(body), "", end - pos
-    except msgspec.ValidationError:
-        return None, "shape", end - pos  # the crc vouches for the length: skip exactly this
-    except msgspec.DecodeError:
-        return None, "undecodable", end - pos
-
-
-def _resync(data: bytes, pos: int) -> int | None:
-    """The first offset from ``pos`` on where a whole record validates."""
-    view = memoryview(data)
-    for m in _RESYNC.finditer(data, pos + _HEAD.size):
-        if _try(view, m.start() - _HEAD.size)[0] is not None:
-            return m.start() - _HEAD.size
-    return None
-
-
-def scan(data: bytes, pos: int = len(_HEADER_BYTES)) -> Iterator[tuple[int, int, _Record | str]]:
-    """Yield ``(offset, size, record)`` for each intact record and ``(offset, size, reason)`` for
-    each damaged span (reason ``"torn"`` for an incomplete tail that nothing valid follows)."""
-    view = memoryview(data)
-    while pos < len(data):
-        rec, reason, size = _try(view, pos)
-        if rec is not None or size:
-            yield pos, size, rec if rec is not None else reason
-            pos += size
-            continue
-        nxt = _resync(data, pos + 1)
-        if nxt is None:
-            torn = reason == "incomplete" or not data[pos:].strip(b"\0")  # zeros: a crash's prealloc
-            yield pos, len(data) - pos, "torn" if torn else reason
-            return
-        yield pos, nxt - pos, "length" if reason == "incomplete" else reason  # it ran past a record
-        pos = nxt
+_FORGOTTEN = f"/{FAMILY}/"
 
 
 @dataclass
@@ -155,12 +76,13 @@ class SourceLog:
     last_seq: int = 0
     #: the flowbus session holding this source ("" = nobody); set by the broker at registration
     owner: str = ""
-    ring: deque[tuple[int, str, bytes]] = field(default_factory=deque)
+    ring: FrameRing = field(default_factory=FrameRing)
 
     @property
     def oldest(self) -> int:
         """Oldest seq still in memory (``last_seq + 1`` when the ring is empty)."""
-        return self.ring[0][0] if self.ring else self.last_seq + 1
+        first = self.ring.first_seq()
+        return self.last_seq + 1 if first is None else first
 
 
 class Journal:
@@ -177,8 +99,10 @@ class Journal:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"journal fsync policy {fsync!r}: expected one of {', '.join(FSYNC_POLICIES)}")
         self.capacity = max(1, capacity)
+        #: topic -> (source, seq, payload) of the latest stateful event per slot
+        self.snapshot: dict[str, tuple[str, int, bytes]] = {}
         #: snapshot slots per resource, and tombstones of forgotten resources (bus/_tombstones.py)
-        self.tombstones = Tombstones(forgotten_kept)
+        self.tombstones = Tombstones(forgotten_kept, self.snapshot)
         #: ``none``, ``interval`` or ``always`` (see :meth:`flush` and :meth:`sync_due`)
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -187,13 +111,11 @@ class Journal:
         self._unsynced = False
         self._synced_at = time.monotonic()
         self.sources: dict[str, SourceLog] = {}
-        #: topic -> (source, seq, payload) of the latest stateful event per slot
-        self.snapshot: dict[str, tuple[str, int, bytes]] = {}
         #: damaged spans found at load (see the class docstring)
         self.damaged: list[dict[str, Any]] = []
         #: bytes of an incomplete last record cut off at load
         self.torn_bytes = 0
-        self._order: deque[SourceLog] = deque()  # eviction order: one entry per ring entry
+        self._order: deque[SourceLog] = deque()  # eviction order: one entry per frame in a ring
         self._size = 0
         self._pending: list[bytes] = []
         self._fd: int | None = None
@@ -247,18 +169,44 @@ class Journal:
         if self._fd is not None:
             self._pending.append(_frame(_ENCODER.encode((0, log_.source, log_.epoch, seq, topic, stateful, payload))))
 
-    def append_run(self, log_: SourceLog, first: int, topics: list[str], stateful: list[bool],
-                   payloads: Sequence[bytes], keys: list[str]) -> None:
-        """Append a contiguous run of a source's events, ``first`` .. ``first + len - 1`` (one data
-        frame that validated whole): :meth:`append` per event, with the lookups done once."""
-        push, seq = self._push, first
-        for topic, st, payload, key in zip(topics, stateful, payloads, keys, strict=True):
-            push(log_, seq, topic, st, payload, key)
-            seq += 1
+    def append_frame(self, log_: SourceLog, first: int, topics: Sequence[str], stateful: bytes,
+                     payloads: Sequence[bytes], joined: str | None = None) -> None:
+        """Append a publisher's frame, events ``first`` .. ``first + len - 1``, as one ring entry
+        and (with a file) one record. ``topics`` are under the source's prefix (the broker checked),
+        ``stateful`` has one byte per event (non-zero: part of the snapshot); ``joined`` is
+        ``"\\0".join(topics)`` when the caller has it. Only a frame holding a ``Forgotten`` topic
+        takes the per-event path."""
+        n = len(payloads)
+        if not n:
+            return
+        source = log_.source
         if self._fd is not None:
-            enc, frame, source, epoch = _ENCODER.encode, _frame, log_.source, log_.epoch
-            self._pending.extend(frame(enc((0, source, epoch, first + i, topic, st, payload)))
-                                 for i, (topic, st, payload) in enumerate(zip(topics, stateful, payloads, strict=True)))
+            self._pending.append(_frame(_ENCODER.encode(
+                _Frame(source, log_.epoch, first, list(topics), bytes(stateful), list(payloads)))))
+        if _FORGOTTEN in (joined if joined is not None else "\0".join(topics)):
+            for i in range(n):
+                self._push(log_, first + i, topics[i], bool(stateful[i]), payloads[i])
+            return
+        log_.last_seq = first + n - 1
+        log_.ring.add(first, topics, payloads)
+        self._order.append(log_)
+        self._size += n
+        if n == 1:  # a frame of one (batch_max=1): the plain way is the cheap one
+            if stateful[0]:
+                self.snapshot[topics[0]] = (source, first, payloads[0])
+                self.tombstones.index_many(topics)
+        elif any(stateful):  # the snapshot, with C-level iteration (no Python per event)
+            if stateful.count(0):
+                hot = list(compress(topics, stateful))
+                self.snapshot.update(zip(hot, zip(repeat(source), compress(count(first), stateful),
+                                                  compress(payloads, stateful), strict=False), strict=False))
+                self.tombstones.index_many(hot)
+            else:
+                self.snapshot.update(zip(topics, zip(repeat(source), count(first), payloads, strict=False),
+                                         strict=False))
+                self.tombstones.index_many(topics)
+        if self._size > self.capacity:
+            self._evict()
 
     def flush(self) -> None:
         """Write what was appended since the last flush (before acknowledging it)."""
@@ -305,9 +253,16 @@ class Journal:
         elif (gone := forgotten_key(log_.source, topic)) is not None:
             self.tombstones.forget(self.snapshot, log_.source, gone, topic, payload, seq)
         if self._size > self.capacity:
-            victim = self._order.popleft()
-            victim.ring.popleft()
-            self._size -= 1
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest events until the rings hold ``capacity`` (frames trimmed, not split)."""
+        order = self._order
+        while self._size > self.capacity:
+            dropped, gone = order[0].ring.drop_head(self._size - self.capacity)
+            self._size -= dropped
+            if gone:
+                order.popleft()
 
     def _restart(self, log_: SourceLog, last_seq: int) -> None:
         """Move a source's sequence base forward to ``last_seq``, dropping the ring it had."""
@@ -323,8 +278,7 @@ class Journal:
 
     def replay(self, log_: SourceLog, first: int, last: int) -> list[tuple[int, str, bytes]]:
         """Events ``first..last`` of a source; the caller checks the range is held."""
-        start = first - log_.oldest
-        return list(islice(log_.ring, max(0, start), max(0, start) + (last - first + 1)))
+        return log_.ring.between(first, last)
 
     def __len__(self) -> int:
         return self._size
@@ -400,12 +354,16 @@ class Journal:
             raw = None
         if isinstance(raw, list) and len(raw) > 3 and isinstance(raw[1], str) and raw[1] in self.sources:
             source = raw[1]
-            seq = raw[3] if raw[0] == 0 and type(raw[3]) is int else None
+            seq = raw[3] if raw[0] in (0, 2) and type(raw[3]) is int else None
         spans.append((offset, length, reason))
         self.damaged.append({"path": str(self._path), "offset": offset, "length": length,
                              "source": source, "seq": seq, "reason": reason})
 
     def _apply(self, rec: _Record, off: int) -> None:
+        if isinstance(rec, _Frame):  # a publisher's frame: its events one by one (loading is not the hot path)
+            for i, (topic, st, payload) in enumerate(zip(rec.topics, rec.stateful, rec.payloads, strict=True)):
+                self._apply(_Event(rec.source, rec.epoch, rec.first_seq + i, topic, bool(st), payload), off)
+            return
         log_ = self.sources.get(rec.source)
         if log_ is None:
             log_ = self.sources[rec.source] = SourceLog(rec.source)

@@ -38,7 +38,10 @@ def snapshot(journal: Journal, req: dict[str, Any]) -> dict[str, Any]:
     hits = [(topic, src, seq, payload) for topic, (src, seq, payload) in journal.snapshot.items()
             if topic.startswith(prefixes)]
     stale, stale_topics = snapshot_staleness(((t, s, q) for t, s, q, _ in hits), lambda t: held(journal, t))
-    return {"events": [p for *_, p in hits], "stale": {s: msgspec.to_builtins(st) for s, st in stale.items()},
+    # each entry's topic and seq, as the journal filed it: the reader checks the event is that
+    # (the broker does not decode what publishers send, see ``_verify``)
+    return {"events": [p for *_, p in hits], "topics": [t for t, *_ in hits], "seqs": [q for _, _, q, _ in hits],
+            "stale": {s: msgspec.to_builtins(st) for s, st in stale.items()},
             "stale_topics": stale_topics, "forgotten": journal.tombstones.under(prefixes)}
 
 
@@ -82,5 +85,6 @@ def replay(journal: Journal, req: dict[str, Any]) -> dict[str, Any]:
         # fetches only the ones it misses)
         seqs = [q for q, topic, _p in journal.replay(st, first, through) if topic.startswith(prefixes)]
         return {"seqs": seqs, "through": through, "last": st.last_seq, "oldest": st.oldest}
-    events = [p for _seq, topic, p in journal.replay(st, first, through) if topic.startswith(prefixes)]
-    return {"events": events, "through": through, "last": st.last_seq, "oldest": st.oldest}
+    hits = [(q, p) for q, topic, p in journal.replay(st, first, through) if topic.startswith(prefixes)]
+    return {"events": [p for _, p in hits], "seqs": [q for q, _ in hits], "through": through,
+            "last": st.last_seq, "oldest": st.oldest}

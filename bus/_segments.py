@@ -32,7 +32,8 @@ import structlog
 
 from flowbus.schemas import decode
 
-from ._journal import _ENCODER, _HEADER_BYTES, Journal, _Event, _frame, _Record, _Register
+from ._journal import Journal
+from ._records import _ENCODER, _HEADER_BYTES, _Event, _frame, _Record, _Register
 from ._tombstones import forgotten_key
 
 log = structlog.get_logger("flowbus.journal")
@@ -180,10 +181,10 @@ class SegmentedJournal(Journal):
         super().append(log_, seq, topic, stateful, payload, key)
         self._began(log_.source, seq)
 
-    def append_run(self, log_: Any, first: int, topics: list[str], stateful: list[bool],
-                   payloads: Sequence[bytes], keys: list[str]) -> None:
-        super().append_run(log_, first, topics, stateful, payloads, keys)
-        if topics:
+    def append_frame(self, log_: Any, first: int, topics: Sequence[str], stateful: bytes,
+                     payloads: Sequence[bytes], joined: str | None = None) -> None:
+        super().append_frame(log_, first, topics, stateful, payloads, joined)
+        if payloads:
             self._began(log_.source, first)
 
     def _began(self, source: str, seq: int) -> None:
@@ -326,7 +327,7 @@ class SegmentedJournal(Journal):
         self._unsynced = False  # the rewritten segment was synced before it was renamed in
         size = os.fstat(self._fd).st_size
         self.segments = [Segment(cur.number, cur.path, size,
-                                 first={s.source: s.ring[0][0] for s in self.sources.values() if s.ring})]
+                                 first={s.source: s.oldest for s in self.sources.values() if s.ring})]
         self._compacted_bytes = size
         log.info("journal.compacted", path=str(cur.path), bytes=size)
 

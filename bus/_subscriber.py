@@ -35,14 +35,17 @@ from flowbus.schemas import (
 from . import _framing as fr
 from ._curve import ClientCurve
 from ._request import Requester, broker_info, same_host
+from ._verify import decode_run, describe, invalid, mismatches, replay_ok, snapshot_events
 
 log = structlog.get_logger("flowbus.subscriber")
 
 #: the counters statistics() always lists (a zero is a fact too)
-_COUNTERS = ("broker_restarts", "delivered", "dropped", "duplicates", "fenced", "gaps", "received", "replay_failures",
-             "replayed", "snapshot", "ticks", "ticks_missed")
+_COUNTERS = ("broker_restarts", "delivered", "dropped", "duplicates", "fenced", "forged", "gaps", "received",
+             "replay_failures", "replayed", "snapshot", "ticks", "ticks_missed")
 
 Start = Literal["live", "snapshot", "journal"]
+#: events decoded ahead of the application at most (then they are handed out; the rest waits in the socket)
+_HAND_OUT = 1000
 
 
 class Subscriber:
@@ -109,17 +112,17 @@ class Subscriber:
     def _await_hello(self, hello: bytes) -> None:
         """Readiness: the broker answers our probe topic only once our subscriptions are live."""
         deadline = time.monotonic() + self.timeout
-        early: list[tuple[bytes, bytes]] = []
+        early: list[list[bytes]] = []
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                 raise BusBroken(f"subscription to the broker at {self.address} not confirmed within {self.timeout:g} s")
-            topic, body = self._recv_pair()
-            if topic == hello:
-                self.broker_id = fr.unpack(body)[0]
+            frames = fr.recv_message(self._sock)
+            if frames[0] == hello:
+                self.broker_id = fr.unpack(frames[-1])[0]
                 break
-            if topic != fr.TICK:
-                early.append((topic, body))
+            if frames[0] != fr.TICK:
+                early.append(frames)
         self._early = early
 
     def _begin(self, start: Start) -> None:
@@ -127,8 +130,7 @@ class Subscriber:
             reply = self._req.call("snapshot", prefixes=list(self.prefixes))
             marks = reply["sources"]
             self._set_marks(marks, use_oldest=False)
-            events = [self._decode_one(p) for p in reply["events"]]
-            for ev in sorted((e for e in events if e is not None), key=lambda e: (e.source, e.seq)):
+            for ev in sorted(snapshot_events(reply, self._malformed), key=lambda e: (e.source, e.seq)):
                 self._out.append(ev)
                 self.stats["snapshot"] += 1
         else:
@@ -136,8 +138,8 @@ class Subscriber:
             self._set_marks(marks, use_oldest=start == "journal")
             if start == "journal":
                 self._on_marks(marks)
-        for topic, body in self._early:
-            self._handle(topic, body)
+        for frames in self._early:
+            self._handle_frames(frames)
         self._early = []
 
     def _set_marks(self, marks: dict[str, list[Any]], use_oldest: bool) -> None:
@@ -180,12 +182,15 @@ class Subscriber:
                 wait_ms = int(left * 1000) + 1
             if not self._sock.poll(wait_ms):
                 continue
+            out = self._out
             for _ in range(1000):  # drain what is there without blocking
                 try:
                     frames = fr.recv_message(self._sock, zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._handle(frames[0], frames[1] if len(frames) > 1 else b"")
+                self._handle_frames(frames)
+                if len(out) >= _HAND_OUT:
+                    break  # hand these out first: a large backlog of live events makes every GC pass slow
         return True
 
     def __iter__(self) -> Iterator[Event]:
@@ -201,11 +206,12 @@ class Subscriber:
         """Catch up with the broker as of now: ask for every source's last seq and fill gaps."""
         self._on_marks(self._req.call("marks")["sources"])
 
-    def _recv_pair(self) -> tuple[bytes, bytes]:
-        frames = fr.recv_message(self._sock)
-        return frames[0], frames[1] if len(frames) > 1 else b""
+    def _handle_frames(self, frames: list[bytes]) -> None:
+        self._handle(frames[0], frames[-1] if len(frames) > 1 else b"", frames[1] if len(frames) == 3 else None)
 
-    def _handle(self, topic: bytes, body: bytes) -> None:
+    def _handle(self, topic: bytes, body: bytes, header: bytes | None = None) -> None:
+        """One message: ``[topic, body]`` (a control topic, or events the broker decoded) or
+        ``[topic, header, body]`` (a publisher's events, checked here against the header)."""
         if topic[:1] == fr.CONTROL:
             if topic == fr.TICK:
                 try:
@@ -256,8 +262,21 @@ class Subscriber:
             self._malformed("too_large", f"frame of {len(body)} bytes on {topic[:80]!r}")
             return
         try:
-            events = decode_many(body, topic.decode("utf-8", "replace")) if fr.is_batch(body) else [
-                decode(body, topic.decode("utf-8", "replace"))]
+            if header is not None:
+                events = self._checked(topic, header, body)
+                if events and self._incarnation and self._stale(events[0]):
+                    # the header's epoch is every event's (checked): an old incarnation, as a whole
+                    self.stats["fenced"] += len(events) - 1
+                    return
+                if len(events) > 1 and self._take_run(topic, events):
+                    self._seen_incarnation(events[-1])
+                    return
+                for ev in events:
+                    self._accept(ev, replayed=False)
+                return
+            else:
+                events = decode_many(body, topic.decode("utf-8", "replace")) if fr.is_batch(body) else [
+                    decode(body, topic.decode("utf-8", "replace"))]
         except SchemaError as exc:
             self._malformed(reason_of(exc), str(exc))
             return
@@ -268,6 +287,43 @@ class Subscriber:
             return
         for ev in events:
             self._accept(ev, replayed=False)
+
+    def _checked(self, topic: bytes, header: bytes, body: bytes) -> list[Event]:
+        """A publisher's events as the broker forwarded them: each one checked against the
+        broker's header (see ``_verify``); one that fails is refused and its slot delivered as
+        an ``InvalidEvent`` error. Raises ``SchemaError`` for a header or body that is garbage."""
+        try:
+            source, backend, epoch, first = fr.unpack(header)
+            source, backend, epoch, first = str(source), str(backend), int(epoch), int(first)
+        except Exception as exc:  # noqa: BLE001 - a header that is not ours: the frame is refused
+            raise SchemaError(f"invalid: broker header: {exc}", topic.decode("utf-8", "replace")) from None
+        events, why = decode_run(body, fr.is_batch(body), topic.decode("utf-8", "replace"))
+        bad = mismatches(events, source, backend, epoch, first)
+        if not bad and (self._covers_whole(source, backend) or all(
+                e is not None and e.topic().startswith(self.prefixes) for e in events)):
+            return events  # type: ignore[return-value]  # no None among them (mismatches found none)
+        reasons = iter(why)
+        out: list[Event] = []
+        for i, ev in enumerate(events):
+            seq = first + i
+            if i in bad:
+                detail = next(reasons, "") if ev is None else describe(ev, source, seq)
+                self._refused_event(source, seq, "forged" if ev is not None else detail.split(":")[0], detail)
+                out.append(invalid(source, backend, epoch, seq, detail or describe(ev, source, seq)))
+            elif ev is not None and not ev.topic().startswith(self.prefixes):
+                # under the source, but not under what we asked for: a lie about its own topic
+                self._refused_event(source, seq, "forged", f"event {ev.topic()!r} came under {topic[:80]!r}")
+            elif ev is not None:
+                out.append(ev)
+        return out
+
+    def _refused_event(self, source: str, seq: int, reason: str, detail: str) -> None:
+        key = "forged" if reason == "forged" else f"malformed.{reason}"
+        self.stats[key] += 1
+        n = self.stats[key]
+        if n <= 10 or n % 1000 == 0:  # every one counted; the log says the first ones, then every 1000th
+            log.warning("subscriber.event.refused", source=source, seq=seq, reason=reason, refused=n,
+                        detail=detail[:300])
 
     def _take_run(self, topic: bytes, events: list[Event]) -> bool:
         """Fast path for a batch that is the next run of one source: hand it out whole.
@@ -294,7 +350,7 @@ class Subscriber:
             return None
 
     def _malformed(self, reason: str, detail: str) -> None:
-        self.stats[f"malformed.{reason}"] += 1
+        self.stats["forged" if reason == "forged" else f"malformed.{reason}"] += 1
         if reason not in self._logged:
             self._logged.add(reason)
             log.warning("subscriber.frame.dropped", reason=reason, detail=detail[:300])
@@ -385,8 +441,14 @@ class Subscriber:
                     self._lagged(source, start, upto, str(exc))
                     start = upto + 1
                     continue
-                for payload in reply["events"]:
+                seqs = reply.get("seqs") or [None] * len(reply["events"])
+                for payload, seq in zip(reply["events"], seqs, strict=False):
                     ev = self._decode_one(payload)
+                    if ev is not None and not replay_ok(ev, source, seq, self.prefixes):
+                        self._refused_event(source, seq or ev.seq, "forged",
+                                            f"replayed {source}#{seq}: {describe(ev, source, seq or 0)}")
+                        ev = None if seq is None else invalid(source, self._backend.get(source, ""), ev.incarnation,
+                                                              seq, describe(ev, source, seq))
                     if ev is not None:
                         self._accept(ev, replayed=True)
                 start = int(reply["through"]) + 1
@@ -407,10 +469,11 @@ class Subscriber:
         through = int(probe["through"])
         missing = [q for q in probe["seqs"] if q not in seen]
         if not missing:
-            return {"events": [], "through": through}
+            return {"events": [], "seqs": [], "through": through}
         reply = self._req.call("replay", **{**args, "from": missing[0], "to": missing[-1]})
         fetched = int(reply["through"])  # the limit may have cut the fetch short: go on from there
-        return {"events": reply["events"], "through": through if fetched >= missing[-1] else fetched}
+        return {"events": reply["events"], "seqs": reply.get("seqs"),
+                "through": through if fetched >= missing[-1] else fetched}
 
     def _oldest(self, source: str) -> int | None:
         """The oldest seq of ``source`` the broker's journal still holds (None if unknown)."""
@@ -441,8 +504,8 @@ class Subscriber:
             reply = self._req.call("snapshot", prefixes=list(self.prefixes))
         except (BusBroken, BusRequestError):
             return
-        events = [self._decode_one(p) for p in reply["events"]]
-        for ev in sorted((e for e in events if e is not None and e.source == source), key=lambda e: e.seq):
+        events = snapshot_events(reply, self._malformed)
+        for ev in sorted((e for e in events if e.source == source), key=lambda e: e.seq):
             if first <= ev.seq <= last:
                 self._accept(ev, replayed=True)
 

@@ -319,9 +319,9 @@ class TestJournalDamage:
         naming the file offset, and replays every intact event after the damage."""
         proc = bus.broker_process()
         pub = bus.source(proc.address, "s1")
-        for i in range(20):
+        for i in range(20):  # one frame (one journal record) per event: the damage hits one event
             pub.publish(state("s1", f"j{i}"))
-        pub.flush(5)
+            pub.flush(5)
         pub.close()
         proc.stop()
         path = Path(proc.journal_dir or "") / "journal.000001"
@@ -337,3 +337,68 @@ class TestJournalDamage:
         assert any(e.source == "s1" and e.seq == 11 for e in errors), errors
         keys = sorted(e.key for e in got if e.source == "s1" and getattr(e, "state", None) is not None)
         assert keys == sorted(f"j{i}" for i in range(20) if i != 10)
+
+
+class TestForgedEvents:
+    """The broker forwards and journals a publisher's indexed frame without decoding it; the
+    subscriber checks each event against the broker's header (source, backend, epoch, seq), and
+    replay and snapshot answers against what the journal filed. A forged event never arrives as
+    itself: its slot is an ``InvalidEvent`` error, so the source's seqs stay gapless."""
+
+    def _plant(self, bus: BusFactory, broker: Any) -> None:
+        """The holder of ``s1`` (a raw connection that registered it) sends a frame whose second
+        event claims source ``s2`` and whose third claims a seq the frame does not give it."""
+        raw = bus.raw(zmq.DEALER, broker.endpoints["ingest"])
+        raw.send_multipart([fr.REGISTER, fr.pack(["s1", "qcg", 0, 0, 0])])
+        assert raw.poll(5000)
+        kind, body = raw.recv_multipart()
+        assert kind == fr.WELCOME, fr.unpack(body)
+        events = [state("s1", "a", seq=1, incarnation=1), state("s2", "b", seq=2, incarnation=1),
+                  state("s1", "c", seq=7, incarnation=1), state("s1", "d", seq=4, incarnation=1)]
+        # the index claims what the frame should be: every topic under qcg/s1/
+        topics = ["qcg/s1/state/a", "qcg/s1/state/b", "qcg/s1/state/c", "qcg/s1/state/d"]
+        raw.send_multipart([fr.DATA, fr.pack_data("s1", 1, 1, [encode(e) for e in events], topics, b"\x01" * 4)])
+        assert raw.poll(5000)
+        kind, body = raw.recv_multipart()
+        assert kind == fr.ACK and fr.unpack(body)[1] == [["s1", 1, 4]], "journaled whole, undecoded"
+
+    @staticmethod
+    def _check(got: list[Any]) -> None:
+        assert [e.seq for e in got] == [1, 2, 3, 4] and all(e.source == "s1" for e in got)
+        assert [e.key for e in got if not isinstance(e, ErrorEvent)] == ["a", "d"]
+        bad = [e for e in got if isinstance(e, ErrorEvent)]
+        assert [e.error_type for e in bad] == ["flowbus.bus.InvalidEvent"] * 2
+        assert "qcg/s2#2" in bad[0].message and "s1#3" in bad[1].message, [e.message for e in bad]
+
+    def test_a_planted_event_is_refused_live_in_replay_and_in_the_snapshot(self, bus: BusFactory) -> None:
+        broker = bus.broker()
+        live = bus.subscriber(broker.address, "qcg/s1/")
+        self._plant(bus, broker)
+        self._check(collect(live, 4))
+        stats = live.statistics()
+        assert stats["forged"] == 2 and stats["delivered"] == 4
+        # the journal holds the bytes as sent: a late joiner's replay is checked the same way
+        late = bus.subscriber(broker.address, "qcg/s1/", start="journal")
+        self._check(collect(late, 4))
+        assert late.statistics()["forged"] == 2
+        # the snapshot slots the index claimed: only entries whose event is what they were filed as
+        assert sorted(e.key for e in bus.client(broker.address).status("qcg/")) == ["a", "d"]
+        snap = bus.subscriber(broker.address, "qcg/", start="snapshot")
+        assert sorted(e.key for e in collect(snap, 2)) == ["a", "d"]
+        assert snap.statistics()["forged"] == 2
+
+    def test_an_index_outside_the_source_is_refused_and_the_frame_decoded(self, bus: BusFactory) -> None:
+        """A topic not under the source's prefix: the broker refuses the index (counted, logged)
+        and checks each event itself, as for a frame without an index."""
+        broker = bus.broker()
+        live = bus.subscriber(broker.address, "")
+        raw = bus.raw(zmq.DEALER, broker.endpoints["ingest"])
+        raw.send_multipart([fr.REGISTER, fr.pack(["s1", "qcg", 0, 0, 0])])
+        assert raw.poll(5000) and raw.recv_multipart()[0] == fr.WELCOME
+        ev = state("s1", "a", seq=1, incarnation=1)
+        raw.send_multipart([fr.DATA, fr.pack_data("s1", 1, 1, [encode(ev)], ["qcg/s2/state/a"], b"\x01")])
+        got = collect(live, 1, keep=lambda e: e.source == "s1")
+        assert [(e.key, e.topic()) for e in got] == [("a", "qcg/s1/state/a")]
+        stats = bus.client(broker.address).stats()["stats"]
+        assert stats["malformed.bad_index"] == 1
+        assert [e.topic() for e in bus.client(broker.address).status("qcg/")] == ["qcg/s1/state/a"]

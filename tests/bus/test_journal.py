@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowbus.bus import Journal
-from flowbus.bus._journal import DAMAGED_ERROR
+from flowbus.bus._records import DAMAGED_ERROR
 from flowbus.schemas import BusError, ErrorEvent, LogLine, State, StateChanged, decode, encode
 
 pytestmark = pytest.mark.timeout(120)
